@@ -1,0 +1,217 @@
+//! Channels-last im2col and col2im as differentiable candle custom ops.
+//!
+//! A convolution over `(batch, height, width, channels)` becomes one matrix product:
+//! `cols (batch·oh·ow, kh·kw·c) @ weightᵀ (kh·kw·c, out)`. candle's autograd then derives the
+//! backward as two more products over the whole batch (the input gradient `dY @ W` followed by
+//! col2im, and the weight gradient `colsᵀ @ dY`), instead of candle's per-channel loops and naive
+//! transposed convolution.
+
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use super::geometry::Window;
+
+/// Unfolds `(batch, h, w, c)` into `(batch·oh·ow, kh·kw·c)` patches; padding reads as zero.
+#[derive(Debug, Clone, Copy)]
+pub struct Im2col {
+    /// Kernel height and width.
+    pub kh: usize,
+    /// Kernel width.
+    pub kw: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding.
+    pub pad: usize,
+}
+
+/// Folds `(batch·oh·ow, kh·kw·c)` patches back into `(batch, h, w, c)`, summing overlaps: the
+/// adjoint of [`Im2col`].
+#[derive(Debug, Clone, Copy)]
+pub struct Col2im {
+    /// The geometry of the image the patches came from.
+    pub window: Window,
+}
+
+impl Im2col {
+    fn window(&self, layout: &Layout) -> candle_core::Result<Window> {
+        let (batch, h, w, c) = layout.shape().dims4()?;
+        let win = Window { batch, h, w, c, kh: self.kh, kw: self.kw, stride: self.stride, pad: self.pad };
+        win.check("im2col")?;
+        Ok(win)
+    }
+}
+
+/// Contiguous input slice of a layout, or an error naming the op.
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op} expects a contiguous input, got strides {:?}", layout.stride()),
+    }
+}
+
+/// Patch extraction on slices; `out` has `batch·oh·ow` rows of `kh·kw·c`.
+pub fn im2col_slice<T: WithDType>(x: &[T], win: &Window, out: &mut [T]) {
+    let (oh, ow, patch) = (win.oh(), win.ow(), win.patch_len());
+    let c = win.c;
+    let row_block = ow * patch;
+    // One image row of output pixels per task: enough work per task, and tasks never overlap.
+    out.par_chunks_mut(row_block).enumerate().for_each(|(r, dst_row)| {
+        let (b, oy) = (r / oh, r % oh);
+        let img = &x[b * win.h * win.w * c..(b + 1) * win.h * win.w * c];
+        for ox in 0..ow {
+            let dst = &mut dst_row[ox * patch..(ox + 1) * patch];
+            for ki in 0..win.kh {
+                let iy = (oy * win.stride + ki) as isize - win.pad as isize;
+                for kj in 0..win.kw {
+                    let ix = (ox * win.stride + kj) as isize - win.pad as isize;
+                    let d = &mut dst[(ki * win.kw + kj) * c..(ki * win.kw + kj + 1) * c];
+                    if iy < 0 || ix < 0 || iy >= win.h as isize || ix >= win.w as isize {
+                        d.fill(T::zero());
+                    } else {
+                        let src = (iy as usize * win.w + ix as usize) * c;
+                        d.copy_from_slice(&img[src..src + c]);
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The adjoint of [`im2col_slice`]: scatter-adds patches into `out` (`batch·h·w·c`, zeroed here).
+pub fn col2im_slice<T: WithDType>(cols: &[T], win: &Window, out: &mut [T]) {
+    let (oh, ow, patch) = (win.oh(), win.ow(), win.patch_len());
+    let c = win.c;
+    let img_len = win.h * win.w * c;
+    // Images are disjoint in the output, so each task owns one image.
+    out.par_chunks_mut(img_len).enumerate().for_each(|(b, img)| {
+        img.fill(T::zero());
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let row = ((b * oh + oy) * ow + ox) * patch;
+                let src_patch = &cols[row..row + patch];
+                for ki in 0..win.kh {
+                    let iy = (oy * win.stride + ki) as isize - win.pad as isize;
+                    if iy < 0 || iy >= win.h as isize {
+                        continue;
+                    }
+                    for kj in 0..win.kw {
+                        let ix = (ox * win.stride + kj) as isize - win.pad as isize;
+                        if ix < 0 || ix >= win.w as isize {
+                            continue;
+                        }
+                        let dst = (iy as usize * win.w + ix as usize) * c;
+                        let src = &src_patch[(ki * win.kw + kj) * c..(ki * win.kw + kj + 1) * c];
+                        for (d, s) in img[dst..dst + c].iter_mut().zip(src) {
+                            *d += *s;
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+macro_rules! float_dispatch {
+    ($storage:expr, $layout:expr, $op:expr, |$x:ident| $body:expr) => {
+        match $storage {
+            CpuStorage::F32(data) => {
+                let $x = contiguous(data, $layout, $op)?;
+                CpuStorage::F32($body)
+            }
+            CpuStorage::F64(data) => {
+                let $x = contiguous(data, $layout, $op)?;
+                CpuStorage::F64($body)
+            }
+            other => candle_core::bail!("{} supports f32 and f64, got {:?}", $op, other.dtype()),
+        }
+    };
+}
+
+impl CustomOp1 for Im2col {
+    fn name(&self) -> &'static str {
+        "im2col-nhwc"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let win = self.window(layout)?;
+        let rows = win.batch * win.oh() * win.ow();
+        let out = float_dispatch!(storage, layout, "im2col", |x| {
+            let mut out = vec![Default::default(); rows * win.patch_len()];
+            im2col_slice(x, &win, &mut out);
+            out
+        });
+        Ok((out, Shape::from((rows, win.patch_len()))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let win = self.window(arg.layout())?;
+        Ok(Some(grad_res.contiguous()?.apply_op1(Col2im { window: win })?))
+    }
+}
+
+impl CustomOp1 for Col2im {
+    fn name(&self) -> &'static str {
+        "col2im-nhwc"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let win = self.window;
+        let rows = win.batch * win.oh() * win.ow();
+        if layout.shape().dims() != [rows, win.patch_len()] {
+            candle_core::bail!(
+                "col2im: expected patches of shape ({rows}, {}), got {:?}",
+                win.patch_len(),
+                layout.shape()
+            )
+        }
+        let out = float_dispatch!(storage, layout, "col2im", |cols| {
+            let mut out = vec![Default::default(); win.batch * win.h * win.w * win.c];
+            col2im_slice(cols, &win, &mut out);
+            out
+        });
+        Ok((out, Shape::from((win.batch, win.h, win.w, win.c))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let win = self.window;
+        let op = Im2col { kh: win.kh, kw: win.kw, stride: win.stride, pad: win.pad };
+        Ok(Some(grad_res.contiguous()?.apply_op1(op)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// col2im is the adjoint of im2col: <im2col(x), y> == <x, col2im(y)> for any x, y.
+    #[test]
+    fn col2im_is_the_adjoint_of_im2col() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for &(h, w, c, k, s, p) in &[(5, 6, 3, 3, 1, 1), (7, 7, 2, 3, 2, 1), (9, 8, 1, 7, 2, 3), (4, 4, 5, 1, 2, 0)] {
+            let x = Tensor::randn(0f64, 1., (2, h, w, c), &dev)?;
+            let cols = x.apply_op1_no_bwd(&Im2col { kh: k, kw: k, stride: s, pad: p })?;
+            let y = Tensor::randn(0f64, 1., cols.shape(), &dev)?;
+            let win = Window { batch: 2, h, w, c, kh: k, kw: k, stride: s, pad: p };
+            let back = y.apply_op1_no_bwd(&Col2im { window: win })?;
+            let lhs = (cols * &y)?.sum_all()?.to_scalar::<f64>()?;
+            let rhs = (x * back)?.sum_all()?.to_scalar::<f64>()?;
+            assert!((lhs - rhs).abs() < 1e-9 * lhs.abs().max(1.0), "{lhs} vs {rhs}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn padding_reads_as_zero_and_patches_are_in_kh_kw_c_order() -> candle_core::Result<()> {
+        // 1 image, 2x2, 2 channels: values 1..=8.
+        let x = Tensor::arange(1f32, 9., &Device::Cpu)?.reshape((1, 2, 2, 2))?;
+        let cols = x.apply_op1_no_bwd(&Im2col { kh: 3, kw: 3, stride: 1, pad: 1 })?;
+        assert_eq!(cols.dims(), &[4, 18]);
+        let first: Vec<f32> = cols.get(0)?.to_vec1()?;
+        // Output pixel (0,0): window rows -1..=1, cols -1..=1; only (0,0),(0,1),(1,0),(1,1) inside.
+        let want = [0., 0., 0., 0., 0., 0., 0., 0., 1., 2., 3., 4., 0., 0., 5., 6., 7., 8.];
+        assert_eq!(first, want);
+        assert_eq!(x.to_dtype(DType::F32)?.dims(), &[1, 2, 2, 2]);
+        Ok(())
+    }
+}

@@ -1,0 +1,12 @@
+//! The layers and ops candle lacks or that the project runs faster: channels-last convolution
+//! (im2col), padded max-pooling with a backward, global average pooling, BatchNorm.
+
+pub mod batch_norm;
+pub mod conv;
+pub mod geometry;
+pub mod im2col;
+pub mod pool;
+
+pub use batch_norm::BatchNorm;
+pub use conv::{Conv2d, Conv2dConfig};
+pub use pool::{global_avg_pool, MaxPool2d};

@@ -1,0 +1,270 @@
+//! Pooling candle lacks: padded max-pooling with a backward for any kernel and stride, and
+//! global average pooling, both over channels-last `(batch, height, width, channels)` tensors.
+
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use super::geometry::Window;
+
+/// Max-pooling with padding (padded cells never win), differentiable for any kernel and stride.
+///
+/// candle's `max_pool2d` has no padding and refuses a backward when kernel ≠ stride, which rules
+/// out d2l's 3×3 stride-2 padding-1 stem. Ties go to the first cell in row-major window order,
+/// as in PyTorch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxPool2d {
+    /// Square kernel size.
+    pub kernel: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Padding on every side; must be at most half the kernel, as in PyTorch.
+    pub pad: usize,
+}
+
+impl MaxPool2d {
+    /// d2l's stem pooling: 3×3, stride 2, padding 1.
+    pub fn d2l_stem() -> Self {
+        Self { kernel: 3, stride: 2, pad: 1 }
+    }
+
+    /// Applies the pooling.
+    ///
+    /// # Shapes
+    /// - `xs`: `(batch, height, width, channels)`
+    /// - returns `(batch, out_h, out_w, channels)`
+    pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        xs.contiguous()?.apply_op1(*self)
+    }
+
+    fn window(&self, layout: &Layout) -> candle_core::Result<Window> {
+        let (batch, h, w, c) = layout.shape().dims4()?;
+        if 2 * self.pad > self.kernel {
+            candle_core::bail!("max-pool: padding {} exceeds half the kernel {}", self.pad, self.kernel)
+        }
+        let win = Window { batch, h, w, c, kh: self.kernel, kw: self.kernel, stride: self.stride, pad: self.pad };
+        win.check("max-pool")?;
+        Ok(win)
+    }
+}
+
+/// Index (into the image) of the winning cell of every output element, or `usize::MAX` when a
+/// window holds no valid cell (impossible while pad ≤ kernel/2).
+fn for_each_window<T: WithDType>(img: &[T], win: &Window, mut visit: impl FnMut(usize, usize)) {
+    let c = win.c;
+    for oy in 0..win.oh() {
+        let y0 = (oy * win.stride) as isize - win.pad as isize;
+        let ys = y0.max(0) as usize..((y0 + win.kh as isize).min(win.h as isize)).max(0) as usize;
+        for ox in 0..win.ow() {
+            let x0 = (ox * win.stride) as isize - win.pad as isize;
+            let xs = x0.max(0) as usize..((x0 + win.kw as isize).min(win.w as isize)).max(0) as usize;
+            let out_base = (oy * win.ow() + ox) * c;
+            for ch in 0..c {
+                let mut best = usize::MAX;
+                let mut best_v = T::zero();
+                for iy in ys.clone() {
+                    for ix in xs.clone() {
+                        let idx = (iy * win.w + ix) * c + ch;
+                        let v = img[idx];
+                        if best == usize::MAX || v > best_v {
+                            best = idx;
+                            best_v = v;
+                        }
+                    }
+                }
+                visit(out_base + ch, best);
+            }
+        }
+    }
+}
+
+fn pool_fwd<T: WithDType>(x: &[T], win: &Window) -> Vec<T> {
+    let (img_len, out_len) = (win.h * win.w * win.c, win.oh() * win.ow() * win.c);
+    let mut out = vec![T::zero(); win.batch * out_len];
+    out.par_chunks_mut(out_len).enumerate().for_each(|(b, dst)| {
+        let img = &x[b * img_len..(b + 1) * img_len];
+        for_each_window(img, win, |o, i| {
+            if i != usize::MAX {
+                dst[o] = img[i];
+            }
+        });
+    });
+    out
+}
+
+fn pool_bwd<T: WithDType>(x: &[T], grad: &[T], win: &Window) -> Vec<T> {
+    let (img_len, out_len) = (win.h * win.w * win.c, win.oh() * win.ow() * win.c);
+    let mut dx = vec![T::zero(); win.batch * img_len];
+    dx.par_chunks_mut(img_len).enumerate().for_each(|(b, dst)| {
+        let img = &x[b * img_len..(b + 1) * img_len];
+        let g = &grad[b * out_len..(b + 1) * out_len];
+        for_each_window(img, win, |o, i| {
+            if i != usize::MAX {
+                dst[i] += g[o];
+            }
+        });
+    });
+    dx
+}
+
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("max-pool expects contiguous tensors, got strides {:?}", layout.stride()),
+    }
+}
+
+impl CustomOp1 for MaxPool2d {
+    fn name(&self) -> &'static str {
+        "max-pool2d-nhwc"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let win = self.window(layout)?;
+        let out = match storage {
+            CpuStorage::F32(d) => CpuStorage::F32(pool_fwd(contiguous(d, layout)?, &win)),
+            CpuStorage::F64(d) => CpuStorage::F64(pool_fwd(contiguous(d, layout)?, &win)),
+            other => candle_core::bail!("max-pool supports f32 and f64, got {:?}", other.dtype()),
+        };
+        Ok((out, Shape::from((win.batch, win.oh(), win.ow(), win.c))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad_res.contiguous()?;
+        Ok(Some(arg.apply_op2_no_bwd(&grad, &MaxPool2dBackward(*self))?))
+    }
+}
+
+/// The input gradient of [`MaxPool2d`]: `(input, output gradient) -> input gradient`.
+#[derive(Debug, Clone, Copy)]
+struct MaxPool2dBackward(MaxPool2d);
+
+impl CustomOp2 for MaxPool2dBackward {
+    fn name(&self) -> &'static str {
+        "max-pool2d-nhwc-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let win = self.0.window(l1)?;
+        if l2.shape().dims() != [win.batch, win.oh(), win.ow(), win.c] {
+            candle_core::bail!("max-pool backward: gradient shape {:?} does not match the output", l2.shape())
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
+                CpuStorage::F32(pool_bwd(contiguous(x, l1)?, contiguous(g, l2)?, &win))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
+                CpuStorage::F64(pool_bwd(contiguous(x, l1)?, contiguous(g, l2)?, &win))
+            }
+            _ => candle_core::bail!("max-pool backward supports matching f32 or f64 tensors"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Global average pooling: the mean over height and width.
+///
+/// # Shapes
+/// - `xs`: `(batch, height, width, channels)`
+/// - returns `(batch, channels)`
+pub fn global_avg_pool(xs: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, h, w, c) = xs.dims4()?;
+    xs.reshape((b, h * w, c))?.mean(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    /// An independent max-pool: pad with -inf, gather the k×k strided views, take the max.
+    /// candle's own `max` backward sends the gradient to the maximal element.
+    fn reference_pool(x: &Tensor, k: usize, s: usize, p: usize) -> candle_core::Result<Tensor> {
+        let (b, h, w, c) = x.dims4()?;
+        let oh = Window::out_len(h, k, s, p).expect("fits");
+        let ow = Window::out_len(w, k, s, p).expect("fits");
+        // Pad generously with -inf so every strided view exists.
+        let (ph, pw) = (p + (k - 1) + s * oh, p + (k - 1) + s * ow);
+        let neg = |hh: usize, ww: usize| Tensor::full(f64::NEG_INFINITY, (b, hh, ww, c), x.device());
+        let x = Tensor::cat(&[&neg(h, p)?, x, &neg(h, pw - w)?], 2)?;
+        let x = Tensor::cat(&[&neg(p, p + pw)?, &x, &neg(ph - h, p + pw)?], 1)?;
+        let mut views = Vec::new();
+        for ki in 0..k {
+            for kj in 0..k {
+                let v = x.narrow(1, ki, s * oh)?.narrow(2, kj, s * ow)?;
+                let v = v.reshape((b, oh, s, ow, s, c))?.narrow(2, 0, 1)?.narrow(4, 0, 1)?;
+                views.push(v.reshape((b, oh, ow, c))?);
+            }
+        }
+        Tensor::stack(&views, 4)?.max(D::Minus1)
+    }
+
+    #[test]
+    fn matches_an_independent_formulation_forward_and_backward() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for &(h, w, c, k, s, p) in &[(9, 9, 3, 3, 2, 1), (8, 7, 2, 3, 2, 1), (6, 6, 4, 2, 2, 0), (5, 8, 2, 3, 1, 1), (1, 1, 2, 3, 2, 1)] {
+            let x = Var::randn(0f64, 1., (2, h, w, c), &dev)?;
+            let pool = MaxPool2d { kernel: k, stride: s, pad: p };
+            let ours = pool.forward(x.as_tensor())?;
+            let theirs = reference_pool(x.as_tensor(), k, s, p)?;
+            let diff = (&ours - &theirs)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(diff == 0.0, "forward differs by {diff} for {:?}", (h, w, c, k, s, p));
+            let weights = Tensor::randn(0f64, 1., ours.shape(), &dev)?;
+            let g1 = (ours * &weights)?.sum_all()?.backward()?;
+            let g2 = (theirs * &weights)?.sum_all()?.backward()?;
+            let (a, b) = (g1.get(&x).expect("grad"), g2.get(&x).expect("grad"));
+            let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(diff < 1e-12, "backward differs by {diff} for {:?}", (h, w, c, k, s, p));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f64, 1., (1, 6, 6, 2), &dev)?;
+        let pool = MaxPool2d::d2l_stem();
+        let weights = Tensor::randn(0f64, 1., (1, 3, 3, 2), &dev)?;
+        let loss = |t: &Tensor| -> candle_core::Result<f64> {
+            (pool.forward(t)? * &weights)?.sum_all()?.to_scalar::<f64>()
+        };
+        let grads = (pool.forward(x.as_tensor())? * &weights)?.sum_all()?.backward()?;
+        let analytic: Vec<f64> = grads.get(&x).expect("grad").flatten_all()?.to_vec1()?;
+        let base: Vec<f64> = x.flatten_all()?.to_vec1()?;
+        let eps = 1e-6;
+        for i in 0..base.len() {
+            let mut plus = base.clone();
+            plus[i] += eps;
+            let mut minus = base.clone();
+            minus[i] -= eps;
+            let fp = loss(&Tensor::from_vec(plus, x.shape(), &dev)?)?;
+            let fm = loss(&Tensor::from_vec(minus, x.shape(), &dev)?)?;
+            let numeric = (fp - fm) / (2.0 * eps);
+            assert!((numeric - analytic[i]).abs() < 1e-6, "element {i}: {numeric} vs {}", analytic[i]);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn ties_go_to_the_first_cell() -> candle_core::Result<()> {
+        let x = Var::ones((1, 2, 2, 1), candle_core::DType::F32, &Device::Cpu)?;
+        let pool = MaxPool2d { kernel: 2, stride: 2, pad: 0 };
+        let g = pool.forward(x.as_tensor())?.sum_all()?.backward()?;
+        let dx: Vec<f32> = g.get(&x).expect("grad").flatten_all()?.to_vec1()?;
+        assert_eq!(dx, vec![1.0, 0.0, 0.0, 0.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn global_average_pool_is_the_spatial_mean() -> candle_core::Result<()> {
+        let x = Tensor::arange(0f32, 16., &Device::Cpu)?.reshape((2, 2, 2, 2))?;
+        let y: Vec<Vec<f32>> = global_avg_pool(&x)?.to_vec2()?;
+        assert_eq!(y, vec![vec![3.0, 4.0], vec![11.0, 12.0]]);
+        Ok(())
+    }
+}

@@ -1,0 +1,278 @@
+//! The ResNet itself: d2l's stem `b1`, stages `b2..b5`, global average pooling and the classifier.
+
+use candle_core::{Module, Tensor};
+use candle_nn::{ModuleT, VarBuilder};
+
+use crate::block::Stage;
+use crate::config::{BlockKind, ResNetConfig};
+use crate::error::{CoreError, Result};
+use crate::ops::{geometry::Window, global_avg_pool, BatchNorm, Conv2d, Conv2dConfig, MaxPool2d};
+use crate::tensors::{CollectTensors, NamedTensor, TensorRole};
+
+/// d2l's ResNet, laid out as its `nn.Sequential(b1, b2, b3, b4, b5, AdaptiveAvgPool2d, Flatten,
+/// Linear)`, so tensor names equal the PyTorch `state_dict` keys (`0.0.weight`, `1.0.conv1.weight`,
+/// `7.weight`, ...).
+///
+/// Inputs and outputs are PyTorch-shaped (`(batch, channels, height, width)` in, logits out); the
+/// network runs channels-last inside, where its convolutions are single matrix products.
+#[derive(Debug, Clone)]
+pub struct ResNet {
+    cfg: ResNetConfig,
+    stem_conv: Conv2d,
+    stem_bn: BatchNorm,
+    pool: MaxPool2d,
+    stages: Vec<Stage>,
+    final_bn: Option<BatchNorm>,
+    fc: candle_nn::Linear,
+}
+
+/// One line of the seed's shape trace: a top-level layer and its output shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageShape {
+    /// The layer's name here (`b1`..`b5`, `avgpool`, `flatten`, `linear`).
+    pub name: &'static str,
+    /// The PyTorch class d2l prints for it (`Sequential`, `AdaptiveAvgPool2d`, `Flatten`, `Linear`).
+    pub torch_class: &'static str,
+    /// Output shape in PyTorch order (`(batch, channels, height, width)` or `(batch, features)`).
+    pub shape: Vec<usize>,
+}
+
+const STAGE_NAMES: [&str; 4] = ["b2", "b3", "b4", "b5"];
+
+impl ResNet {
+    /// Builds the network under `vb` (use a fresh `VarMap` to train, or safetensors to load).
+    /// Call [`crate::init::d2l_init`] afterwards for d2l's seeded Xavier initialisation.
+    pub fn new(cfg: &ResNetConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let kernel = cfg.conv_kernel;
+        let [c1, c2, c3, c4] = cfg.stage_channels();
+        let stem = Conv2dConfig { in_channels: cfg.in_channels, out_channels: c1, kernel: 7, stride: 2, padding: 3 };
+        let stem_conv = Conv2d::new(stem, kernel, vb.pp("0").pp("0"))?;
+        let stem_bn = BatchNorm::new(c1, vb.pp("0").pp("1"))?;
+        let widths = [(c1, c1), (c1, c2), (c2, c3), (c3, c4)];
+        let stages = widths
+            .iter()
+            .zip(cfg.depth.blocks_per_stage())
+            .enumerate()
+            .map(|(i, (&(cin, cout), n))| Stage::new(cin, cout, n, i == 0, cfg.block, kernel, vb.pp(i + 1)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let final_bn = match cfg.block {
+            BlockKind::PostActivation => None,
+            BlockKind::PreActivation => Some(BatchNorm::new(c4, vb.pp("final_bn"))?),
+        };
+        let fc = candle_nn::linear(c4, cfg.num_classes, vb.pp("7"))?;
+        Ok(Self { cfg: cfg.clone(), stem_conv, stem_bn, pool: MaxPool2d::d2l_stem(), stages, final_bn, fc })
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &ResNetConfig {
+        &self.cfg
+    }
+
+    /// Logits for a batch; `train` selects BatchNorm's batch statistics (and updates the running ones).
+    ///
+    /// # Shapes
+    /// - `xs`: `(batch, in_channels, height, width)`
+    /// - returns `(batch, num_classes)`
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        Self::stage_shapes(&self.cfg, xs.dims())?;
+        let mut ys = to_channels_last(xs)?;
+        for stage in 0..5 {
+            ys = self.run_stage(stage, &ys, train)?;
+        }
+        Ok(self.head(&ys, train)?)
+    }
+
+    /// Runs the network stage by stage and reports each top-level layer's output shape, as the
+    /// seed's `for layer in net: X = layer(X); print(...)` loop does. Uses evaluation mode.
+    pub fn trace(&self, xs: &Tensor) -> Result<Vec<StageShape>> {
+        Self::stage_shapes(&self.cfg, xs.dims())?;
+        let mut out = Vec::new();
+        let mut ys = to_channels_last(xs)?;
+        for stage in 0..5 {
+            ys = self.run_stage(stage, &ys, false)?;
+            let (b, h, w, c) = ys.dims4()?;
+            out.push(StageShape { name: stage_name(stage), torch_class: "Sequential", shape: vec![b, c, h, w] });
+        }
+        let ys = match &self.final_bn {
+            Some(bn) => bn.forward_t(&ys, false)?.relu()?,
+            None => ys,
+        };
+        let pooled = global_avg_pool(&ys)?;
+        let (b, c) = pooled.dims2()?;
+        out.push(StageShape { name: "avgpool", torch_class: "AdaptiveAvgPool2d", shape: vec![b, c, 1, 1] });
+        out.push(StageShape { name: "flatten", torch_class: "Flatten", shape: vec![b, c] });
+        let logits = self.fc.forward(&pooled)?;
+        out.push(StageShape { name: "linear", torch_class: "Linear", shape: logits.dims().to_vec() });
+        Ok(out)
+    }
+
+    /// The output shape of every top-level layer for an input of `input` = `(batch, channels,
+    /// height, width)`, without running anything; an input that does not fit is an error naming
+    /// the stage where it stops fitting.
+    pub fn stage_shapes(cfg: &ResNetConfig, input: &[usize]) -> Result<Vec<StageShape>> {
+        let shape_err = |stage: &str, reason: String| CoreError::InputShape {
+            input: input.to_vec(),
+            stage: stage.to_string(),
+            reason,
+        };
+        let &[b, c, h, w] = input else {
+            return Err(shape_err("input", "expected 4 dimensions (batch, channels, height, width)".into()));
+        };
+        if b == 0 {
+            return Err(shape_err("input", "the batch is empty".into()));
+        }
+        if c != cfg.in_channels {
+            return Err(shape_err("b1", format!("the model takes {} input channel(s), got {c}", cfg.in_channels)));
+        }
+        let step = |stage: &str, what: &str, (h, w): (usize, usize), k, s, p| {
+            match (Window::out_len(h, k, s, p), Window::out_len(w, k, s, p)) {
+                (Some(oh), Some(ow)) => Ok((oh, ow)),
+                _ => Err(shape_err(stage, format!("{what} ({k}x{k}, stride {s}, padding {p}) does not fit {h}x{w}"))),
+            }
+        };
+        let chans = cfg.stage_channels();
+        let mut hw = step("b1", "the 7x7 stem convolution", (h, w), 7, 2, 3)?;
+        hw = step("b1", "the 3x3 max-pool", hw, 3, 2, 1)?;
+        let mut out = vec![StageShape { name: "b1", torch_class: "Sequential", shape: vec![b, chans[0], hw.0, hw.1] }];
+        for (i, name) in STAGE_NAMES.iter().enumerate() {
+            if i > 0 {
+                hw = step(name, "the stride-2 3x3 convolution", hw, 3, 2, 1)?;
+            }
+            out.push(StageShape { name, torch_class: "Sequential", shape: vec![b, chans[i], hw.0, hw.1] });
+        }
+        out.push(StageShape { name: "avgpool", torch_class: "AdaptiveAvgPool2d", shape: vec![b, chans[3], 1, 1] });
+        out.push(StageShape { name: "flatten", torch_class: "Flatten", shape: vec![b, chans[3]] });
+        out.push(StageShape { name: "linear", torch_class: "Linear", shape: vec![b, cfg.num_classes] });
+        Ok(out)
+    }
+
+    /// Every tensor with its d2l `state_dict` name, parameters and buffers, in a stable order.
+    pub fn named_tensors(&self) -> Vec<NamedTensor> {
+        let mut out = Vec::new();
+        self.stem_conv.collect_tensors("0.0", &mut out);
+        self.stem_bn.collect_tensors("0.1", &mut out);
+        for (i, s) in self.stages.iter().enumerate() {
+            s.collect_tensors(&(i + 1).to_string(), &mut out);
+        }
+        if let Some(bn) = &self.final_bn {
+            bn.collect_tensors("final_bn", &mut out);
+        }
+        self.fc.collect_tensors("7", &mut out);
+        out
+    }
+
+    /// The trainable parameters, in the order of [`Self::named_tensors`].
+    pub fn parameters(&self) -> Vec<NamedTensor> {
+        self.named_tensors().into_iter().filter(|t| t.role == TensorRole::Parameter).collect()
+    }
+
+    /// Number of trainable scalars (11,178,378 for d2l's ResNet-18).
+    pub fn num_parameters(&self) -> usize {
+        self.parameters().iter().map(|t| t.tensor.elem_count()).sum()
+    }
+
+    fn run_stage(&self, stage: usize, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if stage == 0 {
+            let ys = self.stem_bn.forward_t(&self.stem_conv.forward(xs)?, train)?.relu()?;
+            return self.pool.forward(&ys);
+        }
+        self.stages[stage - 1].forward_t(xs, train)
+    }
+
+    fn head(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let xs = match &self.final_bn {
+            Some(bn) => bn.forward_t(xs, train)?.relu()?,
+            None => xs.clone(),
+        };
+        self.fc.forward(&global_avg_pool(&xs)?)
+    }
+}
+
+impl ModuleT for ResNet {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        ResNet::forward_t(self, xs, train).map_err(|e| match e {
+            CoreError::Candle(e) => e,
+            other => candle_core::Error::Msg(other.to_string()),
+        })
+    }
+}
+
+fn stage_name(stage: usize) -> &'static str {
+    ["b1", "b2", "b3", "b4", "b5"][stage]
+}
+
+/// `(b, c, h, w)` to contiguous `(b, h, w, c)`; free of copies for one channel.
+fn to_channels_last(xs: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = xs.dims4()?;
+    if c == 1 {
+        xs.reshape((b, h, w, 1))
+    } else {
+        xs.permute((0, 2, 3, 1))?.contiguous()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Depth;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    fn build(cfg: &ResNetConfig) -> Result<ResNet> {
+        let map = VarMap::new();
+        ResNet::new(cfg, VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu))
+    }
+
+    #[test]
+    fn d2l_resnet18_has_the_books_parameter_count() -> Result<()> {
+        assert_eq!(build(&ResNetConfig::d2l_resnet18())?.num_parameters(), 11_178_378);
+        Ok(())
+    }
+
+    #[test]
+    fn seed_shapes_at_224() -> Result<()> {
+        let shapes = ResNet::stage_shapes(&ResNetConfig::d2l_resnet18(), &[1, 1, 224, 224])?;
+        let got: Vec<Vec<usize>> = shapes.iter().map(|s| s.shape.clone()).collect();
+        let want: Vec<Vec<usize>> = vec![
+            vec![1, 64, 56, 56],
+            vec![1, 64, 56, 56],
+            vec![1, 128, 28, 28],
+            vec![1, 256, 14, 14],
+            vec![1, 512, 7, 7],
+            vec![1, 512, 1, 1],
+            vec![1, 512],
+            vec![1, 10],
+        ];
+        assert_eq!(got, want);
+        Ok(())
+    }
+
+    #[test]
+    fn trace_agrees_with_the_computed_shapes_for_every_variant() -> Result<()> {
+        for (depth, block, side) in [
+            (Depth::R18, BlockKind::PostActivation, 28),
+            (Depth::R34, BlockKind::PreActivation, 13),
+            (Depth::R18, BlockKind::PreActivation, 1),
+        ] {
+            let cfg = ResNetConfig { depth, block, base_width: 4, ..ResNetConfig::d2l_resnet18() };
+            let net = build(&cfg)?;
+            let x = Tensor::randn(0f32, 1., (2, 1, side, side), &Device::Cpu)?;
+            assert_eq!(net.trace(&x)?, ResNet::stage_shapes(&cfg, x.dims())?);
+            assert_eq!(net.forward_t(&x, true)?.dims(), &[2, 10]);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_bad_input_is_an_error_naming_the_stage() -> Result<()> {
+        let cfg = ResNetConfig::d2l_resnet18();
+        let err = ResNet::stage_shapes(&cfg, &[1, 3, 96, 96]).expect_err("3 channels");
+        assert!(matches!(&err, CoreError::InputShape { stage, .. } if stage == "b1"), "{err}");
+        let err = ResNet::stage_shapes(&cfg, &[1, 1, 0, 96]).expect_err("zero height");
+        assert!(err.to_string().contains("stem"), "{err}");
+        let err = ResNet::stage_shapes(&cfg, &[1, 96, 96]).expect_err("rank 3");
+        assert!(err.to_string().contains("4 dimensions"), "{err}");
+        Ok(())
+    }
+}
