@@ -19,11 +19,23 @@ pub const CONFIG_KEY: &str = "resnet_config";
 pub const FORMAT_KEY: &str = "format";
 /// This crate's checkpoint format.
 pub const FORMAT: &str = "resnet-fashion/weights-v1";
+/// Tensors whose names start with this prefix belong to a trainer's state (optimiser buffers)
+/// stored in the same file; model loading ignores them.
+pub const TRAIN_STATE_PREFIX: &str = "train.";
 
 /// Serialises the model's tensors (parameters and BatchNorm buffers, `num_batches_tracked` as
 /// int64 like PyTorch) with the config and `extra` entries as metadata.
 pub fn to_bytes(model: &ResNet, extra: &HashMap<String, String>) -> Result<Vec<u8>> {
-    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    to_bytes_with(model, &[], extra)
+}
+
+/// Like [`to_bytes`], with extra tensors (named under [`TRAIN_STATE_PREFIX`]) stored beside the
+/// model's, so a training checkpoint is one file written atomically.
+pub fn to_bytes_with(model: &ResNet, extra_tensors: &[(String, Tensor)], extra: &HashMap<String, String>) -> Result<Vec<u8>> {
+    if let Some((name, _)) = extra_tensors.iter().find(|(n, _)| !n.starts_with(TRAIN_STATE_PREFIX)) {
+        return Err(CoreError::InvalidConfig(format!("extra tensor `{name}` must be named under `{TRAIN_STATE_PREFIX}`")));
+    }
+    let mut tensors: Vec<(String, Tensor)> = extra_tensors.to_vec();
     for t in model.named_tensors() {
         let tensor = if t.name.ends_with("num_batches_tracked") {
             t.tensor.to_dtype(DType::I64)?
@@ -120,7 +132,7 @@ pub fn load_into(model: &ResNet, path: &Path) -> Result<()> {
     }
     let known: BTreeSet<&str> = expected.iter().map(|t| t.name.as_str()).collect();
     for name in st.names() {
-        if !known.contains(name) {
+        if !known.contains(name) && !name.starts_with(TRAIN_STATE_PREFIX) {
             problems.push(format!("unexpected tensor `{name}`"));
         }
     }
@@ -137,6 +149,32 @@ pub fn load_into(model: &ResNet, path: &Path) -> Result<()> {
         set(t, v)?;
     }
     Ok(())
+}
+
+/// The metadata of a checkpoint (empty for files saved without any).
+pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    let bytes = read(path)?;
+    Ok(parse(path, &bytes)?.1)
+}
+
+/// The metadata and the [`TRAIN_STATE_PREFIX`] tensors of a checkpoint (prefix kept in the names).
+pub fn read_train_state(
+    path: &Path,
+    device: &candle_core::Device,
+) -> Result<(HashMap<String, String>, HashMap<String, Tensor>)> {
+    let bytes = read(path)?;
+    let (st, meta) = parse(path, &bytes)?;
+    let mut tensors = HashMap::new();
+    for name in st.names() {
+        if name.starts_with(TRAIN_STATE_PREFIX) {
+            let view = st.tensor(name).map_err(|e| CoreError::CheckpointFormat {
+                path: path.to_path_buf(),
+                reason: format!("tensor `{name}`: {e}"),
+            })?;
+            tensors.insert(name.to_string(), candle_core::safetensors::Load::load(&view, device)?);
+        }
+    }
+    Ok((meta, tensors))
 }
 
 fn describe(cfg: &ResNetConfig) -> String {

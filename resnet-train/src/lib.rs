@@ -1,1 +1,39 @@
-//! placeholder
+//! Training and evaluation of resnet-core models on Fashion-MNIST: d2l's `train_ch6` (Xavier
+//! init, SGD, cross-entropy; train loss, train acc, test acc and examples/sec per epoch) and what
+//! goes beyond it (momentum, Nesterov, weight decay, schedules with warm-up, label smoothing,
+//! augmentation, gradient accumulation), with run directories, plots, checkpoints and exact resume.
+//!
+//! Key types: [`TrainConfig`] (with presets `d2l`, `seed`, `quick`, `best`), [`Trainer`]
+//! (`new`, `resume`, `fit`, `train_batch`), [`Observer`], [`evaluate`], [`Confusion`].
+//!
+//! ```no_run
+//! use candle_core::Device;
+//! use resnet_train::{Silent, TrainConfig, Trainer};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let (data, _dir) = resnet_data::load_default(None)?;
+//! let cfg = TrainConfig { epochs: 1, limit_train: Some(2048), ..TrainConfig::quick() };
+//! let mut trainer = Trainer::new(cfg, &Device::Cpu)?;
+//! let report = trainer.fit(&data, &mut Silent)?;
+//! println!("test acc {:.3}", report.last.map(|m| m.test_acc).unwrap_or_default());
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod optim;
+pub mod plot;
+pub mod run_dir;
+pub mod schedule;
+pub mod trainer;
+
+pub use config::{AugmentConfig, Schedule, SgdConfig, TrainConfig};
+pub use error::{Result, TrainError};
+pub use metrics::{Confusion, EpochMetrics, MetricsRecord, Running};
+pub use optim::Sgd;
+pub use run_dir::RunDir;
+pub use schedule::LrSchedule;
+pub use trainer::{cross_entropy, evaluate, loader_config, Observer, Silent, StepInfo, TrainReport, Trainer};

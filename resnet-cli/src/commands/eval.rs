@@ -1,0 +1,71 @@
+//! `resnet-cli eval`: test accuracy, per-class accuracy and the confusion matrix.
+
+use anyhow::Result;
+use resnet_data::{LoaderConfig, Normalize, CLASS_NAMES};
+
+use super::Outcome;
+use crate::args::EvalArgs;
+use crate::{device, weights};
+
+/// Runs the command.
+pub fn run(a: EvalArgs) -> Result<Outcome> {
+    if a.batch_size == 0 {
+        anyhow::bail!("--batch-size must be at least 1");
+    }
+    let device = device::select(&a.device)?;
+    let loaded = weights::load(&a.weights, &device, a.resize, a.normalize)?;
+    let (data, _) = resnet_data::load_default(a.data_dir.as_deref())?;
+    let test = match a.limit {
+        Some(0) => anyhow::bail!("--limit must be at least 1"),
+        Some(n) if n < data.test.len() => data.test.limit(n),
+        _ => data.test,
+    };
+    let loader = LoaderConfig {
+        batch_size: a.batch_size,
+        resize: loaded.resize,
+        shuffle: false,
+        seed: 0,
+        augment: None,
+        normalize: loaded.normalize.then(Normalize::fashion_mnist),
+        workers: 1,
+        prefetch: 4,
+    };
+    let confusion = resnet_train::evaluate(&loaded.model, &test, &loader, &device)?;
+    if a.json {
+        let json = serde_json::json!({
+            "weights": a.weights,
+            "examples": confusion.total(),
+            "resize": loaded.resize,
+            "test_acc": confusion.accuracy(),
+            "per_class": CLASS_NAMES.iter().zip(confusion.per_class()).map(|(n, a)| serde_json::json!({"class": n, "acc": a})).collect::<Vec<_>>(),
+            "confusion": confusion.counts,
+        });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(Outcome::Done);
+    }
+    println!("test acc {:.4} on {} images at {} px", confusion.accuracy(), confusion.total(), loaded.resize);
+    println!();
+    println!("{:<12} {:>8}", "class", "accuracy");
+    for (i, acc) in confusion.per_class().iter().enumerate() {
+        let name = CLASS_NAMES.get(i).copied().unwrap_or("?");
+        match acc {
+            Some(a) => println!("{name:<12} {a:>8.4}"),
+            None => println!("{name:<12} {:>8}", "-"),
+        }
+    }
+    println!();
+    println!("confusion matrix (rows: true class, columns: predicted)");
+    print!("{:<12}", "");
+    for i in 0..confusion.counts.len() {
+        print!("{i:>6}");
+    }
+    println!();
+    for (i, row) in confusion.counts.iter().enumerate() {
+        print!("{:<12}", CLASS_NAMES.get(i).copied().unwrap_or("?"));
+        for c in row {
+            print!("{c:>6}");
+        }
+        println!();
+    }
+    Ok(Outcome::Done)
+}

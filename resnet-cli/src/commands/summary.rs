@@ -1,0 +1,58 @@
+//! `resnet-cli summary`: the seed's per-stage shape table and the parameter count.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use resnet_core::{ResNet, ResNetConfig};
+
+use super::{apply_model_args, Outcome};
+use crate::args::SummaryArgs;
+
+/// Runs the command.
+pub fn run(a: SummaryArgs) -> Result<Outcome> {
+    if !(1..=512).contains(&a.resize) {
+        bail!("--resize {}: must be between 1 and 512", a.resize);
+    }
+    if !(1..=64).contains(&a.batch) {
+        bail!("--batch {}: must be between 1 and 64", a.batch);
+    }
+    let mut cfg = ResNetConfig::d2l_resnet18();
+    apply_model_args(&mut cfg, &a.model)?;
+    let input = [a.batch, cfg.in_channels, a.resize, a.resize];
+    let expected = ResNet::stage_shapes(&cfg, &input)?;
+    let vars = VarMap::new();
+    let model = ResNet::new(&cfg, VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu))?;
+    // Run the real network, as the seed's loop does, and check it against the computed shapes.
+    let traced = model.trace(&Tensor::zeros(&input, DType::F32, &Device::Cpu)?)?;
+    if traced != expected {
+        bail!("internal error: traced shapes {traced:?} differ from computed {expected:?}");
+    }
+    println!(
+        "ResNet-{} ({:?}, width {}), input {}",
+        cfg.depth.layers(),
+        cfg.block,
+        cfg.base_width,
+        fmt_shape(&input)
+    );
+    for s in &traced {
+        println!("{:<18} output shape:\t{}", s.torch_class, fmt_shape(&s.shape));
+    }
+    println!("Trainable parameters: {}", with_commas(model.num_parameters()));
+    Ok(Outcome::Done)
+}
+
+fn fmt_shape(s: &[usize]) -> String {
+    format!("({})", s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "))
+}
+
+fn with_commas(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}

@@ -1,0 +1,45 @@
+//! Loading a weights file for `eval` and `predict`, with the input preparation it was trained with.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+use resnet_core::{checkpoint, ResNet};
+use resnet_train::checkpoint::{INPUT_NORMALIZE_KEY, INPUT_RESIZE_KEY};
+
+/// A model ready for inference and how to prepare its inputs.
+pub struct Loaded {
+    /// The model.
+    pub model: ResNet,
+    /// Keeps the model's variables alive.
+    pub _vars: VarMap,
+    /// Side length inputs are resized to.
+    pub resize: usize,
+    /// Whether inputs are normalised.
+    pub normalize: bool,
+}
+
+/// Reads `path` (this project's checkpoints or a d2l PyTorch state_dict), overriding the
+/// recorded input preparation with `resize` / `normalize` when given.
+pub fn load(path: &Path, device: &Device, resize: Option<usize>, normalize: Option<bool>) -> Result<Loaded> {
+    if !path.is_file() {
+        anyhow::bail!("--weights {}: no such file", path.display());
+    }
+    let cfg = checkpoint::read_config(path).with_context(|| format!("reading the model configuration of {}", path.display()))?;
+    let meta = checkpoint::read_metadata(path)?;
+    let vars = VarMap::new();
+    let model = ResNet::new(&cfg, VarBuilder::from_varmap(&vars, DType::F32, device))?;
+    checkpoint::load_into(&model, path)?;
+    let recorded_resize = match meta.get(INPUT_RESIZE_KEY) {
+        Some(v) => Some(v.parse::<usize>().with_context(|| format!("{}: bad `{INPUT_RESIZE_KEY}` metadata {v:?}", path.display()))?),
+        None => None,
+    };
+    // d2l's chapter trains at 96 px without normalisation: the right default for its exports.
+    let resize = resize.or(recorded_resize).unwrap_or(96);
+    if !(8..=512).contains(&resize) {
+        anyhow::bail!("--resize {resize}: must be between 8 and 512");
+    }
+    let normalize = normalize.or_else(|| meta.get(INPUT_NORMALIZE_KEY).map(|v| v == "true")).unwrap_or(false);
+    Ok(Loaded { model, _vars: vars, resize, normalize })
+}

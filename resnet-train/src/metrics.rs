@@ -1,0 +1,150 @@
+//! Metrics as d2l's `train_ch6` computes them, and the confusion matrix for evaluation.
+
+use serde::{Deserialize, Serialize};
+
+/// Running sums over part of an epoch: d2l's `Accumulator(3)` of loss·n, correct, n.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Running {
+    /// Σ (batch mean loss × batch size).
+    pub loss_sum: f64,
+    /// Correct predictions of the training-mode forward.
+    pub correct: u64,
+    /// Examples seen.
+    pub examples: u64,
+    /// Seconds spent in training steps (copy, forward, backward, update, metric sync).
+    pub step_seconds: f64,
+}
+
+impl Running {
+    /// Adds one batch.
+    pub fn add(&mut self, mean_loss: f64, correct: u64, examples: u64, seconds: f64) {
+        self.loss_sum += mean_loss * examples as f64;
+        self.correct += correct;
+        self.examples += examples;
+        self.step_seconds += seconds;
+    }
+
+    /// Per-example mean loss.
+    pub fn loss(&self) -> f64 {
+        self.loss_sum / self.examples.max(1) as f64
+    }
+
+    /// Training accuracy.
+    pub fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.examples.max(1) as f64
+    }
+}
+
+/// One line of `metrics.jsonl`: a point within an epoch (about five per epoch, as d2l plots) or
+/// an epoch's summary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum MetricsRecord {
+    /// A point within an epoch, from the running sums since the epoch began.
+    Step {
+        /// Position in epochs (e.g. 2.4 = 40 % through the third epoch).
+        epoch: f64,
+        /// Running train loss.
+        train_loss: f64,
+        /// Running train accuracy.
+        train_acc: f64,
+        /// Learning rate at that step.
+        lr: f64,
+    },
+    /// The end of an epoch.
+    Epoch(EpochMetrics),
+}
+
+/// What one epoch achieved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Per-example mean training loss over the epoch.
+    pub train_loss: f64,
+    /// Training accuracy over the epoch (training-mode forward, pre-update weights).
+    pub train_acc: f64,
+    /// Test accuracy in evaluation mode over the whole (possibly limited) test set.
+    pub test_acc: f64,
+    /// Examples per second of training-step time, d2l's measure.
+    pub examples_per_sec: f64,
+    /// Training examples in the epoch.
+    pub examples: u64,
+    /// Seconds of training-step time in the epoch.
+    pub step_seconds: f64,
+    /// Wall-clock seconds of the whole epoch, data and evaluation included.
+    pub wall_seconds: f64,
+    /// Learning rate at the epoch's last step.
+    pub lr: f64,
+}
+
+/// A confusion matrix: `counts[true][predicted]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confusion {
+    /// Counts by true class (rows) and predicted class (columns).
+    pub counts: Vec<Vec<u64>>,
+}
+
+impl Confusion {
+    /// An empty matrix for `classes` classes.
+    pub fn new(classes: usize) -> Self {
+        Self { counts: vec![vec![0; classes]; classes] }
+    }
+
+    /// Records predictions; labels or predictions out of range are ignored.
+    pub fn add(&mut self, labels: &[u32], predictions: &[u32]) {
+        for (&t, &p) in labels.iter().zip(predictions) {
+            if let Some(cell) = self.counts.get_mut(t as usize).and_then(|r| r.get_mut(p as usize)) {
+                *cell += 1;
+            }
+        }
+    }
+
+    /// Examples recorded.
+    pub fn total(&self) -> u64 {
+        self.counts.iter().flatten().sum()
+    }
+
+    /// Overall accuracy.
+    pub fn accuracy(&self) -> f64 {
+        let correct: u64 = (0..self.counts.len()).map(|i| self.counts[i][i]).sum();
+        correct as f64 / self.total().max(1) as f64
+    }
+
+    /// Accuracy per true class (`None` for a class with no examples).
+    pub fn per_class(&self) -> Vec<Option<f64>> {
+        self.counts
+            .iter()
+            .enumerate()
+            .map(|(i, row)| {
+                let n: u64 = row.iter().sum();
+                (n > 0).then(|| row[i] as f64 / n as f64)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_sums_follow_train_ch6() {
+        let mut r = Running::default();
+        r.add(2.0, 3, 4, 0.5);
+        r.add(1.0, 1, 2, 0.25);
+        assert!((r.loss() - 10.0 / 6.0).abs() < 1e-12);
+        assert!((r.accuracy() - 4.0 / 6.0).abs() < 1e-12);
+        assert_eq!(r.step_seconds, 0.75);
+    }
+
+    #[test]
+    fn confusion_arithmetic() {
+        let mut c = Confusion::new(3);
+        c.add(&[0, 0, 1, 2, 2, 7], &[0, 1, 1, 2, 0, 0]);
+        assert_eq!(c.total(), 5);
+        assert!((c.accuracy() - 3.0 / 5.0).abs() < 1e-12);
+        assert_eq!(c.per_class(), vec![Some(0.5), Some(1.0), Some(0.5)]);
+        assert_eq!(Confusion::new(2).per_class(), vec![None, None]);
+    }
+}

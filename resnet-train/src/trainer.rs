@@ -1,0 +1,434 @@
+//! THE training loop (d2l's `train_ch6` and beyond) and evaluation, shared by the CLI, the tests
+//! and the benchmarks.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{backprop::GradStore, DType, Device, Tensor, D};
+use candle_nn::{VarBuilder, VarMap};
+
+use resnet_core::{checkpoint as core_ckpt, d2l_init, ResNet};
+use resnet_data::{batches, Augment, FashionMnist, LoaderConfig, Normalize, Split};
+
+use crate::checkpoint::{self, RngState, TrainState};
+use crate::config::TrainConfig;
+use crate::error::{Result, TrainError};
+use crate::metrics::{Confusion, EpochMetrics, MetricsRecord, Running};
+use crate::optim::Sgd;
+use crate::plot::{self, Curves};
+use crate::run_dir::{files, RunDir};
+use crate::schedule::LrSchedule;
+
+/// Progress within an epoch, for progress bars.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepInfo {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Total epochs.
+    pub epochs: usize,
+    /// 1-based batch within the epoch.
+    pub batch: usize,
+    /// Batches in the epoch.
+    pub batches: usize,
+    /// Running loss of the epoch so far.
+    pub train_loss: f64,
+    /// Running accuracy of the epoch so far.
+    pub train_acc: f64,
+    /// Current learning rate.
+    pub lr: f64,
+}
+
+/// Receives training events; the CLI renders them, tests record them.
+pub trait Observer {
+    /// An epoch begins (`batches` counts those still to run in it).
+    fn on_epoch_start(&mut self, _epoch: usize, _batches: usize) {}
+    /// A training step finished.
+    fn on_step(&mut self, _info: &StepInfo) {}
+    /// Evaluation on the test set begins.
+    fn on_eval_start(&mut self, _epoch: usize) {}
+    /// An epoch finished and was evaluated.
+    fn on_epoch_end(&mut self, _metrics: &EpochMetrics) {}
+    /// A checkpoint was written.
+    fn on_checkpoint(&mut self, _path: &Path) {}
+    /// Polled after every step: `true` stops training after writing a checkpoint (Ctrl-C).
+    fn should_stop(&mut self) -> bool {
+        false
+    }
+}
+
+/// An observer that ignores everything.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Silent;
+impl Observer for Silent {}
+
+/// What a call to [`Trainer::fit`] achieved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainReport {
+    /// The last completed epoch's metrics (`None` if stopped before finishing one).
+    pub last: Option<EpochMetrics>,
+    /// Examples per second over all completed epochs (training-step time only, as d2l).
+    pub examples_per_sec: f64,
+    /// True when stopped early by the observer; a checkpoint was written.
+    pub interrupted: bool,
+    /// The run directory, if any.
+    pub run_dir: Option<PathBuf>,
+}
+
+/// A model, its optimiser and where training stands.
+#[derive(Debug)]
+pub struct Trainer {
+    model: ResNet,
+    _vars: VarMap,
+    opt: Sgd,
+    device: Device,
+    state: TrainState,
+    run_dir: Option<RunDir>,
+}
+
+/// The data-loading half of a [`TrainConfig`].
+pub fn loader_config(cfg: &TrainConfig, train: bool) -> LoaderConfig {
+    LoaderConfig {
+        batch_size: if train { cfg.batch_size } else { cfg.eval_batch_size },
+        resize: cfg.resize,
+        shuffle: train,
+        seed: cfg.seed,
+        augment: if train {
+            cfg.augment.map(|a| Augment { crop_padding: a.crop_padding, hflip: a.hflip })
+        } else {
+            None
+        },
+        normalize: cfg.normalize.then(Normalize::fashion_mnist),
+        workers: cfg.data_workers,
+        prefetch: 4,
+    }
+}
+
+impl Trainer {
+    /// A fresh model initialised from `cfg.seed` as d2l does, on `device`.
+    pub fn new(cfg: TrainConfig, device: &Device) -> Result<Self> {
+        cfg.validate()?;
+        let vars = VarMap::new();
+        let model = ResNet::new(&cfg.model, VarBuilder::from_varmap(&vars, DType::F32, device))?;
+        d2l_init(&model, cfg.seed)?;
+        let opt = Sgd::new(model.parameters(), cfg.optimizer)?;
+        let rng = RngState { seed: cfg.seed, epoch: 0, position: 0 };
+        let state = TrainState {
+            config: cfg,
+            epochs_done: 0,
+            batches_done: 0,
+            global_step: 0,
+            running: Running::default(),
+            history: Vec::new(),
+            best_test_acc: None,
+            rng,
+        };
+        Ok(Self { model, _vars: vars, opt, device: device.clone(), state, run_dir: None })
+    }
+
+    /// Continues the run in `dir` exactly where its last checkpoint left it.
+    pub fn resume(dir: &Path, device: &Device) -> Result<Self> {
+        let run_dir = RunDir::open(dir)?;
+        let path = run_dir.checkpoint();
+        let (state, momentum) = checkpoint::read(&path, device)?;
+        let mut trainer = Self::new(state.config.clone(), device)?;
+        core_ckpt::load_into(&trainer.model, &path)?;
+        trainer.opt.load_state(momentum)?;
+        trainer.state = state;
+        trainer.run_dir = Some(run_dir);
+        Ok(trainer)
+    }
+
+    /// Writes config, metrics, curves and checkpoints into `dir` as training proceeds.
+    pub fn with_run_dir(mut self, dir: RunDir) -> Result<Self> {
+        let json = serde_json::to_vec_pretty(&self.state.config).map_err(|e| TrainError::InvalidConfig(e.to_string()))?;
+        dir.write(files::CONFIG, &json)?;
+        self.run_dir = Some(dir);
+        Ok(self)
+    }
+
+    /// The model.
+    pub fn model(&self) -> &ResNet {
+        &self.model
+    }
+
+    /// Where training stands.
+    pub fn state(&self) -> &TrainState {
+        &self.state
+    }
+
+    /// The run directory, if one is attached.
+    pub fn run_dir(&self) -> Option<&Path> {
+        self.run_dir.as_ref().map(|d| d.path())
+    }
+
+    /// The device training runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Trains until `config.epochs` are done or the observer asks to stop.
+    pub fn fit(&mut self, data: &FashionMnist, observer: &mut dyn Observer) -> Result<TrainReport> {
+        let cfg = self.state.config.clone();
+        let train = Arc::new(limited(&data.train, cfg.limit_train));
+        let test = limited(&data.test, cfg.limit_test);
+        let steps_per_epoch = train.len().div_ceil(cfg.batch_size);
+        let schedule = LrSchedule::new(&cfg, steps_per_epoch);
+        let points = plot_points(steps_per_epoch);
+        let mut interrupted = false;
+        while self.state.epochs_done < cfg.epochs {
+            let epoch = self.state.epochs_done;
+            let wall = Instant::now();
+            let skip = self.state.batches_done;
+            let iter = batches(Arc::clone(&train), &loader_config(&cfg, true), epoch as u64)?;
+            observer.on_epoch_start(epoch + 1, steps_per_epoch - skip);
+            for (i, batch) in iter.enumerate().skip(skip) {
+                let batch = batch?;
+                let lr = schedule.lr(self.state.global_step);
+                let t = Instant::now();
+                let (loss, correct) = self.train_batch(&batch.images, &batch.labels, lr)?;
+                let n = batch.indices.len() as u64;
+                if !loss.is_finite() {
+                    let checkpoint = self.run_dir.as_ref().map(|d| d.checkpoint()).filter(|p| p.exists());
+                    return Err(TrainError::NonFiniteLoss { epoch: epoch + 1, batch: i + 1, lr, value: loss, checkpoint });
+                }
+                self.state.running.add(loss as f64, correct, n, t.elapsed().as_secs_f64());
+                self.state.global_step += 1;
+                self.state.batches_done = i + 1;
+                self.state.rng = RngState { seed: cfg.seed, epoch: epoch as u64, position: self.state.running.examples };
+                let r = self.state.running;
+                if points.contains(&(i + 1)) {
+                    self.state.history.push(MetricsRecord::Step {
+                        epoch: epoch as f64 + (i + 1) as f64 / steps_per_epoch as f64,
+                        train_loss: r.loss(),
+                        train_acc: r.accuracy(),
+                        lr,
+                    });
+                }
+                observer.on_step(&StepInfo {
+                    epoch: epoch + 1,
+                    epochs: cfg.epochs,
+                    batch: i + 1,
+                    batches: steps_per_epoch,
+                    train_loss: r.loss(),
+                    train_acc: r.accuracy(),
+                    lr,
+                });
+                if i + 1 < steps_per_epoch && observer.should_stop() {
+                    interrupted = true;
+                    break;
+                }
+            }
+            if interrupted {
+                self.write_checkpoint(observer)?;
+                break;
+            }
+            observer.on_eval_start(epoch + 1);
+            let test_acc = evaluate(&self.model, &test, &loader_config(&cfg, false), &self.device)?.accuracy();
+            let r = self.state.running;
+            let metrics = EpochMetrics {
+                epoch: epoch + 1,
+                train_loss: r.loss(),
+                train_acc: r.accuracy(),
+                test_acc,
+                examples_per_sec: r.examples as f64 / r.step_seconds.max(1e-9),
+                examples: r.examples,
+                step_seconds: r.step_seconds,
+                wall_seconds: wall.elapsed().as_secs_f64(),
+                lr: schedule.lr(self.state.global_step.saturating_sub(1)),
+            };
+            tracing::info!(
+                epoch = metrics.epoch,
+                train_loss = metrics.train_loss,
+                train_acc = metrics.train_acc,
+                test_acc,
+                examples_per_sec = metrics.examples_per_sec,
+                "epoch done"
+            );
+            self.state.history.push(MetricsRecord::Epoch(metrics.clone()));
+            self.state.epochs_done += 1;
+            self.state.batches_done = 0;
+            self.state.running = Running::default();
+            self.state.rng = RngState { seed: cfg.seed, epoch: (epoch + 1) as u64, position: 0 };
+            let improved = self.state.best_test_acc.is_none_or(|b| test_acc > b);
+            if improved {
+                self.state.best_test_acc = Some(test_acc);
+            }
+            self.write_outputs(improved, observer)?;
+            observer.on_epoch_end(&metrics);
+            if observer.should_stop() && self.state.epochs_done < cfg.epochs {
+                interrupted = true;
+                break;
+            }
+        }
+        Ok(self.report(interrupted))
+    }
+
+    /// One optimiser step on a batch at learning rate `lr`, with gradient accumulation over
+    /// micro-batches. Returns the batch's mean loss and correct count (training-mode forward).
+    ///
+    /// # Shapes
+    /// - `images`: `(batch, channels, height, width)`, any device
+    /// - `labels`: `(batch,)` u32
+    pub fn train_batch(&mut self, images: &Tensor, labels: &Tensor, lr: f64) -> Result<(f32, u64)> {
+        let n = images.dim(0)?;
+        let micro = self.state.config.micro_batch_size().min(n).max(1);
+        let smoothing = self.state.config.label_smoothing;
+        let mut grads: Option<GradStore> = None;
+        let (mut loss_sum, mut correct) = (0f32, 0u64);
+        let mut start = 0;
+        while start < n {
+            let len = micro.min(n - start);
+            let x = images.narrow(0, start, len)?.to_device(&self.device)?;
+            let y = labels.narrow(0, start, len)?.to_device(&self.device)?;
+            let logits = self.model.forward_t(&x, true)?;
+            let loss = cross_entropy(&logits, &y, smoothing)?;
+            let scaled = if len == n { loss.clone() } else { (&loss * (len as f64 / n as f64))? };
+            let g = scaled.backward()?;
+            grads = Some(match grads {
+                None => g,
+                Some(acc) => add_grads(acc, g, &self.model)?,
+            });
+            loss_sum += loss.to_dtype(DType::F32)?.to_scalar::<f32>()? * len as f32;
+            correct += count_correct(&logits, &y)?;
+            start += len;
+        }
+        if let Some(g) = grads {
+            self.opt.step(&g, lr)?;
+        }
+        Ok((loss_sum / n as f32, correct))
+    }
+
+    fn write_checkpoint(&self, observer: &mut dyn Observer) -> Result<()> {
+        let Some(dir) = &self.run_dir else { return Ok(()) };
+        let path = dir.checkpoint();
+        let previous_intact = path.exists();
+        let bytes = checkpoint::to_bytes(&self.model, &self.opt.state(), &self.state)?;
+        core_ckpt::write_atomic(&path, &bytes)
+            .map_err(|source| TrainError::CheckpointWrite { path: path.clone(), source, previous_intact })?;
+        observer.on_checkpoint(&path);
+        Ok(())
+    }
+
+    fn write_outputs(&self, improved: bool, observer: &mut dyn Observer) -> Result<()> {
+        let Some(dir) = &self.run_dir else { return Ok(()) };
+        let mut lines = String::new();
+        for r in &self.state.history {
+            lines.push_str(&serde_json::to_string(r).map_err(|e| TrainError::InvalidConfig(e.to_string()))?);
+            lines.push('\n');
+        }
+        dir.write(files::METRICS, lines.as_bytes())?;
+        let curves = Curves::from_history(&self.state.history);
+        plot::draw(&curves, self.state.config.epochs, &dir.file(files::CURVES_PNG), &dir.file(files::CURVES_SVG))?;
+        self.write_checkpoint(observer)?;
+        if improved {
+            let best = dir.best();
+            let previous_intact = best.exists();
+            let bytes = core_ckpt::to_bytes(&self.model, &checkpoint::input_metadata(&self.state.config))?;
+            core_ckpt::write_atomic(&best, &bytes)
+                .map_err(|source| TrainError::CheckpointWrite { path: best.clone(), source, previous_intact })?;
+        }
+        Ok(())
+    }
+
+    fn report(&self, interrupted: bool) -> TrainReport {
+        let epochs: Vec<&EpochMetrics> = self
+            .state
+            .history
+            .iter()
+            .filter_map(|r| if let MetricsRecord::Epoch(m) = r { Some(m) } else { None })
+            .collect();
+        let (n, secs) = epochs.iter().fold((0u64, 0f64), |(n, s), m| (n + m.examples, s + m.step_seconds));
+        TrainReport {
+            last: epochs.last().map(|m| (*m).clone()),
+            examples_per_sec: n as f64 / secs.max(1e-9),
+            interrupted,
+            run_dir: self.run_dir.as_ref().map(|d| d.path().to_path_buf()),
+        }
+    }
+}
+
+/// Evaluation-mode predictions over a whole split (last partial batch included).
+pub fn evaluate(model: &ResNet, split: &Split, loader: &LoaderConfig, device: &Device) -> Result<Confusion> {
+    let mut confusion = Confusion::new(model.config().num_classes);
+    let cfg = LoaderConfig { shuffle: false, augment: None, ..loader.clone() };
+    for batch in batches(Arc::new(split.clone()), &cfg, 0)? {
+        let batch = batch?;
+        let logits = model.forward_t(&batch.images.to_device(device)?, false)?;
+        let pred: Vec<u32> = logits.argmax(D::Minus1)?.to_device(&Device::Cpu)?.to_vec1()?;
+        let labels: Vec<u32> = batch.labels.to_vec1()?;
+        confusion.add(&labels, &pred);
+    }
+    Ok(confusion)
+}
+
+/// Mean cross-entropy with label smoothing ε: `(1-ε)·nll + ε·mean_k(-log p_k)`.
+///
+/// # Shapes
+/// - `logits`: `(batch, classes)`; `labels`: `(batch,)` u32
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor, smoothing: f64) -> Result<Tensor> {
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let nll = candle_nn::loss::nll(&logp, labels)?;
+    if smoothing == 0.0 {
+        return Ok(nll);
+    }
+    let uniform = logp.mean(D::Minus1)?.mean_all()?.neg()?;
+    Ok(((nll * (1.0 - smoothing))? + (uniform * smoothing)?)?)
+}
+
+fn count_correct(logits: &Tensor, labels: &Tensor) -> Result<u64> {
+    let pred = logits.argmax(D::Minus1)?;
+    Ok(pred.eq(labels)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as u64)
+}
+
+fn add_grads(mut acc: GradStore, more: GradStore, model: &ResNet) -> Result<GradStore> {
+    for p in model.parameters() {
+        if let Some(g) = more.get(&p.tensor) {
+            let sum = match acc.get(&p.tensor) {
+                Some(a) => (a + g)?,
+                None => g.clone(),
+            };
+            acc.insert(&p.tensor, sum);
+        }
+    }
+    Ok(acc)
+}
+
+/// The batches after which d2l's animator plots a point: five per epoch, and the last.
+fn plot_points(batches: usize) -> Vec<usize> {
+    let step = (batches / 5).max(1);
+    (1..=batches).filter(|i| i % step == 0 || *i == batches).collect()
+}
+
+fn limited(split: &Split, limit: Option<usize>) -> Split {
+    match limit {
+        Some(n) if n < split.len() => split.clone().limit(n),
+        _ => split.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn five_points_per_epoch() {
+        assert_eq!(plot_points(235).len(), 5);
+        assert_eq!(plot_points(3), vec![1, 2, 3]);
+        assert_eq!(plot_points(12), vec![2, 4, 6, 8, 10, 12]);
+    }
+
+    #[test]
+    fn label_smoothing_matches_the_formula() -> Result<()> {
+        let logits = Tensor::new(&[[2.0f32, 0.0, -1.0]], &Device::Cpu)?;
+        let labels = Tensor::new(&[0u32], &Device::Cpu)?;
+        let z = (2f64.exp() + 1.0 + (-1f64).exp()).ln();
+        let logp = [2.0 - z, -z, -1.0 - z];
+        let want = 0.9 * -logp[0] + 0.1 * -(logp.iter().sum::<f64>() / 3.0);
+        let got = cross_entropy(&logits, &labels, 0.1)?.to_scalar::<f32>()? as f64;
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        let plain = cross_entropy(&logits, &labels, 0.0)?.to_scalar::<f32>()? as f64;
+        assert!((plain + logp[0]).abs() < 1e-6);
+        Ok(())
+    }
+}
