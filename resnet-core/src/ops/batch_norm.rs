@@ -1,7 +1,10 @@
 //! Batch normalisation over the channel axis of channels-last tensors, with PyTorch semantics.
 
-use candle_core::{DType, Tensor, Var};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, Var, WithDType};
 use candle_nn::{Init, ModuleT, VarBuilder};
+use rayon::prelude::*;
 
 /// BatchNorm2d as PyTorch defines it: batch statistics and a running-average update
 /// (momentum 0.1, unbiased variance) in training; running statistics in evaluation.
@@ -82,10 +85,28 @@ impl ModuleT for BatchNorm {
         }
         let rows = xs.elem_count() / c;
         let flat = xs.reshape((rows, c))?;
-        let ys = if train {
+        let ys = if train && xs.device().is_cpu() && xs.dtype() != DType::BF16 && xs.dtype() != DType::F16 {
             if rows < 2 {
                 candle_core::bail!("batch-norm in training needs more than one value per channel, got shape {dims:?}")
             }
+            let stats = Arc::new(Mutex::new(None));
+            let op = FusedBatchNorm { eps: self.eps, stats: Arc::clone(&stats) };
+            let ys = flat.contiguous()?.apply_op3(&self.weight, &self.bias, op)?;
+            let (mean, var) = stats
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("batch-norm statistics lock poisoned".into()))?
+                .clone()
+                .map(|s: Stats| (s.mean, s.var))
+                .ok_or_else(|| candle_core::Error::Msg("batch-norm forward produced no statistics".into()))?;
+            let mean = Tensor::from_vec(mean, c, xs.device())?.to_dtype(BUFFER_DTYPE)?;
+            let var = Tensor::from_vec(var, c, xs.device())?.to_dtype(BUFFER_DTYPE)?;
+            self.update_running_stats(&mean, &var, rows)?;
+            ys
+        } else if train {
+            if rows < 2 {
+                candle_core::bail!("batch-norm in training needs more than one value per channel, got shape {dims:?}")
+            }
+            // Any device: the same computation from candle's differentiable ops.
             let mean = flat.mean_keepdim(0)?;
             let centered = flat.broadcast_sub(&mean)?;
             let var = centered.sqr()?.mean_keepdim(0)?;
@@ -106,11 +127,247 @@ impl ModuleT for BatchNorm {
 /// The dtype running statistics are kept in.
 pub const BUFFER_DTYPE: DType = DType::F32;
 
+/// Per-channel batch statistics of one training forward, shared with the op's backward.
+#[derive(Debug, Clone)]
+struct Stats {
+    mean: Vec<f64>,
+    /// Biased variance.
+    var: Vec<f64>,
+}
+
+/// Training-mode batch normalisation of a contiguous `(rows, channels)` tensor as one op:
+/// two passes forward (statistics, normalise) and two backward, instead of the dozen-odd
+/// passes candle's elementwise graph takes. `(x, γ, β) -> y`.
+#[derive(Debug)]
+struct FusedBatchNorm {
+    eps: f64,
+    stats: Arc<Mutex<Option<Stats>>>,
+}
+
+/// Rows per parallel task; fixed, so sums are added in the same order on every run.
+const ROWS_PER_TASK: usize = 256;
+
+fn slice<'a, T>(data: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("fused batch-norm: {what} must be contiguous"),
+    }
+}
+
+/// Per-channel sums of `f(row, channel, value)` over all rows, in a fixed order.
+fn channel_sums<T: WithDType>(x: &[T], c: usize, f: impl Fn(usize, usize, T) -> [f64; 2] + Sync) -> Vec<[f64; 2]> {
+    let partials: Vec<Vec<[f64; 2]>> = x
+        .par_chunks(ROWS_PER_TASK * c)
+        .enumerate()
+        .map(|(task, block)| {
+            let mut acc = vec![[0f64; 2]; c];
+            for (r, row) in block.chunks_exact(c).enumerate() {
+                for (ch, (&v, a)) in row.iter().zip(acc.iter_mut()).enumerate() {
+                    let [p, q] = f(task * ROWS_PER_TASK + r, ch, v);
+                    a[0] += p;
+                    a[1] += q;
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![[0f64; 2]; c];
+    for p in partials {
+        for (t, v) in total.iter_mut().zip(p) {
+            t[0] += v[0];
+            t[1] += v[1];
+        }
+    }
+    total
+}
+
+fn fused_fwd<T: WithDType>(x: &[T], gamma: &[T], beta: &[T], eps: f64) -> (Vec<T>, Stats) {
+    let c = gamma.len();
+    let rows = (x.len() / c) as f64;
+    let sums = channel_sums(x, c, |_, _, v| [v.to_f64(), 0.0]);
+    let mean: Vec<f64> = sums.iter().map(|s| s[0] / rows).collect();
+    // Second pass for the variance: exact even when |mean| ≫ std.
+    let sq = channel_sums(x, c, |_, ch, v| {
+        let d = v.to_f64() - mean[ch];
+        [d * d, 0.0]
+    });
+    let var: Vec<f64> = sq.iter().map(|s| s[0] / rows).collect();
+    let scale: Vec<f64> = var.iter().zip(gamma).map(|(v, g)| g.to_f64() / (v + eps).sqrt()).collect();
+    let shift: Vec<f64> = (0..c).map(|ch| beta[ch].to_f64() - mean[ch] * scale[ch]).collect();
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(ROWS_PER_TASK * c).zip(x.par_chunks(ROWS_PER_TASK * c)).for_each(|(yb, xb)| {
+        for (yr, xr) in yb.chunks_exact_mut(c).zip(xb.chunks_exact(c)) {
+            for ch in 0..c {
+                yr[ch] = T::from_f64(xr[ch].to_f64() * scale[ch] + shift[ch]);
+            }
+        }
+    });
+    (y, Stats { mean, var })
+}
+
+/// `[dx (rows·c) | dγ (c) | dβ (c)]` in one buffer.
+fn fused_bwd<T: WithDType>(x: &[T], dy: &[T], gamma: &[T], stats: &Stats, eps: f64) -> Vec<T> {
+    let c = gamma.len();
+    let rows = x.len() / c;
+    let inv_std: Vec<f64> = stats.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let sums = channel_sums(dy, c, |r, ch, g| {
+        let xhat = (x[r * c + ch].to_f64() - stats.mean[ch]) * inv_std[ch];
+        let g = g.to_f64();
+        [g, g * xhat]
+    });
+    let m = rows as f64;
+    let mut out = vec![T::zero(); x.len() + 2 * c];
+    let (dx, tail) = out.split_at_mut(x.len());
+    dx.par_chunks_mut(ROWS_PER_TASK * c).enumerate().for_each(|(task, block)| {
+        for (r, row) in block.chunks_exact_mut(c).enumerate() {
+            let base = (task * ROWS_PER_TASK + r) * c;
+            for ch in 0..c {
+                let xhat = (x[base + ch].to_f64() - stats.mean[ch]) * inv_std[ch];
+                let g = dy[base + ch].to_f64();
+                let k = gamma[ch].to_f64() * inv_std[ch];
+                row[ch] = T::from_f64(k * (g - sums[ch][0] / m - xhat * sums[ch][1] / m));
+            }
+        }
+    });
+    for ch in 0..c {
+        tail[ch] = T::from_f64(sums[ch][1]);
+        tail[c + ch] = T::from_f64(sums[ch][0]);
+    }
+    out
+}
+
+impl CustomOp3 for FusedBatchNorm {
+    fn name(&self) -> &'static str {
+        "fused-batch-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (y, stats) = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(b)) => {
+                let (y, s) = fused_fwd(slice(x, l1, "x")?, slice(g, l2, "γ")?, slice(b, l3, "β")?, self.eps);
+                (CpuStorage::F32(y), s)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(b)) => {
+                let (y, s) = fused_fwd(slice(x, l1, "x")?, slice(g, l2, "γ")?, slice(b, l3, "β")?, self.eps);
+                (CpuStorage::F64(y), s)
+            }
+            _ => candle_core::bail!("fused batch-norm supports matching f32 or f64 tensors, got {:?}", s1.dtype()),
+        };
+        *self.stats.lock().map_err(|_| candle_core::Error::Msg("batch-norm lock poisoned".into()))? = Some(stats);
+        Ok((y, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (rows, c) = x.dims2()?;
+        let stats = self
+            .stats
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("batch-norm lock poisoned".into()))?
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg("batch-norm backward before forward".into()))?;
+        let op = FusedBatchNormBackward { eps: self.eps, stats };
+        let packed = x.apply_op3_no_bwd(&grad.contiguous()?, gamma, &op)?;
+        let dx = packed.narrow(0, 0, rows * c)?.reshape((rows, c))?;
+        let dgamma = packed.narrow(0, rows * c, c)?;
+        let dbeta = packed.narrow(0, rows * c + c, c)?;
+        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+    }
+}
+
+/// `(x, dy, γ) -> [dx | dγ | dβ]`, with the forward's batch statistics.
+#[derive(Debug)]
+struct FusedBatchNormBackward {
+    eps: f64,
+    stats: Stats,
+}
+
+impl CustomOp3 for FusedBatchNormBackward {
+    fn name(&self) -> &'static str {
+        "fused-batch-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (st, eps) = (&self.stats, self.eps);
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(dy), CpuStorage::F32(g)) => {
+                CpuStorage::F32(fused_bwd(slice(x, l1, "x")?, slice(dy, l2, "dy")?, slice(g, l3, "γ")?, st, eps))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(dy), CpuStorage::F64(g)) => {
+                CpuStorage::F64(fused_bwd(slice(x, l1, "x")?, slice(dy, l2, "dy")?, slice(g, l3, "γ")?, st, eps))
+            }
+            _ => candle_core::bail!("fused batch-norm backward supports matching f32 or f64 tensors"),
+        };
+        let n = l1.shape().elem_count() + 2 * l3.shape().elem_count();
+        Ok((out, Shape::from(n)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
     use candle_nn::VarMap;
+
+    /// The fused CPU op against candle's elementwise graph (the path other devices take), in
+    /// float64: output, all three gradients, running statistics. Tolerance 1e-10 relative.
+    #[test]
+    fn fused_op_matches_candles_graph() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for &(rows, c) in &[(7usize, 3usize), (600, 5), (2, 1)] {
+            let x = Var::randn(1.5f64, 2.0, (rows, c), &dev)?;
+            let gamma = Var::randn(1f64, 0.5, c, &dev)?;
+            let beta = Var::randn(0f64, 0.5, c, &dev)?;
+            let probe = Tensor::randn(0f64, 1.0, (rows, c), &dev)?;
+            let stats = Arc::new(Mutex::new(None));
+            let op = FusedBatchNorm { eps: 1e-5, stats: Arc::clone(&stats) };
+            let fused = x.as_tensor().apply_op3(gamma.as_tensor(), beta.as_tensor(), op)?;
+            let mean = x.as_tensor().mean_keepdim(0)?;
+            let centered = x.as_tensor().broadcast_sub(&mean)?;
+            let var = centered.sqr()?.mean_keepdim(0)?;
+            let scale = (var.clone() + 1e-5)?.sqrt()?.recip()?.broadcast_mul(&gamma.as_tensor().unsqueeze(0)?)?;
+            let graph = centered.broadcast_mul(&scale)?.broadcast_add(beta.as_tensor())?;
+            let close = |a: &Tensor, b: &Tensor| -> candle_core::Result<f64> {
+                let s = b.abs()?.max_all()?.to_scalar::<f64>()?.max(1.0);
+                Ok((a - b)?.abs()?.max_all()?.to_scalar::<f64>()? / s)
+            };
+            assert!(close(&fused, &graph)? < 1e-10);
+            let g1 = (fused * &probe)?.sum_all()?.backward()?;
+            let g2 = (graph * &probe)?.sum_all()?.backward()?;
+            for t in [x.as_tensor(), gamma.as_tensor(), beta.as_tensor()] {
+                let e = close(g1.get(t).expect("grad"), g2.get(t).expect("grad"))?;
+                assert!(e < 1e-10, "gradient differs by {e} for ({rows}, {c})");
+            }
+            let st = stats.lock().expect("lock").clone().expect("stats");
+            let want: Vec<f64> = var.squeeze(0)?.to_vec1()?;
+            for (a, b) in st.var.iter().zip(want) {
+                assert!((a - b).abs() < 1e-12);
+            }
+        }
+        Ok(())
+    }
 
     #[test]
     fn train_normalises_and_updates_running_stats_like_pytorch() -> candle_core::Result<()> {

@@ -87,7 +87,7 @@ impl Module for Conv2d {
                 };
                 // Patches are in (kh, kw, c) order, so the weight goes to (out, kh, kw, in).
                 let w_mat = self.weight.permute((0, 2, 3, 1))?.reshape((out_channels, k * k * c))?;
-                let ys = cols.matmul(&w_mat.t()?)?.broadcast_add(&self.bias)?;
+                let ys = super::elementwise::bias_add(&cols.matmul(&w_mat.t()?)?, &self.bias)?;
                 ys.reshape((b, oh, ow, out_channels))
             }
             ConvKernel::Candle => {

@@ -3,10 +3,12 @@
 
 pub mod batch_norm;
 pub mod conv;
+pub mod elementwise;
 pub mod geometry;
 pub mod im2col;
 pub mod pool;
 
 pub use batch_norm::BatchNorm;
 pub use conv::{Conv2d, Conv2dConfig};
+pub use elementwise::{add_relu, bias_add, relu};
 pub use pool::{global_avg_pool, MaxPool2d};
