@@ -76,7 +76,6 @@ pub struct TrainReport {
 }
 
 /// A model, its optimiser and where training stands.
-#[derive(Debug)]
 pub struct Trainer {
     model: ResNet,
     _vars: VarMap,
@@ -84,6 +83,18 @@ pub struct Trainer {
     device: Device,
     state: TrainState,
     run_dir: Option<RunDir>,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("model", self.model.config())
+            .field("device", &self.device)
+            .field("epochs_done", &self.state.epochs_done)
+            .field("global_step", &self.state.global_step)
+            .field("run_dir", &self.run_dir)
+            .finish()
+    }
 }
 
 /// The data-loading half of a [`TrainConfig`].

@@ -98,8 +98,8 @@ impl ModuleT for BatchNorm {
                 .clone()
                 .map(|s: Stats| (s.mean, s.var))
                 .ok_or_else(|| candle_core::Error::Msg("batch-norm forward produced no statistics".into()))?;
-            let mean = Tensor::from_vec(mean, c, xs.device())?.to_dtype(BUFFER_DTYPE)?;
-            let var = Tensor::from_vec(var, c, xs.device())?.to_dtype(BUFFER_DTYPE)?;
+            let mean = Tensor::from_vec(mean, c, xs.device())?.to_dtype(self.running_mean.dtype())?;
+            let var = Tensor::from_vec(var, c, xs.device())?.to_dtype(self.running_var.dtype())?;
             self.update_running_stats(&mean, &var, rows)?;
             ys
         } else if train {
