@@ -147,6 +147,32 @@ impl ResNet {
         Ok(out)
     }
 
+    /// Floating-point operations (2 × multiply-accumulates of every convolution and the linear
+    /// layer) of one forward pass of one `height × width` example; a training step is about 3×.
+    pub fn forward_flops(cfg: &ResNetConfig, height: usize, width: usize) -> Result<u64> {
+        let shapes = Self::stage_shapes(cfg, &[1, cfg.in_channels, height, width])?;
+        let hw = |i: usize| (shapes[i].shape[2] * shapes[i].shape[3]) as u64;
+        let [c1, ..] = cfg.stage_channels();
+        // The stem convolution's output is twice the pooled side (before the stride-2 pool).
+        let stem_hw = (Window::out_len(height, 7, 2, 3).unwrap_or(0) * Window::out_len(width, 7, 2, 3).unwrap_or(0)) as u64;
+        let mut macs = stem_hw * (49 * cfg.in_channels * c1) as u64;
+        let chans = cfg.stage_channels();
+        for (stage, &blocks) in cfg.depth.blocks_per_stage().iter().enumerate() {
+            let out_hw = hw(stage + 1);
+            let cout = chans[stage] as u64;
+            let cin = if stage == 0 { chans[0] } else { chans[stage - 1] } as u64;
+            for b in 0..blocks {
+                let first_in = if b == 0 { cin } else { cout };
+                macs += out_hw * 9 * first_in * cout + out_hw * 9 * cout * cout;
+                if b == 0 && first_in != cout {
+                    macs += out_hw * first_in * cout;
+                }
+            }
+        }
+        macs += (chans[3] * cfg.num_classes) as u64;
+        Ok(2 * macs)
+    }
+
     /// Every tensor with its d2l `state_dict` name, parameters and buffers, in a stable order.
     pub fn named_tensors(&self) -> Vec<NamedTensor> {
         let mut out = Vec::new();
@@ -260,6 +286,17 @@ mod tests {
             let x = Tensor::randn(0f32, 1., (2, 1, side, side), &Device::Cpu)?;
             assert_eq!(net.trace(&x)?, ResNet::stage_shapes(&cfg, x.dims())?);
             assert_eq!(net.forward_t(&x, true)?.dims(), &[2, 10]);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn forward_flops_match_the_reference_figures() -> Result<()> {
+        // REFERENCE.md: 66 M at 28 px, 637 M at 96, 3,470 M at 224.
+        let cfg = ResNetConfig::d2l_resnet18();
+        for (side, mflops) in [(28, 66), (96, 637), (224, 3470)] {
+            let f = ResNet::forward_flops(&cfg, side, side)? as f64 / 1e6;
+            assert!((f - mflops as f64).abs() / (mflops as f64) < 0.01, "{side} px: {f} MFLOP vs {mflops}");
         }
         Ok(())
     }

@@ -1,9 +1,11 @@
 //! 2-D convolution over channels-last tensors with PyTorch-layout weights.
 
-use candle_core::{Module, Tensor};
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, Layout, Module, Shape, Tensor, WithDType};
 use candle_nn::{Init, VarBuilder};
 
-use super::im2col::Im2col;
+use super::elementwise::column_sums_tensor;
+use super::geometry::Window;
+use super::im2col::{im2col_slice, Col2im, Im2col};
 use crate::config::ConvKernel;
 
 /// A convolution's hyper-parameters.
@@ -72,11 +74,15 @@ impl Module for Conv2d {
             candle_core::bail!("conv2d expects {in_channels} input channels, got {c}")
         }
         match self.kernel {
+            ConvKernel::Im2col if xs.device().is_cpu() => {
+                // The weight in (out, kh, kw, in) order, matching the patches' (kh, kw, c).
+                let w = self.weight.permute((0, 2, 3, 1))?.contiguous()?;
+                let op = Im2colConv { kernel: k, stride, pad: padding };
+                xs.contiguous()?.apply_op3(&w, &self.bias, op)
+            }
             ConvKernel::Im2col => {
-                let (oh, ow) = match (
-                    super::geometry::Window::out_len(h, k, stride, padding),
-                    super::geometry::Window::out_len(w, k, stride, padding),
-                ) {
+                // Other devices: the same computation from candle's differentiable ops.
+                let (oh, ow) = match (Window::out_len(h, k, stride, padding), Window::out_len(w, k, stride, padding)) {
                     (Some(oh), Some(ow)) => (oh, ow),
                     _ => candle_core::bail!("conv2d: a {k}x{k} kernel does not fit a {h}x{w} input"),
                 };
@@ -85,9 +91,8 @@ impl Module for Conv2d {
                 } else {
                     xs.contiguous()?.apply_op1(Im2col { kh: k, kw: k, stride, pad: padding })?
                 };
-                // Patches are in (kh, kw, c) order, so the weight goes to (out, kh, kw, in).
                 let w_mat = self.weight.permute((0, 2, 3, 1))?.reshape((out_channels, k * k * c))?;
-                let ys = super::elementwise::bias_add(&cols.matmul(&w_mat.t()?)?, &self.bias)?;
+                let ys = cols.matmul(&w_mat.t()?)?.broadcast_add(&self.bias)?;
                 ys.reshape((b, oh, ow, out_channels))
             }
             ConvKernel::Candle => {
@@ -97,6 +102,162 @@ impl Module for Conv2d {
                 ys.permute((0, 2, 3, 1))?.contiguous()
             }
         }
+    }
+}
+
+/// Convolution of channels-last `x` with an `(out, kh, kw, in)` weight and a bias, as one op:
+/// forward is im2col + one matrix product over the whole batch; backward recomputes the patches
+/// rather than keeping them, and computes the weight gradient as one product (`dYᵀ · cols`), the
+/// input gradient as one product plus col2im (skipped when the input needs no gradient, as for
+/// the images entering the stem), and the bias gradient as column sums.
+#[derive(Debug, Clone, Copy)]
+struct Im2colConv {
+    kernel: usize,
+    stride: usize,
+    pad: usize,
+}
+
+impl Im2colConv {
+    fn window(&self, x: &Layout) -> candle_core::Result<Window> {
+        let (batch, h, w, c) = x.shape().dims4()?;
+        let win = Window { batch, h, w, c, kh: self.kernel, kw: self.kernel, stride: self.stride, pad: self.pad };
+        win.check("conv2d")?;
+        Ok(win)
+    }
+
+    fn pointwise(&self) -> bool {
+        self.kernel == 1 && self.stride == 1 && self.pad == 0
+    }
+}
+
+fn contiguous<'a, T>(data: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("conv2d: {what} must be contiguous"),
+    }
+}
+
+/// `y (rows, out) = cols (rows, k) · wᵀ + bias`, with `w` as `(out, k)` row-major.
+fn conv_forward<T: WithDType + 'static>(x: &[T], w: &[T], bias: &[T], win: &Window, pointwise: bool) -> Vec<T> {
+    let rows = win.batch * win.oh() * win.ow();
+    let k = win.patch_len();
+    let out = bias.len();
+    let owned;
+    let cols: &[T] = if pointwise {
+        x
+    } else {
+        owned = {
+            let mut buf = vec![T::zero(); rows * k];
+            im2col_slice(x, win, &mut buf);
+            buf
+        };
+        &owned
+    };
+    let mut y = Vec::with_capacity(rows * out);
+    for _ in 0..rows {
+        y.extend_from_slice(bias);
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the pointers cover `rows·out`, `rows·k` and `out·k` elements with the strides given
+    // (checked by construction above), and `y` does not alias the inputs.
+    unsafe {
+        gemm::gemm(
+            rows,
+            out,
+            k,
+            y.as_mut_ptr(),
+            1,
+            out as isize,
+            true,
+            cols.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    y
+}
+
+impl CustomOp3 for Im2colConv {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col-nhwc"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let win = self.window(l1)?;
+        let out = l3.shape().elem_count();
+        if l2.shape().dims() != [out, win.kh, win.kw, win.c] {
+            candle_core::bail!("conv2d: weight {:?} does not fit ({out}, {}, {}, {})", l2.shape(), win.kh, win.kw, win.c)
+        }
+        let pw = self.pointwise();
+        let y = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(conv_forward(
+                contiguous(x, l1, "input")?,
+                contiguous(w, l2, "weight")?,
+                contiguous(b, l3, "bias")?,
+                &win,
+                pw,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(conv_forward(
+                contiguous(x, l1, "input")?,
+                contiguous(w, l2, "weight")?,
+                contiguous(b, l3, "bias")?,
+                &win,
+                pw,
+            )),
+            _ => candle_core::bail!("conv2d supports matching f32 or f64 tensors, got {:?}", s1.dtype()),
+        };
+        Ok((y, Shape::from((win.batch, win.oh(), win.ow(), out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let win = self.window(x.layout())?;
+        let (out, k) = (bias.elem_count(), win.patch_len());
+        let rows = win.batch * win.oh() * win.ow();
+        let dy = grad.contiguous()?.reshape((rows, out))?;
+        let cols = if self.pointwise() {
+            x.reshape((rows, k))?
+        } else {
+            x.apply_op1_no_bwd(&Im2col { kh: win.kh, kw: win.kw, stride: win.stride, pad: win.pad })?
+        };
+        let dw = dy.t()?.matmul(&cols)?.reshape(w.shape())?;
+        drop(cols);
+        let db = column_sums_tensor(&dy)?;
+        let dx = if x.track_op() {
+            let dcols = dy.matmul(&w.reshape((out, k))?)?;
+            Some(if self.pointwise() {
+                dcols.reshape(x.shape())?
+            } else {
+                dcols.apply_op1_no_bwd(&Col2im { window: win })?
+            })
+        } else {
+            None
+        };
+        Ok((dx, Some(dw), Some(db)))
     }
 }
 

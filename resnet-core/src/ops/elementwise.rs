@@ -208,6 +208,16 @@ impl CustomOp2 for BiasAdd {
     }
 }
 
+/// Sums of a contiguous `(rows, c)` tensor's columns, `(c,)`, in a fixed order.
+pub fn column_sums_tensor(xs: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, c) = xs.dims2()?;
+    if use_fused(xs) {
+        xs.contiguous()?.apply_op1_no_bwd(&ColumnSums { c })
+    } else {
+        xs.sum(0)
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct ColumnSums {
     c: usize,

@@ -1,0 +1,414 @@
+//! `cargo xtask bench`: training-step and evaluation throughput of d2l's ResNet-18 through the
+//! project's real training step, optionally against PyTorch in the same invocation.
+//!
+//! Each configuration runs in a child process (`xtask bench-one`), so its peak memory is its own;
+//! ours and PyTorch's alternate round by round, so machine noise hits both alike.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use clap::{Args, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+use resnet_core::{ConvKernel, ResNet, ResNetConfig};
+use resnet_train::{Schedule, SgdConfig, TrainConfig, Trainer};
+
+/// What one configuration measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Forward + backward + SGD update + accuracy sync, training mode.
+    Train,
+    /// Evaluation-mode forward + argmax.
+    Eval,
+}
+
+/// Convolution kernels to benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KernelArg {
+    /// The project's im2col kernels.
+    Im2col,
+    /// candle's stock conv2d (the straightforward port).
+    Candle,
+}
+
+/// `cargo xtask bench` flags.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Also run scripts/bench_pytorch.py on the same configurations, alternating, and print ratios.
+    #[arg(long)]
+    pub compare_pytorch: bool,
+    /// Python interpreter with torch installed (default: $RESNET_BENCH_PYTHON, else python3).
+    #[arg(long, value_name = "PATH")]
+    pub python: Option<PathBuf>,
+    /// Configurations to run, e.g. `train:28:256,eval:96:256` (mode:resize:batch).
+    #[arg(long, value_delimiter = ',', default_value = "train:28:256,train:96:128,train:224:32,eval:96:256")]
+    pub configs: Vec<String>,
+    /// Rounds per configuration (each round: ours, then PyTorch).
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
+    /// Timed windows per round.
+    #[arg(long, default_value_t = 3)]
+    pub windows: usize,
+    /// Steps per timed window.
+    #[arg(long, default_value_t = 2)]
+    pub steps: usize,
+    /// Untimed warm-up steps per round.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// CPU threads for both sides.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Convolution kernels for our side.
+    #[arg(long, value_enum, default_value = "im2col")]
+    pub kernel: KernelArg,
+    /// Write the JSON report here (default: target/bench/bench.json).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+/// Hidden `xtask bench-one` flags: one configuration in this process.
+#[derive(Debug, Args)]
+pub struct BenchOneArgs {
+    #[arg(long, value_enum)]
+    pub mode: Mode,
+    #[arg(long)]
+    pub resize: usize,
+    #[arg(long)]
+    pub batch: usize,
+    #[arg(long)]
+    pub windows: usize,
+    #[arg(long)]
+    pub steps: usize,
+    #[arg(long)]
+    pub warmup: usize,
+    #[arg(long, value_enum)]
+    pub kernel: KernelArg,
+}
+
+/// One side's measurement of one configuration in one round.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Sample {
+    /// Median examples/s over the round's windows.
+    pub examples_per_sec: f64,
+    /// Every window's examples/s.
+    pub windows: Vec<f64>,
+    /// Peak resident memory of the whole process.
+    pub peak_rss_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+struct Config {
+    mode: Mode,
+    resize: usize,
+    batch: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    mode: Mode,
+    resize: usize,
+    batch: usize,
+    examples_per_sec: f64,
+    gflops_per_sec: f64,
+    fraction_of_matmul_peak: f64,
+    peak_rss_bytes: u64,
+    pytorch_examples_per_sec: Option<f64>,
+    pytorch_peak_rss_bytes: Option<u64>,
+    ratio: Option<f64>,
+    samples: Vec<Sample>,
+    pytorch_samples: Vec<Sample>,
+}
+
+/// Runs the benchmark.
+pub fn run(a: BenchArgs) -> Result<()> {
+    let configs = a.configs.iter().map(|s| parse_config(s)).collect::<Result<Vec<_>>>()?;
+    if a.rounds == 0 || a.windows == 0 || a.steps == 0 {
+        bail!("--rounds, --windows and --steps must be at least 1");
+    }
+    let python = if a.compare_pytorch { Some(find_python(a.python.as_deref())?) } else { None };
+    let script = workspace_root().join("scripts/bench_pytorch.py");
+    let peak = matmul_peak_gflops(a.threads)?;
+    eprintln!("matmul peak (candle f32 gemm, 2048³, {} threads): {peak:.1} GFLOP/s", a.threads);
+    let mut rows = Vec::new();
+    for cfg in &configs {
+        let mut ours = Vec::new();
+        let mut theirs = Vec::new();
+        for round in 0..a.rounds {
+            eprintln!("{} {} px, batch {}: round {}/{}", mode_name(cfg.mode), cfg.resize, cfg.batch, round + 1, a.rounds);
+            ours.push(run_ours(cfg, &a)?);
+            if let Some(py) = &python {
+                theirs.push(run_pytorch(py, &script, cfg, &a)?);
+            }
+        }
+        let eps = median(ours.iter().flat_map(|s| s.windows.iter().copied()).collect());
+        let fwd = ResNet::forward_flops(&ResNetConfig::d2l_resnet18(), cfg.resize, cfg.resize)? as f64;
+        let flops = if cfg.mode == Mode::Train { 3.0 * fwd } else { fwd };
+        let gflops = eps * flops / 1e9;
+        let py_eps = (!theirs.is_empty()).then(|| median(theirs.iter().flat_map(|s| s.windows.iter().copied()).collect()));
+        rows.push(Row {
+            mode: cfg.mode,
+            resize: cfg.resize,
+            batch: cfg.batch,
+            examples_per_sec: eps,
+            gflops_per_sec: gflops,
+            fraction_of_matmul_peak: gflops / peak,
+            peak_rss_bytes: ours.iter().map(|s| s.peak_rss_bytes).max().unwrap_or(0),
+            pytorch_examples_per_sec: py_eps,
+            pytorch_peak_rss_bytes: theirs.iter().map(|s| s.peak_rss_bytes).max(),
+            ratio: py_eps.map(|p| eps / p),
+            samples: ours,
+            pytorch_samples: theirs,
+        });
+    }
+    print_table(&rows, peak, a.threads);
+    let report = serde_json::json!({
+        "date": chrono_free_date(),
+        "threads": a.threads,
+        "kernel": format!("{:?}", a.kernel),
+        "matmul_peak_gflops": peak,
+        "rows": rows,
+    });
+    let path = a.json.clone().unwrap_or_else(|| workspace_root().join("target/bench/bench.json"));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+    println!("JSON report: {}", path.display());
+    Ok(())
+}
+
+/// Measures one configuration in this process and prints a [`Sample`] as JSON.
+pub fn run_one(a: BenchOneArgs) -> Result<()> {
+    let kernel = match a.kernel {
+        KernelArg::Im2col => ConvKernel::Im2col,
+        KernelArg::Candle => ConvKernel::Candle,
+    };
+    let device = Device::Cpu;
+    let cfg = TrainConfig {
+        model: ResNetConfig { conv_kernel: kernel, ..ResNetConfig::d2l_resnet18() },
+        batch_size: a.batch,
+        eval_batch_size: a.batch,
+        resize: a.resize,
+        optimizer: SgdConfig { lr: 0.05, momentum: 0.0, nesterov: false, weight_decay: 0.0 },
+        schedule: Schedule::Constant,
+        ..TrainConfig::d2l()
+    };
+    let mut trainer = Trainer::new(cfg, &device)?;
+    let xs = Tensor::rand(0f32, 1., (a.batch, 1, a.resize, a.resize), &device)?;
+    let labels: Vec<u32> = (0..a.batch as u32).map(|i| (i * 7) % 10).collect();
+    let ys = Tensor::from_vec(labels, a.batch, &device)?;
+    let mut step = |trainer: &mut Trainer| -> Result<()> {
+        match a.mode {
+            Mode::Train => {
+                trainer.train_batch(&xs, &ys, 0.05)?;
+            }
+            Mode::Eval => {
+                let logits = trainer.model().forward_t(&xs, false)?;
+                let _: Vec<u32> = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec1()?;
+            }
+        }
+        Ok(())
+    };
+    for _ in 0..a.warmup {
+        step(&mut trainer)?;
+    }
+    let mut windows = Vec::new();
+    for _ in 0..a.windows {
+        let t = Instant::now();
+        for _ in 0..a.steps {
+            step(&mut trainer)?;
+        }
+        windows.push((a.batch * a.steps) as f64 / t.elapsed().as_secs_f64());
+    }
+    let sample = Sample { examples_per_sec: median(windows.clone()), windows, peak_rss_bytes: peak_rss() };
+    println!("{}", serde_json::to_string(&sample)?);
+    Ok(())
+}
+
+fn run_ours(cfg: &Config, a: &BenchArgs) -> Result<Sample> {
+    let exe = std::env::current_exe()?;
+    let kernel = match a.kernel {
+        KernelArg::Im2col => "im2col",
+        KernelArg::Candle => "candle",
+    };
+    let out = Command::new(exe)
+        .env("RAYON_NUM_THREADS", a.threads.to_string())
+        .args(["bench-one", "--mode", mode_name(cfg.mode), "--kernel", kernel])
+        .args(["--resize", &cfg.resize.to_string(), "--batch", &cfg.batch.to_string()])
+        .args(["--windows", &a.windows.to_string(), "--steps", &a.steps.to_string(), "--warmup", &a.warmup.to_string()])
+        .output()
+        .context("running xtask bench-one")?;
+    parse_sample(&out, "our benchmark")
+}
+
+fn run_pytorch(python: &Path, script: &Path, cfg: &Config, a: &BenchArgs) -> Result<Sample> {
+    let out = Command::new(python)
+        .arg(script)
+        .args(["--mode", mode_name(cfg.mode), "--resize", &cfg.resize.to_string(), "--batch", &cfg.batch.to_string()])
+        .args(["--threads", &a.threads.to_string(), "--windows", &a.windows.to_string()])
+        .args(["--steps", &a.steps.to_string(), "--warmup", &a.warmup.to_string()])
+        .output()
+        .with_context(|| format!("running {} {}", python.display(), script.display()))?;
+    parse_sample(&out, "the PyTorch benchmark")
+}
+
+fn parse_sample(out: &std::process::Output, what: &str) -> Result<Sample> {
+    if !out.status.success() {
+        bail!("{what} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).unwrap_or_default();
+    serde_json::from_str(line).with_context(|| format!("{what} printed no result: {stdout}"))
+}
+
+/// The interpreter to run PyTorch with, checked to import torch.
+fn find_python(flag: Option<&Path>) -> Result<PathBuf> {
+    let candidate = flag
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("RESNET_BENCH_PYTHON").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("python3"));
+    let ok = Command::new(&candidate)
+        .args(["-c", "import torch"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        bail!(
+            "--compare-pytorch needs a Python with torch: `{}` cannot import torch. Install it \
+             (`python3 -m venv ~/torch && ~/torch/bin/pip install torch`) and pass --python ~/torch/bin/python \
+             or set RESNET_BENCH_PYTHON",
+            candidate.display()
+        );
+    }
+    Ok(candidate)
+}
+
+fn parse_config(s: &str) -> Result<Config> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let [mode, resize, batch] = parts.as_slice() else {
+        bail!("--configs entry `{s}`: expected mode:resize:batch, e.g. train:96:128");
+    };
+    let mode = match *mode {
+        "train" => Mode::Train,
+        "eval" => Mode::Eval,
+        other => bail!("--configs entry `{s}`: mode `{other}` is neither train nor eval"),
+    };
+    let resize: usize = resize.parse().with_context(|| format!("--configs entry `{s}`: bad resize"))?;
+    let batch: usize = batch.parse().with_context(|| format!("--configs entry `{s}`: bad batch"))?;
+    if !(8..=512).contains(&resize) || !(2..=4096).contains(&batch) {
+        bail!("--configs entry `{s}`: resize must be 8..=512 and batch 2..=4096");
+    }
+    Ok(Config { mode, resize, batch })
+}
+
+fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::Train => "train",
+        Mode::Eval => "eval",
+    }
+}
+
+/// Best of five 2048×2048×2048 f32 products through candle (the same gemm the model uses).
+fn matmul_peak_gflops(threads: usize) -> Result<f64> {
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    let n = 2048;
+    let a = Tensor::rand(0f32, 1., (n, n), &Device::Cpu)?;
+    let b = Tensor::rand(0f32, 1., (n, n), &Device::Cpu)?;
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let c = a.matmul(&b)?;
+        let _ = c.get(0)?.get(0)?.to_scalar::<f32>()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (n as f64).powi(3) / best / 1e9)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), 0 where unknown.
+fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+fn chrono_free_date() -> String {
+    Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn print_table(rows: &[Row], peak: f64, threads: usize) {
+    println!();
+    println!("d2l ResNet-18, CPU, {threads} threads; matmul peak {peak:.0} GFLOP/s");
+    println!(
+        "{:<18} {:>10} {:>9} {:>7} {:>10} {:>12} {:>11} {:>7}",
+        "config", "ex/s", "GFLOP/s", "% peak", "peak RSS", "PyTorch ex/s", "PyTorch RSS", "ratio"
+    );
+    for r in rows {
+        let name = format!("{} {}px b{}", mode_name(r.mode), r.resize, r.batch);
+        let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map(f).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<18} {:>10.1} {:>9.1} {:>6.0}% {:>10} {:>12} {:>11} {:>7}",
+            name,
+            r.examples_per_sec,
+            r.gflops_per_sec,
+            100.0 * r.fraction_of_matmul_peak,
+            gib(r.peak_rss_bytes),
+            opt(r.pytorch_examples_per_sec, &|v| format!("{v:.1}")),
+            opt(r.pytorch_peak_rss_bytes.map(|b| b as f64), &|b| gib(b as u64)),
+            opt(r.ratio, &|v| format!("{v:.2}x")),
+        );
+    }
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.2} GB", b as f64 / 1e9)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_strings_parse_and_reject_nonsense() {
+        let c = parse_config("train:96:128").expect("valid");
+        assert_eq!((c.mode, c.resize, c.batch), (Mode::Train, 96, 128));
+        assert!(parse_config("train:96").is_err());
+        assert!(parse_config("infer:96:128").is_err());
+        assert!(parse_config("eval:4:128").is_err());
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}
