@@ -4,7 +4,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::{ModuleT, VarBuilder};
 
 use crate::config::{BlockKind, ConvKernel};
-use crate::ops::{add_relu, relu, BatchNorm, Conv2d, Conv2dConfig};
+use crate::ops::{add_relu, BatchNorm, Conv2d, Conv2dConfig};
 use crate::tensors::{CollectTensors, NamedTensor};
 
 /// d2l's `Residual`: two 3×3 convolutions with BatchNorm, and an identity or 1×1-conv shortcut.
@@ -62,7 +62,7 @@ impl ModuleT for Residual {
     fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         match self.kind {
             BlockKind::PostActivation => {
-                let ys = relu(&self.bn1.forward_t(&self.conv1.forward(xs)?, train)?)?;
+                let ys = self.bn1.forward_relu_t(&self.conv1.forward(xs)?, train)?;
                 let ys = self.bn2.forward_t(&self.conv2.forward(&ys)?, train)?;
                 let shortcut = match &self.conv3 {
                     Some(c) => c.forward(xs)?,
@@ -71,9 +71,9 @@ impl ModuleT for Residual {
                 add_relu(&ys, &shortcut)
             }
             BlockKind::PreActivation => {
-                let act = relu(&self.bn1.forward_t(xs, train)?)?;
+                let act = self.bn1.forward_relu_t(xs, train)?;
                 let ys = self.conv1.forward(&act)?;
-                let ys = self.conv2.forward(&relu(&self.bn2.forward_t(&ys, train)?)?)?;
+                let ys = self.conv2.forward(&self.bn2.forward_relu_t(&ys, train)?)?;
                 let shortcut = match &self.conv3 {
                     Some(c) => c.forward(&act)?,
                     None => xs.clone(),

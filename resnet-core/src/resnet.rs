@@ -6,7 +6,7 @@ use candle_nn::{ModuleT, VarBuilder};
 use crate::block::Stage;
 use crate::config::{BlockKind, ResNetConfig};
 use crate::error::{CoreError, Result};
-use crate::ops::{geometry::Window, global_avg_pool, relu, BatchNorm, Conv2d, Conv2dConfig, MaxPool2d};
+use crate::ops::{geometry::Window, global_avg_pool, BatchNorm, Conv2d, Conv2dConfig, MaxPool2d};
 use crate::tensors::{CollectTensors, NamedTensor, TensorRole};
 
 /// d2l's ResNet, laid out as its `nn.Sequential(b1, b2, b3, b4, b5, AdaptiveAvgPool2d, Flatten,
@@ -95,7 +95,7 @@ impl ResNet {
             out.push(StageShape { name: stage_name(stage), torch_class: "Sequential", shape: vec![b, c, h, w] });
         }
         let ys = match &self.final_bn {
-            Some(bn) => relu(&bn.forward_t(&ys, false)?)?,
+            Some(bn) => bn.forward_relu_t(&ys, false)?,
             None => ys,
         };
         let pooled = global_avg_pool(&ys)?;
@@ -200,7 +200,7 @@ impl ResNet {
 
     fn run_stage(&self, stage: usize, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         if stage == 0 {
-            let ys = relu(&self.stem_bn.forward_t(&self.stem_conv.forward(xs)?, train)?)?;
+            let ys = self.stem_bn.forward_relu_t(&self.stem_conv.forward(xs)?, train)?;
             return self.pool.forward(&ys);
         }
         self.stages[stage - 1].forward_t(xs, train)
@@ -208,7 +208,7 @@ impl ResNet {
 
     fn head(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let xs = match &self.final_bn {
-            Some(bn) => relu(&bn.forward_t(xs, train)?)?,
+            Some(bn) => bn.forward_relu_t(xs, train)?,
             None => xs.clone(),
         };
         self.fc.forward(&global_avg_pool(&xs)?)

@@ -78,6 +78,20 @@ impl ModuleT for BatchNorm {
     /// - `xs`: `(batch, height, width, channels)` (any leading dims; channels last)
     /// - returns the same shape
     fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.forward_act(xs, train, false)
+    }
+}
+
+impl BatchNorm {
+    /// `relu(batch_norm(xs))` as one op on CPU (one node, one pass less forward and backward).
+    ///
+    /// # Shapes
+    /// - `xs`: `(batch, height, width, channels)`; returns the same shape
+    pub fn forward_relu_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.forward_act(xs, train, true)
+    }
+
+    fn forward_act(&self, xs: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
         let c = self.weight.dim(0)?;
         let dims = xs.dims().to_vec();
         if dims.last() != Some(&c) {
@@ -85,12 +99,13 @@ impl ModuleT for BatchNorm {
         }
         let rows = xs.elem_count() / c;
         let flat = xs.reshape((rows, c))?;
-        let ys = if train && xs.device().is_cpu() && xs.dtype() != DType::BF16 && xs.dtype() != DType::F16 {
+        let fusable = xs.device().is_cpu() && matches!(xs.dtype(), DType::F32 | DType::F64);
+        let ys = if train && fusable {
             if rows < 2 {
                 candle_core::bail!("batch-norm in training needs more than one value per channel, got shape {dims:?}")
             }
             let stats = Arc::new(Mutex::new(None));
-            let op = FusedBatchNorm { eps: self.eps, stats: Arc::clone(&stats) };
+            let op = FusedBatchNorm { eps: self.eps, relu, stats: Arc::clone(&stats) };
             let ys = flat.contiguous()?.apply_op3(&self.weight, &self.bias, op)?;
             let (mean, var) = stats
                 .lock()
@@ -101,7 +116,7 @@ impl ModuleT for BatchNorm {
             let mean = Tensor::from_vec(mean, c, xs.device())?.to_dtype(self.running_mean.dtype())?;
             let var = Tensor::from_vec(var, c, xs.device())?.to_dtype(self.running_var.dtype())?;
             self.update_running_stats(&mean, &var, rows)?;
-            ys
+            return ys.reshape(dims);
         } else if train {
             if rows < 2 {
                 candle_core::bail!("batch-norm in training needs more than one value per channel, got shape {dims:?}")
@@ -118,9 +133,65 @@ impl ModuleT for BatchNorm {
             let inv_std = (self.running_var.as_tensor() + self.eps)?.sqrt()?.recip()?;
             let scale = (inv_std * &self.weight)?;
             let shift = (&self.bias - (self.running_mean.as_tensor() * &scale)?)?;
+            if fusable && !flat.track_op() {
+                // Inference: one pass, activation included.
+                let op = ScaleShift { relu };
+                return flat.contiguous()?.apply_op3_no_bwd(&scale, &shift, &op)?.reshape(dims);
+            }
             flat.broadcast_mul(&scale)?.broadcast_add(&shift)?
         };
-        ys.reshape(dims)
+        let ys = ys.reshape(dims)?;
+        if relu {
+            super::elementwise::relu(&ys)
+        } else {
+            Ok(ys)
+        }
+    }
+}
+
+/// Evaluation-mode `y = x·scale + shift` per channel, optionally followed by ReLU.
+#[derive(Debug, Clone, Copy)]
+struct ScaleShift {
+    relu: bool,
+}
+
+impl CustomOp3 for ScaleShift {
+    fn name(&self) -> &'static str {
+        "batch-norm-eval"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(x: &[T], scale: &[T], shift: &[T], relu: bool) -> Vec<T> {
+            let c = scale.len();
+            let mut y = vec![T::zero(); x.len()];
+            y.par_chunks_mut(ROWS_PER_TASK * c).zip(x.par_chunks(ROWS_PER_TASK * c)).for_each(|(yb, xb)| {
+                for (yr, xr) in yb.chunks_exact_mut(c).zip(xb.chunks_exact(c)) {
+                    for ch in 0..c {
+                        let v = xr[ch] * scale[ch] + shift[ch];
+                        yr[ch] = if relu && v < T::zero() { T::zero() } else { v };
+                    }
+                }
+            });
+            y
+        }
+        let y = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                CpuStorage::F32(run(slice(x, l1, "x")?, slice(a, l2, "scale")?, slice(b, l3, "shift")?, self.relu))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                CpuStorage::F64(run(slice(x, l1, "x")?, slice(a, l2, "scale")?, slice(b, l3, "shift")?, self.relu))
+            }
+            _ => candle_core::bail!("batch-norm eval supports matching f32 or f64 tensors"),
+        };
+        Ok((y, l1.shape().clone()))
     }
 }
 
@@ -141,6 +212,7 @@ struct Stats {
 #[derive(Debug)]
 struct FusedBatchNorm {
     eps: f64,
+    relu: bool,
     stats: Arc<Mutex<Option<Stats>>>,
 }
 
@@ -181,7 +253,7 @@ fn channel_sums<T: WithDType>(x: &[T], c: usize, f: impl Fn(usize, usize, T) -> 
     total
 }
 
-fn fused_fwd<T: WithDType>(x: &[T], gamma: &[T], beta: &[T], eps: f64) -> (Vec<T>, Stats) {
+fn fused_fwd<T: WithDType>(x: &[T], gamma: &[T], beta: &[T], eps: f64, relu: bool) -> (Vec<T>, Stats) {
     let c = gamma.len();
     let rows = (x.len() / c) as f64;
     let sums = channel_sums(x, c, |_, _, v| [v.to_f64(), 0.0]);
@@ -198,7 +270,8 @@ fn fused_fwd<T: WithDType>(x: &[T], gamma: &[T], beta: &[T], eps: f64) -> (Vec<T
     y.par_chunks_mut(ROWS_PER_TASK * c).zip(x.par_chunks(ROWS_PER_TASK * c)).for_each(|(yb, xb)| {
         for (yr, xr) in yb.chunks_exact_mut(c).zip(xb.chunks_exact(c)) {
             for ch in 0..c {
-                yr[ch] = T::from_f64(xr[ch].to_f64() * scale[ch] + shift[ch]);
+                let v = xr[ch].to_f64() * scale[ch] + shift[ch];
+                yr[ch] = T::from_f64(if relu && v < 0.0 { 0.0 } else { v });
             }
         }
     });
@@ -252,11 +325,11 @@ impl CustomOp3 for FusedBatchNorm {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (y, stats) = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(b)) => {
-                let (y, s) = fused_fwd(slice(x, l1, "x")?, slice(g, l2, "γ")?, slice(b, l3, "β")?, self.eps);
+                let (y, s) = fused_fwd(slice(x, l1, "x")?, slice(g, l2, "γ")?, slice(b, l3, "β")?, self.eps, self.relu);
                 (CpuStorage::F32(y), s)
             }
             (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(b)) => {
-                let (y, s) = fused_fwd(slice(x, l1, "x")?, slice(g, l2, "γ")?, slice(b, l3, "β")?, self.eps);
+                let (y, s) = fused_fwd(slice(x, l1, "x")?, slice(g, l2, "γ")?, slice(b, l3, "β")?, self.eps, self.relu);
                 (CpuStorage::F64(y), s)
             }
             _ => candle_core::bail!("fused batch-norm supports matching f32 or f64 tensors, got {:?}", s1.dtype()),
@@ -270,10 +343,11 @@ impl CustomOp3 for FusedBatchNorm {
         x: &Tensor,
         gamma: &Tensor,
         _beta: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (rows, c) = x.dims2()?;
+        let grad = if self.relu { super::elementwise::mask_by_positive(res, grad)? } else { grad.clone() };
         let stats = self
             .stats
             .lock()
@@ -342,7 +416,7 @@ mod tests {
             let beta = Var::randn(0f64, 0.5, c, &dev)?;
             let probe = Tensor::randn(0f64, 1.0, (rows, c), &dev)?;
             let stats = Arc::new(Mutex::new(None));
-            let op = FusedBatchNorm { eps: 1e-5, stats: Arc::clone(&stats) };
+            let op = FusedBatchNorm { eps: 1e-5, relu: false, stats: Arc::clone(&stats) };
             let fused = x.as_tensor().apply_op3(gamma.as_tensor(), beta.as_tensor(), op)?;
             let mean = x.as_tensor().mean_keepdim(0)?;
             let centered = x.as_tensor().broadcast_sub(&mean)?;
@@ -366,6 +440,36 @@ mod tests {
                 assert!((a - b).abs() < 1e-12);
             }
         }
+        Ok(())
+    }
+
+    /// `forward_relu_t` equals ReLU after `forward_t`, in both modes, forward and backward.
+    #[test]
+    fn fused_relu_matches_separate_relu() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let (map_a, map_b) = (VarMap::new(), VarMap::new());
+        let a = BatchNorm::new(4, VarBuilder::from_varmap(&map_a, DType::F64, &dev))?;
+        let b = BatchNorm::new(4, VarBuilder::from_varmap(&map_b, DType::F64, &dev))?;
+        let x = Var::randn(0.3f64, 1., (2, 3, 5, 4), &dev)?;
+        let probe = Tensor::randn(0f64, 1., (2, 3, 5, 4), &dev)?;
+        for train in [true, false] {
+            let y1 = a.forward_relu_t(x.as_tensor(), train)?;
+            let y2 = b.forward_t(x.as_tensor(), train)?.relu()?;
+            let d = (&y1 - &y2)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+            assert!(d < 1e-12, "forward differs by {d} (train = {train})");
+            let g1 = (y1 * &probe)?.sum_all()?.backward()?;
+            let g2 = (y2 * &probe)?.sum_all()?.backward()?;
+            let d = (g1.get(x.as_tensor()).expect("grad") - g2.get(x.as_tensor()).expect("grad"))?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f64>()?;
+            assert!(d < 1e-10, "input gradient differs by {d} (train = {train})");
+        }
+        // Inference without gradients takes the one-pass path.
+        let y1 = a.forward_relu_t(&x.as_tensor().detach(), false)?;
+        let y2 = b.forward_t(&x.as_tensor().detach(), false)?.relu()?;
+        assert!((y1 - y2)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()? < 1e-12);
         Ok(())
     }
 

@@ -88,6 +88,15 @@ pub fn bias_add(xs: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+/// `dy` where `y > 0`, else 0: the backward of a ReLU whose output is `y`.
+pub fn mask_by_positive(y: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
+    if use_fused(y) {
+        y.contiguous()?.apply_op2_no_bwd(&dy.contiguous()?, &MaskByPositive)
+    } else {
+        dy * y.gt(0.0)?.to_dtype(dy.dtype())?
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Relu;
 
