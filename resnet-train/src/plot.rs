@@ -49,8 +49,12 @@ fn register_font() {
 /// Draws the curves to `png` and `svg` (each written to a temporary name, then renamed).
 pub fn draw(curves: &Curves, epochs: usize, png: &Path, svg: &Path) -> Result<()> {
     register_font();
-    let tmp_png = png.with_extension("png.tmp");
-    let tmp_svg = svg.with_extension("svg.tmp");
+    // The bitmap encoder picks the format from the extension, so temporaries keep theirs.
+    let tmp = |p: &Path, ext: &str| {
+        let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("curves");
+        p.with_file_name(format!(".{stem}.{}.tmp.{ext}", std::process::id()))
+    };
+    let (tmp_png, tmp_svg) = (tmp(png, "png"), tmp(svg, "svg"));
     {
         let root = BitMapBackend::new(&tmp_png, (700, 450)).into_drawing_area();
         chart(root, curves, epochs).map_err(|reason| TrainError::Plot { path: png.to_path_buf(), reason })?;
