@@ -201,7 +201,7 @@ pub fn run_one(a: BenchOneArgs) -> Result<()> {
     let xs = Tensor::rand(0f32, 1., (a.batch, 1, a.resize, a.resize), &device)?;
     let labels: Vec<u32> = (0..a.batch as u32).map(|i| (i * 7) % 10).collect();
     let ys = Tensor::from_vec(labels, a.batch, &device)?;
-    let mut step = |trainer: &mut Trainer| -> Result<()> {
+    let step = |trainer: &mut Trainer| -> Result<()> {
         match a.mode {
             Mode::Train => {
                 trainer.train_batch(&xs, &ys, 0.05)?;
