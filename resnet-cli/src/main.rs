@@ -12,10 +12,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-#[cfg(all(unix, not(target_env = "msvc")))]
-#[global_allocator]
-static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 /// Exit status after Ctrl-C, as shells report a SIGINT death.
 const EXIT_INTERRUPTED: u8 = 130;
 
