@@ -35,7 +35,7 @@ pub enum Preset {
     D2l,
     /// The seed's run: resize 224, batch 128.
     Seed,
-    /// A CPU-sized run (28 px, 4 epochs) reaching ≥ 0.90 test accuracy in minutes.
+    /// A CPU-sized run (28 px, 3 epochs) reaching ≥ 0.90 test accuracy in minutes.
     Quick,
     /// The most accurate recipe (96 px, augmentation, 30 epochs).
     Best,

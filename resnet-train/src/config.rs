@@ -122,15 +122,16 @@ impl TrainConfig {
     }
 
     /// A CPU-sized run: native 28 px, momentum SGD with a warm-up and cosine decay, a little
-    /// weight decay and label smoothing. Reaches ≥ 0.90 test accuracy in minutes on 2 cores.
+    /// weight decay and label smoothing, 3 epochs. Reaches ≥ 0.90 test accuracy in about ten
+    /// minutes on 2 cores.
     pub fn quick() -> Self {
         Self {
-            epochs: 4,
-            batch_size: 128,
+            epochs: 3,
+            batch_size: 256,
             resize: 28,
-            optimizer: SgdConfig { lr: 0.1, momentum: 0.9, nesterov: true, weight_decay: 5e-4 },
+            optimizer: SgdConfig { lr: 0.15, momentum: 0.9, nesterov: true, weight_decay: 5e-4 },
             schedule: Schedule::Cosine,
-            warmup_epochs: 0.3,
+            warmup_epochs: 0.5,
             label_smoothing: 0.1,
             normalize: true,
             ..Self::d2l()

@@ -37,7 +37,9 @@ impl Sgd {
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         for (name, var) in &self.params {
             let Some(grad) = grads.get(var.as_tensor()) else { continue };
-            let mut g = grad.clone();
+            // Gradients carry candle's op graph; a momentum buffer built from them would chain
+            // every step's graph to the next and grow without bound.
+            let mut g = grad.detach();
             if self.cfg.weight_decay != 0.0 {
                 g = (g + (var.as_tensor() * self.cfg.weight_decay)?)?;
             }
@@ -47,9 +49,9 @@ impl Sgd {
                     None => g.copy()?,
                 };
                 g = if self.cfg.nesterov { (g + (&buf * self.cfg.momentum)?)? } else { buf.clone() };
-                self.momentum.insert(name.clone(), buf);
+                self.momentum.insert(name.clone(), buf.detach());
             }
-            var.set(&(var.as_tensor() - (g * lr)?)?)?;
+            var.set(&(var.as_tensor().detach() - (g * lr)?)?)?;
         }
         Ok(())
     }
@@ -111,6 +113,8 @@ mod tests {
                 }
                 want = [want[0] - 0.1 * d[0], want[1] - 0.1 * d[1]];
             }
+            // Momentum buffers must not keep the step's graph alive (memory would grow per step).
+            assert!(opt.state().iter().all(|(_, b)| !b.track_op()), "a momentum buffer carries a graph");
             let got: Vec<f32> = p.as_tensor().to_vec1()?;
             for (a, b) in got.iter().zip(want) {
                 assert!((*a as f64 - b).abs() < 1e-5, "{momentum} {nesterov} {wd}: {got:?} vs {want:?}");

@@ -396,8 +396,8 @@ fn add_grads(mut acc: GradStore, more: GradStore, model: &ResNet) -> Result<Grad
     for p in model.parameters() {
         if let Some(g) = more.get(&p.tensor) {
             let sum = match acc.get(&p.tensor) {
-                Some(a) => (a + g)?,
-                None => g.clone(),
+                Some(a) => (a + g)?.detach(),
+                None => g.detach(),
             };
             acc.insert(&p.tensor, sum);
         }
