@@ -193,7 +193,10 @@ fn read(path: &Path) -> Result<Vec<u8>> {
 }
 
 fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<(SafeTensors<'a>, HashMap<String, String>)> {
-    let format_err = |reason: String| CoreError::CheckpointFormat { path: PathBuf::from(path), reason };
+    let format_err = |reason: String| CoreError::CheckpointFormat {
+        path: PathBuf::from(path),
+        reason: format!("{reason} (the file is truncated, corrupt, or not a safetensors checkpoint)"),
+    };
     let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| format_err(e.to_string()))?;
     let st = SafeTensors::deserialize(bytes).map_err(|e| format_err(e.to_string()))?;
     Ok((st, header.metadata().clone().unwrap_or_default()))

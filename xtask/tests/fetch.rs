@@ -1,0 +1,324 @@
+//! End-to-end tests of `xtask fetch-data`: the built binary against a loopback HTTP server.
+//!
+//! Tests marked "real data" need Debian's `dataset-fashion-mnist` (the checksums are those of
+//! the real files); they say so and pass without checking anything when it is not installed.
+//! The download logic itself is tested on synthetic files in `src/fetch/tests.rs`.
+#![allow(clippy::print_stderr)]
+
+#[path = "support/http_server.rs"]
+mod http_server;
+
+use std::error::Error;
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flate2::{read::MultiGzDecoder, write::GzEncoder, Compression};
+
+use http_server::{refused_url, Reply, TestServer};
+
+type TestResult = Result<(), Box<dyn Error>>;
+
+/// A file name and the bytes served for it.
+type Served = (String, Arc<Vec<u8>>);
+
+const DEBIAN_DIR: &str = "/usr/share/datasets/fashion-mnist";
+const FILES: [&str; 4] = [
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+];
+
+/// Runs `xtask fetch-data ARGS` without proxies, so that loopback requests stay loopback.
+fn fetch_data(args: &[&str]) -> std::io::Result<Output> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
+    cmd.arg("fetch-data").args(args);
+    for var in [
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.output()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn entries(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut names = fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    names.sort();
+    Ok(names)
+}
+
+fn path_str(path: &Path) -> Result<&str, Box<dyn Error>> {
+    path.to_str()
+        .ok_or_else(|| format!("non-UTF-8 path {}", path.display()).into())
+}
+
+/// Debian's copy of the data, if installed; says so when it is not.
+fn debian_data(test: &str) -> Option<PathBuf> {
+    let dir = PathBuf::from(DEBIAN_DIR);
+    if FILES.iter().all(|f| dir.join(f).is_file()) {
+        Some(dir)
+    } else {
+        eprintln!(
+            "skipping {test}: real data not installed in {DEBIAN_DIR} (dataset-fashion-mnist)"
+        );
+        None
+    }
+}
+
+/// The real files, decompressed and gzipped again, so that their bytes match neither upstream
+/// nor Debian while their content matches both.
+fn regzipped(dir: &Path) -> Result<Vec<Served>, Box<dyn Error>> {
+    FILES
+        .iter()
+        .map(|name| {
+            let mut content = Vec::new();
+            MultiGzDecoder::new(fs::File::open(dir.join(name))?).read_to_end(&mut content)?;
+            let mut enc = GzEncoder::new(Vec::new(), Compression::fast());
+            enc.write_all(&content)?;
+            Ok(((*name).to_owned(), Arc::new(enc.finish()?)))
+        })
+        .collect()
+}
+
+#[test]
+fn help_lists_the_public_flags_only() -> TestResult {
+    let out = fetch_data(&["--help"])?;
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    for flag in ["--dir", "--from", "--mirror", "--timeout", "--retries"] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+    }
+    assert!(!help.contains("--debian-dir"), "the test hook is hidden");
+    Ok(())
+}
+
+#[test]
+fn nothing_available_exits_non_zero_with_advice() -> TestResult {
+    let (dest, empty) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let refused = refused_url()?;
+    let absent = empty.path().join("no-such-dir");
+    let out = fetch_data(&[
+        "--dir",
+        path_str(dest.path())?,
+        "--mirror",
+        &refused,
+        "--retries",
+        "0",
+        "--debian-dir",
+        path_str(&absent)?,
+    ])?;
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    for expected in [
+        "error: could not obtain 4 of 4 Fashion-MNIST files",
+        &refused,
+        "not present (package dataset-fashion-mnist is not installed)",
+        "apt-get install dataset-fashion-mnist",
+        "--from DIR",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "{expected:?} missing from:\n{stderr}"
+        );
+    }
+    assert!(entries(dest.path())?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn a_stalled_server_times_out_quickly() -> TestResult {
+    let routes = FILES
+        .iter()
+        .map(|f| (format!("/{f}"), Reply::Stall))
+        .collect();
+    let server = TestServer::start(routes)?;
+    let (dest, empty) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let started = Instant::now();
+    let out = fetch_data(&[
+        "--dir",
+        path_str(dest.path())?,
+        "--mirror",
+        &server.url(""),
+        "--timeout",
+        "1",
+        "--retries",
+        "1",
+        "--debian-dir",
+        path_str(&empty.path().join("absent"))?,
+    ])?;
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("timed out"), "{stderr}");
+    assert!(stderr.contains("2 tries, last: timed out"), "{stderr}");
+    // Two 1 s tries of the first file, then the mirror is known to be unreachable.
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(entries(dest.path())?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn from_with_a_bad_file_installs_nothing() -> TestResult {
+    let (src, dest) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    for name in FILES {
+        fs::write(src.path().join(name), b"\x1f\x8bnot really gzip")?;
+    }
+    let out = fetch_data(&[
+        "--dir",
+        path_str(dest.path())?,
+        "--from",
+        path_str(src.path())?,
+    ])?;
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("nothing was installed"), "{stderr}");
+    assert!(stderr.contains("cannot read or decompress"), "{stderr}");
+    assert!(entries(dest.path())?.is_empty());
+    Ok(())
+}
+
+/// Real data: a corrupt mirror is skipped, a re-gzipped copy installs, a second run is a no-op.
+#[test]
+fn real_data_downloads_verify_and_a_second_run_fetches_nothing() -> TestResult {
+    let Some(debian) = debian_data("real_data_downloads_verify_and_a_second_run_fetches_nothing")
+    else {
+        return Ok(());
+    };
+    let files = regzipped(&debian)?;
+    let mut routes = Vec::new();
+    for (i, (name, body)) in files.iter().enumerate() {
+        routes.push((format!("/good/{name}"), Reply::Body(Arc::clone(body))));
+        // The corrupt mirror serves each name with another file's (valid gzip) bytes.
+        let (_, other) = &files[(i + 1) % files.len()];
+        routes.push((format!("/corrupt/{name}"), Reply::Body(Arc::clone(other))));
+    }
+    let server = TestServer::start(routes)?;
+    let (dest, empty) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let dir = dest.path().join("fashion-mnist");
+    let absent = empty.path().join("absent");
+    let args = [
+        "--dir",
+        path_str(&dir)?,
+        "--mirror",
+        &server.url("corrupt/"),
+        "--mirror",
+        &server.url("good/"),
+        "--debian-dir",
+        path_str(&absent)?,
+    ];
+
+    let out = fetch_data(&args)?;
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("served a bad copy, not installed"),
+        "{stderr}"
+    );
+    assert!(
+        text(&out.stdout).contains("4 files verified"),
+        "{}",
+        text(&out.stdout)
+    );
+    let mut expected: Vec<String> = FILES.iter().map(|f| (*f).to_owned()).collect();
+    expected.sort();
+    assert_eq!(entries(&dir)?, expected);
+    for (name, body) in &files {
+        assert_eq!(
+            &fs::read(dir.join(name))?,
+            body.as_ref(),
+            "{name} is the good mirror's copy"
+        );
+    }
+
+    let requests = server.requests().len();
+    let again = fetch_data(&args)?;
+    let stderr = text(&again.stderr);
+    assert!(again.status.success(), "{stderr}");
+    assert_eq!(
+        stderr.matches("already present and verified").count(),
+        4,
+        "{stderr}"
+    );
+    assert_eq!(
+        server.requests().len(),
+        requests,
+        "the second run made no request"
+    );
+    Ok(())
+}
+
+/// Real data: with no mirror reachable, Debian's directory is used and the output says so.
+#[test]
+fn real_data_falls_back_to_debians_directory() -> TestResult {
+    let Some(debian) = debian_data("real_data_falls_back_to_debians_directory") else {
+        return Ok(());
+    };
+    let dest = tempfile::tempdir()?;
+    let out = fetch_data(&[
+        "--dir",
+        path_str(dest.path())?,
+        "--mirror",
+        &refused_url()?,
+        "--retries",
+        "0",
+        "--debian-dir",
+        path_str(&debian)?,
+    ])?;
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("no mirror is reachable; installed Debian's copy"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("4 file(s) came from Debian's package directory"),
+        "{stderr}"
+    );
+    assert_eq!(entries(dest.path())?.len(), 4);
+    Ok(())
+}
+
+/// Real data: `--from` accepts uncompressed files and installs them gzipped.
+#[test]
+fn real_data_from_a_raw_copy() -> TestResult {
+    let Some(debian) = debian_data("real_data_from_a_raw_copy") else {
+        return Ok(());
+    };
+    let (src, dest) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    for name in FILES {
+        let mut content = Vec::new();
+        MultiGzDecoder::new(fs::File::open(debian.join(name))?).read_to_end(&mut content)?;
+        fs::write(src.path().join(name.trim_end_matches(".gz")), content)?;
+    }
+    let out = fetch_data(&[
+        "--dir",
+        path_str(dest.path())?,
+        "--from",
+        path_str(src.path())?,
+    ])?;
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("installed from").count(), 4, "{stderr}");
+    let mut expected: Vec<String> = FILES.iter().map(|f| (*f).to_owned()).collect();
+    expected.sort();
+    assert_eq!(entries(dest.path())?, expected);
+    Ok(())
+}
