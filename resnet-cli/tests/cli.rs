@@ -1,0 +1,714 @@
+//! The `resnet-cli` binary end to end on tiny synthetic IDX files written to a temporary
+//! directory: `summary`, `train`, `eval`, `predict`, `--resume`, and the bad input a user can
+//! give each of them (which must fail with exit status 1 or 2, a message on stderr naming what
+//! is wrong, no panic, and nothing half-written).
+//!
+//! A training run here is a width-4 ResNet-18 on 256 images of 28×28, 2 epochs of 8 steps: well
+//! under a second, so every test trains its own run in its own directory.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{ensure, Context, Result};
+use resnet_data::{FashionMnist, Split, CLASS_NAMES, TEST_LABELS, TRAIN_IMAGES};
+use tempfile::TempDir;
+
+const TRAIN_LEN: usize = 256;
+const TEST_LEN: usize = 64;
+const EPOCHS: usize = 2;
+/// Steps per epoch: 256 images in batches of 32.
+const STEPS: usize = 8;
+const RUN_FILES: [&str; 6] =
+    ["config.json", "metrics.jsonl", "checkpoint.safetensors", "best.safetensors", "curves.png", "curves.svg"];
+
+/// One finished invocation of the binary.
+#[derive(Debug)]
+struct Invocation {
+    args: Vec<String>,
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+fn cli(args: &[&str]) -> Result<Invocation> {
+    let out = Command::new(env!("CARGO_BIN_EXE_resnet-cli"))
+        .args(args)
+        // Hermetic: only --data-dir may point at data, and logging stays at its default level.
+        .env_remove("RESNET_DATA_DIR")
+        .env_remove("RUST_LOG")
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .context("running resnet-cli")?;
+    Ok(Invocation {
+        args: args.iter().map(|s| s.to_string()).collect(),
+        code: out.status.code(),
+        stdout: String::from_utf8(out.stdout)?,
+        stderr: String::from_utf8(out.stderr)?,
+    })
+}
+
+/// Runs the binary and requires success.
+fn ok(args: &[&str]) -> Result<Invocation> {
+    let run = cli(args)?;
+    ensure!(run.code == Some(0), "{:?} exited with {:?}:\n{}", run.args, run.code, run.stderr);
+    Ok(run)
+}
+
+/// Runs the binary and requires a clean failure (status 1, or 2 for clap's usage errors) whose
+/// stderr mentions every one of `needles`.
+fn fails(args: &[&str], needles: &[&str]) -> Result<Invocation> {
+    let run = cli(args)?;
+    ensure!(
+        matches!(run.code, Some(1 | 2)),
+        "{:?} should fail cleanly, exited with {:?}:\n{}",
+        run.args,
+        run.code,
+        run.stderr
+    );
+    ensure!(!run.stderr.contains("panicked"), "{:?} panicked:\n{}", run.args, run.stderr);
+    for needle in needles {
+        ensure!(run.stderr.contains(needle), "{:?}: stderr lacks {needle:?}:\n{}", run.args, run.stderr);
+    }
+    Ok(run)
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str().context("non-UTF-8 temporary path")
+}
+
+/// Writes the synthetic dataset (raw IDX, so tests can corrupt it byte by byte) into `dir`.
+fn write_data(dir: &Path) -> Result<FashionMnist> {
+    let data =
+        FashionMnist { train: Split::synthetic(TRAIN_LEN, 28, 28, 1), test: Split::synthetic(TEST_LEN, 28, 28, 2) };
+    data.save(dir, false)?;
+    Ok(data)
+}
+
+/// The flags of the small run every test trains (the `quick` recipe shrunk).
+fn train_args<'a>(data: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--preset",
+        "quick",
+        "--data-dir",
+        data,
+        "--out",
+        out,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--eval-batch-size",
+        "64",
+        "--resize",
+        "28",
+        "--width",
+        "4",
+        "--seed",
+        "1",
+        "--device",
+        "cpu",
+    ]
+}
+
+/// A temporary directory with the synthetic data in `data/` and a finished run in `run/`.
+struct Trained {
+    dir: TempDir,
+    data: PathBuf,
+    run: PathBuf,
+    test: Split,
+    train: Invocation,
+}
+
+impl Trained {
+    fn new() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let (data, run) = (dir.path().join("data"), dir.path().join("run"));
+        let test = write_data(&data)?.test;
+        let train = ok(&train_args(path_str(&data)?, path_str(&run)?))?;
+        Ok(Self { dir, data, run, test, train })
+    }
+
+    fn data(&self) -> Result<&str> {
+        path_str(&self.data)
+    }
+
+    fn file(&self, name: &str) -> Result<String> {
+        Ok(path_str(&self.run.join(name))?.to_string())
+    }
+
+    /// The epoch records of `metrics.jsonl`.
+    fn epochs(&self) -> Result<Vec<serde_json::Value>> {
+        let text = std::fs::read_to_string(self.run.join("metrics.jsonl"))?;
+        let records: Vec<serde_json::Value> =
+            text.lines().map(serde_json::from_str).collect::<std::result::Result<_, _>>()?;
+        Ok(records.into_iter().filter(|r| r["kind"] == "epoch").collect())
+    }
+}
+
+/// Every file in `dir` with its contents.
+fn contents(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        out.push((entry.file_name().to_string_lossy().into_owned(), std::fs::read(entry.path())?));
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn no_temporaries(dir: &Path) -> Result<()> {
+    let names: Vec<String> = contents(dir)?.into_iter().map(|(n, _)| n).filter(|n| n.contains(".tmp")).collect();
+    ensure!(names.is_empty(), "temporary files left in {}: {names:?}", dir.display());
+    Ok(())
+}
+
+fn f64_field(v: &serde_json::Value, key: &str) -> Result<f64> {
+    v[key].as_f64().with_context(|| format!("no number `{key}` in {v}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// summary
+
+const SEED_SHAPES: [&str; 8] = [
+    "(1, 64, 56, 56)",
+    "(1, 64, 56, 56)",
+    "(1, 128, 28, 28)",
+    "(1, 256, 14, 14)",
+    "(1, 512, 7, 7)",
+    "(1, 512, 1, 1)",
+    "(1, 512)",
+    "(1, 10)",
+];
+
+/// The shapes of the `output shape:` lines, in order.
+fn shapes(stdout: &str) -> Vec<String> {
+    stdout.lines().filter_map(|l| l.split_once("output shape:").map(|(_, s)| s.trim().to_string())).collect()
+}
+
+#[test]
+fn summary_prints_the_seed_s_shapes_and_parameter_count() -> Result<()> {
+    let run = ok(&["summary", "--resize", "224"])?;
+    ensure!(shapes(&run.stdout) == SEED_SHAPES, "shapes {:?}\n{}", shapes(&run.stdout), run.stdout);
+    let classes: Vec<&str> = run
+        .stdout
+        .lines()
+        .filter(|l| l.contains("output shape:"))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let want = [
+        "Sequential",
+        "Sequential",
+        "Sequential",
+        "Sequential",
+        "Sequential",
+        "AdaptiveAvgPool2d",
+        "Flatten",
+        "Linear",
+    ];
+    ensure!(classes == want, "layer names {classes:?}");
+    ensure!(run.stdout.contains("Trainable parameters: 11,178,378"), "{}", run.stdout);
+    Ok(())
+}
+
+#[test]
+fn summary_of_other_depths_variants_and_widths() -> Result<()> {
+    // Parameter counts by hand: ResNet-34 has 3, 4, 6, 3 blocks (torchvision's 21,797,672 less
+    // its 1000-class head and 3-channel stem, less its shortcut BatchNorms, plus d2l's conv
+    // biases); the pre-activation block moves the first BatchNorm of each down-sampling block to
+    // the narrower input (−896) and adds a final BatchNorm of 512 channels (+1,024).
+    let deep = ok(&["summary", "--resize", "224", "--depth", "34"])?;
+    ensure!(deep.stdout.contains("ResNet-34"), "{}", deep.stdout);
+    ensure!(shapes(&deep.stdout) == SEED_SHAPES, "{}", deep.stdout);
+    ensure!(deep.stdout.contains("Trainable parameters: 21,290,250"), "{}", deep.stdout);
+
+    let pre = ok(&["summary", "--resize", "224", "--variant", "pre"])?;
+    ensure!(pre.stdout.contains("PreActivation"), "{}", pre.stdout);
+    ensure!(shapes(&pre.stdout) == SEED_SHAPES, "{}", pre.stdout);
+    ensure!(pre.stdout.contains("Trainable parameters: 11,178,506"), "{}", pre.stdout);
+
+    let narrow = ok(&["summary", "--resize", "28", "--width", "4"])?;
+    let want = [
+        "(1, 4, 7, 7)",
+        "(1, 4, 7, 7)",
+        "(1, 8, 4, 4)",
+        "(1, 16, 2, 2)",
+        "(1, 32, 1, 1)",
+        "(1, 32, 1, 1)",
+        "(1, 32)",
+        "(1, 10)",
+    ];
+    ensure!(shapes(&narrow.stdout) == want, "{}", narrow.stdout);
+    ensure!(narrow.stdout.contains("Trainable parameters: 44,898"), "{}", narrow.stdout);
+    Ok(())
+}
+
+#[test]
+fn summary_rejects_bad_values() -> Result<()> {
+    fails(&["summary", "--resize", "0"], &["--resize 0"])?;
+    fails(&["summary", "--resize", "513"], &["--resize 513"])?;
+    fails(&["summary", "--depth", "50"], &["--depth", "50", "18", "34"])?;
+    fails(&["summary", "--width", "0"], &["--width", "0"])?;
+    fails(&["summary", "--variant", "sideways"], &["--variant", "sideways"])?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// train
+
+#[test]
+fn train_prints_d2l_s_lines_and_writes_a_complete_run_directory() -> Result<()> {
+    let t = Trained::new()?;
+
+    // d2l's closing lines, with the numbers of the last epoch.
+    let epochs = t.epochs()?;
+    ensure!(epochs.len() == EPOCHS, "{} epoch records in metrics.jsonl", epochs.len());
+    let last = &epochs[EPOCHS - 1];
+    let want = format!(
+        "loss {:.3}, train acc {:.3}, test acc {:.3}",
+        f64_field(last, "train_loss")?,
+        f64_field(last, "train_acc")?,
+        f64_field(last, "test_acc")?
+    );
+    let lines: Vec<&str> = t.train.stdout.lines().collect();
+    ensure!(lines.first() == Some(&want.as_str()), "stdout should start with {want:?}:\n{}", t.train.stdout);
+    let speed = lines.get(1).context("no second line")?;
+    let number = speed.strip_suffix(" examples/sec on cpu").context("no `examples/sec on cpu` line")?;
+    ensure!(number.parse::<f64>().is_ok_and(|v| v > 0.0), "bad speed line {speed:?}");
+    ensure!(t.train.stderr.contains("epoch 2/2 batch 8/8"), "no progress lines on stderr:\n{}", t.train.stderr);
+
+    // The run directory: every file, nothing else.
+    let names: Vec<String> = contents(&t.run)?.into_iter().map(|(n, _)| n).collect();
+    let mut want_names: Vec<String> = RUN_FILES.iter().map(|s| s.to_string()).collect();
+    want_names.sort();
+    ensure!(names == want_names, "run directory holds {names:?}");
+
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(t.run.join("config.json"))?)?;
+    for (key, value) in [("epochs", 2), ("batch_size", 32), ("resize", 28), ("seed", 1)] {
+        ensure!(config[key] == value, "config.json {key} = {}", config[key]);
+    }
+    ensure!(config["model"]["base_width"] == 4, "config.json model {}", config["model"]);
+
+    let text = std::fs::read_to_string(t.run.join("metrics.jsonl"))?;
+    let records: Vec<serde_json::Value> =
+        text.lines().map(serde_json::from_str).collect::<std::result::Result<_, _>>()?;
+    let steps = records.iter().filter(|r| r["kind"] == "step").count();
+    // d2l plots five points per epoch, or every batch when an epoch has fewer than ten.
+    ensure!(steps == EPOCHS * STEPS, "{steps} step records");
+    for (i, e) in epochs.iter().enumerate() {
+        ensure!(e["epoch"] == i + 1 && e["examples"] == TRAIN_LEN, "epoch record {e}");
+        for key in ["train_loss", "train_acc", "test_acc", "examples_per_sec"] {
+            ensure!(f64_field(e, key)?.is_finite(), "{key} in {e}");
+        }
+    }
+
+    let png = std::fs::read(t.run.join("curves.png"))?;
+    ensure!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 1000, "curves.png is not a PNG");
+    let svg = std::fs::read_to_string(t.run.join("curves.svg"))?;
+    ensure!(svg.contains("<svg") && svg.trim_end().ends_with("</svg>"), "curves.svg is not a whole SVG");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// eval
+
+#[test]
+fn eval_reproduces_the_test_accuracy_of_training() -> Result<()> {
+    let t = Trained::new()?;
+    let epochs = t.epochs()?;
+    let accs: Vec<f64> = epochs.iter().map(|e| f64_field(e, "test_acc")).collect::<Result<_>>()?;
+    let best = accs.iter().copied().fold(f64::MIN, f64::max);
+    let data = t.data()?;
+    // --batch-size as in training (evaluation-mode results do not depend on it, but this keeps
+    // the comparison exact even for a tie broken by rounding).
+    for (file, want) in [("checkpoint.safetensors", accs[EPOCHS - 1]), ("best.safetensors", best)] {
+        let weights = t.file(file)?;
+        let json = ok(&[
+            "eval",
+            "--weights",
+            &weights,
+            "--data-dir",
+            data,
+            "--device",
+            "cpu",
+            "--batch-size",
+            "64",
+            "--json",
+        ])?;
+        let v: serde_json::Value = serde_json::from_str(&json.stdout).context("eval --json is not JSON")?;
+        ensure!(v["examples"] == TEST_LEN && v["resize"] == 28, "{v}");
+        let acc = f64_field(&v, "test_acc")?;
+        ensure!(acc == want, "{file}: eval says test acc {acc}, training said {want}");
+
+        let counts: Vec<Vec<u64>> = serde_json::from_value(v["confusion"].clone())?;
+        ensure!(counts.len() == 10 && counts.iter().all(|r| r.len() == 10), "confusion is not 10×10");
+        let total: u64 = counts.iter().flatten().sum();
+        ensure!(total == TEST_LEN as u64, "confusion counts sum to {total}");
+        let class_counts = t.test.class_counts();
+        for (i, row) in counts.iter().enumerate() {
+            ensure!(row.iter().sum::<u64>() == class_counts[i] as u64, "row {i} of the confusion matrix: {row:?}");
+        }
+        let diagonal: u64 = (0..10).map(|i| counts[i][i]).sum();
+        ensure!(acc == diagonal as f64 / TEST_LEN as f64, "test_acc {acc} is not the diagonal's {diagonal}/{TEST_LEN}");
+        let per_class = v["per_class"].as_array().context("no per_class")?;
+        ensure!(per_class.len() == 10 && per_class[0]["class"] == CLASS_NAMES[0], "per_class {}", v["per_class"]);
+
+        let text = ok(&["eval", "--weights", &weights, "--data-dir", data, "--device", "cpu", "--batch-size", "64"])?;
+        let head = format!("test acc {acc:.4} on {TEST_LEN} images at 28 px");
+        ensure!(text.stdout.starts_with(&head), "eval should start with {head:?}:\n{}", text.stdout);
+        ensure!(text.stdout.contains("confusion matrix"), "no confusion matrix:\n{}", text.stdout);
+        for name in CLASS_NAMES {
+            ensure!(
+                text.stdout.matches(name).count() == 2,
+                "{name} should head a table row and a matrix row:\n{}",
+                text.stdout
+            );
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// predict
+
+/// The `(class, probability)` list predict printed for the input labelled `name`.
+fn predictions(stdout: &str, name: &str) -> Result<Vec<(String, f64)>> {
+    let prefix = format!("{name}: ");
+    let line =
+        stdout.lines().find(|l| l.starts_with(&prefix)).with_context(|| format!("no line for {name}:\n{stdout}"))?;
+    let mut out = Vec::new();
+    for item in line[prefix.len()..].split(", ") {
+        let (class, p) = item.rsplit_once(' ').with_context(|| format!("bad item {item:?}"))?;
+        ensure!(CLASS_NAMES.contains(&class), "unknown class {class:?} in {line:?}");
+        let p: f64 = p.parse()?;
+        ensure!((0.0..=1.0).contains(&p), "probability {p} in {line:?}");
+        out.push((class.to_string(), p));
+    }
+    ensure!(out.len() == 3, "expected the top 3 classes: {line:?}");
+    ensure!(out.windows(2).all(|w| w[0].1 >= w[1].1), "not in descending order: {line:?}");
+    ensure!(out.iter().map(|(_, p)| p).sum::<f64>() <= 1.0 + 2e-3, "probabilities sum above 1: {line:?}");
+    Ok(out)
+}
+
+fn write_png(path: &Path, width: usize, height: usize, color: png::ColorType, pixels: &[u8]) -> Result<()> {
+    let file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut encoder = png::Encoder::new(file, width as u32, height as u32);
+    encoder.set_color(color);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(pixels)?;
+    writer.finish()?;
+    Ok(())
+}
+
+#[test]
+fn predict_names_classes_for_test_indices_and_png_files() -> Result<()> {
+    let t = Trained::new()?;
+    let (weights, data) = (t.file("best.safetensors")?, t.data()?);
+
+    let run =
+        ok(&["predict", "--weights", &weights, "--index", "0", "--index", "3", "--data-dir", data, "--device", "cpu"])?;
+    for i in [0, 3] {
+        let truth = CLASS_NAMES[t.test.labels[i] as usize];
+        predictions(&run.stdout, &format!("test[{i}] (true: {truth})"))?;
+    }
+
+    // Test image 0 as a grey PNG, as an RGB PNG (R = G = B, whose luma is the grey value
+    // exactly), and enlarged to 56×56: the first two must get exactly test[0]'s prediction.
+    let image = t.test.image(0);
+    let grey = t.dir.path().join("grey.png");
+    write_png(&grey, 28, 28, png::ColorType::Grayscale, image)?;
+    let rgb = t.dir.path().join("rgb.png");
+    let rgb_pixels: Vec<u8> = image.iter().flat_map(|&p| [p, p, p]).collect();
+    write_png(&rgb, 28, 28, png::ColorType::Rgb, &rgb_pixels)?;
+    let big = t.dir.path().join("big.png");
+    let big_pixels: Vec<u8> = (0..56 * 56).map(|i| image[(i / 56 / 2) * 28 + (i % 56) / 2]).collect();
+    write_png(&big, 56, 56, png::ColorType::Grayscale, &big_pixels)?;
+    let (grey_s, rgb_s, big_s) = (path_str(&grey)?, path_str(&rgb)?, path_str(&big)?);
+    let run = ok(&[
+        "predict",
+        "--weights",
+        &weights,
+        grey_s,
+        rgb_s,
+        big_s,
+        "--index",
+        "0",
+        "--data-dir",
+        data,
+        "--device",
+        "cpu",
+    ])?;
+    let reference = predictions(&run.stdout, &format!("test[0] (true: {})", CLASS_NAMES[t.test.labels[0] as usize]))?;
+    ensure!(predictions(&run.stdout, grey_s)? == reference, "grey PNG vs test[0]:\n{}", run.stdout);
+    ensure!(predictions(&run.stdout, rgb_s)? == reference, "RGB PNG vs test[0]:\n{}", run.stdout);
+    predictions(&run.stdout, big_s)?;
+    // PNG files alone need no dataset.
+    let alone = ok(&["predict", "--weights", &weights, grey_s, "--device", "cpu"])?;
+    ensure!(predictions(&alone.stdout, grey_s)? == reference, "grey PNG alone:\n{}", alone.stdout);
+
+    // Predicting every test image agrees with eval's accuracy (same preparation of inputs).
+    let mut args = vec!["predict", "--weights", weights.as_str(), "--data-dir", data, "--device", "cpu", "--top", "1"];
+    let indices: Vec<String> = (0..TEST_LEN).map(|i| i.to_string()).collect();
+    for i in &indices {
+        args.extend(["--index", i.as_str()]);
+    }
+    let all = ok(&args)?;
+    let right = all
+        .stdout
+        .lines()
+        .filter(|l| {
+            let truth = l.split_once("(true: ").and_then(|(_, r)| r.split_once("): "));
+            truth.is_some_and(|(t, rest)| rest.rsplit_once(' ').is_some_and(|(c, _)| c == t))
+        })
+        .count();
+    ensure!(all.stdout.lines().count() == TEST_LEN, "expected {TEST_LEN} lines:\n{}", all.stdout);
+    let eval = ok(&["eval", "--weights", &weights, "--data-dir", data, "--device", "cpu", "--json"])?;
+    let acc = f64_field(&serde_json::from_str(&eval.stdout)?, "test_acc")?;
+    ensure!(right as f64 == acc * TEST_LEN as f64, "predict gets {right}/{TEST_LEN} right, eval says {acc}");
+    Ok(())
+}
+
+#[test]
+fn predict_rejects_bad_requests() -> Result<()> {
+    let t = Trained::new()?;
+    let (weights, data) = (t.file("best.safetensors")?, t.data()?);
+    fails(&["predict", "--weights", &weights, "--device", "cpu"], &["nothing to predict"])?;
+    fails(
+        &["predict", "--weights", &weights, "--index", "64", "--data-dir", data, "--device", "cpu"],
+        &["--index 64", "64 images"],
+    )?;
+    let not_png = t.dir.path().join("not.png");
+    std::fs::write(&not_png, b"GIF89a definitely not a PNG")?;
+    fails(&["predict", "--weights", &weights, path_str(&not_png)?, "--device", "cpu"], &["not.png", "PNG"])?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// resume
+
+#[test]
+fn resuming_a_finished_run_changes_nothing() -> Result<()> {
+    let t = Trained::new()?;
+    let before = contents(&t.run)?;
+    let run = ok(&["train", "--resume", path_str(&t.run)?, "--data-dir", t.data()?, "--device", "cpu"])?;
+    ensure!(run.stderr.contains("after epoch 2"), "stderr should say where the run stands:\n{}", run.stderr);
+    let first = |s: &str| s.lines().next().map(str::to_string);
+    ensure!(
+        first(&run.stdout) == first(&t.train.stdout),
+        "final line {:?} vs {:?}",
+        first(&run.stdout),
+        first(&t.train.stdout)
+    );
+    ensure!(contents(&t.run)? == before, "resuming a finished run changed its files");
+    Ok(())
+}
+
+#[test]
+fn resume_needs_a_run_directory_of_its_own() -> Result<()> {
+    let t = Trained::new()?;
+    let data = t.data()?;
+    let empty = t.dir.path().join("empty");
+    std::fs::create_dir(&empty)?;
+    fails(
+        &["train", "--resume", path_str(&empty)?, "--data-dir", data, "--device", "cpu"],
+        &["cannot resume", "checkpoint.safetensors"],
+    )?;
+    let missing = t.dir.path().join("missing");
+    fails(
+        &["train", "--resume", path_str(&missing)?, "--data-dir", data, "--device", "cpu"],
+        &["cannot resume", "missing"],
+    )?;
+    let elsewhere = t.dir.path().join("elsewhere");
+    fails(
+        &[
+            "train",
+            "--resume",
+            path_str(&t.run)?,
+            "--out",
+            path_str(&elsewhere)?,
+            "--data-dir",
+            data,
+            "--device",
+            "cpu",
+        ],
+        &["--resume", "--out"],
+    )?;
+    ensure!(!elsewhere.exists() && !missing.exists(), "a failed resume created a directory");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// bad input
+
+#[test]
+fn missing_data_names_fetch_data() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (nowhere, out) = (dir.path().join("nowhere"), dir.path().join("run"));
+    fails(
+        &train_args(path_str(&nowhere)?, path_str(&out)?),
+        &["Fashion-MNIST not found", "cargo xtask fetch-data", "nowhere"],
+    )?;
+    ensure!(!out.exists(), "a run directory was created without data");
+    // An existing directory without all four files is no better.
+    let partial = dir.path().join("partial");
+    write_data(&partial)?;
+    std::fs::remove_file(partial.join(TEST_LABELS))?;
+    fails(&train_args(path_str(&partial)?, path_str(&out)?), &["fetch-data", TEST_LABELS])?;
+    Ok(())
+}
+
+#[test]
+fn corrupt_idx_files_are_named() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (data, out) = (dir.path().join("data"), dir.path().join("run"));
+    write_data(&data)?;
+    let (data_s, out_s) = (path_str(&data)?, path_str(&out)?);
+
+    let images = data.join(TRAIN_IMAGES);
+    let whole = std::fs::read(&images)?;
+    std::fs::write(&images, &whole[..5000])?;
+    fails(&train_args(data_s, out_s), &[TRAIN_IMAGES, "truncated"])?;
+    ensure!(!out.exists(), "a run directory was created from corrupt data");
+    std::fs::write(&images, &whole)?;
+
+    let labels = data.join(TEST_LABELS);
+    let mut bytes = std::fs::read(&labels)?;
+    bytes[3] = 0x03; // an images magic number (3 dimensions) in a labels file
+    std::fs::write(&labels, &bytes)?;
+    fails(&train_args(data_s, out_s), &[TEST_LABELS, "dimension"])?;
+    bytes[3] = 0x01;
+    bytes[0] = 0x12; // no IDX file at all
+    std::fs::write(&labels, &bytes)?;
+    fails(&train_args(data_s, out_s), &[TEST_LABELS, "magic"])?;
+    bytes[0] = 0x00;
+    bytes[20] = 42; // a label that is no class
+    std::fs::write(&labels, &bytes)?;
+    fails(&train_args(data_s, out_s), &[TEST_LABELS, "label 42"])?;
+
+    // A gzip file that stops half-way.
+    std::fs::remove_file(&labels)?;
+    let labels_gz = data.join(format!("{TEST_LABELS}.gz"));
+    let full = resnet_data::gzip(&bytes_with_labels(TEST_LEN));
+    std::fs::write(&labels_gz, &full[..full.len() / 2])?;
+    fails(&train_args(data_s, out_s), &[TEST_LABELS])?;
+    ensure!(!out.exists(), "a run directory was created from corrupt data");
+    Ok(())
+}
+
+/// A valid IDX labels file of `n` labels cycling through the classes.
+fn bytes_with_labels(n: usize) -> Vec<u8> {
+    resnet_data::encode_labels(&resnet_data::IdxLabels { labels: (0..n).map(|i| (i % 10) as u8).collect() })
+}
+
+/// Rewrites the model configuration recorded in a safetensors file's metadata.
+fn with_recorded_width(src: &Path, dst: &Path, width: usize) -> Result<()> {
+    let bytes = std::fs::read(src)?;
+    let prefix: [u8; 8] = bytes.get(..8).context("shorter than a safetensors header")?.try_into()?;
+    let len = usize::try_from(u64::from_le_bytes(prefix))?;
+    let header = bytes.get(8..8 + len).context("header longer than the file")?;
+    let mut header: serde_json::Value = serde_json::from_slice(header)?;
+    let config = header["__metadata__"]["resnet_config"].as_str().context("no resnet_config metadata")?;
+    let mut config: serde_json::Value = serde_json::from_str(config)?;
+    config["base_width"] = width.into();
+    header["__metadata__"]["resnet_config"] = config.to_string().into();
+    let mut text = serde_json::to_vec(&header)?;
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + len..]);
+    std::fs::write(dst, out)?;
+    Ok(())
+}
+
+#[test]
+fn bad_weights_files_fail_clearly() -> Result<()> {
+    let t = Trained::new()?;
+    let data = t.data()?;
+    let eval = |weights: &Path, needles: &[&str]| -> Result<()> {
+        fails(&["eval", "--weights", path_str(weights)?, "--data-dir", data, "--device", "cpu"], needles)?;
+        fails(
+            &["predict", "--weights", path_str(weights)?, "--index", "0", "--data-dir", data, "--device", "cpu"],
+            needles,
+        )?;
+        Ok(())
+    };
+    let dir = t.dir.path();
+    eval(&dir.join("absent.safetensors"), &["absent.safetensors", "no such file"])?;
+    eval(&t.run, &["no such file"])?;
+
+    let garbage = dir.join("garbage.safetensors");
+    std::fs::write(&garbage, (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect::<Vec<u8>>())?;
+    eval(&garbage, &["garbage.safetensors", "not a readable safetensors file"])?;
+
+    let best = std::fs::read(t.run.join("best.safetensors"))?;
+    let truncated = dir.join("truncated.safetensors");
+    std::fs::write(&truncated, &best[..best.len() / 2])?;
+    eval(&truncated, &["truncated.safetensors", "not a readable safetensors file"])?;
+    let stub = dir.join("stub.safetensors");
+    std::fs::write(&stub, &best[..5])?;
+    eval(&stub, &["stub.safetensors"])?;
+
+    // Weights of a width-4 model whose metadata claims width 8: every tensor is mis-shaped.
+    let liar = dir.join("liar.safetensors");
+    with_recorded_width(&t.run.join("best.safetensors"), &liar, 8)?;
+    eval(&liar, &["liar.safetensors", "does not fit", "has shape [4, 1, 7, 7], the model needs [8, 1, 7, 7]"])?;
+    // The same rewrite with the true width loads (so the failure above is the width's doing).
+    let honest = dir.join("honest.safetensors");
+    with_recorded_width(&t.run.join("best.safetensors"), &honest, 4)?;
+    ok(&["eval", "--weights", path_str(&honest)?, "--data-dir", data, "--device", "cpu"])?;
+    Ok(())
+}
+
+#[test]
+fn bad_training_flags_fail_before_anything_is_written() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (data, out) = (dir.path().join("data"), dir.path().join("run"));
+    write_data(&data)?;
+    let (data_s, out_s) = (path_str(&data)?, path_str(&out)?);
+    let cases: [(&[&str], &[&str]); 7] = [
+        (&["--lr=-1"], &["learning rate", "-1"]),
+        (&["--lr", "0"], &["learning rate", "got 0"]),
+        (&["--batch-size", "1"], &["batch size", "got 1"]),
+        (&["--resize", "4"], &["resize", "got 4"]),
+        (&["--micro-batch", "12"], &["micro-batch 12", "32"]),
+        (&["--epochs", "0"], &["epochs"]),
+        (&["--device", "cuda:0"], &["--device cuda:0", "without CUDA", "--device cpu"]),
+    ];
+    for (extra, needles) in cases {
+        let mut args: Vec<&str> = train_args(data_s, out_s);
+        // Later flags would clash with the defaults above, so replace the ones given.
+        for flag in extra.iter().filter(|a| a.starts_with("--")) {
+            let name = flag.split('=').next().unwrap_or(flag);
+            if let Some(i) = args.iter().position(|a| *a == name) {
+                args.drain(i..i + 2);
+            }
+        }
+        args.extend_from_slice(extra);
+        fails(&args, needles)?;
+        ensure!(!out.exists(), "{extra:?}: a run directory was created");
+    }
+    fails(&["train", "--data-dir", data_s, "--out", out_s, "--device", "tpu"], &["--device tpu", "cpu"])?;
+    ensure!(!out.exists(), "--device tpu: a run directory was created");
+    Ok(())
+}
+
+#[test]
+fn out_pointing_at_an_existing_run_suggests_resume() -> Result<()> {
+    let t = Trained::new()?;
+    let before = contents(&t.run)?;
+    let run_s = path_str(&t.run)?;
+    fails(&train_args(t.data()?, run_s), &["already holds a run", "--resume", run_s])?;
+    ensure!(contents(&t.run)? == before, "the existing run was modified");
+    no_temporaries(&t.run)?;
+    // Corrupt input on an otherwise good command leaves the run untouched too.
+    let bad = t.dir.path().join("bad");
+    write_data(&bad)?;
+    std::fs::write(bad.join(TRAIN_IMAGES), b"\0\0\x08\x03")?;
+    fails(&["train", "--resume", run_s, "--data-dir", path_str(&bad)?, "--device", "cpu"], &[TRAIN_IMAGES])?;
+    ensure!(contents(&t.run)? == before, "a failed resume modified the run");
+    no_temporaries(&t.run)?;
+    Ok(())
+}

@@ -1,0 +1,457 @@
+//! The training loop at library level on tiny synthetic data: exact resume (mid-epoch, at an
+//! epoch boundary, twice in a row), bit-for-bit determinism, overfitting one batch, gradient
+//! accumulation, the non-finite-loss stop and checkpoint-write failures.
+//!
+//! Every run is a width-4 ResNet-18 on 256 synthetic 28×28 images, 8 steps per epoch (see
+//! `resnet_tests::tiny_config`); a whole run takes a fraction of a second in the test profile.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::{VarBuilder, VarMap};
+use resnet_core::{checkpoint, ResNet, ResNetConfig};
+use resnet_data::{batches, FashionMnist, Split};
+use resnet_tests::{
+    differing_tensors, ensure_identical, snapshot, synthetic_data, tiny_config, without_timing, Recorder, BATCH,
+    STEPS_PER_EPOCH,
+};
+use resnet_train::run_dir::files;
+use resnet_train::{
+    loader_config, EpochMetrics, LrSchedule, MetricsRecord, Observer, RunDir, Schedule, SgdConfig, Silent, TrainConfig,
+    TrainError, Trainer,
+};
+use tempfile::TempDir;
+
+const CPU: Device = Device::Cpu;
+
+/// A complete run of `cfg` in a fresh run directory, never interrupted.
+fn uninterrupted(cfg: &TrainConfig, data: &FashionMnist) -> Result<(Trainer, TempDir)> {
+    let dir = tempfile::tempdir()?;
+    let mut trainer = Trainer::new(cfg.clone(), &CPU)?.with_run_dir(RunDir::create(&dir.path().join("run"))?)?;
+    let report = trainer.fit(data, &mut Silent)?;
+    ensure!(!report.interrupted, "an uninterrupted run reported an interruption");
+    Ok((trainer, dir))
+}
+
+/// A run of `cfg` interrupted (as by Ctrl-C) once the global step count reaches each of `stops`,
+/// every time dropped and resumed from its run directory, then trained to the end.
+fn interrupted_and_resumed(cfg: &TrainConfig, data: &FashionMnist, stops: &[usize]) -> Result<(Trainer, TempDir)> {
+    let dir = tempfile::tempdir()?;
+    let run = dir.path().join("run");
+    let mut trainer = Trainer::new(cfg.clone(), &CPU)?.with_run_dir(RunDir::create(&run)?)?;
+    let mut done = 0;
+    for &stop in stops {
+        let mut observer = Recorder::stop_after(stop - done);
+        let report = trainer.fit(data, &mut observer)?;
+        ensure!(report.interrupted, "stopping after step {stop}: fit did not report the interruption");
+        ensure!(observer.steps.len() == stop - done, "stopping after step {stop}: {} steps ran", observer.steps.len());
+        let checkpoint = run.join(files::CHECKPOINT);
+        ensure!(checkpoint.is_file(), "no checkpoint after the interruption at step {stop}");
+        ensure!(
+            observer.checkpoints.last() == Some(&checkpoint),
+            "the interruption at step {stop} did not report writing {}",
+            checkpoint.display()
+        );
+        // Continue from the files alone, as a new process would.
+        trainer = Trainer::resume(&run, &CPU)?;
+        let s = trainer.state();
+        ensure!(
+            (s.global_step, s.epochs_done, s.batches_done) == (stop, stop / STEPS_PER_EPOCH, stop % STEPS_PER_EPOCH),
+            "resumed after step {stop} at global step {}, epoch {} + {} batches",
+            s.global_step,
+            s.epochs_done,
+            s.batches_done
+        );
+        done = stop;
+    }
+    let report = trainer.fit(data, &mut Silent)?;
+    ensure!(!report.interrupted && report.last.is_some(), "the resumed run did not finish: {report:?}");
+    Ok((trainer, dir))
+}
+
+/// A model with `cfg`'s architecture holding the weights of `path`.
+fn load_weights(cfg: &ResNetConfig, path: &Path) -> Result<(ResNet, VarMap)> {
+    let vars = VarMap::new();
+    let model = ResNet::new(cfg, VarBuilder::from_varmap(&vars, DType::F32, &CPU))?;
+    checkpoint::load_into(&model, path)?;
+    Ok((model, vars))
+}
+
+/// The records of a run directory's `metrics.jsonl`.
+fn metrics_file(run: &Path) -> Result<Vec<MetricsRecord>> {
+    let text = std::fs::read_to_string(run.join(files::METRICS))?;
+    text.lines().map(|l| serde_json::from_str(l).with_context(|| format!("metrics line {l:?}"))).collect()
+}
+
+fn epoch_metrics(history: &[MetricsRecord]) -> Vec<EpochMetrics> {
+    history.iter().filter_map(|r| if let MetricsRecord::Epoch(m) = r { Some(m.clone()) } else { None }).collect()
+}
+
+/// Files whose names say they are temporary (a write that was not finished or cleaned up).
+fn temporaries(dir: &Path, except: &[&Path]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if name.contains(".tmp") && !except.contains(&path.as_path()) {
+            out.push(path.display().to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// The resumed run must equal the uninterrupted one in every bit of every parameter and
+/// BatchNorm buffer, in every metric but the timings, in `metrics.jsonl` and in `best.safetensors`.
+fn check_resume_is_exact(stops: &[usize]) -> Result<()> {
+    let data = synthetic_data();
+    let cfg = tiny_config();
+    let (full, full_dir) = uninterrupted(&cfg, &data)?;
+    let (resumed, resumed_dir) = interrupted_and_resumed(&cfg, &data, stops)?;
+    ensure_identical(full.model(), resumed.model(), &format!("weights after resuming at steps {stops:?}"))?;
+
+    let (a, b) = (without_timing(&full.state().history), without_timing(&resumed.state().history));
+    ensure!(a.len() == b.len(), "history lengths differ: {} vs {}", a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        ensure!(x == y, "metrics record {i} differs after resuming at steps {stops:?}:\n  {x:?}\n  {y:?}");
+    }
+    ensure!(epoch_metrics(&full.state().history).len() == cfg.epochs, "expected {} epoch records", cfg.epochs);
+
+    let (full_run, resumed_run) = (full_dir.path().join("run"), resumed_dir.path().join("run"));
+    ensure!(without_timing(&metrics_file(&resumed_run)?) == b, "metrics.jsonl of the resumed run is not its history");
+    ensure!(without_timing(&metrics_file(&full_run)?) == a, "metrics.jsonl of the full run is not its history");
+
+    let (best_full, _v1) = load_weights(&cfg.model, &full_run.join(files::BEST))?;
+    let (best_resumed, _v2) = load_weights(&cfg.model, &resumed_run.join(files::BEST))?;
+    ensure_identical(&best_full, &best_resumed, "best.safetensors")?;
+    ensure!(full.state().best_test_acc == resumed.state().best_test_acc, "best test accuracy differs");
+    Ok(())
+}
+
+#[test]
+fn resume_mid_epoch_twice_equals_uninterrupted_run() -> Result<()> {
+    // Step 5 is epoch 1, batch 5; step 13 is epoch 2, batch 5.
+    check_resume_is_exact(&[5, 13])
+}
+
+#[test]
+fn resume_at_epoch_boundary_equals_uninterrupted_run() -> Result<()> {
+    check_resume_is_exact(&[STEPS_PER_EPOCH])
+}
+
+#[test]
+fn same_seed_gives_identical_weights_and_another_seed_does_not() -> Result<()> {
+    let data = synthetic_data();
+    let cfg = tiny_config();
+    let fit = |cfg: TrainConfig| -> Result<Trainer> {
+        let mut t = Trainer::new(cfg, &CPU)?;
+        t.fit(&data, &mut Silent)?;
+        Ok(t)
+    };
+    let a = fit(cfg.clone())?;
+    let b = fit(cfg.clone())?;
+    ensure_identical(a.model(), b.model(), "two runs with the same seed")?;
+    ensure!(
+        without_timing(&a.state().history) == without_timing(&b.state().history),
+        "two runs with the same seed logged different metrics"
+    );
+
+    // Batches are prepared on background threads; how many must not change a single bit.
+    let parallel = fit(TrainConfig { data_workers: 3, ..cfg.clone() })?;
+    ensure_identical(a.model(), parallel.model(), "1 vs 3 data workers")?;
+
+    let other = fit(TrainConfig { seed: cfg.seed + 1, ..cfg })?;
+    let differing: BTreeSet<String> = differing_tensors(a.model(), other.model())?
+        .into_iter()
+        .filter_map(|d| d.split(':').next().map(str::to_string))
+        .collect();
+    let same: Vec<String> =
+        a.model().parameters().into_iter().map(|p| p.name).filter(|n| !differing.contains(n)).collect();
+    ensure!(same.is_empty(), "another seed left these parameters bit-identical: {same:?}");
+    Ok(())
+}
+
+#[test]
+fn overfits_a_single_batch() -> Result<()> {
+    // Plain cross-entropy (no label smoothing, whose minimum is far above zero), momentum SGD.
+    let cfg = TrainConfig {
+        model: ResNetConfig { base_width: 8, ..ResNetConfig::d2l_resnet18() },
+        optimizer: SgdConfig { lr: 0.05, momentum: 0.9, nesterov: false, weight_decay: 0.0 },
+        schedule: Schedule::Constant,
+        warmup_epochs: 0.0,
+        label_smoothing: 0.0,
+        augment: None,
+        ..tiny_config()
+    };
+    let split = Split::synthetic(BATCH, 28, 28, 11);
+    let batch = batches(Arc::new(split), &loader_config(&cfg, false), 0)?.next().context("no batch")??;
+    ensure!(batch.indices.len() == BATCH, "expected one batch of {BATCH}");
+    let mut trainer = Trainer::new(cfg.clone(), &CPU)?;
+    // The loss falls below 0.01 within ~20 steps; the rest lets the BatchNorm running statistics
+    // (momentum 0.1) catch up with the final weights, so that evaluation mode agrees.
+    const STEPS: usize = 100;
+    let mut losses = Vec::with_capacity(STEPS);
+    let mut correct = 0;
+    for _ in 0..STEPS {
+        let (loss, c) = trainer.train_batch(&batch.images, &batch.labels, cfg.optimizer.lr)?;
+        losses.push(loss);
+        correct = c;
+    }
+    let (first, last) = (losses[0], losses[STEPS - 1]);
+    ensure!(first > 1.5, "the untrained loss should be near ln 10 = 2.3, got {first}");
+    ensure!(last < 0.01, "after {STEPS} steps on one batch the loss is still {last} (from {first})");
+    ensure!(correct == BATCH as u64, "after {STEPS} steps only {correct}/{BATCH} correct (training mode)");
+    // In evaluation mode too, with the running statistics gathered on that same batch.
+    let logits = trainer.model().forward_t(&batch.images, false)?;
+    let predicted: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+    let labels: Vec<u32> = batch.labels.to_vec1()?;
+    let right = predicted.iter().zip(&labels).filter(|(p, l)| p == l).count();
+    ensure!(right == BATCH, "evaluation mode gets {right}/{BATCH} of the memorised batch");
+    Ok(())
+}
+
+#[test]
+fn micro_batches_average_their_gradients() -> Result<()> {
+    // A batch made of the same 16 images twice: each micro-batch of 16 then has exactly the
+    // batch's BatchNorm statistics, so the loss as a function of the weights is the same and
+    // accumulating two half-batch gradients (each scaled by 1/2) must give the full-batch step,
+    // up to float rounding. Summing instead of averaging would double every update.
+    let whole_cfg = TrainConfig { augment: None, ..tiny_config() };
+    let micro_cfg = TrainConfig { micro_batch: Some(BATCH / 2), ..whole_cfg.clone() };
+    let half = Split::synthetic(BATCH / 2, 28, 28, 5);
+    let b = batches(Arc::new(half), &loader_config(&whole_cfg, false), 0)?.next().context("no batch")??;
+    let images = Tensor::cat(&[&b.images, &b.images], 0)?;
+    let labels = Tensor::cat(&[&b.labels, &b.labels], 0)?;
+
+    let mut whole = Trainer::new(whole_cfg, &CPU)?;
+    let mut micro = Trainer::new(micro_cfg, &CPU)?;
+    ensure_identical(whole.model(), micro.model(), "the two fresh models")?;
+    let before = snapshot(whole.model())?;
+    for lr in [0.1, 0.05, 0.02] {
+        let (lw, cw) = whole.train_batch(&images, &labels, lr)?;
+        let (lm, cm) = micro.train_batch(&images, &labels, lr)?;
+        ensure!((lw - lm).abs() <= 1e-5 * lw.abs().max(1.0), "loss {lw} (whole batch) vs {lm} (micro-batches)");
+        ensure!(cw == cm, "correct count {cw} vs {cm}");
+    }
+    // Each tensor's gap is measured against its own update, except that a bias is measured
+    // against the larger of its own and its weight's: the bias of a convolution feeding a
+    // BatchNorm has a true gradient of zero (the batch mean cancels it), so its update is weight
+    // decay plus rounding noise, and comparing noise with noise says nothing.
+    let (w, m) = (snapshot(whole.model())?, snapshot(micro.model())?);
+    let params: BTreeSet<String> = whole.model().parameters().into_iter().map(|p| p.name).collect();
+    let value = |bits: u64| f64::from_bits(bits);
+    let max_abs =
+        |a: &[u64], b: &[u64]| a.iter().zip(b).map(|(x, y)| (value(*x) - value(*y)).abs()).fold(0f64, f64::max);
+    let update_of = |name: &str| -> f64 {
+        let i = before.iter().position(|(n, _)| n == name);
+        i.map(|i| max_abs(&before[i].1, &w[i].1)).unwrap_or(0.0)
+    };
+    let (mut worst_ratio, mut worst_name, mut biggest_update) = (0f64, String::new(), 0f64);
+    for ((name, w1), (_, m1)) in w.iter().zip(&m) {
+        if !params.contains(name) {
+            continue;
+        }
+        let mut scale = update_of(name);
+        biggest_update = biggest_update.max(scale);
+        if let Some(stem) = name.strip_suffix("bias") {
+            scale = scale.max(update_of(&format!("{stem}weight")));
+        }
+        let ratio = max_abs(w1, m1) / (scale + 1e-9);
+        if ratio > worst_ratio {
+            (worst_ratio, worst_name) = (ratio, name.clone());
+        }
+    }
+    ensure!(biggest_update > 1e-2, "the three steps barely moved the weights ({biggest_update}); the check is void");
+    ensure!(
+        worst_ratio < 1e-4,
+        "micro-batch and whole-batch updates differ in `{worst_name}` by {worst_ratio:e} of the update"
+    );
+    Ok(())
+}
+
+#[test]
+fn training_with_micro_batches_learns() -> Result<()> {
+    let data = synthetic_data();
+    let cfg = TrainConfig { micro_batch: Some(8), augment: None, ..tiny_config() };
+    let mut trainer = Trainer::new(cfg.clone(), &CPU)?;
+    let mut recorder = Recorder::default();
+    trainer.fit(&data, &mut recorder)?;
+    ensure!(recorder.steps.len() == cfg.epochs * STEPS_PER_EPOCH, "{} steps ran", recorder.steps.len());
+    let losses: Vec<f64> = recorder.epochs.iter().map(|m| m.train_loss).collect();
+    ensure!(losses.len() == cfg.epochs && losses.iter().all(|l| l.is_finite()), "epoch losses {losses:?}");
+    ensure!(losses[cfg.epochs - 1] < 0.8 * losses[0], "the loss did not fall: {losses:?}");
+
+    // A micro-batch that does not divide the batch is refused before anything runs.
+    let bad = TrainConfig { micro_batch: Some(12), ..cfg };
+    match Trainer::new(bad, &CPU) {
+        Err(TrainError::InvalidConfig(m)) if m.contains("micro-batch 12") => Ok(()),
+        other => bail!("micro-batch 12 of 32 should be refused, got {other:?}"),
+    }
+}
+
+/// Sets every value of `model`'s tensor `name` to +∞ (through a file: model tensors
+/// can only be replaced the way a checkpoint is loaded).
+fn poison(model: &ResNet, name: &str, scratch: &Path) -> Result<()> {
+    let path = scratch.join("poisoned.safetensors");
+    checkpoint::save(model, &path)?;
+    let mut tensors = candle_core::safetensors::load(&path, &CPU)?;
+    let dims = tensors.get(name).with_context(|| format!("no tensor {name}"))?.dims().to_vec();
+    tensors.insert(name.to_string(), Tensor::full(f32::INFINITY, dims, &CPU)?);
+    candle_core::safetensors::save(&tensors, &path)?;
+    checkpoint::load_into(model, &path)?;
+    Ok(())
+}
+
+#[test]
+fn non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint() -> Result<()> {
+    // A genuinely diverging learning rate blows up at a step that depends on the seed and the
+    // kernels, so the divergence is made certain instead: after an interruption at epoch 1,
+    // batch 5 (which writes a checkpoint), the classifier's bias is set to +∞, which makes every
+    // logit row hold an infinity and the next loss NaN.
+    let data = synthetic_data();
+    let cfg = tiny_config();
+    let dir = tempfile::tempdir()?;
+    let run = dir.path().join("run");
+    let ckpt = run.join(files::CHECKPOINT);
+    let mut trainer = Trainer::new(cfg.clone(), &CPU)?.with_run_dir(RunDir::create(&run)?)?;
+    ensure!(trainer.fit(&data, &mut Recorder::stop_after(5))?.interrupted, "the run was not interrupted");
+    let good = std::fs::read(&ckpt)?;
+    poison(trainer.model(), "7.bias", dir.path())?;
+
+    let want_lr = LrSchedule::new(&cfg, STEPS_PER_EPOCH).lr(5);
+    let err = match trainer.fit(&data, &mut Silent) {
+        Err(e) => e,
+        Ok(report) => bail!("training on with an infinite bias succeeded: {report:?}"),
+    };
+    let message = err.to_string();
+    let TrainError::NonFiniteLoss { epoch, batch, lr, value, checkpoint } = err else {
+        bail!("expected NonFiniteLoss, got: {message}");
+    };
+    ensure!((epoch, batch) == (1, 6), "reported epoch {epoch}, batch {batch}; the first bad step is epoch 1, batch 6");
+    ensure!(lr == want_lr, "reported learning rate {lr}, the schedule's is {want_lr}");
+    ensure!(!value.is_finite(), "reported loss {value}");
+    ensure!(checkpoint.as_deref() == Some(ckpt.as_path()), "reported checkpoint {checkpoint:?}");
+    for needle in ["epoch 1, batch 6", "lower learning rate", "--lr", &ckpt.display().to_string()] {
+        ensure!(message.contains(needle), "the message lacks {needle:?}: {message}");
+    }
+
+    // The last good checkpoint is untouched, and training can continue from it.
+    ensure!(std::fs::read(&ckpt)? == good, "the checkpoint changed after the non-finite loss");
+    ensure!(temporaries(&run, &[])?.is_empty(), "temporary files left: {:?}", temporaries(&run, &[])?);
+    let resumed = Trainer::resume(&run, &CPU)?;
+    ensure!(resumed.state().global_step == 5, "the checkpoint is at step {}", resumed.state().global_step);
+    for t in resumed.model().named_tensors() {
+        let finite = t.tensor.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?.iter().all(|v| v.is_finite());
+        ensure!(finite, "the kept checkpoint holds non-finite values in {}", t.name);
+    }
+
+    // Without a run directory the error says where it happened and names no checkpoint.
+    let mut bare = Trainer::new(cfg, &CPU)?;
+    poison(bare.model(), "7.bias", dir.path())?;
+    match bare.fit(&data, &mut Silent) {
+        Err(TrainError::NonFiniteLoss { epoch: 1, batch: 1, checkpoint: None, .. }) => Ok(()),
+        other => bail!("expected NonFiniteLoss at epoch 1, batch 1 without a checkpoint, got {other:?}"),
+    }
+}
+
+/// Makes every later write of `checkpoint.safetensors` fail, once `after_epoch` has ended, by
+/// putting a directory where `resnet_core::checkpoint::write_atomic` creates its temporary file
+/// (`.checkpoint.safetensors.<pid>.tmp`). Tests run as root here, where a read-only directory
+/// does not stop writes; and a read-only directory would fail `metrics.jsonl` first anyway.
+struct BlockCheckpoints {
+    after_epoch: usize,
+    blocker: PathBuf,
+    checkpoint: PathBuf,
+    /// The checkpoint's bytes when the blocker went up.
+    saved: Option<Vec<u8>>,
+    failure: Option<String>,
+}
+
+impl BlockCheckpoints {
+    fn new(run: &Path, after_epoch: usize) -> Self {
+        Self {
+            after_epoch,
+            blocker: run.join(format!(".{}.{}.tmp", files::CHECKPOINT, std::process::id())),
+            checkpoint: run.join(files::CHECKPOINT),
+            saved: None,
+            failure: None,
+        }
+    }
+
+    fn block(&mut self) {
+        self.saved = std::fs::read(&self.checkpoint).ok();
+        if let Err(e) = std::fs::create_dir(&self.blocker) {
+            self.failure = Some(format!("creating {}: {e}", self.blocker.display()));
+        }
+    }
+}
+
+impl Observer for BlockCheckpoints {
+    fn on_epoch_end(&mut self, m: &EpochMetrics) {
+        if m.epoch == self.after_epoch {
+            self.block();
+        }
+    }
+}
+
+#[test]
+fn failed_checkpoint_write_keeps_the_previous_checkpoint() -> Result<()> {
+    let data = synthetic_data();
+    let cfg = tiny_config();
+    let dir = tempfile::tempdir()?;
+    let run = dir.path().join("run");
+    let mut trainer = Trainer::new(cfg.clone(), &CPU)?.with_run_dir(RunDir::create(&run)?)?;
+    let mut blocker = BlockCheckpoints::new(&run, 1);
+    let result = trainer.fit(&data, &mut blocker);
+    if let Some(f) = &blocker.failure {
+        bail!("{f}");
+    }
+    let message = result.as_ref().err().map(ToString::to_string).unwrap_or_default();
+    match result {
+        Err(TrainError::CheckpointWrite { path, previous_intact: true, .. }) if path == blocker.checkpoint => {}
+        other => bail!("expected CheckpointWrite with the previous checkpoint intact, got {other:?}"),
+    }
+    for needle in ["could not write checkpoint", "the previous checkpoint is intact", &run.display().to_string()] {
+        ensure!(message.contains(needle), "the message lacks {needle:?}: {message}");
+    }
+    let saved = blocker.saved.as_ref().context("no checkpoint existed after epoch 1")?;
+    ensure!(std::fs::read(&blocker.checkpoint)? == *saved, "the epoch-1 checkpoint changed");
+    let leftovers = temporaries(&run, &[blocker.blocker.as_path()])?;
+    ensure!(leftovers.is_empty(), "temporary files left behind: {leftovers:?}");
+
+    // The epoch-1 checkpoint still loads, and once the fault is gone the run resumes from it and
+    // ends exactly where an undisturbed run does.
+    let resumed = Trainer::resume(&run, &CPU)?;
+    ensure!(resumed.state().epochs_done == 1, "the kept checkpoint is after epoch {}", resumed.state().epochs_done);
+    std::fs::remove_dir(&blocker.blocker)?;
+    let mut resumed = resumed;
+    resumed.fit(&data, &mut Silent)?;
+    let (full, _full_dir) = uninterrupted(&cfg, &data)?;
+    ensure_identical(full.model(), resumed.model(), "resumed after a failed checkpoint write")
+}
+
+#[test]
+fn failed_first_checkpoint_write_says_there_is_no_earlier_one() -> Result<()> {
+    let data = synthetic_data();
+    let dir = tempfile::tempdir()?;
+    let run = dir.path().join("run");
+    let mut trainer = Trainer::new(tiny_config(), &CPU)?.with_run_dir(RunDir::create(&run)?)?;
+    let mut blocker = BlockCheckpoints::new(&run, 0);
+    blocker.block();
+    if let Some(f) = &blocker.failure {
+        bail!("{f}");
+    }
+    let result = trainer.fit(&data, &mut blocker);
+    let message = result.as_ref().err().map(ToString::to_string).unwrap_or_default();
+    ensure!(
+        matches!(result, Err(TrainError::CheckpointWrite { previous_intact: false, .. })),
+        "expected CheckpointWrite without an earlier checkpoint, got {result:?}"
+    );
+    ensure!(message.contains("no earlier checkpoint exists"), "message: {message}");
+    ensure!(!blocker.checkpoint.exists(), "a checkpoint appeared although its write failed");
+    let leftovers = temporaries(&run, &[blocker.blocker.as_path()])?;
+    ensure!(leftovers.is_empty(), "temporary files left behind: {leftovers:?}");
+    Ok(())
+}
