@@ -534,6 +534,11 @@ fn resume_needs_a_run_directory_of_its_own() -> Result<()> {
         ],
         &["--resume", "--out"],
     )?;
+    // Flags that would change the configuration are refused, naming them, rather than ignored.
+    fails(
+        &["train", "--resume", path_str(&t.run)?, "--epochs", "5", "--lr", "0.5", "--data-dir", data, "--device", "cpu"],
+        &["--resume", "--epochs", "--lr"],
+    )?;
     ensure!(!elsewhere.exists() && !missing.exists(), "a failed resume created a directory");
     Ok(())
 }
@@ -668,13 +673,14 @@ fn bad_training_flags_fail_before_anything_is_written() -> Result<()> {
     let (data, out) = (dir.path().join("data"), dir.path().join("run"));
     write_data(&data)?;
     let (data_s, out_s) = (path_str(&data)?, path_str(&out)?);
-    let cases: [(&[&str], &[&str]); 7] = [
-        (&["--lr=-1"], &["learning rate", "-1"]),
-        (&["--lr", "0"], &["learning rate", "got 0"]),
-        (&["--batch-size", "1"], &["batch size", "got 1"]),
-        (&["--resize", "4"], &["resize", "got 4"]),
-        (&["--micro-batch", "12"], &["micro-batch 12", "32"]),
-        (&["--epochs", "0"], &["epochs"]),
+    let cases: [(&[&str], &[&str]); 8] = [
+        (&["--lr=-1"], &["learning rate (--lr)", "-1"]),
+        (&["--lr", "-1"], &["learning rate (--lr)", "-1"]),
+        (&["--lr", "0"], &["learning rate (--lr)", "got 0"]),
+        (&["--batch-size", "1"], &["batch size (--batch-size)", "got 1"]),
+        (&["--resize", "4"], &["resize (--resize)", "got 4"]),
+        (&["--micro-batch", "12"], &["(--micro-batch) 12", "32"]),
+        (&["--epochs", "0"], &["(--epochs)"]),
         (&["--device", "cuda:0"], &["--device cuda:0", "without CUDA", "--device cpu"]),
     ];
     for (extra, needles) in cases {

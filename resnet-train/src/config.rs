@@ -176,34 +176,34 @@ impl TrainConfig {
         let bad = |m: String| Err(TrainError::InvalidConfig(m));
         self.model.validate()?;
         if self.epochs == 0 {
-            return bad("epochs must be at least 1".into());
+            return bad("epochs (--epochs) must be at least 1".into());
         }
         if self.batch_size < 2 {
-            return bad(format!("batch size must be at least 2 (BatchNorm needs it), got {}", self.batch_size));
+            return bad(format!("batch size (--batch-size) must be at least 2 (BatchNorm needs it), got {}", self.batch_size));
         }
         if let Some(m) = self.micro_batch {
             if m < 2 || m > self.batch_size || self.batch_size % m != 0 {
                 return bad(format!(
-                    "micro-batch {m} must be at least 2 and divide the batch size {}",
+                    "micro-batch (--micro-batch) {m} must be at least 2 and divide the batch size {}",
                     self.batch_size
                 ));
             }
         }
         if !(8..=512).contains(&self.resize) {
-            return bad(format!("resize must be between 8 and 512 pixels, got {}", self.resize));
+            return bad(format!("resize (--resize) must be between 8 and 512 pixels, got {}", self.resize));
         }
         let o = &self.optimizer;
         if !(o.lr.is_finite() && o.lr > 0.0 && o.lr <= 10.0) {
-            return bad(format!("learning rate must be in (0, 10], got {}", o.lr));
+            return bad(format!("learning rate (--lr) must be in (0, 10], got {}", o.lr));
         }
         if !(0.0..1.0).contains(&o.momentum) {
-            return bad(format!("momentum must be in [0, 1), got {}", o.momentum));
+            return bad(format!("momentum (--momentum) must be in [0, 1), got {}", o.momentum));
         }
         if o.nesterov && o.momentum == 0.0 {
             return bad("Nesterov momentum needs --momentum > 0".into());
         }
         if !(0.0..=0.1).contains(&o.weight_decay) {
-            return bad(format!("weight decay must be in [0, 0.1], got {}", o.weight_decay));
+            return bad(format!("weight decay (--weight-decay) must be in [0, 0.1], got {}", o.weight_decay));
         }
         if let Schedule::Step { every_epochs, gamma } = self.schedule {
             if every_epochs == 0 || !(gamma > 0.0 && gamma <= 1.0) {
@@ -211,10 +211,10 @@ impl TrainConfig {
             }
         }
         if !(self.warmup_epochs >= 0.0 && self.warmup_epochs <= self.epochs as f64) {
-            return bad(format!("warm-up must be between 0 and {} epochs, got {}", self.epochs, self.warmup_epochs));
+            return bad(format!("warm-up (--warmup-epochs) must be between 0 and {} epochs, got {}", self.epochs, self.warmup_epochs));
         }
         if !(0.0..0.5).contains(&self.label_smoothing) {
-            return bad(format!("label smoothing must be in [0, 0.5), got {}", self.label_smoothing));
+            return bad(format!("label smoothing (--label-smoothing) must be in [0, 0.5), got {}", self.label_smoothing));
         }
         if let Some(a) = self.augment {
             if a.crop_padding > self.resize / 2 {

@@ -20,8 +20,9 @@ pub enum TrainError {
     /// The loss became NaN or infinite.
     #[error(
         "the loss became {value} at epoch {epoch}, batch {batch} (learning rate {lr}); \
-         try a lower learning rate (--lr) or more warm-up; the last good checkpoint is kept{}",
-        checkpoint.as_ref().map(|p| format!(" at {}", p.display())).unwrap_or_default()
+         try a lower learning rate (--lr) or more warm-up; {}",
+        checkpoint.as_ref().map(|p| format!("the last good checkpoint is kept at {}", p.display()))
+            .unwrap_or_else(|| "no checkpoint had been written yet".into())
     )]
     NonFiniteLoss {
         /// 1-based epoch.
@@ -52,6 +53,12 @@ pub enum TrainError {
         path: PathBuf,
         /// Why.
         reason: String,
+    },
+    /// The output directory already holds a run.
+    #[error("{} already holds a run; continue it with --resume {0}, or choose another --out", path.display())]
+    RunExists {
+        /// The directory.
+        path: PathBuf,
     },
     /// Any other file-system failure.
     #[error("{path}: {source}")]

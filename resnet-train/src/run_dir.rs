@@ -32,10 +32,7 @@ impl RunDir {
         std::fs::create_dir_all(path).map_err(|source| TrainError::Io { path: path.to_path_buf(), source })?;
         let dir = Self { path: path.to_path_buf() };
         if dir.checkpoint().exists() {
-            return Err(TrainError::InvalidConfig(format!(
-                "{} already holds a run; continue it with --resume {0}, or choose another --out",
-                path.display()
-            )));
+            return Err(TrainError::RunExists { path: path.to_path_buf() });
         }
         Ok(dir)
     }

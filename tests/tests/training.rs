@@ -286,7 +286,7 @@ fn training_with_micro_batches_learns() -> Result<()> {
     // A micro-batch that does not divide the batch is refused before anything runs.
     let bad = TrainConfig { micro_batch: Some(12), ..cfg };
     match Trainer::new(bad, &CPU) {
-        Err(TrainError::InvalidConfig(m)) if m.contains("micro-batch 12") => Ok(()),
+        Err(TrainError::InvalidConfig(m)) if m.contains("micro-batch (--micro-batch) 12") => Ok(()),
         other => bail!("micro-batch 12 of 32 should be refused, got {other:?}"),
     }
 }

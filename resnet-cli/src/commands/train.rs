@@ -17,6 +17,13 @@ pub fn run(a: TrainArgs) -> Result<Outcome> {
             if a.out.is_some() {
                 bail!("--resume continues the run in its own directory; drop --out");
             }
+            let overrides = overriding_flags(&a);
+            if !overrides.is_empty() {
+                bail!(
+                    "--resume continues the run with the configuration it was started with; drop {}",
+                    overrides.join(", ")
+                );
+            }
             let t = Trainer::resume(dir, &device).with_context(|| format!("resuming {}", dir.display()))?;
             eprintln!(
                 "resuming {} after epoch {} (batch {})",
@@ -66,6 +73,39 @@ pub fn run(a: TrainArgs) -> Result<Outcome> {
 
 fn dir_of(trainer: &Trainer) -> String {
     trainer.run_dir().map(|p| p.display().to_string()).unwrap_or_else(|| "(none)".into())
+}
+
+/// Training flags that were given (they would change the configuration).
+fn overriding_flags(a: &TrainArgs) -> Vec<&'static str> {
+    let m = &a.model;
+    [
+        ("--epochs", a.epochs.is_some()),
+        ("--lr", a.lr.is_some()),
+        ("--batch-size", a.batch_size.is_some()),
+        ("--micro-batch", a.micro_batch.is_some()),
+        ("--resize", a.resize.is_some()),
+        ("--seed", a.seed.is_some()),
+        ("--limit-train", a.limit_train.is_some()),
+        ("--limit-test", a.limit_test.is_some()),
+        ("--momentum", a.momentum.is_some()),
+        ("--nesterov", a.nesterov.is_some()),
+        ("--weight-decay", a.weight_decay.is_some()),
+        ("--schedule", a.schedule.is_some()),
+        ("--warmup-epochs", a.warmup_epochs.is_some()),
+        ("--label-smoothing", a.label_smoothing.is_some()),
+        ("--crop-padding", a.crop_padding.is_some()),
+        ("--hflip", a.hflip.is_some()),
+        ("--normalize", a.normalize.is_some()),
+        ("--eval-batch-size", a.eval_batch_size.is_some()),
+        ("--workers", a.workers.is_some()),
+        ("--conv-kernel", a.conv_kernel.is_some()),
+        ("--depth", m.depth.is_some()),
+        ("--variant", m.variant.is_some()),
+        ("--width", m.width.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(name, set)| set.then_some(name))
+    .collect()
 }
 
 /// The preset with every given flag applied on top.
