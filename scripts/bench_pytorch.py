@@ -2,7 +2,8 @@
 """Reference PyTorch benchmark of d2l's ResNet-18 training step, for `cargo xtask bench --compare-pytorch`.
 
 It builds the chapter's model exactly as d2l does (Residual with optional 1x1 conv, resnet_block,
-b1..b5, AdaptiveAvgPool2d, Flatten, Linear(512, 10)), applies d2l's Xavier init, and times the same
+b1..b5, AdaptiveAvgPool2d, Flatten, Linear(512, 10); the definition is shared with
+make_parity_fixture.py), applies d2l's Xavier init, and times the same
 step the Rust benchmark times: forward in training mode, cross-entropy, backward, SGD update (lr
 0.05, as d2l's train_ch6), and the accuracy sync; or, for `--mode eval`, an eval-mode forward and
 argmax. Data are random tensors of the right shape (d2l's examples/sec also excludes loading).
@@ -20,52 +21,9 @@ import time
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-
-class Residual(nn.Module):
-    def __init__(self, input_channels, num_channels, use_1x1conv=False, strides=1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(input_channels, num_channels, kernel_size=3, padding=1, stride=strides)
-        self.conv2 = nn.Conv2d(num_channels, num_channels, kernel_size=3, padding=1)
-        self.conv3 = nn.Conv2d(input_channels, num_channels, kernel_size=1, stride=strides) if use_1x1conv else None
-        self.bn1 = nn.BatchNorm2d(num_channels)
-        self.bn2 = nn.BatchNorm2d(num_channels)
-
-    def forward(self, X):
-        Y = F.relu(self.bn1(self.conv1(X)))
-        Y = self.bn2(self.conv2(Y))
-        if self.conv3:
-            X = self.conv3(X)
-        Y += X
-        return F.relu(Y)
-
-
-def resnet_block(input_channels, num_channels, num_residuals, first_block=False):
-    blk = []
-    for i in range(num_residuals):
-        if i == 0 and not first_block:
-            blk.append(Residual(input_channels, num_channels, use_1x1conv=True, strides=2))
-        else:
-            blk.append(Residual(num_channels, num_channels))
-    return blk
-
-
-def d2l_resnet18():
-    b1 = nn.Sequential(nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3), nn.BatchNorm2d(64), nn.ReLU(),
-                       nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
-    b2 = nn.Sequential(*resnet_block(64, 64, 2, first_block=True))
-    b3 = nn.Sequential(*resnet_block(64, 128, 2))
-    b4 = nn.Sequential(*resnet_block(128, 256, 2))
-    b5 = nn.Sequential(*resnet_block(256, 512, 2))
-    net = nn.Sequential(b1, b2, b3, b4, b5, nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(512, 10))
-
-    def init_weights(m):
-        if type(m) in (nn.Linear, nn.Conv2d):
-            nn.init.xavier_uniform_(m.weight)
-
-    net.apply(init_weights)
-    return net
+# The book's model, written once for both scripts (this directory is on sys.path when run).
+from make_parity_fixture import d2l_resnet18, init_weights
 
 
 def main():
@@ -80,7 +38,8 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    net = d2l_resnet18()
+    net = d2l_resnet18(64)
+    net.apply(init_weights)
     X = torch.rand(a.batch, 1, a.resize, a.resize)
     y = torch.randint(0, 10, (a.batch,))
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
