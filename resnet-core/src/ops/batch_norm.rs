@@ -6,6 +6,8 @@ use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout,
 use candle_nn::{Init, ModuleT, VarBuilder};
 use rayon::prelude::*;
 
+use super::storage::contiguous;
+
 /// BatchNorm2d as PyTorch defines it: batch statistics and a running-average update
 /// (momentum 0.1, unbiased variance) in training; running statistics in evaluation.
 #[derive(Debug, Clone)]
@@ -184,10 +186,10 @@ impl CustomOp3 for ScaleShift {
         }
         let y = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                CpuStorage::F32(run(slice(x, l1, "x")?, slice(a, l2, "scale")?, slice(b, l3, "shift")?, self.relu))
+                CpuStorage::F32(run(contiguous(x, l1, "x")?, contiguous(a, l2, "scale")?, contiguous(b, l3, "shift")?, self.relu))
             }
             (CpuStorage::F64(x), CpuStorage::F64(a), CpuStorage::F64(b)) => {
-                CpuStorage::F64(run(slice(x, l1, "x")?, slice(a, l2, "scale")?, slice(b, l3, "shift")?, self.relu))
+                CpuStorage::F64(run(contiguous(x, l1, "x")?, contiguous(a, l2, "scale")?, contiguous(b, l3, "shift")?, self.relu))
             }
             _ => candle_core::bail!("batch-norm eval supports matching f32 or f64 tensors"),
         };
@@ -218,13 +220,6 @@ struct FusedBatchNorm {
 
 /// Rows per parallel task; fixed, so sums are added in the same order on every run.
 const ROWS_PER_TASK: usize = 256;
-
-fn slice<'a, T>(data: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("fused batch-norm: {what} must be contiguous"),
-    }
-}
 
 /// Per-channel sums of `f(row, channel, value)` over all rows, in a fixed order.
 fn channel_sums<T: WithDType>(x: &[T], c: usize, f: impl Fn(usize, usize, T) -> [f64; 2] + Sync) -> Vec<[f64; 2]> {
@@ -325,11 +320,11 @@ impl CustomOp3 for FusedBatchNorm {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (y, stats) = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(b)) => {
-                let (y, s) = fused_fwd(slice(x, l1, "x")?, slice(g, l2, "γ")?, slice(b, l3, "β")?, self.eps, self.relu);
+                let (y, s) = fused_fwd(contiguous(x, l1, "x")?, contiguous(g, l2, "γ")?, contiguous(b, l3, "β")?, self.eps, self.relu);
                 (CpuStorage::F32(y), s)
             }
             (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(b)) => {
-                let (y, s) = fused_fwd(slice(x, l1, "x")?, slice(g, l2, "γ")?, slice(b, l3, "β")?, self.eps, self.relu);
+                let (y, s) = fused_fwd(contiguous(x, l1, "x")?, contiguous(g, l2, "γ")?, contiguous(b, l3, "β")?, self.eps, self.relu);
                 (CpuStorage::F64(y), s)
             }
             _ => candle_core::bail!("fused batch-norm supports matching f32 or f64 tensors, got {:?}", s1.dtype()),
@@ -387,10 +382,10 @@ impl CustomOp3 for FusedBatchNormBackward {
         let (st, eps) = (&self.stats, self.eps);
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(dy), CpuStorage::F32(g)) => {
-                CpuStorage::F32(fused_bwd(slice(x, l1, "x")?, slice(dy, l2, "dy")?, slice(g, l3, "γ")?, st, eps))
+                CpuStorage::F32(fused_bwd(contiguous(x, l1, "x")?, contiguous(dy, l2, "dy")?, contiguous(g, l3, "γ")?, st, eps))
             }
             (CpuStorage::F64(x), CpuStorage::F64(dy), CpuStorage::F64(g)) => {
-                CpuStorage::F64(fused_bwd(slice(x, l1, "x")?, slice(dy, l2, "dy")?, slice(g, l3, "γ")?, st, eps))
+                CpuStorage::F64(fused_bwd(contiguous(x, l1, "x")?, contiguous(dy, l2, "dy")?, contiguous(g, l3, "γ")?, st, eps))
             }
             _ => candle_core::bail!("fused batch-norm backward supports matching f32 or f64 tensors"),
         };

@@ -5,6 +5,7 @@ use candle_nn::{Init, VarBuilder};
 
 use super::elementwise::column_sums_tensor;
 use super::geometry::Window;
+use super::storage::contiguous;
 use super::im2col::{im2col_slice, Col2im, Im2col};
 use crate::config::ConvKernel;
 
@@ -130,13 +131,6 @@ impl Im2colConv {
     }
 }
 
-fn contiguous<'a, T>(data: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("conv2d: {what} must be contiguous"),
-    }
-}
-
 /// `y (rows, out) = cols (rows, k) · wᵀ + bias`, with `w` as `(out, k)` row-major.
 fn conv_forward<T: WithDType + 'static>(x: &[T], w: &[T], bias: &[T], win: &Window, pointwise: bool) -> Vec<T> {
     let rows = win.batch * win.oh() * win.ow();
@@ -209,16 +203,16 @@ impl CustomOp3 for Im2colConv {
         let pw = self.pointwise();
         let y = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(conv_forward(
-                contiguous(x, l1, "input")?,
-                contiguous(w, l2, "weight")?,
-                contiguous(b, l3, "bias")?,
+                contiguous(x, l1, "conv2d input")?,
+                contiguous(w, l2, "conv2d weight")?,
+                contiguous(b, l3, "conv2d bias")?,
                 &win,
                 pw,
             )),
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(conv_forward(
-                contiguous(x, l1, "input")?,
-                contiguous(w, l2, "weight")?,
-                contiguous(b, l3, "bias")?,
+                contiguous(x, l1, "conv2d input")?,
+                contiguous(w, l2, "conv2d weight")?,
+                contiguous(b, l3, "conv2d bias")?,
                 &win,
                 pw,
             )),

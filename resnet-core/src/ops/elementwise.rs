@@ -5,15 +5,10 @@
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use super::storage::contiguous;
+
 /// Elements per parallel task.
 const CHUNK: usize = 64 * 1024;
-
-fn slice<'a, T>(data: &'a [T], l: &Layout, op: &str) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{op}: inputs must be contiguous"),
-    }
-}
 
 fn map2<T: WithDType>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
     let mut out = vec![T::zero(); a.len()];
@@ -39,11 +34,11 @@ macro_rules! dispatch2 {
     ($s1:expr, $l1:expr, $s2:expr, $l2:expr, $op:expr, |$a:ident, $b:ident| $body:expr) => {
         match ($s1, $s2) {
             (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                let ($a, $b) = (slice(a, $l1, $op)?, slice(b, $l2, $op)?);
+                let ($a, $b) = (contiguous(a, $l1, $op)?, contiguous(b, $l2, $op)?);
                 CpuStorage::F32($body)
             }
             (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-                let ($a, $b) = (slice(a, $l1, $op)?, slice(b, $l2, $op)?);
+                let ($a, $b) = (contiguous(a, $l1, $op)?, contiguous(b, $l2, $op)?);
                 CpuStorage::F64($body)
             }
             (a, _) => candle_core::bail!("{} supports matching f32 or f64 tensors, got {:?}", $op, a.dtype()),
@@ -107,8 +102,8 @@ impl CustomOp1 for Relu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let out = match s {
-            CpuStorage::F32(x) => CpuStorage::F32(map1(slice(x, l, "relu")?, |v| if v > 0.0 { v } else { 0.0 })),
-            CpuStorage::F64(x) => CpuStorage::F64(map1(slice(x, l, "relu")?, |v| if v > 0.0 { v } else { 0.0 })),
+            CpuStorage::F32(x) => CpuStorage::F32(map1(contiguous(x, l, "relu")?, |v| if v > 0.0 { v } else { 0.0 })),
+            CpuStorage::F64(x) => CpuStorage::F64(map1(contiguous(x, l, "relu")?, |v| if v > 0.0 { v } else { 0.0 })),
             other => candle_core::bail!("relu supports f32 or f64, got {:?}", other.dtype()),
         };
         Ok((out, l.shape().clone()))
@@ -239,8 +234,8 @@ impl CustomOp1 for ColumnSums {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let out = match s {
-            CpuStorage::F32(x) => CpuStorage::F32(column_sums(slice(x, l, "column-sums")?, self.c)),
-            CpuStorage::F64(x) => CpuStorage::F64(column_sums(slice(x, l, "column-sums")?, self.c)),
+            CpuStorage::F32(x) => CpuStorage::F32(column_sums(contiguous(x, l, "column-sums")?, self.c)),
+            CpuStorage::F64(x) => CpuStorage::F64(column_sums(contiguous(x, l, "column-sums")?, self.c)),
             other => candle_core::bail!("column sums support f32 or f64, got {:?}", other.dtype()),
         };
         Ok((out, Shape::from(self.c)))

@@ -9,6 +9,8 @@
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use super::storage::contiguous;
+
 use super::geometry::Window;
 
 /// Unfolds `(batch, h, w, c)` into `(batch·oh·ow, kh·kw·c)` patches; padding reads as zero.
@@ -38,14 +40,6 @@ impl Im2col {
         let win = Window { batch, h, w, c, kh: self.kh, kw: self.kw, stride: self.stride, pad: self.pad };
         win.check("im2col")?;
         Ok(win)
-    }
-}
-
-/// Contiguous input slice of a layout, or an error naming the op.
-fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> candle_core::Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("{op} expects a contiguous input, got strides {:?}", layout.stride()),
     }
 }
 

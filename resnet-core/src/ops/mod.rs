@@ -7,6 +7,7 @@ pub mod elementwise;
 pub mod geometry;
 pub mod im2col;
 pub mod pool;
+mod storage;
 
 pub use batch_norm::BatchNorm;
 pub use conv::{Conv2d, Conv2dConfig};

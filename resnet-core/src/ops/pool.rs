@@ -4,6 +4,8 @@
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use super::storage::contiguous;
+
 use super::geometry::Window;
 
 /// Max-pooling with padding (padded cells never win), differentiable for any kernel and stride.
@@ -106,13 +108,6 @@ fn pool_bwd<T: WithDType>(x: &[T], grad: &[T], win: &Window) -> Vec<T> {
     dx
 }
 
-fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> candle_core::Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("max-pool expects contiguous tensors, got strides {:?}", layout.stride()),
-    }
-}
-
 impl CustomOp1 for MaxPool2d {
     fn name(&self) -> &'static str {
         "max-pool2d-nhwc"
@@ -121,8 +116,8 @@ impl CustomOp1 for MaxPool2d {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let win = self.window(layout)?;
         let out = match storage {
-            CpuStorage::F32(d) => CpuStorage::F32(pool_fwd(contiguous(d, layout)?, &win)),
-            CpuStorage::F64(d) => CpuStorage::F64(pool_fwd(contiguous(d, layout)?, &win)),
+            CpuStorage::F32(d) => CpuStorage::F32(pool_fwd(contiguous(d, layout, "max-pool input")?, &win)),
+            CpuStorage::F64(d) => CpuStorage::F64(pool_fwd(contiguous(d, layout, "max-pool input")?, &win)),
             other => candle_core::bail!("max-pool supports f32 and f64, got {:?}", other.dtype()),
         };
         Ok((out, Shape::from((win.batch, win.oh(), win.ow(), win.c))))
@@ -156,10 +151,10 @@ impl CustomOp2 for MaxPool2dBackward {
         }
         let out = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                CpuStorage::F32(pool_bwd(contiguous(x, l1)?, contiguous(g, l2)?, &win))
+                CpuStorage::F32(pool_bwd(contiguous(x, l1, "max-pool input")?, contiguous(g, l2, "max-pool gradient")?, &win))
             }
             (CpuStorage::F64(x), CpuStorage::F64(g)) => {
-                CpuStorage::F64(pool_bwd(contiguous(x, l1)?, contiguous(g, l2)?, &win))
+                CpuStorage::F64(pool_bwd(contiguous(x, l1, "max-pool input")?, contiguous(g, l2, "max-pool gradient")?, &win))
             }
             _ => candle_core::bail!("max-pool backward supports matching f32 or f64 tensors"),
         };
