@@ -335,6 +335,15 @@ pub fn load_default(explicit: Option<&Path>) -> Result<(FashionMnist, PathBuf)> 
     Ok((FashionMnist::load(&dir)?, dir))
 }
 
+/// [`locate`], then only the test split: evaluation and prediction need no training data.
+pub fn load_test(explicit: Option<&Path>) -> Result<(Split, PathBuf)> {
+    let dir = locate(explicit)?;
+    match (find_file(&dir, TEST_IMAGES), find_file(&dir, TEST_LABELS)) {
+        (Some(images), Some(labels)) => Ok((Split::read(&images, &labels)?, dir)),
+        _ => Err(DataError::NotFound { searched: vec![dir] }),
+    }
+}
+
 fn cache_dir_from(
     xdg_cache_home: Option<std::ffi::OsString>,
     home: Option<std::ffi::OsString>,
@@ -405,6 +414,21 @@ mod tests {
             assert!(has_dataset(dir.path()));
             assert_eq!(FashionMnist::load(dir.path())?, data);
         }
+        Ok(())
+    }
+
+    #[test]
+    fn load_test_reads_only_the_test_split() -> Result<()> {
+        let dir = tempdir()?;
+        let data = tiny();
+        data.save(dir.path(), true)?;
+        // A corrupt training file does not matter to evaluation.
+        std::fs::write(dir.path().join(format!("{TRAIN_IMAGES}.gz")), b"garbage")
+            .map_err(|e| DataError::io(dir.path(), e))?;
+        let (test, found) = load_test(Some(dir.path()))?;
+        assert_eq!(test, data.test);
+        assert_eq!(found, dir.path());
+        assert!(FashionMnist::load(dir.path()).is_err());
         Ok(())
     }
 

@@ -46,7 +46,7 @@ mod resize;
 pub use augment::{pixel_table, to_tensor_value, Augment, Normalize};
 pub use error::{DataError, Result};
 pub use fashion_mnist::{
-    default_cache_dir, find_file, has_dataset, load_default, locate, FashionMnist, Split,
+    default_cache_dir, find_file, has_dataset, load_default, load_test, locate, FashionMnist, Split,
     CLASS_NAMES, DATA_DIR_ENV, DEBIAN_DIR, FILES, NUM_CLASSES, TEST_IMAGES, TEST_LABELS,
     TRAIN_IMAGES, TRAIN_LABELS,
 };

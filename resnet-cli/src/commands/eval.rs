@@ -14,11 +14,11 @@ pub fn run(a: EvalArgs) -> Result<Outcome> {
     }
     let device = device::select(&a.device)?;
     let loaded = weights::load(&a.weights, &device, a.resize, a.normalize)?;
-    let (data, _) = resnet_data::load_default(a.data_dir.as_deref())?;
+    let (test, _) = resnet_data::load_test(a.data_dir.as_deref())?;
     let test = match a.limit {
         Some(0) => anyhow::bail!("--limit must be at least 1"),
-        Some(n) if n < data.test.len() => data.test.limit(n),
-        _ => data.test,
+        Some(n) if n < test.len() => test.limit(n),
+        _ => test,
     };
     let loader = LoaderConfig {
         batch_size: a.batch_size,

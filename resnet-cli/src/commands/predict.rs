@@ -27,8 +27,8 @@ pub fn run(a: PredictArgs) -> Result<Outcome> {
         inputs.push((path.display().to_string(), px));
     }
     if !a.indices.is_empty() {
-        let (data, _) = resnet_data::load_default(a.data_dir.as_deref())?;
-        let test = &data.test;
+        let (test, _) = resnet_data::load_test(a.data_dir.as_deref())?;
+        let test = &test;
         for &i in &a.indices {
             if i >= test.len() {
                 bail!("--index {i}: the test set has {} images (0..={})", test.len(), test.len() - 1);
