@@ -16,6 +16,7 @@ use clap::Parser;
 const EXIT_INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
+    restore_sigpipe();
     let cli = args::Cli::parse();
     init_tracing();
     if let Some(threads) = cli.threads {
@@ -38,6 +39,16 @@ fn main() -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `resnet-cli eval | head` should end quietly when `head` does, as Unix tools do, rather than
+/// panic on the broken pipe (Rust ignores SIGPIPE by default).
+fn restore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: called first thing in main, before any thread exists; SIG_DFL is a valid handler.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 
