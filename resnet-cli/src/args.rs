@@ -19,7 +19,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Train a model (d2l's train_ch6 and beyond), writing a run directory.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Test accuracy, per-class accuracy and the confusion matrix of saved weights.
     Eval(EvalArgs),
     /// Top classes for PNG images or test-set indices.

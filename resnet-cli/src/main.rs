@@ -24,7 +24,7 @@ fn main() -> ExitCode {
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
     let outcome = match cli.command {
-        args::Command::Train(a) => commands::train::run(a),
+        args::Command::Train(a) => commands::train::run(*a),
         args::Command::Eval(a) => commands::eval::run(a),
         args::Command::Predict(a) => commands::predict::run(a),
         args::Command::Summary(a) => commands::summary::run(a),

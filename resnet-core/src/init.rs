@@ -25,9 +25,10 @@ pub fn d2l_init(model: &ResNet, seed: u64) -> Result<()> {
         let dims = t.tensor.dims().to_vec();
         let values = if t.name.ends_with(".weight") && is_bn("weight") {
             constant(&dims, 1.0)
-        } else if t.name.ends_with(".bias") && is_bn("bias") {
-            constant(&dims, 0.0)
-        } else if t.name.ends_with("running_mean") || t.name.ends_with("num_batches_tracked") {
+        } else if (t.name.ends_with(".bias") && is_bn("bias"))
+            || t.name.ends_with("running_mean")
+            || t.name.ends_with("num_batches_tracked")
+        {
             constant(&dims, 0.0)
         } else if t.name.ends_with("running_var") {
             constant(&dims, 1.0)

@@ -37,6 +37,9 @@ impl Curves {
     }
 }
 
+/// A named line of (epoch, value) points and its colour.
+type Series<'a> = (&'static str, &'a [(f64, f64)], RGBColor);
+
 static FONT: Once = Once::new();
 
 fn register_font() {
@@ -88,10 +91,10 @@ where
         .light_line_style(WHITE.mix(0.0))
         .draw()
         .map_err(|e| err(&e))?;
-    let series: [(&str, &Vec<(f64, f64)>, RGBColor); 3] = [
-        ("train loss", &c.train_loss, RGBColor(31, 119, 180)),
-        ("train acc", &c.train_acc, RGBColor(214, 39, 40)),
-        ("test acc", &c.test_acc, RGBColor(44, 160, 44)),
+    let series: [Series; 3] = [
+        ("train loss", &c.train_loss[..], RGBColor(31, 119, 180)),
+        ("train acc", &c.train_acc[..], RGBColor(214, 39, 40)),
+        ("test acc", &c.test_acc[..], RGBColor(44, 160, 44)),
     ];
     for (name, points, color) in series {
         chart
