@@ -184,24 +184,32 @@ pub struct TrainArgs {
     pub model: ModelArgs,
 }
 
-/// `eval` flags.
+/// Flags shared by `eval` and `predict`: the weights, how inputs are prepared, where the data
+/// is and what runs it.
 #[derive(Debug, Args)]
-pub struct EvalArgs {
+pub struct InferenceArgs {
     /// Weights: a run's checkpoint/best file, or a d2l PyTorch state_dict saved with safetensors.
     #[arg(long, value_name = "FILE")]
     pub weights: PathBuf,
-    /// Resize test images to N×N (default: what the model was trained at; 96 for d2l files).
+    /// Resize images to N×N (default: what the model was trained at; 96 for d2l files).
     #[arg(long)]
     pub resize: Option<usize>,
     /// Normalise pixels (default: as in training).
     #[arg(long)]
     pub normalize: Option<bool>,
-    /// Directory holding the Fashion-MNIST files.
+    /// Directory holding the Fashion-MNIST files (for eval and predict --index).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+}
+
+/// `eval` flags.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub input: InferenceArgs,
     /// Batch size.
     #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
@@ -216,9 +224,8 @@ pub struct EvalArgs {
 /// `predict` flags.
 #[derive(Debug, Args)]
 pub struct PredictArgs {
-    /// Weights file.
-    #[arg(long, value_name = "FILE")]
-    pub weights: PathBuf,
+    #[command(flatten)]
+    pub input: InferenceArgs,
     /// PNG images (any size; converted to grey and resized as in training).
     #[arg(value_name = "IMAGE.png")]
     pub images: Vec<PathBuf>,
@@ -231,18 +238,6 @@ pub struct PredictArgs {
     /// Invert PNG images (dark object on light background → Fashion-MNIST's light on dark).
     #[arg(long)]
     pub invert: bool,
-    /// Resize to N×N (default: as in training).
-    #[arg(long)]
-    pub resize: Option<usize>,
-    /// Normalise pixels (default: as in training).
-    #[arg(long)]
-    pub normalize: Option<bool>,
-    /// Directory holding the Fashion-MNIST files (for --index).
-    #[arg(long, value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
 }
 
 /// `summary` flags.

@@ -12,9 +12,9 @@ pub fn run(a: EvalArgs) -> Result<Outcome> {
     if a.batch_size == 0 {
         anyhow::bail!("--batch-size must be at least 1");
     }
-    let device = device::select(&a.device)?;
-    let loaded = weights::load(&a.weights, &device, a.resize, a.normalize)?;
-    let (test, _) = resnet_data::load_test(a.data_dir.as_deref())?;
+    let device = device::select(&a.input.device)?;
+    let loaded = weights::load(&a.input.weights, &device, a.input.resize, a.input.normalize)?;
+    let (test, _) = resnet_data::load_test(a.input.data_dir.as_deref())?;
     let test = match a.limit {
         Some(0) => anyhow::bail!("--limit must be at least 1"),
         Some(n) if n < test.len() => test.limit(n),
@@ -33,7 +33,7 @@ pub fn run(a: EvalArgs) -> Result<Outcome> {
     let confusion = resnet_train::evaluate(&loaded.model, &test, &loader, &device)?;
     if a.json {
         let json = serde_json::json!({
-            "weights": a.weights,
+            "weights": a.input.weights,
             "examples": confusion.total(),
             "resize": loaded.resize,
             "test_acc": confusion.accuracy(),

@@ -13,8 +13,8 @@ pub fn run(a: PredictArgs) -> Result<Outcome> {
     if a.images.is_empty() && a.indices.is_empty() {
         bail!("nothing to predict: give PNG files and/or --index N");
     }
-    let device = device::select(&a.device)?;
-    let loaded = weights::load(&a.weights, &device, a.resize, a.normalize)?;
+    let device = device::select(&a.input.device)?;
+    let loaded = weights::load(&a.input.weights, &device, a.input.resize, a.input.normalize)?;
     let side = loaded.resize;
     let mut inputs: Vec<(String, Vec<u8>)> = Vec::new();
     for path in &a.images {
@@ -27,7 +27,7 @@ pub fn run(a: PredictArgs) -> Result<Outcome> {
         inputs.push((path.display().to_string(), px));
     }
     if !a.indices.is_empty() {
-        let (test, _) = resnet_data::load_test(a.data_dir.as_deref())?;
+        let (test, _) = resnet_data::load_test(a.input.data_dir.as_deref())?;
         let test = &test;
         for &i in &a.indices {
             if i >= test.len() {
