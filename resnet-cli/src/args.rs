@@ -82,6 +82,17 @@ pub enum KernelArg {
     Candle,
 }
 
+/// Numeric precision of training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PrecisionArg {
+    /// f32 throughout.
+    F32,
+    /// bf16 mixed precision with f32 master weights (CUDA).
+    Bf16,
+    /// f16 mixed precision with f32 master weights (no loss scaling).
+    F16,
+}
+
 /// Model-shape flags shared by train and summary.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
@@ -180,6 +191,12 @@ pub struct TrainArgs {
     /// Convolution implementation.
     #[arg(long, value_enum)]
     pub conv_kernel: Option<KernelArg>,
+    /// Precision of activations and products (bf16 needs --device cuda).
+    #[arg(long, value_enum)]
+    pub precision: Option<PrecisionArg>,
+    /// Allow TF32 tensor-core matrix products (CUDA only).
+    #[arg(long)]
+    pub tf32: bool,
     #[command(flatten)]
     pub model: ModelArgs,
 }

@@ -32,7 +32,8 @@ pub fn select(spec: &str) -> Result<Device> {
                      (see README, \"GPU\") or use --device cpu"
                 );
             }
-            Device::new_cuda(ordinal).with_context(|| format!("--device {s}: no such GPU, or the CUDA driver is unusable"))
+            Device::new_cuda(ordinal)
+                .with_context(|| format!("--device {s}: no such GPU, or the CUDA driver is unusable"))
         }
         other => bail!("--device {other}: expected auto, cpu, cuda or cuda:N"),
     }

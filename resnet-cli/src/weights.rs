@@ -26,13 +26,17 @@ pub fn load(path: &Path, device: &Device, resize: Option<usize>, normalize: Opti
     if !path.is_file() {
         anyhow::bail!("--weights {}: no such file", path.display());
     }
-    let cfg = checkpoint::read_config(path).with_context(|| format!("reading the model configuration of {}", path.display()))?;
+    let cfg = checkpoint::read_config(path)
+        .with_context(|| format!("reading the model configuration of {}", path.display()))?;
     let meta = checkpoint::read_metadata(path)?;
     let vars = VarMap::new();
     let model = ResNet::new(&cfg, VarBuilder::from_varmap(&vars, DType::F32, device))?;
     checkpoint::load_into(&model, path)?;
     let recorded_resize = match meta.get(INPUT_RESIZE_KEY) {
-        Some(v) => Some(v.parse::<usize>().with_context(|| format!("{}: bad `{INPUT_RESIZE_KEY}` metadata {v:?}", path.display()))?),
+        Some(v) => Some(
+            v.parse::<usize>()
+                .with_context(|| format!("{}: bad `{INPUT_RESIZE_KEY}` metadata {v:?}", path.display()))?,
+        ),
         None => None,
     };
     // d2l's chapter trains at 96 px without normalisation: the right default for its exports.

@@ -536,7 +536,19 @@ fn resume_needs_a_run_directory_of_its_own() -> Result<()> {
     )?;
     // Flags that would change the configuration are refused, naming them, rather than ignored.
     fails(
-        &["train", "--resume", path_str(&t.run)?, "--epochs", "5", "--lr", "0.5", "--data-dir", data, "--device", "cpu"],
+        &[
+            "train",
+            "--resume",
+            path_str(&t.run)?,
+            "--epochs",
+            "5",
+            "--lr",
+            "0.5",
+            "--data-dir",
+            data,
+            "--device",
+            "cpu",
+        ],
         &["--resume", "--epochs", "--lr"],
     )?;
     ensure!(!elsewhere.exists() && !missing.exists(), "a failed resume created a directory");

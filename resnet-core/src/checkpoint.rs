@@ -31,17 +31,20 @@ pub fn to_bytes(model: &ResNet, extra: &HashMap<String, String>) -> Result<Vec<u
 
 /// Like [`to_bytes`], with extra tensors (named under [`TRAIN_STATE_PREFIX`]) stored beside the
 /// model's, so a training checkpoint is one file written atomically.
-pub fn to_bytes_with(model: &ResNet, extra_tensors: &[(String, Tensor)], extra: &HashMap<String, String>) -> Result<Vec<u8>> {
+pub fn to_bytes_with(
+    model: &ResNet,
+    extra_tensors: &[(String, Tensor)],
+    extra: &HashMap<String, String>,
+) -> Result<Vec<u8>> {
     if let Some((name, _)) = extra_tensors.iter().find(|(n, _)| !n.starts_with(TRAIN_STATE_PREFIX)) {
-        return Err(CoreError::InvalidConfig(format!("extra tensor `{name}` must be named under `{TRAIN_STATE_PREFIX}`")));
+        return Err(CoreError::InvalidConfig(format!(
+            "extra tensor `{name}` must be named under `{TRAIN_STATE_PREFIX}`"
+        )));
     }
     let mut tensors: Vec<(String, Tensor)> = extra_tensors.to_vec();
     for t in model.named_tensors() {
-        let tensor = if t.name.ends_with("num_batches_tracked") {
-            t.tensor.to_dtype(DType::I64)?
-        } else {
-            t.tensor.clone()
-        };
+        let tensor =
+            if t.name.ends_with("num_batches_tracked") { t.tensor.to_dtype(DType::I64)? } else { t.tensor.clone() };
         tensors.push((t.name, tensor));
     }
     let mut meta = extra.clone();
@@ -99,8 +102,8 @@ pub fn load_into(model: &ResNet, path: &Path) -> Result<()> {
     let (st, meta) = parse(path, &bytes)?;
     let mismatch = |problem: String| CoreError::CheckpointMismatch { path: path.to_path_buf(), problem };
     if let Some(json) = meta.get(CONFIG_KEY) {
-        let theirs: ResNetConfig = serde_json::from_str(json)
-            .map_err(|e| mismatch(format!("unreadable `{CONFIG_KEY}` metadata: {e}")))?;
+        let theirs: ResNetConfig =
+            serde_json::from_str(json).map_err(|e| mismatch(format!("unreadable `{CONFIG_KEY}` metadata: {e}")))?;
         if !theirs.same_architecture(model.config()) {
             return Err(mismatch(format!(
                 "it was saved from {} but the model is {}",
@@ -209,7 +212,8 @@ fn infer_config(path: &Path, st: &SafeTensors) -> Result<ResNetConfig> {
         path: path.to_path_buf(),
         reason: format!("no `{CONFIG_KEY}` metadata and {reason}; is this a d2l ResNet state_dict?"),
     };
-    let shape = |name: &str| st.tensor(name).map(|v| v.shape().to_vec()).map_err(|_| fail(format!("no `{name}` tensor")));
+    let shape =
+        |name: &str| st.tensor(name).map(|v| v.shape().to_vec()).map_err(|_| fail(format!("no `{name}` tensor")));
     let stem = shape("0.0.weight")?;
     let fc = shape("7.weight")?;
     let (&[base_width, in_channels, 7, 7], &[num_classes, _]) = (stem.as_slice(), fc.as_slice()) else {

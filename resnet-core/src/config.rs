@@ -153,8 +153,7 @@ mod tests {
         assert!(json.contains("\"depth\":\"34\""), "{json}");
         let back: ResNetConfig = serde_json::from_str(&json)?;
         assert_eq!(back, cfg);
-        let minimal: ResNetConfig =
-            serde_json::from_str(r#"{"in_channels":1,"num_classes":10,"depth":"18"}"#)?;
+        let minimal: ResNetConfig = serde_json::from_str(r#"{"in_channels":1,"num_classes":10,"depth":"18"}"#)?;
         assert_eq!(minimal, ResNetConfig::d2l_resnet18());
         Ok(())
     }

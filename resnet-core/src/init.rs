@@ -38,11 +38,7 @@ pub fn d2l_init(model: &ResNet, seed: u64) -> Result<()> {
         } else {
             // A bias: PyTorch's default bound uses its weight's fan-in.
             let weight_name = format!("{}weight", t.name.strip_suffix("bias").unwrap_or_default());
-            let fan_in = tensors
-                .iter()
-                .find(|o| o.name == weight_name)
-                .map(|w| fans(w.tensor.dims()).0)
-                .unwrap_or(1);
+            let fan_in = tensors.iter().find(|o| o.name == weight_name).map(|w| fans(w.tensor.dims()).0).unwrap_or(1);
             uniform(&dims, 1.0 / (fan_in as f64).sqrt(), seed, &t.name)
         };
         set(t, Tensor::from_vec(values, dims, t.tensor.device())?.to_dtype(t.tensor.dtype())?)?;
@@ -123,7 +119,8 @@ mod tests {
         let fc_bias = find("7.bias").abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(fc_bias <= 1.0 / 64f32.sqrt(), "fc bias {fc_bias}");
         d2l_init(&b, 8)?;
-        let diff = (find("7.weight") - &b.named_tensors().into_iter().find(|t| t.name == "7.weight").expect("p").tensor)?
+        let diff = (find("7.weight")
+            - &b.named_tensors().into_iter().find(|t| t.name == "7.weight").expect("p").tensor)?
             .abs()?
             .max_all()?
             .to_scalar::<f32>()?;

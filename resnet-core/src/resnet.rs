@@ -1,6 +1,6 @@
 //! The ResNet itself: d2l's stem `b1`, stages `b2..b5`, global average pooling and the classifier.
 
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 use candle_nn::{ModuleT, VarBuilder};
 
 use crate::block::Stage;
@@ -24,6 +24,7 @@ pub struct ResNet {
     stages: Vec<Stage>,
     final_bn: Option<BatchNorm>,
     fc: candle_nn::Linear,
+    compute_dtype: Option<DType>,
 }
 
 /// One line of the seed's shape trace: a top-level layer and its output shape.
@@ -61,7 +62,35 @@ impl ResNet {
             BlockKind::PreActivation => Some(BatchNorm::new(c4, vb.pp("final_bn"))?),
         };
         let fc = candle_nn::linear(c4, cfg.num_classes, vb.pp("7"))?;
-        Ok(Self { cfg: cfg.clone(), stem_conv, stem_bn, pool: MaxPool2d::d2l_stem(), stages, final_bn, fc })
+        Ok(Self {
+            cfg: cfg.clone(),
+            stem_conv,
+            stem_bn,
+            pool: MaxPool2d::d2l_stem(),
+            stages,
+            final_bn,
+            fc,
+            compute_dtype: None,
+        })
+    }
+
+    /// Runs the convolutions, pooling and residual adds in `dtype` (bf16 or f16 for mixed
+    /// precision) while the parameters stay in their own dtype (f32 master weights, which receive
+    /// f32 gradients through the casts). BatchNorm statistics and the classifier stay in f32, and
+    /// logits come out in the parameters' dtype. `None` computes in the input's dtype.
+    pub fn set_compute_dtype(&mut self, dtype: Option<DType>) -> Result<()> {
+        if let Some(d) = dtype {
+            if !d.is_float() {
+                return Err(CoreError::InvalidConfig(format!("compute dtype must be a float type, got {d:?}")));
+            }
+        }
+        self.compute_dtype = dtype;
+        Ok(())
+    }
+
+    /// The dtype set by [`ResNet::set_compute_dtype`].
+    pub fn compute_dtype(&self) -> Option<DType> {
+        self.compute_dtype
     }
 
     /// The configuration the model was built from.
@@ -77,6 +106,9 @@ impl ResNet {
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         Self::stage_shapes(&self.cfg, xs.dims())?;
         let mut ys = to_channels_last(xs)?;
+        if let Some(dtype) = self.compute_dtype {
+            ys = ys.to_dtype(dtype)?;
+        }
         for stage in 0..5 {
             ys = self.run_stage(stage, &ys, train)?;
         }
@@ -125,11 +157,12 @@ impl ResNet {
         if c != cfg.in_channels {
             return Err(shape_err("b1", format!("the model takes {} input channel(s), got {c}", cfg.in_channels)));
         }
-        let step = |stage: &str, what: &str, (h, w): (usize, usize), k, s, p| {
-            match (Window::out_len(h, k, s, p), Window::out_len(w, k, s, p)) {
-                (Some(oh), Some(ow)) => Ok((oh, ow)),
-                _ => Err(shape_err(stage, format!("{what} ({k}x{k}, stride {s}, padding {p}) does not fit {h}x{w}"))),
-            }
+        let step = |stage: &str, what: &str, (h, w): (usize, usize), k, s, p| match (
+            Window::out_len(h, k, s, p),
+            Window::out_len(w, k, s, p),
+        ) {
+            (Some(oh), Some(ow)) => Ok((oh, ow)),
+            _ => Err(shape_err(stage, format!("{what} ({k}x{k}, stride {s}, padding {p}) does not fit {h}x{w}"))),
         };
         let chans = cfg.stage_channels();
         let mut hw = step("b1", "the 7x7 stem convolution", (h, w), 7, 2, 3)?;
@@ -154,7 +187,8 @@ impl ResNet {
         let hw = |i: usize| (shapes[i].shape[2] * shapes[i].shape[3]) as u64;
         let [c1, ..] = cfg.stage_channels();
         // The stem convolution's output is twice the pooled side (before the stride-2 pool).
-        let stem_hw = (Window::out_len(height, 7, 2, 3).unwrap_or(0) * Window::out_len(width, 7, 2, 3).unwrap_or(0)) as u64;
+        let stem_hw =
+            (Window::out_len(height, 7, 2, 3).unwrap_or(0) * Window::out_len(width, 7, 2, 3).unwrap_or(0)) as u64;
         let mut macs = stem_hw * (49 * cfg.in_channels * c1) as u64;
         let chans = cfg.stage_channels();
         for (stage, &blocks) in cfg.depth.blocks_per_stage().iter().enumerate() {
@@ -211,6 +245,8 @@ impl ResNet {
             Some(bn) => bn.forward_relu_t(xs, train)?,
             None => xs.clone(),
         };
+        // Pooling and the classifier in the parameters' precision.
+        let xs = xs.to_dtype(self.fc.weight().dtype())?;
         self.fc.forward(&global_avg_pool(&xs)?)
     }
 }
@@ -310,6 +346,46 @@ mod tests {
         assert!(err.to_string().contains("stem"), "{err}");
         let err = ResNet::stage_shapes(&cfg, &[1, 96, 96]).expect_err("rank 3");
         assert!(err.to_string().contains("4 dimensions"), "{err}");
+        Ok(())
+    }
+
+    /// Mixed precision: the f16 network (the CPU stand-in for bf16 on CUDA) against the f32
+    /// one with the same weights: logits within f16 rounding, f32 gradients on the f32 master
+    /// weights that agree in direction, and the portable ops all the way through.
+    #[test]
+    fn half_precision_compute_tracks_f32_with_f32_gradients() -> Result<()> {
+        use crate::init::d2l_init;
+        let cfg = ResNetConfig { base_width: 8, ..ResNetConfig::d2l_resnet18() };
+        let map = VarMap::new();
+        let mut net = ResNet::new(&cfg, VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu))?;
+        d2l_init(&net, 3)?;
+        let x = Tensor::rand(0f32, 1., (4, 1, 32, 32), &Device::Cpu)?;
+        let probe = Tensor::randn(0f32, 1., (4, 10), &Device::Cpu)?;
+        let full = net.forward_t(&x, true)?;
+        let g_full = (&full * &probe)?.sum_all()?.backward()?;
+        assert!(net.set_compute_dtype(Some(DType::U8)).is_err(), "an integer compute dtype is refused");
+        net.set_compute_dtype(Some(DType::F16))?;
+        let half = net.forward_t(&x, true)?;
+        assert_eq!(half.dtype(), DType::F32, "logits come out in the parameters' dtype");
+        let scale = full.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
+        let diff = (&half - &full)?.abs()?.max_all()?.to_scalar::<f32>()? / scale;
+        assert!(diff < 0.05, "f16 logits differ from f32 by {diff} (relative to the largest)");
+        let g_half = (&half * &probe)?.sum_all()?.backward()?;
+        for p in net.parameters() {
+            let (name, t) = (&p.name, &p.tensor);
+            let (a, b) = (g_full.get(t).expect("f32 grad"), g_half.get(t).expect("f16 grad"));
+            assert_eq!(b.dtype(), DType::F32, "{name}: master-weight gradient must be f32");
+            let dot = (a * b)?.sum_all()?.to_scalar::<f32>()?;
+            let na = a.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+            let nb = b.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+            // A convolution bias right before BatchNorm has a true gradient of zero (BN removes
+            // the mean), so both values are rounding noise: compare the others.
+            let cancels = name.ends_with(".bias") && (name == "0.0.bias" || name.contains(".conv"));
+            if !cancels && na > 1e-6 {
+                let cos = dot / (na * nb);
+                assert!(cos > 0.95, "{name}: f16 gradient cosine {cos} against f32");
+            }
+        }
         Ok(())
     }
 }

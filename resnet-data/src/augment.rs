@@ -37,10 +37,7 @@ pub fn to_tensor_value(p: u8) -> f32 {
 impl Augment {
     /// No augmentation (d2l's setting).
     pub const fn none() -> Self {
-        Self {
-            crop_padding: 0,
-            hflip: false,
-        }
+        Self { crop_padding: 0, hflip: false }
     }
 
     /// Whether this leaves every image unchanged (and draws no random numbers).
@@ -65,24 +62,11 @@ impl Augment {
     ///
     /// # Shapes
     /// `src`, `dst`: `(side, side)`.
-    pub fn apply<R: Rng + ?Sized>(
-        &self,
-        src: &[u8],
-        side: usize,
-        rng: &mut R,
-        dst: &mut [u8],
-    ) -> Result<()> {
+    pub fn apply<R: Rng + ?Sized>(&self, src: &[u8], side: usize, rng: &mut R, dst: &mut [u8]) -> Result<()> {
         let n = side * side;
-        for (what, len) in [
-            ("augment source", src.len()),
-            ("augment destination", dst.len()),
-        ] {
+        for (what, len) in [("augment source", src.len()), ("augment destination", dst.len())] {
             if len != n {
-                return Err(DataError::BufferSize {
-                    what,
-                    expected: n,
-                    found: len,
-                });
+                return Err(DataError::BufferSize { what, expected: n, found: len });
             }
         }
         let p = self.crop_padding;
@@ -111,10 +95,7 @@ impl Default for Augment {
 impl Normalize {
     /// Fashion-MNIST training-set statistics of `ToTensor` output: mean 0.2860, std 0.3530.
     pub const fn fashion_mnist() -> Self {
-        Self {
-            mean: 0.2860,
-            std: 0.3530,
-        }
+        Self { mean: 0.2860, std: 0.3530 }
     }
 
     /// Checks that both are finite and `std` is positive.
@@ -147,11 +128,7 @@ pub fn pixel_table(normalize: Option<&Normalize>) -> [f32; 256] {
 fn crop_padded(src: &[u8], side: usize, p: usize, top: usize, left: usize, dst: &mut [u8]) {
     dst.fill(0);
     // Columns of dst that come from src, and where they start in src.
-    let (dst_x0, src_x0) = if left >= p {
-        (0, left - p)
-    } else {
-        (p - left, 0)
-    };
+    let (dst_x0, src_x0) = if left >= p { (0, left - p) } else { (p - left, 0) };
     let width = side.saturating_sub(dst_x0.max(src_x0));
     if width == 0 {
         return;
@@ -196,11 +173,7 @@ mod tests {
                 for left in 0..=2 * p {
                     let mut dst = vec![0xee; side * side];
                     crop_padded(&src, side, p, top, left, &mut dst);
-                    assert_eq!(
-                        dst,
-                        reference_crop(&src, side, p, top, left),
-                        "p {p} top {top} left {left}"
-                    );
+                    assert_eq!(dst, reference_crop(&src, side, p, top, left), "p {p} top {top} left {left}");
                 }
             }
         }
@@ -213,24 +186,15 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         Augment::none().apply(&src, 8, &mut rng, &mut dst)?;
         assert_eq!(dst, src);
-        assert_eq!(
-            rng.random::<u64>(),
-            ChaCha8Rng::seed_from_u64(1).random::<u64>()
-        );
+        assert_eq!(rng.random::<u64>(), ChaCha8Rng::seed_from_u64(1).random::<u64>());
         Ok(())
     }
 
     #[test]
     fn flip_only_mirrors_about_half_the_time() -> Result<()> {
         let src: Vec<u8> = (0..64).collect();
-        let mirrored: Vec<u8> = src
-            .chunks(8)
-            .flat_map(|r| r.iter().rev().copied())
-            .collect();
-        let aug = Augment {
-            crop_padding: 0,
-            hflip: true,
-        };
+        let mirrored: Vec<u8> = src.chunks(8).flat_map(|r| r.iter().rev().copied()).collect();
+        let aug = Augment { crop_padding: 0, hflip: true };
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         let mut flips = 0;
         let mut dst = vec![0; 64];
@@ -249,10 +213,7 @@ mod tests {
     #[test]
     fn crop_keeps_pixels_in_order_and_is_seeded() -> Result<()> {
         let src: Vec<u8> = (1..=64).collect();
-        let aug = Augment {
-            crop_padding: 2,
-            hflip: true,
-        };
+        let aug = Augment { crop_padding: 2, hflip: true };
         let (mut a, mut b) = (vec![0; 64], vec![0; 64]);
         aug.apply(&src, 8, &mut ChaCha8Rng::seed_from_u64(9), &mut a)?;
         aug.apply(&src, 8, &mut ChaCha8Rng::seed_from_u64(9), &mut b)?;
@@ -266,26 +227,9 @@ mod tests {
     fn apply_checks_lengths_and_validate_checks_padding() {
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let err = Augment::none().apply(&[0; 10], 8, &mut rng, &mut [0; 64]);
-        assert!(matches!(
-            err,
-            Err(DataError::BufferSize {
-                expected: 64,
-                found: 10,
-                ..
-            })
-        ));
-        assert!(Augment {
-            crop_padding: 9,
-            hflip: false
-        }
-        .validate(8)
-        .is_err());
-        assert!(Augment {
-            crop_padding: 8,
-            hflip: false
-        }
-        .validate(8)
-        .is_ok());
+        assert!(matches!(err, Err(DataError::BufferSize { expected: 64, found: 10, .. })));
+        assert!(Augment { crop_padding: 9, hflip: false }.validate(8).is_err());
+        assert!(Augment { crop_padding: 8, hflip: false }.validate(8).is_ok());
     }
 
     #[test]
@@ -307,18 +251,8 @@ mod tests {
         assert_eq!(table[0], (0.0 - 0.2860) / 0.3530);
         assert_eq!(table[255], (1.0 - 0.2860) / 0.3530);
         assert_eq!(pixel_table(None)[128], to_tensor_value(128));
-        assert!(Normalize {
-            mean: 0.0,
-            std: 0.0
-        }
-        .validate()
-        .is_err());
-        assert!(Normalize {
-            mean: f32::NAN,
-            std: 1.0
-        }
-        .validate()
-        .is_err());
+        assert!(Normalize { mean: 0.0, std: 0.0 }.validate().is_err());
+        assert!(Normalize { mean: f32::NAN, std: 1.0 }.validate().is_err());
         Ok(())
     }
 }

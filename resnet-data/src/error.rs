@@ -168,10 +168,7 @@ pub type Result<T> = std::result::Result<T, DataError>;
 
 impl DataError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        Self::Io {
-            path: path.to_path_buf(),
-            source,
-        }
+        Self::Io { path: path.to_path_buf(), source }
     }
 }
 
@@ -179,11 +176,7 @@ fn join_paths(paths: &[PathBuf]) -> String {
     if paths.is_empty() {
         return "no directory (none configured)".to_owned();
     }
-    paths
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]
@@ -192,33 +185,19 @@ mod tests {
 
     #[test]
     fn not_found_names_places_and_remedies() {
-        let err = DataError::NotFound {
-            searched: vec![PathBuf::from("/a/b"), PathBuf::from("/c")],
-        };
+        let err = DataError::NotFound { searched: vec![PathBuf::from("/a/b"), PathBuf::from("/c")] };
         let msg = err.to_string();
-        for needle in [
-            "/a/b",
-            "/c",
-            "cargo xtask fetch-data",
-            "apt-get install dataset-fashion-mnist",
-            "train-images-idx3-ubyte",
-        ] {
+        for needle in
+            ["/a/b", "/c", "cargo xtask fetch-data", "apt-get install dataset-fashion-mnist", "train-images-idx3-ubyte"]
+        {
             assert!(msg.contains(needle), "message lacks {needle:?}: {msg}");
         }
     }
 
     #[test]
     fn bad_magic_shows_hex() {
-        let err = DataError::BadMagic {
-            path: PathBuf::from("x"),
-            kind: "images",
-            expected: 2051,
-            found: 7,
-        };
+        let err = DataError::BadMagic { path: PathBuf::from("x"), kind: "images", expected: 2051, found: 7 };
         let msg = err.to_string();
-        assert!(
-            msg.contains("0x00000803") && msg.contains("0x00000007"),
-            "{msg}"
-        );
+        assert!(msg.contains("0x00000803") && msg.contains("0x00000007"), "{msg}");
     }
 }

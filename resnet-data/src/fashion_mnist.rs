@@ -12,18 +12,8 @@ use crate::error::{DataError, Result};
 use crate::idx::{self, IdxImages, IdxLabels};
 
 /// The ten classes, indexed by label.
-pub const CLASS_NAMES: [&str; 10] = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-];
+pub const CLASS_NAMES: [&str; 10] =
+    ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"];
 /// Number of classes; every label is below this.
 pub const NUM_CLASSES: usize = CLASS_NAMES.len();
 
@@ -72,18 +62,9 @@ impl Split {
     /// Builds a split, checking that the buffers agree with the dimensions and that every
     /// label is a class index.
     pub fn new(images: Vec<u8>, labels: Vec<u8>, rows: usize, cols: usize) -> Result<Self> {
-        let split = Self {
-            images,
-            labels,
-            rows,
-            cols,
-        };
+        let split = Self { images, labels, rows, cols };
         split.check()?;
-        if let Some(index) = split
-            .labels
-            .iter()
-            .position(|&l| usize::from(l) >= NUM_CLASSES)
-        {
+        if let Some(index) = split.labels.iter().position(|&l| usize::from(l) >= NUM_CLASSES) {
             return Err(DataError::LabelOutOfRange {
                 path: PathBuf::from("<memory>"),
                 index,
@@ -108,33 +89,20 @@ impl Split {
                 images.extend((0..cols).map(|_| base + rng.random_range(0..60u8)));
             }
         }
-        Self {
-            images,
-            labels,
-            rows,
-            cols,
-        }
+        Self { images, labels, rows, cols }
     }
 
     /// Checks that `images` holds exactly `len() * rows * cols` bytes and that images are not
     /// empty. Does not look at label values.
     pub fn check(&self) -> Result<()> {
         if self.rows == 0 || self.cols == 0 {
-            return Err(DataError::BufferSize {
-                what: "split image side (rows, cols)",
-                expected: 1,
-                found: 0,
-            });
+            return Err(DataError::BufferSize { what: "split image side (rows, cols)", expected: 1, found: 0 });
         }
-        let expected = self
-            .labels
-            .len()
-            .checked_mul(self.pixels_per_image())
-            .ok_or(DataError::BufferSize {
-                what: "split pixels",
-                expected: usize::MAX,
-                found: self.images.len(),
-            })?;
+        let expected = self.labels.len().checked_mul(self.pixels_per_image()).ok_or(DataError::BufferSize {
+            what: "split pixels",
+            expected: usize::MAX,
+            found: self.images.len(),
+        })?;
         if self.images.len() != expected {
             return Err(DataError::BufferSize {
                 what: "split pixels (labels x rows x cols)",
@@ -198,12 +166,7 @@ impl Split {
     /// Loads a split from an images file and a labels file (each gzipped or raw), checking
     /// labels and counts.
     pub fn read(images_path: &Path, labels_path: &Path) -> Result<Self> {
-        let IdxImages {
-            count,
-            rows,
-            cols,
-            pixels,
-        } = idx::read_images(images_path)?;
+        let IdxImages { count, rows, cols, pixels } = idx::read_images(images_path)?;
         let labels = idx::read_labels(labels_path)?;
         labels.check_range(NUM_CLASSES as u8, labels_path)?;
         if labels.len() != count {
@@ -214,12 +177,7 @@ impl Split {
                 labels: labels.len(),
             });
         }
-        Ok(Self {
-            images: pixels,
-            labels: labels.labels,
-            rows,
-            cols,
-        })
+        Ok(Self { images: pixels, labels: labels.labels, rows, cols })
     }
 
     /// Writes the split as an IDX images file and an IDX labels file (gzipped if `compress`).
@@ -230,9 +188,7 @@ impl Split {
             cols: self.cols,
             pixels: self.images.clone(),
         });
-        let labels = idx::encode_labels(&IdxLabels {
-            labels: self.labels.clone(),
-        });
+        let labels = idx::encode_labels(&IdxLabels { labels: self.labels.clone() });
         for (path, bytes) in [(images_path, images), (labels_path, labels)] {
             let bytes = if compress { idx::gzip(&bytes) } else { bytes };
             std::fs::write(path, bytes).map_err(|e| DataError::io(path, e))?;
@@ -244,23 +200,15 @@ impl Split {
 impl FashionMnist {
     /// Loads all four files from `dir`, each as `<name>.gz` or raw `<name>`.
     pub fn load(dir: &Path) -> Result<Self> {
-        let path = |name: &str| {
-            find_file(dir, name).ok_or_else(|| DataError::NotFound {
-                searched: vec![dir.to_path_buf()],
-            })
-        };
+        let path =
+            |name: &str| find_file(dir, name).ok_or_else(|| DataError::NotFound { searched: vec![dir.to_path_buf()] });
         let (train_images, test_images) = (path(TRAIN_IMAGES)?, path(TEST_IMAGES)?);
         let train = Split::read(&train_images, &path(TRAIN_LABELS)?)?;
         let test = Split::read(&test_images, &path(TEST_LABELS)?)?;
         if (test.rows, test.cols) != (train.rows, train.cols) {
             return Err(DataError::BadDims {
                 path: test_images,
-                expected: format!(
-                    "{}x{} images, like {}",
-                    train.rows,
-                    train.cols,
-                    train_images.display()
-                ),
+                expected: format!("{}x{} images, like {}", train.rows, train.cols, train_images.display()),
                 found: format!("{}x{}", test.rows, test.cols),
             });
         }
@@ -279,25 +227,15 @@ impl FashionMnist {
     /// (`<name>.gz`) if `compress`; [`FashionMnist::load`] reads it back.
     pub fn save(&self, dir: &Path, compress: bool) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
-        let file = |name: &str| {
-            dir.join(if compress {
-                format!("{name}.gz")
-            } else {
-                name.to_owned()
-            })
-        };
-        self.train
-            .write(&file(TRAIN_IMAGES), &file(TRAIN_LABELS), compress)?;
-        self.test
-            .write(&file(TEST_IMAGES), &file(TEST_LABELS), compress)
+        let file = |name: &str| dir.join(if compress { format!("{name}.gz") } else { name.to_owned() });
+        self.train.write(&file(TRAIN_IMAGES), &file(TRAIN_LABELS), compress)?;
+        self.test.write(&file(TEST_IMAGES), &file(TEST_LABELS), compress)
     }
 }
 
 /// The path of `<name>.gz` in `dir` if it is a file, else of `<name>` if that is, else `None`.
 pub fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
-    [dir.join(format!("{name}.gz")), dir.join(name)]
-        .into_iter()
-        .find(|p| p.is_file())
+    [dir.join(format!("{name}.gz")), dir.join(name)].into_iter().find(|p| p.is_file())
 }
 
 /// Whether `dir` holds all four files (each gzipped or raw).
@@ -318,15 +256,8 @@ pub fn default_cache_dir() -> Option<PathBuf> {
 /// An explicit directory is not a hint: if it lacks the files, the error names it and nothing
 /// else is searched. Otherwise [`DataError::NotFound`] lists every place searched.
 pub fn locate(explicit: Option<&Path>) -> Result<PathBuf> {
-    let env_dir = std::env::var_os(DATA_DIR_ENV)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from);
-    locate_in(
-        explicit,
-        env_dir,
-        default_cache_dir(),
-        Path::new(DEBIAN_DIR),
-    )
+    let env_dir = std::env::var_os(DATA_DIR_ENV).filter(|v| !v.is_empty()).map(PathBuf::from);
+    locate_in(explicit, env_dir, default_cache_dir(), Path::new(DEBIAN_DIR))
 }
 
 /// [`locate`], then [`FashionMnist::load`]; returns the directory used too.
@@ -344,17 +275,11 @@ pub fn load_test(explicit: Option<&Path>) -> Result<(Split, PathBuf)> {
     }
 }
 
-fn cache_dir_from(
-    xdg_cache_home: Option<std::ffi::OsString>,
-    home: Option<std::ffi::OsString>,
-) -> Option<PathBuf> {
+fn cache_dir_from(xdg_cache_home: Option<std::ffi::OsString>, home: Option<std::ffi::OsString>) -> Option<PathBuf> {
     let base = xdg_cache_home
         .map(PathBuf::from)
         .filter(|p| p.is_absolute())
-        .or_else(|| {
-            home.filter(|h| !h.is_empty())
-                .map(|h| PathBuf::from(h).join(".cache"))
-        })?;
+        .or_else(|| home.filter(|h| !h.is_empty()).map(|h| PathBuf::from(h).join(".cache")))?;
     Some(base.join("resnet-fashion").join("fashion-mnist"))
 }
 
@@ -368,9 +293,7 @@ fn locate_in(
         if has_dataset(dir) {
             return Ok(dir.to_path_buf());
         }
-        return Err(DataError::NotFound {
-            searched: vec![dir.to_path_buf()],
-        });
+        return Err(DataError::NotFound { searched: vec![dir.to_path_buf()] });
     }
     let mut searched = Vec::new();
     if let Some(dir) = env_dir {
@@ -399,10 +322,7 @@ mod tests {
     }
 
     fn tiny() -> FashionMnist {
-        FashionMnist {
-            train: Split::synthetic(30, 6, 5, 1),
-            test: Split::synthetic(10, 6, 5, 2),
-        }
+        FashionMnist { train: Split::synthetic(30, 6, 5, 1), test: Split::synthetic(10, 6, 5, 2) }
     }
 
     #[test]
@@ -439,15 +359,7 @@ mod tests {
         assert_eq!(split.image(2), &[12, 13, 14, 15, 16, 17]);
         assert_eq!(split.get(4), None);
         let counts = split.class_counts();
-        assert_eq!(
-            (
-                counts[1],
-                counts[3],
-                counts[9],
-                counts.iter().sum::<usize>()
-            ),
-            (1, 2, 1, 4)
-        );
+        assert_eq!((counts[1], counts[3], counts[9], counts.iter().sum::<usize>()), (1, 2, 1, 4));
         let first = split.limit(2);
         assert_eq!((first.len(), first.images.len()), (2, 12));
         assert_eq!(first.clone().limit(100), first);
@@ -456,14 +368,8 @@ mod tests {
 
     #[test]
     fn split_new_rejects_inconsistent_buffers() {
-        assert!(matches!(
-            Split::new(vec![0; 5], vec![0], 2, 3),
-            Err(DataError::BufferSize { .. })
-        ));
-        assert!(matches!(
-            Split::new(vec![0; 6], vec![10], 2, 3),
-            Err(DataError::LabelOutOfRange { label: 10, .. })
-        ));
+        assert!(matches!(Split::new(vec![0; 5], vec![0], 2, 3), Err(DataError::BufferSize { .. })));
+        assert!(matches!(Split::new(vec![0; 6], vec![10], 2, 3), Err(DataError::LabelOutOfRange { label: 10, .. })));
     }
 
     #[test]
@@ -481,46 +387,21 @@ mod tests {
         data.test.labels[4] = 12;
         data.save(dir.path(), false)?;
         let err = FashionMnist::load(dir.path());
-        assert!(
-            matches!(
-                err,
-                Err(DataError::LabelOutOfRange {
-                    index: 4,
-                    label: 12,
-                    ..
-                })
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, Err(DataError::LabelOutOfRange { index: 4, label: 12, .. })), "{err:?}");
 
         tiny().save(dir.path(), false)?;
         let labels = dir.path().join(TRAIN_LABELS);
-        let short = idx::encode_labels(&IdxLabels {
-            labels: vec![1; 29],
-        });
+        let short = idx::encode_labels(&IdxLabels { labels: vec![1; 29] });
         std::fs::write(&labels, short).map_err(|e| DataError::io(&labels, e))?;
         let err = FashionMnist::load(dir.path());
-        assert!(
-            matches!(
-                err,
-                Err(DataError::CountMismatch {
-                    images: 30,
-                    labels: 29,
-                    ..
-                })
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, Err(DataError::CountMismatch { images: 30, labels: 29, .. })), "{err:?}");
         Ok(())
     }
 
     #[test]
     fn load_rejects_differing_train_test_sizes() -> Result<()> {
         let dir = tempdir()?;
-        let data = FashionMnist {
-            train: Split::synthetic(3, 6, 5, 1),
-            test: Split::synthetic(3, 5, 6, 2),
-        };
+        let data = FashionMnist { train: Split::synthetic(3, 6, 5, 1), test: Split::synthetic(3, 5, 6, 2) };
         data.save(dir.path(), true)?;
         let err = FashionMnist::load(dir.path());
         assert!(matches!(err, Err(DataError::BadDims { .. })), "{err:?}");
@@ -534,10 +415,7 @@ mod tests {
         let raw = find_file(dir.path(), TRAIN_IMAGES);
         assert_eq!(raw, Some(dir.path().join(TRAIN_IMAGES)));
         tiny().save(dir.path(), true)?;
-        assert_eq!(
-            find_file(dir.path(), TRAIN_IMAGES),
-            Some(dir.path().join("train-images-idx3-ubyte.gz"))
-        );
+        assert_eq!(find_file(dir.path(), TRAIN_IMAGES), Some(dir.path().join("train-images-idx3-ubyte.gz")));
         Ok(())
     }
 
@@ -550,34 +428,17 @@ mod tests {
         let p = |d: &tempfile::TempDir| d.path().to_path_buf();
         // First qualifying directory wins, in order env, cache, debian.
         assert_eq!(locate_in(None, Some(p(&a)), Some(p(&b)), c.path())?, p(&a));
-        assert_eq!(
-            locate_in(None, Some(p(&empty)), Some(p(&b)), c.path())?,
-            p(&b)
-        );
+        assert_eq!(locate_in(None, Some(p(&empty)), Some(p(&b)), c.path())?, p(&b));
         assert_eq!(locate_in(None, None, Some(p(&empty)), c.path())?, p(&c));
-        assert_eq!(
-            locate_in(Some(a.path()), Some(p(&b)), None, c.path())?,
-            p(&a)
-        );
+        assert_eq!(locate_in(Some(a.path()), Some(p(&b)), None, c.path())?, p(&a));
         // An explicit directory without the data is an error naming only it.
         let err = locate_in(Some(empty.path()), Some(p(&a)), None, c.path());
-        assert!(
-            matches!(&err, Err(DataError::NotFound { searched }) if searched == &[p(&empty)]),
-            "{err:?}"
-        );
+        assert!(matches!(&err, Err(DataError::NotFound { searched }) if searched == &[p(&empty)]), "{err:?}");
         // Nothing anywhere: every place is listed, in order.
         let cache = empty.path().join("cache");
-        let err = locate_in(
-            None,
-            Some(p(&empty)),
-            Some(cache.clone()),
-            Path::new("/nonexistent"),
-        );
+        let err = locate_in(None, Some(p(&empty)), Some(cache.clone()), Path::new("/nonexistent"));
         let want = [p(&empty), cache, PathBuf::from("/nonexistent")];
-        assert!(
-            matches!(&err, Err(DataError::NotFound { searched }) if searched == &want),
-            "{err:?}"
-        );
+        assert!(matches!(&err, Err(DataError::NotFound { searched }) if searched == &want), "{err:?}");
         Ok(())
     }
 
@@ -603,10 +464,7 @@ mod tests {
         let victim = dir.path().join("t10k-labels-idx1-ubyte.gz");
         std::fs::remove_file(&victim).map_err(|e| DataError::io(&victim, e))?;
         assert!(!has_dataset(dir.path()));
-        assert!(matches!(
-            FashionMnist::load(dir.path()),
-            Err(DataError::NotFound { .. })
-        ));
+        assert!(matches!(FashionMnist::load(dir.path()), Err(DataError::NotFound { .. })));
         Ok(())
     }
 }

@@ -68,25 +68,13 @@ pub fn parse_labels(bytes: &[u8], path: &Path) -> Result<IdxLabels> {
 /// held in memory).
 pub fn read_images(path: &Path) -> Result<IdxImages> {
     let file = File::open(path).map_err(|e| DataError::io(path, e))?;
-    decode(
-        BufReader::new(file),
-        path,
-        Kind::Images,
-        MAX_DECOMPRESSED_BYTES,
-    )?
-    .into_images()
+    decode(BufReader::new(file), path, Kind::Images, MAX_DECOMPRESSED_BYTES)?.into_images()
 }
 
 /// Reads and parses a labels file, gzipped or raw.
 pub fn read_labels(path: &Path) -> Result<IdxLabels> {
     let file = File::open(path).map_err(|e| DataError::io(path, e))?;
-    decode(
-        BufReader::new(file),
-        path,
-        Kind::Labels,
-        MAX_DECOMPRESSED_BYTES,
-    )?
-    .into_labels()
+    decode(BufReader::new(file), path, Kind::Labels, MAX_DECOMPRESSED_BYTES)?.into_labels()
 }
 
 /// Encodes images as a raw IDX images file.
@@ -95,12 +83,7 @@ pub fn read_labels(path: &Path) -> Result<IdxLabels> {
 /// match `pixels.len()` (or exceed `u32`) the result is a file that [`parse_images`] rejects.
 pub fn encode_images(images: &IdxImages) -> Vec<u8> {
     let mut out = Vec::with_capacity(IMAGES_HEADER + images.pixels.len());
-    for word in [
-        IMAGES_MAGIC,
-        saturate(images.count),
-        saturate(images.rows),
-        saturate(images.cols),
-    ] {
+    for word in [IMAGES_MAGIC, saturate(images.count), saturate(images.rows), saturate(images.cols)] {
         out.extend_from_slice(&word.to_be_bytes());
     }
     out.extend_from_slice(&images.pixels);
@@ -119,9 +102,7 @@ pub fn encode_labels(labels: &IdxLabels) -> Vec<u8> {
 /// Gzips bytes (for writing `.gz` datasets and test fixtures).
 pub fn gzip(bytes: &[u8]) -> Vec<u8> {
     let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    encoder
-        .write_all(bytes)
-        .expect("writing into a Vec cannot fail");
+    encoder.write_all(bytes).expect("writing into a Vec cannot fail");
     encoder.finish().expect("writing into a Vec cannot fail")
 }
 
@@ -216,12 +197,7 @@ impl Kind {
 impl Decoded {
     fn into_images(self) -> Result<IdxImages> {
         debug_assert_eq!(self.kind, Kind::Images);
-        Ok(IdxImages {
-            count: self.count,
-            rows: self.rows,
-            cols: self.cols,
-            pixels: self.data,
-        })
+        Ok(IdxImages { count: self.count, rows: self.rows, cols: self.cols, pixels: self.data })
     }
 
     fn into_labels(self) -> Result<IdxLabels> {
@@ -237,10 +213,7 @@ fn decode<R: Read>(mut reader: R, path: &Path, kind: Kind, limit: u64) -> Result
     let prefix = &sniff[..n];
     let stream = prefix.chain(reader);
     if prefix == GZIP_MAGIC {
-        let wrap = |e| DataError::Gzip {
-            path: path.to_path_buf(),
-            source: e,
-        };
+        let wrap = |e| DataError::Gzip { path: path.to_path_buf(), source: e };
         decode_stream(MultiGzDecoder::new(stream), path, kind, limit, wrap)
     } else {
         decode_stream(stream, path, kind, limit, |e| DataError::io(path, e))
@@ -296,9 +269,7 @@ fn decode_stream<R: Read>(
         });
     }
     // u32 * u32 * u32 can overflow u64: saturate, the limit check catches it.
-    let body = u64::from(count)
-        .checked_mul(u64::from(rows))
-        .and_then(|v| v.checked_mul(u64::from(cols)));
+    let body = u64::from(count).checked_mul(u64::from(rows)).and_then(|v| v.checked_mul(u64::from(cols)));
     let total = body.and_then(|b| b.checked_add(header_len as u64));
     let (body, total) = match (body, total) {
         (Some(b), Some(t)) if t <= limit => (b, t),
@@ -312,11 +283,7 @@ fn decode_stream<R: Read>(
     };
     // Do not trust the header for the allocation: start small and let the data grow the buffer.
     let mut data = Vec::with_capacity(body.min(1 << 20) as usize);
-    stream
-        .by_ref()
-        .take(body)
-        .read_to_end(&mut data)
-        .map_err(&wrap)?;
+    stream.by_ref().take(body).read_to_end(&mut data).map_err(&wrap)?;
     let found = header_len as u64 + data.len() as u64;
     if found < total {
         return Err(truncated(path, total, found));
@@ -332,21 +299,11 @@ fn decode_stream<R: Read>(
     }
     // The header fields fit in u32 and the content in memory, so these conversions hold.
     let to_usize = |v: u32| usize::try_from(v).expect("u32 fits in usize on supported targets");
-    Ok(Decoded {
-        kind,
-        count: to_usize(count),
-        rows: to_usize(rows),
-        cols: to_usize(cols),
-        data,
-    })
+    Ok(Decoded { kind, count: to_usize(count), rows: to_usize(rows), cols: to_usize(cols), data })
 }
 
 fn truncated(path: &Path, expected_bytes: u64, found_bytes: u64) -> DataError {
-    DataError::Truncated {
-        path: path.to_path_buf(),
-        expected_bytes,
-        found_bytes,
-    }
+    DataError::Truncated { path: path.to_path_buf(), expected_bytes, found_bytes }
 }
 
 /// Reads until `buf` is full or the stream ends; returns the bytes read.
@@ -382,15 +339,8 @@ mod tests {
     }
 
     fn images(count: usize, rows: usize, cols: usize) -> IdxImages {
-        let pixels = (0..count * rows * cols)
-            .map(|i| (i * 7 % 256) as u8)
-            .collect();
-        IdxImages {
-            count,
-            rows,
-            cols,
-            pixels,
-        }
+        let pixels = (0..count * rows * cols).map(|i| (i * 7 % 256) as u8).collect();
+        IdxImages { count, rows, cols, pixels }
     }
 
     fn header(words: &[u32]) -> Vec<u8> {
@@ -409,9 +359,7 @@ mod tests {
 
     #[test]
     fn labels_round_trip_raw_and_gzip() -> Result<()> {
-        let original = IdxLabels {
-            labels: vec![0, 9, 3, 3, 7],
-        };
+        let original = IdxLabels { labels: vec![0, 9, 3, 3, 7] };
         let raw = encode_labels(&original);
         assert_eq!(&raw[..8], &[0, 0, 8, 1, 0, 0, 0, 5]);
         assert_eq!(parse_labels(&raw, path())?, original);
@@ -422,10 +370,7 @@ mod tests {
     #[test]
     fn empty_files_are_valid() -> Result<()> {
         let none = parse_images(&header(&[IMAGES_MAGIC, 0, 28, 28]), path())?;
-        assert_eq!(
-            (none.count, none.rows, none.cols, none.pixels.len()),
-            (0, 28, 28, 0)
-        );
+        assert_eq!((none.count, none.rows, none.cols, none.pixels.len()), (0, 28, 28, 0));
         assert!(parse_labels(&header(&[LABELS_MAGIC, 0]), path())?.is_empty());
         Ok(())
     }
@@ -434,28 +379,9 @@ mod tests {
     fn bad_magic() {
         let bytes = header(&[0x1234_5678, 1, 1, 1]);
         let err = parse_images(&bytes, path());
-        assert!(
-            matches!(
-                err,
-                Err(DataError::BadMagic {
-                    expected: IMAGES_MAGIC,
-                    found: 0x1234_5678,
-                    ..
-                })
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, Err(DataError::BadMagic { expected: IMAGES_MAGIC, found: 0x1234_5678, .. })), "{err:?}");
         let err = parse_labels(&header(&[0xdead_beef, 0]), path());
-        assert!(
-            matches!(
-                err,
-                Err(DataError::BadMagic {
-                    found: 0xdead_beef,
-                    ..
-                })
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, Err(DataError::BadMagic { found: 0xdead_beef, .. })), "{err:?}");
     }
 
     #[test]
@@ -480,11 +406,7 @@ mod tests {
             let bytes = &encode_images(&images(1, 2, 2))[..len];
             let err = parse_images(bytes, path());
             let ok = match &err {
-                Err(DataError::Truncated {
-                    expected_bytes: 16,
-                    found_bytes,
-                    ..
-                }) => *found_bytes == len as u64,
+                Err(DataError::Truncated { expected_bytes: 16, found_bytes, .. }) => *found_bytes == len as u64,
                 _ => false,
             };
             assert!(ok, "len {len}: {err:?}");
@@ -495,81 +417,31 @@ mod tests {
     fn short_body_is_truncated() {
         let bytes = encode_images(&images(2, 3, 3));
         let err = parse_images(&bytes[..bytes.len() - 1], path());
-        assert!(
-            matches!(
-                err,
-                Err(DataError::Truncated {
-                    expected_bytes: 34,
-                    found_bytes: 33,
-                    ..
-                })
-            ),
-            "{err:?}"
-        );
-        let labels = encode_labels(&IdxLabels {
-            labels: vec![1, 2, 3],
-        });
+        assert!(matches!(err, Err(DataError::Truncated { expected_bytes: 34, found_bytes: 33, .. })), "{err:?}");
+        let labels = encode_labels(&IdxLabels { labels: vec![1, 2, 3] });
         let err = parse_labels(&labels[..9], path());
-        assert!(
-            matches!(
-                err,
-                Err(DataError::Truncated {
-                    expected_bytes: 11,
-                    found_bytes: 9,
-                    ..
-                })
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, Err(DataError::Truncated { expected_bytes: 11, found_bytes: 9, .. })), "{err:?}");
     }
 
     #[test]
     fn trailing_bytes_are_an_error() {
-        let mut bytes = encode_labels(&IdxLabels {
-            labels: vec![1, 2, 3],
-        });
+        let mut bytes = encode_labels(&IdxLabels { labels: vec![1, 2, 3] });
         bytes.extend_from_slice(&[0, 0]);
         let err = parse_labels(&bytes, path());
-        assert!(
-            matches!(
-                err,
-                Err(DataError::TrailingBytes {
-                    expected_bytes: 11,
-                    found_bytes: 13,
-                    ..
-                })
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, Err(DataError::TrailingBytes { expected_bytes: 11, found_bytes: 13, .. })), "{err:?}");
         let err = parse_labels(&gzip(&bytes), path());
-        assert!(
-            matches!(err, Err(DataError::TrailingBytes { .. })),
-            "{err:?}"
-        );
+        assert!(matches!(err, Err(DataError::TrailingBytes { .. })), "{err:?}");
     }
 
     #[test]
     fn huge_header_is_rejected_before_allocation() {
         // 4 billion images of 65535x65535 would overflow u64; 2^31 of 28x28 is 1.6 TB.
-        for words in [
-            [IMAGES_MAGIC, u32::MAX, u32::MAX, u32::MAX],
-            [IMAGES_MAGIC, 1 << 31, 28, 28],
-        ] {
+        for words in [[IMAGES_MAGIC, u32::MAX, u32::MAX, u32::MAX], [IMAGES_MAGIC, 1 << 31, 28, 28]] {
             let err = parse_images(&header(&words), path());
             assert!(matches!(err, Err(DataError::TooLarge { .. })), "{err:?}");
         }
         let err = parse_labels_limited(&header(&[LABELS_MAGIC, 100]), path(), 50);
-        assert!(
-            matches!(
-                err,
-                Err(DataError::TooLarge {
-                    claimed_bytes: 108,
-                    limit_bytes: 50,
-                    ..
-                })
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, Err(DataError::TooLarge { claimed_bytes: 108, limit_bytes: 50, .. })), "{err:?}");
     }
 
     #[test]
@@ -589,9 +461,7 @@ mod tests {
 
     #[test]
     fn corrupt_gzip_is_gzip_error() {
-        let mut bytes = gzip(&encode_labels(&IdxLabels {
-            labels: vec![1; 100],
-        }));
+        let mut bytes = gzip(&encode_labels(&IdxLabels { labels: vec![1; 100] }));
         let mid = bytes.len() / 2;
         for b in &mut bytes[10..mid] {
             *b ^= 0x5a;
@@ -602,22 +472,9 @@ mod tests {
 
     #[test]
     fn label_range_check() -> Result<()> {
-        let labels = IdxLabels {
-            labels: vec![0, 9, 10, 3],
-        };
+        let labels = IdxLabels { labels: vec![0, 9, 10, 3] };
         let err = labels.check_range(10, path());
-        assert!(
-            matches!(
-                err,
-                Err(DataError::LabelOutOfRange {
-                    index: 2,
-                    label: 10,
-                    num_classes: 10,
-                    ..
-                })
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, Err(DataError::LabelOutOfRange { index: 2, label: 10, num_classes: 10, .. })), "{err:?}");
         labels.check_range(11, path())
     }
 

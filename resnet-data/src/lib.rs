@@ -46,13 +46,12 @@ mod resize;
 pub use augment::{pixel_table, to_tensor_value, Augment, Normalize};
 pub use error::{DataError, Result};
 pub use fashion_mnist::{
-    default_cache_dir, find_file, has_dataset, load_default, load_test, locate, FashionMnist, Split,
-    CLASS_NAMES, DATA_DIR_ENV, DEBIAN_DIR, FILES, NUM_CLASSES, TEST_IMAGES, TEST_LABELS,
-    TRAIN_IMAGES, TRAIN_LABELS,
+    default_cache_dir, find_file, has_dataset, load_default, load_test, locate, FashionMnist, Split, CLASS_NAMES,
+    DATA_DIR_ENV, DEBIAN_DIR, FILES, NUM_CLASSES, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS,
 };
 pub use idx::{
-    encode_images, encode_labels, gzip, parse_images, parse_labels, read_images, read_labels,
-    IdxImages, IdxLabels, IMAGES_MAGIC, LABELS_MAGIC, MAX_DECOMPRESSED_BYTES,
+    encode_images, encode_labels, gzip, parse_images, parse_labels, read_images, read_labels, IdxImages, IdxLabels,
+    IMAGES_MAGIC, LABELS_MAGIC, MAX_DECOMPRESSED_BYTES,
 };
 pub use loader::{batches, epoch_order, example_rng, Batch, BatchIter, LoaderConfig, MAX_WORKERS};
 pub use resize::{resize_bilinear, Resizer, MAX_SIDE, MAX_SOURCE_SIDE, MIN_SIDE};

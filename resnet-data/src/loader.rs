@@ -84,24 +84,12 @@ pub struct BatchIter {
 impl LoaderConfig {
     /// d2l's training loader: shuffled, no augmentation or normalisation, 4 workers.
     pub fn d2l_train(batch_size: usize, resize: usize) -> Self {
-        Self {
-            batch_size,
-            resize,
-            shuffle: true,
-            seed: 0,
-            augment: None,
-            normalize: None,
-            workers: 4,
-            prefetch: 8,
-        }
+        Self { batch_size, resize, shuffle: true, seed: 0, augment: None, normalize: None, workers: 4, prefetch: 8 }
     }
 
     /// d2l's test loader: as [`LoaderConfig::d2l_train`] but in file order.
     pub fn d2l_test(batch_size: usize, resize: usize) -> Self {
-        Self {
-            shuffle: false,
-            ..Self::d2l_train(batch_size, resize)
-        }
+        Self { shuffle: false, ..Self::d2l_train(batch_size, resize) }
     }
 
     /// Checks every field against its documented range.
@@ -111,16 +99,10 @@ impl LoaderConfig {
             return invalid("batch_size must be at least 1".into());
         }
         if !(MIN_SIDE..=MAX_SIDE).contains(&self.resize) {
-            return invalid(format!(
-                "resize must be in {MIN_SIDE}..={MAX_SIDE}, found {}",
-                self.resize
-            ));
+            return invalid(format!("resize must be in {MIN_SIDE}..={MAX_SIDE}, found {}", self.resize));
         }
         if !(1..=MAX_WORKERS).contains(&self.workers) {
-            return invalid(format!(
-                "workers must be in 1..={MAX_WORKERS}, found {}",
-                self.workers
-            ));
+            return invalid(format!("workers must be in 1..={MAX_WORKERS}, found {}", self.workers));
         }
         if self.prefetch == 0 {
             return invalid("prefetch must be at least 1".into());
@@ -166,13 +148,7 @@ pub fn batches(split: Arc<Split>, cfg: &LoaderConfig, epoch: u64) -> Result<Batc
     let resizer = Resizer::new(split.cols, split.rows, cfg.resize, cfg.resize)?;
     let num_batches = cfg.num_batches(split.len());
     let workers = cfg.workers.min(num_batches);
-    tracing::debug!(
-        epoch,
-        examples = split.len(),
-        num_batches,
-        workers,
-        "starting batch workers"
-    );
+    tracing::debug!(epoch, examples = split.len(), num_batches, workers, "starting batch workers");
     let job = Arc::new(Job {
         order: epoch_order(split.len(), cfg.shuffle, cfg.seed, epoch),
         split,
@@ -197,20 +173,11 @@ pub fn batches(split: Arc<Split>, cfg: &LoaderConfig, epoch: u64) -> Result<Batc
         let handle = std::thread::Builder::new()
             .name(format!("resnet-data-{w}"))
             .spawn(move || job.run_worker(w, &tx, &stop))
-            .map_err(|e| {
-                DataError::InvalidConfig(format!("cannot start a batch worker thread: {e}"))
-            })?;
+            .map_err(|e| DataError::InvalidConfig(format!("cannot start a batch worker thread: {e}")))?;
         receivers.push(rx);
         handles.push(handle);
     }
-    Ok(BatchIter {
-        receivers,
-        workers: handles,
-        stop,
-        next: 0,
-        num_batches,
-        failed: false,
-    })
+    Ok(BatchIter { receivers, workers: handles, stop, next: 0, num_batches, failed: false })
 }
 
 impl BatchIter {
@@ -228,10 +195,7 @@ impl Iterator for BatchIter {
             return None;
         }
         let batch = self.next;
-        let received = self
-            .receivers
-            .get(batch % self.receivers.len().max(1))
-            .map(Receiver::recv);
+        let received = self.receivers.get(batch % self.receivers.len().max(1)).map(Receiver::recv);
         match received {
             Some(Ok(Ok(b))) => {
                 self.next += 1;
@@ -250,11 +214,7 @@ impl Iterator for BatchIter {
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let left = if self.failed {
-            0
-        } else {
-            self.num_batches - self.next
-        };
+        let left = if self.failed { 0 } else { self.num_batches - self.next };
         (left, Some(left))
     }
 }
@@ -347,19 +307,12 @@ impl Job {
         let mut labels = Vec::with_capacity(indices.len());
         scratch.resized.resize(plane, 0);
         scratch.augmented.resize(plane, 0);
-        for ((pos, &index), out) in (start..end)
-            .zip(&indices)
-            .zip(pixels.chunks_exact_mut(plane))
-        {
+        for ((pos, &index), out) in (start..end).zip(&indices).zip(pixels.chunks_exact_mut(plane)) {
             let (image, label) = self
                 .split
                 .get(index)
                 .zip(self.split.labels.get(index))
-                .ok_or(DataError::BufferSize {
-                    what: "split",
-                    expected: index + 1,
-                    found: self.split.len(),
-                })?;
+                .ok_or(DataError::BufferSize { what: "split", expected: index + 1, found: self.split.len() })?;
             let mut image = match &self.resizer {
                 Some(r) => {
                     r.resize_into(image, &mut scratch.resized, &mut scratch.intermediate)?;
@@ -396,11 +349,7 @@ mod tests {
     }
 
     fn cfg(batch_size: usize, resize: usize) -> LoaderConfig {
-        LoaderConfig {
-            workers: 2,
-            prefetch: 2,
-            ..LoaderConfig::d2l_train(batch_size, resize)
-        }
+        LoaderConfig { workers: 2, prefetch: 2, ..LoaderConfig::d2l_train(batch_size, resize) }
     }
 
     fn collect(split: &Arc<Split>, cfg: &LoaderConfig, epoch: u64) -> Result<Vec<Batch>> {
@@ -450,10 +399,7 @@ mod tests {
     #[test]
     fn labels_and_pixels_match_the_split() -> Result<()> {
         let data = split(40);
-        let cfg = LoaderConfig {
-            resize: 28,
-            ..cfg(16, 28)
-        };
+        let cfg = LoaderConfig { resize: 28, ..cfg(16, 28) };
         for batch in collect(&data, &cfg, 2)? {
             let labels = batch.labels.to_vec1::<u32>()?;
             let images = batch.images.flatten_all()?.to_vec1::<f32>()?;
@@ -469,20 +415,13 @@ mod tests {
     #[test]
     fn resized_pixels_match_resize_bilinear() -> Result<()> {
         let data = split(5);
-        let cfg = LoaderConfig {
-            shuffle: false,
-            normalize: Some(Normalize::fashion_mnist()),
-            ..cfg(5, 17)
-        };
+        let cfg = LoaderConfig { shuffle: false, normalize: Some(Normalize::fashion_mnist()), ..cfg(5, 17) };
         let batch = collect(&data, &cfg, 0)?.remove(0);
         let images = batch.images.flatten_all()?.to_vec1::<f32>()?;
         let norm = Normalize::fashion_mnist();
         for i in 0..5 {
             let resized = crate::resize::resize_bilinear(data.image(i), 28, 28, 17, 17)?;
-            let want: Vec<f32> = resized
-                .iter()
-                .map(|&p| norm.apply(to_tensor_value(p)))
-                .collect();
+            let want: Vec<f32> = resized.iter().map(|&p| norm.apply(to_tensor_value(p))).collect();
             assert_eq!(&images[i * 289..(i + 1) * 289], &want[..]);
         }
         Ok(())
@@ -491,23 +430,9 @@ mod tests {
     #[test]
     fn same_seed_same_batches_and_worker_count_does_not_matter() -> Result<()> {
         let data = split(70);
-        let base = LoaderConfig {
-            augment: Some(Augment {
-                crop_padding: 3,
-                hflip: true,
-            }),
-            ..cfg(8, 24)
-        };
-        let one = LoaderConfig {
-            workers: 1,
-            prefetch: 1,
-            ..base.clone()
-        };
-        let three = LoaderConfig {
-            workers: 3,
-            prefetch: 5,
-            ..base.clone()
-        };
+        let base = LoaderConfig { augment: Some(Augment { crop_padding: 3, hflip: true }), ..cfg(8, 24) };
+        let one = LoaderConfig { workers: 1, prefetch: 1, ..base.clone() };
+        let three = LoaderConfig { workers: 3, prefetch: 5, ..base.clone() };
         let a = collect(&data, &one, 4)?;
         let b = collect(&data, &three, 4)?;
         let c = collect(&data, &three, 4)?;
@@ -524,17 +449,8 @@ mod tests {
     #[test]
     fn augmentation_changes_pixels_but_not_labels() -> Result<()> {
         let data = split(20);
-        let plain = LoaderConfig {
-            shuffle: false,
-            ..cfg(20, 28)
-        };
-        let aug = LoaderConfig {
-            augment: Some(Augment {
-                crop_padding: 4,
-                hflip: true,
-            }),
-            ..plain.clone()
-        };
+        let plain = LoaderConfig { shuffle: false, ..cfg(20, 28) };
+        let aug = LoaderConfig { augment: Some(Augment { crop_padding: 4, hflip: true }), ..plain.clone() };
         let (p, a) = (collect(&data, &plain, 0)?, collect(&data, &aug, 0)?);
         assert_ne!(images_of(&p)?, images_of(&a)?);
         assert_eq!(p[0].labels.to_vec1::<u32>()?, a[0].labels.to_vec1::<u32>()?);
@@ -544,11 +460,7 @@ mod tests {
     #[test]
     fn early_drop_stops_workers() -> Result<()> {
         let data = split(500);
-        let cfg = LoaderConfig {
-            workers: 3,
-            prefetch: 1,
-            ..cfg(4, 64)
-        };
+        let cfg = LoaderConfig { workers: 3, prefetch: 1, ..cfg(4, 64) };
         let mut iter = batches(Arc::clone(&data), &cfg, 0)?;
         let first = iter.next().transpose()?;
         assert!(first.is_some());
@@ -560,12 +472,7 @@ mod tests {
 
     #[test]
     fn empty_split_yields_nothing() -> Result<()> {
-        let empty = Arc::new(Split {
-            images: vec![],
-            labels: vec![],
-            rows: 28,
-            cols: 28,
-        });
+        let empty = Arc::new(Split { images: vec![], labels: vec![], rows: 28, cols: 28 });
         let mut iter = batches(empty, &cfg(4, 28), 0)?;
         assert_eq!(iter.len(), 0);
         assert!(iter.next().is_none());
@@ -576,58 +483,17 @@ mod tests {
     fn invalid_configs_and_splits_are_rejected() {
         let data = split(4);
         for bad in [
-            LoaderConfig {
-                batch_size: 0,
-                ..cfg(1, 28)
-            },
-            LoaderConfig {
-                resize: 7,
-                ..cfg(1, 28)
-            },
-            LoaderConfig {
-                resize: 513,
-                ..cfg(1, 28)
-            },
-            LoaderConfig {
-                workers: 0,
-                ..cfg(1, 28)
-            },
-            LoaderConfig {
-                prefetch: 0,
-                ..cfg(1, 28)
-            },
-            LoaderConfig {
-                augment: Some(Augment {
-                    crop_padding: 29,
-                    hflip: false,
-                }),
-                ..cfg(1, 28)
-            },
-            LoaderConfig {
-                normalize: Some(Normalize {
-                    mean: 0.0,
-                    std: -1.0,
-                }),
-                ..cfg(1, 28)
-            },
+            LoaderConfig { batch_size: 0, ..cfg(1, 28) },
+            LoaderConfig { resize: 7, ..cfg(1, 28) },
+            LoaderConfig { resize: 513, ..cfg(1, 28) },
+            LoaderConfig { workers: 0, ..cfg(1, 28) },
+            LoaderConfig { prefetch: 0, ..cfg(1, 28) },
+            LoaderConfig { augment: Some(Augment { crop_padding: 29, hflip: false }), ..cfg(1, 28) },
+            LoaderConfig { normalize: Some(Normalize { mean: 0.0, std: -1.0 }), ..cfg(1, 28) },
         ] {
-            assert!(
-                matches!(
-                    batches(Arc::clone(&data), &bad, 0),
-                    Err(DataError::InvalidConfig(_))
-                ),
-                "{bad:?}"
-            );
+            assert!(matches!(batches(Arc::clone(&data), &bad, 0), Err(DataError::InvalidConfig(_))), "{bad:?}");
         }
-        let broken = Arc::new(Split {
-            images: vec![0; 10],
-            labels: vec![1],
-            rows: 28,
-            cols: 28,
-        });
-        assert!(matches!(
-            batches(broken, &cfg(1, 28), 0),
-            Err(DataError::BufferSize { .. })
-        ));
+        let broken = Arc::new(Split { images: vec![0; 10], labels: vec![1], rows: 28, cols: 28 });
+        assert!(matches!(batches(broken, &cfg(1, 28), 0), Err(DataError::BufferSize { .. })));
     }
 }

@@ -38,13 +38,7 @@ const HALF: i32 = 1 << (PRECISION_BITS - 1);
 /// # Errors
 /// If `dst_w` or `dst_h` is outside [`MIN_SIDE`]`..=`[`MAX_SIDE`], a source side is zero or above
 /// [`MAX_SOURCE_SIDE`], or `src.len() != src_w * src_h`.
-pub fn resize_bilinear(
-    src: &[u8],
-    src_w: usize,
-    src_h: usize,
-    dst_w: usize,
-    dst_h: usize,
-) -> Result<Vec<u8>> {
+pub fn resize_bilinear(src: &[u8], src_w: usize, src_h: usize, dst_w: usize, dst_h: usize) -> Result<Vec<u8>> {
     Resizer::new(src_w, src_h, dst_w, dst_h)?.resize(src)
 }
 
@@ -79,30 +73,14 @@ impl Resizer {
     /// # Errors
     /// As [`resize_bilinear`], for the sizes.
     pub fn new(src_w: usize, src_h: usize, dst_w: usize, dst_h: usize) -> Result<Self> {
-        for (what, value) in [
-            ("resize target width", dst_w),
-            ("resize target height", dst_h),
-        ] {
+        for (what, value) in [("resize target width", dst_w), ("resize target height", dst_h)] {
             if !(MIN_SIDE..=MAX_SIDE).contains(&value) {
-                return Err(DataError::SizeOutOfRange {
-                    what,
-                    min: MIN_SIDE,
-                    max: MAX_SIDE,
-                    found: value,
-                });
+                return Err(DataError::SizeOutOfRange { what, min: MIN_SIDE, max: MAX_SIDE, found: value });
             }
         }
-        for (what, value) in [
-            ("resize source width", src_w),
-            ("resize source height", src_h),
-        ] {
+        for (what, value) in [("resize source width", src_w), ("resize source height", src_h)] {
             if !(1..=MAX_SOURCE_SIDE).contains(&value) {
-                return Err(DataError::SizeOutOfRange {
-                    what,
-                    min: 1,
-                    max: MAX_SOURCE_SIDE,
-                    found: value,
-                });
+                return Err(DataError::SizeOutOfRange { what, min: 1, max: MAX_SOURCE_SIDE, found: value });
             }
         }
         Ok(Self {
@@ -200,27 +178,16 @@ impl Axis {
             for (w, f) in k.iter().zip(fixed.iter_mut()).take(len) {
                 let w = if ww != 0.0 { w / ww } else { *w };
                 let scaled = w * f64::from(1u32 << PRECISION_BITS);
-                *f = if w < 0.0 {
-                    (-0.5 + scaled) as i32
-                } else {
-                    (0.5 + scaled) as i32
-                };
+                *f = if w < 0.0 { (-0.5 + scaled) as i32 } else { (0.5 + scaled) as i32 };
             }
             windows.push((xmin, len));
         }
-        Self {
-            windows,
-            weights,
-            stride,
-        }
+        Self { windows, weights, stride }
     }
 
     fn taps(&self, out: usize) -> (usize, &[i32]) {
         let (start, len) = self.windows[out];
-        (
-            start,
-            &self.weights[out * self.stride..out * self.stride + len],
-        )
+        (start, &self.weights[out * self.stride..out * self.stride + len])
     }
 
     /// Resamples each row of `src` (`src_w` wide) into the matching row of `dst` (`dst_w` wide).
@@ -282,11 +249,7 @@ fn check_len(what: &'static str, expected: usize, found: usize) -> Result<()> {
     if expected == found {
         Ok(())
     } else {
-        Err(DataError::BufferSize {
-            what,
-            expected,
-            found,
-        })
+        Err(DataError::BufferSize { what, expected, found })
     }
 }
 
@@ -319,14 +282,7 @@ mod tests {
     #[test]
     fn wrong_buffer_length_is_an_error() {
         let err = resize_bilinear(&[0u8; 10], 28, 28, 56, 56);
-        assert!(matches!(
-            err,
-            Err(DataError::BufferSize {
-                expected: 784,
-                found: 10,
-                ..
-            })
-        ));
+        assert!(matches!(err, Err(DataError::BufferSize { expected: 784, found: 10, .. })));
     }
 
     #[test]

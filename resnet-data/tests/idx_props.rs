@@ -4,19 +4,15 @@
 use std::path::Path;
 
 use proptest::prelude::*;
-use resnet_data::{
-    encode_images, encode_labels, gzip, parse_images, parse_labels, DataError, IdxImages, IdxLabels,
-};
+use resnet_data::{encode_images, encode_labels, gzip, parse_images, parse_labels, DataError, IdxImages, IdxLabels};
 
 fn images() -> impl Strategy<Value = IdxImages> {
     (0usize..6, 1usize..7, 1usize..7).prop_flat_map(|(count, rows, cols)| {
-        proptest::collection::vec(any::<u8>(), count * rows * cols).prop_map(move |pixels| {
-            IdxImages {
-                count,
-                rows,
-                cols,
-                pixels,
-            }
+        proptest::collection::vec(any::<u8>(), count * rows * cols).prop_map(move |pixels| IdxImages {
+            count,
+            rows,
+            cols,
+            pixels,
         })
     })
 }

@@ -33,11 +33,7 @@ struct Reader<'a> {
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], Box<dyn Error>> {
         if n > self.bytes.len() {
-            return Err(format!(
-                "fixture truncated: wanted {n} bytes, {} left",
-                self.bytes.len()
-            )
-            .into());
+            return Err(format!("fixture truncated: wanted {n} bytes, {} left", self.bytes.len()).into());
         }
         let (head, tail) = self.bytes.split_at(n);
         self.bytes = tail;
@@ -63,60 +59,32 @@ fn load() -> Result<Fixture, Box<dyn Error>> {
         let (src_w, src_h, dst_w, dst_h) = (r.u32()?, r.u32()?, r.u32()?, r.u32()?);
         let src = r.take(src_w * src_h)?.to_vec();
         let want = r.take(dst_w * dst_h)?.to_vec();
-        cases.push(Case {
-            src_w,
-            src_h,
-            dst_w,
-            dst_h,
-            src,
-            want,
-        });
+        cases.push(Case { src_w, src_h, dst_w, dst_h, src, want });
     }
     if r.u32()? != 256 {
         return Err("expected 256 ToTensor values".into());
     }
-    let to_tensor = r
-        .take(256 * 4)?
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    let to_tensor = r.take(256 * 4)?.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     if !r.bytes.is_empty() {
         return Err(format!("{} trailing bytes in fixture", r.bytes.len()).into());
     }
-    Ok(Fixture {
-        provenance,
-        cases,
-        to_tensor,
-    })
+    Ok(Fixture { provenance, cases, to_tensor })
 }
 
 #[test]
 fn resize_matches_pillow() -> TestResult {
     let fixture = load()?;
-    assert!(
-        fixture.cases.len() >= 20,
-        "only {} cases",
-        fixture.cases.len()
-    );
+    assert!(fixture.cases.len() >= 20, "only {} cases", fixture.cases.len());
     let (mut pixels, mut differ, mut max_diff) = (0usize, 0usize, 0u8);
     for case in &fixture.cases {
         let got = resize_bilinear(&case.src, case.src_w, case.src_h, case.dst_w, case.dst_h)?;
         assert_eq!(got.len(), case.want.len());
         let case_differ = got.iter().zip(&case.want).filter(|(g, w)| g != w).count();
-        let case_max = got
-            .iter()
-            .zip(&case.want)
-            .map(|(g, w)| g.abs_diff(*w))
-            .max()
-            .unwrap_or(0);
+        let case_max = got.iter().zip(&case.want).map(|(g, w)| g.abs_diff(*w)).max().unwrap_or(0);
         // Square-to-square resizes (all Fashion-MNIST ever needs) must be bit-exact, whatever
         // Pillow version made the fixture; other shapes depend on Pillow's pass order.
         if case.src_w == case.src_h && case.dst_w == case.dst_h {
-            assert_eq!(
-                case_differ, 0,
-                "{}x{} -> {}x{}",
-                case.src_w, case.src_h, case.dst_w, case.dst_h
-            );
+            assert_eq!(case_differ, 0, "{}x{} -> {}x{}", case.src_w, case.src_h, case.dst_w, case.dst_h);
         }
         if case_differ > 0 {
             println!(

@@ -83,12 +83,12 @@ pub fn read(path: &Path, device: &Device) -> Result<(TrainState, HashMap<String,
         path: path.to_path_buf(),
         reason: "the file holds weights but no training state (was it exported, or saved as best?)".into(),
     })?;
-    let state: TrainState = serde_json::from_str(json)
-        .map_err(|e| TrainError::Resume { path: path.to_path_buf(), reason: format!("unreadable training state: {e}") })?;
-    let momentum = tensors
-        .into_iter()
-        .filter_map(|(k, t)| k.strip_prefix(MOMENTUM_PREFIX).map(|n| (n.to_string(), t)))
-        .collect();
+    let state: TrainState = serde_json::from_str(json).map_err(|e| TrainError::Resume {
+        path: path.to_path_buf(),
+        reason: format!("unreadable training state: {e}"),
+    })?;
+    let momentum =
+        tensors.into_iter().filter_map(|(k, t)| k.strip_prefix(MOMENTUM_PREFIX).map(|n| (n.to_string(), t))).collect();
     debug_assert!(MOMENTUM_PREFIX.starts_with(TRAIN_STATE_PREFIX));
     Ok((state, momentum))
 }

@@ -48,6 +48,31 @@ pub struct AugmentConfig {
     pub hflip: bool,
 }
 
+/// Numeric precision of the forward and backward pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in f32 (d2l).
+    #[default]
+    F32,
+    /// Mixed precision: bf16 activations and products with f32 master weights, f32 BatchNorm
+    /// statistics and an f32 loss. Needs a CUDA device (candle's CPU matmul has no bf16).
+    Bf16,
+    /// The same with f16 (no loss scaling, so it suits short runs and tests); runs on CPU too.
+    F16,
+}
+
+impl Precision {
+    /// The dtype activations are computed in, or `None` for the parameters' own.
+    pub fn compute_dtype(self) -> Option<candle_core::DType> {
+        match self {
+            Precision::F32 => None,
+            Precision::Bf16 => Some(candle_core::DType::BF16),
+            Precision::F16 => Some(candle_core::DType::F16),
+        }
+    }
+}
+
 /// Everything that defines a training run. Flags override a preset field by field.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -91,6 +116,12 @@ pub struct TrainConfig {
     pub eval_batch_size: usize,
     /// Background threads preparing batches.
     pub data_workers: usize,
+    /// Precision of activations and products (mixed precision keeps f32 master weights).
+    #[serde(default)]
+    pub precision: Precision,
+    /// Let CUDA run f32 matrix products on TF32 tensor cores (about 10 mantissa bits).
+    #[serde(default)]
+    pub tf32: bool,
 }
 
 impl TrainConfig {
@@ -113,6 +144,8 @@ impl TrainConfig {
             limit_test: None,
             eval_batch_size: 256,
             data_workers: 1,
+            precision: Precision::F32,
+            tf32: false,
         }
     }
 
@@ -179,7 +212,10 @@ impl TrainConfig {
             return bad("epochs (--epochs) must be at least 1".into());
         }
         if self.batch_size < 2 {
-            return bad(format!("batch size (--batch-size) must be at least 2 (BatchNorm needs it), got {}", self.batch_size));
+            return bad(format!(
+                "batch size (--batch-size) must be at least 2 (BatchNorm needs it), got {}",
+                self.batch_size
+            ));
         }
         if let Some(m) = self.micro_batch {
             if m < 2 || m > self.batch_size || self.batch_size % m != 0 {
@@ -207,18 +243,29 @@ impl TrainConfig {
         }
         if let Schedule::Step { every_epochs, gamma } = self.schedule {
             if every_epochs == 0 || !(gamma > 0.0 && gamma <= 1.0) {
-                return bad(format!("step schedule needs every_epochs ≥ 1 and gamma in (0, 1], got {every_epochs}, {gamma}"));
+                return bad(format!(
+                    "step schedule needs every_epochs ≥ 1 and gamma in (0, 1], got {every_epochs}, {gamma}"
+                ));
             }
         }
         if !(self.warmup_epochs >= 0.0 && self.warmup_epochs <= self.epochs as f64) {
-            return bad(format!("warm-up (--warmup-epochs) must be between 0 and {} epochs, got {}", self.epochs, self.warmup_epochs));
+            return bad(format!(
+                "warm-up (--warmup-epochs) must be between 0 and {} epochs, got {}",
+                self.epochs, self.warmup_epochs
+            ));
         }
         if !(0.0..0.5).contains(&self.label_smoothing) {
-            return bad(format!("label smoothing (--label-smoothing) must be in [0, 0.5), got {}", self.label_smoothing));
+            return bad(format!(
+                "label smoothing (--label-smoothing) must be in [0, 0.5), got {}",
+                self.label_smoothing
+            ));
         }
         if let Some(a) = self.augment {
             if a.crop_padding > self.resize / 2 {
-                return bad(format!("crop padding {} is more than half the image size {}", a.crop_padding, self.resize));
+                return bad(format!(
+                    "crop padding {} is more than half the image size {}",
+                    a.crop_padding, self.resize
+                ));
             }
         }
         if self.limit_train == Some(0) || self.limit_test == Some(0) {

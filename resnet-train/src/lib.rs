@@ -30,7 +30,7 @@ pub mod run_dir;
 pub mod schedule;
 pub mod trainer;
 
-pub use config::{AugmentConfig, Schedule, SgdConfig, TrainConfig};
+pub use config::{AugmentConfig, Precision, Schedule, SgdConfig, TrainConfig};
 pub use error::{Result, TrainError};
 pub use metrics::{Confusion, EpochMetrics, MetricsRecord, Running};
 pub use optim::Sgd;

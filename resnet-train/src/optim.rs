@@ -36,7 +36,9 @@ impl Sgd {
     /// Parameters without a gradient are left alone.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         for (name, var) in &self.params {
-            let Some(grad) = grads.get(var.as_tensor()) else { continue };
+            let Some(grad) = grads.get(var.as_tensor()) else {
+                continue;
+            };
             // Gradients carry candle's op graph; a momentum buffer built from them would chain
             // every step's graph to the next and grow without bound.
             let mut g = grad.detach();
@@ -94,7 +96,8 @@ mod tests {
     fn matches_pytorch_update_rule() -> Result<()> {
         for (momentum, nesterov, wd) in [(0.0, false, 0.0), (0.9, false, 0.0), (0.9, true, 1e-2), (0.5, false, 0.1)] {
             let p = Var::new(&[1.0f32, -2.0], &Device::Cpu)?;
-            let named = vec![NamedTensor { name: "p".into(), tensor: p.as_tensor().clone(), role: TensorRole::Parameter }];
+            let named =
+                vec![NamedTensor { name: "p".into(), tensor: p.as_tensor().clone(), role: TensorRole::Parameter }];
             let mut opt = Sgd::new(named, SgdConfig { lr: 0.1, momentum, nesterov, weight_decay: wd })?;
             let mut want = [1.0f64, -2.0];
             let mut buf: Option<[f64; 2]> = None;

@@ -72,7 +72,11 @@ pub fn draw(curves: &Curves, epochs: usize, png: &Path, svg: &Path) -> Result<()
     Ok(())
 }
 
-fn chart<DB: DrawingBackend>(root: DrawingArea<DB, plotters::coord::Shift>, c: &Curves, epochs: usize) -> std::result::Result<(), String>
+fn chart<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    c: &Curves,
+    epochs: usize,
+) -> std::result::Result<(), String>
 where
     DB::ErrorType: 'static,
 {
@@ -85,12 +89,7 @@ where
         .y_label_area_size(45)
         .build_cartesian_2d(0f64..epochs.max(1) as f64, 0f64..y_max)
         .map_err(|e| err(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc("epoch")
-        .light_line_style(WHITE.mix(0.0))
-        .draw()
-        .map_err(|e| err(&e))?;
+    chart.configure_mesh().x_desc("epoch").light_line_style(WHITE.mix(0.0)).draw().map_err(|e| err(&e))?;
     let series: [Series; 3] = [
         ("train loss", &c.train_loss[..], RGBColor(31, 119, 180)),
         ("train acc", &c.train_acc[..], RGBColor(214, 39, 40)),

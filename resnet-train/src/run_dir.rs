@@ -39,10 +39,8 @@ impl RunDir {
 
     /// A fresh directory `runs/<preset>-<unix time>` under `parent`.
     pub fn fresh_under(parent: &Path, label: &str) -> Result<Self> {
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or_default();
+        let stamp =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
         let mut path = parent.join(format!("{label}-{stamp}"));
         let mut n = 1;
         while path.exists() {

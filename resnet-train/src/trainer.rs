@@ -12,7 +12,7 @@ use resnet_core::{checkpoint as core_ckpt, d2l_init, ResNet};
 use resnet_data::{batches, Augment, FashionMnist, LoaderConfig, Normalize, Split};
 
 use crate::checkpoint::{self, RngState, TrainState};
-use crate::config::TrainConfig;
+use crate::config::{Precision, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::metrics::{Confusion, EpochMetrics, MetricsRecord, Running};
 use crate::optim::Sgd;
@@ -115,12 +115,32 @@ pub fn loader_config(cfg: &TrainConfig, train: bool) -> LoaderConfig {
     }
 }
 
+/// Refuses precision settings the device cannot honour.
+fn check_precision(cfg: &TrainConfig, device: &Device) -> Result<()> {
+    if !device.is_cuda() {
+        if cfg.precision == Precision::Bf16 {
+            return Err(TrainError::InvalidConfig(
+                "--precision bf16 needs a CUDA device (candle's CPU matrix product has no bf16); use f32 on CPU".into(),
+            ));
+        }
+        if cfg.tf32 {
+            return Err(TrainError::InvalidConfig("--tf32 applies to CUDA devices only; drop it on CPU".into()));
+        }
+    }
+    Ok(())
+}
+
 impl Trainer {
     /// A fresh model initialised from `cfg.seed` as d2l does, on `device`.
     pub fn new(cfg: TrainConfig, device: &Device) -> Result<Self> {
         cfg.validate()?;
+        check_precision(&cfg, device)?;
         let vars = VarMap::new();
-        let model = ResNet::new(&cfg.model, VarBuilder::from_varmap(&vars, DType::F32, device))?;
+        let mut model = ResNet::new(&cfg.model, VarBuilder::from_varmap(&vars, DType::F32, device))?;
+        model.set_compute_dtype(cfg.precision.compute_dtype())?;
+        if cfg.tf32 {
+            candle_core::cuda::set_gemm_reduced_precision_f32(true);
+        }
         d2l_init(&model, cfg.seed)?;
         let opt = Sgd::new(model.parameters(), cfg.optimizer)?;
         let rng = RngState { seed: cfg.seed, epoch: 0, position: 0 };
@@ -152,7 +172,8 @@ impl Trainer {
 
     /// Writes config, metrics, curves and checkpoints into `dir` as training proceeds.
     pub fn with_run_dir(mut self, dir: RunDir) -> Result<Self> {
-        let json = serde_json::to_vec_pretty(&self.state.config).map_err(|e| TrainError::InvalidConfig(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(&self.state.config).map_err(|e| TrainError::InvalidConfig(e.to_string()))?;
         dir.write(files::CONFIG, &json)?;
         self.run_dir = Some(dir);
         Ok(self)
@@ -201,12 +222,19 @@ impl Trainer {
                 let n = batch.indices.len() as u64;
                 if !loss.is_finite() {
                     let checkpoint = self.run_dir.as_ref().map(|d| d.checkpoint()).filter(|p| p.exists());
-                    return Err(TrainError::NonFiniteLoss { epoch: epoch + 1, batch: i + 1, lr, value: loss, checkpoint });
+                    return Err(TrainError::NonFiniteLoss {
+                        epoch: epoch + 1,
+                        batch: i + 1,
+                        lr,
+                        value: loss,
+                        checkpoint,
+                    });
                 }
                 self.state.running.add(loss as f64, correct, n, t.elapsed().as_secs_f64());
                 self.state.global_step += 1;
                 self.state.batches_done = i + 1;
-                self.state.rng = RngState { seed: cfg.seed, epoch: epoch as u64, position: self.state.running.examples };
+                self.state.rng =
+                    RngState { seed: cfg.seed, epoch: epoch as u64, position: self.state.running.examples };
                 let r = self.state.running;
                 if points.contains(&(i + 1)) {
                     self.state.history.push(MetricsRecord::Step {
@@ -311,18 +339,25 @@ impl Trainer {
     }
 
     fn write_checkpoint(&self, observer: &mut dyn Observer) -> Result<()> {
-        let Some(dir) = &self.run_dir else { return Ok(()) };
+        let Some(dir) = &self.run_dir else {
+            return Ok(());
+        };
         let path = dir.checkpoint();
         let previous_intact = path.exists();
         let bytes = checkpoint::to_bytes(&self.model, &self.opt.state(), &self.state)?;
-        core_ckpt::write_atomic(&path, &bytes)
-            .map_err(|source| TrainError::CheckpointWrite { path: path.clone(), source, previous_intact })?;
+        core_ckpt::write_atomic(&path, &bytes).map_err(|source| TrainError::CheckpointWrite {
+            path: path.clone(),
+            source,
+            previous_intact,
+        })?;
         observer.on_checkpoint(&path);
         Ok(())
     }
 
     fn write_outputs(&self, improved: bool, observer: &mut dyn Observer) -> Result<()> {
-        let Some(dir) = &self.run_dir else { return Ok(()) };
+        let Some(dir) = &self.run_dir else {
+            return Ok(());
+        };
         let mut lines = String::new();
         for r in &self.state.history {
             lines.push_str(&serde_json::to_string(r).map_err(|e| TrainError::InvalidConfig(e.to_string()))?);
@@ -336,8 +371,11 @@ impl Trainer {
             let best = dir.best();
             let previous_intact = best.exists();
             let bytes = core_ckpt::to_bytes(&self.model, &checkpoint::input_metadata(&self.state.config))?;
-            core_ckpt::write_atomic(&best, &bytes)
-                .map_err(|source| TrainError::CheckpointWrite { path: best.clone(), source, previous_intact })?;
+            core_ckpt::write_atomic(&best, &bytes).map_err(|source| TrainError::CheckpointWrite {
+                path: best.clone(),
+                source,
+                previous_intact,
+            })?;
         }
         Ok(())
     }

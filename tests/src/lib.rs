@@ -48,6 +48,8 @@ pub fn tiny_config() -> TrainConfig {
         limit_test: None,
         eval_batch_size: 64,
         data_workers: 1,
+        precision: resnet_train::Precision::F32,
+        tf32: false,
     }
 }
 

@@ -20,8 +20,8 @@ use resnet_tests::{
 };
 use resnet_train::run_dir::files;
 use resnet_train::{
-    loader_config, EpochMetrics, LrSchedule, MetricsRecord, Observer, RunDir, Schedule, SgdConfig, Silent, TrainConfig,
-    TrainError, Trainer,
+    loader_config, EpochMetrics, LrSchedule, MetricsRecord, Observer, Precision, RunDir, Schedule, SgdConfig, Silent,
+    TrainConfig, TrainError, Trainer,
 };
 use tempfile::TempDir;
 
@@ -170,6 +170,45 @@ fn same_seed_gives_identical_weights_and_another_seed_does_not() -> Result<()> {
     let same: Vec<String> =
         a.model().parameters().into_iter().map(|p| p.name).filter(|n| !differing.contains(n)).collect();
     ensure!(same.is_empty(), "another seed left these parameters bit-identical: {same:?}");
+    Ok(())
+}
+
+/// Mixed precision through the trainer: f16 (the CPU stand-in for CUDA's bf16, same code path)
+/// learns one batch with f32 master weights and momentum; bf16 and TF32 on the CPU are refused
+/// with a message naming the flag.
+#[test]
+fn mixed_precision_trains_with_f32_master_weights() -> Result<()> {
+    let cfg = TrainConfig {
+        model: ResNetConfig { base_width: 8, ..ResNetConfig::d2l_resnet18() },
+        optimizer: SgdConfig { lr: 0.05, momentum: 0.9, nesterov: false, weight_decay: 0.0 },
+        schedule: Schedule::Constant,
+        warmup_epochs: 0.0,
+        label_smoothing: 0.0,
+        augment: None,
+        precision: Precision::F16,
+        ..tiny_config()
+    };
+    let split = Split::synthetic(BATCH, 28, 28, 11);
+    let batch = batches(Arc::new(split), &loader_config(&cfg, false), 0)?.next().context("no batch")??;
+    let mut trainer = Trainer::new(cfg.clone(), &CPU)?;
+    ensure!(trainer.model().compute_dtype() == Some(DType::F16), "the model computes in f16");
+    let mut losses = Vec::new();
+    for _ in 0..30 {
+        losses.push(trainer.train_batch(&batch.images, &batch.labels, cfg.optimizer.lr)?.0);
+    }
+    ensure!(losses.iter().all(|l| l.is_finite()), "non-finite f16 loss: {losses:?}");
+    let (first, last) = (losses[0], losses[losses.len() - 1]);
+    ensure!(first > 1.5 && last < 0.5, "f16 training should fit one batch: loss {first} -> {last}");
+    for p in trainer.model().parameters() {
+        ensure!(p.tensor.dtype() == DType::F32, "{} is stored as {:?}, not f32", p.name, p.tensor.dtype());
+    }
+    for (bad, flag) in [
+        (TrainConfig { precision: Precision::Bf16, ..cfg.clone() }, "--precision bf16"),
+        (TrainConfig { tf32: true, ..cfg }, "--tf32"),
+    ] {
+        let err = Trainer::new(bad, &CPU).err().context("a CUDA-only setting was accepted on the CPU")?;
+        ensure!(err.to_string().contains(flag), "error should name {flag}: {err}");
+    }
     Ok(())
 }
 
@@ -352,7 +391,9 @@ fn non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint() -> Result
     poison(bare.model(), "7.bias", dir.path())?;
     match bare.fit(&data, &mut Silent) {
         Err(TrainError::NonFiniteLoss { epoch: 1, batch: 1, checkpoint: None, .. }) => Ok(()),
-        other => bail!("expected NonFiniteLoss at epoch 1, batch 1 without a checkpoint, got {other:?}"),
+        other => {
+            bail!("expected NonFiniteLoss at epoch 1, batch 1 without a checkpoint, got {other:?}")
+        }
     }
 }
 
@@ -411,7 +452,9 @@ fn failed_checkpoint_write_keeps_the_previous_checkpoint() -> Result<()> {
     let message = result.as_ref().err().map(ToString::to_string).unwrap_or_default();
     match result {
         Err(TrainError::CheckpointWrite { path, previous_intact: true, .. }) if path == blocker.checkpoint => {}
-        other => bail!("expected CheckpointWrite with the previous checkpoint intact, got {other:?}"),
+        other => {
+            bail!("expected CheckpointWrite with the previous checkpoint intact, got {other:?}")
+        }
     }
     for needle in ["could not write checkpoint", "the previous checkpoint is intact", &run.display().to_string()] {
         ensure!(message.contains(needle), "the message lacks {needle:?}: {message}");

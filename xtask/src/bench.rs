@@ -14,7 +14,7 @@ use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
 use resnet_core::{ConvKernel, ResNet, ResNetConfig};
-use resnet_train::{Schedule, SgdConfig, TrainConfig, Trainer};
+use resnet_train::{Precision, Schedule, SgdConfig, TrainConfig, Trainer};
 
 /// What one configuration measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
@@ -68,6 +68,36 @@ pub struct BenchArgs {
     /// Write the JSON report here (default: target/bench/bench.json).
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Device for both sides: cpu, cuda or cuda:N (cuda needs a `cargo xtask build-cuda` binary).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Precision for both sides (bf16 = mixed precision with f32 weights; PyTorch uses autocast).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: PrecisionArg,
+    /// Allow TF32 matrix products on both sides (CUDA).
+    #[arg(long)]
+    pub tf32: bool,
+}
+
+/// Training precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PrecisionArg {
+    /// f32 throughout.
+    F32,
+    /// bf16 activations and products, f32 master weights.
+    Bf16,
+    /// f16 activations and products, f32 master weights.
+    F16,
+}
+
+impl PrecisionArg {
+    fn name(self) -> &'static str {
+        match self {
+            PrecisionArg::F32 => "f32",
+            PrecisionArg::Bf16 => "bf16",
+            PrecisionArg::F16 => "f16",
+        }
+    }
 }
 
 /// Hidden `xtask bench-one` flags: one configuration in this process.
@@ -87,6 +117,28 @@ pub struct BenchOneArgs {
     pub warmup: usize,
     #[arg(long, value_enum)]
     pub kernel: KernelArg,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: PrecisionArg,
+    #[arg(long)]
+    pub tf32: bool,
+}
+
+/// `cpu`, `cuda` or `cuda:N` as a candle device.
+fn parse_device(s: &str) -> Result<Device> {
+    let ordinal = match s {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => bail!("--device `{s}`: expected cpu, cuda or cuda:N"),
+        },
+    };
+    if !candle_core::utils::cuda_is_available() {
+        bail!("--device {s}: this xtask was built without CUDA; build it with `cargo xtask build-cuda`");
+    }
+    Device::new_cuda(ordinal).with_context(|| format!("--device {s}: cannot open CUDA device {ordinal}"))
 }
 
 /// One side's measurement of one configuration in one round.
@@ -129,16 +181,29 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.rounds == 0 || a.windows == 0 || a.steps == 0 {
         bail!("--rounds, --windows and --steps must be at least 1");
     }
+    let device = parse_device(&a.device)?;
     let python = if a.compare_pytorch { Some(find_python(a.python.as_deref())?) } else { None };
     let script = workspace_root().join("scripts/bench_pytorch.py");
-    let peak = matmul_peak_gflops(a.threads)?;
-    eprintln!("matmul peak (candle f32 gemm, 2048³, {} threads): {peak:.1} GFLOP/s", a.threads);
+    let peak = matmul_peak_gflops(a.threads, &device, a.precision)?;
+    eprintln!(
+        "matmul peak (candle {} gemm on {}, {} threads): {peak:.1} GFLOP/s",
+        a.precision.name(),
+        a.device,
+        a.threads
+    );
     let mut rows = Vec::new();
     for cfg in &configs {
         let mut ours = Vec::new();
         let mut theirs = Vec::new();
         for round in 0..a.rounds {
-            eprintln!("{} {} px, batch {}: round {}/{}", mode_name(cfg.mode), cfg.resize, cfg.batch, round + 1, a.rounds);
+            eprintln!(
+                "{} {} px, batch {}: round {}/{}",
+                mode_name(cfg.mode),
+                cfg.resize,
+                cfg.batch,
+                round + 1,
+                a.rounds
+            );
             ours.push(run_ours(cfg, &a)?);
             if let Some(py) = &python {
                 theirs.push(run_pytorch(py, &script, cfg, &a)?);
@@ -148,7 +213,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let fwd = ResNet::forward_flops(&ResNetConfig::d2l_resnet18(), cfg.resize, cfg.resize)? as f64;
         let flops = if cfg.mode == Mode::Train { 3.0 * fwd } else { fwd };
         let gflops = eps * flops / 1e9;
-        let py_eps = (!theirs.is_empty()).then(|| median(theirs.iter().flat_map(|s| s.windows.iter().copied()).collect()));
+        let py_eps =
+            (!theirs.is_empty()).then(|| median(theirs.iter().flat_map(|s| s.windows.iter().copied()).collect()));
         rows.push(Row {
             mode: cfg.mode,
             resize: cfg.resize,
@@ -164,11 +230,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
             pytorch_samples: theirs,
         });
     }
-    print_table(&rows, peak, a.threads);
+    print_table(&rows, peak, &a);
     let report = serde_json::json!({
         "date": chrono_free_date(),
         "threads": a.threads,
         "kernel": format!("{:?}", a.kernel),
+        "device": a.device,
+        "precision": a.precision.name(),
+        "tf32": a.tf32,
         "matmul_peak_gflops": peak,
         "rows": rows,
     });
@@ -176,7 +245,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
     println!("JSON report: {}", path.display());
     Ok(())
 }
@@ -187,9 +257,16 @@ pub fn run_one(a: BenchOneArgs) -> Result<()> {
         KernelArg::Im2col => ConvKernel::Im2col,
         KernelArg::Candle => ConvKernel::Candle,
     };
-    let device = Device::Cpu;
+    let device = parse_device(&a.device)?;
+    let precision = match a.precision {
+        PrecisionArg::F32 => Precision::F32,
+        PrecisionArg::Bf16 => Precision::Bf16,
+        PrecisionArg::F16 => Precision::F16,
+    };
     let cfg = TrainConfig {
         model: ResNetConfig { conv_kernel: kernel, ..ResNetConfig::d2l_resnet18() },
+        precision,
+        tf32: a.tf32,
         batch_size: a.batch,
         eval_batch_size: a.batch,
         resize: a.resize,
@@ -240,6 +317,8 @@ fn run_ours(cfg: &Config, a: &BenchArgs) -> Result<Sample> {
         .args(["bench-one", "--mode", mode_name(cfg.mode), "--kernel", kernel])
         .args(["--resize", &cfg.resize.to_string(), "--batch", &cfg.batch.to_string()])
         .args(["--windows", &a.windows.to_string(), "--steps", &a.steps.to_string(), "--warmup", &a.warmup.to_string()])
+        .args(["--device", &a.device, "--precision", a.precision.name()])
+        .args(a.tf32.then_some("--tf32"))
         .output()
         .context("running xtask bench-one")?;
     parse_sample(&out, "our benchmark")
@@ -251,6 +330,8 @@ fn run_pytorch(python: &Path, script: &Path, cfg: &Config, a: &BenchArgs) -> Res
         .args(["--mode", mode_name(cfg.mode), "--resize", &cfg.resize.to_string(), "--batch", &cfg.batch.to_string()])
         .args(["--threads", &a.threads.to_string(), "--windows", &a.windows.to_string()])
         .args(["--steps", &a.steps.to_string(), "--warmup", &a.warmup.to_string()])
+        .args(["--device", &a.device, "--precision", a.precision.name()])
+        .args(a.tf32.then_some("--tf32"))
         .output()
         .with_context(|| format!("running {} {}", python.display(), script.display()))?;
     parse_sample(&out, "the PyTorch benchmark")
@@ -271,11 +352,8 @@ fn find_python(flag: Option<&Path>) -> Result<PathBuf> {
         .map(Path::to_path_buf)
         .or_else(|| std::env::var_os("RESNET_BENCH_PYTHON").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("python3"));
-    let ok = Command::new(&candidate)
-        .args(["-c", "import torch"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+    let ok =
+        Command::new(&candidate).args(["-c", "import torch"]).output().map(|o| o.status.success()).unwrap_or(false);
     if !ok {
         bail!(
             "--compare-pytorch needs a Python with torch: `{}` cannot import torch. Install it \
@@ -312,17 +390,23 @@ fn mode_name(m: Mode) -> &'static str {
     }
 }
 
-/// Best of five 2048×2048×2048 f32 products through candle (the same gemm the model uses).
-fn matmul_peak_gflops(threads: usize) -> Result<f64> {
+/// Best of five square products through candle (the same gemm the model uses): 2048³ on the
+/// CPU, 8192³ on a GPU, in the benchmark's precision (f32 for f32 on the CPU).
+fn matmul_peak_gflops(threads: usize, device: &Device, precision: PrecisionArg) -> Result<f64> {
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    let n = 2048;
-    let a = Tensor::rand(0f32, 1., (n, n), &Device::Cpu)?;
-    let b = Tensor::rand(0f32, 1., (n, n), &Device::Cpu)?;
+    let n = if device.is_cpu() { 2048 } else { 8192 };
+    let dtype = match (device.is_cpu(), precision) {
+        (false, PrecisionArg::Bf16) => DType::BF16,
+        (_, PrecisionArg::F16) => DType::F16,
+        _ => DType::F32,
+    };
+    let a = Tensor::rand(0f32, 1., (n, n), device)?.to_dtype(dtype)?;
+    let b = Tensor::rand(0f32, 1., (n, n), device)?.to_dtype(dtype)?;
     let mut best = f64::MAX;
     for _ in 0..5 {
         let t = Instant::now();
         let c = a.matmul(&b)?;
-        let _ = c.get(0)?.get(0)?.to_scalar::<f32>()?;
+        let _ = c.get(0)?.get(0)?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         best = best.min(t.elapsed().as_secs_f64());
     }
     Ok(2.0 * (n as f64).powi(3) / best / 1e9)
@@ -369,9 +453,15 @@ fn chrono_free_date() -> String {
         .unwrap_or_default()
 }
 
-fn print_table(rows: &[Row], peak: f64, threads: usize) {
+fn print_table(rows: &[Row], peak: f64, a: &BenchArgs) {
     println!();
-    println!("d2l ResNet-18, CPU, {threads} threads; matmul peak {peak:.0} GFLOP/s");
+    let tf32 = if a.tf32 { ", TF32" } else { "" };
+    println!(
+        "d2l ResNet-18 on {}, {}{tf32}, {} CPU threads; matmul peak {peak:.0} GFLOP/s",
+        a.device,
+        a.precision.name(),
+        a.threads
+    );
     println!(
         "{:<18} {:>10} {:>9} {:>7} {:>10} {:>12} {:>11} {:>7}",
         "config", "ex/s", "GFLOP/s", "% peak", "peak RSS", "PyTorch ex/s", "PyTorch RSS", "ratio"

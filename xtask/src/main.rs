@@ -2,10 +2,12 @@
 //!
 //! `cargo xtask fetch-data` downloads and verifies Fashion-MNIST (the only network code in the
 //! workspace); `cargo xtask bench` measures training and evaluation speed, optionally against
-//! PyTorch. Each subcommand lives in its own module; this file only parses and dispatches.
+//! PyTorch; `cargo xtask build-cuda` builds the CUDA binaries without a system
+//! toolkit. Each subcommand lives in its own module; this file only parses and dispatches.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod bench;
+mod build_cuda;
 mod fetch;
 
 use std::process::ExitCode;
@@ -13,12 +15,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "xtask",
-    bin_name = "cargo xtask",
-    about = "Project chores for resnet-fashion",
-    version
-)]
+#[command(name = "xtask", bin_name = "cargo xtask", about = "Project chores for resnet-fashion", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,6 +27,8 @@ enum Command {
     FetchData(fetch::FetchArgs),
     /// Benchmark training-step and evaluation throughput of d2l's ResNet-18 (see BENCHMARKS.md)
     Bench(bench::BenchArgs),
+    /// Build resnet-cli and xtask with CUDA, using PyPI's toolkit when there is no system one
+    BuildCuda(build_cuda::BuildCudaArgs),
     /// One benchmark configuration in this process (used by `bench`)
     #[command(hide = true)]
     BenchOne(bench::BenchOneArgs),
@@ -41,6 +40,7 @@ fn main() -> ExitCode {
         Command::FetchData(args) => fetch::run(args),
         Command::Bench(args) => bench::run(args),
         Command::BenchOne(args) => bench::run_one(args),
+        Command::BuildCuda(args) => build_cuda::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

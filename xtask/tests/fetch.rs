@@ -37,14 +37,7 @@ const FILES: [&str; 4] = [
 fn fetch_data(args: &[&str]) -> std::io::Result<Output> {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
     cmd.arg("fetch-data").args(args);
-    for var in [
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-    ] {
+    for var in ["http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"] {
         cmd.env_remove(var);
     }
     cmd.output()
@@ -63,8 +56,7 @@ fn entries(dir: &Path) -> std::io::Result<Vec<String>> {
 }
 
 fn path_str(path: &Path) -> Result<&str, Box<dyn Error>> {
-    path.to_str()
-        .ok_or_else(|| format!("non-UTF-8 path {}", path.display()).into())
+    path.to_str().ok_or_else(|| format!("non-UTF-8 path {}", path.display()).into())
 }
 
 /// Debian's copy of the data, if installed; says so when it is not.
@@ -73,9 +65,7 @@ fn debian_data(test: &str) -> Option<PathBuf> {
     if FILES.iter().all(|f| dir.join(f).is_file()) {
         Some(dir)
     } else {
-        eprintln!(
-            "skipping {test}: real data not installed in {DEBIAN_DIR} (dataset-fashion-mnist)"
-        );
+        eprintln!("skipping {test}: real data not installed in {DEBIAN_DIR} (dataset-fashion-mnist)");
         None
     }
 }
@@ -131,10 +121,7 @@ fn nothing_available_exits_non_zero_with_advice() -> TestResult {
         "apt-get install dataset-fashion-mnist",
         "--from DIR",
     ] {
-        assert!(
-            stderr.contains(expected),
-            "{expected:?} missing from:\n{stderr}"
-        );
+        assert!(stderr.contains(expected), "{expected:?} missing from:\n{stderr}");
     }
     assert!(entries(dest.path())?.is_empty());
     Ok(())
@@ -142,10 +129,7 @@ fn nothing_available_exits_non_zero_with_advice() -> TestResult {
 
 #[test]
 fn a_stalled_server_times_out_quickly() -> TestResult {
-    let routes = FILES
-        .iter()
-        .map(|f| (format!("/{f}"), Reply::Stall))
-        .collect();
+    let routes = FILES.iter().map(|f| (format!("/{f}"), Reply::Stall)).collect();
     let server = TestServer::start(routes)?;
     let (dest, empty) = (tempfile::tempdir()?, tempfile::tempdir()?);
     let started = Instant::now();
@@ -166,11 +150,7 @@ fn a_stalled_server_times_out_quickly() -> TestResult {
     assert!(stderr.contains("timed out"), "{stderr}");
     assert!(stderr.contains("2 tries, last: timed out"), "{stderr}");
     // Two 1 s tries of the first file, then the mirror is known to be unreachable.
-    assert!(
-        started.elapsed() < Duration::from_secs(15),
-        "took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
     assert!(entries(dest.path())?.is_empty());
     Ok(())
 }
@@ -181,12 +161,7 @@ fn from_with_a_bad_file_installs_nothing() -> TestResult {
     for name in FILES {
         fs::write(src.path().join(name), b"\x1f\x8bnot really gzip")?;
     }
-    let out = fetch_data(&[
-        "--dir",
-        path_str(dest.path())?,
-        "--from",
-        path_str(src.path())?,
-    ])?;
+    let out = fetch_data(&["--dir", path_str(dest.path())?, "--from", path_str(src.path())?])?;
     let stderr = text(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("nothing was installed"), "{stderr}");
@@ -198,8 +173,7 @@ fn from_with_a_bad_file_installs_nothing() -> TestResult {
 /// Real data: a corrupt mirror is skipped, a re-gzipped copy installs, a second run is a no-op.
 #[test]
 fn real_data_downloads_verify_and_a_second_run_fetches_nothing() -> TestResult {
-    let Some(debian) = debian_data("real_data_downloads_verify_and_a_second_run_fetches_nothing")
-    else {
+    let Some(debian) = debian_data("real_data_downloads_verify_and_a_second_run_fetches_nothing") else {
         return Ok(());
     };
     let files = regzipped(&debian)?;
@@ -228,40 +202,21 @@ fn real_data_downloads_verify_and_a_second_run_fetches_nothing() -> TestResult {
     let out = fetch_data(&args)?;
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("served a bad copy, not installed"),
-        "{stderr}"
-    );
-    assert!(
-        text(&out.stdout).contains("4 files verified"),
-        "{}",
-        text(&out.stdout)
-    );
+    assert!(stderr.contains("served a bad copy, not installed"), "{stderr}");
+    assert!(text(&out.stdout).contains("4 files verified"), "{}", text(&out.stdout));
     let mut expected: Vec<String> = FILES.iter().map(|f| (*f).to_owned()).collect();
     expected.sort();
     assert_eq!(entries(&dir)?, expected);
     for (name, body) in &files {
-        assert_eq!(
-            &fs::read(dir.join(name))?,
-            body.as_ref(),
-            "{name} is the good mirror's copy"
-        );
+        assert_eq!(&fs::read(dir.join(name))?, body.as_ref(), "{name} is the good mirror's copy");
     }
 
     let requests = server.requests().len();
     let again = fetch_data(&args)?;
     let stderr = text(&again.stderr);
     assert!(again.status.success(), "{stderr}");
-    assert_eq!(
-        stderr.matches("already present and verified").count(),
-        4,
-        "{stderr}"
-    );
-    assert_eq!(
-        server.requests().len(),
-        requests,
-        "the second run made no request"
-    );
+    assert_eq!(stderr.matches("already present and verified").count(), 4, "{stderr}");
+    assert_eq!(server.requests().len(), requests, "the second run made no request");
     Ok(())
 }
 
@@ -284,14 +239,8 @@ fn real_data_falls_back_to_debians_directory() -> TestResult {
     ])?;
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("no mirror is reachable; installed Debian's copy"),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains("4 file(s) came from Debian's package directory"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("no mirror is reachable; installed Debian's copy"), "{stderr}");
+    assert!(stderr.contains("4 file(s) came from Debian's package directory"), "{stderr}");
     assert_eq!(entries(dest.path())?.len(), 4);
     Ok(())
 }
@@ -308,12 +257,7 @@ fn real_data_from_a_raw_copy() -> TestResult {
         MultiGzDecoder::new(fs::File::open(debian.join(name))?).read_to_end(&mut content)?;
         fs::write(src.path().join(name.trim_end_matches(".gz")), content)?;
     }
-    let out = fetch_data(&[
-        "--dir",
-        path_str(dest.path())?,
-        "--from",
-        path_str(src.path())?,
-    ])?;
+    let out = fetch_data(&["--dir", path_str(dest.path())?, "--from", path_str(src.path())?])?;
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert_eq!(stderr.matches("installed from").count(), 4, "{stderr}");

@@ -18,8 +18,8 @@ pub fn apply_model_args(cfg: &mut resnet_core::ResNetConfig, m: &crate::args::Mo
     use crate::args::VariantArg;
     if let Some(d) = &m.depth {
         let layers: usize = d.parse()?;
-        cfg.depth = resnet_core::Depth::from_layers(layers)
-            .ok_or_else(|| anyhow::anyhow!("--depth {d}: expected 18 or 34"))?;
+        cfg.depth =
+            resnet_core::Depth::from_layers(layers).ok_or_else(|| anyhow::anyhow!("--depth {d}: expected 18 or 34"))?;
     }
     if let Some(v) = m.variant {
         cfg.block = match v {

@@ -27,13 +27,7 @@ pub fn run(a: SummaryArgs) -> Result<Outcome> {
     if traced != expected {
         bail!("internal error: traced shapes {traced:?} differ from computed {expected:?}");
     }
-    println!(
-        "ResNet-{} ({:?}, width {}), input {}",
-        cfg.depth.layers(),
-        cfg.block,
-        cfg.base_width,
-        fmt_shape(&input)
-    );
+    println!("ResNet-{} ({:?}, width {}), input {}", cfg.depth.layers(), cfg.block, cfg.base_width, fmt_shape(&input));
     for s in &traced {
         println!("{:<18} output shape:\t{}", s.torch_class, fmt_shape(&s.shape));
     }

@@ -1,10 +1,10 @@
 //! `resnet-cli train`: preset + flags → `TrainConfig` → `Trainer::fit`, then d2l's closing lines.
 
 use anyhow::{bail, Context, Result};
-use resnet_train::{AugmentConfig, RunDir, Schedule, TrainConfig, Trainer};
+use resnet_train::{AugmentConfig, Precision, RunDir, Schedule, TrainConfig, Trainer};
 
 use super::{apply_model_args, Outcome};
-use crate::args::{KernelArg, ScheduleArg, TrainArgs};
+use crate::args::{KernelArg, PrecisionArg, ScheduleArg, TrainArgs};
 use crate::{device, progress::Progress};
 
 /// Runs the command.
@@ -57,10 +57,7 @@ pub fn run(a: TrainArgs) -> Result<Outcome> {
     let mut progress = Progress::new()?;
     let report = trainer.fit(&data, &mut progress)?;
     if report.interrupted {
-        eprintln!(
-            "interrupted; checkpoint written. Continue with: resnet-cli train --resume {}",
-            dir_of(&trainer)
-        );
+        eprintln!("interrupted; checkpoint written. Continue with: resnet-cli train --resume {}", dir_of(&trainer));
         return Ok(Outcome::Interrupted);
     }
     if let Some(m) = &report.last {
@@ -99,6 +96,8 @@ fn overriding_flags(a: &TrainArgs) -> Vec<&'static str> {
         ("--eval-batch-size", a.eval_batch_size.is_some()),
         ("--workers", a.workers.is_some()),
         ("--conv-kernel", a.conv_kernel.is_some()),
+        ("--precision", a.precision.is_some()),
+        ("--tf32", a.tf32),
         ("--depth", m.depth.is_some()),
         ("--variant", m.variant.is_some()),
         ("--width", m.width.is_some()),
@@ -184,6 +183,14 @@ fn config(a: &TrainArgs) -> Result<TrainConfig> {
             KernelArg::Candle => resnet_core::ConvKernel::Candle,
         };
     }
+    if let Some(p) = a.precision {
+        c.precision = match p {
+            PrecisionArg::F32 => Precision::F32,
+            PrecisionArg::Bf16 => Precision::Bf16,
+            PrecisionArg::F16 => Precision::F16,
+        };
+    }
+    c.tf32 |= a.tf32;
     c.validate()?;
     Ok(c)
 }

@@ -35,7 +35,15 @@ impl BatchNorm {
         let running_var = Var::from_tensor(&vb.get_with_hints(channels, "running_var", Init::Const(1.0))?)?;
         // Kept as f32 so it lives beside the other buffers; exported as int64 for PyTorch.
         let num_batches_tracked = Var::from_tensor(&vb.get_with_hints((), "num_batches_tracked", Init::Const(0.0))?)?;
-        Ok(Self { weight, bias, running_mean, running_var, num_batches_tracked, eps: Self::EPS, momentum: Self::MOMENTUM })
+        Ok(Self {
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            eps: Self::EPS,
+            momentum: Self::MOMENTUM,
+        })
     }
 
     /// Scale γ, `(channels,)`.
@@ -94,6 +102,11 @@ impl BatchNorm {
     }
 
     fn forward_act(&self, xs: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
+        if matches!(xs.dtype(), DType::F16 | DType::BF16) {
+            // Mixed precision: statistics and normalisation in f32, as autocast does.
+            let full = xs.to_dtype(self.weight.dtype())?;
+            return self.forward_act(&full, train, relu)?.to_dtype(xs.dtype());
+        }
         let c = self.weight.dim(0)?;
         let dims = xs.dims().to_vec();
         if dims.last() != Some(&c) {
@@ -185,12 +198,18 @@ impl CustomOp3 for ScaleShift {
             y
         }
         let y = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                CpuStorage::F32(run(contiguous(x, l1, "x")?, contiguous(a, l2, "scale")?, contiguous(b, l3, "shift")?, self.relu))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(a), CpuStorage::F64(b)) => {
-                CpuStorage::F64(run(contiguous(x, l1, "x")?, contiguous(a, l2, "scale")?, contiguous(b, l3, "shift")?, self.relu))
-            }
+            (CpuStorage::F32(x), CpuStorage::F32(a), CpuStorage::F32(b)) => CpuStorage::F32(run(
+                contiguous(x, l1, "x")?,
+                contiguous(a, l2, "scale")?,
+                contiguous(b, l3, "shift")?,
+                self.relu,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(a), CpuStorage::F64(b)) => CpuStorage::F64(run(
+                contiguous(x, l1, "x")?,
+                contiguous(a, l2, "scale")?,
+                contiguous(b, l3, "shift")?,
+                self.relu,
+            )),
             _ => candle_core::bail!("batch-norm eval supports matching f32 or f64 tensors"),
         };
         Ok((y, l1.shape().clone()))
@@ -320,11 +339,23 @@ impl CustomOp3 for FusedBatchNorm {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (y, stats) = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(b)) => {
-                let (y, s) = fused_fwd(contiguous(x, l1, "x")?, contiguous(g, l2, "γ")?, contiguous(b, l3, "β")?, self.eps, self.relu);
+                let (y, s) = fused_fwd(
+                    contiguous(x, l1, "x")?,
+                    contiguous(g, l2, "γ")?,
+                    contiguous(b, l3, "β")?,
+                    self.eps,
+                    self.relu,
+                );
                 (CpuStorage::F32(y), s)
             }
             (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(b)) => {
-                let (y, s) = fused_fwd(contiguous(x, l1, "x")?, contiguous(g, l2, "γ")?, contiguous(b, l3, "β")?, self.eps, self.relu);
+                let (y, s) = fused_fwd(
+                    contiguous(x, l1, "x")?,
+                    contiguous(g, l2, "γ")?,
+                    contiguous(b, l3, "β")?,
+                    self.eps,
+                    self.relu,
+                );
                 (CpuStorage::F64(y), s)
             }
             _ => candle_core::bail!("fused batch-norm supports matching f32 or f64 tensors, got {:?}", s1.dtype()),
@@ -381,13 +412,23 @@ impl CustomOp3 for FusedBatchNormBackward {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (st, eps) = (&self.stats, self.eps);
         let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(dy), CpuStorage::F32(g)) => {
-                CpuStorage::F32(fused_bwd(contiguous(x, l1, "x")?, contiguous(dy, l2, "dy")?, contiguous(g, l3, "γ")?, st, eps))
+            (CpuStorage::F32(x), CpuStorage::F32(dy), CpuStorage::F32(g)) => CpuStorage::F32(fused_bwd(
+                contiguous(x, l1, "x")?,
+                contiguous(dy, l2, "dy")?,
+                contiguous(g, l3, "γ")?,
+                st,
+                eps,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(dy), CpuStorage::F64(g)) => CpuStorage::F64(fused_bwd(
+                contiguous(x, l1, "x")?,
+                contiguous(dy, l2, "dy")?,
+                contiguous(g, l3, "γ")?,
+                st,
+                eps,
+            )),
+            _ => {
+                candle_core::bail!("fused batch-norm backward supports matching f32 or f64 tensors")
             }
-            (CpuStorage::F64(x), CpuStorage::F64(dy), CpuStorage::F64(g)) => {
-                CpuStorage::F64(fused_bwd(contiguous(x, l1, "x")?, contiguous(dy, l2, "dy")?, contiguous(g, l3, "γ")?, st, eps))
-            }
-            _ => candle_core::bail!("fused batch-norm backward supports matching f32 or f64 tensors"),
         };
         let n = l1.shape().elem_count() + 2 * l3.shape().elem_count();
         Ok((out, Shape::from(n)))

@@ -1,12 +1,12 @@
 //! 2-D convolution over channels-last tensors with PyTorch-layout weights.
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, Layout, Module, Shape, Tensor, WithDType};
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Module, Shape, Tensor, WithDType};
 use candle_nn::{Init, VarBuilder};
 
 use super::elementwise::column_sums_tensor;
 use super::geometry::Window;
-use super::storage::contiguous;
 use super::im2col::{im2col_slice, Col2im, Im2col};
+use super::storage::contiguous;
 use crate::config::ConvKernel;
 
 /// A convolution's hyper-parameters.
@@ -62,6 +62,30 @@ impl Conv2d {
     pub fn config(&self) -> Conv2dConfig {
         self.cfg
     }
+
+    /// The im2col convolution from candle's differentiable ops (patches, then one matrix
+    /// product), in the input's dtype: what CUDA and mixed precision run, so the products go to
+    /// cuBLAS. [`Module::forward`] takes this path off the CPU and for dtypes other than f32/f64.
+    ///
+    /// # Shapes
+    /// - `xs`: `(batch, height, width, in_channels)`
+    /// - returns `(batch, out_h, out_w, out_channels)`
+    pub fn forward_portable(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let Conv2dConfig { in_channels, out_channels, kernel: k, stride, padding } = self.cfg;
+        let (b, h, w, c) = xs.dims4()?;
+        if c != in_channels {
+            candle_core::bail!("conv2d expects {in_channels} input channels, got {c}")
+        }
+        let (oh, ow) = match (Window::out_len(h, k, stride, padding), Window::out_len(w, k, stride, padding)) {
+            (Some(oh), Some(ow)) => (oh, ow),
+            _ => candle_core::bail!("conv2d: a {k}x{k} kernel does not fit a {h}x{w} input"),
+        };
+        let cols = im2col_portable(xs, k, stride, padding, (oh, ow))?;
+        let weight = self.weight.to_dtype(xs.dtype())?;
+        let w_mat = weight.permute((0, 2, 3, 1))?.reshape((out_channels, k * k * c))?;
+        let ys = cols.matmul(&w_mat.t()?)?.broadcast_add(&self.bias.to_dtype(xs.dtype())?)?;
+        ys.reshape((b, oh, ow, out_channels))
+    }
 }
 
 impl Module for Conv2d {
@@ -70,40 +94,63 @@ impl Module for Conv2d {
     /// - returns `(batch, out_h, out_w, out_channels)`
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let Conv2dConfig { in_channels, out_channels, kernel: k, stride, padding } = self.cfg;
-        let (b, h, w, c) = xs.dims4()?;
+        let c = xs.dim(3)?;
         if c != in_channels {
             candle_core::bail!("conv2d expects {in_channels} input channels, got {c}")
         }
         match self.kernel {
-            ConvKernel::Im2col if xs.device().is_cpu() => {
+            ConvKernel::Im2col if xs.device().is_cpu() && matches!(xs.dtype(), DType::F32 | DType::F64) => {
                 // The weight in (out, kh, kw, in) order, matching the patches' (kh, kw, c).
                 let w = self.weight.permute((0, 2, 3, 1))?.contiguous()?;
                 let op = Im2colConv { kernel: k, stride, pad: padding };
                 xs.contiguous()?.apply_op3(&w, &self.bias, op)
             }
-            ConvKernel::Im2col => {
-                // Other devices: the same computation from candle's differentiable ops.
-                let (oh, ow) = match (Window::out_len(h, k, stride, padding), Window::out_len(w, k, stride, padding)) {
-                    (Some(oh), Some(ow)) => (oh, ow),
-                    _ => candle_core::bail!("conv2d: a {k}x{k} kernel does not fit a {h}x{w} input"),
-                };
-                let cols = if k == 1 && stride == 1 && padding == 0 {
-                    xs.reshape((b * h * w, c))?
-                } else {
-                    xs.contiguous()?.apply_op1(Im2col { kh: k, kw: k, stride, pad: padding })?
-                };
-                let w_mat = self.weight.permute((0, 2, 3, 1))?.reshape((out_channels, k * k * c))?;
-                let ys = cols.matmul(&w_mat.t()?)?.broadcast_add(&self.bias)?;
-                ys.reshape((b, oh, ow, out_channels))
-            }
+            ConvKernel::Im2col => self.forward_portable(xs),
             ConvKernel::Candle => {
                 let nchw = xs.permute((0, 3, 1, 2))?;
-                let ys = nchw.conv2d(&self.weight, padding, stride, 1, 1)?;
-                let ys = ys.broadcast_add(&self.bias.reshape((1, out_channels, 1, 1))?)?;
+                let ys = nchw.conv2d(&self.weight.to_dtype(xs.dtype())?, padding, stride, 1, 1)?;
+                let bias = self.bias.to_dtype(xs.dtype())?.reshape((1, out_channels, 1, 1))?;
+                let ys = ys.broadcast_add(&bias)?;
                 ys.permute((0, 2, 3, 1))?.contiguous()
             }
         }
     }
+}
+
+/// The patches of channels-last `xs` as a `(batch · out_h · out_w, k · k · channels)` matrix in
+/// `(kh, kw, c)` column order, from candle's differentiable ops (zero padding, then `k²` strided
+/// views concatenated along the channels), so it runs, and differentiates, on any device.
+pub(crate) fn im2col_portable(
+    xs: &Tensor,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    (oh, ow): (usize, usize),
+) -> candle_core::Result<Tensor> {
+    let (b, h, w, c) = xs.dims4()?;
+    if k == 1 && stride == 1 && pad == 0 {
+        return xs.reshape((b * h * w, c));
+    }
+    // Padded extents that hold every strided view.
+    let (ph, pw) = (k - 1 + stride * oh, k - 1 + stride * ow);
+    let padded =
+        xs.pad_with_zeros(1, pad, ph.saturating_sub(pad + h))?.pad_with_zeros(2, pad, pw.saturating_sub(pad + w))?;
+    let mut views = Vec::with_capacity(k * k);
+    for ki in 0..k {
+        for kj in 0..k {
+            let view = padded.narrow(1, ki, stride * oh)?.narrow(2, kj, stride * ow)?;
+            let view = if stride == 1 {
+                view
+            } else {
+                view.reshape((b, oh, stride, ow, stride, c))?
+                    .narrow(2, 0, 1)?
+                    .narrow(4, 0, 1)?
+                    .reshape((b, oh, ow, c))?
+            };
+            views.push(view);
+        }
+    }
+    Tensor::cat(&views, 3)?.reshape((b * oh * ow, k * k * c))
 }
 
 /// Convolution of channels-last `x` with an `(out, kh, kw, in)` weight and a bias, as one op:
@@ -198,7 +245,13 @@ impl CustomOp3 for Im2colConv {
         let win = self.window(l1)?;
         let out = l3.shape().elem_count();
         if l2.shape().dims() != [out, win.kh, win.kw, win.c] {
-            candle_core::bail!("conv2d: weight {:?} does not fit ({out}, {}, {}, {})", l2.shape(), win.kh, win.kw, win.c)
+            candle_core::bail!(
+                "conv2d: weight {:?} does not fit ({out}, {}, {}, {})",
+                l2.shape(),
+                win.kh,
+                win.kw,
+                win.c
+            )
         }
         let pw = self.pointwise();
         let y = match (s1, s2, s3) {
@@ -330,6 +383,15 @@ mod tests {
                 for (name, t) in [("input", x.as_tensor()), ("weight", ours.weight()), ("bias", ours.bias())] {
                     let e = rel_err(g1.get(t).expect("grad"), g2.get(t).expect("grad"))?;
                     assert!(e < 1e-4, "{name} grad rel err {e} for {case:?} in {dtype:?}");
+                }
+                // The portable path (CUDA, mixed precision) agrees on everything too.
+                let y3 = ours.forward_portable(x.as_tensor())?;
+                let e = rel_err(&y3, &reference_conv(x.as_tensor(), &ours)?)?;
+                assert!(e < 1e-4, "portable forward rel err {e} for {case:?}");
+                let g3 = (y3 * &probe)?.sum_all()?.backward()?;
+                for (name, t) in [("input", x.as_tensor()), ("weight", ours.weight()), ("bias", ours.bias())] {
+                    let e = rel_err(g3.get(t).expect("grad"), g2.get(t).expect("grad"))?;
+                    assert!(e < 1e-4, "portable {name} grad rel err {e} for {case:?} in {dtype:?}");
                 }
                 // candle's stock kernel agrees on the forward everywhere.
                 let stock = Conv2d { kernel: ConvKernel::Candle, ..ours.clone() };

@@ -123,8 +123,18 @@ impl CustomOp2 for MaskByPositive {
         "relu-backward"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = dispatch2!(s1, l1, s2, l2, "relu-backward", |y, g| map2(y, g, |y, g| if y > Default::default() { g } else { Default::default() }));
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = dispatch2!(s1, l1, s2, l2, "relu-backward", |y, g| map2(y, g, |y, g| if y > Default::default() {
+            g
+        } else {
+            Default::default()
+        }));
         Ok((out, l1.shape().clone()))
     }
 }
@@ -137,15 +147,31 @@ impl CustomOp2 for AddRelu {
         "add-relu"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let out = dispatch2!(s1, l1, s2, l2, "add-relu", |a, b| map2(a, b, |a, b| {
             let s = a + b;
-            if s > Default::default() { s } else { Default::default() }
+            if s > Default::default() {
+                s
+            } else {
+                Default::default()
+            }
         }));
         Ok((out, l1.shape().clone()))
     }
 
-    fn bwd(&self, _a: &Tensor, _b: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        _b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let g = res.apply_op2_no_bwd(&grad.contiguous()?, &MaskByPositive)?;
         Ok((Some(g.clone()), Some(g)))
     }
@@ -197,7 +223,13 @@ impl CustomOp2 for BiasAdd {
         "bias-add"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let c = l2.shape().elem_count();
         if l1.shape().dims().last() != Some(&c) {
             candle_core::bail!("bias-add: {:?} does not end in {c} channels", l1.shape())
@@ -206,7 +238,13 @@ impl CustomOp2 for BiasAdd {
         Ok((out, l1.shape().clone()))
     }
 
-    fn bwd(&self, _x: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let db = grad.contiguous()?.apply_op1_no_bwd(&ColumnSums { c: b.elem_count() })?;
         Ok((Some(grad.clone()), Some(db)))
     }

@@ -1,7 +1,7 @@
 //! Pooling candle lacks: padded max-pooling with a backward for any kernel and stride, and
 //! global average pooling, both over channels-last `(batch, height, width, channels)` tensors.
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::storage::contiguous;
@@ -34,8 +34,56 @@ impl MaxPool2d {
     /// # Shapes
     /// - `xs`: `(batch, height, width, channels)`
     /// - returns `(batch, out_h, out_w, channels)`
+    ///
+    /// On CPU (f32, f64) this is one custom op with its own backward; on other devices and
+    /// dtypes it is [`MaxPool2d::forward_portable`], made of candle's differentiable ops.
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        xs.contiguous()?.apply_op1(*self)
+        if xs.device().is_cpu() && matches!(xs.dtype(), DType::F32 | DType::F64) {
+            xs.contiguous()?.apply_op1(*self)
+        } else {
+            self.forward_portable(xs)
+        }
+    }
+
+    /// The same pooling from candle's own ops, for every device and dtype (CUDA included): pad
+    /// with -inf, then take the elementwise maximum of the `kernel²` strided views. A strided
+    /// view is a `narrow` plus a reshape that splits each spatial axis into `(out, stride)`.
+    /// candle's `maximum` backward shares a tied gradient between the tied cells instead of
+    /// giving it all to the first, which changes nothing where the values differ.
+    pub fn forward_portable(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let win = self.window(xs.layout())?;
+        let (b, c, k, s, p) = (win.batch, win.c, self.kernel, self.stride, self.pad);
+        let (oh, ow) = (win.oh(), win.ow());
+        // Padded extents that hold every view: `k - 1 + s * out` cells from the top-left pad.
+        let (ph, pw) = (k - 1 + s * oh, k - 1 + s * ow);
+        let (below, right) = (ph.saturating_sub(p + win.h), pw.saturating_sub(p + win.w));
+        let neg = |hh: usize, ww: usize| -> candle_core::Result<Tensor> {
+            Tensor::full(f32::NEG_INFINITY, (b, hh, ww, c), xs.device())?.to_dtype(xs.dtype())
+        };
+        let mut padded = xs.clone();
+        if p + right > 0 {
+            padded = Tensor::cat(&[&neg(win.h, p)?, &padded, &neg(win.h, right)?], 2)?;
+        }
+        let width = p + win.w + right;
+        if p + below > 0 {
+            padded = Tensor::cat(&[&neg(p, width)?, &padded, &neg(below, width)?], 1)?;
+        }
+        let mut out: Option<Tensor> = None;
+        for ki in 0..k {
+            for kj in 0..k {
+                let view = padded.narrow(1, ki, s * oh)?.narrow(2, kj, s * ow)?;
+                let view = if s == 1 {
+                    view
+                } else {
+                    view.reshape((b, oh, s, ow, s, c))?.narrow(2, 0, 1)?.narrow(4, 0, 1)?.reshape((b, oh, ow, c))?
+                };
+                out = Some(match out {
+                    None => view,
+                    Some(acc) => acc.maximum(&view)?,
+                });
+            }
+        }
+        out.ok_or_else(|| candle_core::Error::Msg("max-pool: empty kernel".into()))
     }
 
     fn window(&self, layout: &Layout) -> candle_core::Result<Window> {
@@ -150,12 +198,16 @@ impl CustomOp2 for MaxPool2dBackward {
             candle_core::bail!("max-pool backward: gradient shape {:?} does not match the output", l2.shape())
         }
         let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                CpuStorage::F32(pool_bwd(contiguous(x, l1, "max-pool input")?, contiguous(g, l2, "max-pool gradient")?, &win))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
-                CpuStorage::F64(pool_bwd(contiguous(x, l1, "max-pool input")?, contiguous(g, l2, "max-pool gradient")?, &win))
-            }
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(pool_bwd(
+                contiguous(x, l1, "max-pool input")?,
+                contiguous(g, l2, "max-pool gradient")?,
+                &win,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(pool_bwd(
+                contiguous(x, l1, "max-pool input")?,
+                contiguous(g, l2, "max-pool gradient")?,
+                &win,
+            )),
             _ => candle_core::bail!("max-pool backward supports matching f32 or f64 tensors"),
         };
         Ok((out, l1.shape().clone()))
@@ -202,7 +254,9 @@ mod tests {
     #[test]
     fn matches_an_independent_formulation_forward_and_backward() -> candle_core::Result<()> {
         let dev = Device::Cpu;
-        for &(h, w, c, k, s, p) in &[(9, 9, 3, 3, 2, 1), (8, 7, 2, 3, 2, 1), (6, 6, 4, 2, 2, 0), (5, 8, 2, 3, 1, 1), (1, 1, 2, 3, 2, 1)] {
+        for &(h, w, c, k, s, p) in
+            &[(9, 9, 3, 3, 2, 1), (8, 7, 2, 3, 2, 1), (6, 6, 4, 2, 2, 0), (5, 8, 2, 3, 1, 1), (1, 1, 2, 3, 2, 1)]
+        {
             let x = Var::randn(0f64, 1., (2, h, w, c), &dev)?;
             let pool = MaxPool2d { kernel: k, stride: s, pad: p };
             let ours = pool.forward(x.as_tensor())?;
@@ -219,15 +273,55 @@ mod tests {
         Ok(())
     }
 
+    /// The portable path (what CUDA runs) against the CPU op, forward and backward, in f32.
+    #[test]
+    fn portable_path_matches_the_cpu_op() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for &(h, w, c, k, s, p) in &[
+            (9, 9, 3, 3, 2, 1),
+            (8, 7, 2, 3, 2, 1),
+            (6, 6, 4, 2, 2, 0),
+            (5, 8, 2, 3, 1, 1),
+            (1, 1, 2, 3, 2, 1),
+            (12, 12, 5, 3, 3, 1),
+        ] {
+            let x = Var::randn(0f32, 1., (2, h, w, c), &dev)?;
+            let pool = MaxPool2d { kernel: k, stride: s, pad: p };
+            let ours = pool.forward(x.as_tensor())?;
+            let portable = pool.forward_portable(x.as_tensor())?;
+            assert_eq!(ours.dims(), portable.dims(), "{:?}", (h, w, c, k, s, p));
+            let diff = (&ours - &portable)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff == 0.0, "forward differs by {diff} for {:?}", (h, w, c, k, s, p));
+            let weights = Tensor::randn(0f32, 1., ours.shape(), &dev)?;
+            let g1 = (ours * &weights)?.sum_all()?.backward()?;
+            let g2 = (portable * &weights)?.sum_all()?.backward()?;
+            let (a, b) = (g1.get(&x).expect("grad"), g2.get(&x).expect("grad"));
+            let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-6, "backward differs by {diff} for {:?}", (h, w, c, k, s, p));
+        }
+        Ok(())
+    }
+
+    /// Half precision takes the portable path and agrees with f32 after rounding.
+    #[test]
+    fn half_precision_uses_the_portable_path() -> candle_core::Result<()> {
+        let x = Tensor::randn(0f32, 1., (2, 9, 9, 3), &Device::Cpu)?;
+        let pool = MaxPool2d::d2l_stem();
+        let full = pool.forward(&x)?;
+        let half = pool.forward(&x.to_dtype(DType::F16)?)?.to_dtype(DType::F32)?;
+        let diff = (full - half)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 2e-3, "f16 max-pool differs by {diff}");
+        Ok(())
+    }
+
     #[test]
     fn gradient_matches_finite_differences() -> candle_core::Result<()> {
         let dev = Device::Cpu;
         let x = Var::randn(0f64, 1., (1, 6, 6, 2), &dev)?;
         let pool = MaxPool2d::d2l_stem();
         let weights = Tensor::randn(0f64, 1., (1, 3, 3, 2), &dev)?;
-        let loss = |t: &Tensor| -> candle_core::Result<f64> {
-            (pool.forward(t)? * &weights)?.sum_all()?.to_scalar::<f64>()
-        };
+        let loss =
+            |t: &Tensor| -> candle_core::Result<f64> { (pool.forward(t)? * &weights)?.sum_all()?.to_scalar::<f64>() };
         let grads = (pool.forward(x.as_tensor())? * &weights)?.sum_all()?.backward()?;
         let analytic: Vec<f64> = grads.get(&x).expect("grad").flatten_all()?.to_vec1()?;
         let base: Vec<f64> = x.flatten_all()?.to_vec1()?;

@@ -78,11 +78,7 @@ impl Downloader {
             .user_agent(concat!("resnet-fashion-xtask/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
-        Self {
-            agent,
-            options,
-            unreachable: RefCell::new(HashSet::new()),
-        }
+        Self { agent, options, unreachable: RefCell::new(HashSet::new()) }
     }
 
     /// Tries each mirror in turn until one delivers a copy of `spec` that verifies, and installs
@@ -117,10 +113,7 @@ impl Downloader {
                 }
             }
         }
-        Ok(Outcome::Failed {
-            tried,
-            all_unreachable,
-        })
+        Ok(Outcome::Failed { tried, all_unreachable })
     }
 
     /// Up to `1 + retries` tries at one URL.
@@ -143,9 +136,7 @@ impl Downloader {
                     return Ok(Ok(encoding));
                 }
                 Err(AttemptError::Local(e)) => {
-                    return Err(e).with_context(|| {
-                        format!("cannot write {} in {}", spec.name, dir.display())
-                    });
+                    return Err(e).with_context(|| format!("cannot write {} in {}", spec.name, dir.display()));
                 }
                 Err(AttemptError::Permanent(why)) => {
                     reporter.warn(format_args!("{url}: {why}; trying the next mirror"));
@@ -154,9 +145,7 @@ impl Downloader {
                 Err(AttemptError::Transient(why)) if attempt == tries => {
                     reporter.warn(format_args!("{url}: {why} (try {attempt} of {tries})"));
                     let plural = if tries == 1 { "try" } else { "tries" };
-                    return Ok(Err(MirrorFailure::Unreachable(format!(
-                        "{tries} {plural}, last: {why}"
-                    ))));
+                    return Ok(Err(MirrorFailure::Unreachable(format!("{tries} {plural}, last: {why}"))));
                 }
                 Err(AttemptError::Transient(why)) => {
                     reporter.warn(format_args!(
@@ -171,13 +160,7 @@ impl Downloader {
     }
 
     /// One GET into a temporary file, then verification and rename.
-    fn try_once(
-        &self,
-        url: &str,
-        spec: &FileSpec,
-        dir: &Path,
-        reporter: &Reporter,
-    ) -> Result<Encoding, AttemptError> {
+    fn try_once(&self, url: &str, spec: &FileSpec, dir: &Path, reporter: &Reporter) -> Result<Encoding, AttemptError> {
         let response = self.agent.get(url).call().map_err(classify)?;
         let limit = spec.max_download_bytes();
         let total = response.body().content_length();
@@ -198,9 +181,7 @@ impl Downloader {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    return Err(AttemptError::Transient(format!(
-                        "download broke off after {received} bytes: {e}"
-                    )))
+                    return Err(AttemptError::Transient(format!("download broke off after {received} bytes: {e}")))
                 }
             };
             received += n as u64;
@@ -210,17 +191,13 @@ impl Downloader {
                     spec.name
                 )));
             }
-            let chunk = buf
-                .get(..n)
-                .expect("read returns at most the buffer's length");
+            let chunk = buf.get(..n).expect("read returns at most the buffer's length");
             temp.file().write_all(chunk).map_err(AttemptError::Local)?;
             progress.inc(n as u64);
         }
         drop(progress);
         commit(temp, spec, dir).map_err(|e| match e {
-            CommitError::Rejected(why) => {
-                AttemptError::Permanent(format!("served a bad copy, not installed: {why}"))
-            }
+            CommitError::Rejected(why) => AttemptError::Permanent(format!("served a bad copy, not installed: {why}")),
             CommitError::Io(e) => AttemptError::Local(e),
         })
     }
@@ -272,17 +249,8 @@ mod tests {
 
     #[test]
     fn status_codes_are_classified() {
-        assert!(matches!(
-            classify(ureq::Error::StatusCode(503)),
-            AttemptError::Transient(_)
-        ));
-        assert!(matches!(
-            classify(ureq::Error::StatusCode(429)),
-            AttemptError::Transient(_)
-        ));
-        assert!(matches!(
-            classify(ureq::Error::StatusCode(404)),
-            AttemptError::Permanent(_)
-        ));
+        assert!(matches!(classify(ureq::Error::StatusCode(503)), AttemptError::Transient(_)));
+        assert!(matches!(classify(ureq::Error::StatusCode(429)), AttemptError::Transient(_)));
+        assert!(matches!(classify(ureq::Error::StatusCode(404)), AttemptError::Permanent(_)));
     }
 }

@@ -60,8 +60,7 @@ pub fn commit(mut temp: TempFile, spec: &FileSpec, dir: &Path) -> Result<Encodin
             gz
         }
     };
-    temp.persist(&dir.join(&spec.name))
-        .map_err(CommitError::Io)?;
+    temp.persist(&dir.join(&spec.name)).map_err(CommitError::Io)?;
     Ok(encoding)
 }
 
@@ -71,15 +70,8 @@ impl TempFile {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let path = dir.join(format!(".{final_name}.{}-{n}.part", std::process::id()));
-        let file = OpenOptions::new()
-            .write(true)
-            .read(true)
-            .create_new(true)
-            .open(&path)?;
-        Ok(Self {
-            path,
-            file: Some(file),
-        })
+        let file = OpenOptions::new().write(true).read(true).create_new(true).open(&path)?;
+        Ok(Self { path, file: Some(file) })
     }
 
     pub fn path(&self) -> &Path {
@@ -87,9 +79,7 @@ impl TempFile {
     }
 
     pub fn file(&mut self) -> &mut File {
-        self.file
-            .as_mut()
-            .expect("the file is only taken by persist, which consumes self")
+        self.file.as_mut().expect("the file is only taken by persist, which consumes self")
     }
 
     /// Flushes the file to disk and renames it to `dest`.
@@ -158,19 +148,12 @@ mod tests {
     fn a_raw_copy_is_installed_gzipped() -> Result<(), Box<dyn std::error::Error>> {
         let (src, dest) = (tempfile::tempdir()?, tempfile::tempdir()?);
         let content = b"\0\0\x08\x01\0\0\0\x03\x01\x02\x03".to_vec();
-        let spec = FileSpec::new(
-            "l-idx1-ubyte.gz",
-            content.len() as u64,
-            &sha256_hex(&content),
-        );
+        let spec = FileSpec::new("l-idx1-ubyte.gz", content.len() as u64, &sha256_hex(&content));
         let raw = src.path().join(spec.raw_name());
         fs::write(&raw, &content)?;
         assert_eq!(install_local(&raw, &spec, dest.path())?, Encoding::Raw);
         assert_eq!(names_in(dest.path())?, vec![spec.name.clone()]);
-        assert_eq!(
-            verify_file(&dest.path().join(&spec.name), &spec)?,
-            Encoding::Gzip
-        );
+        assert_eq!(verify_file(&dest.path().join(&spec.name), &spec)?, Encoding::Gzip);
         Ok(())
     }
 
@@ -181,10 +164,7 @@ mod tests {
         let bad = src.path().join("bad");
         fs::write(&bad, b"abd")?;
         let result = install_local(&bad, &spec, dest.path());
-        assert!(matches!(
-            result,
-            Err(CommitError::Rejected(VerifyError::Checksum { .. }))
-        ));
+        assert!(matches!(result, Err(CommitError::Rejected(VerifyError::Checksum { .. }))));
         assert!(names_in(dest.path())?.is_empty());
         Ok(())
     }

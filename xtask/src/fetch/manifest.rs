@@ -38,11 +38,7 @@ pub struct Manifest {
 
 impl FileSpec {
     pub fn new(name: &str, size: u64, sha256: &str) -> Self {
-        Self {
-            name: name.to_owned(),
-            size,
-            sha256: sha256.to_ascii_lowercase(),
-        }
+        Self { name: name.to_owned(), size, sha256: sha256.to_ascii_lowercase() }
     }
 
     /// The name of the uncompressed file, which `--from` accepts as well.
@@ -107,10 +103,7 @@ mod tests {
             assert!(spec.name.ends_with("-ubyte.gz"), "{}", spec.name);
             assert!(!spec.raw_name().ends_with(".gz"));
             assert_eq!(spec.sha256.len(), 64);
-            assert!(spec
-                .sha256
-                .bytes()
-                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+            assert!(spec.sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
         }
     }
 

@@ -125,45 +125,27 @@ impl Plan {
                 }
                 Source::Local(from)
             }
-            None if args.mirrors.is_empty() => Source::Mirrors(
-                FASHION_MNIST_MIRRORS
-                    .iter()
-                    .map(|m| (*m).to_owned())
-                    .collect(),
-            ),
+            None if args.mirrors.is_empty() => {
+                Source::Mirrors(FASHION_MNIST_MIRRORS.iter().map(|m| (*m).to_owned()).collect())
+            }
             None => {
-                if let Some(bad) = args
-                    .mirrors
-                    .iter()
-                    .find(|m| !(m.starts_with("http://") || m.starts_with("https://")))
+                if let Some(bad) =
+                    args.mirrors.iter().find(|m| !(m.starts_with("http://") || m.starts_with("https://")))
                 {
                     bail!("--mirror {bad}: expected an http:// or https:// URL");
                 }
                 Source::Mirrors(args.mirrors)
             }
         };
-        let http = HttpOptions {
-            timeout: args.timeout,
-            retries: args.retries,
-            backoff: BACKOFF,
-        };
-        Ok(Self {
-            dir,
-            source,
-            http,
-            debian_dir: args.debian_dir,
-        })
+        let http = HttpOptions { timeout: args.timeout, retries: args.retries, backoff: BACKOFF };
+        Ok(Self { dir, source, http, debian_dir: args.debian_dir })
     }
 }
 
 /// `$XDG_CACHE_HOME/resnet-fashion/fashion-mnist`, else `$HOME/.cache/resnet-fashion/fashion-mnist`:
 /// the directory the data loader searches.
 pub fn default_data_dir() -> anyhow::Result<PathBuf> {
-    let from_env = |name: &str| {
-        std::env::var_os(name)
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute())
-    };
+    let from_env = |name: &str| std::env::var_os(name).map(PathBuf::from).filter(|p| p.is_absolute());
     let cache = match (from_env("XDG_CACHE_HOME"), from_env("HOME")) {
         (Some(xdg), _) => xdg,
         (None, Some(home)) => home.join(".cache"),
@@ -176,10 +158,7 @@ pub fn default_data_dir() -> anyhow::Result<PathBuf> {
 pub fn fetch(manifest: &Manifest, plan: &Plan, reporter: &Reporter) -> anyhow::Result<Summary> {
     let dir = &plan.dir;
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut summary = Summary {
-        present: Vec::new(),
-        installed: Vec::new(),
-    };
+    let mut summary = Summary { present: Vec::new(), installed: Vec::new() };
     let mut missing = Vec::new();
     for spec in &manifest.files {
         let path = dir.join(&spec.name);
@@ -197,8 +176,7 @@ pub fn fetch(manifest: &Manifest, plan: &Plan, reporter: &Reporter) -> anyhow::R
                     "{}: the installed copy fails verification ({why}); removing it",
                     path.display()
                 ));
-                fs::remove_file(&path)
-                    .with_context(|| format!("cannot remove {}", path.display()))?;
+                fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
                 missing.push(spec);
             }
         }
@@ -245,14 +223,8 @@ fn install_from(
     }
     for (spec, src) in sources {
         install_checked(&src, spec, dir)?;
-        reporter.info(format_args!(
-            "{}: installed from {}",
-            spec.name,
-            src.display()
-        ));
-        summary
-            .installed
-            .push((spec.name.clone(), Origin::Local(src)));
+        reporter.info(format_args!("{}: installed from {}", spec.name, src.display()));
+        summary.installed.push((spec.name.clone(), Origin::Local(src)));
     }
     Ok(())
 }
@@ -274,26 +246,14 @@ fn download_all(
         let (tried, all_unreachable) = match downloader.fetch(mirrors, spec, &plan.dir, reporter)? {
             Outcome::Installed { url, encoding } => {
                 if encoding == Encoding::Raw {
-                    reporter.info(format_args!(
-                        "{}: the server sent it uncompressed; stored gzipped",
-                        spec.name
-                    ));
+                    reporter.info(format_args!("{}: the server sent it uncompressed; stored gzipped", spec.name));
                 }
-                summary
-                    .installed
-                    .push((spec.name.clone(), Origin::Mirror(url)));
+                summary.installed.push((spec.name.clone(), Origin::Mirror(url)));
                 continue;
             }
-            Outcome::Failed {
-                tried,
-                all_unreachable,
-            } => (tried, all_unreachable),
+            Outcome::Failed { tried, all_unreachable } => (tried, all_unreachable),
         };
-        let why_no_mirror = if all_unreachable {
-            "no mirror is reachable"
-        } else {
-            "no mirror delivered a good copy"
-        };
+        let why_no_mirror = if all_unreachable { "no mirror is reachable" } else { "no mirror delivered a good copy" };
         match debian_fallback(&plan.debian_dir, spec, &plan.dir)? {
             Ok(src) => {
                 reporter.warn(format_args!(
@@ -301,9 +261,7 @@ fn download_all(
                     spec.name,
                     src.display()
                 ));
-                summary
-                    .installed
-                    .push((spec.name.clone(), Origin::Debian(src)));
+                summary.installed.push((spec.name.clone(), Origin::Debian(src)));
                 from_debian += 1;
             }
             Err(why) => {
@@ -312,11 +270,7 @@ fn download_all(
                 for line in tried {
                     let _ = write!(failures, "\n    {line}");
                 }
-                let _ = write!(
-                    failures,
-                    "\n    Debian's package directory {}: {why}",
-                    plan.debian_dir.display()
-                );
+                let _ = write!(failures, "\n    Debian's package directory {}: {why}", plan.debian_dir.display());
             }
         }
     }
@@ -340,15 +294,9 @@ fn download_all(
 }
 
 /// Installs `spec` from Debian's directory: `Ok(Err(why))` when that is not possible.
-fn debian_fallback(
-    debian_dir: &Path,
-    spec: &FileSpec,
-    dir: &Path,
-) -> anyhow::Result<Result<PathBuf, String>> {
+fn debian_fallback(debian_dir: &Path, spec: &FileSpec, dir: &Path) -> anyhow::Result<Result<PathBuf, String>> {
     if !debian_dir.is_dir() {
-        return Ok(Err(format!(
-            "not present (package {DEBIAN_PACKAGE} is not installed)"
-        )));
+        return Ok(Err(format!("not present (package {DEBIAN_PACKAGE} is not installed)")));
     }
     match find_verified(debian_dir, spec) {
         Ok(src) => {
@@ -373,11 +321,7 @@ fn find_verified(dir: &Path, spec: &FileSpec) -> Result<PathBuf, String> {
     }
     if problems.is_empty() {
         let [gz, raw] = local_candidates(dir, spec);
-        Err(format!(
-            "neither {} nor {} exists",
-            gz.display(),
-            raw.display()
-        ))
+        Err(format!("neither {} nor {} exists", gz.display(), raw.display()))
     } else {
         Err(problems.join("; "))
     }
@@ -385,29 +329,20 @@ fn find_verified(dir: &Path, spec: &FileSpec) -> Result<PathBuf, String> {
 
 /// Copies an already verified local file into `dir`, verifying the copy again.
 fn install_checked(src: &Path, spec: &FileSpec, dir: &Path) -> anyhow::Result<()> {
-    install_local(src, spec, dir)
-        .map(drop)
-        .or_else(|e| match e {
-            CommitError::Rejected(why) => {
-                bail!(
-                    "{}: the copy failed verification although the source passed: {why}",
-                    src.display()
-                )
-            }
-            CommitError::Io(e) => Err(e).with_context(|| {
-                format!("cannot install {} into {}", src.display(), dir.display())
-            }),
-        })
+    install_local(src, spec, dir).map(drop).or_else(|e| match e {
+        CommitError::Rejected(why) => {
+            bail!("{}: the copy failed verification although the source passed: {why}", src.display())
+        }
+        CommitError::Io(e) => {
+            Err(e).with_context(|| format!("cannot install {} into {}", src.display(), dir.display()))
+        }
+    })
 }
 
 fn parse_timeout(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s
-        .parse()
-        .map_err(|e| format!("{s:?} is not a number of seconds: {e}"))?;
+    let secs: f64 = s.parse().map_err(|e| format!("{s:?} is not a number of seconds: {e}"))?;
     if !(secs > 0.0 && secs <= 3600.0) {
-        return Err(format!(
-            "{s} s: expected more than 0 and at most 3600 seconds"
-        ));
+        return Err(format!("{s} s: expected more than 0 and at most 3600 seconds"));
     }
     Ok(Duration::from_secs_f64(secs))
 }

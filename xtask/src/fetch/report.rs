@@ -44,24 +44,14 @@ const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(5);
 impl Reporter {
     /// Progress bars if stderr is a terminal, plain log lines otherwise.
     pub fn stderr() -> Self {
-        let mode = if std::io::stderr().is_terminal() {
-            Mode::Terminal
-        } else {
-            Mode::Plain
-        };
-        Self {
-            mode,
-            captured: RefCell::new(Vec::new()),
-        }
+        let mode = if std::io::stderr().is_terminal() { Mode::Terminal } else { Mode::Plain };
+        Self { mode, captured: RefCell::new(Vec::new()) }
     }
 
     /// Prints nothing and keeps every message for [`Reporter::messages`].
     #[cfg(test)]
     pub fn capture() -> Self {
-        Self {
-            mode: Mode::Capture,
-            captured: RefCell::new(Vec::new()),
-        }
+        Self { mode: Mode::Capture, captured: RefCell::new(Vec::new()) }
     }
 
     #[cfg(test)]
@@ -120,12 +110,7 @@ impl Progress {
             self.last_line = Instant::now();
             let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
             match self.total {
-                Some(total) => eprintln!(
-                    "fetch-data: {}: {:.1} of {:.1} MiB",
-                    self.label,
-                    mib(self.done),
-                    mib(total)
-                ),
+                Some(total) => eprintln!("fetch-data: {}: {:.1} of {:.1} MiB", self.label, mib(self.done), mib(total)),
                 None => eprintln!("fetch-data: {}: {:.1} MiB", self.label, mib(self.done)),
             }
         }

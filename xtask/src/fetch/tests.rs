@@ -22,24 +22,17 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
-        let labels: Vec<u8> = [0u8, 0, 8, 1, 0, 0, 3, 232]
-            .into_iter()
-            .chain((0..1000u32).map(|i| (i * 7 % 10) as u8))
-            .collect();
+        let labels: Vec<u8> =
+            [0u8, 0, 8, 1, 0, 0, 3, 232].into_iter().chain((0..1000u32).map(|i| (i * 7 % 10) as u8)).collect();
         // Big enough to take many reads and to show in a progress bar.
         let images: Vec<u8> = [0u8, 0, 8, 3, 0, 0, 0, 200, 0, 0, 0, 28, 0, 0, 0, 28]
             .into_iter()
             .chain((0..200 * 784u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8))
             .collect();
-        let spec = |name: &str, content: &[u8]| {
-            FileSpec::new(name, content.len() as u64, &sha256_hex(content))
-        };
+        let spec = |name: &str, content: &[u8]| FileSpec::new(name, content.len() as u64, &sha256_hex(content));
         Self {
             manifest: Manifest {
-                files: vec![
-                    spec("synth-labels-idx1-ubyte.gz", &labels),
-                    spec("synth-images-idx3-ubyte.gz", &images),
-                ],
+                files: vec![spec("synth-labels-idx1-ubyte.gz", &labels), spec("synth-images-idx3-ubyte.gz", &images)],
             },
             contents: vec![labels, images],
         }
@@ -59,12 +52,7 @@ impl Fixture {
             .files
             .iter()
             .zip(&self.contents)
-            .map(|(spec, content)| {
-                (
-                    format!("/{prefix}{}", spec.name),
-                    Reply::Body(Arc::new(body(content))),
-                )
-            })
+            .map(|(spec, content)| (format!("/{prefix}{}", spec.name), Reply::Body(Arc::new(body(content)))))
             .collect()
     }
 
@@ -91,11 +79,7 @@ fn plan(dir: &Path, mirrors: Vec<String>, debian_dir: &Path) -> Plan {
     Plan {
         dir: dir.to_owned(),
         source: Source::Mirrors(mirrors),
-        http: HttpOptions {
-            timeout: Duration::from_secs(1),
-            retries: 1,
-            backoff: Duration::from_millis(10),
-        },
+        http: HttpOptions { timeout: Duration::from_secs(1), retries: 1, backoff: Duration::from_millis(10) },
         debian_dir: debian_dir.to_owned(),
     }
 }
@@ -115,11 +99,7 @@ fn sorted(mut names: Vec<String>) -> Vec<String> {
 }
 
 fn assert_all_verified(fx: &Fixture, dir: &Path) -> TestResult {
-    assert_eq!(
-        entries(dir)?,
-        sorted(fx.names()),
-        "exactly the final files, no temp files"
-    );
+    assert_eq!(entries(dir)?, sorted(fx.names()), "exactly the final files, no temp files");
     for spec in &fx.manifest.files {
         assert_eq!(verify_file(&dir.join(&spec.name), spec)?, Encoding::Gzip);
     }
@@ -131,11 +111,7 @@ fn good_mirror_installs_and_a_second_run_is_a_no_op() -> TestResult {
     let fx = Fixture::new();
     let server = TestServer::start(fx.good_routes("good/"))?;
     let (dest, no_debian) = (tempfile::tempdir()?, tempfile::tempdir()?);
-    let plan = plan(
-        dest.path(),
-        vec![server.url("good/")],
-        &no_debian.path().join("absent"),
-    );
+    let plan = plan(dest.path(), vec![server.url("good/")], &no_debian.path().join("absent"));
 
     let summary = fetch(&fx.manifest, &plan, &Reporter::capture())?;
     assert_eq!(summary.installed.len(), 2);
@@ -148,18 +124,9 @@ fn good_mirror_installs_and_a_second_run_is_a_no_op() -> TestResult {
     let again = fetch(&fx.manifest, &plan, &reporter)?;
     assert!(again.installed.is_empty());
     assert_eq!(again.present.len(), 2);
-    assert_eq!(
-        server.requests().len(),
-        requests,
-        "the second run made no request"
-    );
+    assert_eq!(server.requests().len(), requests, "the second run made no request");
     let messages = reporter.messages();
-    assert!(
-        messages
-            .iter()
-            .any(|m| m.contains("already present and verified")),
-        "{messages:?}"
-    );
+    assert!(messages.iter().any(|m| m.contains("already present and verified")), "{messages:?}");
     Ok(())
 }
 
@@ -177,18 +144,10 @@ fn corrupt_and_missing_copies_are_rejected_and_the_next_mirror_is_used() -> Test
     }));
     let server = TestServer::start(routes)?;
     let (dest, no_debian) = (tempfile::tempdir()?, tempfile::tempdir()?);
-    let mirrors = vec![
-        server.url("missing/"),
-        server.url("corrupt/"),
-        server.url("good/"),
-    ];
+    let mirrors = vec![server.url("missing/"), server.url("corrupt/"), server.url("good/")];
     let reporter = Reporter::capture();
 
-    let summary = fetch(
-        &fx.manifest,
-        &plan(dest.path(), mirrors, no_debian.path()),
-        &reporter,
-    )?;
+    let summary = fetch(&fx.manifest, &plan(dest.path(), mirrors, no_debian.path()), &reporter)?;
     assert_all_verified(&fx, dest.path())?;
     assert!(summary
         .installed
@@ -196,16 +155,9 @@ fn corrupt_and_missing_copies_are_rejected_and_the_next_mirror_is_used() -> Test
         .all(|(_, origin)| matches!(origin, Origin::Mirror(url) if url.contains("/good/"))));
     let messages = reporter.messages().join("\n");
     assert!(messages.contains("HTTP 404"), "{messages}");
-    assert!(
-        messages.contains("served a bad copy, not installed: SHA-256"),
-        "{messages}"
-    );
+    assert!(messages.contains("served a bad copy, not installed: SHA-256"), "{messages}");
     // A refusal is not a network error: the corrupt mirror was asked once per file, not retried.
-    let corrupt_requests = server
-        .requests()
-        .iter()
-        .filter(|p| p.starts_with("/corrupt/"))
-        .count();
+    let corrupt_requests = server.requests().iter().filter(|p| p.starts_with("/corrupt/")).count();
     assert_eq!(corrupt_requests, 2);
     Ok(())
 }
@@ -221,18 +173,10 @@ fn truncated_and_oversized_copies_are_rejected() -> TestResult {
     routes.extend(fx.routes("huge/", |content| vec![0; content.len() * 2 + 100_000]));
     let server = TestServer::start(routes)?;
     let (dest, no_debian) = (tempfile::tempdir()?, tempfile::tempdir()?);
-    let mirrors = vec![
-        server.url("truncated/"),
-        server.url("huge/"),
-        server.url("good/"),
-    ];
+    let mirrors = vec![server.url("truncated/"), server.url("huge/"), server.url("good/")];
     let reporter = Reporter::capture();
 
-    fetch(
-        &fx.manifest,
-        &plan(dest.path(), mirrors, no_debian.path()),
-        &reporter,
-    )?;
+    fetch(&fx.manifest, &plan(dest.path(), mirrors, no_debian.path()), &reporter)?;
     assert_all_verified(&fx, dest.path())?;
     let messages = reporter.messages().join("\n");
     assert!(messages.contains("/truncated/synth-images-idx3-ubyte.gz: served a bad copy"));
@@ -246,16 +190,9 @@ fn uncompressed_download_is_stored_gzipped() -> TestResult {
     let server = TestServer::start(fx.routes("raw/", <[u8]>::to_vec))?;
     let (dest, no_debian) = (tempfile::tempdir()?, tempfile::tempdir()?);
     let reporter = Reporter::capture();
-    fetch(
-        &fx.manifest,
-        &plan(dest.path(), vec![server.url("raw/")], no_debian.path()),
-        &reporter,
-    )?;
+    fetch(&fx.manifest, &plan(dest.path(), vec![server.url("raw/")], no_debian.path()), &reporter)?;
     assert_all_verified(&fx, dest.path())?;
-    assert!(reporter
-        .messages()
-        .iter()
-        .any(|m| m.contains("uncompressed; stored gzipped")));
+    assert!(reporter.messages().iter().any(|m| m.contains("uncompressed; stored gzipped")));
     Ok(())
 }
 
@@ -267,22 +204,12 @@ fn a_stalled_server_times_out_and_the_next_mirror_is_used() -> TestResult {
         routes.push((format!("/silent/{}", spec.name), Reply::Stall));
         let body = Arc::new(gzip(content));
         let sent = body.len() / 2;
-        routes.push((
-            format!("/midway/{}", spec.name),
-            Reply::StallAfter { body, sent },
-        ));
+        routes.push((format!("/midway/{}", spec.name), Reply::StallAfter { body, sent }));
     }
     let server = TestServer::start(routes)?;
     let (dest, no_debian) = (tempfile::tempdir()?, tempfile::tempdir()?);
-    let mut plan = plan(
-        dest.path(),
-        vec![
-            server.url("midway/"),
-            server.url("silent/"),
-            server.url("good/"),
-        ],
-        no_debian.path(),
-    );
+    let mut plan =
+        plan(dest.path(), vec![server.url("midway/"), server.url("silent/"), server.url("good/")], no_debian.path());
     plan.http.retries = 0;
     let reporter = Reporter::capture();
 
@@ -290,24 +217,11 @@ fn a_stalled_server_times_out_and_the_next_mirror_is_used() -> TestResult {
     fetch(&fx.manifest, &plan, &reporter)?;
     assert_all_verified(&fx, dest.path())?;
     // Two 1 s timeouts for the first file; both mirrors are then skipped for the second.
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
     let messages = reporter.messages().join("\n");
-    assert!(
-        messages.contains("/midway/synth-labels-idx1-ubyte.gz: download broke off"),
-        "{messages}"
-    );
-    assert!(
-        messages.contains("/silent/synth-labels-idx1-ubyte.gz: timed out"),
-        "{messages}"
-    );
-    assert!(!server
-        .requests()
-        .iter()
-        .any(|p| p.starts_with("/silent/synth-images")));
+    assert!(messages.contains("/midway/synth-labels-idx1-ubyte.gz: download broke off"), "{messages}");
+    assert!(messages.contains("/silent/synth-labels-idx1-ubyte.gz: timed out"), "{messages}");
+    assert!(!server.requests().iter().any(|p| p.starts_with("/silent/synth-images")));
     Ok(())
 }
 
@@ -319,25 +233,12 @@ fn unreachable_mirrors_fall_back_to_debians_directory() -> TestResult {
     let refused = refused_url()?;
     let reporter = Reporter::capture();
 
-    let summary = fetch(
-        &fx.manifest,
-        &plan(dest.path(), vec![refused], debian.path()),
-        &reporter,
-    )?;
+    let summary = fetch(&fx.manifest, &plan(dest.path(), vec![refused], debian.path()), &reporter)?;
     assert_all_verified(&fx, dest.path())?;
-    assert!(summary
-        .installed
-        .iter()
-        .all(|(_, origin)| matches!(origin, Origin::Debian(_))));
+    assert!(summary.installed.iter().all(|(_, origin)| matches!(origin, Origin::Debian(_))));
     let messages = reporter.messages().join("\n");
-    assert!(
-        messages.contains("no mirror is reachable; installed Debian's copy"),
-        "{messages}"
-    );
-    assert!(
-        messages.contains("2 file(s) came from Debian's package directory"),
-        "{messages}"
-    );
+    assert!(messages.contains("no mirror is reachable; installed Debian's copy"), "{messages}");
+    assert!(messages.contains("2 file(s) came from Debian's package directory"), "{messages}");
     Ok(())
 }
 
@@ -346,23 +247,15 @@ fn a_corrupt_debian_copy_is_not_installed() -> TestResult {
     let fx = Fixture::new();
     let (dest, debian) = (tempfile::tempdir()?, tempfile::tempdir()?);
     fx.write_local(debian.path(), true)?;
-    fs::write(
-        debian.path().join(&fx.manifest.files[1].name),
-        gzip(b"not the images"),
-    )?;
+    fs::write(debian.path().join(&fx.manifest.files[1].name), gzip(b"not the images"))?;
     let plan = plan(dest.path(), vec![refused_url()?], debian.path());
 
-    let error = fetch(&fx.manifest, &plan, &Reporter::capture())
-        .err()
-        .ok_or("expected an error")?;
+    let error = fetch(&fx.manifest, &plan, &Reporter::capture()).err().ok_or("expected an error")?;
     let message = format!("{error:#}");
     assert!(message.contains("could not obtain 1 of 2"), "{message}");
     assert!(message.contains("content is 14 bytes"), "{message}");
     // The good file is installed; the bad one is not, under any name.
-    assert_eq!(
-        entries(dest.path())?,
-        vec![fx.manifest.files[0].name.clone()]
-    );
+    assert_eq!(entries(dest.path())?, vec![fx.manifest.files[0].name.clone()]);
     Ok(())
 }
 
@@ -374,9 +267,7 @@ fn nothing_available_fails_with_a_clear_message_and_leaves_nothing() -> TestResu
     let mirrors = vec![refused_url()?, server.url("empty/")];
     let plan = plan(dest.path(), mirrors, &no_debian.path().join("absent"));
 
-    let error = fetch(&fx.manifest, &plan, &Reporter::capture())
-        .err()
-        .ok_or("expected an error")?;
+    let error = fetch(&fx.manifest, &plan, &Reporter::capture()).err().ok_or("expected an error")?;
     let message = format!("{error:#}");
     for expected in [
         "could not obtain 2 of 2",
@@ -387,10 +278,7 @@ fn nothing_available_fails_with_a_clear_message_and_leaves_nothing() -> TestResu
         "apt-get install dataset-fashion-mnist",
         "--from DIR",
     ] {
-        assert!(
-            message.contains(expected),
-            "{expected:?} missing from:\n{message}"
-        );
+        assert!(message.contains(expected), "{expected:?} missing from:\n{message}");
     }
     assert!(entries(dest.path())?.is_empty());
     Ok(())
@@ -402,10 +290,7 @@ fn from_dir_accepts_gzipped_and_raw_copies() -> TestResult {
     for gzipped in [true, false] {
         let (src, dest) = (tempfile::tempdir()?, tempfile::tempdir()?);
         fx.write_local(src.path(), gzipped)?;
-        let plan = Plan {
-            source: Source::Local(src.path().to_owned()),
-            ..plan(dest.path(), Vec::new(), src.path())
-        };
+        let plan = Plan { source: Source::Local(src.path().to_owned()), ..plan(dest.path(), Vec::new(), src.path()) };
         let summary = fetch(&fx.manifest, &plan, &Reporter::capture())?;
         assert_eq!(summary.installed.len(), 2);
         assert_all_verified(&fx, dest.path())?;
@@ -420,14 +305,9 @@ fn from_dir_with_a_bad_file_installs_nothing() -> TestResult {
     fx.write_local(src.path(), true)?;
     let truncated = gzip(&fx.contents[1][..100]);
     fs::write(src.path().join(&fx.manifest.files[1].name), truncated)?;
-    let plan = Plan {
-        source: Source::Local(src.path().to_owned()),
-        ..plan(dest.path(), Vec::new(), src.path())
-    };
+    let plan = Plan { source: Source::Local(src.path().to_owned()), ..plan(dest.path(), Vec::new(), src.path()) };
 
-    let error = fetch(&fx.manifest, &plan, &Reporter::capture())
-        .err()
-        .ok_or("expected an error")?;
+    let error = fetch(&fx.manifest, &plan, &Reporter::capture()).err().ok_or("expected an error")?;
     let message = format!("{error:#}");
     assert!(message.contains("nothing was installed"), "{message}");
     assert!(message.contains("synth-images-idx3-ubyte.gz"), "{message}");
@@ -442,28 +322,17 @@ fn an_installed_file_that_fails_verification_is_replaced() -> TestResult {
     let (dest, no_debian) = (tempfile::tempdir()?, tempfile::tempdir()?);
     fs::write(dest.path().join(&fx.manifest.files[0].name), b"garbage")?;
     let reporter = Reporter::capture();
-    let summary = fetch(
-        &fx.manifest,
-        &plan(dest.path(), vec![server.url("")], no_debian.path()),
-        &reporter,
-    )?;
+    let summary = fetch(&fx.manifest, &plan(dest.path(), vec![server.url("")], no_debian.path()), &reporter)?;
     assert_eq!(summary.installed.len(), 2);
     assert_all_verified(&fx, dest.path())?;
-    assert!(reporter
-        .messages()
-        .iter()
-        .any(|m| m.contains("fails verification")));
+    assert!(reporter.messages().iter().any(|m| m.contains("fails verification")));
     Ok(())
 }
 
 #[test]
 fn default_dir_ends_in_the_loader_path() -> TestResult {
     let dir = default_data_dir()?;
-    assert!(
-        dir.ends_with("resnet-fashion/fashion-mnist"),
-        "{}",
-        dir.display()
-    );
+    assert!(dir.ends_with("resnet-fashion/fashion-mnist"), "{}", dir.display());
     Ok(())
 }
 

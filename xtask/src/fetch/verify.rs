@@ -41,35 +41,21 @@ pub fn verify_file(path: &Path, spec: &FileSpec) -> Result<Encoding, VerifyError
 /// Never reads more than `spec.size + 1` decompressed bytes, so a gzip bomb costs no more than
 /// a correct file.
 pub fn verify_reader(mut reader: impl BufRead, spec: &FileSpec) -> Result<Encoding, VerifyError> {
-    let is_gzip = reader
-        .fill_buf()
-        .map_err(VerifyError::Unreadable)?
-        .starts_with(&[0x1f, 0x8b]);
+    let is_gzip = reader.fill_buf().map_err(VerifyError::Unreadable)?.starts_with(&[0x1f, 0x8b]);
     let (encoding, found) = if is_gzip {
-        (
-            Encoding::Gzip,
-            hash_prefix(MultiGzDecoder::new(reader), spec.size + 1)?,
-        )
+        (Encoding::Gzip, hash_prefix(MultiGzDecoder::new(reader), spec.size + 1)?)
     } else {
         (Encoding::Raw, hash_prefix(reader, spec.size + 1)?)
     };
     let (len, digest) = found;
     if len > spec.size {
-        return Err(VerifyError::TooLarge {
-            expected: spec.size,
-        });
+        return Err(VerifyError::TooLarge { expected: spec.size });
     }
     if len < spec.size {
-        return Err(VerifyError::TooSmall {
-            expected: spec.size,
-            found: len,
-        });
+        return Err(VerifyError::TooSmall { expected: spec.size, found: len });
     }
     if digest != spec.sha256 {
-        return Err(VerifyError::Checksum {
-            expected: spec.sha256.clone(),
-            found: digest,
-        });
+        return Err(VerifyError::Checksum { expected: spec.sha256.clone(), found: digest });
     }
     Ok(encoding)
 }
@@ -97,10 +83,7 @@ impl fmt::Display for VerifyError {
                 write!(f, "content is larger than the expected {expected} bytes")
             }
             VerifyError::TooSmall { expected, found } => {
-                write!(
-                    f,
-                    "content is {found} bytes, expected {expected} (truncated?)"
-                )
+                write!(f, "content is {found} bytes, expected {expected} (truncated?)")
             }
             VerifyError::Checksum { expected, found } => {
                 write!(f, "SHA-256 of the content is {found}, expected {expected}")
@@ -131,9 +114,7 @@ fn hash_prefix(reader: impl Read, limit: u64) -> Result<(u64, String), VerifyErr
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(VerifyError::Unreadable(e)),
         };
-        let chunk = buf
-            .get(..n)
-            .expect("read returns at most the buffer's length");
+        let chunk = buf.get(..n).expect("read returns at most the buffer's length");
         hasher.update(chunk);
         len += n as u64;
     }
@@ -142,12 +123,10 @@ fn hash_prefix(reader: impl Read, limit: u64) -> Result<(u64, String), VerifyErr
 
 fn hex(bytes: &[u8]) -> String {
     use fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            write!(s, "{b:02x}").expect("writing to a String cannot fail");
-            s
-        })
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        write!(s, "{b:02x}").expect("writing to a String cannot fail");
+        s
+    })
 }
 
 #[cfg(test)]
@@ -159,11 +138,7 @@ mod tests {
     use super::*;
 
     fn spec_for(content: &[u8]) -> FileSpec {
-        FileSpec::new(
-            "x-idx1-ubyte.gz",
-            content.len() as u64,
-            &sha256_hex(content),
-        )
+        FileSpec::new("x-idx1-ubyte.gz", content.len() as u64, &sha256_hex(content))
     }
 
     fn gzip(content: &[u8], level: u32) -> Vec<u8> {
@@ -180,10 +155,7 @@ mod tests {
 
     #[test]
     fn known_sha256() {
-        assert_eq!(
-            sha256_hex(b"abc"),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 
     #[test]
@@ -204,10 +176,7 @@ mod tests {
         let mut bad = content.clone();
         bad[100] ^= 1;
         let result = verify_reader(&gzip(&bad, 6)[..], &spec);
-        assert!(
-            matches!(result, Err(VerifyError::Checksum { .. })),
-            "{result:?}"
-        );
+        assert!(matches!(result, Err(VerifyError::Checksum { .. })), "{result:?}");
     }
 
     #[test]
@@ -220,10 +189,7 @@ mod tests {
             assert!(result.is_err(), "cut at {cut} passed");
         }
         let result = verify_reader(&content[..content.len() - 1], &spec);
-        assert!(
-            matches!(result, Err(VerifyError::TooSmall { .. })),
-            "{result:?}"
-        );
+        assert!(matches!(result, Err(VerifyError::TooSmall { .. })), "{result:?}");
     }
 
     #[test]
@@ -241,9 +207,6 @@ mod tests {
         let bomb = gzip(&vec![0u8; 64 << 20], 1);
         let spec = FileSpec::new("bomb.gz", 1024, &sha256_hex(&[0u8; 1024]));
         let result = verify_reader(&bomb[..], &spec);
-        assert!(
-            matches!(result, Err(VerifyError::TooLarge { expected: 1024 })),
-            "{result:?}"
-        );
+        assert!(matches!(result, Err(VerifyError::TooLarge { expected: 1024 })), "{result:?}");
     }
 }

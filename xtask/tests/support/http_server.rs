@@ -53,12 +53,7 @@ impl TestServer {
             let (stop, requests) = (Arc::clone(&stop), Arc::clone(&requests));
             thread::spawn(move || accept_loop(&listener, &routes, &stop, &requests))
         };
-        Ok(Self {
-            addr,
-            stop,
-            requests,
-            thread: Some(thread),
-        })
+        Ok(Self { addr, stop, requests, thread: Some(thread) })
     }
 
     /// Base URL for paths under `/prefix/`, usable as a mirror.
@@ -100,8 +95,7 @@ fn accept_loop(
     while !stop.load(Ordering::SeqCst) && born.elapsed() < MAX_LIFE {
         match listener.accept() {
             Ok((stream, _)) => {
-                let (routes, stop, requests) =
-                    (Arc::clone(routes), Arc::clone(stop), Arc::clone(requests));
+                let (routes, stop, requests) = (Arc::clone(routes), Arc::clone(stop), Arc::clone(requests));
                 handlers.push(thread::spawn(move || {
                     let _ = handle(stream, &routes, &stop, &requests, born);
                 }));
@@ -174,10 +168,7 @@ fn read_request_path(stream: &mut TcpStream) -> io::Result<String> {
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
         if head.len() > MAX_HEAD {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "request head too long",
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "request head too long"));
         }
         let n = stream.read(&mut buf)?;
         if n == 0 {
@@ -186,10 +177,6 @@ fn read_request_path(stream: &mut TcpStream) -> io::Result<String> {
         head.extend_from_slice(buf.get(..n).unwrap_or_default());
     }
     let text = String::from_utf8_lossy(&head);
-    let path = text
-        .lines()
-        .next()
-        .and_then(|line| line.split_whitespace().nth(1));
-    path.map(str::to_owned)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no path"))
+    let path = text.lines().next().and_then(|line| line.split_whitespace().nth(1));
+    path.map(str::to_owned).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no path"))
 }
