@@ -685,7 +685,7 @@ fn bad_training_flags_fail_before_anything_is_written() -> Result<()> {
     let (data, out) = (dir.path().join("data"), dir.path().join("run"));
     write_data(&data)?;
     let (data_s, out_s) = (path_str(&data)?, path_str(&out)?);
-    let cases: [(&[&str], &[&str]); 8] = [
+    let cases: [(&[&str], &[&str]); 10] = [
         (&["--lr=-1"], &["learning rate (--lr)", "-1"]),
         (&["--lr", "-1"], &["learning rate (--lr)", "-1"]),
         (&["--lr", "0"], &["learning rate (--lr)", "got 0"]),
@@ -694,6 +694,8 @@ fn bad_training_flags_fail_before_anything_is_written() -> Result<()> {
         (&["--micro-batch", "12"], &["(--micro-batch) 12", "32"]),
         (&["--epochs", "0"], &["(--epochs)"]),
         (&["--device", "cuda:0"], &["--device cuda:0", "without CUDA", "--device cpu"]),
+        (&["--precision", "bf16"], &["--precision bf16", "CUDA"]),
+        (&["--tf32"], &["--tf32", "CUDA"]),
     ];
     for (extra, needles) in cases {
         let mut args: Vec<&str> = train_args(data_s, out_s);

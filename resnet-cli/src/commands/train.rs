@@ -35,11 +35,13 @@ pub fn run(a: TrainArgs) -> Result<Outcome> {
         }
         None => {
             let cfg = config(&a)?;
+            // The trainer first: a setting the device refuses must not leave a run directory.
+            let trainer = Trainer::new(cfg, &device)?;
             let dir = match &a.out {
                 Some(out) => RunDir::create(out)?,
                 None => RunDir::fresh_under(std::path::Path::new("runs"), a.preset.name())?,
             };
-            Trainer::new(cfg, &device)?.with_run_dir(dir)?
+            trainer.with_run_dir(dir)?
         }
     };
     let cfg = trainer.state().config.clone();
