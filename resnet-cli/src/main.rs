@@ -17,6 +17,7 @@ const EXIT_INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
     restore_sigpipe();
+    resnet_train::alloc::retain_freed_memory();
     let cli = args::Cli::parse();
     init_tracing();
     if let Some(threads) = cli.threads {

@@ -20,6 +20,7 @@
 //! # }
 //! ```
 
+pub mod alloc;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
