@@ -184,27 +184,14 @@ impl CustomOp3 for ScaleShift {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        fn run<T: WithDType>(x: &[T], scale: &[T], shift: &[T], relu: bool) -> Vec<T> {
-            let c = scale.len();
-            let mut y = vec![T::zero(); x.len()];
-            y.par_chunks_mut(ROWS_PER_TASK * c).zip(x.par_chunks(ROWS_PER_TASK * c)).for_each(|(yb, xb)| {
-                for (yr, xr) in yb.chunks_exact_mut(c).zip(xb.chunks_exact(c)) {
-                    for ch in 0..c {
-                        let v = xr[ch] * scale[ch] + shift[ch];
-                        yr[ch] = if relu && v < T::zero() { T::zero() } else { v };
-                    }
-                }
-            });
-            y
-        }
         let y = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(a), CpuStorage::F32(b)) => CpuStorage::F32(run(
+            (CpuStorage::F32(x), CpuStorage::F32(a), CpuStorage::F32(b)) => CpuStorage::F32(scale_shift_rows(
                 contiguous(x, l1, "x")?,
                 contiguous(a, l2, "scale")?,
                 contiguous(b, l3, "shift")?,
                 self.relu,
             )),
-            (CpuStorage::F64(x), CpuStorage::F64(a), CpuStorage::F64(b)) => CpuStorage::F64(run(
+            (CpuStorage::F64(x), CpuStorage::F64(a), CpuStorage::F64(b)) => CpuStorage::F64(scale_shift_rows(
                 contiguous(x, l1, "x")?,
                 contiguous(a, l2, "scale")?,
                 contiguous(b, l3, "shift")?,
@@ -225,6 +212,9 @@ struct Stats {
     mean: Vec<f64>,
     /// Biased variance.
     var: Vec<f64>,
+    /// The forward's per-channel `y = (x − mean)·scale + shift` (before ReLU).
+    scale: Vec<f64>,
+    shift: Vec<f64>,
 }
 
 /// Training-mode batch normalisation of a contiguous `(rows, channels)` tensor as one op:
@@ -240,85 +230,119 @@ struct FusedBatchNorm {
 /// Rows per parallel task; fixed, so sums are added in the same order on every run.
 const ROWS_PER_TASK: usize = 256;
 
-/// Per-channel sums of `f(row, channel, value)` over all rows, in a fixed order.
-fn channel_sums<T: WithDType>(x: &[T], c: usize, f: impl Fn(usize, usize, T) -> [f64; 2] + Sync) -> Vec<[f64; 2]> {
-    let partials: Vec<Vec<[f64; 2]>> = x
+/// Per-channel sums over all rows of `f(acc, x_row, y_row)`, which adds one row into the task's
+/// accumulators: accumulated in `T` within a task of [`ROWS_PER_TASK`] rows (the inner loop over
+/// channels vectorises), then in f64 across tasks, in a fixed order.
+fn channel_sums<T: WithDType>(x: &[T], y: &[T], c: usize, f: impl Fn(&mut [T], &mut [T], &[T], &[T]) + Sync) -> [Vec<f64>; 2] {
+    let partials: Vec<(Vec<T>, Vec<T>)> = x
         .par_chunks(ROWS_PER_TASK * c)
-        .enumerate()
-        .map(|(task, block)| {
-            let mut acc = vec![[0f64; 2]; c];
-            for (r, row) in block.chunks_exact(c).enumerate() {
-                for (ch, (&v, a)) in row.iter().zip(acc.iter_mut()).enumerate() {
-                    let [p, q] = f(task * ROWS_PER_TASK + r, ch, v);
-                    a[0] += p;
-                    a[1] += q;
-                }
+        .zip(y.par_chunks(ROWS_PER_TASK * c))
+        .map(|(xb, yb)| {
+            let (mut a0, mut a1) = (vec![T::zero(); c], vec![T::zero(); c]);
+            for (xr, yr) in xb.chunks_exact(c).zip(yb.chunks_exact(c)) {
+                f(&mut a0, &mut a1, xr, yr);
             }
-            acc
+            (a0, a1)
         })
         .collect();
-    let mut total = vec![[0f64; 2]; c];
-    for p in partials {
-        for (t, v) in total.iter_mut().zip(p) {
-            t[0] += v[0];
-            t[1] += v[1];
+    let mut total = [vec![0f64; c], vec![0f64; c]];
+    for (p0, p1) in partials {
+        for ch in 0..c {
+            total[0][ch] += p0[ch].to_f64();
+            total[1][ch] += p1[ch].to_f64();
         }
     }
     total
 }
 
-fn fused_fwd<T: WithDType>(x: &[T], gamma: &[T], beta: &[T], eps: f64, relu: bool) -> (Vec<T>, Stats) {
-    let c = gamma.len();
-    let rows = (x.len() / c) as f64;
-    let sums = channel_sums(x, c, |_, _, v| [v.to_f64(), 0.0]);
-    let mean: Vec<f64> = sums.iter().map(|s| s[0] / rows).collect();
-    // Second pass for the variance: exact even when |mean| ≫ std.
-    let sq = channel_sums(x, c, |_, ch, v| {
-        let d = v.to_f64() - mean[ch];
-        [d * d, 0.0]
-    });
-    let var: Vec<f64> = sq.iter().map(|s| s[0] / rows).collect();
-    let scale: Vec<f64> = var.iter().zip(gamma).map(|(v, g)| g.to_f64() / (v + eps).sqrt()).collect();
-    let shift: Vec<f64> = (0..c).map(|ch| beta[ch].to_f64() - mean[ch] * scale[ch]).collect();
+fn to_t<T: WithDType>(v: &[f64]) -> Vec<T> {
+    v.iter().map(|&x| T::from_f64(x)).collect()
+}
+
+/// `y = x·scale + shift` per channel (then ReLU), in `T`.
+fn scale_shift_rows<T: WithDType>(x: &[T], scale: &[T], shift: &[T], relu: bool) -> Vec<T> {
+    let zeros = vec![T::zero(); scale.len()];
+    normalize_rows(x, &zeros, scale, shift, relu)
+}
+
+/// `y = (x − center)·scale + shift` per channel (then ReLU), in `T`. Centering first keeps a
+/// constant channel at exactly `shift`.
+fn normalize_rows<T: WithDType>(x: &[T], center: &[T], scale: &[T], shift: &[T], relu: bool) -> Vec<T> {
+    let c = scale.len();
     let mut y = vec![T::zero(); x.len()];
     y.par_chunks_mut(ROWS_PER_TASK * c).zip(x.par_chunks(ROWS_PER_TASK * c)).for_each(|(yb, xb)| {
         for (yr, xr) in yb.chunks_exact_mut(c).zip(xb.chunks_exact(c)) {
-            for ch in 0..c {
-                let v = xr[ch].to_f64() * scale[ch] + shift[ch];
-                yr[ch] = T::from_f64(if relu && v < 0.0 { 0.0 } else { v });
+            for ((((o, &v), &m), &a), &b) in yr.iter_mut().zip(xr).zip(center).zip(scale).zip(shift) {
+                let t = (v - m) * a + b;
+                *o = if relu && t < T::zero() { T::zero() } else { t };
             }
         }
     });
-    (y, Stats { mean, var })
+    y
 }
 
-/// `[dx (rows·c) | dγ (c) | dβ (c)]` in one buffer.
-fn fused_bwd<T: WithDType>(x: &[T], dy: &[T], gamma: &[T], stats: &Stats, eps: f64) -> Vec<T> {
+fn fused_fwd<T: WithDType>(x: &[T], gamma: &[T], beta: &[T], eps: f64, relu: bool) -> (Vec<T>, Stats) {
+    let c = gamma.len();
+    let rows = (x.len() / c) as f64;
+    let [sums, _] = channel_sums(x, x, c, |a0, _, xr, _| {
+        for (a, &v) in a0.iter_mut().zip(xr) {
+            *a += v;
+        }
+    });
+    let mean: Vec<f64> = sums.iter().map(|s| s / rows).collect();
+    // Second pass for the variance: exact even when |mean| ≫ std.
+    let mean_t: Vec<T> = to_t(&mean);
+    let [sq, _] = channel_sums(x, x, c, |a0, _, xr, _| {
+        for ((a, &v), &m) in a0.iter_mut().zip(xr).zip(&mean_t) {
+            let d = v - m;
+            *a += d * d;
+        }
+    });
+    let var: Vec<f64> = sq.iter().map(|s| s / rows).collect();
+    let scale: Vec<f64> = var.iter().zip(gamma).map(|(v, g)| g.to_f64() / (v + eps).sqrt()).collect();
+    let shift: Vec<f64> = beta.iter().map(|b| b.to_f64()).collect();
+    let y = normalize_rows(x, &mean_t, &to_t::<T>(&scale), &to_t::<T>(&shift), relu);
+    (y, Stats { mean, var, scale, shift })
+}
+
+/// `[dx (rows·c) | dγ (c) | dβ (c)]` in one buffer. With `relu`, the gradient is first masked
+/// where the forward's output was clipped, recomputing that output exactly as the forward did.
+fn fused_bwd<T: WithDType>(x: &[T], dy: &[T], gamma: &[T], stats: &Stats, eps: f64, relu: bool) -> Vec<T> {
     let c = gamma.len();
     let rows = x.len() / c;
     let inv_std: Vec<f64> = stats.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
-    let sums = channel_sums(dy, c, |r, ch, g| {
-        let xhat = (x[r * c + ch].to_f64() - stats.mean[ch]) * inv_std[ch];
-        let g = g.to_f64();
-        [g, g * xhat]
-    });
-    let m = rows as f64;
-    let mut out = vec![T::zero(); x.len() + 2 * c];
-    let (dx, tail) = out.split_at_mut(x.len());
-    dx.par_chunks_mut(ROWS_PER_TASK * c).enumerate().for_each(|(task, block)| {
-        for (r, row) in block.chunks_exact_mut(c).enumerate() {
-            let base = (task * ROWS_PER_TASK + r) * c;
-            for ch in 0..c {
-                let xhat = (x[base + ch].to_f64() - stats.mean[ch]) * inv_std[ch];
-                let g = dy[base + ch].to_f64();
-                let k = gamma[ch].to_f64() * inv_std[ch];
-                row[ch] = T::from_f64(k * (g - sums[ch][0] / m - xhat * sums[ch][1] / m));
-            }
+    let (mean_t, scale_t, shift_t): (Vec<T>, Vec<T>, Vec<T>) = (to_t(&stats.mean), to_t(&stats.scale), to_t(&stats.shift));
+    let live = |v: T, ch: usize| !relu || (v - mean_t[ch]) * scale_t[ch] + shift_t[ch] > T::zero();
+    // Σ g and Σ g·(x − mean) per channel (g: the masked output gradient).
+    let [s0, s1] = channel_sums(x, dy, c, |a0, a1, xr, gr| {
+        for (ch, (&v, &g)) in xr.iter().zip(gr).enumerate() {
+            let g = if live(v, ch) { g } else { T::zero() };
+            a0[ch] += g;
+            a1[ch] += g * (v - mean_t[ch]);
         }
     });
+    // dx = γ·σ⁻¹·(g − Σg/m − x̂·Σg·x̂/m) = a·g + b·x + k per channel.
+    let m = rows as f64;
+    let a: Vec<f64> = (0..c).map(|ch| gamma[ch].to_f64() * inv_std[ch]).collect();
+    let b: Vec<f64> = (0..c).map(|ch| -a[ch] * inv_std[ch] * inv_std[ch] * s1[ch] / m).collect();
+    let k: Vec<f64> = (0..c).map(|ch| -a[ch] * s0[ch] / m - b[ch] * stats.mean[ch]).collect();
+    let (a_t, b_t, k_t): (Vec<T>, Vec<T>, Vec<T>) = (to_t(&a), to_t(&b), to_t(&k));
+    let mut out = vec![T::zero(); x.len() + 2 * c];
+    let (dx, tail) = out.split_at_mut(x.len());
+    dx.par_chunks_mut(ROWS_PER_TASK * c)
+        .zip(x.par_chunks(ROWS_PER_TASK * c).zip(dy.par_chunks(ROWS_PER_TASK * c)))
+        .for_each(|(ob, (xb, gb))| {
+            for ((or, xr), gr) in ob.chunks_exact_mut(c).zip(xb.chunks_exact(c)).zip(gb.chunks_exact(c)) {
+                for (ch, ((o, &v), &g)) in or.iter_mut().zip(xr).zip(gr).enumerate() {
+                    let g = if live(v, ch) { g } else { T::zero() };
+                    *o = a_t[ch] * g + b_t[ch] * v + k_t[ch];
+                }
+            }
+        });
     for ch in 0..c {
-        tail[ch] = T::from_f64(sums[ch][1]);
-        tail[c + ch] = T::from_f64(sums[ch][0]);
+        // dγ = Σ g·x̂, dβ = Σ g.
+        tail[ch] = T::from_f64(s1[ch] * inv_std[ch]);
+        tail[c + ch] = T::from_f64(s0[ch]);
     }
     out
 }
@@ -369,18 +393,17 @@ impl CustomOp3 for FusedBatchNorm {
         x: &Tensor,
         gamma: &Tensor,
         _beta: &Tensor,
-        res: &Tensor,
+        _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (rows, c) = x.dims2()?;
-        let grad = if self.relu { super::elementwise::mask_by_positive(res, grad)? } else { grad.clone() };
         let stats = self
             .stats
             .lock()
             .map_err(|_| candle_core::Error::Msg("batch-norm lock poisoned".into()))?
             .clone()
             .ok_or_else(|| candle_core::Error::Msg("batch-norm backward before forward".into()))?;
-        let op = FusedBatchNormBackward { eps: self.eps, stats };
+        let op = FusedBatchNormBackward { eps: self.eps, relu: self.relu, stats };
         let packed = x.apply_op3_no_bwd(&grad.contiguous()?, gamma, &op)?;
         let dx = packed.narrow(0, 0, rows * c)?.reshape((rows, c))?;
         let dgamma = packed.narrow(0, rows * c, c)?;
@@ -393,6 +416,7 @@ impl CustomOp3 for FusedBatchNorm {
 #[derive(Debug)]
 struct FusedBatchNormBackward {
     eps: f64,
+    relu: bool,
     stats: Stats,
 }
 
@@ -410,7 +434,7 @@ impl CustomOp3 for FusedBatchNormBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (st, eps) = (&self.stats, self.eps);
+        let (st, eps, relu) = (&self.stats, self.eps, self.relu);
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(dy), CpuStorage::F32(g)) => CpuStorage::F32(fused_bwd(
                 contiguous(x, l1, "x")?,
@@ -418,6 +442,7 @@ impl CustomOp3 for FusedBatchNormBackward {
                 contiguous(g, l3, "γ")?,
                 st,
                 eps,
+                relu,
             )),
             (CpuStorage::F64(x), CpuStorage::F64(dy), CpuStorage::F64(g)) => CpuStorage::F64(fused_bwd(
                 contiguous(x, l1, "x")?,
@@ -425,6 +450,7 @@ impl CustomOp3 for FusedBatchNormBackward {
                 contiguous(g, l3, "γ")?,
                 st,
                 eps,
+                relu,
             )),
             _ => {
                 candle_core::bail!("fused batch-norm backward supports matching f32 or f64 tensors")
