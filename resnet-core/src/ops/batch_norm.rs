@@ -233,7 +233,12 @@ const ROWS_PER_TASK: usize = 256;
 /// Per-channel sums over all rows of `f(acc, x_row, y_row)`, which adds one row into the task's
 /// accumulators: accumulated in `T` within a task of [`ROWS_PER_TASK`] rows (the inner loop over
 /// channels vectorises), then in f64 across tasks, in a fixed order.
-fn channel_sums<T: WithDType>(x: &[T], y: &[T], c: usize, f: impl Fn(&mut [T], &mut [T], &[T], &[T]) + Sync) -> [Vec<f64>; 2] {
+fn channel_sums<T: WithDType>(
+    x: &[T],
+    y: &[T],
+    c: usize,
+    f: impl Fn(&mut [T], &mut [T], &[T], &[T]) + Sync,
+) -> [Vec<f64>; 2] {
     let partials: Vec<(Vec<T>, Vec<T>)> = x
         .par_chunks(ROWS_PER_TASK * c)
         .zip(y.par_chunks(ROWS_PER_TASK * c))
@@ -311,7 +316,8 @@ fn fused_bwd<T: WithDType>(x: &[T], dy: &[T], gamma: &[T], stats: &Stats, eps: f
     let c = gamma.len();
     let rows = x.len() / c;
     let inv_std: Vec<f64> = stats.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
-    let (mean_t, scale_t, shift_t): (Vec<T>, Vec<T>, Vec<T>) = (to_t(&stats.mean), to_t(&stats.scale), to_t(&stats.shift));
+    let (mean_t, scale_t, shift_t): (Vec<T>, Vec<T>, Vec<T>) =
+        (to_t(&stats.mean), to_t(&stats.scale), to_t(&stats.shift));
     let live = |v: T, ch: usize| !relu || (v - mean_t[ch]) * scale_t[ch] + shift_t[ch] > T::zero();
     // Σ g and Σ g·(x − mean) per channel (g: the masked output gradient).
     let [s0, s1] = channel_sums(x, dy, c, |a0, a1, xr, gr| {

@@ -6,6 +6,7 @@ use candle_nn::{Init, VarBuilder};
 use super::elementwise::column_sums_tensor;
 use super::geometry::Window;
 use super::im2col::{im2col_slice, Col2im, Im2col};
+use super::matmul::{matmul_into, MatMul};
 use super::storage::contiguous;
 use crate::config::ConvKernel;
 
@@ -198,33 +199,7 @@ fn conv_forward<T: WithDType + 'static>(x: &[T], w: &[T], bias: &[T], win: &Wind
     for _ in 0..rows {
         y.extend_from_slice(bias);
     }
-    let threads = candle_core::utils::get_num_threads();
-    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: the pointers cover `rows·out`, `rows·k` and `out·k` elements with the strides given
-    // (checked by construction above), and `y` does not alias the inputs.
-    unsafe {
-        gemm::gemm(
-            rows,
-            out,
-            k,
-            y.as_mut_ptr(),
-            1,
-            out as isize,
-            true,
-            cols.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
+    matmul_into((rows, out, k), cols, false, w, true, &mut y, true);
     y
 }
 
@@ -291,11 +266,11 @@ impl CustomOp3 for Im2colConv {
         } else {
             x.apply_op1_no_bwd(&Im2col { kh: win.kh, kw: win.kw, stride: win.stride, pad: win.pad })?
         };
-        let dw = dy.t()?.matmul(&cols)?.reshape(w.shape())?;
+        let dw = dy.apply_op2_no_bwd(&cols, &MatMul { trans_a: true, trans_b: false })?.reshape(w.shape())?;
         drop(cols);
         let db = column_sums_tensor(&dy)?;
         let dx = if x.track_op() {
-            let dcols = dy.matmul(&w.reshape((out, k))?)?;
+            let dcols = dy.apply_op2_no_bwd(&w.reshape((out, k))?, &MatMul { trans_a: false, trans_b: false })?;
             Some(if self.pointwise() {
                 dcols.reshape(x.shape())?
             } else {

@@ -6,6 +6,7 @@ pub mod conv;
 pub mod elementwise;
 pub mod geometry;
 pub mod im2col;
+mod matmul;
 pub mod pool;
 mod storage;
 

@@ -1,0 +1,149 @@
+//! Matrix products over raw row-major buffers through the `gemm` crate (what candle uses), for
+//! the convolution's forward and backward without going through candle's `matmul` (its
+//! broadcasting, layout checks and an extra allocation per call).
+
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, Layout, Shape, WithDType};
+
+use super::storage::contiguous;
+
+/// `c (m×n) = op(a) · op(b)`, plus the old `c` with `accumulate`, all row-major, where `op(a)`
+/// is `a (m×k)` or, with `trans_a`, the transpose of `a (k×m)`; likewise `b (k×n)` or `bᵀ` of
+/// `b (n×k)`.
+pub(crate) fn matmul_into<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    a: &[T],
+    trans_a: bool,
+    b: &[T],
+    trans_b: bool,
+    c: &mut [T],
+    accumulate: bool,
+) {
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "matmul_into: buffers too small");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(T::zero());
+        }
+        return;
+    }
+    // Strides (in elements) of op(a) and op(b) as m×k and k×n matrices.
+    let (a_rs, a_cs) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
+    let (b_rs, b_cs) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: as above; the strides describe the same row-major buffers.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// A product of two contiguous 2-D CPU tensors as an op without a backward (used inside the
+/// convolution's backward): `op(a) · op(b)`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MatMul {
+    pub trans_a: bool,
+    pub trans_b: bool,
+}
+
+impl CustomOp2 for MatMul {
+    fn name(&self) -> &'static str {
+        "matmul-nograd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (r1, c1) = l1.shape().dims2()?;
+        let (r2, c2) = l2.shape().dims2()?;
+        let (m, k1) = if self.trans_a { (c1, r1) } else { (r1, c1) };
+        let (k2, n) = if self.trans_b { (c2, r2) } else { (r2, c2) };
+        if k1 != k2 {
+            candle_core::bail!("matmul: inner dimensions {k1} and {k2} differ ({:?} · {:?})", l1.shape(), l2.shape())
+        }
+        fn run<T: WithDType>(a: &[T], b: &[T], (m, n, k): (usize, usize, usize), op: &MatMul) -> Vec<T> {
+            let mut c = vec![T::zero(); m * n];
+            matmul_into((m, n, k), a, op.trans_a, b, op.trans_b, &mut c, false);
+            c
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => CpuStorage::F32(run(
+                contiguous(a, l1, "matmul lhs")?,
+                contiguous(b, l2, "matmul rhs")?,
+                (m, n, k1),
+                self,
+            )),
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => CpuStorage::F64(run(
+                contiguous(a, l1, "matmul lhs")?,
+                contiguous(b, l2, "matmul rhs")?,
+                (m, n, k1),
+                self,
+            )),
+            _ => candle_core::bail!("matmul supports matching f32 or f64 tensors, got {:?}", s1.dtype()),
+        };
+        Ok((out, Shape::from((m, n))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Against a float64 triple loop, for every transposition and for accumulation.
+    /// Tolerance: 1e-5 relative to the larger of the value and k.
+    #[test]
+    fn products_match_a_float64_reference() {
+        let (m, n, k) = (37, 29, 53);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 104_729) % 1000) as f32 / 500.0 - 1.0).collect();
+        let c0: Vec<f32> = (0..m * n).map(|i| (i % 13) as f32 - 6.0).collect();
+        for trans_a in [false, true] {
+            for trans_b in [false, true] {
+                for accumulate in [false, true] {
+                    let at = |i: usize, p: usize| if trans_a { a[p * m + i] } else { a[i * k + p] } as f64;
+                    let bt = |p: usize, j: usize| if trans_b { b[j * k + p] } else { b[p * n + j] } as f64;
+                    {
+                        let mut c = c0.clone();
+                        matmul_into((m, n, k), &a, trans_a, &b, trans_b, &mut c, accumulate);
+                        for i in 0..m {
+                            for j in 0..n {
+                                let want: f64 = (0..k).map(|p| at(i, p) * bt(p, j)).sum::<f64>()
+                                    + if accumulate { c0[i * n + j] as f64 } else { 0.0 };
+                                let got = c[i * n + j] as f64;
+                                assert!(
+                                    (got - want).abs() <= 1e-5 * want.abs().max(k as f64),
+                                    "({i},{j}) {got} vs {want}: trans {trans_a}/{trans_b}, acc {accumulate}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
