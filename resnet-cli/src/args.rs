@@ -76,6 +76,8 @@ pub enum VariantArg {
 /// Convolution kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum KernelArg {
+    /// Winograd for 3×3 stride-1 convolutions, im2col for the rest (the default).
+    Winograd,
     /// The project's im2col kernels (fast).
     Im2col,
     /// candle's stock conv2d (for comparison).

@@ -57,9 +57,12 @@ pub enum BlockKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ConvKernel {
+    /// Winograd F(2×2, 3×3) for the 3×3 stride-1 convolutions (forward and input gradient; 2.25×
+    /// fewer multiplies), the im2col kernels for the others (see `ops::winograd`).
+    #[default]
+    Winograd,
     /// The project's channels-last im2col + one batched matrix product per convolution, with a
     /// matching fast backward (see `ops::im2col`).
-    #[default]
     Im2col,
     /// candle's stock `conv2d` (and its naive backward), kept for comparison.
     Candle,

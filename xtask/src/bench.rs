@@ -29,6 +29,8 @@ pub enum Mode {
 /// Convolution kernels to benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum KernelArg {
+    /// Winograd for 3×3 stride-1 convolutions, im2col for the rest (the default).
+    Winograd,
     /// The project's im2col kernels.
     Im2col,
     /// candle's stock conv2d (the straightforward port).
@@ -63,7 +65,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
     /// Convolution kernels for our side.
-    #[arg(long, value_enum, default_value = "im2col")]
+    #[arg(long, value_enum, default_value = "winograd")]
     pub kernel: KernelArg,
     /// Write the JSON report here (default: target/bench/bench.json).
     #[arg(long, value_name = "FILE")]
@@ -254,6 +256,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
 /// Measures one configuration in this process and prints a [`Sample`] as JSON.
 pub fn run_one(a: BenchOneArgs) -> Result<()> {
     let kernel = match a.kernel {
+        KernelArg::Winograd => ConvKernel::Winograd,
         KernelArg::Im2col => ConvKernel::Im2col,
         KernelArg::Candle => ConvKernel::Candle,
     };
@@ -309,6 +312,7 @@ pub fn run_one(a: BenchOneArgs) -> Result<()> {
 fn run_ours(cfg: &Config, a: &BenchArgs) -> Result<Sample> {
     let exe = std::env::current_exe()?;
     let kernel = match a.kernel {
+        KernelArg::Winograd => "winograd",
         KernelArg::Im2col => "im2col",
         KernelArg::Candle => "candle",
     };

@@ -181,6 +181,7 @@ fn config(a: &TrainArgs) -> Result<TrainConfig> {
     }
     if let Some(k) = a.conv_kernel {
         c.model.conv_kernel = match k {
+            KernelArg::Winograd => resnet_core::ConvKernel::Winograd,
             KernelArg::Im2col => resnet_core::ConvKernel::Im2col,
             KernelArg::Candle => resnet_core::ConvKernel::Candle,
         };

@@ -1,6 +1,8 @@
 //! 2-D convolution over channels-last tensors with PyTorch-layout weights.
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Module, Shape, Tensor, WithDType};
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Shape, Tensor, WithDType,
+};
 use candle_nn::{Init, VarBuilder};
 
 use super::elementwise::column_sums_tensor;
@@ -8,6 +10,7 @@ use super::geometry::Window;
 use super::im2col::{im2col_slice, Col2im, Im2col};
 use super::matmul::{matmul_into, MatMul};
 use super::storage::contiguous;
+use super::winograd;
 use crate::config::ConvKernel;
 
 /// A convolution's hyper-parameters.
@@ -100,13 +103,16 @@ impl Module for Conv2d {
             candle_core::bail!("conv2d expects {in_channels} input channels, got {c}")
         }
         match self.kernel {
-            ConvKernel::Im2col if xs.device().is_cpu() && matches!(xs.dtype(), DType::F32 | DType::F64) => {
+            ConvKernel::Im2col | ConvKernel::Winograd
+                if xs.device().is_cpu() && matches!(xs.dtype(), DType::F32 | DType::F64) =>
+            {
                 // The weight in (out, kh, kw, in) order, matching the patches' (kh, kw, c).
                 let w = self.weight.permute((0, 2, 3, 1))?.contiguous()?;
-                let op = Im2colConv { kernel: k, stride, pad: padding };
+                let winograd = self.kernel == ConvKernel::Winograd;
+                let op = Im2colConv { kernel: k, stride, pad: padding, winograd };
                 xs.contiguous()?.apply_op3(&w, &self.bias, op)
             }
-            ConvKernel::Im2col => self.forward_portable(xs),
+            ConvKernel::Im2col | ConvKernel::Winograd => self.forward_portable(xs),
             ConvKernel::Candle => {
                 let nchw = xs.permute((0, 3, 1, 2))?;
                 let ys = nchw.conv2d(&self.weight.to_dtype(xs.dtype())?, padding, stride, 1, 1)?;
@@ -164,6 +170,8 @@ struct Im2colConv {
     kernel: usize,
     stride: usize,
     pad: usize,
+    /// Use Winograd where it applies (3×3, stride 1, padding 1, images of at least 4×4).
+    winograd: bool,
 }
 
 impl Im2colConv {
@@ -176,6 +184,10 @@ impl Im2colConv {
 
     fn pointwise(&self) -> bool {
         self.kernel == 1 && self.stride == 1 && self.pad == 0
+    }
+
+    fn uses_winograd(&self, win: &Window) -> bool {
+        self.winograd && winograd::applies(self.kernel, self.stride, self.pad, win.h, win.w)
     }
 }
 
@@ -229,6 +241,27 @@ impl CustomOp3 for Im2colConv {
             )
         }
         let pw = self.pointwise();
+        if self.uses_winograd(&win) {
+            let dims = (win.batch, win.h, win.w, win.c);
+            let y = match (s1, s2, s3) {
+                (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(winograd::conv3x3(
+                    contiguous(x, l1, "conv2d input")?,
+                    contiguous(w, l2, "conv2d weight")?,
+                    Some(contiguous(b, l3, "conv2d bias")?),
+                    dims,
+                    out,
+                )),
+                (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(winograd::conv3x3(
+                    contiguous(x, l1, "conv2d input")?,
+                    contiguous(w, l2, "conv2d weight")?,
+                    Some(contiguous(b, l3, "conv2d bias")?),
+                    dims,
+                    out,
+                )),
+                _ => candle_core::bail!("conv2d supports matching f32 or f64 tensors, got {:?}", s1.dtype()),
+            };
+            return Ok((y, Shape::from((win.batch, win.oh(), win.ow(), out))));
+        }
         let y = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(conv_forward(
                 contiguous(x, l1, "conv2d input")?,
@@ -269,7 +302,10 @@ impl CustomOp3 for Im2colConv {
         let dw = dy.apply_op2_no_bwd(&cols, &MatMul { trans_a: true, trans_b: false })?.reshape(w.shape())?;
         drop(cols);
         let db = column_sums_tensor(&dy)?;
-        let dx = if x.track_op() {
+        let dx = if x.track_op() && self.uses_winograd(&win) {
+            let dy4 = dy.reshape((win.batch, win.oh(), win.ow(), out))?;
+            Some(dy4.apply_op2_no_bwd(w, &WinogradInputGrad { cin: win.c })?)
+        } else if x.track_op() {
             let dcols = dy.apply_op2_no_bwd(&w.reshape((out, k))?, &MatMul { trans_a: false, trans_b: false })?;
             Some(if self.pointwise() {
                 dcols.reshape(x.shape())?
@@ -280,6 +316,57 @@ impl CustomOp3 for Im2colConv {
             None
         };
         Ok((dx, Some(dw), Some(db)))
+    }
+}
+
+/// The input gradient of a Winograd-eligible convolution: `(dy (b, h, w, out), w (out, 3, 3,
+/// in)) -> dx (b, h, w, in)`, itself a 3×3 convolution with the filters flipped.
+#[derive(Debug, Clone, Copy)]
+struct WinogradInputGrad {
+    cin: usize,
+}
+
+impl CustomOp2 for WinogradInputGrad {
+    fn name(&self) -> &'static str {
+        "conv2d-winograd-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, h, w, cout) = l1.shape().dims4()?;
+        let cin = self.cin;
+        if l2.shape().dims() != [cout, 3, 3, cin] {
+            candle_core::bail!("winograd input gradient: weight {:?} does not fit ({cout}, 3, 3, {cin})", l2.shape())
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(g), CpuStorage::F32(f)) => {
+                let flipped = winograd::flip_filters(contiguous(f, l2, "conv2d weight")?, cin, cout);
+                CpuStorage::F32(winograd::conv3x3(
+                    contiguous(g, l1, "conv2d gradient")?,
+                    &flipped,
+                    None,
+                    (b, h, w, cout),
+                    cin,
+                ))
+            }
+            (CpuStorage::F64(g), CpuStorage::F64(f)) => {
+                let flipped = winograd::flip_filters(contiguous(f, l2, "conv2d weight")?, cin, cout);
+                CpuStorage::F64(winograd::conv3x3(
+                    contiguous(g, l1, "conv2d gradient")?,
+                    &flipped,
+                    None,
+                    (b, h, w, cout),
+                    cin,
+                ))
+            }
+            _ => candle_core::bail!("winograd input gradient supports matching f32 or f64 tensors"),
+        };
+        Ok((out, Shape::from((b, h, w, cin))))
     }
 }
 
@@ -337,6 +424,8 @@ mod tests {
             (1, 5, 5, 3, 2, 1, 1, 0),
             (2, 5, 4, 2, 3, 3, 3, 2),
             (2, 7, 7, 3, 3, 3, 2, 1),
+            (2, 4, 4, 5, 6, 3, 1, 1),
+            (1, 10, 7, 8, 4, 3, 1, 1),
         ];
         for &(b, h, w, cin, cout, k, s, p) in &cases {
             let case = (b, h, w, cin, cout, k, s, p);
@@ -345,6 +434,8 @@ mod tests {
                 let map = VarMap::new();
                 let vb = VarBuilder::from_varmap(&map, dtype, &dev);
                 let ours = Conv2d::new(cfg, ConvKernel::Im2col, vb)?;
+                // Winograd where it applies (3×3/1/1), im2col elsewhere: same checks.
+                let wino = Conv2d { kernel: ConvKernel::Winograd, ..ours.clone() };
                 let x = Var::randn(0f32, 1., (b, h, w, cin), &dev)?;
                 let x = Var::from_tensor(&x.to_dtype(dtype)?)?;
                 let y1 = ours.forward(x.as_tensor())?;
@@ -358,6 +449,15 @@ mod tests {
                 for (name, t) in [("input", x.as_tensor()), ("weight", ours.weight()), ("bias", ours.bias())] {
                     let e = rel_err(g1.get(t).expect("grad"), g2.get(t).expect("grad"))?;
                     assert!(e < 1e-4, "{name} grad rel err {e} for {case:?} in {dtype:?}");
+                }
+                // Winograd (where it applies; im2col otherwise) agrees on everything.
+                let y4 = wino.forward(x.as_tensor())?;
+                let e = rel_err(&y4, &reference_conv(x.as_tensor(), &ours)?)?;
+                assert!(e < 1e-4, "winograd forward rel err {e} for {case:?}");
+                let g4 = (y4 * &probe)?.sum_all()?.backward()?;
+                for (name, t) in [("input", x.as_tensor()), ("weight", ours.weight()), ("bias", ours.bias())] {
+                    let e = rel_err(g4.get(t).expect("grad"), g2.get(t).expect("grad"))?;
+                    assert!(e < 1e-4, "winograd {name} grad rel err {e} for {case:?} in {dtype:?}");
                 }
                 // The portable path (CUDA, mixed precision) agrees on everything too.
                 let y3 = ours.forward_portable(x.as_tensor())?;

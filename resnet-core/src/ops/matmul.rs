@@ -59,6 +59,54 @@ pub(crate) fn matmul_into<T: WithDType>(
     }
 }
 
+/// `c = a · b` (no transposes, no accumulation) with explicit row strides: `a` is `m×k` with
+/// rows `lda` apart, `b` is `k×n` with rows `ldb` apart, `c` is `m×n` with rows `ldc` apart.
+pub(crate) fn matmul_strided<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    a: &[T],
+    lda: usize,
+    b: &[T],
+    ldb: usize,
+    c: &mut [T],
+    ldc: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(lda >= k && ldb >= n && ldc >= n, "matmul_strided: row strides shorter than rows");
+    assert!(
+        a.len() >= (m - 1) * lda + k && b.len() >= k.saturating_sub(1) * ldb + n && c.len() >= (m - 1) * ldc + n,
+        "matmul_strided: buffers too small"
+    );
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the asserts above bound every element addressed through these strides, and `c`
+    // does not alias `a` or `b` (distinct borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            false,
+            a.as_ptr(),
+            1,
+            lda as isize,
+            b.as_ptr(),
+            1,
+            ldb as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
 /// A product of two contiguous 2-D CPU tensors as an op without a backward (used inside the
 /// convolution's backward): `op(a) · op(b)`.
 #[derive(Debug, Clone, Copy)]

@@ -9,6 +9,7 @@ pub mod im2col;
 mod matmul;
 pub mod pool;
 mod storage;
+mod winograd;
 
 pub use batch_norm::BatchNorm;
 pub use conv::{Conv2d, Conv2dConfig};
