@@ -318,13 +318,18 @@ fn fused_bwd<T: WithDType>(x: &[T], dy: &[T], gamma: &[T], stats: &Stats, eps: f
     let inv_std: Vec<f64> = stats.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
     let (mean_t, scale_t, shift_t): (Vec<T>, Vec<T>, Vec<T>) =
         (to_t(&stats.mean), to_t(&stats.scale), to_t(&stats.shift));
-    let live = |v: T, ch: usize| !relu || (v - mean_t[ch]) * scale_t[ch] + shift_t[ch] > T::zero();
+    // The masked gradient: dy where the forward's output was positive (recomputed exactly as
+    // the forward computed it), else 0. Equal-length slices let the loops vectorise.
+    let masked = |v: T, g: T, m: T, a: T, b: T| if !relu || (v - m) * a + b > T::zero() { g } else { T::zero() };
     // Σ g and Σ g·(x − mean) per channel (g: the masked output gradient).
     let [s0, s1] = channel_sums(x, dy, c, |a0, a1, xr, gr| {
-        for (ch, (&v, &g)) in xr.iter().zip(gr).enumerate() {
-            let g = if live(v, ch) { g } else { T::zero() };
+        let (a0, a1, xr, gr) = (&mut a0[..c], &mut a1[..c], &xr[..c], &gr[..c]);
+        let (mt, sc, sh) = (&mean_t[..c], &scale_t[..c], &shift_t[..c]);
+        for ch in 0..c {
+            let v = xr[ch];
+            let g = masked(v, gr[ch], mt[ch], sc[ch], sh[ch]);
             a0[ch] += g;
-            a1[ch] += g * (v - mean_t[ch]);
+            a1[ch] += g * (v - mt[ch]);
         }
     });
     // dx = γ·σ⁻¹·(g − Σg/m − x̂·Σg·x̂/m) = a·g + b·x + k per channel.
@@ -339,9 +344,13 @@ fn fused_bwd<T: WithDType>(x: &[T], dy: &[T], gamma: &[T], stats: &Stats, eps: f
         .zip(x.par_chunks(ROWS_PER_TASK * c).zip(dy.par_chunks(ROWS_PER_TASK * c)))
         .for_each(|(ob, (xb, gb))| {
             for ((or, xr), gr) in ob.chunks_exact_mut(c).zip(xb.chunks_exact(c)).zip(gb.chunks_exact(c)) {
-                for (ch, ((o, &v), &g)) in or.iter_mut().zip(xr).zip(gr).enumerate() {
-                    let g = if live(v, ch) { g } else { T::zero() };
-                    *o = a_t[ch] * g + b_t[ch] * v + k_t[ch];
+                let (or, xr, gr) = (&mut or[..c], &xr[..c], &gr[..c]);
+                let (mt, sc, sh, at, bt, kt) =
+                    (&mean_t[..c], &scale_t[..c], &shift_t[..c], &a_t[..c], &b_t[..c], &k_t[..c]);
+                for ch in 0..c {
+                    let v = xr[ch];
+                    let g = masked(v, gr[ch], mt[ch], sc[ch], sh[ch]);
+                    or[ch] = at[ch] * g + bt[ch] * v + kt[ch];
                 }
             }
         });
@@ -441,6 +450,7 @@ impl CustomOp3 for FusedBatchNormBackward {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (st, eps, relu) = (&self.stats, self.eps, self.relu);
+
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(dy), CpuStorage::F32(g)) => CpuStorage::F32(fused_bwd(
                 contiguous(x, l1, "x")?,
