@@ -93,36 +93,50 @@ impl MaxPool2d {
         }
         let win = Window { batch, h, w, c, kh: self.kernel, kw: self.kernel, stride: self.stride, pad: self.pad };
         win.check("max-pool")?;
+        if h * w * c > u32::MAX as usize {
+            candle_core::bail!("max-pool: an image of {h}x{w}x{c} values exceeds the 2^32 the op indexes")
+        }
         Ok(win)
     }
 }
 
-/// Index (into the image) of the winning cell of every output element, or `usize::MAX` when a
-/// window holds no valid cell (impossible while pad ≤ kernel/2).
-fn for_each_window<T: WithDType>(img: &[T], win: &Window, mut visit: impl FnMut(usize, usize)) {
+/// Visits every output position `(oy, ox)` of one image with the window's maxima and their
+/// indices into the image, a channel vector at a time (so the comparisons vectorise). Ties go
+/// to the first cell in row-major window order; a window always holds a valid cell while
+/// pad ≤ kernel/2.
+fn for_each_window<T: WithDType>(img: &[T], win: &Window, mut visit: impl FnMut(usize, &[T], &[u32])) {
     let c = win.c;
+    let (mut vals, mut idx) = (vec![T::zero(); c], vec![0u32; c]);
     for oy in 0..win.oh() {
         let y0 = (oy * win.stride) as isize - win.pad as isize;
         let ys = y0.max(0) as usize..((y0 + win.kh as isize).min(win.h as isize)).max(0) as usize;
         for ox in 0..win.ow() {
             let x0 = (ox * win.stride) as isize - win.pad as isize;
             let xs = x0.max(0) as usize..((x0 + win.kw as isize).min(win.w as isize)).max(0) as usize;
-            let out_base = (oy * win.ow() + ox) * c;
-            for ch in 0..c {
-                let mut best = usize::MAX;
-                let mut best_v = T::zero();
-                for iy in ys.clone() {
-                    for ix in xs.clone() {
-                        let idx = (iy * win.w + ix) * c + ch;
-                        let v = img[idx];
-                        if best == usize::MAX || v > best_v {
-                            best = idx;
-                            best_v = v;
+            let mut first = true;
+            for iy in ys.clone() {
+                for ix in xs.clone() {
+                    let base = (iy * win.w + ix) * c;
+                    let cell = &img[base..base + c];
+                    if first {
+                        vals.copy_from_slice(cell);
+                        for (ch, i) in idx.iter_mut().enumerate() {
+                            *i = (base + ch) as u32;
+                        }
+                        first = false;
+                    } else {
+                        let (vals, idx) = (&mut vals[..c], &mut idx[..c]);
+                        for ch in 0..c {
+                            let v = cell[ch];
+                            if v > vals[ch] {
+                                vals[ch] = v;
+                                idx[ch] = (base + ch) as u32;
+                            }
                         }
                     }
                 }
-                visit(out_base + ch, best);
             }
+            visit((oy * win.ow() + ox) * c, &vals, &idx);
         }
     }
 }
@@ -132,11 +146,7 @@ fn pool_fwd<T: WithDType>(x: &[T], win: &Window) -> Vec<T> {
     let mut out = vec![T::zero(); win.batch * out_len];
     out.par_chunks_mut(out_len).enumerate().for_each(|(b, dst)| {
         let img = &x[b * img_len..(b + 1) * img_len];
-        for_each_window(img, win, |o, i| {
-            if i != usize::MAX {
-                dst[o] = img[i];
-            }
-        });
+        for_each_window(img, win, |o, vals, _| dst[o..o + vals.len()].copy_from_slice(vals));
     });
     out
 }
@@ -147,9 +157,9 @@ fn pool_bwd<T: WithDType>(x: &[T], grad: &[T], win: &Window) -> Vec<T> {
     dx.par_chunks_mut(img_len).enumerate().for_each(|(b, dst)| {
         let img = &x[b * img_len..(b + 1) * img_len];
         let g = &grad[b * out_len..(b + 1) * out_len];
-        for_each_window(img, win, |o, i| {
-            if i != usize::MAX {
-                dst[i] += g[o];
+        for_each_window(img, win, |o, _, idx| {
+            for (&i, &gv) in idx.iter().zip(&g[o..o + idx.len()]) {
+                dst[i as usize] += gv;
             }
         });
     });
