@@ -32,14 +32,12 @@ fn transform_filters<T: WithDType>(w: &[T], cin: usize, cout: usize) -> Vec<T> {
         for c in 0..cin {
             let g = |i: usize, j: usize| w[((k * 3 + i) * 3 + j) * cin + c];
             // t = G g (4×3), then u = t Gᵀ (4×4).
-            let mut t = [[T::zero(); 3]; 4];
-            for j in 0..3 {
+            let col = |j: usize| {
                 let (g0, g1, g2) = (g(0, j), g(1, j), g(2, j));
-                t[0][j] = g0;
-                t[1][j] = (g0 + g1 + g2) * half;
-                t[2][j] = (g0 - g1 + g2) * half;
-                t[3][j] = g2;
-            }
+                [g0, (g0 + g1 + g2) * half, (g0 - g1 + g2) * half, g2]
+            };
+            let cols = [col(0), col(1), col(2)];
+            let t: [[T; 3]; 4] = std::array::from_fn(|i| [cols[0][i], cols[1][i], cols[2][i]]);
             for (i, row) in t.iter().enumerate() {
                 let [t0, t1, t2] = *row;
                 let vals = [t0, (t0 + t1 + t2) * half, (t0 - t1 + t2) * half, t2];
