@@ -294,13 +294,17 @@ impl CustomOp3 for Im2colConv {
         let (out, k) = (bias.elem_count(), win.patch_len());
         let rows = win.batch * win.oh() * win.ow();
         let dy = grad.contiguous()?.reshape((rows, out))?;
-        let cols = if self.pointwise() {
-            x.reshape((rows, k))?
+        let dw = if self.uses_winograd(&win) {
+            let dy4 = dy.reshape((win.batch, win.oh(), win.ow(), out))?;
+            x.apply_op2_no_bwd(&dy4, &WinogradWeightGrad { cout: out })?
         } else {
-            x.apply_op1_no_bwd(&Im2col { kh: win.kh, kw: win.kw, stride: win.stride, pad: win.pad })?
+            let cols = if self.pointwise() {
+                x.reshape((rows, k))?
+            } else {
+                x.apply_op1_no_bwd(&Im2col { kh: win.kh, kw: win.kw, stride: win.stride, pad: win.pad })?
+            };
+            dy.apply_op2_no_bwd(&cols, &MatMul { trans_a: true, trans_b: false })?.reshape(w.shape())?
         };
-        let dw = dy.apply_op2_no_bwd(&cols, &MatMul { trans_a: true, trans_b: false })?.reshape(w.shape())?;
-        drop(cols);
         let db = column_sums_tensor(&dy)?;
         let dx = if x.track_op() && self.uses_winograd(&win) {
             let dy4 = dy.reshape((win.batch, win.oh(), win.ow(), out))?;
@@ -367,6 +371,53 @@ impl CustomOp2 for WinogradInputGrad {
             _ => candle_core::bail!("winograd input gradient supports matching f32 or f64 tensors"),
         };
         Ok((out, Shape::from((b, h, w, cin))))
+    }
+}
+
+/// The weight gradient of a Winograd-eligible convolution: `(x (b, h, w, in), dy (b, h, w,
+/// out)) -> dW (out, 3, 3, in)`.
+#[derive(Debug, Clone, Copy)]
+struct WinogradWeightGrad {
+    cout: usize,
+}
+
+impl CustomOp2 for WinogradWeightGrad {
+    fn name(&self) -> &'static str {
+        "conv2d-winograd-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, h, w, cin) = l1.shape().dims4()?;
+        let cout = self.cout;
+        if l2.shape().dims() != [b, h, w, cout] {
+            candle_core::bail!(
+                "winograd weight gradient: gradient {:?} does not fit ({b}, {h}, {w}, {cout})",
+                l2.shape()
+            )
+        }
+        let dims = (b, h, w, cin);
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(winograd::conv3x3_weight_grad(
+                contiguous(x, l1, "conv2d input")?,
+                contiguous(g, l2, "conv2d gradient")?,
+                dims,
+                cout,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(winograd::conv3x3_weight_grad(
+                contiguous(x, l1, "conv2d input")?,
+                contiguous(g, l2, "conv2d gradient")?,
+                dims,
+                cout,
+            )),
+            _ => candle_core::bail!("winograd weight gradient supports matching f32 or f64 tensors"),
+        };
+        Ok((out, Shape::from((cout, 3, 3, cin))))
     }
 }
 

@@ -107,6 +107,64 @@ pub(crate) fn matmul_strided<T: WithDType>(
     }
 }
 
+/// `c = op(a) · op(b)` for matrices given by element strides: element `(i, p)` of the `m×k`
+/// left factor is `a[i·a_rs + p·a_cs]`, element `(p, j)` of the `k×n` right factor is
+/// `b[p·b_rs + j·b_cs]`, and `c` is `m×n` row-major with rows `ldc` apart (overwritten).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_general<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    a: &[T],
+    (a_rs, a_cs): (usize, usize),
+    b: &[T],
+    (b_rs, b_cs): (usize, usize),
+    c: &mut [T],
+    ldc: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for row in 0..m {
+            c[row * ldc..row * ldc + n].fill(T::zero());
+        }
+        return;
+    }
+    assert!(
+        a.len() > (m - 1) * a_rs + (k - 1) * a_cs
+            && b.len() > (k - 1) * b_rs + (n - 1) * b_cs
+            && c.len() >= (m - 1) * ldc + n
+            && ldc >= n,
+        "matmul_general: buffers too small for the strides"
+    );
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the assert bounds the last element addressed in each buffer (strides are
+    // non-negative), and `c` does not alias `a` or `b` (distinct borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            false,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
 /// A product of two contiguous 2-D CPU tensors as an op without a backward (used inside the
 /// convolution's backward): `op(a) · op(b)`.
 #[derive(Debug, Clone, Copy)]
