@@ -501,23 +501,18 @@ mod tests {
                     let e = rel_err(g1.get(t).expect("grad"), g2.get(t).expect("grad"))?;
                     assert!(e < 1e-4, "{name} grad rel err {e} for {case:?} in {dtype:?}");
                 }
-                // Winograd (where it applies; im2col otherwise) agrees on everything.
-                let y4 = wino.forward(x.as_tensor())?;
-                let e = rel_err(&y4, &reference_conv(x.as_tensor(), &ours)?)?;
-                assert!(e < 1e-4, "winograd forward rel err {e} for {case:?}");
-                let g4 = (y4 * &probe)?.sum_all()?.backward()?;
-                for (name, t) in [("input", x.as_tensor()), ("weight", ours.weight()), ("bias", ours.bias())] {
-                    let e = rel_err(g4.get(t).expect("grad"), g2.get(t).expect("grad"))?;
-                    assert!(e < 1e-4, "winograd {name} grad rel err {e} for {case:?} in {dtype:?}");
-                }
-                // The portable path (CUDA, mixed precision) agrees on everything too.
-                let y3 = ours.forward_portable(x.as_tensor())?;
-                let e = rel_err(&y3, &reference_conv(x.as_tensor(), &ours)?)?;
-                assert!(e < 1e-4, "portable forward rel err {e} for {case:?}");
-                let g3 = (y3 * &probe)?.sum_all()?.backward()?;
-                for (name, t) in [("input", x.as_tensor()), ("weight", ours.weight()), ("bias", ours.bias())] {
-                    let e = rel_err(g3.get(t).expect("grad"), g2.get(t).expect("grad"))?;
-                    assert!(e < 1e-4, "portable {name} grad rel err {e} for {case:?} in {dtype:?}");
+                // Winograd (where it applies; im2col otherwise) and the portable path (CUDA,
+                // mixed precision) agree on everything too.
+                let wino_y = wino.forward(x.as_tensor())?;
+                let portable_y = ours.forward_portable(x.as_tensor())?;
+                for (label, y) in [("winograd", wino_y), ("portable", portable_y)] {
+                    let e = rel_err(&y, &reference_conv(x.as_tensor(), &ours)?)?;
+                    assert!(e < 1e-4, "{label} forward rel err {e} for {case:?}");
+                    let g = (y * &probe)?.sum_all()?.backward()?;
+                    for (name, t) in [("input", x.as_tensor()), ("weight", ours.weight()), ("bias", ours.bias())] {
+                        let e = rel_err(g.get(t).expect("grad"), g2.get(t).expect("grad"))?;
+                        assert!(e < 1e-4, "{label} {name} grad rel err {e} for {case:?} in {dtype:?}");
+                    }
                 }
                 // candle's stock kernel agrees on the forward everywhere.
                 let stock = Conv2d { kernel: ConvKernel::Candle, ..ours.clone() };

@@ -18,45 +18,10 @@ pub(crate) fn matmul_into<T: WithDType>(
     c: &mut [T],
     accumulate: bool,
 ) {
-    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "matmul_into: buffers too small");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            c[..m * n].fill(T::zero());
-        }
-        return;
-    }
-    // Strides (in elements) of op(a) and op(b) as m×k and k×n matrices.
-    let (a_rs, a_cs) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
-    let (b_rs, b_cs) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
-    let threads = candle_core::utils::get_num_threads();
-    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: as above; the strides describe the same row-major buffers.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs,
-            a_rs,
-            b.as_ptr(),
-            b_cs,
-            b_rs,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
+    // Element strides (row, column) of op(a) as m×k and op(b) as k×n.
+    let a_strides = if trans_a { (1, m) } else { (k, 1) };
+    let b_strides = if trans_b { (1, k) } else { (n, 1) };
+    gemm_strided((m, n, k), a, a_strides, b, b_strides, c, n, accumulate);
 }
 
 /// `c = a · b` (no transposes, no accumulation) with explicit row strides: `a` is `m×k` with
@@ -70,48 +35,27 @@ pub(crate) fn matmul_strided<T: WithDType>(
     c: &mut [T],
     ldc: usize,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(lda >= k && ldb >= n && ldc >= n, "matmul_strided: row strides shorter than rows");
-    assert!(
-        a.len() >= (m - 1) * lda + k && b.len() >= k.saturating_sub(1) * ldb + n && c.len() >= (m - 1) * ldc + n,
-        "matmul_strided: buffers too small"
-    );
-    let threads = candle_core::utils::get_num_threads();
-    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: the asserts above bound every element addressed through these strides, and `c`
-    // does not alias `a` or `b` (distinct borrows).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            ldc as isize,
-            false,
-            a.as_ptr(),
-            1,
-            lda as isize,
-            b.as_ptr(),
-            1,
-            ldb as isize,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
+    gemm_strided((m, n, k), a, (lda, 1), b, (ldb, 1), c, ldc, false);
 }
 
 /// `c = op(a) · op(b)` for matrices given by element strides: element `(i, p)` of the `m×k`
 /// left factor is `a[i·a_rs + p·a_cs]`, element `(p, j)` of the `k×n` right factor is
 /// `b[p·b_rs + j·b_cs]`, and `c` is `m×n` row-major with rows `ldc` apart (overwritten).
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_general<T: WithDType>(
+    mnk: (usize, usize, usize),
+    a: &[T],
+    a_strides: (usize, usize),
+    b: &[T],
+    b_strides: (usize, usize),
+    c: &mut [T],
+    ldc: usize,
+) {
+    gemm_strided(mnk, a, a_strides, b, b_strides, c, ldc, false);
+}
+
+/// The one call into the `gemm` crate behind the helpers above; `accumulate` adds to `c`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_strided<T: WithDType>(
     (m, n, k): (usize, usize, usize),
     a: &[T],
     (a_rs, a_cs): (usize, usize),
@@ -119,26 +63,27 @@ pub(crate) fn matmul_general<T: WithDType>(
     (b_rs, b_cs): (usize, usize),
     c: &mut [T],
     ldc: usize,
+    accumulate: bool,
 ) {
     if m == 0 || n == 0 {
         return;
     }
+    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "matmul: output buffer too small for its strides");
     if k == 0 {
-        for row in 0..m {
-            c[row * ldc..row * ldc + n].fill(T::zero());
+        if !accumulate {
+            for row in 0..m {
+                c[row * ldc..row * ldc + n].fill(T::zero());
+            }
         }
         return;
     }
     assert!(
-        a.len() > (m - 1) * a_rs + (k - 1) * a_cs
-            && b.len() > (k - 1) * b_rs + (n - 1) * b_cs
-            && c.len() >= (m - 1) * ldc + n
-            && ldc >= n,
-        "matmul_general: buffers too small for the strides"
+        a.len() > (m - 1) * a_rs + (k - 1) * a_cs && b.len() > (k - 1) * b_rs + (n - 1) * b_cs,
+        "matmul: input buffers too small for their strides"
     );
     let threads = candle_core::utils::get_num_threads();
     let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: the assert bounds the last element addressed in each buffer (strides are
+    // SAFETY: the asserts bound the last element addressed in each buffer (strides are
     // non-negative), and `c` does not alias `a` or `b` (distinct borrows).
     unsafe {
         gemm::gemm(
@@ -148,7 +93,7 @@ pub(crate) fn matmul_general<T: WithDType>(
             c.as_mut_ptr(),
             1,
             ldc as isize,
-            false,
+            accumulate,
             a.as_ptr(),
             a_cs as isize,
             a_rs as isize,
