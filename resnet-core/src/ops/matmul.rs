@@ -21,11 +21,12 @@ pub(crate) fn matmul_into<T: WithDType>(
     // Element strides (row, column) of op(a) as m×k and op(b) as k×n.
     let a_strides = if trans_a { (1, m) } else { (k, 1) };
     let b_strides = if trans_b { (1, k) } else { (n, 1) };
-    gemm_strided((m, n, k), a, a_strides, b, b_strides, c, n, accumulate);
+    gemm_strided((m, n, k), a, a_strides, b, b_strides, c, n, accumulate, true);
 }
 
 /// `c = a · b` (no transposes, no accumulation) with explicit row strides: `a` is `m×k` with
 /// rows `lda` apart, `b` is `k×n` with rows `ldb` apart, `c` is `m×n` with rows `ldc` apart.
+/// Single-threaded: for callers that run several products side by side.
 pub(crate) fn matmul_strided<T: WithDType>(
     (m, n, k): (usize, usize, usize),
     a: &[T],
@@ -35,12 +36,13 @@ pub(crate) fn matmul_strided<T: WithDType>(
     c: &mut [T],
     ldc: usize,
 ) {
-    gemm_strided((m, n, k), a, (lda, 1), b, (ldb, 1), c, ldc, false);
+    gemm_strided((m, n, k), a, (lda, 1), b, (ldb, 1), c, ldc, false, false);
 }
 
 /// `c = op(a) · op(b)` for matrices given by element strides: element `(i, p)` of the `m×k`
 /// left factor is `a[i·a_rs + p·a_cs]`, element `(p, j)` of the `k×n` right factor is
 /// `b[p·b_rs + j·b_cs]`, and `c` is `m×n` row-major with rows `ldc` apart (overwritten).
+/// Single-threaded: for callers that run several products side by side.
 pub(crate) fn matmul_general<T: WithDType>(
     mnk: (usize, usize, usize),
     a: &[T],
@@ -50,10 +52,11 @@ pub(crate) fn matmul_general<T: WithDType>(
     c: &mut [T],
     ldc: usize,
 ) {
-    gemm_strided(mnk, a, a_strides, b, b_strides, c, ldc, false);
+    gemm_strided(mnk, a, a_strides, b, b_strides, c, ldc, false, false);
 }
 
-/// The one call into the `gemm` crate behind the helpers above; `accumulate` adds to `c`.
+/// The one call into the `gemm` crate behind the helpers above; `accumulate` adds to `c`,
+/// `parallel` splits the product over candle's threads.
 #[allow(clippy::too_many_arguments)]
 fn gemm_strided<T: WithDType>(
     (m, n, k): (usize, usize, usize),
@@ -64,6 +67,7 @@ fn gemm_strided<T: WithDType>(
     c: &mut [T],
     ldc: usize,
     accumulate: bool,
+    parallel: bool,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -82,7 +86,7 @@ fn gemm_strided<T: WithDType>(
         "matmul: input buffers too small for their strides"
     );
     let threads = candle_core::utils::get_num_threads();
-    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let parallelism = if parallel && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the asserts bound the last element addressed in each buffer (strides are
     // non-negative), and `c` does not alias `a` or `b` (distinct borrows).
     unsafe {

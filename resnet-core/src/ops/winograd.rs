@@ -117,13 +117,13 @@ pub fn conv3x3<T: WithDType>(
 
     let v = input_transform(x, (batch, h, w, cin));
 
-    // M_e = V_e · U_e: 16 products of (tiles × cin) · (cin × cout), reading V and writing M
-    // tile-major (row strides of 16 entries).
-    let mut m = vec![T::zero(); tiles * 16 * cout];
-    for e in 0..16 {
+    // M_e = V_e · U_e: 16 products of (tiles × cin) · (cin × cout), side by side on the
+    // threads, reading V tile-major (row stride 16·cin) and writing M entry-major.
+    let mut m = vec![T::zero(); 16 * tiles * cout];
+    m.par_chunks_mut(tiles * cout).enumerate().for_each(|(e, me)| {
         let ue = &u[e * cin * cout..(e + 1) * cin * cout];
-        matmul_strided((tiles, cout, cin), &v[e * cin..], 16 * cin, ue, cout, &mut m[e * cout..], 16 * cout);
-    }
+        matmul_strided((tiles, cout, cin), &v[e * cin..], 16 * cin, ue, cout, me, cout);
+    });
     drop(v);
 
     // Y = Aᵀ M A per tile (+ bias), written into the image.
@@ -134,8 +134,8 @@ pub fn conv3x3<T: WithDType>(
         for ty in 0..th {
             for tx in 0..tw {
                 let t = (n * th + ty) * tw + tx;
-                let mt = &m[t * 16 * cout..(t + 1) * 16 * cout];
-                let at = |e: usize| e * cout;
+                let mt = &m[t * cout..];
+                let at = |e: usize| e * tiles * cout;
                 // s = Aᵀ M (2×4), vectorised over output channels.
                 for j in 0..4 {
                     for k in 0..cout {
@@ -221,10 +221,9 @@ pub fn conv3x3_weight_grad<T: WithDType>(
     });
     // Q_e (cin × cout) = V_eᵀ · dM_e, summed over all tiles by the product.
     let mut q = vec![T::zero(); 16 * cin * cout];
-    for e in 0..16 {
-        let qe = &mut q[e * cin * cout..(e + 1) * cin * cout];
+    q.par_chunks_mut(cin * cout).enumerate().for_each(|(e, qe)| {
         matmul_general((cin, cout, tiles), &v[e * cin..], (1, 16 * cin), &dm[e * cout..], (16 * cout, 1), qe, cout);
-    }
+    });
     // dW = Gᵀ Q G per (c, k): 4×4 → 3×3, into (cout, 3, 3, cin).
     let half = T::from_f64(0.5);
     let mut dw = vec![T::zero(); cout * 9 * cin];
