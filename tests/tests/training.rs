@@ -173,23 +173,33 @@ fn same_seed_gives_identical_weights_and_another_seed_does_not() -> Result<()> {
     Ok(())
 }
 
-/// Mixed precision through the trainer: f16 (the CPU stand-in for CUDA's bf16, same code path)
-/// learns one batch with f32 master weights and momentum; bf16 and TF32 on the CPU are refused
-/// with a message naming the flag.
-#[test]
-fn mixed_precision_trains_with_f32_master_weights() -> Result<()> {
-    let cfg = TrainConfig {
+/// Fitting one batch: width 8, plain cross-entropy (no label smoothing, whose minimum is far
+/// above zero), momentum SGD at a constant rate, no augmentation.
+fn one_batch_config() -> TrainConfig {
+    TrainConfig {
         model: ResNetConfig { base_width: 8, ..ResNetConfig::d2l_resnet18() },
         optimizer: SgdConfig { lr: 0.05, momentum: 0.9, nesterov: false, weight_decay: 0.0 },
         schedule: Schedule::Constant,
         warmup_epochs: 0.0,
         label_smoothing: 0.0,
         augment: None,
-        precision: Precision::F16,
         ..tiny_config()
-    };
+    }
+}
+
+/// The one synthetic batch of [`BATCH`] images that [`one_batch_config`] runs fit.
+fn one_batch(cfg: &TrainConfig) -> Result<resnet_data::Batch> {
     let split = Split::synthetic(BATCH, 28, 28, 11);
-    let batch = batches(Arc::new(split), &loader_config(&cfg, false), 0)?.next().context("no batch")??;
+    batches(Arc::new(split), &loader_config(cfg, false), 0)?.next().context("no batch")?.map_err(Into::into)
+}
+
+/// Mixed precision through the trainer: f16 (the CPU stand-in for CUDA's bf16, same code path)
+/// learns one batch with f32 master weights and momentum; bf16 and TF32 on the CPU are refused
+/// with a message naming the flag.
+#[test]
+fn mixed_precision_trains_with_f32_master_weights() -> Result<()> {
+    let cfg = TrainConfig { precision: Precision::F16, ..one_batch_config() };
+    let batch = one_batch(&cfg)?;
     let mut trainer = Trainer::new(cfg.clone(), &CPU)?;
     ensure!(trainer.model().compute_dtype() == Some(DType::F16), "the model computes in f16");
     let mut losses = Vec::new();
@@ -214,18 +224,8 @@ fn mixed_precision_trains_with_f32_master_weights() -> Result<()> {
 
 #[test]
 fn overfits_a_single_batch() -> Result<()> {
-    // Plain cross-entropy (no label smoothing, whose minimum is far above zero), momentum SGD.
-    let cfg = TrainConfig {
-        model: ResNetConfig { base_width: 8, ..ResNetConfig::d2l_resnet18() },
-        optimizer: SgdConfig { lr: 0.05, momentum: 0.9, nesterov: false, weight_decay: 0.0 },
-        schedule: Schedule::Constant,
-        warmup_epochs: 0.0,
-        label_smoothing: 0.0,
-        augment: None,
-        ..tiny_config()
-    };
-    let split = Split::synthetic(BATCH, 28, 28, 11);
-    let batch = batches(Arc::new(split), &loader_config(&cfg, false), 0)?.next().context("no batch")??;
+    let cfg = one_batch_config();
+    let batch = one_batch(&cfg)?;
     ensure!(batch.indices.len() == BATCH, "expected one batch of {BATCH}");
     let mut trainer = Trainer::new(cfg.clone(), &CPU)?;
     // The loss falls below 0.01 within ~20 steps; the rest lets the BatchNorm running statistics

@@ -294,9 +294,10 @@ impl CustomOp3 for Im2colConv {
         let (out, k) = (bias.elem_count(), win.patch_len());
         let rows = win.batch * win.oh() * win.ow();
         let dy = grad.contiguous()?.reshape((rows, out))?;
-        let dw = if self.uses_winograd(&win) {
-            let dy4 = dy.reshape((win.batch, win.oh(), win.ow(), out))?;
-            x.apply_op2_no_bwd(&dy4, &WinogradWeightGrad { cout: out })?
+        let winograd = self.uses_winograd(&win);
+        let dy4 = dy.reshape((win.batch, win.oh(), win.ow(), out))?;
+        let dw = if winograd {
+            x.apply_op2_no_bwd(&dy4, &WinogradGrad::Weight { cout: out })?
         } else {
             let cols = if self.pointwise() {
                 x.reshape((rows, k))?
@@ -306,9 +307,8 @@ impl CustomOp3 for Im2colConv {
             dy.apply_op2_no_bwd(&cols, &MatMul { trans_a: true, trans_b: false })?.reshape(w.shape())?
         };
         let db = column_sums_tensor(&dy)?;
-        let dx = if x.track_op() && self.uses_winograd(&win) {
-            let dy4 = dy.reshape((win.batch, win.oh(), win.ow(), out))?;
-            Some(dy4.apply_op2_no_bwd(w, &WinogradInputGrad { cin: win.c })?)
+        let dx = if x.track_op() && winograd {
+            Some(dy4.apply_op2_no_bwd(w, &WinogradGrad::Input { cin: win.c })?)
         } else if x.track_op() {
             let dcols = dy.apply_op2_no_bwd(&w.reshape((out, k))?, &MatMul { trans_a: false, trans_b: false })?;
             Some(if self.pointwise() {
@@ -323,16 +323,47 @@ impl CustomOp3 for Im2colConv {
     }
 }
 
-/// The input gradient of a Winograd-eligible convolution: `(dy (b, h, w, out), w (out, 3, 3,
-/// in)) -> dx (b, h, w, in)`, itself a 3×3 convolution with the filters flipped.
+/// The gradients of a Winograd-eligible convolution (3×3, stride 1, padding 1), as no-grad ops:
+/// - `Input { cin }`: `(dy (b, h, w, out), w (out, 3, 3, in)) -> dx (b, h, w, in)`, itself a 3×3
+///   convolution with the filters flipped;
+/// - `Weight { cout }`: `(x (b, h, w, in), dy (b, h, w, out)) -> dW (out, 3, 3, in)`.
 #[derive(Debug, Clone, Copy)]
-struct WinogradInputGrad {
-    cin: usize,
+enum WinogradGrad {
+    Input { cin: usize },
+    Weight { cout: usize },
 }
 
-impl CustomOp2 for WinogradInputGrad {
+impl WinogradGrad {
+    /// The output shape, after checking the second operand against the first.
+    fn check(&self, l1: &Layout, l2: &Layout) -> candle_core::Result<Shape> {
+        let (b, h, w, c1) = l1.shape().dims4()?;
+        let (want, out) = match *self {
+            WinogradGrad::Input { cin } => (vec![c1, 3, 3, cin], Shape::from((b, h, w, cin))),
+            WinogradGrad::Weight { cout } => (vec![b, h, w, cout], Shape::from((cout, 3, 3, c1))),
+        };
+        if l2.shape().dims() != want.as_slice() {
+            candle_core::bail!("{}: operand {:?} does not fit {want:?}", self.name(), l2.shape())
+        }
+        Ok(out)
+    }
+
+    fn run<T: WithDType>(&self, a: &[T], l1: &Layout, b: &[T]) -> candle_core::Result<Vec<T>> {
+        let (n, h, w, c1) = l1.shape().dims4()?;
+        Ok(match *self {
+            WinogradGrad::Input { cin } => {
+                winograd::conv3x3(a, &winograd::flip_filters(b, cin, c1), None, (n, h, w, c1), cin)
+            }
+            WinogradGrad::Weight { cout } => winograd::conv3x3_weight_grad(a, b, (n, h, w, c1), cout),
+        })
+    }
+}
+
+impl CustomOp2 for WinogradGrad {
     fn name(&self) -> &'static str {
-        "conv2d-winograd-input-grad"
+        match self {
+            WinogradGrad::Input { .. } => "conv2d-winograd-input-grad",
+            WinogradGrad::Weight { .. } => "conv2d-winograd-weight-grad",
+        }
     }
 
     fn cpu_fwd(
@@ -342,82 +373,17 @@ impl CustomOp2 for WinogradInputGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, h, w, cout) = l1.shape().dims4()?;
-        let cin = self.cin;
-        if l2.shape().dims() != [cout, 3, 3, cin] {
-            candle_core::bail!("winograd input gradient: weight {:?} does not fit ({cout}, 3, 3, {cin})", l2.shape())
-        }
+        let shape = self.check(l1, l2)?;
         let out = match (s1, s2) {
-            (CpuStorage::F32(g), CpuStorage::F32(f)) => {
-                let flipped = winograd::flip_filters(contiguous(f, l2, "conv2d weight")?, cin, cout);
-                CpuStorage::F32(winograd::conv3x3(
-                    contiguous(g, l1, "conv2d gradient")?,
-                    &flipped,
-                    None,
-                    (b, h, w, cout),
-                    cin,
-                ))
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                CpuStorage::F32(self.run(contiguous(a, l1, self.name())?, l1, contiguous(b, l2, self.name())?)?)
             }
-            (CpuStorage::F64(g), CpuStorage::F64(f)) => {
-                let flipped = winograd::flip_filters(contiguous(f, l2, "conv2d weight")?, cin, cout);
-                CpuStorage::F64(winograd::conv3x3(
-                    contiguous(g, l1, "conv2d gradient")?,
-                    &flipped,
-                    None,
-                    (b, h, w, cout),
-                    cin,
-                ))
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                CpuStorage::F64(self.run(contiguous(a, l1, self.name())?, l1, contiguous(b, l2, self.name())?)?)
             }
-            _ => candle_core::bail!("winograd input gradient supports matching f32 or f64 tensors"),
+            _ => candle_core::bail!("{} supports matching f32 or f64 tensors", self.name()),
         };
-        Ok((out, Shape::from((b, h, w, cin))))
-    }
-}
-
-/// The weight gradient of a Winograd-eligible convolution: `(x (b, h, w, in), dy (b, h, w,
-/// out)) -> dW (out, 3, 3, in)`.
-#[derive(Debug, Clone, Copy)]
-struct WinogradWeightGrad {
-    cout: usize,
-}
-
-impl CustomOp2 for WinogradWeightGrad {
-    fn name(&self) -> &'static str {
-        "conv2d-winograd-weight-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, h, w, cin) = l1.shape().dims4()?;
-        let cout = self.cout;
-        if l2.shape().dims() != [b, h, w, cout] {
-            candle_core::bail!(
-                "winograd weight gradient: gradient {:?} does not fit ({b}, {h}, {w}, {cout})",
-                l2.shape()
-            )
-        }
-        let dims = (b, h, w, cin);
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(winograd::conv3x3_weight_grad(
-                contiguous(x, l1, "conv2d input")?,
-                contiguous(g, l2, "conv2d gradient")?,
-                dims,
-                cout,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(winograd::conv3x3_weight_grad(
-                contiguous(x, l1, "conv2d input")?,
-                contiguous(g, l2, "conv2d gradient")?,
-                dims,
-                cout,
-            )),
-            _ => candle_core::bail!("winograd weight gradient supports matching f32 or f64 tensors"),
-        };
-        Ok((out, Shape::from((cout, 3, 3, cin))))
+        Ok((out, shape))
     }
 }
 

@@ -246,8 +246,8 @@ pub fn conv3x3_weight_grad<T: WithDType>(
 
 /// Filters `(out, 3, 3, in)` → the filters of the input gradient: `(in, 3, 3, out)` with the
 /// kernel rotated by 180°.
-pub fn flip_filters<T: Copy + Default>(w: &[T], cin: usize, cout: usize) -> Vec<T> {
-    let mut f = vec![T::default(); w.len()];
+pub fn flip_filters<T: WithDType>(w: &[T], cin: usize, cout: usize) -> Vec<T> {
+    let mut f = vec![T::zero(); w.len()];
     for k in 0..cout {
         for i in 0..3 {
             for j in 0..3 {
