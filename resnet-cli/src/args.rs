@@ -76,7 +76,7 @@ pub enum VariantArg {
 /// Convolution kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum KernelArg {
-    /// Winograd for 3×3 stride-1 convolutions, im2col for the rest (the default).
+    /// Winograd for 3×3 stride-1 convolutions, in-bounds taps only on small images, im2col for the rest (the default).
     Winograd,
     /// The project's im2col kernels (fast).
     Im2col,

@@ -57,8 +57,10 @@ pub enum BlockKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ConvKernel {
-    /// Winograd F(2×2, 3×3) for the 3×3 stride-1 convolutions (forward and input gradient; 2.25×
-    /// fewer multiplies), the im2col kernels for the others (see `ops::winograd`).
+    /// Winograd F(2×2, 3×3) for the 3×3 stride-1 convolutions (forward and both gradients; 2.25×
+    /// fewer multiplies; see `ops::winograd`), products over the in-bounds kernel taps alone where
+    /// padding is a large share of the work (the small images of the last stages; `ops::taps`),
+    /// and the im2col kernels for the rest.
     #[default]
     Winograd,
     /// The project's channels-last im2col + one batched matrix product per convolution, with a

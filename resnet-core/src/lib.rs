@@ -37,6 +37,7 @@ pub mod config;
 pub mod error;
 pub mod init;
 pub mod ops;
+pub mod profile;
 pub mod resnet;
 pub mod tensors;
 

@@ -8,7 +8,7 @@ use std::time::Instant;
 use candle_core::{backprop::GradStore, DType, Device, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
 
-use resnet_core::{checkpoint as core_ckpt, d2l_init, ResNet};
+use resnet_core::{checkpoint as core_ckpt, d2l_init, profile, ResNet};
 use resnet_data::{batches, Augment, FashionMnist, LoaderConfig, Normalize, Split};
 
 use crate::checkpoint::{self, RngState, TrainState};
@@ -320,8 +320,11 @@ impl Trainer {
             let len = micro.min(n - start);
             let x = images.narrow(0, start, len)?.to_device(&self.device)?;
             let y = labels.narrow(0, start, len)?.to_device(&self.device)?;
+            let span = profile::span("step: forward and loss", x.dims());
             let logits = self.model.forward_t(&x, true)?;
             let loss = cross_entropy(&logits, &y, smoothing)?;
+            drop(span);
+            let _span = profile::span("step: backward", x.dims());
             let scaled = if len == n { loss.clone() } else { (&loss * (len as f64 / n as f64))? };
             let g = scaled.backward()?;
             grads = Some(match grads {
@@ -333,6 +336,7 @@ impl Trainer {
             start += len;
         }
         if let Some(g) = grads {
+            let _span = profile::span("step: optimiser", images.dims());
             self.opt.step(&g, lr)?;
         }
         Ok((loss_sum / n as f32, correct))

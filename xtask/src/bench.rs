@@ -29,7 +29,7 @@ pub enum Mode {
 /// Convolution kernels to benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum KernelArg {
-    /// Winograd for 3×3 stride-1 convolutions, im2col for the rest (the default).
+    /// Winograd for 3×3 stride-1 convolutions, in-bounds taps only on small images, im2col for the rest (the default).
     Winograd,
     /// The project's im2col kernels.
     Im2col,
@@ -125,6 +125,9 @@ pub struct BenchOneArgs {
     pub precision: PrecisionArg,
     #[arg(long)]
     pub tf32: bool,
+    /// Print milliseconds per step for each op and input shape (stderr) after the timed windows.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// `cpu`, `cuda` or `cuda:N` as a candle device.
@@ -297,12 +300,19 @@ pub fn run_one(a: BenchOneArgs) -> Result<()> {
         step(&mut trainer)?;
     }
     let mut windows = Vec::new();
+    resnet_core::profile::enable(a.profile);
+    let started = Instant::now();
     for _ in 0..a.windows {
         let t = Instant::now();
         for _ in 0..a.steps {
             step(&mut trainer)?;
         }
         windows.push((a.batch * a.steps) as f64 / t.elapsed().as_secs_f64());
+    }
+    if a.profile {
+        let steps = a.windows * a.steps;
+        eprintln!("{:.1} ms per step in all", 1e3 * started.elapsed().as_secs_f64() / steps as f64);
+        eprint!("{}", resnet_core::profile::report(steps));
     }
     let sample = Sample { examples_per_sec: median(windows.clone()), windows, peak_rss_bytes: peak_rss() };
     println!("{}", serde_json::to_string(&sample)?);

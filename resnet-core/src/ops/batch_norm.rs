@@ -184,6 +184,7 @@ impl CustomOp3 for ScaleShift {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name(), l1.dims());
         let y = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(a), CpuStorage::F32(b)) => CpuStorage::F32(scale_shift_rows(
                 contiguous(x, l1, "x")?,
@@ -376,6 +377,7 @@ impl CustomOp3 for FusedBatchNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name(), l1.dims());
         let (y, stats) = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(b)) => {
                 let (y, s) = fused_fwd(
@@ -449,6 +451,7 @@ impl CustomOp3 for FusedBatchNormBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name(), l1.dims());
         let (st, eps, relu) = (&self.stats, self.eps, self.relu);
 
         let out = match (s1, s2, s3) {

@@ -10,7 +10,7 @@ use super::geometry::Window;
 use super::im2col::{im2col_slice, Col2im, Im2col};
 use super::matmul::{matmul_into, MatMul};
 use super::storage::contiguous;
-use super::winograd;
+use super::{taps, winograd};
 use crate::config::ConvKernel;
 
 /// A convolution's hyper-parameters.
@@ -186,9 +186,28 @@ impl Im2colConv {
         self.kernel == 1 && self.stride == 1 && self.pad == 0
     }
 
-    fn uses_winograd(&self, win: &Window) -> bool {
-        self.winograd && winograd::applies(self.kernel, self.stride, self.pad, win.h, win.w)
+    /// The fast algorithm for this shape, if any: Winograd where it applies, else the in-bounds
+    /// taps where padding is a large share of im2col's work.
+    fn algo(&self, win: &Window) -> Option<Algo> {
+        if !self.winograd {
+            None
+        } else if winograd::applies(self.kernel, self.stride, self.pad, win.h, win.w) {
+            Some(Algo::Winograd)
+        } else if taps::applies(win) {
+            Some(Algo::Taps)
+        } else {
+            None
+        }
     }
+}
+
+/// The algorithms beside plain im2col.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Algo {
+    /// Winograd F(2×2, 3×3) ([`winograd`]).
+    Winograd,
+    /// One product per class of in-bounds kernel taps ([`taps`]).
+    Taps,
 }
 
 /// `y (rows, out) = cols (rows, k) · wᵀ + bias`, with `w` as `(out, k)` row-major.
@@ -229,6 +248,7 @@ impl CustomOp3 for Im2colConv {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name(), l1.dims());
         let win = self.window(l1)?;
         let out = l3.shape().elem_count();
         if l2.shape().dims() != [out, win.kh, win.kw, win.c] {
@@ -241,22 +261,27 @@ impl CustomOp3 for Im2colConv {
             )
         }
         let pw = self.pointwise();
-        if self.uses_winograd(&win) {
-            let dims = (win.batch, win.h, win.w, win.c);
+        if let Some(algo) = self.algo(&win) {
+            fn run<T: WithDType>(algo: Algo, x: &[T], w: &[T], b: &[T], win: &Window) -> Vec<T> {
+                match algo {
+                    Algo::Winograd => winograd::conv3x3(x, w, Some(b), (win.batch, win.h, win.w, win.c), b.len()),
+                    Algo::Taps => taps::conv(x, w, b, win),
+                }
+            }
             let y = match (s1, s2, s3) {
-                (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(winograd::conv3x3(
+                (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(run(
+                    algo,
                     contiguous(x, l1, "conv2d input")?,
                     contiguous(w, l2, "conv2d weight")?,
-                    Some(contiguous(b, l3, "conv2d bias")?),
-                    dims,
-                    out,
+                    contiguous(b, l3, "conv2d bias")?,
+                    &win,
                 )),
-                (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(winograd::conv3x3(
+                (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(run(
+                    algo,
                     contiguous(x, l1, "conv2d input")?,
                     contiguous(w, l2, "conv2d weight")?,
-                    Some(contiguous(b, l3, "conv2d bias")?),
-                    dims,
-                    out,
+                    contiguous(b, l3, "conv2d bias")?,
+                    &win,
                 )),
                 _ => candle_core::bail!("conv2d supports matching f32 or f64 tensors, got {:?}", s1.dtype()),
             };
@@ -294,10 +319,10 @@ impl CustomOp3 for Im2colConv {
         let (out, k) = (bias.elem_count(), win.patch_len());
         let rows = win.batch * win.oh() * win.ow();
         let dy = grad.contiguous()?.reshape((rows, out))?;
-        let winograd = self.uses_winograd(&win);
+        let algo = self.algo(&win);
         let dy4 = dy.reshape((win.batch, win.oh(), win.ow(), out))?;
-        let dw = if winograd {
-            x.apply_op2_no_bwd(&dy4, &WinogradGrad::Weight { cout: out })?
+        let dw = if let Some(algo) = algo {
+            x.apply_op2_no_bwd(&dy4, &ConvGrad { wrt: Wrt::Weight, algo, win, cout: out })?
         } else {
             let cols = if self.pointwise() {
                 x.reshape((rows, k))?
@@ -307,8 +332,8 @@ impl CustomOp3 for Im2colConv {
             dy.apply_op2_no_bwd(&cols, &MatMul { trans_a: true, trans_b: false })?.reshape(w.shape())?
         };
         let db = column_sums_tensor(&dy)?;
-        let dx = if x.track_op() && winograd {
-            Some(dy4.apply_op2_no_bwd(w, &WinogradGrad::Input { cin: win.c })?)
+        let dx = if let (true, Some(algo)) = (x.track_op(), algo) {
+            Some(dy4.apply_op2_no_bwd(w, &ConvGrad { wrt: Wrt::Input, algo, win, cout: out })?)
         } else if x.track_op() {
             let dcols = dy.apply_op2_no_bwd(&w.reshape((out, k))?, &MatMul { trans_a: false, trans_b: false })?;
             Some(if self.pointwise() {
@@ -323,46 +348,69 @@ impl CustomOp3 for Im2colConv {
     }
 }
 
-/// The gradients of a Winograd-eligible convolution (3×3, stride 1, padding 1), as no-grad ops:
-/// - `Input { cin }`: `(dy (b, h, w, out), w (out, 3, 3, in)) -> dx (b, h, w, in)`, itself a 3×3
-///   convolution with the filters flipped;
-/// - `Weight { cout }`: `(x (b, h, w, in), dy (b, h, w, out)) -> dW (out, 3, 3, in)`.
+/// The gradients of a convolution that runs through a fast [`Algo`], as no-grad ops:
+/// - `Wrt::Input`: `(dy (b, oh, ow, out), w (out, kh, kw, in)) -> dx (b, h, w, in)`;
+/// - `Wrt::Weight`: `(x (b, h, w, in), dy (b, oh, ow, out)) -> dW (out, kh, kw, in)`.
+///
+/// Winograd's input gradient is itself a 3×3 convolution with the filters flipped.
 #[derive(Debug, Clone, Copy)]
-enum WinogradGrad {
-    Input { cin: usize },
-    Weight { cout: usize },
+struct ConvGrad {
+    wrt: Wrt,
+    algo: Algo,
+    /// The forward convolution's geometry.
+    win: Window,
+    cout: usize,
 }
 
-impl WinogradGrad {
-    /// The output shape, after checking the second operand against the first.
+/// Which gradient a [`ConvGrad`] computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wrt {
+    Input,
+    Weight,
+}
+
+impl ConvGrad {
+    /// The output shape, after checking both operands against the window.
     fn check(&self, l1: &Layout, l2: &Layout) -> candle_core::Result<Shape> {
-        let (b, h, w, c1) = l1.shape().dims4()?;
-        let (want, out) = match *self {
-            WinogradGrad::Input { cin } => (vec![c1, 3, 3, cin], Shape::from((b, h, w, cin))),
-            WinogradGrad::Weight { cout } => (vec![b, h, w, cout], Shape::from((cout, 3, 3, c1))),
+        let Window { batch, h, w, c, kh, kw, .. } = self.win;
+        let (oh, ow, out) = (self.win.oh(), self.win.ow(), self.cout);
+        let (want1, want2, shape) = match self.wrt {
+            Wrt::Input => (vec![batch, oh, ow, out], vec![out, kh, kw, c], Shape::from((batch, h, w, c))),
+            Wrt::Weight => (vec![batch, h, w, c], vec![batch, oh, ow, out], Shape::from((out, kh, kw, c))),
         };
-        if l2.shape().dims() != want.as_slice() {
-            candle_core::bail!("{}: operand {:?} does not fit {want:?}", self.name(), l2.shape())
+        if l1.shape().dims() != want1.as_slice() || l2.shape().dims() != want2.as_slice() {
+            candle_core::bail!(
+                "{}: operands {:?} and {:?} do not fit {want1:?} and {want2:?}",
+                self.name(),
+                l1.shape(),
+                l2.shape()
+            )
         }
-        Ok(out)
+        Ok(shape)
     }
 
-    fn run<T: WithDType>(&self, a: &[T], l1: &Layout, b: &[T]) -> candle_core::Result<Vec<T>> {
-        let (n, h, w, c1) = l1.shape().dims4()?;
-        Ok(match *self {
-            WinogradGrad::Input { cin } => {
-                winograd::conv3x3(a, &winograd::flip_filters(b, cin, c1), None, (n, h, w, c1), cin)
+    fn run<T: WithDType>(&self, a: &[T], b: &[T]) -> Vec<T> {
+        let win = &self.win;
+        let dims = (win.batch, win.h, win.w, win.c);
+        match (self.algo, self.wrt) {
+            (Algo::Winograd, Wrt::Input) => {
+                let (n, h, w, _) = dims;
+                winograd::conv3x3(a, &winograd::flip_filters(b, win.c, self.cout), None, (n, h, w, self.cout), win.c)
             }
-            WinogradGrad::Weight { cout } => winograd::conv3x3_weight_grad(a, b, (n, h, w, c1), cout),
-        })
+            (Algo::Winograd, Wrt::Weight) => winograd::conv3x3_weight_grad(a, b, dims, self.cout),
+            (Algo::Taps, Wrt::Input) => taps::input_grad(a, b, win, self.cout),
+            (Algo::Taps, Wrt::Weight) => taps::weight_grad(a, b, win, self.cout),
+        }
     }
 }
 
-impl CustomOp2 for WinogradGrad {
+impl CustomOp2 for ConvGrad {
     fn name(&self) -> &'static str {
-        match self {
-            WinogradGrad::Input { .. } => "conv2d-winograd-input-grad",
-            WinogradGrad::Weight { .. } => "conv2d-winograd-weight-grad",
+        match (self.algo, self.wrt) {
+            (Algo::Winograd, Wrt::Input) => "conv2d-winograd-input-grad",
+            (Algo::Winograd, Wrt::Weight) => "conv2d-winograd-weight-grad",
+            (Algo::Taps, Wrt::Input) => "conv2d-taps-input-grad",
+            (Algo::Taps, Wrt::Weight) => "conv2d-taps-weight-grad",
         }
     }
 
@@ -373,13 +421,14 @@ impl CustomOp2 for WinogradGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name(), l1.dims());
         let shape = self.check(l1, l2)?;
         let out = match (s1, s2) {
             (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                CpuStorage::F32(self.run(contiguous(a, l1, self.name())?, l1, contiguous(b, l2, self.name())?)?)
+                CpuStorage::F32(self.run(contiguous(a, l1, self.name())?, contiguous(b, l2, self.name())?))
             }
             (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-                CpuStorage::F64(self.run(contiguous(a, l1, self.name())?, l1, contiguous(b, l2, self.name())?)?)
+                CpuStorage::F64(self.run(contiguous(a, l1, self.name())?, contiguous(b, l2, self.name())?))
             }
             _ => candle_core::bail!("{} supports matching f32 or f64 tensors", self.name()),
         };
@@ -443,6 +492,11 @@ mod tests {
             (2, 7, 7, 3, 3, 3, 2, 1),
             (2, 4, 4, 5, 6, 3, 1, 1),
             (1, 10, 7, 8, 4, 3, 1, 1),
+            // Small images, where the in-bounds-taps path takes over: 1×1, 2×2, 3×3, strided.
+            (3, 1, 1, 4, 5, 3, 1, 1),
+            (2, 2, 2, 3, 4, 3, 1, 1),
+            (2, 3, 2, 3, 2, 3, 2, 1),
+            (2, 3, 3, 4, 3, 3, 1, 1),
         ];
         for &(b, h, w, cin, cout, k, s, p) in &cases {
             let case = (b, h, w, cin, cout, k, s, p);
@@ -467,7 +521,7 @@ mod tests {
                     let e = rel_err(g1.get(t).expect("grad"), g2.get(t).expect("grad"))?;
                     assert!(e < 1e-4, "{name} grad rel err {e} for {case:?} in {dtype:?}");
                 }
-                // Winograd (where it applies; im2col otherwise) and the portable path (CUDA,
+                // Winograd or the in-bounds taps (where they apply; im2col otherwise) and the portable path (CUDA,
                 // mixed precision) agree on everything too.
                 let wino_y = wino.forward(x.as_tensor())?;
                 let portable_y = ours.forward_portable(x.as_tensor())?;

@@ -101,6 +101,7 @@ impl CustomOp1 for Relu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name(), l.dims());
         let out = match s {
             CpuStorage::F32(x) => CpuStorage::F32(map1(contiguous(x, l, "relu")?, |v| if v > 0.0 { v } else { 0.0 })),
             CpuStorage::F64(x) => CpuStorage::F64(map1(contiguous(x, l, "relu")?, |v| if v > 0.0 { v } else { 0.0 })),
@@ -130,6 +131,7 @@ impl CustomOp2 for MaskByPositive {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name(), l1.dims());
         let out = dispatch2!(s1, l1, s2, l2, "relu-backward", |y, g| map2(y, g, |y, g| if y > Default::default() {
             g
         } else {
@@ -154,6 +156,7 @@ impl CustomOp2 for AddRelu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name(), l1.dims());
         let out = dispatch2!(s1, l1, s2, l2, "add-relu", |a, b| map2(a, b, |a, b| {
             let s = a + b;
             if s > Default::default() {
@@ -230,6 +233,7 @@ impl CustomOp2 for BiasAdd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name(), l1.dims());
         let c = l2.shape().elem_count();
         if l1.shape().dims().last() != Some(&c) {
             candle_core::bail!("bias-add: {:?} does not end in {c} channels", l1.shape())
@@ -271,6 +275,7 @@ impl CustomOp1 for ColumnSums {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name(), l.dims());
         let out = match s {
             CpuStorage::F32(x) => CpuStorage::F32(column_sums(contiguous(x, l, "column-sums")?, self.c)),
             CpuStorage::F64(x) => CpuStorage::F64(column_sums(contiguous(x, l, "column-sums")?, self.c)),

@@ -127,6 +127,7 @@ impl CustomOp1 for Im2col {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name(), layout.dims());
         let win = self.window(layout)?;
         let rows = win.batch * win.oh() * win.ow();
         let out = float_dispatch!(storage, layout, "im2col", |x| {
@@ -149,6 +150,7 @@ impl CustomOp1 for Col2im {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name(), layout.dims());
         let win = self.window;
         let rows = win.batch * win.oh() * win.ow();
         if layout.shape().dims() != [rows, win.patch_len()] {

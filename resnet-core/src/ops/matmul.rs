@@ -134,6 +134,7 @@ impl CustomOp2 for MatMul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name(), l1.dims());
         let (r1, c1) = l1.shape().dims2()?;
         let (r2, c2) = l2.shape().dims2()?;
         let (m, k1) = if self.trans_a { (c1, r1) } else { (r1, c1) };

@@ -9,6 +9,7 @@ pub mod im2col;
 mod matmul;
 pub mod pool;
 mod storage;
+mod taps;
 mod winograd;
 
 pub use batch_norm::BatchNorm;

@@ -172,6 +172,7 @@ impl CustomOp1 for MaxPool2d {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name(), layout.dims());
         let win = self.window(layout)?;
         let out = match storage {
             CpuStorage::F32(d) => CpuStorage::F32(pool_fwd(contiguous(d, layout, "max-pool input")?, &win)),
@@ -203,6 +204,7 @@ impl CustomOp2 for MaxPool2dBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name(), l1.dims());
         let win = self.0.window(l1)?;
         if l2.shape().dims() != [win.batch, win.oh(), win.ow(), win.c] {
             candle_core::bail!("max-pool backward: gradient shape {:?} does not match the output", l2.shape())

@@ -1,0 +1,300 @@
+//! Convolution over the in-bounds kernel taps only, for small images where im2col's zero padding
+//! is a large share of the work.
+//!
+//! At 28 px, ResNet-18's last two stages run 3×3 convolutions (padding 1) on 2×2 and 1×1 images:
+//! im2col multiplies 36 and 9 taps per output pixel and channel pair where 16 and 1 land inside
+//! the image. Here the output pixels are grouped into rectangles that share one window of
+//! in-bounds taps ([`TapClass`]; at most 3 × 3 of them for a 3×3 kernel) and each class is one
+//! matrix product over its taps alone, so no multiply touches padding. The backward does the
+//! same per class: the weight gradient adds each class's `dYᵀ · cols` into its taps, the input
+//! gradient scatters `dY · W` back through them.
+
+use std::ops::Range;
+
+use candle_core::WithDType;
+use rayon::prelude::*;
+
+use super::geometry::Window;
+use super::matmul::matmul_into;
+
+/// Take this path when padding makes up more than this share of im2col's taps.
+const MAX_USEFUL_SHARE: f64 = 0.85;
+
+/// A rectangle of output pixels (`oy × ox`) whose windows have the same in-bounds taps
+/// (`ky × kx`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TapClass {
+    /// Output rows.
+    pub oy: Range<usize>,
+    /// Output columns.
+    pub ox: Range<usize>,
+    /// Kernel rows inside the image for every pixel of the class.
+    pub ky: Range<usize>,
+    /// Kernel columns inside the image for every pixel of the class.
+    pub kx: Range<usize>,
+}
+
+impl TapClass {
+    /// Output pixels per image.
+    fn pixels(&self) -> usize {
+        self.oy.len() * self.ox.len()
+    }
+
+    /// Taps per pixel.
+    fn taps(&self) -> usize {
+        self.ky.len() * self.kx.len()
+    }
+}
+
+/// Runs of consecutive outputs along one axis with the same in-bounds kernel range:
+/// `(outputs, kernel offsets)`.
+fn runs(n: usize, out: usize, k: usize, stride: usize, pad: usize) -> Vec<(Range<usize>, Range<usize>)> {
+    let mut runs: Vec<(Range<usize>, Range<usize>)> = Vec::new();
+    for o in 0..out {
+        // Input index of tap t is o·s + t − p; keep 0 ≤ it < n.
+        let start = (o * stride) as isize - pad as isize;
+        let lo = (-start).clamp(0, k as isize) as usize;
+        let hi = (n as isize - start).clamp(0, k as isize) as usize;
+        match runs.last_mut() {
+            Some((outs, taps)) if *taps == (lo..hi) && outs.end == o => outs.end = o + 1,
+            _ => runs.push((o..o + 1, lo..hi)),
+        }
+    }
+    runs
+}
+
+/// The tap classes of a window, row-major over the output rectangles.
+pub fn classes(win: &Window) -> Vec<TapClass> {
+    let ys = runs(win.h, win.oh(), win.kh, win.stride, win.pad);
+    let xs = runs(win.w, win.ow(), win.kw, win.stride, win.pad);
+    let mut out = Vec::with_capacity(ys.len() * xs.len());
+    for (oy, ky) in &ys {
+        for (ox, kx) in &xs {
+            let class = TapClass { oy: oy.clone(), ox: ox.clone(), ky: ky.clone(), kx: kx.clone() };
+            if class.taps() > 0 {
+                out.push(class);
+            }
+        }
+    }
+    out
+}
+
+/// The share of im2col's taps that land inside the image.
+pub fn useful_share(win: &Window) -> f64 {
+    let useful: usize = classes(win).iter().map(|c| c.pixels() * c.taps()).sum();
+    useful as f64 / (win.oh() * win.ow() * win.kh * win.kw) as f64
+}
+
+/// Whether a convolution of this shape is cheaper over its in-bounds taps than by im2col.
+pub fn applies(win: &Window) -> bool {
+    win.kh * win.kw > 1 && useful_share(win) < MAX_USEFUL_SHARE
+}
+
+/// The class's patches over its taps: `(batch · pixels, ky · kx · c)`, rows in `(n, oy, ox)`
+/// order, columns in `(ky, kx, c)` order.
+fn gather_cols<T: WithDType>(x: &[T], win: &Window, class: &TapClass) -> Vec<T> {
+    let c = win.c;
+    let row_len = class.taps() * c;
+    let mut cols = vec![T::zero(); win.batch * class.pixels() * row_len];
+    cols.par_chunks_mut(class.pixels() * row_len).enumerate().for_each(|(n, block)| {
+        let img = &x[n * win.h * win.w * c..(n + 1) * win.h * win.w * c];
+        let mut rows = block.chunks_exact_mut(row_len);
+        for oy in class.oy.clone() {
+            for ox in class.ox.clone() {
+                let row = rows.next().expect("one row per pixel");
+                let mut dst = row.chunks_exact_mut(c);
+                for ky in class.ky.clone() {
+                    let iy = oy * win.stride + ky - win.pad;
+                    for kx in class.kx.clone() {
+                        let ix = ox * win.stride + kx - win.pad;
+                        let src = (iy * win.w + ix) * c;
+                        dst.next().expect("one slot per tap").copy_from_slice(&img[src..src + c]);
+                    }
+                }
+            }
+        }
+    });
+    cols
+}
+
+/// The adjoint of [`gather_cols`]: adds each patch row back into `dx` `(batch, h, w, c)`.
+fn scatter_cols<T: WithDType>(cols: &[T], win: &Window, class: &TapClass, dx: &mut [T]) {
+    let c = win.c;
+    let row_len = class.taps() * c;
+    dx.par_chunks_mut(win.h * win.w * c).zip(cols.par_chunks(class.pixels() * row_len)).for_each(|(img, block)| {
+        let mut rows = block.chunks_exact(row_len);
+        for oy in class.oy.clone() {
+            for ox in class.ox.clone() {
+                let mut src = rows.next().expect("one row per pixel").chunks_exact(c);
+                for ky in class.ky.clone() {
+                    let iy = oy * win.stride + ky - win.pad;
+                    for kx in class.kx.clone() {
+                        let ix = ox * win.stride + kx - win.pad;
+                        let dst = (iy * win.w + ix) * c;
+                        for (d, s) in img[dst..dst + c].iter_mut().zip(src.next().expect("one slot per tap")) {
+                            *d += *s;
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The class's weight columns: `(out, ky · kx · c)` from `w` `(out, kh, kw, c)`.
+fn gather_weight<T: WithDType>(w: &[T], win: &Window, class: &TapClass, out: usize) -> Vec<T> {
+    let c = win.c;
+    let mut wc = Vec::with_capacity(out * class.taps() * c);
+    for o in 0..out {
+        for ky in class.ky.clone() {
+            let start = ((o * win.kh + ky) * win.kw + class.kx.start) * c;
+            wc.extend_from_slice(&w[start..start + class.kx.len() * c]);
+        }
+    }
+    wc
+}
+
+/// Indices into `(batch · oh · ow)` of the class's output rows, in [`gather_cols`]' order.
+fn class_rows<'a>(win: &Window, class: &'a TapClass) -> impl Iterator<Item = usize> + 'a {
+    let (oh, ow, batch) = (win.oh(), win.ow(), win.batch);
+    (0..batch)
+        .flat_map(move |n| class.oy.clone().flat_map(move |oy| class.ox.clone().map(move |ox| (n * oh + oy) * ow + ox)))
+}
+
+/// The class's rows of `dy` `(batch · oh · ow, out)`.
+fn gather_rows<T: WithDType>(dy: &[T], win: &Window, class: &TapClass, out: usize) -> Vec<T> {
+    let mut rows = Vec::with_capacity(win.batch * class.pixels() * out);
+    for r in class_rows(win, class) {
+        rows.extend_from_slice(&dy[r * out..(r + 1) * out]);
+    }
+    rows
+}
+
+/// Whether one class covers every output pixel, so its rows are the output's rows in order.
+fn covers_all(win: &Window, classes: &[TapClass]) -> bool {
+    classes.len() == 1 && classes[0].pixels() == win.oh() * win.ow()
+}
+
+/// `y (batch, oh, ow, out) = conv(x, w) + bias` with `x` `(batch, h, w, c)` and `w`
+/// `(out, kh, kw, c)`.
+pub fn conv<T: WithDType>(x: &[T], w: &[T], bias: &[T], win: &Window) -> Vec<T> {
+    let out = bias.len();
+    let classes = classes(win);
+    let all = covers_all(win, &classes);
+    let mut y = if all { Vec::new() } else { vec![T::zero(); win.batch * win.oh() * win.ow() * out] };
+    for class in &classes {
+        let cols = gather_cols(x, win, class);
+        let wc = gather_weight(w, win, class, out);
+        let rc = win.batch * class.pixels();
+        let kc = class.taps() * win.c;
+        let mut yc: Vec<T> = bias.iter().copied().cycle().take(rc * out).collect();
+        matmul_into((rc, out, kc), &cols, false, &wc, true, &mut yc, true);
+        if all {
+            return yc;
+        }
+        for (r, src) in class_rows(win, class).zip(yc.chunks_exact(out)) {
+            y[r * out..(r + 1) * out].copy_from_slice(src);
+        }
+    }
+    y
+}
+
+/// `dW (out, kh, kw, c)` of [`conv`] from `x` `(batch, h, w, c)` and `dy` `(batch · oh · ow, out)`.
+pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) -> Vec<T> {
+    let c = win.c;
+    let classes = classes(win);
+    let mut dw = vec![T::zero(); out * win.patch_len()];
+    for class in &classes {
+        let cols = gather_cols(x, win, class);
+        let owned;
+        let dyc: &[T] = if covers_all(win, &classes) {
+            dy
+        } else {
+            owned = gather_rows(dy, win, class, out);
+            &owned
+        };
+        let rc = win.batch * class.pixels();
+        let kc = class.taps() * c;
+        let mut dwc = vec![T::zero(); out * kc];
+        matmul_into((out, kc, rc), dyc, true, &cols, false, &mut dwc, false);
+        let mut src = dwc.chunks_exact(class.kx.len() * c);
+        for o in 0..out {
+            for ky in class.ky.clone() {
+                let start = ((o * win.kh + ky) * win.kw + class.kx.start) * c;
+                for (d, s) in
+                    dw[start..start + class.kx.len() * c].iter_mut().zip(src.next().expect("a row per tap row"))
+                {
+                    *d += *s;
+                }
+            }
+        }
+    }
+    dw
+}
+
+/// `dx (batch, h, w, c)` of [`conv`] from `dy` `(batch · oh · ow, out)` and `w` `(out, kh, kw, c)`.
+pub fn input_grad<T: WithDType>(dy: &[T], w: &[T], win: &Window, out: usize) -> Vec<T> {
+    let classes = classes(win);
+    let mut dx = vec![T::zero(); win.batch * win.h * win.w * win.c];
+    for class in &classes {
+        let owned;
+        let dyc: &[T] = if covers_all(win, &classes) {
+            dy
+        } else {
+            owned = gather_rows(dy, win, class, out);
+            &owned
+        };
+        let wc = gather_weight(w, win, class, out);
+        let rc = win.batch * class.pixels();
+        let kc = class.taps() * win.c;
+        let mut dcols = vec![T::zero(); rc * kc];
+        matmul_into((rc, kc, out), dyc, false, &wc, false, &mut dcols, false);
+        scatter_cols(&dcols, win, class, &mut dx);
+    }
+    dx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn win(h: usize, w: usize, k: usize, stride: usize, pad: usize) -> Window {
+        Window { batch: 2, h, w, c: 3, kh: k, kw: k, stride, pad }
+    }
+
+    #[test]
+    fn classes_partition_the_output_and_keep_only_in_bounds_taps() {
+        for (h, w, k, s, p) in [(1, 1, 3, 1, 1), (2, 2, 3, 1, 1), (2, 2, 3, 2, 1), (7, 5, 3, 2, 1), (9, 9, 7, 2, 3)] {
+            let win = win(h, w, k, s, p);
+            let classes = classes(&win);
+            let mut seen = vec![0; win.oh() * win.ow()];
+            for class in &classes {
+                for oy in class.oy.clone() {
+                    for ox in class.ox.clone() {
+                        seen[oy * win.ow() + ox] += 1;
+                        // Every tap in the class is in bounds; every tap outside it is not.
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let iy = (oy * s + ky) as isize - p as isize;
+                                let ix = (ox * s + kx) as isize - p as isize;
+                                let inside = iy >= 0 && ix >= 0 && iy < h as isize && ix < w as isize;
+                                assert_eq!(inside, class.ky.contains(&ky) && class.kx.contains(&kx));
+                            }
+                        }
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&n| n == 1), "{:?}: pixels covered {seen:?}", (h, w, k, s, p));
+        }
+    }
+
+    #[test]
+    fn useful_share_of_the_small_stages() {
+        // 3×3 / 1 / 1 on a 1×1 image: only the centre tap; on 2×2: 4 of 9 per pixel.
+        assert_eq!(useful_share(&win(1, 1, 3, 1, 1)), 1.0 / 9.0);
+        assert_eq!(useful_share(&win(2, 2, 3, 1, 1)), 4.0 / 9.0);
+        assert!(applies(&win(3, 3, 3, 1, 1)));
+        assert!(!applies(&win(28, 28, 3, 1, 1)));
+        assert!(!applies(&win(4, 4, 1, 2, 0)));
+    }
+}
