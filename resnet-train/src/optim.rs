@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{backprop::GradStore, Tensor, Var};
+use candle_core::{backprop::GradStore, CpuStorage, DType, InplaceOp2, Layout, Tensor, Var};
 
 use crate::config::SgdConfig;
 use crate::error::{Result, TrainError};
@@ -45,20 +45,32 @@ impl Sgd {
             if self.cfg.weight_decay != 0.0 {
                 g = (g + (var.as_tensor() * self.cfg.weight_decay)?)?;
             }
+            // On the CPU the buffer and the parameter are updated in place, one pass each; the
+            // arithmetic (and so every bit of the result) is the same as the tensor expressions.
+            let in_place = var.device().is_cpu() && matches!(var.dtype(), DType::F32 | DType::F64);
             if self.cfg.momentum != 0.0 {
                 let buf = match self.momentum.get(name) {
+                    Some(b) if in_place => {
+                        b.inplace_op2(&g, &ScaleAdd { scale: self.cfg.momentum, step: 1.0 })?;
+                        b.clone()
+                    }
                     Some(b) => ((b * self.cfg.momentum)? + &g)?,
                     None => g.copy()?,
                 };
                 g = if self.cfg.nesterov { (g + (&buf * self.cfg.momentum)?)? } else { buf.clone() };
                 self.momentum.insert(name.clone(), buf.detach());
             }
-            var.set(&(var.as_tensor().detach() - (g * lr)?)?)?;
+            if in_place {
+                var.as_tensor().inplace_op2(&g, &ScaleAdd { scale: 1.0, step: -lr })?;
+            } else {
+                var.set(&(var.as_tensor().detach() - (g * lr)?)?)?;
+            }
         }
         Ok(())
     }
 
-    /// The momentum buffers, for checkpointing.
+    /// The momentum buffers, for checkpointing. They are updated in place by later steps on the
+    /// CPU, so serialise them before the next step (or `copy` them).
     pub fn state(&self) -> Vec<(String, Tensor)> {
         let mut v: Vec<_> = self.momentum.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
@@ -81,6 +93,47 @@ impl Sgd {
             }
         }
         self.momentum = state;
+        Ok(())
+    }
+}
+
+/// `a ← a·scale + b·step` in place, with `b·step` rounded first as `b * step` would be and
+/// `a·scale` skipped at 1: the same operations, in the same order, as the tensor expressions
+/// `a * scale + b` (momentum) and `a - b * lr` (the update) that it replaces.
+struct ScaleAdd {
+    scale: f64,
+    step: f64,
+}
+
+impl ScaleAdd {
+    fn run<T: candle_core::WithDType>(&self, a: &mut [T], b: &[T]) {
+        let (scale, step) = (T::from_f64(self.scale), T::from_f64(self.step.abs()));
+        let negative = self.step < 0.0;
+        for (x, &y) in a.iter_mut().zip(b) {
+            let scaled = if self.scale == 1.0 { *x } else { *x * scale };
+            let delta = if self.step.abs() == 1.0 { y } else { y * step };
+            *x = if negative { scaled - delta } else { scaled + delta };
+        }
+    }
+}
+
+impl InplaceOp2 for ScaleAdd {
+    fn name(&self) -> &'static str {
+        "sgd-scale-add"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            candle_core::bail!("{}: both operands must be contiguous", self.name())
+        };
+        if a1 - a0 != b1 - b0 {
+            candle_core::bail!("{}: operands of {} and {} elements", self.name(), a1 - a0, b1 - b0)
+        }
+        match (s1, s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => self.run(&mut a[a0..a1], &b[b0..b1]),
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => self.run(&mut a[a0..a1], &b[b0..b1]),
+            _ => candle_core::bail!("{}: expected two f32 or two f64 tensors", self.name()),
+        }
         Ok(())
     }
 }
@@ -122,6 +175,32 @@ mod tests {
             for (a, b) in got.iter().zip(want) {
                 assert!((*a as f64 - b).abs() < 1e-5, "{momentum} {nesterov} {wd}: {got:?} vs {want:?}");
             }
+        }
+        Ok(())
+    }
+
+    /// The in-place update gives the same bits as the tensor expressions it replaces.
+    #[test]
+    fn in_place_update_is_bit_identical_to_tensor_expressions() -> Result<()> {
+        let dev = Device::Cpu;
+        let init = Tensor::randn(0f32, 1., 1000, &dev)?;
+        let p = Var::from_tensor(&init)?;
+        let named = vec![NamedTensor { name: "p".into(), tensor: p.as_tensor().clone(), role: TensorRole::Parameter }];
+        let (lr, mu) = (0.05, 0.9);
+        let mut opt = Sgd::new(named, SgdConfig { lr, momentum: mu, nesterov: false, weight_decay: 0.0 })?;
+        let (mut want, mut buf): (Tensor, Option<Tensor>) = (init.copy()?, None);
+        for _ in 0..3 {
+            let grads = (p.as_tensor().sqr()?.sin()?).sum_all()?.backward()?;
+            let g = grads.get(p.as_tensor()).expect("grad").detach();
+            opt.step(&grads, lr)?;
+            let b = match buf {
+                Some(b) => ((b * mu)? + &g)?,
+                None => g.copy()?,
+            };
+            want = (want - (&b * lr)?)?;
+            buf = Some(b);
+            let (got, want_v): (Vec<f32>, Vec<f32>) = (p.as_tensor().to_vec1()?, want.to_vec1()?);
+            assert!(got.iter().zip(&want_v).all(|(a, b)| a.to_bits() == b.to_bits()), "update differs");
         }
         Ok(())
     }

@@ -10,7 +10,7 @@ use super::geometry::Window;
 use super::im2col::{im2col_slice, Col2im, Im2col};
 use super::matmul::{matmul_into, MatMul};
 use super::storage::contiguous;
-use super::{taps, winograd};
+use super::{direct, taps, winograd};
 use crate::config::ConvKernel;
 
 /// A convolution's hyper-parameters.
@@ -186,11 +186,14 @@ impl Im2colConv {
         self.kernel == 1 && self.stride == 1 && self.pad == 0
     }
 
-    /// The fast algorithm for this shape, if any: Winograd where it applies, else the in-bounds
-    /// taps where padding is a large share of im2col's work.
+    /// The fast algorithm for this shape, if any: direct accumulation for one input channel,
+    /// Winograd where it applies, else the in-bounds taps where padding is a large share of
+    /// im2col's work.
     fn algo(&self, win: &Window) -> Option<Algo> {
         if !self.winograd {
             None
+        } else if direct::applies(win) {
+            Some(Algo::Direct)
         } else if winograd::applies(self.kernel, self.stride, self.pad, win.h, win.w) {
             Some(Algo::Winograd)
         } else if taps::applies(win) {
@@ -208,6 +211,8 @@ enum Algo {
     Winograd,
     /// One product per class of in-bounds kernel taps ([`taps`]).
     Taps,
+    /// Direct accumulation for single-channel inputs ([`direct`]).
+    Direct,
 }
 
 /// `y (rows, out) = cols (rows, k) · wᵀ + bias`, with `w` as `(out, k)` row-major.
@@ -266,6 +271,7 @@ impl CustomOp3 for Im2colConv {
                 match algo {
                     Algo::Winograd => winograd::conv3x3(x, w, Some(b), (win.batch, win.h, win.w, win.c), b.len()),
                     Algo::Taps => taps::conv(x, w, b, win),
+                    Algo::Direct => direct::conv(x, w, b, win),
                 }
             }
             let y = match (s1, s2, s3) {
@@ -400,6 +406,8 @@ impl ConvGrad {
             (Algo::Winograd, Wrt::Weight) => winograd::conv3x3_weight_grad(a, b, dims, self.cout),
             (Algo::Taps, Wrt::Input) => taps::input_grad(a, b, win, self.cout),
             (Algo::Taps, Wrt::Weight) => taps::weight_grad(a, b, win, self.cout),
+            (Algo::Direct, Wrt::Input) => direct::input_grad(a, b, win, self.cout),
+            (Algo::Direct, Wrt::Weight) => direct::weight_grad(a, b, win, self.cout),
         }
     }
 }
@@ -411,6 +419,8 @@ impl CustomOp2 for ConvGrad {
             (Algo::Winograd, Wrt::Weight) => "conv2d-winograd-weight-grad",
             (Algo::Taps, Wrt::Input) => "conv2d-taps-input-grad",
             (Algo::Taps, Wrt::Weight) => "conv2d-taps-weight-grad",
+            (Algo::Direct, Wrt::Input) => "conv2d-direct-input-grad",
+            (Algo::Direct, Wrt::Weight) => "conv2d-direct-weight-grad",
         }
     }
 
@@ -486,6 +496,7 @@ mod tests {
             (2, 9, 9, 3, 4, 3, 1, 1),
             (3, 8, 7, 2, 5, 3, 2, 1),
             (2, 12, 12, 1, 6, 7, 2, 3),
+            (2, 9, 8, 1, 5, 3, 1, 1),
             (2, 6, 6, 4, 3, 1, 2, 0),
             (1, 5, 5, 3, 2, 1, 1, 0),
             (2, 5, 4, 2, 3, 3, 3, 2),

@@ -3,11 +3,13 @@
 
 pub mod batch_norm;
 pub mod conv;
+mod direct;
 pub mod elementwise;
 pub mod geometry;
 pub mod im2col;
 mod matmul;
 pub mod pool;
+mod simd;
 mod storage;
 mod taps;
 mod winograd;
