@@ -6,6 +6,7 @@ use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout,
 use candle_nn::{Init, ModuleT, VarBuilder};
 use rayon::prelude::*;
 
+use super::simd::with_fma;
 use super::storage::contiguous;
 
 /// BatchNorm2d as PyTorch defines it: batch statistics and a running-average update
@@ -244,11 +245,13 @@ fn channel_sums<T: WithDType>(
         .par_chunks(ROWS_PER_TASK * c)
         .zip(y.par_chunks(ROWS_PER_TASK * c))
         .map(|(xb, yb)| {
-            let (mut a0, mut a1) = (vec![T::zero(); c], vec![T::zero(); c]);
-            for (xr, yr) in xb.chunks_exact(c).zip(yb.chunks_exact(c)) {
-                f(&mut a0, &mut a1, xr, yr);
-            }
-            (a0, a1)
+            with_fma(|| {
+                let (mut a0, mut a1) = (vec![T::zero(); c], vec![T::zero(); c]);
+                for (xr, yr) in xb.chunks_exact(c).zip(yb.chunks_exact(c)) {
+                    f(&mut a0, &mut a1, xr, yr);
+                }
+                (a0, a1)
+            })
         })
         .collect();
     let mut total = [vec![0f64; c], vec![0f64; c]];
@@ -274,15 +277,26 @@ fn scale_shift_rows<T: WithDType>(x: &[T], scale: &[T], shift: &[T], relu: bool)
 /// `y = (x − center)·scale + shift` per channel (then ReLU), in `T`. Centering first keeps a
 /// constant channel at exactly `shift`.
 fn normalize_rows<T: WithDType>(x: &[T], center: &[T], scale: &[T], shift: &[T], relu: bool) -> Vec<T> {
+    if relu {
+        normalize_rows_with::<T, true>(x, center, scale, shift)
+    } else {
+        normalize_rows_with::<T, false>(x, center, scale, shift)
+    }
+}
+
+/// [`normalize_rows`] with the ReLU choice a constant (a select, not a branch, per element).
+fn normalize_rows_with<T: WithDType, const RELU: bool>(x: &[T], center: &[T], scale: &[T], shift: &[T]) -> Vec<T> {
     let c = scale.len();
     let mut y = vec![T::zero(); x.len()];
     y.par_chunks_mut(ROWS_PER_TASK * c).zip(x.par_chunks(ROWS_PER_TASK * c)).for_each(|(yb, xb)| {
-        for (yr, xr) in yb.chunks_exact_mut(c).zip(xb.chunks_exact(c)) {
-            for ((((o, &v), &m), &a), &b) in yr.iter_mut().zip(xr).zip(center).zip(scale).zip(shift) {
-                let t = (v - m) * a + b;
-                *o = if relu && t < T::zero() { T::zero() } else { t };
+        with_fma(|| {
+            for (yr, xr) in yb.chunks_exact_mut(c).zip(xb.chunks_exact(c)) {
+                for ((((o, &v), &m), &a), &b) in yr.iter_mut().zip(xr).zip(center).zip(scale).zip(shift) {
+                    let t = (v - m) * a + b;
+                    *o = if RELU && t < T::zero() { T::zero() } else { t };
+                }
             }
-        }
+        })
     });
     y
 }
@@ -314,6 +328,16 @@ fn fused_fwd<T: WithDType>(x: &[T], gamma: &[T], beta: &[T], eps: f64, relu: boo
 /// `[dx (rows·c) | dγ (c) | dβ (c)]` in one buffer. With `relu`, the gradient is first masked
 /// where the forward's output was clipped, recomputing that output exactly as the forward did.
 fn fused_bwd<T: WithDType>(x: &[T], dy: &[T], gamma: &[T], stats: &Stats, eps: f64, relu: bool) -> Vec<T> {
+    if relu {
+        fused_bwd_with::<T, true>(x, dy, gamma, stats, eps)
+    } else {
+        fused_bwd_with::<T, false>(x, dy, gamma, stats, eps)
+    }
+}
+
+/// [`fused_bwd`] with the ReLU choice a constant, so the masking compiles to a branch-free
+/// select and the loops vectorise (a run-time flag read inside them kept them scalar).
+fn fused_bwd_with<T: WithDType, const RELU: bool>(x: &[T], dy: &[T], gamma: &[T], stats: &Stats, eps: f64) -> Vec<T> {
     let c = gamma.len();
     let rows = x.len() / c;
     let inv_std: Vec<f64> = stats.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
@@ -321,7 +345,7 @@ fn fused_bwd<T: WithDType>(x: &[T], dy: &[T], gamma: &[T], stats: &Stats, eps: f
         (to_t(&stats.mean), to_t(&stats.scale), to_t(&stats.shift));
     // The masked gradient: dy where the forward's output was positive (recomputed exactly as
     // the forward computed it), else 0. Equal-length slices let the loops vectorise.
-    let masked = |v: T, g: T, m: T, a: T, b: T| if !relu || (v - m) * a + b > T::zero() { g } else { T::zero() };
+    let masked = |v: T, g: T, m: T, a: T, b: T| if !RELU || (v - m) * a + b > T::zero() { g } else { T::zero() };
     // Σ g and Σ g·(x − mean) per channel (g: the masked output gradient).
     let [s0, s1] = channel_sums(x, dy, c, |a0, a1, xr, gr| {
         let (a0, a1, xr, gr) = (&mut a0[..c], &mut a1[..c], &xr[..c], &gr[..c]);
@@ -344,16 +368,18 @@ fn fused_bwd<T: WithDType>(x: &[T], dy: &[T], gamma: &[T], stats: &Stats, eps: f
     dx.par_chunks_mut(ROWS_PER_TASK * c)
         .zip(x.par_chunks(ROWS_PER_TASK * c).zip(dy.par_chunks(ROWS_PER_TASK * c)))
         .for_each(|(ob, (xb, gb))| {
-            for ((or, xr), gr) in ob.chunks_exact_mut(c).zip(xb.chunks_exact(c)).zip(gb.chunks_exact(c)) {
-                let (or, xr, gr) = (&mut or[..c], &xr[..c], &gr[..c]);
-                let (mt, sc, sh, at, bt, kt) =
-                    (&mean_t[..c], &scale_t[..c], &shift_t[..c], &a_t[..c], &b_t[..c], &k_t[..c]);
-                for ch in 0..c {
-                    let v = xr[ch];
-                    let g = masked(v, gr[ch], mt[ch], sc[ch], sh[ch]);
-                    or[ch] = at[ch] * g + bt[ch] * v + kt[ch];
+            with_fma(|| {
+                for ((or, xr), gr) in ob.chunks_exact_mut(c).zip(xb.chunks_exact(c)).zip(gb.chunks_exact(c)) {
+                    let (or, xr, gr) = (&mut or[..c], &xr[..c], &gr[..c]);
+                    let (mt, sc, sh, at, bt, kt) =
+                        (&mean_t[..c], &scale_t[..c], &shift_t[..c], &a_t[..c], &b_t[..c], &k_t[..c]);
+                    for ch in 0..c {
+                        let v = xr[ch];
+                        let g = masked(v, gr[ch], mt[ch], sc[ch], sh[ch]);
+                        or[ch] = at[ch] * g + bt[ch] * v + kt[ch];
+                    }
                 }
-            }
+            })
         });
     for ch in 0..c {
         // dγ = Σ g·x̂, dβ = Σ g.

@@ -100,68 +100,94 @@ impl MaxPool2d {
     }
 }
 
-/// Visits every output position `(oy, ox)` of one image with the window's maxima and their
-/// indices into the image, a channel vector at a time (so the comparisons vectorise). Ties go
-/// to the first cell in row-major window order; a window always holds a valid cell while
-/// pad ≤ kernel/2.
-fn for_each_window<T: WithDType>(img: &[T], win: &Window, mut visit: impl FnMut(usize, &[T], &[u32])) {
-    let c = win.c;
-    let (mut vals, mut idx) = (vec![T::zero(); c], vec![0u32; c]);
-    for oy in 0..win.oh() {
-        let y0 = (oy * win.stride) as isize - win.pad as isize;
-        let ys = y0.max(0) as usize..((y0 + win.kh as isize).min(win.h as isize)).max(0) as usize;
-        for ox in 0..win.ow() {
-            let x0 = (ox * win.stride) as isize - win.pad as isize;
-            let xs = x0.max(0) as usize..((x0 + win.kw as isize).min(win.w as isize)).max(0) as usize;
-            let mut first = true;
-            for iy in ys.clone() {
-                for ix in xs.clone() {
-                    let base = (iy * win.w + ix) * c;
-                    let cell = &img[base..base + c];
-                    if first {
-                        vals.copy_from_slice(cell);
-                        for (ch, i) in idx.iter_mut().enumerate() {
-                            *i = (base + ch) as u32;
-                        }
-                        first = false;
-                    } else {
-                        let (vals, idx) = (&mut vals[..c], &mut idx[..c]);
-                        for ch in 0..c {
-                            let v = cell[ch];
-                            if v > vals[ch] {
-                                vals[ch] = v;
-                                idx[ch] = (base + ch) as u32;
+fn pool_fwd<T: WithDType>(x: &[T], win: &Window) -> Vec<T> {
+    let (img_len, out_len, c) = (win.h * win.w * win.c, win.oh() * win.ow() * win.c, win.c);
+    let mut out = vec![T::zero(); win.batch * out_len];
+    // Maxima only (the backward finds the arg-max again): a select per channel, which
+    // vectorises, where tracking indices kept the loop scalar: the first cell, then strictly
+    // greater cells.
+    out.par_chunks_mut(out_len).enumerate().for_each(|(b, dst)| {
+        let img = &x[b * img_len..(b + 1) * img_len];
+        for oy in 0..win.oh() {
+            let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
+            for ox in 0..win.ow() {
+                let xs = window_range(ox, win.stride, win.pad, win.kw, win.w);
+                let best = &mut dst[(oy * win.ow() + ox) * c..(oy * win.ow() + ox + 1) * c];
+                let mut first = true;
+                for iy in ys.clone() {
+                    for ix in xs.clone() {
+                        let cell = &img[(iy * win.w + ix) * c..(iy * win.w + ix + 1) * c];
+                        if first {
+                            best.copy_from_slice(cell);
+                            first = false;
+                        } else {
+                            for (m, &v) in best.iter_mut().zip(cell) {
+                                *m = if v > *m { v } else { *m };
                             }
                         }
                     }
                 }
             }
-            visit((oy * win.ow() + ox) * c, &vals, &idx);
         }
-    }
-}
-
-fn pool_fwd<T: WithDType>(x: &[T], win: &Window) -> Vec<T> {
-    let (img_len, out_len) = (win.h * win.w * win.c, win.oh() * win.ow() * win.c);
-    let mut out = vec![T::zero(); win.batch * out_len];
-    out.par_chunks_mut(out_len).enumerate().for_each(|(b, dst)| {
-        let img = &x[b * img_len..(b + 1) * img_len];
-        for_each_window(img, win, |o, vals, _| dst[o..o + vals.len()].copy_from_slice(vals));
     });
     out
 }
 
+/// The input rows (or columns) under output `o`'s window, clipped to the image.
+fn window_range(o: usize, stride: usize, pad: usize, k: usize, n: usize) -> std::ops::Range<usize> {
+    let start = (o * stride) as isize - pad as isize;
+    start.max(0) as usize..((start + k as isize).min(n as isize)).max(0) as usize
+}
+
+/// Each window's gradient goes to the first cell (row-major) holding the window's maximum,
+/// the cell the forward's strict `>` kept; a window whose first cell is NaN has a NaN maximum,
+/// and that cell gets it. Found with per-channel selects and masks, which vectorise.
 fn pool_bwd<T: WithDType>(x: &[T], grad: &[T], win: &Window) -> Vec<T> {
-    let (img_len, out_len) = (win.h * win.w * win.c, win.oh() * win.ow() * win.c);
+    let (img_len, out_len, c) = (win.h * win.w * win.c, win.oh() * win.ow() * win.c, win.c);
     let mut dx = vec![T::zero(); win.batch * img_len];
     dx.par_chunks_mut(img_len).enumerate().for_each(|(b, dst)| {
         let img = &x[b * img_len..(b + 1) * img_len];
         let g = &grad[b * out_len..(b + 1) * out_len];
-        for_each_window(img, win, |o, _, idx| {
-            for (&i, &gv) in idx.iter().zip(&g[o..o + idx.len()]) {
-                dst[i as usize] += gv;
+        let (mut best, mut taken) = (vec![T::zero(); c], vec![0u32; c]);
+        for oy in 0..win.oh() {
+            let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
+            for ox in 0..win.ow() {
+                let xs = window_range(ox, win.stride, win.pad, win.kw, win.w);
+                let go = &g[(oy * win.ow() + ox) * c..(oy * win.ow() + ox + 1) * c];
+                let cells = || ys.clone().flat_map(|iy| xs.clone().map(move |ix| (iy * win.w + ix) * c));
+                for (i, base) in cells().enumerate() {
+                    let cell = &img[base..base + c];
+                    if i == 0 {
+                        best.copy_from_slice(cell);
+                    } else {
+                        for (m, &v) in best.iter_mut().zip(cell) {
+                            *m = if v > *m { v } else { *m };
+                        }
+                    }
+                }
+                // `taken` is 1 once a channel's cell is found (f32-wide lanes, like the values).
+                for (i, base) in cells().enumerate() {
+                    let (cell, out) = (&img[base..base + c], &mut dst[base..base + c]);
+                    let (cell, out, best, taken, go) =
+                        (&cell[..c], &mut out[..c], &best[..c], &mut taken[..c], &go[..c]);
+                    if i == 0 {
+                        for ch in 0..c {
+                            let (v, m) = (cell[ch], best[ch]);
+                            #[allow(clippy::eq_op)] // m != m: m is NaN, which only the first cell can be
+                            let hit = (v == m) | (m != m);
+                            out[ch] += if hit { go[ch] } else { T::zero() };
+                            taken[ch] = u32::from(hit);
+                        }
+                    } else {
+                        for ch in 0..c {
+                            let hit = (taken[ch] == 0) & (cell[ch] == best[ch]);
+                            out[ch] += if hit { go[ch] } else { T::zero() };
+                            taken[ch] |= u32::from(hit);
+                        }
+                    }
+                }
             }
-        });
+        }
     });
     dx
 }

@@ -14,6 +14,7 @@ use candle_core::WithDType;
 use rayon::prelude::*;
 
 use super::matmul::{matmul_general, matmul_strided};
+use super::simd::with_fma;
 
 /// Tiles per parallel task in the transforms.
 const TILES_PER_TASK: usize = 64;
@@ -57,47 +58,49 @@ fn input_transform<T: WithDType>(x: &[T], (batch, h, w, cin): (usize, usize, usi
     let tiles = batch * th * tw;
     let mut v = vec![T::zero(); tiles * 16 * cin];
     v.par_chunks_mut(TILES_PER_TASK * 16 * cin).enumerate().for_each(|(task, block)| {
-        let mut d = vec![T::zero(); 16 * cin];
-        for (local, vt) in block.chunks_exact_mut(16 * cin).enumerate() {
-            let t = task * TILES_PER_TASK + local;
-            let (n, rest) = (t / (th * tw), t % (th * tw));
-            let (ty, tx) = (rest / tw, rest % tw);
-            // Gather the 4×4 input tile (zero outside the image) for all channels.
-            for i in 0..4 {
-                let y = (2 * ty + i) as isize - 1;
+        with_fma(|| {
+            let mut d = vec![T::zero(); 16 * cin];
+            for (local, vt) in block.chunks_exact_mut(16 * cin).enumerate() {
+                let t = task * TILES_PER_TASK + local;
+                let (n, rest) = (t / (th * tw), t % (th * tw));
+                let (ty, tx) = (rest / tw, rest % tw);
+                // Gather the 4×4 input tile (zero outside the image) for all channels.
+                for i in 0..4 {
+                    let y = (2 * ty + i) as isize - 1;
+                    for j in 0..4 {
+                        let xx = (2 * tx + j) as isize - 1;
+                        let dst = &mut d[(i * 4 + j) * cin..(i * 4 + j + 1) * cin];
+                        if y < 0 || y >= h as isize || xx < 0 || xx >= w as isize {
+                            dst.fill(T::zero());
+                        } else {
+                            let src = ((n * h + y as usize) * w + xx as usize) * cin;
+                            dst.copy_from_slice(&x[src..src + cin]);
+                        }
+                    }
+                }
+                // r = Bᵀ d (rows), then Bᵀ d B (columns), each a pass vectorised over channels.
+                let row = |i: usize, j: usize| (i * 4 + j) * cin;
+                let mut r = vec![T::zero(); 16 * cin];
                 for j in 0..4 {
-                    let xx = (2 * tx + j) as isize - 1;
-                    let dst = &mut d[(i * 4 + j) * cin..(i * 4 + j + 1) * cin];
-                    if y < 0 || y >= h as isize || xx < 0 || xx >= w as isize {
-                        dst.fill(T::zero());
-                    } else {
-                        let src = ((n * h + y as usize) * w + xx as usize) * cin;
-                        dst.copy_from_slice(&x[src..src + cin]);
+                    for c in 0..cin {
+                        let (d0, d1, d2, d3) = (d[row(0, j) + c], d[row(1, j) + c], d[row(2, j) + c], d[row(3, j) + c]);
+                        r[row(0, j) + c] = d0 - d2;
+                        r[row(1, j) + c] = d1 + d2;
+                        r[row(2, j) + c] = d2 - d1;
+                        r[row(3, j) + c] = d1 - d3;
+                    }
+                }
+                for i in 0..4 {
+                    for c in 0..cin {
+                        let (r0, r1, r2, r3) = (r[row(i, 0) + c], r[row(i, 1) + c], r[row(i, 2) + c], r[row(i, 3) + c]);
+                        vt[row(i, 0) + c] = r0 - r2;
+                        vt[row(i, 1) + c] = r1 + r2;
+                        vt[row(i, 2) + c] = r2 - r1;
+                        vt[row(i, 3) + c] = r1 - r3;
                     }
                 }
             }
-            // r = Bᵀ d (rows), then Bᵀ d B (columns), each a pass vectorised over channels.
-            let row = |i: usize, j: usize| (i * 4 + j) * cin;
-            let mut r = vec![T::zero(); 16 * cin];
-            for j in 0..4 {
-                for c in 0..cin {
-                    let (d0, d1, d2, d3) = (d[row(0, j) + c], d[row(1, j) + c], d[row(2, j) + c], d[row(3, j) + c]);
-                    r[row(0, j) + c] = d0 - d2;
-                    r[row(1, j) + c] = d1 + d2;
-                    r[row(2, j) + c] = d2 - d1;
-                    r[row(3, j) + c] = d1 - d3;
-                }
-            }
-            for i in 0..4 {
-                for c in 0..cin {
-                    let (r0, r1, r2, r3) = (r[row(i, 0) + c], r[row(i, 1) + c], r[row(i, 2) + c], r[row(i, 3) + c]);
-                    vt[row(i, 0) + c] = r0 - r2;
-                    vt[row(i, 1) + c] = r1 + r2;
-                    vt[row(i, 2) + c] = r2 - r1;
-                    vt[row(i, 3) + c] = r1 - r3;
-                }
-            }
-        }
+        })
     });
     v
 }
@@ -130,43 +133,45 @@ pub fn conv3x3<T: WithDType>(
     let mut y = vec![T::zero(); batch * h * w * cout];
     let img = h * w * cout;
     y.par_chunks_mut(img).enumerate().for_each(|(n, out)| {
-        let mut s = vec![T::zero(); 8 * cout];
-        for ty in 0..th {
-            for tx in 0..tw {
-                let t = (n * th + ty) * tw + tx;
-                let mt = &m[t * cout..];
-                let at = |e: usize| e * tiles * cout;
-                // s = Aᵀ M (2×4), vectorised over output channels.
-                for j in 0..4 {
-                    for k in 0..cout {
-                        let (m0, m1, m2, m3) =
-                            (mt[at(j) + k], mt[at(4 + j) + k], mt[at(8 + j) + k], mt[at(12 + j) + k]);
-                        s[j * cout + k] = m0 + m1 + m2;
-                        s[(4 + j) * cout + k] = m1 - m2 - m3;
+        with_fma(|| {
+            let mut s = vec![T::zero(); 8 * cout];
+            for ty in 0..th {
+                for tx in 0..tw {
+                    let t = (n * th + ty) * tw + tx;
+                    let mt = &m[t * cout..];
+                    let at = |e: usize| e * tiles * cout;
+                    // s = Aᵀ M (2×4), vectorised over output channels.
+                    for j in 0..4 {
+                        for k in 0..cout {
+                            let (m0, m1, m2, m3) =
+                                (mt[at(j) + k], mt[at(4 + j) + k], mt[at(8 + j) + k], mt[at(12 + j) + k]);
+                            s[j * cout + k] = m0 + m1 + m2;
+                            s[(4 + j) * cout + k] = m1 - m2 - m3;
+                        }
                     }
-                }
-                // Aᵀ M A (2×2) + bias, straight into the image.
-                for i in 0..2 {
-                    let yy = 2 * ty + i;
-                    if yy >= h {
-                        continue;
-                    }
-                    for j in 0..2 {
-                        let xx = 2 * tx + j;
-                        if xx >= w {
+                    // Aᵀ M A (2×2) + bias, straight into the image.
+                    for i in 0..2 {
+                        let yy = 2 * ty + i;
+                        if yy >= h {
                             continue;
                         }
-                        let dst = &mut out[(yy * w + xx) * cout..(yy * w + xx + 1) * cout];
-                        let si = |q: usize| &s[(i * 4 + q) * cout..(i * 4 + q + 1) * cout];
-                        let (s0, s1, s2, s3) = (si(0), si(1), si(2), si(3));
-                        for k in 0..cout {
-                            let b = bias.map_or(T::zero(), |b| b[k]);
-                            dst[k] = if j == 0 { s0[k] + s1[k] + s2[k] + b } else { s1[k] - s2[k] - s3[k] + b };
+                        for j in 0..2 {
+                            let xx = 2 * tx + j;
+                            if xx >= w {
+                                continue;
+                            }
+                            let dst = &mut out[(yy * w + xx) * cout..(yy * w + xx + 1) * cout];
+                            let si = |q: usize| &s[(i * 4 + q) * cout..(i * 4 + q + 1) * cout];
+                            let (s0, s1, s2, s3) = (si(0), si(1), si(2), si(3));
+                            for k in 0..cout {
+                                let b = bias.map_or(T::zero(), |b| b[k]);
+                                dst[k] = if j == 0 { s0[k] + s1[k] + s2[k] + b } else { s1[k] - s2[k] - s3[k] + b };
+                            }
                         }
                     }
                 }
             }
-        }
+        })
     });
     y
 }
@@ -187,37 +192,39 @@ pub fn conv3x3_weight_grad<T: WithDType>(
     // dM = A dY Aᵀ per 2×2 output-gradient tile (zero outside the image), tile-major like V.
     let mut dm = vec![T::zero(); tiles * 16 * cout];
     dm.par_chunks_mut(TILES_PER_TASK * 16 * cout).enumerate().for_each(|(task, block)| {
-        let zeros = vec![T::zero(); cout];
-        for (local, mt) in block.chunks_exact_mut(16 * cout).enumerate() {
-            let t = task * TILES_PER_TASK + local;
-            let (n, rest) = (t / (th * tw), t % (th * tw));
-            let (ty, tx) = (rest / tw, rest % tw);
-            let cell = |i: usize, j: usize| -> &[T] {
-                let (y, xx) = (2 * ty + i, 2 * tx + j);
-                if y < h && xx < w {
-                    let at = ((n * h + y) * w + xx) * cout;
-                    &dy[at..at + cout]
-                } else {
-                    &zeros
-                }
-            };
-            let (a, b, c, d) = (cell(0, 0), cell(0, 1), cell(1, 0), cell(1, 1));
-            for k in 0..cout {
-                // r = A dY (4×2), then r Aᵀ (4×4): a row [p, q] becomes [p, p+q, p−q, −q].
-                let rows = [
-                    (a[k], b[k]),
-                    (a[k] + c[k], b[k] + d[k]),
-                    (a[k] - c[k], b[k] - d[k]),
-                    (T::zero() - c[k], T::zero() - d[k]),
-                ];
-                for (i, (p, q)) in rows.into_iter().enumerate() {
-                    mt[(i * 4) * cout + k] = p;
-                    mt[(i * 4 + 1) * cout + k] = p + q;
-                    mt[(i * 4 + 2) * cout + k] = p - q;
-                    mt[(i * 4 + 3) * cout + k] = T::zero() - q;
+        with_fma(|| {
+            let zeros = vec![T::zero(); cout];
+            for (local, mt) in block.chunks_exact_mut(16 * cout).enumerate() {
+                let t = task * TILES_PER_TASK + local;
+                let (n, rest) = (t / (th * tw), t % (th * tw));
+                let (ty, tx) = (rest / tw, rest % tw);
+                let cell = |i: usize, j: usize| -> &[T] {
+                    let (y, xx) = (2 * ty + i, 2 * tx + j);
+                    if y < h && xx < w {
+                        let at = ((n * h + y) * w + xx) * cout;
+                        &dy[at..at + cout]
+                    } else {
+                        &zeros
+                    }
+                };
+                let (a, b, c, d) = (cell(0, 0), cell(0, 1), cell(1, 0), cell(1, 1));
+                for k in 0..cout {
+                    // r = A dY (4×2), then r Aᵀ (4×4): a row [p, q] becomes [p, p+q, p−q, −q].
+                    let rows = [
+                        (a[k], b[k]),
+                        (a[k] + c[k], b[k] + d[k]),
+                        (a[k] - c[k], b[k] - d[k]),
+                        (T::zero() - c[k], T::zero() - d[k]),
+                    ];
+                    for (i, (p, q)) in rows.into_iter().enumerate() {
+                        mt[(i * 4) * cout + k] = p;
+                        mt[(i * 4 + 1) * cout + k] = p + q;
+                        mt[(i * 4 + 2) * cout + k] = p - q;
+                        mt[(i * 4 + 3) * cout + k] = T::zero() - q;
+                    }
                 }
             }
-        }
+        })
     });
     // Q_e (cin × cout) = V_eᵀ · dM_e, summed over all tiles by the product.
     let mut q = vec![T::zero(); 16 * cin * cout];
