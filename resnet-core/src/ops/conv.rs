@@ -195,7 +195,7 @@ impl Im2colConv {
         } else if direct::applies(win) {
             Some(Algo::Direct)
         } else if winograd::applies(self.kernel, self.stride, self.pad, win.h, win.w) {
-            Some(Algo::Winograd)
+            Some(Algo::Winograd(winograd::Tile::choose(win.h, win.w)))
         } else if taps::applies(win) {
             Some(Algo::Taps)
         } else {
@@ -207,8 +207,8 @@ impl Im2colConv {
 /// The algorithms beside plain im2col.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Algo {
-    /// Winograd F(2×2, 3×3) ([`winograd`]).
-    Winograd,
+    /// Winograd F(2×2, 3×3) or F(4×4, 3×3) ([`winograd`]).
+    Winograd(winograd::Tile),
     /// One product per class of in-bounds kernel taps ([`taps`]).
     Taps,
     /// Direct accumulation for single-channel inputs ([`direct`]).
@@ -269,7 +269,9 @@ impl CustomOp3 for Im2colConv {
         if let Some(algo) = self.algo(&win) {
             fn run<T: WithDType>(algo: Algo, x: &[T], w: &[T], b: &[T], win: &Window) -> Vec<T> {
                 match algo {
-                    Algo::Winograd => winograd::conv3x3(x, w, Some(b), (win.batch, win.h, win.w, win.c), b.len()),
+                    Algo::Winograd(tile) => {
+                        winograd::conv3x3(x, w, Some(b), (win.batch, win.h, win.w, win.c), b.len(), tile)
+                    }
                     Algo::Taps => taps::conv(x, w, b, win),
                     Algo::Direct => direct::conv(x, w, b, win),
                 }
@@ -399,11 +401,12 @@ impl ConvGrad {
         let win = &self.win;
         let dims = (win.batch, win.h, win.w, win.c);
         match (self.algo, self.wrt) {
-            (Algo::Winograd, Wrt::Input) => {
+            (Algo::Winograd(tile), Wrt::Input) => {
                 let (n, h, w, _) = dims;
-                winograd::conv3x3(a, &winograd::flip_filters(b, win.c, self.cout), None, (n, h, w, self.cout), win.c)
+                let flipped = winograd::flip_filters(b, win.c, self.cout);
+                winograd::conv3x3(a, &flipped, None, (n, h, w, self.cout), win.c, tile)
             }
-            (Algo::Winograd, Wrt::Weight) => winograd::conv3x3_weight_grad(a, b, dims, self.cout),
+            (Algo::Winograd(tile), Wrt::Weight) => winograd::conv3x3_weight_grad(a, b, dims, self.cout, tile),
             (Algo::Taps, Wrt::Input) => taps::input_grad(a, b, win, self.cout),
             (Algo::Taps, Wrt::Weight) => taps::weight_grad(a, b, win, self.cout),
             (Algo::Direct, Wrt::Input) => direct::input_grad(a, b, win, self.cout),
@@ -415,8 +418,8 @@ impl ConvGrad {
 impl CustomOp2 for ConvGrad {
     fn name(&self) -> &'static str {
         match (self.algo, self.wrt) {
-            (Algo::Winograd, Wrt::Input) => "conv2d-winograd-input-grad",
-            (Algo::Winograd, Wrt::Weight) => "conv2d-winograd-weight-grad",
+            (Algo::Winograd(_), Wrt::Input) => "conv2d-winograd-input-grad",
+            (Algo::Winograd(_), Wrt::Weight) => "conv2d-winograd-weight-grad",
             (Algo::Taps, Wrt::Input) => "conv2d-taps-input-grad",
             (Algo::Taps, Wrt::Weight) => "conv2d-taps-weight-grad",
             (Algo::Direct, Wrt::Input) => "conv2d-direct-input-grad",

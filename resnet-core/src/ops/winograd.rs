@@ -1,14 +1,16 @@
-//! Winograd's minimal filtering F(2×2, 3×3) for the 3×3, stride-1, padding-1 convolutions that
+//! Winograd's minimal filtering F(m×m, 3×3) for the 3×3, stride-1, padding-1 convolutions that
 //! make up three quarters of ResNet-18's arithmetic (Lavin & Gray, "Fast Algorithms for
-//! Convolutional Neural Networks", 2016).
+//! Convolutional Neural Networks", 2016), with output tiles of m = 2 or m = 4.
 //!
-//! Each 2×2 output tile is `Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A` for the 4×4 input tile `d` around it and
-//! the 3×3 filter `g`. Over a batch this becomes: transform every input tile (`V`, 16 matrices
-//! of tiles × in-channels), transform every filter (`U`, 16 matrices of in × out channels), 16
-//! matrix products `M_e = V_e · U_e`, and transform every product tile back. The products do
-//! 16 multiplies per output tile and channel pair where direct convolution does 36: 2.25× fewer.
-//! The input gradient of such a convolution is again one (with the filters flipped and their
-//! channel axes swapped), so the backward uses the same routine.
+//! Each m×m output tile is `Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A` for the α×α input tile `d` around it
+//! (α = m + 2) and the 3×3 filter `g`. Over a batch this becomes: transform every input tile
+//! (`V`, α² matrices of tiles × in-channels), transform every filter (`U`, α² matrices of in ×
+//! out channels), α² matrix products `M_e = V_e · U_e`, and transform every product tile back.
+//! Per output pixel and channel pair the products do α²/m² multiplies where direct convolution
+//! does 9: 4 for F(2×2) (2.25× fewer), 2.25 for F(4×4) (4× fewer), which also blows the data up
+//! less (2.25× against 4×) at the price of larger transform constants, so a little more
+//! rounding. The input gradient of such a convolution is again one (with the filters flipped
+//! and their channel axes swapped), and the weight gradient is the adjoint of the transforms.
 
 use candle_core::WithDType;
 use rayon::prelude::*;
@@ -17,59 +19,198 @@ use super::matmul::{matmul_general, matmul_strided};
 use super::simd::with_fma;
 
 /// Tiles per parallel task in the transforms.
-const TILES_PER_TASK: usize = 64;
+const TILES_PER_TASK: usize = 32;
 
 /// Whether a convolution of this shape runs through Winograd: 3×3, stride 1, padding 1, and an
-/// image large enough that the 2×2 tiles are mostly inside it (below 4×4 im2col wastes less).
+/// image large enough that the tiles are mostly inside it (below 4×4 other kernels waste less).
 pub fn applies(kernel: usize, stride: usize, pad: usize, h: usize, w: usize) -> bool {
     kernel == 3 && stride == 1 && pad == 1 && h >= 4 && w >= 4
 }
 
-/// Filters `(out, 3, 3, in)` row-major → `U`: 16 matrices of `(in, out)`.
-fn transform_filters<T: WithDType>(w: &[T], cin: usize, cout: usize) -> Vec<T> {
-    let half = T::from_f64(0.5);
-    let mut u = vec![T::zero(); 16 * cin * cout];
-    for k in 0..cout {
-        for c in 0..cin {
-            let g = |i: usize, j: usize| w[((k * 3 + i) * 3 + j) * cin + c];
-            // t = G g (4×3), then u = t Gᵀ (4×4).
-            let col = |j: usize| {
-                let (g0, g1, g2) = (g(0, j), g(1, j), g(2, j));
-                [g0, (g0 + g1 + g2) * half, (g0 - g1 + g2) * half, g2]
-            };
-            let cols = [col(0), col(1), col(2)];
-            let t: [[T; 3]; 4] = std::array::from_fn(|i| [cols[0][i], cols[1][i], cols[2][i]]);
-            for (i, row) in t.iter().enumerate() {
-                let [t0, t1, t2] = *row;
-                let vals = [t0, (t0 + t1 + t2) * half, (t0 - t1 + t2) * half, t2];
-                for (j, v) in vals.into_iter().enumerate() {
-                    u[((i * 4 + j) * cin + c) * cout + k] = v;
+/// The output tile size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tile {
+    /// F(2×2, 3×3): 4×4 input tiles.
+    F2,
+    /// F(4×4, 3×3): 6×6 input tiles.
+    F4,
+}
+
+/// A tile's transform matrices, row-major: `Bᵀ` (α×α), `G` (α×3), `Aᵀ` (m×α).
+struct Transforms {
+    m: usize,
+    alpha: usize,
+    bt: &'static [f64],
+    g: &'static [f64],
+    at: &'static [f64],
+}
+
+#[rustfmt::skip]
+const F2: Transforms = Transforms {
+    m: 2,
+    alpha: 4,
+    bt: &[
+        1.0, 0.0, -1.0, 0.0,
+        0.0, 1.0, 1.0, 0.0,
+        0.0, -1.0, 1.0, 0.0,
+        0.0, 1.0, 0.0, -1.0,
+    ],
+    g: &[
+        1.0, 0.0, 0.0,
+        0.5, 0.5, 0.5,
+        0.5, -0.5, 0.5,
+        0.0, 0.0, 1.0,
+    ],
+    at: &[
+        1.0, 1.0, 1.0, 0.0,
+        0.0, 1.0, -1.0, -1.0,
+    ],
+};
+
+#[rustfmt::skip]
+const F4: Transforms = Transforms {
+    m: 4,
+    alpha: 6,
+    bt: &[
+        4.0, 0.0, -5.0, 0.0, 1.0, 0.0,
+        0.0, -4.0, -4.0, 1.0, 1.0, 0.0,
+        0.0, 4.0, -4.0, -1.0, 1.0, 0.0,
+        0.0, -2.0, -1.0, 2.0, 1.0, 0.0,
+        0.0, 2.0, -1.0, -2.0, 1.0, 0.0,
+        0.0, 4.0, 0.0, -5.0, 0.0, 1.0,
+    ],
+    g: &[
+        1.0 / 4.0, 0.0, 0.0,
+        -1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0,
+        -1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0,
+        1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0,
+        1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0,
+        0.0, 0.0, 1.0,
+    ],
+    at: &[
+        1.0, 1.0, 1.0, 1.0, 1.0, 0.0,
+        0.0, 1.0, -1.0, 2.0, -2.0, 0.0,
+        0.0, 1.0, 1.0, 4.0, 4.0, 0.0,
+        0.0, 1.0, -1.0, 8.0, -8.0, 1.0,
+    ],
+};
+
+impl Tile {
+    fn transforms(self) -> &'static Transforms {
+        match self {
+            Tile::F2 => &F2,
+            Tile::F4 => &F4,
+        }
+    }
+
+    /// The tile with fewer multiplies in the products for an `h × w` image (F(2×2) on a tie:
+    /// smaller transforms, less rounding). 4×4 tiles pay off on images of 7, 8, 12 or 24
+    /// pixels, not on 6 (nine 2×2 tiles cover it exactly; four 4×4 tiles overhang by a third).
+    pub fn choose(h: usize, w: usize) -> Tile {
+        let products = |m: usize| h.div_ceil(m) * w.div_ceil(m) * (m + 2) * (m + 2);
+        if products(4) < products(2) {
+            Tile::F4
+        } else {
+            Tile::F2
+        }
+    }
+}
+
+/// The matrix as `T`, transposed when asked.
+fn matrix<T: WithDType>(m: &[f64], rows: usize, cols: usize, transpose: bool) -> Vec<T> {
+    if transpose {
+        (0..cols * rows).map(|i| T::from_f64(m[(i % rows) * cols + i / rows])).collect()
+    } else {
+        m.iter().map(|&v| T::from_f64(v)).collect()
+    }
+}
+
+/// `dst (rows × cols) = mat (rows × inner) · src (inner × cols)`, every entry a vector of `c`
+/// channels; zero coefficients are skipped.
+#[inline(always)]
+fn left<T: WithDType>(mat: &[T], (rows, inner, cols): (usize, usize, usize), src: &[T], dst: &mut [T], c: usize) {
+    for i in 0..rows {
+        for j in 0..cols {
+            let out = &mut dst[(i * cols + j) * c..(i * cols + j + 1) * c];
+            out.fill(T::zero());
+            for k in 0..inner {
+                let coef = mat[i * inner + k];
+                if coef != T::zero() {
+                    for (o, &v) in out.iter_mut().zip(&src[(k * cols + j) * c..(k * cols + j + 1) * c]) {
+                        *o += coef * v;
+                    }
                 }
+            }
+        }
+    }
+}
+
+/// `dst (rows × cols) = src (rows × inner) · matᵀ` with `mat` `(cols × inner)`, every entry a
+/// vector of `c` channels; zero coefficients are skipped.
+#[inline(always)]
+fn right<T: WithDType>(mat: &[T], (rows, inner, cols): (usize, usize, usize), src: &[T], dst: &mut [T], c: usize) {
+    for i in 0..rows {
+        for j in 0..cols {
+            let out = &mut dst[(i * cols + j) * c..(i * cols + j + 1) * c];
+            out.fill(T::zero());
+            for k in 0..inner {
+                let coef = mat[j * inner + k];
+                if coef != T::zero() {
+                    for (o, &v) in out.iter_mut().zip(&src[(i * inner + k) * c..(i * inner + k + 1) * c]) {
+                        *o += coef * v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `U = G g Gᵀ` for every filter `(cout, 3, 3, cin)` → α² matrices of `(cin, cout)`.
+fn transform_filters<T: WithDType>(w: &[T], cin: usize, cout: usize, tr: &Transforms) -> Vec<T> {
+    let a = tr.alpha;
+    let g: Vec<T> = matrix(tr.g, a, 3, false);
+    let per_out: Vec<Vec<T>> = (0..cout)
+        .into_par_iter()
+        .map(|k| {
+            with_fma(|| {
+                let (mut t, mut u) = (vec![T::zero(); a * 3 * cin], vec![T::zero(); a * a * cin]);
+                left(&g, (a, 3, 3), &w[k * 9 * cin..(k + 1) * 9 * cin], &mut t, cin);
+                right(&g, (a, 3, a), &t, &mut u, cin);
+                u
+            })
+        })
+        .collect();
+    let mut u = vec![T::zero(); a * a * cin * cout];
+    for (k, uk) in per_out.iter().enumerate() {
+        for e in 0..a * a {
+            for c in 0..cin {
+                u[(e * cin + c) * cout + k] = uk[e * cin + c];
             }
         }
     }
     u
 }
 
-/// `V = Bᵀ d B` for every 4×4 input tile `d` (zero outside the image), tile-major: entry `e`
-/// of tile `t`, channel `c` at `(t·16 + e)·cin + c`.
-fn input_transform<T: WithDType>(x: &[T], (batch, h, w, cin): (usize, usize, usize, usize)) -> Vec<T> {
-    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+/// `V = Bᵀ d B` for every α×α input tile `d` (zero outside the image), tile-major: entry `e`
+/// of tile `t`, channel `c` at `(t·α² + e)·cin + c`.
+fn input_transform<T: WithDType>(x: &[T], (batch, h, w, cin): (usize, usize, usize, usize), tr: &Transforms) -> Vec<T> {
+    let (m, a) = (tr.m, tr.alpha);
+    let (th, tw) = (h.div_ceil(m), w.div_ceil(m));
     let tiles = batch * th * tw;
-    let mut v = vec![T::zero(); tiles * 16 * cin];
-    v.par_chunks_mut(TILES_PER_TASK * 16 * cin).enumerate().for_each(|(task, block)| {
+    let bt: Vec<T> = matrix(tr.bt, a, a, false);
+    let mut v = vec![T::zero(); tiles * a * a * cin];
+    v.par_chunks_mut(TILES_PER_TASK * a * a * cin).enumerate().for_each(|(task, block)| {
         with_fma(|| {
-            let mut d = vec![T::zero(); 16 * cin];
-            for (local, vt) in block.chunks_exact_mut(16 * cin).enumerate() {
+            let (mut d, mut r) = (vec![T::zero(); a * a * cin], vec![T::zero(); a * a * cin]);
+            for (local, vt) in block.chunks_exact_mut(a * a * cin).enumerate() {
                 let t = task * TILES_PER_TASK + local;
                 let (n, rest) = (t / (th * tw), t % (th * tw));
                 let (ty, tx) = (rest / tw, rest % tw);
-                // Gather the 4×4 input tile (zero outside the image) for all channels.
-                for i in 0..4 {
-                    let y = (2 * ty + i) as isize - 1;
-                    for j in 0..4 {
-                        let xx = (2 * tx + j) as isize - 1;
-                        let dst = &mut d[(i * 4 + j) * cin..(i * 4 + j + 1) * cin];
+                for i in 0..a {
+                    let y = (m * ty + i) as isize - 1;
+                    for j in 0..a {
+                        let xx = (m * tx + j) as isize - 1;
+                        let dst = &mut d[(i * a + j) * cin..(i * a + j + 1) * cin];
                         if y < 0 || y >= h as isize || xx < 0 || xx >= w as isize {
                             dst.fill(T::zero());
                         } else {
@@ -78,27 +219,8 @@ fn input_transform<T: WithDType>(x: &[T], (batch, h, w, cin): (usize, usize, usi
                         }
                     }
                 }
-                // r = Bᵀ d (rows), then Bᵀ d B (columns), each a pass vectorised over channels.
-                let row = |i: usize, j: usize| (i * 4 + j) * cin;
-                let mut r = vec![T::zero(); 16 * cin];
-                for j in 0..4 {
-                    for c in 0..cin {
-                        let (d0, d1, d2, d3) = (d[row(0, j) + c], d[row(1, j) + c], d[row(2, j) + c], d[row(3, j) + c]);
-                        r[row(0, j) + c] = d0 - d2;
-                        r[row(1, j) + c] = d1 + d2;
-                        r[row(2, j) + c] = d2 - d1;
-                        r[row(3, j) + c] = d1 - d3;
-                    }
-                }
-                for i in 0..4 {
-                    for c in 0..cin {
-                        let (r0, r1, r2, r3) = (r[row(i, 0) + c], r[row(i, 1) + c], r[row(i, 2) + c], r[row(i, 3) + c]);
-                        vt[row(i, 0) + c] = r0 - r2;
-                        vt[row(i, 1) + c] = r1 + r2;
-                        vt[row(i, 2) + c] = r2 - r1;
-                        vt[row(i, 3) + c] = r1 - r3;
-                    }
-                }
+                left(&bt, (a, a, a), &d, &mut r, cin);
+                right(&bt, (a, a, a), &r, vt, cin);
             }
         })
     });
@@ -113,59 +235,60 @@ pub fn conv3x3<T: WithDType>(
     bias: Option<&[T]>,
     (batch, h, w, cin): (usize, usize, usize, usize),
     cout: usize,
+    tile: Tile,
 ) -> Vec<T> {
-    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    let tr = tile.transforms();
+    let (m, a) = (tr.m, tr.alpha);
+    let (th, tw) = (h.div_ceil(m), w.div_ceil(m));
     let tiles = batch * th * tw;
-    let u = transform_filters(filters, cin, cout);
+    let u = transform_filters(filters, cin, cout, tr);
+    let v = input_transform(x, (batch, h, w, cin), tr);
 
-    let v = input_transform(x, (batch, h, w, cin));
-
-    // M_e = V_e · U_e: 16 products of (tiles × cin) · (cin × cout), side by side on the
-    // threads, reading V tile-major (row stride 16·cin) and writing M entry-major.
-    let mut m = vec![T::zero(); 16 * tiles * cout];
-    m.par_chunks_mut(tiles * cout).enumerate().for_each(|(e, me)| {
+    // M_e = V_e · U_e: α² products of (tiles × cin) · (cin × cout), side by side on the
+    // threads, reading V tile-major (row stride α²·cin) and writing M entry-major.
+    let mut prod = vec![T::zero(); a * a * tiles * cout];
+    prod.par_chunks_mut(tiles * cout).enumerate().for_each(|(e, me)| {
         let ue = &u[e * cin * cout..(e + 1) * cin * cout];
-        matmul_strided((tiles, cout, cin), &v[e * cin..], 16 * cin, ue, cout, me, cout);
+        matmul_strided((tiles, cout, cin), &v[e * cin..], a * a * cin, ue, cout, me, cout);
     });
     drop(v);
 
     // Y = Aᵀ M A per tile (+ bias), written into the image.
+    let at: Vec<T> = matrix(tr.at, m, a, false);
     let mut y = vec![T::zero(); batch * h * w * cout];
     let img = h * w * cout;
     y.par_chunks_mut(img).enumerate().for_each(|(n, out)| {
         with_fma(|| {
-            let mut s = vec![T::zero(); 8 * cout];
+            let mut mt = vec![T::zero(); a * a * cout];
+            let mut s = vec![T::zero(); m * a * cout];
+            let mut o = vec![T::zero(); m * m * cout];
             for ty in 0..th {
                 for tx in 0..tw {
                     let t = (n * th + ty) * tw + tx;
-                    let mt = &m[t * cout..];
-                    let at = |e: usize| e * tiles * cout;
-                    // s = Aᵀ M (2×4), vectorised over output channels.
-                    for j in 0..4 {
-                        for k in 0..cout {
-                            let (m0, m1, m2, m3) =
-                                (mt[at(j) + k], mt[at(4 + j) + k], mt[at(8 + j) + k], mt[at(12 + j) + k]);
-                            s[j * cout + k] = m0 + m1 + m2;
-                            s[(4 + j) * cout + k] = m1 - m2 - m3;
-                        }
+                    for e in 0..a * a {
+                        mt[e * cout..(e + 1) * cout].copy_from_slice(&prod[(e * tiles + t) * cout..][..cout]);
                     }
-                    // Aᵀ M A (2×2) + bias, straight into the image.
-                    for i in 0..2 {
-                        let yy = 2 * ty + i;
+                    left(&at, (m, a, a), &mt, &mut s, cout);
+                    right(&at, (m, a, m), &s, &mut o, cout);
+                    for i in 0..m {
+                        let yy = m * ty + i;
                         if yy >= h {
-                            continue;
+                            break;
                         }
-                        for j in 0..2 {
-                            let xx = 2 * tx + j;
+                        for j in 0..m {
+                            let xx = m * tx + j;
                             if xx >= w {
-                                continue;
+                                break;
                             }
                             let dst = &mut out[(yy * w + xx) * cout..(yy * w + xx + 1) * cout];
-                            let si = |q: usize| &s[(i * 4 + q) * cout..(i * 4 + q + 1) * cout];
-                            let (s0, s1, s2, s3) = (si(0), si(1), si(2), si(3));
-                            for k in 0..cout {
-                                let b = bias.map_or(T::zero(), |b| b[k]);
-                                dst[k] = if j == 0 { s0[k] + s1[k] + s2[k] + b } else { s1[k] - s2[k] - s3[k] + b };
+                            let src = &o[(i * m + j) * cout..(i * m + j + 1) * cout];
+                            match bias {
+                                Some(b) => {
+                                    for ((d, &v), &bv) in dst.iter_mut().zip(src).zip(b) {
+                                        *d = v + bv;
+                                    }
+                                }
+                                None => dst.copy_from_slice(src),
                             }
                         }
                     }
@@ -178,73 +301,82 @@ pub fn conv3x3<T: WithDType>(
 
 /// The weight gradient of [`conv3x3`]: `dW (cout, 3, 3, cin)` from the input `x (batch, h, w,
 /// cin)` and the output gradient `dy (batch, h, w, cout)`. The adjoint of the forward's
-/// transforms: `dW = Gᵀ [Σ_tiles (A dY Aᵀ) ⊙ (Bᵀ d B)] G`, the sum over tiles being 16 products
-/// of `(cin × tiles) · (tiles × cout)`, 2.25× fewer multiplies than im2col's `dYᵀ · cols`.
+/// transforms: `dW = Gᵀ [Σ_tiles (A dY Aᵀ) ⊙ (Bᵀ d B)] G`, the sum over tiles being α² products
+/// of `(cin × tiles) · (tiles × cout)`.
 pub fn conv3x3_weight_grad<T: WithDType>(
     x: &[T],
     dy: &[T],
     (batch, h, w, cin): (usize, usize, usize, usize),
     cout: usize,
+    tile: Tile,
 ) -> Vec<T> {
-    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    let tr = tile.transforms();
+    let (m, a) = (tr.m, tr.alpha);
+    let (th, tw) = (h.div_ceil(m), w.div_ceil(m));
     let tiles = batch * th * tw;
-    let v = input_transform(x, (batch, h, w, cin));
-    // dM = A dY Aᵀ per 2×2 output-gradient tile (zero outside the image), tile-major like V.
-    let mut dm = vec![T::zero(); tiles * 16 * cout];
-    dm.par_chunks_mut(TILES_PER_TASK * 16 * cout).enumerate().for_each(|(task, block)| {
+    let v = input_transform(x, (batch, h, w, cin), tr);
+    // dM = A dY Aᵀ per m×m output-gradient tile (zero outside the image), tile-major like V.
+    let a_mat: Vec<T> = matrix(tr.at, m, a, true);
+    let mut dm = vec![T::zero(); tiles * a * a * cout];
+    dm.par_chunks_mut(TILES_PER_TASK * a * a * cout).enumerate().for_each(|(task, block)| {
         with_fma(|| {
-            let zeros = vec![T::zero(); cout];
-            for (local, mt) in block.chunks_exact_mut(16 * cout).enumerate() {
+            let (mut d, mut r) = (vec![T::zero(); m * m * cout], vec![T::zero(); a * m * cout]);
+            for (local, mt) in block.chunks_exact_mut(a * a * cout).enumerate() {
                 let t = task * TILES_PER_TASK + local;
                 let (n, rest) = (t / (th * tw), t % (th * tw));
                 let (ty, tx) = (rest / tw, rest % tw);
-                let cell = |i: usize, j: usize| -> &[T] {
-                    let (y, xx) = (2 * ty + i, 2 * tx + j);
-                    if y < h && xx < w {
-                        let at = ((n * h + y) * w + xx) * cout;
-                        &dy[at..at + cout]
-                    } else {
-                        &zeros
-                    }
-                };
-                let (a, b, c, d) = (cell(0, 0), cell(0, 1), cell(1, 0), cell(1, 1));
-                for k in 0..cout {
-                    // r = A dY (4×2), then r Aᵀ (4×4): a row [p, q] becomes [p, p+q, p−q, −q].
-                    let rows = [
-                        (a[k], b[k]),
-                        (a[k] + c[k], b[k] + d[k]),
-                        (a[k] - c[k], b[k] - d[k]),
-                        (T::zero() - c[k], T::zero() - d[k]),
-                    ];
-                    for (i, (p, q)) in rows.into_iter().enumerate() {
-                        mt[(i * 4) * cout + k] = p;
-                        mt[(i * 4 + 1) * cout + k] = p + q;
-                        mt[(i * 4 + 2) * cout + k] = p - q;
-                        mt[(i * 4 + 3) * cout + k] = T::zero() - q;
+                for i in 0..m {
+                    for j in 0..m {
+                        let (yy, xx) = (m * ty + i, m * tx + j);
+                        let dst = &mut d[(i * m + j) * cout..(i * m + j + 1) * cout];
+                        if yy < h && xx < w {
+                            dst.copy_from_slice(&dy[((n * h + yy) * w + xx) * cout..][..cout]);
+                        } else {
+                            dst.fill(T::zero());
+                        }
                     }
                 }
+                left(&a_mat, (a, m, m), &d, &mut r, cout);
+                right(&a_mat, (a, m, a), &r, mt, cout);
             }
         })
     });
     // Q_e (cin × cout) = V_eᵀ · dM_e, summed over all tiles by the product.
-    let mut q = vec![T::zero(); 16 * cin * cout];
+    let mut q = vec![T::zero(); a * a * cin * cout];
     q.par_chunks_mut(cin * cout).enumerate().for_each(|(e, qe)| {
-        matmul_general((cin, cout, tiles), &v[e * cin..], (1, 16 * cin), &dm[e * cout..], (16 * cout, 1), qe, cout);
+        matmul_general(
+            (cin, cout, tiles),
+            &v[e * cin..],
+            (1, a * a * cin),
+            &dm[e * cout..],
+            (a * a * cout, 1),
+            qe,
+            cout,
+        );
     });
-    // dW = Gᵀ Q G per (c, k): 4×4 → 3×3, into (cout, 3, 3, cin).
-    let half = T::from_f64(0.5);
-    let mut dw = vec![T::zero(); cout * 9 * cin];
-    for c in 0..cin {
-        for k in 0..cout {
-            let qv = |i: usize, j: usize| q[((i * 4 + j) * cin + c) * cout + k];
-            let gt = |r: [T; 4]| [r[0] + (r[1] + r[2]) * half, (r[1] - r[2]) * half, (r[1] + r[2]) * half + r[3]];
-            // Gᵀ Q: combine rows, column by column.
-            let cols: [[T; 3]; 4] = std::array::from_fn(|j| gt([qv(0, j), qv(1, j), qv(2, j), qv(3, j)]));
-            for i in 0..3 {
-                let out = gt([cols[0][i], cols[1][i], cols[2][i], cols[3][i]]);
-                for (j, val) in out.into_iter().enumerate() {
-                    dw[((k * 3 + i) * 3 + j) * cin + c] = val;
+    drop((v, dm));
+    // dW = Gᵀ Q G per input channel (vectors over cout): α×α → 3×3, into (cout, 3, 3, cin).
+    let gt: Vec<T> = matrix(tr.g, a, 3, true);
+    let per_in: Vec<Vec<T>> = (0..cin)
+        .into_par_iter()
+        .map(|c| {
+            with_fma(|| {
+                let mut qc = vec![T::zero(); a * a * cout];
+                for e in 0..a * a {
+                    qc[e * cout..(e + 1) * cout].copy_from_slice(&q[(e * cin + c) * cout..][..cout]);
                 }
+                let (mut t, mut out) = (vec![T::zero(); 3 * a * cout], vec![T::zero(); 9 * cout]);
+                left(&gt, (3, a, a), &qc, &mut t, cout);
+                right(&gt, (3, a, 3), &t, &mut out, cout);
+                out
+            })
+        })
+        .collect();
+    let mut dw = vec![T::zero(); cout * 9 * cin];
+    for (c, oc) in per_in.iter().enumerate() {
+        for tap in 0..9 {
+            for k in 0..cout {
+                dw[(k * 9 + tap) * cin + c] = oc[tap * cout + k];
             }
         }
     }
@@ -305,6 +437,11 @@ mod tests {
         y
     }
 
+    const TILES: [Tile; 2] = [Tile::F2, Tile::F4];
+    /// Odd and even sizes: partial edge tiles for both tile sizes; 64 channels as in ResNet.
+    const SHAPES: [(usize, usize, usize, usize, usize); 6] =
+        [(1, 4, 4, 1, 1), (2, 5, 7, 3, 4), (1, 8, 6, 8, 5), (2, 9, 9, 2, 3), (1, 7, 7, 64, 4), (1, 12, 10, 5, 64)];
+
     fn data(n: usize, seed: u64) -> Vec<f64> {
         (0..n).map(|i| (((i as u64 * 2_654_435_761 + seed * 97) % 2001) as f64 / 1000.0) - 1.0).collect()
     }
@@ -313,21 +450,21 @@ mod tests {
     /// rounding) and f32 (1e-4 relative).
     #[test]
     fn matches_direct_convolution() {
-        for &(b, h, w, cin, cout) in &[(1, 4, 4, 1, 1), (2, 5, 7, 3, 4), (1, 8, 6, 8, 5), (2, 9, 9, 2, 3)] {
+        for (tile, &(b, h, w, cin, cout)) in TILES.iter().flat_map(|t| SHAPES.iter().map(move |s| (*t, s))) {
             let x = data(b * h * w * cin, 1);
             let f = data(cout * 9 * cin, 2);
             let bias = data(cout, 3);
             let want = direct(&x, &f, &bias, (b, h, w, cin), cout);
-            let got = conv3x3(&x, &f, Some(&bias), (b, h, w, cin), cout);
+            let got = conv3x3(&x, &f, Some(&bias), (b, h, w, cin), cout, tile);
             for (g, e) in got.iter().zip(&want) {
-                assert!((g - e).abs() < 1e-12 * e.abs().max(1.0), "f64 {g} vs {e} at {:?}", (b, h, w, cin, cout));
+                assert!((g - e).abs() < 1e-12 * e.abs().max(1.0), "f64 {g} vs {e} at {:?}", (tile, b, h, w, cin, cout));
             }
             let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
             let f32s: Vec<f32> = f.iter().map(|&v| v as f32).collect();
             let b32: Vec<f32> = bias.iter().map(|&v| v as f32).collect();
-            let got = conv3x3(&x32, &f32s, Some(&b32), (b, h, w, cin), cout);
+            let got = conv3x3(&x32, &f32s, Some(&b32), (b, h, w, cin), cout, tile);
             for (g, e) in got.iter().zip(&want) {
-                assert!(((*g as f64) - e).abs() < 1e-4 * e.abs().max(1.0), "f32 {g} vs {e}");
+                assert!(((*g as f64) - e).abs() < 1e-4 * e.abs().max(1.0), "f32 {g} vs {e} ({tile:?})");
             }
         }
     }
@@ -336,10 +473,10 @@ mod tests {
     /// `dW[k, i, j, c] = Σ dy[n, y, x, k] · x[n, y + i − 1, x + j − 1, c]`; f32 within 1e-4.
     #[test]
     fn weight_gradient_matches_direct_sums() {
-        for &(b, h, w, cin, cout) in &[(1, 4, 4, 1, 1), (2, 5, 7, 3, 4), (1, 8, 6, 8, 5)] {
+        for (tile, &(b, h, w, cin, cout)) in TILES.iter().flat_map(|t| SHAPES.iter().map(move |s| (*t, s))) {
             let x = data(b * h * w * cin, 7);
             let dy = data(b * h * w * cout, 8);
-            let got = conv3x3_weight_grad(&x, &dy, (b, h, w, cin), cout);
+            let got = conv3x3_weight_grad(&x, &dy, (b, h, w, cin), cout, tile);
             for k in 0..cout {
                 for i in 0..3 {
                     for j in 0..3 {
@@ -361,7 +498,7 @@ mod tests {
                             assert!(
                                 (g - want).abs() < 1e-10 * want.abs().max(1.0),
                                 "{g} vs {want} at {:?}",
-                                (k, i, j, c)
+                                (tile, k, i, j, c)
                             );
                         }
                     }
@@ -369,9 +506,9 @@ mod tests {
             }
             let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
             let dy32: Vec<f32> = dy.iter().map(|&v| v as f32).collect();
-            let got32 = conv3x3_weight_grad(&x32, &dy32, (b, h, w, cin), cout);
+            let got32 = conv3x3_weight_grad(&x32, &dy32, (b, h, w, cin), cout, tile);
             for (a, e) in got32.iter().zip(&got) {
-                assert!(((*a as f64) - e).abs() < 1e-4 * e.abs().max(1.0), "f32 {a} vs {e}");
+                assert!(((*a as f64) - e).abs() < 1e-4 * e.abs().max(1.0), "f32 {a} vs {e} ({tile:?})");
             }
         }
     }
@@ -383,10 +520,20 @@ mod tests {
         let x = data(b * h * w * cin, 4);
         let f = data(cout * 9 * cin, 5);
         let dy = data(b * h * w * cout, 6);
-        let y = conv3x3(&x, &f, None, (b, h, w, cin), cout);
-        let dx = conv3x3(&dy, &flip_filters(&f, cin, cout), None, (b, h, w, cout), cin);
-        let lhs: f64 = y.iter().zip(&dy).map(|(a, b)| a * b).sum();
-        let rhs: f64 = x.iter().zip(&dx).map(|(a, b)| a * b).sum();
-        assert!((lhs - rhs).abs() < 1e-10 * lhs.abs().max(1.0), "{lhs} vs {rhs}");
+        for tile in TILES {
+            let y = conv3x3(&x, &f, None, (b, h, w, cin), cout, tile);
+            let dx = conv3x3(&dy, &flip_filters(&f, cin, cout), None, (b, h, w, cout), cin, tile);
+            let lhs: f64 = y.iter().zip(&dy).map(|(a, b)| a * b).sum();
+            let rhs: f64 = x.iter().zip(&dx).map(|(a, b)| a * b).sum();
+            assert!((lhs - rhs).abs() < 1e-10 * lhs.abs().max(1.0), "{lhs} vs {rhs} ({tile:?})");
+        }
+    }
+
+    /// F(4×4) where it saves multiplies (7, 8, 12, 24 px: the 28 and 96 px stages), F(2×2) else.
+    #[test]
+    fn tile_choice_follows_the_product_count() {
+        for (n, want) in [(4, Tile::F4), (6, Tile::F2), (7, Tile::F4), (12, Tile::F4), (24, Tile::F4), (5, Tile::F2)] {
+            assert_eq!(Tile::choose(n, n), want, "{n}x{n}");
+        }
     }
 }
