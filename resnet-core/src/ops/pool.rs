@@ -139,52 +139,41 @@ fn window_range(o: usize, stride: usize, pad: usize, k: usize, n: usize) -> std:
     start.max(0) as usize..((start + k as isize).min(n as isize)).max(0) as usize
 }
 
-/// Each window's gradient goes to the first cell (row-major) holding the window's maximum,
-/// the cell the forward's strict `>` kept; a window whose first cell is NaN has a NaN maximum,
-/// and that cell gets it. Found with per-channel selects and masks, which vectorise.
+/// Each window's gradient goes to the cell the forward kept: the first cell (row-major), then
+/// any strictly greater one. A first pass finds that cell per channel with selects on values
+/// (its window position carried as a `T`, so the loop vectorises like the forward's maxima);
+/// a second adds the gradient there.
 fn pool_bwd<T: WithDType>(x: &[T], grad: &[T], win: &Window) -> Vec<T> {
     let (img_len, out_len, c) = (win.h * win.w * win.c, win.oh() * win.ow() * win.c, win.c);
     let mut dx = vec![T::zero(); win.batch * img_len];
     dx.par_chunks_mut(img_len).enumerate().for_each(|(b, dst)| {
         let img = &x[b * img_len..(b + 1) * img_len];
         let g = &grad[b * out_len..(b + 1) * out_len];
-        let (mut best, mut taken) = (vec![T::zero(); c], vec![0u32; c]);
+        let (mut best, mut pos) = (vec![T::zero(); c], vec![T::zero(); c]);
+        let mut bases = Vec::with_capacity(win.kh * win.kw);
         for oy in 0..win.oh() {
             let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
             for ox in 0..win.ow() {
                 let xs = window_range(ox, win.stride, win.pad, win.kw, win.w);
-                let go = &g[(oy * win.ow() + ox) * c..(oy * win.ow() + ox + 1) * c];
-                let cells = || ys.clone().flat_map(|iy| xs.clone().map(move |ix| (iy * win.w + ix) * c));
-                for (i, base) in cells().enumerate() {
+                bases.clear();
+                bases.extend(ys.clone().flat_map(|iy| xs.clone().map(move |ix| (iy * win.w + ix) * c)));
+                for (i, &base) in bases.iter().enumerate() {
                     let cell = &img[base..base + c];
                     if i == 0 {
                         best.copy_from_slice(cell);
+                        pos.fill(T::zero());
                     } else {
-                        for (m, &v) in best.iter_mut().zip(cell) {
-                            *m = if v > *m { v } else { *m };
+                        let at = T::from_f64(i as f64);
+                        for ((m, p), &v) in best.iter_mut().zip(pos.iter_mut()).zip(cell) {
+                            let better = v > *m;
+                            *m = if better { v } else { *m };
+                            *p = if better { at } else { *p };
                         }
                     }
                 }
-                // `taken` is 1 once a channel's cell is found (f32-wide lanes, like the values).
-                for (i, base) in cells().enumerate() {
-                    let (cell, out) = (&img[base..base + c], &mut dst[base..base + c]);
-                    let (cell, out, best, taken, go) =
-                        (&cell[..c], &mut out[..c], &best[..c], &mut taken[..c], &go[..c]);
-                    if i == 0 {
-                        for ch in 0..c {
-                            let (v, m) = (cell[ch], best[ch]);
-                            #[allow(clippy::eq_op)] // m != m: m is NaN, which only the first cell can be
-                            let hit = (v == m) | (m != m);
-                            out[ch] += if hit { go[ch] } else { T::zero() };
-                            taken[ch] = u32::from(hit);
-                        }
-                    } else {
-                        for ch in 0..c {
-                            let hit = (taken[ch] == 0) & (cell[ch] == best[ch]);
-                            out[ch] += if hit { go[ch] } else { T::zero() };
-                            taken[ch] |= u32::from(hit);
-                        }
-                    }
+                let go = &g[(oy * win.ow() + ox) * c..(oy * win.ow() + ox + 1) * c];
+                for (ch, (&p, &gv)) in pos.iter().zip(go).enumerate() {
+                    dst[bases[p.to_f64() as usize] + ch] += gv;
                 }
             }
         }
