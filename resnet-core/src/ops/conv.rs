@@ -4,6 +4,7 @@ use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Shape, Tensor, WithDType,
 };
 use candle_nn::{Init, VarBuilder};
+use rayon::prelude::*;
 
 use super::elementwise::column_sums_tensor;
 use super::geometry::Window;
@@ -106,11 +107,12 @@ impl Module for Conv2d {
             ConvKernel::Im2col | ConvKernel::Winograd
                 if xs.device().is_cpu() && matches!(xs.dtype(), DType::F32 | DType::F64) =>
             {
-                // The weight in (out, kh, kw, in) order, matching the patches' (kh, kw, c).
-                let w = self.weight.permute((0, 2, 3, 1))?.contiguous()?;
+                // The weight goes in as stored, (out, in, kh, kw); the op reorders it to match
+                // the patches' (kh, kw, c) itself, so no permute-and-copy nodes join the graph
+                // (their backward cost two more passes over every weight per step).
                 let winograd = self.kernel == ConvKernel::Winograd;
                 let op = Im2colConv { kernel: k, stride, pad: padding, winograd };
-                xs.contiguous()?.apply_op3(&w, &self.bias, op)
+                xs.contiguous()?.apply_op3(&self.weight, &self.bias, op)
             }
             ConvKernel::Im2col | ConvKernel::Winograd => self.forward_portable(xs),
             ConvKernel::Candle => {
@@ -256,13 +258,13 @@ impl CustomOp3 for Im2colConv {
         let _span = crate::profile::span(self.name(), l1.dims());
         let win = self.window(l1)?;
         let out = l3.shape().elem_count();
-        if l2.shape().dims() != [out, win.kh, win.kw, win.c] {
+        if l2.shape().dims() != [out, win.c, win.kh, win.kw] {
             candle_core::bail!(
                 "conv2d: weight {:?} does not fit ({out}, {}, {}, {})",
                 l2.shape(),
+                win.c,
                 win.kh,
-                win.kw,
-                win.c
+                win.kw
             )
         }
         let pw = self.pointwise();
@@ -280,14 +282,14 @@ impl CustomOp3 for Im2colConv {
                 (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(run(
                     algo,
                     contiguous(x, l1, "conv2d input")?,
-                    contiguous(w, l2, "conv2d weight")?,
+                    &oihw_to_ohwi(contiguous(w, l2, "conv2d weight")?, out, win.c, win.kh * win.kw),
                     contiguous(b, l3, "conv2d bias")?,
                     &win,
                 )),
                 (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(run(
                     algo,
                     contiguous(x, l1, "conv2d input")?,
-                    contiguous(w, l2, "conv2d weight")?,
+                    &oihw_to_ohwi(contiguous(w, l2, "conv2d weight")?, out, win.c, win.kh * win.kw),
                     contiguous(b, l3, "conv2d bias")?,
                     &win,
                 )),
@@ -298,14 +300,14 @@ impl CustomOp3 for Im2colConv {
         let y = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(conv_forward(
                 contiguous(x, l1, "conv2d input")?,
-                contiguous(w, l2, "conv2d weight")?,
+                &oihw_to_ohwi(contiguous(w, l2, "conv2d weight")?, out, win.c, win.kh * win.kw),
                 contiguous(b, l3, "conv2d bias")?,
                 &win,
                 pw,
             )),
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(conv_forward(
                 contiguous(x, l1, "conv2d input")?,
-                contiguous(w, l2, "conv2d weight")?,
+                &oihw_to_ohwi(contiguous(w, l2, "conv2d weight")?, out, win.c, win.kh * win.kw),
                 contiguous(b, l3, "conv2d bias")?,
                 &win,
                 pw,
@@ -337,13 +339,15 @@ impl CustomOp3 for Im2colConv {
             } else {
                 x.apply_op1_no_bwd(&Im2col { kh: win.kh, kw: win.kw, stride: win.stride, pad: win.pad })?
             };
-            dy.apply_op2_no_bwd(&cols, &MatMul { trans_a: true, trans_b: false })?.reshape(w.shape())?
+            let dw = dy.apply_op2_no_bwd(&cols, &MatMul { trans_a: true, trans_b: false })?;
+            dw.reshape((out, win.kh, win.kw, win.c))?.permute((0, 3, 1, 2))?.contiguous()?
         };
         let db = column_sums_tensor(&dy)?;
         let dx = if let (true, Some(algo)) = (x.track_op(), algo) {
             Some(dy4.apply_op2_no_bwd(w, &ConvGrad { wrt: Wrt::Input, algo, win, cout: out })?)
         } else if x.track_op() {
-            let dcols = dy.apply_op2_no_bwd(&w.reshape((out, k))?, &MatMul { trans_a: false, trans_b: false })?;
+            let w_mat = w.detach().permute((0, 2, 3, 1))?.contiguous()?.reshape((out, k))?;
+            let dcols = dy.apply_op2_no_bwd(&w_mat, &MatMul { trans_a: false, trans_b: false })?;
             Some(if self.pointwise() {
                 dcols.reshape(x.shape())?
             } else {
@@ -356,9 +360,37 @@ impl CustomOp3 for Im2colConv {
     }
 }
 
+/// `(out, in, kh, kw)` (PyTorch's layout, the one stored) → `(out, kh, kw, in)` (the kernels'),
+/// borrowed when there is one tap.
+fn oihw_to_ohwi<T: WithDType>(w: &[T], out: usize, cin: usize, taps: usize) -> std::borrow::Cow<'_, [T]> {
+    swap_inner(w, out, cin, taps)
+}
+
+/// `(out, kh, kw, in)` → `(out, in, kh, kw)`, the inverse of [`oihw_to_ohwi`].
+fn ohwi_to_oihw<T: WithDType>(w: &[T], out: usize, cin: usize, taps: usize) -> std::borrow::Cow<'_, [T]> {
+    swap_inner(w, out, taps, cin)
+}
+
+/// Each of the `out` blocks of `w`, an `(a, b)` matrix, transposed to `(b, a)`, in parallel
+/// over the blocks; borrowed when either side is 1 (nothing moves).
+fn swap_inner<T: WithDType>(w: &[T], out: usize, a: usize, b: usize) -> std::borrow::Cow<'_, [T]> {
+    if a == 1 || b == 1 {
+        return std::borrow::Cow::Borrowed(w);
+    }
+    let mut t = vec![T::zero(); out * a * b];
+    t.par_chunks_mut(a * b).zip(w.par_chunks(a * b)).for_each(|(dst, src)| {
+        for (i, row) in src.chunks_exact(b).enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                dst[j * a + i] = v;
+            }
+        }
+    });
+    std::borrow::Cow::Owned(t)
+}
+
 /// The gradients of a convolution that runs through a fast [`Algo`], as no-grad ops:
-/// - `Wrt::Input`: `(dy (b, oh, ow, out), w (out, kh, kw, in)) -> dx (b, h, w, in)`;
-/// - `Wrt::Weight`: `(x (b, h, w, in), dy (b, oh, ow, out)) -> dW (out, kh, kw, in)`.
+/// - `Wrt::Input`: `(dy (b, oh, ow, out), w (out, in, kh, kw)) -> dx (b, h, w, in)`;
+/// - `Wrt::Weight`: `(x (b, h, w, in), dy (b, oh, ow, out)) -> dW (out, in, kh, kw)`.
 ///
 /// Winograd's input gradient is itself a 3×3 convolution with the filters flipped.
 #[derive(Debug, Clone, Copy)]
@@ -383,8 +415,8 @@ impl ConvGrad {
         let Window { batch, h, w, c, kh, kw, .. } = self.win;
         let (oh, ow, out) = (self.win.oh(), self.win.ow(), self.cout);
         let (want1, want2, shape) = match self.wrt {
-            Wrt::Input => (vec![batch, oh, ow, out], vec![out, kh, kw, c], Shape::from((batch, h, w, c))),
-            Wrt::Weight => (vec![batch, h, w, c], vec![batch, oh, ow, out], Shape::from((out, kh, kw, c))),
+            Wrt::Input => (vec![batch, oh, ow, out], vec![out, c, kh, kw], Shape::from((batch, h, w, c))),
+            Wrt::Weight => (vec![batch, h, w, c], vec![batch, oh, ow, out], Shape::from((out, c, kh, kw))),
         };
         if l1.shape().dims() != want1.as_slice() || l2.shape().dims() != want2.as_slice() {
             candle_core::bail!(
@@ -398,6 +430,16 @@ impl ConvGrad {
     }
 
     fn run<T: WithDType>(&self, a: &[T], b: &[T]) -> Vec<T> {
+        let win = &self.win;
+        let (taps, cout) = (win.kh * win.kw, self.cout);
+        match self.wrt {
+            Wrt::Input => self.run_ohwi(a, &oihw_to_ohwi(b, cout, win.c, taps)),
+            Wrt::Weight => ohwi_to_oihw(&self.run_ohwi(a, b), cout, win.c, taps).into_owned(),
+        }
+    }
+
+    /// [`Self::run`] with weights (and weight gradients) in `(out, kh, kw, in)` order.
+    fn run_ohwi<T: WithDType>(&self, a: &[T], b: &[T]) -> Vec<T> {
         let win = &self.win;
         let dims = (win.batch, win.h, win.w, win.c);
         match (self.algo, self.wrt) {
