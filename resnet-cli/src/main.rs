@@ -18,6 +18,7 @@ const EXIT_INTERRUPTED: u8 = 130;
 fn main() -> ExitCode {
     restore_sigpipe();
     resnet_train::alloc::retain_freed_memory();
+    resnet_train::threads::keep_candle_pool_off_the_cores();
     let cli = args::Cli::parse();
     init_tracing();
     if let Some(threads) = cli.threads {

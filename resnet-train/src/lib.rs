@@ -29,6 +29,7 @@ pub mod optim;
 pub mod plot;
 pub mod run_dir;
 pub mod schedule;
+pub mod threads;
 pub mod trainer;
 
 pub use config::{AugmentConfig, Precision, Schedule, SgdConfig, TrainConfig};

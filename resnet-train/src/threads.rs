@@ -1,0 +1,24 @@
+//! Thread tuning for processes that train or evaluate on the CPU (call it first thing in
+//! `main`, beside [`crate::alloc::retain_freed_memory`]).
+//!
+//! candle 0.11 runs its element-wise ops (the gradient additions of every backward, among
+//! others) on a pool of its own, `CANDLE_NUM_THREADS − 1` helper threads that spin for a while
+//! after each op before they sleep. The project's kernels run on rayon's threads; while they do,
+//! a spinning helper takes a core from them. `perf` put 8 % of a 28 px training step's samples
+//! in that spin loop and 2 % more in the main thread's wait on it, and a step ran about 10 %
+//! faster with the pool off (A/B in BENCHMARKS.md). With `CANDLE_NUM_THREADS=1` the
+//! element-wise ops run on the calling thread and rayon keeps both cores.
+
+/// The variable candle reads for its element-wise pool's size.
+pub const CANDLE_NUM_THREADS: &str = "CANDLE_NUM_THREADS";
+
+/// Sets `CANDLE_NUM_THREADS=1` unless the user set it. Returns whether it set it. Process-wide
+/// and read once, when candle first needs the pool, so only binaries should call it, before
+/// any candle op and before spawning threads.
+pub fn keep_candle_pool_off_the_cores() -> bool {
+    if std::env::var_os(CANDLE_NUM_THREADS).is_some() {
+        return false;
+    }
+    std::env::set_var(CANDLE_NUM_THREADS, "1");
+    true
+}
