@@ -15,7 +15,7 @@ use candle_core::WithDType;
 use rayon::prelude::*;
 
 use super::geometry::Window;
-use super::matmul::matmul_into;
+use super::matmul::matmul_strided_par;
 
 /// Take this path when padding makes up more than this share of im2col's taps.
 const MAX_USEFUL_SHARE: f64 = 0.85;
@@ -141,17 +141,28 @@ fn scatter_cols<T: WithDType>(cols: &[T], win: &Window, class: &TapClass, dx: &m
     });
 }
 
-/// The class's weight columns: `(out, ky · kx · c)` from `w` `(out, kh, kw, c)`.
-fn gather_weight<T: WithDType>(w: &[T], win: &Window, class: &TapClass, out: usize) -> Vec<T> {
+/// A run of the class's patch columns that is contiguous in every row of the `(out, kh, kw, c)`
+/// weight: `len` columns from `col` in the class's patches, from `offset` in a weight row.
+struct Segment {
+    col: usize,
+    offset: usize,
+    len: usize,
+}
+
+/// The class's taps as weight segments: one when the class spans whole kernel rows, else one
+/// per kernel row. The products read the weight in place through them (no copy per class).
+fn segments(win: &Window, class: &TapClass) -> Vec<Segment> {
     let c = win.c;
-    let mut wc = Vec::with_capacity(out * class.taps() * c);
-    for o in 0..out {
-        for ky in class.ky.clone() {
-            let start = ((o * win.kh + ky) * win.kw + class.kx.start) * c;
-            wc.extend_from_slice(&w[start..start + class.kx.len() * c]);
-        }
+    if class.kx.len() == win.kw {
+        return vec![Segment { col: 0, offset: class.ky.start * win.kw * c, len: class.taps() * c }];
     }
-    wc
+    let row = class.kx.len() * c;
+    class
+        .ky
+        .clone()
+        .enumerate()
+        .map(|(i, ky)| Segment { col: i * row, offset: (ky * win.kw + class.kx.start) * c, len: row })
+        .collect()
 }
 
 /// Indices into `(batch · oh · ow)` of the class's output rows, in [`gather_cols`]' order.
@@ -179,16 +190,20 @@ fn covers_all(win: &Window, classes: &[TapClass]) -> bool {
 /// `(out, kh, kw, c)`.
 pub fn conv<T: WithDType>(x: &[T], w: &[T], bias: &[T], win: &Window) -> Vec<T> {
     let out = bias.len();
+    let wrow = win.patch_len();
     let classes = classes(win);
     let all = covers_all(win, &classes);
     let mut y = if all { Vec::new() } else { vec![T::zero(); win.batch * win.oh() * win.ow() * out] };
     for class in &classes {
         let cols = gather_cols(x, win, class);
-        let wc = gather_weight(w, win, class, out);
         let rc = win.batch * class.pixels();
         let kc = class.taps() * win.c;
         let mut yc: Vec<T> = bias.iter().copied().cycle().take(rc * out).collect();
-        matmul_into((rc, out, kc), &cols, false, &wc, true, &mut yc, true);
+        for seg in segments(win, class) {
+            // yc += cols[:, seg] · W[:, seg]ᵀ
+            let (a, b) = (&cols[seg.col..], &w[seg.offset..]);
+            matmul_strided_par((rc, out, seg.len), a, (kc, 1), b, (1, wrow), &mut yc, out, true);
+        }
         if all {
             return yc;
         }
@@ -201,9 +216,9 @@ pub fn conv<T: WithDType>(x: &[T], w: &[T], bias: &[T], win: &Window) -> Vec<T> 
 
 /// `dW (out, kh, kw, c)` of [`conv`] from `x` `(batch, h, w, c)` and `dy` `(batch · oh · ow, out)`.
 pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) -> Vec<T> {
-    let c = win.c;
+    let wrow = win.patch_len();
     let classes = classes(win);
-    let mut dw = vec![T::zero(); out * win.patch_len()];
+    let mut dw = vec![T::zero(); out * wrow];
     for class in &classes {
         let cols = gather_cols(x, win, class);
         let owned;
@@ -214,19 +229,11 @@ pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) ->
             &owned
         };
         let rc = win.batch * class.pixels();
-        let kc = class.taps() * c;
-        let mut dwc = vec![T::zero(); out * kc];
-        matmul_into((out, kc, rc), dyc, true, &cols, false, &mut dwc, false);
-        let mut src = dwc.chunks_exact(class.kx.len() * c);
-        for o in 0..out {
-            for ky in class.ky.clone() {
-                let start = ((o * win.kh + ky) * win.kw + class.kx.start) * c;
-                for (d, s) in
-                    dw[start..start + class.kx.len() * c].iter_mut().zip(src.next().expect("a row per tap row"))
-                {
-                    *d += *s;
-                }
-            }
+        let kc = class.taps() * win.c;
+        for seg in segments(win, class) {
+            // dW[:, seg] += dyᵀ · cols[:, seg], straight into the weight's layout.
+            let (b, dst) = (&cols[seg.col..], &mut dw[seg.offset..]);
+            matmul_strided_par((out, seg.len, rc), dyc, (1, out), b, (kc, 1), dst, wrow, true);
         }
     }
     dw
@@ -234,6 +241,7 @@ pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) ->
 
 /// `dx (batch, h, w, c)` of [`conv`] from `dy` `(batch · oh · ow, out)` and `w` `(out, kh, kw, c)`.
 pub fn input_grad<T: WithDType>(dy: &[T], w: &[T], win: &Window, out: usize) -> Vec<T> {
+    let wrow = win.patch_len();
     let classes = classes(win);
     let mut dx = vec![T::zero(); win.batch * win.h * win.w * win.c];
     for class in &classes {
@@ -244,11 +252,14 @@ pub fn input_grad<T: WithDType>(dy: &[T], w: &[T], win: &Window, out: usize) -> 
             owned = gather_rows(dy, win, class, out);
             &owned
         };
-        let wc = gather_weight(w, win, class, out);
         let rc = win.batch * class.pixels();
         let kc = class.taps() * win.c;
         let mut dcols = vec![T::zero(); rc * kc];
-        matmul_into((rc, kc, out), dyc, false, &wc, false, &mut dcols, false);
+        for seg in segments(win, class) {
+            // dcols[:, seg] = dy · W[:, seg]
+            let (b, dst) = (&w[seg.offset..], &mut dcols[seg.col..]);
+            matmul_strided_par((rc, seg.len, out), dyc, (out, 1), b, (wrow, 1), dst, kc, false);
+        }
         scatter_cols(&dcols, win, class, &mut dx);
     }
     dx
