@@ -9,6 +9,7 @@ pub mod geometry;
 pub mod im2col;
 mod matmul;
 pub mod pool;
+mod scratch;
 mod simd;
 mod storage;
 mod taps;

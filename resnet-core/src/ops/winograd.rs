@@ -16,6 +16,7 @@ use candle_core::WithDType;
 use rayon::prelude::*;
 
 use super::matmul::{matmul_general, matmul_strided};
+use super::scratch;
 use super::simd::with_fma;
 
 /// Tiles per parallel task in the transforms.
@@ -198,7 +199,7 @@ fn input_transform<T: WithDType>(x: &[T], (batch, h, w, cin): (usize, usize, usi
     let (th, tw) = (h.div_ceil(m), w.div_ceil(m));
     let tiles = batch * th * tw;
     let bt: Vec<T> = matrix(tr.bt, a, a, false);
-    let mut v = vec![T::zero(); tiles * a * a * cin];
+    let mut v = scratch::take(tiles * a * a * cin);
     v.par_chunks_mut(TILES_PER_TASK * a * a * cin).enumerate().for_each(|(task, block)| {
         with_fma(|| {
             let (mut d, mut r) = (vec![T::zero(); a * a * cin], vec![T::zero(); a * a * cin]);
@@ -246,12 +247,12 @@ pub fn conv3x3<T: WithDType>(
 
     // M_e = V_e · U_e: α² products of (tiles × cin) · (cin × cout), side by side on the
     // threads, reading V tile-major (row stride α²·cin) and writing M entry-major.
-    let mut prod = vec![T::zero(); a * a * tiles * cout];
+    let mut prod = scratch::take(a * a * tiles * cout);
     prod.par_chunks_mut(tiles * cout).enumerate().for_each(|(e, me)| {
         let ue = &u[e * cin * cout..(e + 1) * cin * cout];
         matmul_strided((tiles, cout, cin), &v[e * cin..], a * a * cin, ue, cout, me, cout);
     });
-    drop(v);
+    scratch::give(v);
 
     // Y = Aᵀ M A per tile (+ bias), written into the image.
     let at: Vec<T> = matrix(tr.at, m, a, false);
@@ -296,6 +297,7 @@ pub fn conv3x3<T: WithDType>(
             }
         })
     });
+    scratch::give(prod);
     y
 }
 
@@ -317,7 +319,7 @@ pub fn conv3x3_weight_grad<T: WithDType>(
     let v = input_transform(x, (batch, h, w, cin), tr);
     // dM = A dY Aᵀ per m×m output-gradient tile (zero outside the image), tile-major like V.
     let a_mat: Vec<T> = matrix(tr.at, m, a, true);
-    let mut dm = vec![T::zero(); tiles * a * a * cout];
+    let mut dm = scratch::take(tiles * a * a * cout);
     dm.par_chunks_mut(TILES_PER_TASK * a * a * cout).enumerate().for_each(|(task, block)| {
         with_fma(|| {
             let (mut d, mut r) = (vec![T::zero(); m * m * cout], vec![T::zero(); a * m * cout]);
@@ -354,7 +356,8 @@ pub fn conv3x3_weight_grad<T: WithDType>(
             cout,
         );
     });
-    drop((v, dm));
+    scratch::give(v);
+    scratch::give(dm);
     // dW = Gᵀ Q G per input channel (vectors over cout): α×α → 3×3, into (cout, 3, 3, cin).
     let gt: Vec<T> = matrix(tr.g, a, 3, true);
     let per_in: Vec<Vec<T>> = (0..cin)

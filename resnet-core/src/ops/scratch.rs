@@ -1,0 +1,81 @@
+//! Reused scratch buffers for the kernels' temporaries.
+//!
+//! A Winograd convolution at 96 px fills two temporaries of 42 MB each (the transformed input
+//! and the products) and frees them, 30 times a step. A fresh `vec![0; n]` clears every byte
+//! first, though the kernels overwrite them all: `perf` put 6–8 % of a step in `memset`. The
+//! same sizes recur every step, so the buffers are kept here and handed out again as they are.
+//! Contents are whatever the last user left (always initialised values, never read before the
+//! kernel writes them), so a buffer from [`take`] is for outputs the caller overwrites in full.
+
+use std::any::Any;
+use std::sync::Mutex;
+
+use candle_core::WithDType;
+
+/// Buffers kept at most; beyond that the smallest is dropped.
+const MAX_BUFFERS: usize = 8;
+
+static POOL: Mutex<Vec<Box<dyn Any + Send>>> = Mutex::new(Vec::new());
+
+/// A buffer of `len` elements with unspecified (initialised) contents, for a caller that
+/// overwrites every element. The smallest kept buffer that is large enough, else a new one.
+pub fn take<T: WithDType>(len: usize) -> Vec<T> {
+    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    let best = pool
+        .iter()
+        .enumerate()
+        .filter_map(|(i, b)| b.downcast_ref::<Vec<T>>().filter(|v| v.len() >= len).map(|v| (i, v.len())))
+        .min_by_key(|&(_, n)| n)
+        .map(|(i, _)| i);
+    match best {
+        Some(i) => {
+            let mut v = *pool.swap_remove(i).downcast::<Vec<T>>().expect("checked above");
+            v.truncate(len);
+            v
+        }
+        None => vec![T::zero(); len],
+    }
+}
+
+/// Returns a buffer from [`take`] for reuse.
+pub fn give<T: WithDType>(v: Vec<T>) {
+    if v.is_empty() {
+        return;
+    }
+    // Steps repeat their sizes, so a buffer comes back at the length it will be asked for next.
+    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    pool.push(Box::new(v));
+    if pool.len() > MAX_BUFFERS {
+        let smallest =
+            pool.iter().enumerate().min_by_key(|(_, b)| size_of_buffer(b.as_ref())).map(|(i, _)| i).expect("non-empty");
+        pool.swap_remove(smallest);
+    }
+}
+
+fn size_of_buffer(b: &(dyn Any + Send)) -> usize {
+    if let Some(v) = b.downcast_ref::<Vec<f32>>() {
+        v.capacity() * 4
+    } else if let Some(v) = b.downcast_ref::<Vec<f64>>() {
+        v.capacity() * 8
+    } else {
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_come_back_with_the_asked_length_and_type() {
+        let a: Vec<f64> = take(1000);
+        assert_eq!(a.len(), 1000);
+        give(a);
+        let b: Vec<f64> = take(10);
+        assert_eq!(b.len(), 10);
+        let c: Vec<f32> = take(10);
+        assert_eq!(c.len(), 10);
+        give(b);
+        give(c);
+    }
+}
