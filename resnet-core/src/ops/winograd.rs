@@ -127,40 +127,55 @@ fn matrix<T: WithDType>(m: &[f64], rows: usize, cols: usize, transpose: bool) ->
 }
 
 /// `dst (rows × cols) = mat (rows × inner) · src (inner × cols)`, every entry a vector of `c`
-/// channels; zero coefficients are skipped.
+/// channels, source entry `e` at `src[e·stride..]`; zero coefficients are skipped.
 #[inline(always)]
-fn left<T: WithDType>(mat: &[T], (rows, inner, cols): (usize, usize, usize), src: &[T], dst: &mut [T], c: usize) {
+fn left<T: WithDType>(mat: &[T], dims: (usize, usize, usize), src: &[T], stride: usize, dst: &mut [T], c: usize) {
+    let (_, inner, cols) = dims;
+    combine(dims, src, stride, dst, c, |i, k, j| (mat[i * inner + k], k * cols + j));
+}
+
+/// `dst (rows × cols) = src (rows × inner) · matᵀ` with `mat` `(cols × inner)`, every entry a
+/// vector of `c` channels, source entry `e` at `src[e·stride..]`; zero coefficients are skipped.
+#[inline(always)]
+fn right<T: WithDType>(mat: &[T], dims: (usize, usize, usize), src: &[T], stride: usize, dst: &mut [T], c: usize) {
+    let (_, inner, _) = dims;
+    combine(dims, src, stride, dst, c, |i, k, j| (mat[j * inner + k], i * inner + k))
+}
+
+/// `dst[i·cols + j] = Σ_k coef · src[entry]` with `(coef, entry) = term(i, k, j)` over the
+/// non-zero coefficients; the first term is written, the rest added (no clearing pass).
+#[inline(always)]
+fn combine<T: WithDType>(
+    (rows, inner, cols): (usize, usize, usize),
+    src: &[T],
+    stride: usize,
+    dst: &mut [T],
+    c: usize,
+    term: impl Fn(usize, usize, usize) -> (T, usize),
+) {
     for i in 0..rows {
         for j in 0..cols {
             let out = &mut dst[(i * cols + j) * c..(i * cols + j + 1) * c];
-            out.fill(T::zero());
+            let mut first = true;
             for k in 0..inner {
-                let coef = mat[i * inner + k];
-                if coef != T::zero() {
-                    for (o, &v) in out.iter_mut().zip(&src[(k * cols + j) * c..(k * cols + j + 1) * c]) {
+                let (coef, entry) = term(i, k, j);
+                if coef == T::zero() {
+                    continue;
+                }
+                let s = &src[entry * stride..entry * stride + c];
+                if first {
+                    for (o, &v) in out.iter_mut().zip(s) {
+                        *o = coef * v;
+                    }
+                    first = false;
+                } else {
+                    for (o, &v) in out.iter_mut().zip(s) {
                         *o += coef * v;
                     }
                 }
             }
-        }
-    }
-}
-
-/// `dst (rows × cols) = src (rows × inner) · matᵀ` with `mat` `(cols × inner)`, every entry a
-/// vector of `c` channels; zero coefficients are skipped.
-#[inline(always)]
-fn right<T: WithDType>(mat: &[T], (rows, inner, cols): (usize, usize, usize), src: &[T], dst: &mut [T], c: usize) {
-    for i in 0..rows {
-        for j in 0..cols {
-            let out = &mut dst[(i * cols + j) * c..(i * cols + j + 1) * c];
-            out.fill(T::zero());
-            for k in 0..inner {
-                let coef = mat[j * inner + k];
-                if coef != T::zero() {
-                    for (o, &v) in out.iter_mut().zip(&src[(i * inner + k) * c..(i * inner + k + 1) * c]) {
-                        *o += coef * v;
-                    }
-                }
+            if first {
+                out.fill(T::zero());
             }
         }
     }
@@ -175,8 +190,8 @@ fn transform_filters<T: WithDType>(w: &[T], cin: usize, cout: usize, tr: &Transf
         .map(|k| {
             with_fma(|| {
                 let (mut t, mut u) = (vec![T::zero(); a * 3 * cin], vec![T::zero(); a * a * cin]);
-                left(&g, (a, 3, 3), &w[k * 9 * cin..(k + 1) * 9 * cin], &mut t, cin);
-                right(&g, (a, 3, a), &t, &mut u, cin);
+                left(&g, (a, 3, 3), &w[k * 9 * cin..(k + 1) * 9 * cin], cin, &mut t, cin);
+                right(&g, (a, 3, a), &t, cin, &mut u, cin);
                 u
             })
         })
@@ -220,8 +235,8 @@ fn input_transform<T: WithDType>(x: &[T], (batch, h, w, cin): (usize, usize, usi
                         }
                     }
                 }
-                left(&bt, (a, a, a), &d, &mut r, cin);
-                right(&bt, (a, a, a), &r, vt, cin);
+                left(&bt, (a, a, a), &d, cin, &mut r, cin);
+                right(&bt, (a, a, a), &r, cin, vt, cin);
             }
         })
     });
@@ -260,17 +275,14 @@ pub fn conv3x3<T: WithDType>(
     let img = h * w * cout;
     y.par_chunks_mut(img).enumerate().for_each(|(n, out)| {
         with_fma(|| {
-            let mut mt = vec![T::zero(); a * a * cout];
             let mut s = vec![T::zero(); m * a * cout];
             let mut o = vec![T::zero(); m * m * cout];
             for ty in 0..th {
                 for tx in 0..tw {
                     let t = (n * th + ty) * tw + tx;
-                    for e in 0..a * a {
-                        mt[e * cout..(e + 1) * cout].copy_from_slice(&prod[(e * tiles + t) * cout..][..cout]);
-                    }
-                    left(&at, (m, a, a), &mt, &mut s, cout);
-                    right(&at, (m, a, m), &s, &mut o, cout);
+                    // The tile's α² entries straight from the products (entry stride tiles·cout).
+                    left(&at, (m, a, a), &prod[t * cout..], tiles * cout, &mut s, cout);
+                    right(&at, (m, a, m), &s, cout, &mut o, cout);
                     for i in 0..m {
                         let yy = m * ty + i;
                         if yy >= h {
@@ -338,8 +350,8 @@ pub fn conv3x3_weight_grad<T: WithDType>(
                         }
                     }
                 }
-                left(&a_mat, (a, m, m), &d, &mut r, cout);
-                right(&a_mat, (a, m, a), &r, mt, cout);
+                left(&a_mat, (a, m, m), &d, cout, &mut r, cout);
+                right(&a_mat, (a, m, a), &r, cout, mt, cout);
             }
         })
     });
@@ -364,13 +376,9 @@ pub fn conv3x3_weight_grad<T: WithDType>(
         .into_par_iter()
         .map(|c| {
             with_fma(|| {
-                let mut qc = vec![T::zero(); a * a * cout];
-                for e in 0..a * a {
-                    qc[e * cout..(e + 1) * cout].copy_from_slice(&q[(e * cin + c) * cout..][..cout]);
-                }
                 let (mut t, mut out) = (vec![T::zero(); 3 * a * cout], vec![T::zero(); 9 * cout]);
-                left(&gt, (3, a, a), &qc, &mut t, cout);
-                right(&gt, (3, a, 3), &t, &mut out, cout);
+                left(&gt, (3, a, a), &q[c * cout..], cin * cout, &mut t, cout);
+                right(&gt, (3, a, 3), &t, cout, &mut out, cout);
                 out
             })
         })
