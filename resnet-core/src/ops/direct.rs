@@ -1,18 +1,22 @@
-//! Direct convolution of single-channel images: the stem's 7×7 over grayscale Fashion-MNIST.
+//! Convolution of single-channel images: the stem's 7×7 over grayscale Fashion-MNIST.
 //!
-//! With one input channel im2col makes a `(pixels, 49)` matrix, and the product over a depth of
-//! 49 runs at a fraction of the matrix kernels' speed (measured: about 23 GFLOP/s for the
-//! forward and for the weight gradient at 28 px). Here each output pixel accumulates its taps
-//! into a vector of output channels, and the weight gradient accumulates each pixel's
-//! `x · dy` outer product into per-task sums, in a fixed order so results repeat bit for bit.
+//! With one input channel the patch matrix is `(pixels, 49)`. Its forward product is short and
+//! wide and runs well once the patches are made element by element (see `im2col_slice`), so the
+//! forward is im2col's. The weight gradient `dyᵀ · cols` is one long, thin product over every
+//! pixel that the matrix kernels do not split across threads (measured at 24 GFLOP/s at 28 px);
+//! here it runs as products over fixed runs of pixels side by side, summed in a fixed order so
+//! results repeat bit for bit. The input gradient (never needed for the images themselves)
+//! accumulates each pixel's taps directly.
 
 use candle_core::WithDType;
 use rayon::prelude::*;
 
 use super::geometry::Window;
-use super::simd::with_fma;
+use super::im2col::im2col_slice;
+use super::matmul::matmul_general;
+use super::scratch;
 
-/// Output pixels per parallel task in the weight gradient (a fixed split keeps the sum order).
+/// Output pixels per product in the weight gradient (a fixed split keeps the sum order).
 const PIXELS_PER_TASK: usize = 4096;
 
 /// Whether this path applies: one input channel.
@@ -39,85 +43,36 @@ fn input_at(win: &Window, oy: usize, ox: usize, ky: usize, kx: usize) -> Option<
     (iy < win.h && ix < win.w).then_some(iy * win.w + ix)
 }
 
-/// `y (batch, oh, ow, out) = conv(x, w) + bias` for `x` `(batch, h, w, 1)` and `w`
-/// `(out, kh, kw, 1)`.
-pub fn conv<T: WithDType>(x: &[T], w: &[T], bias: &[T], win: &Window) -> Vec<T> {
-    let out = bias.len();
-    let taps = win.kh * win.kw;
-    let wt = taps_by_channel(w, taps, out);
-    let (oh, ow) = (win.oh(), win.ow());
-    let mut y = vec![T::zero(); win.batch * oh * ow * out];
-    y.par_chunks_mut(ow * out).enumerate().for_each(|(row, yr)| {
-        let (n, oy) = (row / oh, row % oh);
-        let img = &x[n * win.h * win.w..(n + 1) * win.h * win.w];
-        with_fma(|| {
-            for (ox, acc) in yr.chunks_exact_mut(out).enumerate() {
-                acc.copy_from_slice(bias);
-                for ky in 0..win.kh {
-                    for kx in 0..win.kw {
-                        if let Some(i) = input_at(win, oy, ox, ky, kx) {
-                            let v = img[i];
-                            let wr = &wt[(ky * win.kw + kx) * out..(ky * win.kw + kx + 1) * out];
-                            for (a, &wv) in acc.iter_mut().zip(wr) {
-                                *a += v * wv;
-                            }
-                        }
-                    }
-                }
-            }
-        })
-    });
-    y
-}
-
-/// `dW (out, kh, kw, 1)` of [`conv`] from `x` `(batch, h, w, 1)` and `dy` `(batch · oh · ow, out)`.
+/// `dW (out, kh, kw, 1)` of the convolution from `x` `(batch, h, w, 1)` and `dy`
+/// `(batch · oh · ow, out)`: the patches (cheap with one channel), then `dyᵀ · cols` as
+/// products over fixed runs of pixels side by side on the threads (one product over all pixels
+/// would be one long, thin product the matrix kernels do not split), summed in order.
 pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) -> Vec<T> {
     let taps = win.kh * win.kw;
-    let (oh, ow) = (win.oh(), win.ow());
-    let pixels = win.batch * oh * ow;
+    let pixels = win.batch * win.oh() * win.ow();
+    let mut cols = scratch::take(pixels * taps);
+    im2col_slice(x, win, &mut cols);
     let partials: Vec<Vec<T>> = (0..pixels.div_ceil(PIXELS_PER_TASK))
         .into_par_iter()
         .map(|task| {
-            let mut acc = vec![T::zero(); taps * out];
-            with_fma(|| {
-                for p in task * PIXELS_PER_TASK..((task + 1) * PIXELS_PER_TASK).min(pixels) {
-                    let (n, rest) = (p / (oh * ow), p % (oh * ow));
-                    let (oy, ox) = (rest / ow, rest % ow);
-                    let img = &x[n * win.h * win.w..(n + 1) * win.h * win.w];
-                    let g = &dy[p * out..(p + 1) * out];
-                    for ky in 0..win.kh {
-                        for kx in 0..win.kw {
-                            if let Some(i) = input_at(win, oy, ox, ky, kx) {
-                                let v = img[i];
-                                let tap = ky * win.kw + kx;
-                                for (a, &gv) in acc[tap * out..(tap + 1) * out].iter_mut().zip(g) {
-                                    *a += v * gv;
-                                }
-                            }
-                        }
-                    }
-                }
-            });
-            acc
+            let (start, end) = (task * PIXELS_PER_TASK, ((task + 1) * PIXELS_PER_TASK).min(pixels));
+            let mut part = vec![T::zero(); out * taps];
+            let (g, p) = (&dy[start * out..end * out], &cols[start * taps..end * taps]);
+            matmul_general((out, taps, end - start), g, (1, out), p, (taps, 1), &mut part, taps);
+            part
         })
         .collect();
-    let mut sum = vec![T::zero(); taps * out];
-    for part in partials {
-        for (s, p) in sum.iter_mut().zip(part) {
-            *s += p;
-        }
-    }
-    // (kh · kw, out) → (out, kh, kw, 1).
+    scratch::give(cols);
     let mut dw = vec![T::zero(); out * taps];
-    for tap in 0..taps {
-        for o in 0..out {
-            dw[o * taps + tap] = sum[tap * out + o];
+    for part in partials {
+        for (s, p) in dw.iter_mut().zip(part) {
+            *s += p;
         }
     }
     dw
 }
 
-/// `dx (batch, h, w, 1)` of [`conv`] from `dy` `(batch · oh · ow, out)` and `w` `(out, kh, kw, 1)`.
+/// `dx (batch, h, w, 1)` of the convolution from `dy` `(batch · oh · ow, out)` and `w` `(out, kh, kw, 1)`.
 pub fn input_grad<T: WithDType>(dy: &[T], w: &[T], win: &Window, out: usize) -> Vec<T> {
     let taps = win.kh * win.kw;
     let wt = taps_by_channel(w, taps, out);

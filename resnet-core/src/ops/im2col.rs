@@ -52,6 +52,20 @@ pub fn im2col_slice<T: WithDType>(x: &[T], win: &Window, out: &mut [T]) {
     out.par_chunks_mut(row_block).enumerate().for_each(|(r, dst_row)| {
         let (b, oy) = (r / oh, r % oh);
         let img = &x[b * win.h * win.w * c..(b + 1) * win.h * win.w * c];
+        if c == 1 {
+            // One channel (the stem): element by element, no slice copies of length 1.
+            for (ox, dst) in dst_row.chunks_exact_mut(patch).enumerate() {
+                for ki in 0..win.kh {
+                    let iy = (oy * win.stride + ki) as isize - win.pad as isize;
+                    for kj in 0..win.kw {
+                        let ix = (ox * win.stride + kj) as isize - win.pad as isize;
+                        let inside = iy >= 0 && ix >= 0 && iy < win.h as isize && ix < win.w as isize;
+                        dst[ki * win.kw + kj] = if inside { img[iy as usize * win.w + ix as usize] } else { T::zero() };
+                    }
+                }
+            }
+            return;
+        }
         for ox in 0..ow {
             let dst = &mut dst_row[ox * patch..(ox + 1) * patch];
             for ki in 0..win.kh {
