@@ -8,9 +8,11 @@
 //! out channels), α² matrix products `M_e = V_e · U_e`, and transform every product tile back.
 //! Per output pixel and channel pair the products do α²/m² multiplies where direct convolution
 //! does 9: 4 for F(2×2) (2.25× fewer), 2.25 for F(4×4) (4× fewer), which also blows the data up
-//! less (2.25× against 4×) at the price of larger transform constants, so a little more
-//! rounding. The input gradient of such a convolution is again one (with the filters flipped
-//! and their channel axes swapped), and the weight gradient is the adjoint of the transforms.
+//! less (2.25× against 4×) at the price of larger transform constants, so more rounding. The
+//! input gradient of such a convolution is again one (with the filters flipped and their
+//! channel axes swapped), and the weight gradient is the adjoint of the transforms. The model
+//! runs its forward on F(2×2) and its gradients on the tile [`Tile::choose`] picks (see
+//! `ops::conv`).
 
 use candle_core::WithDType;
 use rayon::prelude::*;
