@@ -12,8 +12,9 @@ use std::sync::Mutex;
 
 use candle_core::WithDType;
 
-/// Buffers kept at most; beyond that the smallest is dropped.
-const MAX_BUFFERS: usize = 8;
+/// Bytes kept at most (beyond that, the smallest buffers are dropped): enough for the largest
+/// temporaries of a 96 px step, a bounded addition to its peak memory.
+const MAX_BYTES: usize = 192 << 20;
 
 static POOL: Mutex<Vec<Box<dyn Any + Send>>> = Mutex::new(Vec::new());
 
@@ -45,7 +46,7 @@ pub fn give<T: WithDType>(v: Vec<T>) {
     // Steps repeat their sizes, so a buffer comes back at the length it will be asked for next.
     let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
     pool.push(Box::new(v));
-    if pool.len() > MAX_BUFFERS {
+    while pool.iter().map(|b| size_of_buffer(b.as_ref())).sum::<usize>() > MAX_BYTES {
         let smallest =
             pool.iter().enumerate().min_by_key(|(_, b)| size_of_buffer(b.as_ref())).map(|(i, _)| i).expect("non-empty");
         pool.swap_remove(smallest);
