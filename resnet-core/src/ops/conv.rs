@@ -269,7 +269,12 @@ impl CustomOp3 for Im2colConv {
         }
         let pw = self.pointwise();
         if let Some(algo) = self.algo(&win) {
-            fn run<T: WithDType>(algo: Algo, x: &[T], w: &[T], b: &[T], win: &Window) -> Vec<T> {
+            fn run<T: WithDType>(algo: Algo, x: &[T], w_oihw: &[T], b: &[T], win: &Window) -> Vec<T> {
+                if algo == Algo::Taps {
+                    // Reads the stored layout itself (often only a few of the taps).
+                    return taps::conv(x, w_oihw, b, win);
+                }
+                let w = &oihw_to_ohwi(w_oihw, b.len(), win.c, win.kh * win.kw);
                 match algo {
                     // The forward stays on F(2×2): F(4×4)'s larger transform constants round
                     // enough that the same images gave updates differing by 4e-3 of the update
@@ -280,7 +285,7 @@ impl CustomOp3 for Im2colConv {
                         let dims = (win.batch, win.h, win.w, win.c);
                         winograd::conv3x3(x, w, Some(b), dims, b.len(), winograd::Tile::F2)
                     }
-                    Algo::Taps => taps::conv(x, w, b, win),
+                    Algo::Taps => unreachable!("handled above"),
                     // Patches of one channel are cheap to make and the product runs at the
                     // matrix kernels' speed: faster than the direct loop for the forward.
                     Algo::Direct => conv_forward(x, w, b, win, false),
@@ -290,14 +295,14 @@ impl CustomOp3 for Im2colConv {
                 (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(run(
                     algo,
                     contiguous(x, l1, "conv2d input")?,
-                    &oihw_to_ohwi(contiguous(w, l2, "conv2d weight")?, out, win.c, win.kh * win.kw),
+                    contiguous(w, l2, "conv2d weight")?,
                     contiguous(b, l3, "conv2d bias")?,
                     &win,
                 )),
                 (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(run(
                     algo,
                     contiguous(x, l1, "conv2d input")?,
-                    &oihw_to_ohwi(contiguous(w, l2, "conv2d weight")?, out, win.c, win.kh * win.kw),
+                    contiguous(w, l2, "conv2d weight")?,
                     contiguous(b, l3, "conv2d bias")?,
                     &win,
                 )),
@@ -381,7 +386,7 @@ fn ohwi_to_oihw<T: WithDType>(w: &[T], out: usize, cin: usize, taps: usize) -> s
 
 /// Each of the `out` blocks of `w`, an `(a, b)` matrix, transposed to `(b, a)`, in parallel
 /// over the blocks; borrowed when either side is 1 (nothing moves).
-fn swap_inner<T: WithDType>(w: &[T], out: usize, a: usize, b: usize) -> std::borrow::Cow<'_, [T]> {
+pub(super) fn swap_inner<T: WithDType>(w: &[T], out: usize, a: usize, b: usize) -> std::borrow::Cow<'_, [T]> {
     if a == 1 || b == 1 {
         return std::borrow::Cow::Borrowed(w);
     }
@@ -440,9 +445,12 @@ impl ConvGrad {
     fn run<T: WithDType>(&self, a: &[T], b: &[T]) -> Vec<T> {
         let win = &self.win;
         let (taps, cout) = (win.kh * win.kw, self.cout);
-        match self.wrt {
-            Wrt::Input => self.run_ohwi(a, &oihw_to_ohwi(b, cout, win.c, taps)),
-            Wrt::Weight => ohwi_to_oihw(&self.run_ohwi(a, b), cout, win.c, taps).into_owned(),
+        match (self.algo, self.wrt) {
+            // The in-bounds taps read and write the stored layout themselves.
+            (Algo::Taps, Wrt::Input) => taps::input_grad(a, b, win, cout),
+            (Algo::Taps, Wrt::Weight) => taps::weight_grad(a, b, win, cout),
+            (_, Wrt::Input) => self.run_ohwi(a, &oihw_to_ohwi(b, cout, win.c, taps)),
+            (_, Wrt::Weight) => ohwi_to_oihw(&self.run_ohwi(a, b), cout, win.c, taps).into_owned(),
         }
     }
 
@@ -457,8 +465,7 @@ impl ConvGrad {
                 winograd::conv3x3(a, &flipped, None, (n, h, w, self.cout), win.c, tile)
             }
             (Algo::Winograd(tile), Wrt::Weight) => winograd::conv3x3_weight_grad(a, b, dims, self.cout, tile),
-            (Algo::Taps, Wrt::Input) => taps::input_grad(a, b, win, self.cout),
-            (Algo::Taps, Wrt::Weight) => taps::weight_grad(a, b, win, self.cout),
+            (Algo::Taps, _) => unreachable!("the taps run on the stored layout"),
             (Algo::Direct, Wrt::Input) => direct::input_grad(a, b, win, self.cout),
             (Algo::Direct, Wrt::Weight) => direct::weight_grad(a, b, win, self.cout),
         }

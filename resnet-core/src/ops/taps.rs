@@ -12,6 +12,8 @@
 use std::ops::Range;
 
 use candle_core::WithDType;
+use std::borrow::Cow;
+
 use rayon::prelude::*;
 
 use super::geometry::Window;
@@ -165,6 +167,67 @@ fn segments(win: &Window, class: &TapClass) -> Vec<Segment> {
         .collect()
 }
 
+/// The weight as stored, `(out, c, kh, kw)`, and, made the first time a class asks for it, in
+/// the kernels' order `(out, kh, kw, c)`, where a class's taps are contiguous runs.
+struct Weight<'a, T> {
+    oihw: &'a [T],
+    ohwi: std::cell::OnceCell<Vec<T>>,
+    out: usize,
+}
+
+impl<'a, T: WithDType> Weight<'a, T> {
+    fn new(oihw: &'a [T], out: usize) -> Self {
+        Self { oihw, ohwi: std::cell::OnceCell::new(), out }
+    }
+
+    fn ohwi(&self, win: &Window) -> &[T] {
+        self.ohwi.get_or_init(|| super::conv::swap_inner(self.oihw, self.out, win.c, win.kh * win.kw).into_owned())
+    }
+
+    /// The class's weight columns, compact: `(out, ky · kx · c)`.
+    fn gather(&self, win: &Window, class: &TapClass) -> Vec<T> {
+        let (c, taps) = (win.c, win.kh * win.kw);
+        let mut wc = Vec::with_capacity(self.out * class.taps() * c);
+        for o in 0..self.out {
+            let wo = &self.oihw[o * c * taps..(o + 1) * c * taps];
+            for ky in class.ky.clone() {
+                for kx in class.kx.clone() {
+                    let tap = ky * win.kw + kx;
+                    wc.extend((0..c).map(|ch| wo[ch * taps + tap]));
+                }
+            }
+        }
+        wc
+    }
+}
+
+/// Whether a class reads a compact copy of its weight columns: when it has fewer than half the
+/// kernel's taps (a corner, or the centre tap alone on a 1×1 image), whose columns would
+/// otherwise be read scattered over the whole weight. Larger classes read the weight in place.
+fn compact(win: &Window, class: &TapClass) -> bool {
+    2 * class.taps() < win.kh * win.kw
+}
+
+/// The weight as a class's products read it: rows `stride` apart, in `segments`.
+struct ClassWeights<'a, T: Clone> {
+    data: Cow<'a, [T]>,
+    stride: usize,
+    segments: Vec<Segment>,
+}
+
+fn class_weights<'a, T: WithDType>(w: &'a Weight<'_, T>, win: &Window, class: &TapClass) -> ClassWeights<'a, T> {
+    if compact(win, class) {
+        let len = class.taps() * win.c;
+        ClassWeights {
+            data: Cow::Owned(w.gather(win, class)),
+            stride: len,
+            segments: vec![Segment { col: 0, offset: 0, len }],
+        }
+    } else {
+        ClassWeights { data: Cow::Borrowed(w.ohwi(win)), stride: win.patch_len(), segments: segments(win, class) }
+    }
+}
+
 /// Indices into `(batch · oh · ow)` of the class's output rows, in [`gather_cols`]' order.
 fn class_rows<'a>(win: &Window, class: &'a TapClass) -> impl Iterator<Item = usize> + 'a {
     let (oh, ow, batch) = (win.oh(), win.ow(), win.batch);
@@ -187,10 +250,10 @@ fn covers_all(win: &Window, classes: &[TapClass]) -> bool {
 }
 
 /// `y (batch, oh, ow, out) = conv(x, w) + bias` with `x` `(batch, h, w, c)` and `w`
-/// `(out, kh, kw, c)`.
+/// `(out, c, kh, kw)`.
 pub fn conv<T: WithDType>(x: &[T], w: &[T], bias: &[T], win: &Window) -> Vec<T> {
     let out = bias.len();
-    let wrow = win.patch_len();
+    let w = Weight::new(w, out);
     let classes = classes(win);
     let all = covers_all(win, &classes);
     let mut y = if all { Vec::new() } else { vec![T::zero(); win.batch * win.oh() * win.ow() * out] };
@@ -199,10 +262,11 @@ pub fn conv<T: WithDType>(x: &[T], w: &[T], bias: &[T], win: &Window) -> Vec<T> 
         let rc = win.batch * class.pixels();
         let kc = class.taps() * win.c;
         let mut yc: Vec<T> = bias.iter().copied().cycle().take(rc * out).collect();
-        for seg in segments(win, class) {
+        let cw = class_weights(&w, win, class);
+        for seg in &cw.segments {
             // yc += cols[:, seg] · W[:, seg]ᵀ
-            let (a, b) = (&cols[seg.col..], &w[seg.offset..]);
-            matmul_strided_par((rc, out, seg.len), a, (kc, 1), b, (1, wrow), &mut yc, out, true);
+            let (a, b) = (&cols[seg.col..], &cw.data[seg.offset..]);
+            matmul_strided_par((rc, out, seg.len), a, (kc, 1), b, (1, cw.stride), &mut yc, out, true);
         }
         if all {
             return yc;
@@ -214,11 +278,13 @@ pub fn conv<T: WithDType>(x: &[T], w: &[T], bias: &[T], win: &Window) -> Vec<T> 
     y
 }
 
-/// `dW (out, kh, kw, c)` of [`conv`] from `x` `(batch, h, w, c)` and `dy` `(batch · oh · ow, out)`.
+/// `dW (out, c, kh, kw)` of [`conv`] from `x` `(batch, h, w, c)` and `dy` `(batch · oh · ow, out)`.
 pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) -> Vec<T> {
-    let wrow = win.patch_len();
+    let (c, taps, wrow) = (win.c, win.kh * win.kw, win.patch_len());
     let classes = classes(win);
     let mut dw = vec![T::zero(); out * wrow];
+    // Classes read in place accumulate in the kernels' order, added in at the end.
+    let mut dw_ohwi: Option<Vec<T>> = None;
     for class in &classes {
         let cols = gather_cols(x, win, class);
         let owned;
@@ -229,19 +295,44 @@ pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) ->
             &owned
         };
         let rc = win.batch * class.pixels();
-        let kc = class.taps() * win.c;
+        let kc = class.taps() * c;
+        if compact(win, class) {
+            // A compact product, then added into the stored layout.
+            let mut dwc = vec![T::zero(); out * kc];
+            matmul_strided_par((out, kc, rc), dyc, (1, out), &cols, (kc, 1), &mut dwc, kc, false);
+            for (o, src) in dwc.chunks_exact(kc).enumerate() {
+                let dst = &mut dw[o * wrow..(o + 1) * wrow];
+                let mut src = src.chunks_exact(c);
+                for ky in class.ky.clone() {
+                    for kx in class.kx.clone() {
+                        let tap = ky * win.kw + kx;
+                        for (ch, &v) in src.next().expect("a run per tap").iter().enumerate() {
+                            dst[ch * taps + tap] += v;
+                        }
+                    }
+                }
+            }
+            continue;
+        }
+        let acc = dw_ohwi.get_or_insert_with(|| vec![T::zero(); out * wrow]);
         for seg in segments(win, class) {
-            // dW[:, seg] += dyᵀ · cols[:, seg], straight into the weight's layout.
-            let (b, dst) = (&cols[seg.col..], &mut dw[seg.offset..]);
+            // dW[:, seg] += dyᵀ · cols[:, seg], straight into the kernels' layout.
+            let (b, dst) = (&cols[seg.col..], &mut acc[seg.offset..]);
             matmul_strided_par((out, seg.len, rc), dyc, (1, out), b, (kc, 1), dst, wrow, true);
+        }
+    }
+    if let Some(acc) = dw_ohwi {
+        let back = super::conv::swap_inner(&acc, out, taps, c);
+        for (d, s) in dw.iter_mut().zip(back.iter()) {
+            *d += *s;
         }
     }
     dw
 }
 
-/// `dx (batch, h, w, c)` of [`conv`] from `dy` `(batch · oh · ow, out)` and `w` `(out, kh, kw, c)`.
+/// `dx (batch, h, w, c)` of [`conv`] from `dy` `(batch · oh · ow, out)` and `w` `(out, c, kh, kw)`.
 pub fn input_grad<T: WithDType>(dy: &[T], w: &[T], win: &Window, out: usize) -> Vec<T> {
-    let wrow = win.patch_len();
+    let w = Weight::new(w, out);
     let classes = classes(win);
     let mut dx = vec![T::zero(); win.batch * win.h * win.w * win.c];
     for class in &classes {
@@ -255,10 +346,11 @@ pub fn input_grad<T: WithDType>(dy: &[T], w: &[T], win: &Window, out: usize) -> 
         let rc = win.batch * class.pixels();
         let kc = class.taps() * win.c;
         let mut dcols = vec![T::zero(); rc * kc];
-        for seg in segments(win, class) {
+        let cw = class_weights(&w, win, class);
+        for seg in &cw.segments {
             // dcols[:, seg] = dy · W[:, seg]
-            let (b, dst) = (&w[seg.offset..], &mut dcols[seg.col..]);
-            matmul_strided_par((rc, seg.len, out), dyc, (out, 1), b, (wrow, 1), dst, kc, false);
+            let (b, dst) = (&cw.data[seg.offset..], &mut dcols[seg.col..]);
+            matmul_strided_par((rc, seg.len, out), dyc, (out, 1), b, (cw.stride, 1), dst, kc, false);
         }
         scatter_cols(&dcols, win, class, &mut dx);
     }
