@@ -56,17 +56,25 @@ pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) ->
         .into_par_iter()
         .map(|task| {
             let (start, end) = (task * PIXELS_PER_TASK, ((task + 1) * PIXELS_PER_TASK).min(pixels));
-            let mut part = vec![T::zero(); out * taps];
+            // dWᵀ (taps × out) = colsᵀ · dy: the wide side (out) along the kernels' vectors.
+            let mut part = vec![T::zero(); taps * out];
             let (g, p) = (&dy[start * out..end * out], &cols[start * taps..end * taps]);
-            matmul_general((out, taps, end - start), g, (1, out), p, (taps, 1), &mut part, taps);
+            matmul_general((taps, out, end - start), p, (1, taps), g, (out, 1), &mut part, out);
             part
         })
         .collect();
     scratch::give(cols);
-    let mut dw = vec![T::zero(); out * taps];
+    let mut sum = vec![T::zero(); taps * out];
     for part in partials {
-        for (s, p) in dw.iter_mut().zip(part) {
+        for (s, p) in sum.iter_mut().zip(part) {
             *s += p;
+        }
+    }
+    // (taps, out) → (out, taps) = (out, 1, kh, kw).
+    let mut dw = vec![T::zero(); out * taps];
+    for (tap, row) in sum.chunks_exact(out).enumerate() {
+        for (o, &v) in row.iter().enumerate() {
+            dw[o * taps + tap] = v;
         }
     }
     dw
