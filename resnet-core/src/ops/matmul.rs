@@ -55,27 +55,11 @@ pub(crate) fn matmul_general<T: WithDType>(
     gemm_strided(mnk, a, a_strides, b, b_strides, c, ldc, false, false);
 }
 
-/// `c (m×n) = op(a) · op(b)` (plus the old `c` with `accumulate`) for matrices given by element
-/// strides as in [`matmul_general`], `c` row-major with rows `ldc` apart, split over candle's
-/// threads.
+/// The one call into the `gemm` crate behind the helpers above, for matrices given by element
+/// strides as in [`matmul_general`]; `accumulate` adds to `c`, `parallel` splits the product over
+/// candle's threads.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul_strided_par<T: WithDType>(
-    mnk: (usize, usize, usize),
-    a: &[T],
-    a_strides: (usize, usize),
-    b: &[T],
-    b_strides: (usize, usize),
-    c: &mut [T],
-    ldc: usize,
-    accumulate: bool,
-) {
-    gemm_strided(mnk, a, a_strides, b, b_strides, c, ldc, accumulate, true);
-}
-
-/// The one call into the `gemm` crate behind the helpers above; `accumulate` adds to `c`,
-/// `parallel` splits the product over candle's threads.
-#[allow(clippy::too_many_arguments)]
-fn gemm_strided<T: WithDType>(
+pub(crate) fn gemm_strided<T: WithDType>(
     (m, n, k): (usize, usize, usize),
     a: &[T],
     (a_rs, a_cs): (usize, usize),

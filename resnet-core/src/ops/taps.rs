@@ -17,7 +17,7 @@ use std::borrow::Cow;
 use rayon::prelude::*;
 
 use super::geometry::Window;
-use super::matmul::matmul_strided_par;
+use super::matmul::gemm_strided;
 
 /// Take this path when padding makes up more than this share of im2col's taps.
 const MAX_USEFUL_SHARE: f64 = 0.85;
@@ -244,6 +244,21 @@ fn gather_rows<T: WithDType>(dy: &[T], win: &Window, class: &TapClass, out: usiz
     rows
 }
 
+/// The class's rows of `dy`: `dy` itself when one class covers every pixel.
+fn class_dy<'a, T: WithDType>(
+    dy: &'a [T],
+    win: &Window,
+    classes: &[TapClass],
+    class: &TapClass,
+    out: usize,
+) -> Cow<'a, [T]> {
+    if covers_all(win, classes) {
+        Cow::Borrowed(dy)
+    } else {
+        Cow::Owned(gather_rows(dy, win, class, out))
+    }
+}
+
 /// Whether one class covers every output pixel, so its rows are the output's rows in order.
 fn covers_all(win: &Window, classes: &[TapClass]) -> bool {
     classes.len() == 1 && classes[0].pixels() == win.oh() * win.ow()
@@ -266,7 +281,7 @@ pub fn conv<T: WithDType>(x: &[T], w: &[T], bias: &[T], win: &Window) -> Vec<T> 
         for seg in &cw.segments {
             // yc += cols[:, seg] · W[:, seg]ᵀ
             let (a, b) = (&cols[seg.col..], &cw.data[seg.offset..]);
-            matmul_strided_par((rc, out, seg.len), a, (kc, 1), b, (1, cw.stride), &mut yc, out, true);
+            gemm_strided((rc, out, seg.len), a, (kc, 1), b, (1, cw.stride), &mut yc, out, true, true);
         }
         if all {
             return yc;
@@ -287,19 +302,13 @@ pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) ->
     let mut dw_ohwi: Option<Vec<T>> = None;
     for class in &classes {
         let cols = gather_cols(x, win, class);
-        let owned;
-        let dyc: &[T] = if covers_all(win, &classes) {
-            dy
-        } else {
-            owned = gather_rows(dy, win, class, out);
-            &owned
-        };
+        let dyc = &*class_dy(dy, win, &classes, class, out);
         let rc = win.batch * class.pixels();
         let kc = class.taps() * c;
         if compact(win, class) {
             // A compact product, then added into the stored layout.
             let mut dwc = vec![T::zero(); out * kc];
-            matmul_strided_par((out, kc, rc), dyc, (1, out), &cols, (kc, 1), &mut dwc, kc, false);
+            gemm_strided((out, kc, rc), dyc, (1, out), &cols, (kc, 1), &mut dwc, kc, false, true);
             for (o, src) in dwc.chunks_exact(kc).enumerate() {
                 let dst = &mut dw[o * wrow..(o + 1) * wrow];
                 let mut src = src.chunks_exact(c);
@@ -318,7 +327,7 @@ pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) ->
         for seg in segments(win, class) {
             // dW[:, seg] += dyᵀ · cols[:, seg], straight into the kernels' layout.
             let (b, dst) = (&cols[seg.col..], &mut acc[seg.offset..]);
-            matmul_strided_par((out, seg.len, rc), dyc, (1, out), b, (kc, 1), dst, wrow, true);
+            gemm_strided((out, seg.len, rc), dyc, (1, out), b, (kc, 1), dst, wrow, true, true);
         }
     }
     if let Some(acc) = dw_ohwi {
@@ -336,13 +345,7 @@ pub fn input_grad<T: WithDType>(dy: &[T], w: &[T], win: &Window, out: usize) -> 
     let classes = classes(win);
     let mut dx = vec![T::zero(); win.batch * win.h * win.w * win.c];
     for class in &classes {
-        let owned;
-        let dyc: &[T] = if covers_all(win, &classes) {
-            dy
-        } else {
-            owned = gather_rows(dy, win, class, out);
-            &owned
-        };
+        let dyc = &*class_dy(dy, win, &classes, class, out);
         let rc = win.batch * class.pixels();
         let kc = class.taps() * win.c;
         let mut dcols = vec![T::zero(); rc * kc];
@@ -350,7 +353,7 @@ pub fn input_grad<T: WithDType>(dy: &[T], w: &[T], win: &Window, out: usize) -> 
         for seg in &cw.segments {
             // dcols[:, seg] = dy · W[:, seg]
             let (b, dst) = (&cw.data[seg.offset..], &mut dcols[seg.col..]);
-            matmul_strided_par((rc, seg.len, out), dyc, (out, 1), b, (cw.stride, 1), dst, kc, false);
+            gemm_strided((rc, seg.len, out), dyc, (out, 1), b, (cw.stride, 1), dst, kc, false, true);
         }
         scatter_cols(&dcols, win, class, &mut dx);
     }
