@@ -122,7 +122,10 @@ impl BatchNorm {
             }
             let stats = Arc::new(Mutex::new(None));
             let op = FusedBatchNorm { eps: self.eps, relu, stats: Arc::clone(&stats) };
-            let ys = flat.contiguous()?.apply_op3(&self.weight, &self.bias, op)?;
+            // On the tensor as it is, channels last: a reshape on either side would be a graph
+            // node whose backward starts its gradient from a zero tensor and adds (two passes
+            // over the activation each, measured ~9 % of a 96 px step for all BatchNorms).
+            let ys = xs.contiguous()?.apply_op3(&self.weight, &self.bias, op)?;
             let (mean, var) = stats
                 .lock()
                 .map_err(|_| candle_core::Error::Msg("batch-norm statistics lock poisoned".into()))?
@@ -132,7 +135,7 @@ impl BatchNorm {
             let mean = Tensor::from_vec(mean, c, xs.device())?.to_dtype(self.running_mean.dtype())?;
             let var = Tensor::from_vec(var, c, xs.device())?.to_dtype(self.running_var.dtype())?;
             self.update_running_stats(&mean, &var, rows)?;
-            return ys.reshape(dims);
+            return Ok(ys);
         } else if train {
             if rows < 2 {
                 candle_core::bail!("batch-norm in training needs more than one value per channel, got shape {dims:?}")
@@ -439,7 +442,7 @@ impl CustomOp3 for FusedBatchNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (rows, c) = x.dims2()?;
+        let (n, c) = (x.elem_count(), gamma.elem_count());
         let stats = self
             .stats
             .lock()
@@ -448,9 +451,9 @@ impl CustomOp3 for FusedBatchNorm {
             .ok_or_else(|| candle_core::Error::Msg("batch-norm backward before forward".into()))?;
         let op = FusedBatchNormBackward { eps: self.eps, relu: self.relu, stats };
         let packed = x.apply_op3_no_bwd(&grad.contiguous()?, gamma, &op)?;
-        let dx = packed.narrow(0, 0, rows * c)?.reshape((rows, c))?;
-        let dgamma = packed.narrow(0, rows * c, c)?;
-        let dbeta = packed.narrow(0, rows * c + c, c)?;
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dgamma = packed.narrow(0, n, c)?;
+        let dbeta = packed.narrow(0, n + c, c)?;
         Ok((Some(dx), Some(dgamma), Some(dbeta)))
     }
 }
