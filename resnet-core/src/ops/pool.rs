@@ -157,18 +157,25 @@ fn pool_bwd<T: WithDType>(x: &[T], grad: &[T], win: &Window) -> Vec<T> {
                 let xs = window_range(ox, win.stride, win.pad, win.kw, win.w);
                 bases.clear();
                 bases.extend(ys.clone().flat_map(|iy| xs.clone().map(move |ix| (iy * win.w + ix) * c)));
+                // The maxima (as the forward), then the first cell holding each: scanning the
+                // cells backwards, every match overwrites, so the first one stays. Two loops of
+                // one select each, which vectorise (one loop doing both did not). A NaN maximum
+                // (first cell NaN) matches nothing and keeps position 0, the first cell.
                 for (i, &base) in bases.iter().enumerate() {
                     let cell = &img[base..base + c];
                     if i == 0 {
                         best.copy_from_slice(cell);
-                        pos.fill(T::zero());
                     } else {
-                        let at = T::from_f64(i as f64);
-                        for ((m, p), &v) in best.iter_mut().zip(pos.iter_mut()).zip(cell) {
-                            let better = v > *m;
-                            *m = if better { v } else { *m };
-                            *p = if better { at } else { *p };
+                        for (m, &v) in best.iter_mut().zip(cell) {
+                            *m = if v > *m { v } else { *m };
                         }
+                    }
+                }
+                pos.fill(T::zero());
+                for (i, &base) in bases.iter().enumerate().rev() {
+                    let at = T::from_f64(i as f64);
+                    for ((p, &m), &v) in pos.iter_mut().zip(&best).zip(&img[base..base + c]) {
+                        *p = if v == m { at } else { *p };
                     }
                 }
                 let go = &g[(oy * win.ow() + ox) * c..(oy * win.ow() + ox + 1) * c];
