@@ -270,11 +270,7 @@ impl CustomOp3 for Im2colConv {
         let pw = self.pointwise();
         if let Some(algo) = self.algo(&win) {
             fn run<T: WithDType>(algo: Algo, x: &[T], w_oihw: &[T], b: &[T], win: &Window) -> Vec<T> {
-                if algo == Algo::Taps {
-                    // Reads the stored layout itself (often only a few of the taps).
-                    return taps::conv(x, w_oihw, b, win);
-                }
-                let w = &oihw_to_ohwi(w_oihw, b.len(), win.c, win.kh * win.kw);
+                let ohwi = || oihw_to_ohwi(w_oihw, b.len(), win.c, win.kh * win.kw);
                 match algo {
                     // The forward stays on F(2×2): F(4×4)'s larger transform constants round
                     // enough that the same images gave updates differing by 4e-3 of the update
@@ -283,12 +279,13 @@ impl CustomOp3 for Im2colConv {
                     // gradients take the tile `Tile::choose` picks.
                     Algo::Winograd(_) => {
                         let dims = (win.batch, win.h, win.w, win.c);
-                        winograd::conv3x3(x, w, Some(b), dims, b.len(), winograd::Tile::F2)
+                        winograd::conv3x3(x, &ohwi(), Some(b), dims, b.len(), winograd::Tile::F2)
                     }
-                    Algo::Taps => unreachable!("handled above"),
+                    // Reads the stored layout itself (often only a few of the taps).
+                    Algo::Taps => taps::conv(x, w_oihw, b, win),
                     // Patches of one channel are cheap to make and the product runs at the
                     // matrix kernels' speed: faster than the direct loop for the forward.
-                    Algo::Direct => conv_forward(x, w, b, win, false),
+                    Algo::Direct => conv_forward(x, &ohwi(), b, win, false),
                 }
             }
             let y = match (s1, s2, s3) {
@@ -442,32 +439,26 @@ impl ConvGrad {
         Ok(shape)
     }
 
+    /// `a`, `b` as in the type's doc; weights and weight gradients in the stored layout.
     fn run<T: WithDType>(&self, a: &[T], b: &[T]) -> Vec<T> {
         let win = &self.win;
         let (taps, cout) = (win.kh * win.kw, self.cout);
-        match (self.algo, self.wrt) {
-            // The in-bounds taps read and write the stored layout themselves.
-            (Algo::Taps, Wrt::Input) => taps::input_grad(a, b, win, cout),
-            (Algo::Taps, Wrt::Weight) => taps::weight_grad(a, b, win, cout),
-            (_, Wrt::Input) => self.run_ohwi(a, &oihw_to_ohwi(b, cout, win.c, taps)),
-            (_, Wrt::Weight) => ohwi_to_oihw(&self.run_ohwi(a, b), cout, win.c, taps).into_owned(),
-        }
-    }
-
-    /// [`Self::run`] with weights (and weight gradients) in `(out, kh, kw, in)` order.
-    fn run_ohwi<T: WithDType>(&self, a: &[T], b: &[T]) -> Vec<T> {
-        let win = &self.win;
         let dims = (win.batch, win.h, win.w, win.c);
+        // The Winograd and direct kernels take `(out, kh, kw, in)`; the taps read and write the
+        // stored layout themselves.
+        let ohwi = || oihw_to_ohwi(b, cout, win.c, taps);
+        let oihw = |dw: Vec<T>| ohwi_to_oihw(&dw, cout, win.c, taps).into_owned();
         match (self.algo, self.wrt) {
             (Algo::Winograd(tile), Wrt::Input) => {
                 let (n, h, w, _) = dims;
-                let flipped = winograd::flip_filters(b, win.c, self.cout);
-                winograd::conv3x3(a, &flipped, None, (n, h, w, self.cout), win.c, tile)
+                let flipped = winograd::flip_filters(&ohwi(), win.c, cout);
+                winograd::conv3x3(a, &flipped, None, (n, h, w, cout), win.c, tile)
             }
-            (Algo::Winograd(tile), Wrt::Weight) => winograd::conv3x3_weight_grad(a, b, dims, self.cout, tile),
-            (Algo::Taps, _) => unreachable!("the taps run on the stored layout"),
-            (Algo::Direct, Wrt::Input) => direct::input_grad(a, b, win, self.cout),
-            (Algo::Direct, Wrt::Weight) => direct::weight_grad(a, b, win, self.cout),
+            (Algo::Winograd(tile), Wrt::Weight) => oihw(winograd::conv3x3_weight_grad(a, b, dims, cout, tile)),
+            (Algo::Taps, Wrt::Input) => taps::input_grad(a, b, win, cout),
+            (Algo::Taps, Wrt::Weight) => taps::weight_grad(a, b, win, cout),
+            (Algo::Direct, Wrt::Input) => direct::input_grad(a, &ohwi(), win, cout),
+            (Algo::Direct, Wrt::Weight) => oihw(direct::weight_grad(a, b, win, cout)),
         }
     }
 }

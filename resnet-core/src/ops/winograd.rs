@@ -209,6 +209,12 @@ fn transform_filters<T: WithDType>(w: &[T], cin: usize, cout: usize, tr: &Transf
     u
 }
 
+/// Tile `t` of a batch with `th × tw` tiles per image: `(image, tile row, tile column)`.
+fn tile_at(t: usize, th: usize, tw: usize) -> (usize, usize, usize) {
+    let (n, rest) = (t / (th * tw), t % (th * tw));
+    (n, rest / tw, rest % tw)
+}
+
 /// `V = Bᵀ d B` for every α×α input tile `d` (zero outside the image), tile-major: entry `e`
 /// of tile `t`, channel `c` at `(t·α² + e)·cin + c`.
 fn input_transform<T: WithDType>(x: &[T], (batch, h, w, cin): (usize, usize, usize, usize), tr: &Transforms) -> Vec<T> {
@@ -221,9 +227,7 @@ fn input_transform<T: WithDType>(x: &[T], (batch, h, w, cin): (usize, usize, usi
         with_fma(|| {
             let (mut d, mut r) = (vec![T::zero(); a * a * cin], vec![T::zero(); a * a * cin]);
             for (local, vt) in block.chunks_exact_mut(a * a * cin).enumerate() {
-                let t = task * TILES_PER_TASK + local;
-                let (n, rest) = (t / (th * tw), t % (th * tw));
-                let (ty, tx) = (rest / tw, rest % tw);
+                let (n, ty, tx) = tile_at(task * TILES_PER_TASK + local, th, tw);
                 for i in 0..a {
                     let y = (m * ty + i) as isize - 1;
                     for j in 0..a {
@@ -338,9 +342,7 @@ pub fn conv3x3_weight_grad<T: WithDType>(
         with_fma(|| {
             let (mut d, mut r) = (vec![T::zero(); m * m * cout], vec![T::zero(); a * m * cout]);
             for (local, mt) in block.chunks_exact_mut(a * a * cout).enumerate() {
-                let t = task * TILES_PER_TASK + local;
-                let (n, rest) = (t / (th * tw), t % (th * tw));
-                let (ty, tx) = (rest / tw, rest % tw);
+                let (n, ty, tx) = tile_at(task * TILES_PER_TASK + local, th, tw);
                 for i in 0..m {
                     for j in 0..m {
                         let (yy, xx) = (m * ty + i, m * tx + j);
