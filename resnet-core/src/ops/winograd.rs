@@ -17,12 +17,22 @@
 use candle_core::WithDType;
 use rayon::prelude::*;
 
-use super::matmul::{matmul_general, matmul_strided};
+use super::matmul::{gemm_strided, matmul_strided};
 use super::scratch;
 use super::simd::with_fma;
 
-/// Tiles per parallel task in the transforms.
-const TILES_PER_TASK: usize = 32;
+/// Transformed tiles (inputs and products) a parallel task holds, in elements: about 4 MB of
+/// `f32`, so a task's temporaries stay in the L3 cache beside the other core's and the
+/// filters' instead of going out to memory and back (at 96 px the whole batch's would be 75 MB).
+const TASK_ELEMENTS: usize = 1 << 20;
+
+/// Tasks per convolution at least, where the batch has that many tile rows: enough to keep
+/// both cores busy, a multiple of [`GROUPS`].
+const MIN_TASKS: usize = 8;
+
+/// Partial sums of the weight gradient: runs of tasks, each summed into its own buffer, then
+/// added in order. Fixed, so the result does not depend on the number of threads.
+const GROUPS: usize = 4;
 
 /// Whether a convolution of this shape runs through Winograd: 3×3, stride 1, padding 1, and an
 /// image large enough that the tiles are mostly inside it (below 4×4 other kernels waste less).
@@ -129,19 +139,32 @@ fn matrix<T: WithDType>(m: &[f64], rows: usize, cols: usize, transpose: bool) ->
 }
 
 /// `dst (rows × cols) = mat (rows × inner) · src (inner × cols)`, every entry a vector of `c`
-/// channels, source entry `e` at `src[e·stride..]`; zero coefficients are skipped.
+/// channels, source entry `e` at `src[e·stride..]`, destination entry `e` at `dst[e·dst_stride..]`;
+/// zero coefficients are skipped.
 #[inline(always)]
-fn left<T: WithDType>(mat: &[T], dims: (usize, usize, usize), src: &[T], stride: usize, dst: &mut [T], c: usize) {
+fn left<T: WithDType>(
+    mat: &[T],
+    dims: (usize, usize, usize),
+    (src, stride): (&[T], usize),
+    (dst, dst_stride): (&mut [T], usize),
+    c: usize,
+) {
     let (_, inner, cols) = dims;
-    combine(dims, src, stride, dst, c, |i, k, j| (mat[i * inner + k], k * cols + j));
+    combine(dims, (src, stride), (dst, dst_stride), c, |i, k, j| (mat[i * inner + k], k * cols + j));
 }
 
-/// `dst (rows × cols) = src (rows × inner) · matᵀ` with `mat` `(cols × inner)`, every entry a
-/// vector of `c` channels, source entry `e` at `src[e·stride..]`; zero coefficients are skipped.
+/// `dst (rows × cols) = src (rows × inner) · matᵀ` with `mat` `(cols × inner)`, entries as in
+/// [`left`].
 #[inline(always)]
-fn right<T: WithDType>(mat: &[T], dims: (usize, usize, usize), src: &[T], stride: usize, dst: &mut [T], c: usize) {
+fn right<T: WithDType>(
+    mat: &[T],
+    dims: (usize, usize, usize),
+    (src, stride): (&[T], usize),
+    (dst, dst_stride): (&mut [T], usize),
+    c: usize,
+) {
     let (_, inner, _) = dims;
-    combine(dims, src, stride, dst, c, |i, k, j| (mat[j * inner + k], i * inner + k))
+    combine(dims, (src, stride), (dst, dst_stride), c, |i, k, j| (mat[j * inner + k], i * inner + k))
 }
 
 /// `dst[i·cols + j] = Σ_k coef · src[entry]` with `(coef, entry) = term(i, k, j)` over the
@@ -149,15 +172,15 @@ fn right<T: WithDType>(mat: &[T], dims: (usize, usize, usize), src: &[T], stride
 #[inline(always)]
 fn combine<T: WithDType>(
     (rows, inner, cols): (usize, usize, usize),
-    src: &[T],
-    stride: usize,
-    dst: &mut [T],
+    (src, stride): (&[T], usize),
+    (dst, dst_stride): (&mut [T], usize),
     c: usize,
     term: impl Fn(usize, usize, usize) -> (T, usize),
 ) {
     for i in 0..rows {
         for j in 0..cols {
-            let out = &mut dst[(i * cols + j) * c..(i * cols + j + 1) * c];
+            let at = (i * cols + j) * dst_stride;
+            let out = &mut dst[at..at + c];
             let mut first = true;
             for k in 0..inner {
                 let (coef, entry) = term(i, k, j);
@@ -192,8 +215,8 @@ fn transform_filters<T: WithDType>(w: &[T], cin: usize, cout: usize, tr: &Transf
         .map(|k| {
             with_fma(|| {
                 let (mut t, mut u) = (vec![T::zero(); a * 3 * cin], vec![T::zero(); a * a * cin]);
-                left(&g, (a, 3, 3), &w[k * 9 * cin..(k + 1) * 9 * cin], cin, &mut t, cin);
-                right(&g, (a, 3, a), &t, cin, &mut u, cin);
+                left(&g, (a, 3, 3), (&w[k * 9 * cin..(k + 1) * 9 * cin], cin), (&mut t, cin), cin);
+                right(&g, (a, 3, a), (&t, cin), (&mut u, cin), cin);
                 u
             })
         })
@@ -209,44 +232,104 @@ fn transform_filters<T: WithDType>(w: &[T], cin: usize, cout: usize, tr: &Transf
     u
 }
 
-/// Tile `t` of a batch with `th × tw` tiles per image: `(image, tile row, tile column)`.
-fn tile_at(t: usize, th: usize, tw: usize) -> (usize, usize, usize) {
-    let (n, rest) = (t / (th * tw), t % (th * tw));
-    (n, rest / tw, rest % tw)
+/// How a batch's tiles are split into parallel tasks: runs of whole tile rows ("bands", `tw`
+/// tiles covering `m` image rows), so a task's output is one contiguous run of image rows. Each
+/// task transforms its tiles, runs the α² products on them and transforms them back while they
+/// are in cache.
+#[derive(Debug, Clone, Copy)]
+struct Bands {
+    m: usize,
+    h: usize,
+    w: usize,
+    /// Tile rows and columns per image.
+    th: usize,
+    tw: usize,
+    /// Tile rows in the batch.
+    count: usize,
+    /// Tile rows per task (the last task may have fewer).
+    per_task: usize,
 }
 
-/// `V = Bᵀ d B` for every α×α input tile `d` (zero outside the image), tile-major: entry `e`
-/// of tile `t`, channel `c` at `(t·α² + e)·cin + c`.
-fn input_transform<T: WithDType>(x: &[T], (batch, h, w, cin): (usize, usize, usize, usize), tr: &Transforms) -> Vec<T> {
-    let (m, a) = (tr.m, tr.alpha);
-    let (th, tw) = (h.div_ceil(m), w.div_ceil(m));
-    let tiles = batch * th * tw;
+impl Bands {
+    /// Bands for `(batch, h, w)` images whose tasks hold α² entries of `channels` (input plus
+    /// output channels) per tile.
+    fn new(tr: &Transforms, (batch, h, w): (usize, usize, usize), channels: usize) -> Bands {
+        let (th, tw) = (h.div_ceil(tr.m), w.div_ceil(tr.m));
+        let count = batch * th;
+        let band = tr.alpha * tr.alpha * tw * channels;
+        let tasks = count.div_ceil((TASK_ELEMENTS / band).max(1)).max(MIN_TASKS).next_multiple_of(GROUPS).min(count);
+        Bands { m: tr.m, h, w, th, tw, count, per_task: count.div_ceil(tasks.max(1)) }
+    }
+
+    fn tasks(&self) -> usize {
+        self.count.div_ceil(self.per_task)
+    }
+
+    /// The first tile and the number of tiles of a task.
+    fn tiles(&self, task: usize) -> (usize, usize) {
+        let first = task * self.per_task;
+        let end = (first + self.per_task).min(self.count);
+        (first * self.tw, (end - first) * self.tw)
+    }
+
+    /// Where band `b`'s image rows start in an image tensor of `c` channels.
+    fn offset(&self, b: usize, c: usize) -> usize {
+        let (n, ty) = (b / self.th, b % self.th);
+        (n * self.h + self.m * ty) * self.w * c
+    }
+
+    /// A `(batch, h, w, c)` tensor cut into the tasks' runs of rows.
+    fn split<'a, T>(&self, mut y: &'a mut [T], c: usize) -> Vec<&'a mut [T]> {
+        let mut parts = Vec::with_capacity(self.tasks());
+        for task in 0..self.tasks() {
+            let end = ((task + 1) * self.per_task).min(self.count);
+            let len =
+                if end == self.count { y.len() } else { self.offset(end, c) - self.offset(task * self.per_task, c) };
+            let (part, rest) = y.split_at_mut(len);
+            parts.push(part);
+            y = rest;
+        }
+        parts
+    }
+
+    /// Tile `t` of the batch: `(image, tile row, tile column)`.
+    fn tile_at(&self, t: usize) -> (usize, usize, usize) {
+        let (n, rest) = (t / (self.th * self.tw), t % (self.th * self.tw));
+        (n, rest / self.tw, rest % self.tw)
+    }
+}
+
+/// `V = Bᵀ d B` for the α×α input tiles `d` (zero outside the image) of tiles `first..first +
+/// count`, entry-major: entry `e` of tile `t`, channel `c` at `(e·count + t)·cin + c`.
+fn input_tiles<T: WithDType>(
+    x: &[T],
+    cin: usize,
+    tr: &Transforms,
+    bands: &Bands,
+    (first, count): (usize, usize),
+    v: &mut [T],
+) {
+    let (m, a, h, w) = (tr.m, tr.alpha, bands.h, bands.w);
     let bt: Vec<T> = matrix(tr.bt, a, a, false);
-    let mut v = scratch::take(tiles * a * a * cin);
-    v.par_chunks_mut(TILES_PER_TASK * a * a * cin).enumerate().for_each(|(task, block)| {
-        with_fma(|| {
-            let (mut d, mut r) = (vec![T::zero(); a * a * cin], vec![T::zero(); a * a * cin]);
-            for (local, vt) in block.chunks_exact_mut(a * a * cin).enumerate() {
-                let (n, ty, tx) = tile_at(task * TILES_PER_TASK + local, th, tw);
-                for i in 0..a {
-                    let y = (m * ty + i) as isize - 1;
-                    for j in 0..a {
-                        let xx = (m * tx + j) as isize - 1;
-                        let dst = &mut d[(i * a + j) * cin..(i * a + j + 1) * cin];
-                        if y < 0 || y >= h as isize || xx < 0 || xx >= w as isize {
-                            dst.fill(T::zero());
-                        } else {
-                            let src = ((n * h + y as usize) * w + xx as usize) * cin;
-                            dst.copy_from_slice(&x[src..src + cin]);
-                        }
-                    }
+    let (mut d, mut r) = (vec![T::zero(); a * a * cin], vec![T::zero(); a * a * cin]);
+    for t in 0..count {
+        let (n, ty, tx) = bands.tile_at(first + t);
+        for i in 0..a {
+            let y = (m * ty + i) as isize - 1;
+            for j in 0..a {
+                let xx = (m * tx + j) as isize - 1;
+                let dst = &mut d[(i * a + j) * cin..(i * a + j + 1) * cin];
+                if y < 0 || y >= h as isize || xx < 0 || xx >= w as isize {
+                    dst.fill(T::zero());
+                } else {
+                    let src = ((n * h + y as usize) * w + xx as usize) * cin;
+                    dst.copy_from_slice(&x[src..src + cin]);
                 }
-                left(&bt, (a, a, a), &d, cin, &mut r, cin);
-                right(&bt, (a, a, a), &r, cin, vt, cin);
             }
-        })
-    });
-    v
+        }
+        left(&bt, (a, a, a), (&d, cin), (&mut r, cin), cin);
+        right(&bt, (a, a, a), (&r, cin), (&mut v[t * cin..], count * cin), cin);
+    }
 }
 
 /// The 3×3 convolution (stride 1, padding 1) of channels-last `x` `(batch, h, w, cin)` with
@@ -261,68 +344,57 @@ pub fn conv3x3<T: WithDType>(
 ) -> Vec<T> {
     let tr = tile.transforms();
     let (m, a) = (tr.m, tr.alpha);
-    let (th, tw) = (h.div_ceil(m), w.div_ceil(m));
-    let tiles = batch * th * tw;
     let u = transform_filters(filters, cin, cout, tr);
-    let v = input_transform(x, (batch, h, w, cin), tr);
-
-    // M_e = V_e · U_e: α² products of (tiles × cin) · (cin × cout), side by side on the
-    // threads, reading V tile-major (row stride α²·cin) and writing M entry-major.
-    let mut prod = scratch::take(a * a * tiles * cout);
-    prod.par_chunks_mut(tiles * cout).enumerate().for_each(|(e, me)| {
-        let ue = &u[e * cin * cout..(e + 1) * cin * cout];
-        matmul_strided((tiles, cout, cin), &v[e * cin..], a * a * cin, ue, cout, me, cout);
-    });
-    scratch::give(v);
-
-    // Y = Aᵀ M A per tile (+ bias), written into the image.
+    let bands = Bands::new(tr, (batch, h, w), cin + cout);
     let at: Vec<T> = matrix(tr.at, m, a, false);
     let mut y = vec![T::zero(); batch * h * w * cout];
-    let img = h * w * cout;
-    y.par_chunks_mut(img).enumerate().for_each(|(n, out)| {
+    let first_row = |b: usize| bands.offset(b, cout);
+    bands.split(&mut y, cout).into_par_iter().enumerate().for_each(|(task, out)| {
+        let (first, count) = bands.tiles(task);
+        // V (α² × count × cin), then M_e = V_e · U_e (count × cout) for every entry e.
+        let mut v = scratch::take(a * a * count * cin);
+        with_fma(|| input_tiles(x, cin, tr, &bands, (first, count), &mut v));
+        let mut prod = scratch::take(a * a * count * cout);
+        for e in 0..a * a {
+            let (ve, ue) = (&v[e * count * cin..], &u[e * cin * cout..(e + 1) * cin * cout]);
+            matmul_strided((count, cout, cin), ve, cin, ue, cout, &mut prod[e * count * cout..], cout);
+        }
+        scratch::give(v);
+        // Y = Aᵀ M A per tile (+ bias), written into the task's rows.
+        let base = first_row(task * bands.per_task);
         with_fma(|| {
-            let mut s = vec![T::zero(); m * a * cout];
-            let mut o = vec![T::zero(); m * m * cout];
-            for ty in 0..th {
-                for tx in 0..tw {
-                    let t = (n * th + ty) * tw + tx;
-                    // The tile's α² entries straight from the products (entry stride tiles·cout).
-                    left(&at, (m, a, a), &prod[t * cout..], tiles * cout, &mut s, cout);
-                    right(&at, (m, a, m), &s, cout, &mut o, cout);
-                    for i in 0..m {
-                        let yy = m * ty + i;
-                        if yy >= h {
-                            break;
-                        }
-                        for j in 0..m {
-                            let xx = m * tx + j;
-                            if xx >= w {
-                                break;
-                            }
-                            let dst = &mut out[(yy * w + xx) * cout..(yy * w + xx + 1) * cout];
-                            let src = &o[(i * m + j) * cout..(i * m + j + 1) * cout];
-                            match bias {
-                                Some(b) => {
-                                    for ((d, &v), &bv) in dst.iter_mut().zip(src).zip(b) {
-                                        *d = v + bv;
-                                    }
+            let (mut s, mut o) = (vec![T::zero(); m * a * cout], vec![T::zero(); m * m * cout]);
+            for t in 0..count {
+                let (n, ty, tx) = bands.tile_at(first + t);
+                left(&at, (m, a, a), (&prod[t * cout..], count * cout), (&mut s, cout), cout);
+                right(&at, (m, a, m), (&s, cout), (&mut o, cout), cout);
+                for i in 0..m.min(h - m * ty) {
+                    let row = (n * h + m * ty + i) * w * cout - base;
+                    for j in 0..m.min(w - m * tx) {
+                        let at = row + (m * tx + j) * cout;
+                        let (dst, src) = (&mut out[at..at + cout], &o[(i * m + j) * cout..(i * m + j + 1) * cout]);
+                        match bias {
+                            Some(b) => {
+                                for ((d, &v), &bv) in dst.iter_mut().zip(src).zip(b) {
+                                    *d = v + bv;
                                 }
-                                None => dst.copy_from_slice(src),
                             }
+                            None => dst.copy_from_slice(src),
                         }
                     }
                 }
             }
-        })
+        });
+        scratch::give(prod);
     });
-    scratch::give(prod);
     y
 }
 
 /// The weight gradient of [`conv3x3`]: `dW (cout, 3, 3, cin)` from the input `x (batch, h, w,
 /// cin)` and the output gradient `dy (batch, h, w, cout)`. The adjoint of the forward's
-/// transforms: `dW = Gᵀ [Σ_tiles (A dY Aᵀ) ⊙ (Bᵀ d B)] G`, the sum over tiles being α² products
-/// of `(cin × tiles) · (tiles × cout)`.
+/// transforms: `dW = Gᵀ [Σ_tiles (A dY Aᵀ) ⊙ (Bᵀ d B)] G`, the sum over a task's tiles being α²
+/// products of `(cin × tiles) · (tiles × cout)`, added up over the tasks of a group and then
+/// over the groups in order.
 pub fn conv3x3_weight_grad<T: WithDType>(
     x: &[T],
     dy: &[T],
@@ -332,48 +404,65 @@ pub fn conv3x3_weight_grad<T: WithDType>(
 ) -> Vec<T> {
     let tr = tile.transforms();
     let (m, a) = (tr.m, tr.alpha);
-    let (th, tw) = (h.div_ceil(m), w.div_ceil(m));
-    let tiles = batch * th * tw;
-    let v = input_transform(x, (batch, h, w, cin), tr);
-    // dM = A dY Aᵀ per m×m output-gradient tile (zero outside the image), tile-major like V.
+    let bands = Bands::new(tr, (batch, h, w), cin + cout);
+    let tasks = bands.tasks();
+    let per_group = tasks.div_ceil(GROUPS);
     let a_mat: Vec<T> = matrix(tr.at, m, a, true);
-    let mut dm = scratch::take(tiles * a * a * cout);
-    dm.par_chunks_mut(TILES_PER_TASK * a * a * cout).enumerate().for_each(|(task, block)| {
-        with_fma(|| {
-            let (mut d, mut r) = (vec![T::zero(); m * m * cout], vec![T::zero(); a * m * cout]);
-            for (local, mt) in block.chunks_exact_mut(a * a * cout).enumerate() {
-                let (n, ty, tx) = tile_at(task * TILES_PER_TASK + local, th, tw);
-                for i in 0..m {
-                    for j in 0..m {
-                        let (yy, xx) = (m * ty + i, m * tx + j);
-                        let dst = &mut d[(i * m + j) * cout..(i * m + j + 1) * cout];
-                        if yy < h && xx < w {
-                            dst.copy_from_slice(&dy[((n * h + yy) * w + xx) * cout..][..cout]);
-                        } else {
-                            dst.fill(T::zero());
+    let sums: Vec<Vec<T>> = (0..tasks.div_ceil(per_group))
+        .into_par_iter()
+        .map(|group| {
+            let mut q = vec![T::zero(); a * a * cin * cout];
+            for task in group * per_group..((group + 1) * per_group).min(tasks) {
+                let (first, count) = bands.tiles(task);
+                let mut v = scratch::take(a * a * count * cin);
+                let mut dm = scratch::take(a * a * count * cout);
+                with_fma(|| {
+                    input_tiles(x, cin, tr, &bands, (first, count), &mut v);
+                    // dM = A dY Aᵀ per m×m output-gradient tile (zero outside the image).
+                    let (mut d, mut r) = (vec![T::zero(); m * m * cout], vec![T::zero(); a * m * cout]);
+                    for t in 0..count {
+                        let (n, ty, tx) = bands.tile_at(first + t);
+                        for i in 0..m {
+                            for j in 0..m {
+                                let (yy, xx) = (m * ty + i, m * tx + j);
+                                let dst = &mut d[(i * m + j) * cout..(i * m + j + 1) * cout];
+                                if yy < h && xx < w {
+                                    dst.copy_from_slice(&dy[((n * h + yy) * w + xx) * cout..][..cout]);
+                                } else {
+                                    dst.fill(T::zero());
+                                }
+                            }
                         }
+                        left(&a_mat, (a, m, m), (&d, cout), (&mut r, cout), cout);
+                        right(&a_mat, (a, m, a), (&r, cout), (&mut dm[t * cout..], count * cout), cout);
                     }
+                });
+                // Q_e (cin × cout) += V_eᵀ · dM_e.
+                for e in 0..a * a {
+                    gemm_strided(
+                        (cin, cout, count),
+                        &v[e * count * cin..],
+                        (1, cin),
+                        &dm[e * count * cout..],
+                        (cout, 1),
+                        &mut q[e * cin * cout..],
+                        cout,
+                        true,
+                        false,
+                    );
                 }
-                left(&a_mat, (a, m, m), &d, cout, &mut r, cout);
-                right(&a_mat, (a, m, a), &r, cout, mt, cout);
+                scratch::give(v);
+                scratch::give(dm);
             }
+            q
         })
-    });
-    // Q_e (cin × cout) = V_eᵀ · dM_e, summed over all tiles by the product.
-    let mut q = vec![T::zero(); a * a * cin * cout];
-    q.par_chunks_mut(cin * cout).enumerate().for_each(|(e, qe)| {
-        matmul_general(
-            (cin, cout, tiles),
-            &v[e * cin..],
-            (1, a * a * cin),
-            &dm[e * cout..],
-            (a * a * cout, 1),
-            qe,
-            cout,
-        );
-    });
-    scratch::give(v);
-    scratch::give(dm);
+        .collect();
+    let mut q = sums[0].clone();
+    for s in &sums[1..] {
+        for (acc, &v) in q.iter_mut().zip(s) {
+            *acc += v;
+        }
+    }
     // dW = Gᵀ Q G per input channel (vectors over cout): α×α → 3×3, into (cout, 3, 3, cin).
     let gt: Vec<T> = matrix(tr.g, a, 3, true);
     let per_in: Vec<Vec<T>> = (0..cin)
@@ -381,8 +470,8 @@ pub fn conv3x3_weight_grad<T: WithDType>(
         .map(|c| {
             with_fma(|| {
                 let (mut t, mut out) = (vec![T::zero(); 3 * a * cout], vec![T::zero(); 9 * cout]);
-                left(&gt, (3, a, a), &q[c * cout..], cin * cout, &mut t, cout);
-                right(&gt, (3, a, 3), &t, cout, &mut out, cout);
+                left(&gt, (3, a, a), (&q[c * cout..], cin * cout), (&mut t, cout), cout);
+                right(&gt, (3, a, 3), (&t, cout), (&mut out, cout), cout);
                 out
             })
         })
@@ -453,9 +542,18 @@ mod tests {
     }
 
     const TILES: [Tile; 2] = [Tile::F2, Tile::F4];
-    /// Odd and even sizes: partial edge tiles for both tile sizes; 64 channels as in ResNet.
-    const SHAPES: [(usize, usize, usize, usize, usize); 6] =
-        [(1, 4, 4, 1, 1), (2, 5, 7, 3, 4), (1, 8, 6, 8, 5), (2, 9, 9, 2, 3), (1, 7, 7, 64, 4), (1, 12, 10, 5, 64)];
+    /// Odd and even sizes: partial edge tiles for both tile sizes; 64 channels as in ResNet;
+    /// three 9×9 images make 15 (F(2×2)) or 9 (F(4×4)) tile rows, so tasks of two rows and a
+    /// last task of one.
+    const SHAPES: [(usize, usize, usize, usize, usize); 7] = [
+        (1, 4, 4, 1, 1),
+        (2, 5, 7, 3, 4),
+        (1, 8, 6, 8, 5),
+        (2, 9, 9, 2, 3),
+        (3, 9, 9, 2, 3),
+        (1, 7, 7, 64, 4),
+        (1, 12, 10, 5, 64),
+    ];
 
     fn data(n: usize, seed: u64) -> Vec<f64> {
         (0..n).map(|i| (((i as u64 * 2_654_435_761 + seed * 97) % 2001) as f64 / 1000.0) - 1.0).collect()
@@ -541,6 +639,55 @@ mod tests {
             let lhs: f64 = y.iter().zip(&dy).map(|(a, b)| a * b).sum();
             let rhs: f64 = x.iter().zip(&dx).map(|(a, b)| a * b).sum();
             assert!((lhs - rhs).abs() < 1e-10 * lhs.abs().max(1.0), "{lhs} vs {rhs} ({tile:?})");
+        }
+    }
+
+    /// Tasks cover every tile row once, in order, and their output runs tile the tensor: with
+    /// few rows (one or two per task, a short last task) and with rows limited by the cache
+    /// budget (the 96 px stage: 1536 tile rows, 42 per task).
+    #[test]
+    fn bands_split_the_batch_into_whole_tile_rows() {
+        for (tile, (batch, h, w, channels)) in [
+            (Tile::F2, (3, 9, 9, 5)),
+            (Tile::F4, (3, 9, 9, 5)),
+            (Tile::F2, (128, 24, 24, 128)),
+            (Tile::F4, (2, 4, 4, 8)),
+        ] {
+            let tr = tile.transforms();
+            let bands = Bands::new(tr, (batch, h, w), channels);
+            let (th, tw) = (h.div_ceil(tr.m), w.div_ceil(tr.m));
+            assert!(
+                bands.per_task <= (batch * th).div_ceil(MIN_TASKS),
+                "{tile:?} {batch}x{h}: {} rows a task",
+                bands.per_task
+            );
+            assert!(
+                tr.alpha * tr.alpha * bands.per_task * tw * channels
+                    <= TASK_ELEMENTS.max(tr.alpha * tr.alpha * tw * channels)
+            );
+            let mut next = 0;
+            for task in 0..bands.tasks() {
+                let (first, count) = bands.tiles(task);
+                assert_eq!(first, next, "{tile:?}: task {task} starts at tile {first}");
+                assert!(count > 0 && count % tw == 0);
+                next = first + count;
+            }
+            assert_eq!(next, batch * th * tw, "{tile:?}: tiles covered");
+            let mut y: Vec<usize> = vec![0; batch * h * w * 2];
+            let parts = bands.split(&mut y, 2);
+            assert_eq!(parts.len(), bands.tasks());
+            let mut row = 0;
+            for (task, part) in parts.into_iter().enumerate() {
+                let (first, count) = bands.tiles(task);
+                let (n, ty, _) = bands.tile_at(first);
+                assert_eq!(n * h + tr.m * ty, row, "{tile:?}: task {task}'s rows");
+                assert_eq!(part.len() % (w * 2), 0);
+                let rows = part.len() / (w * 2);
+                let want: usize = (first / tw..(first + count) / tw).map(|b| tr.m.min(h - tr.m * (b % th))).sum();
+                assert_eq!(rows, want, "{tile:?}: task {task}'s row count");
+                row += rows;
+            }
+            assert_eq!(row, batch * h);
         }
     }
 
