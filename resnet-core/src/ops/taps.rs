@@ -187,16 +187,18 @@ impl<'a, T: WithDType> Weight<'a, T> {
     /// The class's weight columns, compact: `(out, ky · kx · c)`.
     fn gather(&self, win: &Window, class: &TapClass) -> Vec<T> {
         let (c, taps) = (win.c, win.kh * win.kw);
-        let mut wc = Vec::with_capacity(self.out * class.taps() * c);
-        for o in 0..self.out {
-            let wo = &self.oihw[o * c * taps..(o + 1) * c * taps];
+        let mut wc = vec![T::zero(); self.out * class.taps() * c];
+        wc.par_chunks_mut(class.taps() * c).zip(self.oihw.par_chunks(c * taps)).for_each(|(row, wo)| {
+            let mut dst = row.chunks_exact_mut(c);
             for ky in class.ky.clone() {
                 for kx in class.kx.clone() {
                     let tap = ky * win.kw + kx;
-                    wc.extend((0..c).map(|ch| wo[ch * taps + tap]));
+                    for (ch, d) in dst.next().expect("a run per tap").iter_mut().enumerate() {
+                        *d = wo[ch * taps + tap];
+                    }
                 }
             }
-        }
+        });
         wc
     }
 }
@@ -228,19 +230,19 @@ fn class_weights<'a, T: WithDType>(w: &'a Weight<'_, T>, win: &Window, class: &T
     }
 }
 
-/// Indices into `(batch · oh · ow)` of the class's output rows, in [`gather_cols`]' order.
-fn class_rows<'a>(win: &Window, class: &'a TapClass) -> impl Iterator<Item = usize> + 'a {
-    let (oh, ow, batch) = (win.oh(), win.ow(), win.batch);
-    (0..batch)
-        .flat_map(move |n| class.oy.clone().flat_map(move |oy| class.ox.clone().map(move |ox| (n * oh + oy) * ow + ox)))
-}
-
-/// The class's rows of `dy` `(batch · oh · ow, out)`.
+/// The class's rows of `dy` `(batch · oh · ow, out)`, in [`gather_cols`]' order.
 fn gather_rows<T: WithDType>(dy: &[T], win: &Window, class: &TapClass, out: usize) -> Vec<T> {
-    let mut rows = Vec::with_capacity(win.batch * class.pixels() * out);
-    for r in class_rows(win, class) {
-        rows.extend_from_slice(&dy[r * out..(r + 1) * out]);
-    }
+    let (oh, ow) = (win.oh(), win.ow());
+    let mut rows = vec![T::zero(); win.batch * class.pixels() * out];
+    rows.par_chunks_mut(class.pixels() * out).enumerate().for_each(|(n, block)| {
+        let mut dst = block.chunks_exact_mut(out);
+        for oy in class.oy.clone() {
+            for ox in class.ox.clone() {
+                let r = (n * oh + oy) * ow + ox;
+                dst.next().expect("a row per pixel").copy_from_slice(&dy[r * out..(r + 1) * out]);
+            }
+        }
+    });
     rows
 }
 
@@ -286,9 +288,16 @@ pub fn conv<T: WithDType>(x: &[T], w: &[T], bias: &[T], win: &Window) -> Vec<T> 
         if all {
             return yc;
         }
-        for (r, src) in class_rows(win, class).zip(yc.chunks_exact(out)) {
-            y[r * out..(r + 1) * out].copy_from_slice(src);
-        }
+        let (oh, ow) = (win.oh(), win.ow());
+        y.par_chunks_mut(oh * ow * out).zip(yc.par_chunks(class.pixels() * out)).for_each(|(img, block)| {
+            let mut src = block.chunks_exact(out);
+            for oy in class.oy.clone() {
+                for ox in class.ox.clone() {
+                    let r = oy * ow + ox;
+                    img[r * out..(r + 1) * out].copy_from_slice(src.next().expect("a row per pixel"));
+                }
+            }
+        });
     }
     y
 }
@@ -309,8 +318,7 @@ pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) ->
             // A compact product, then added into the stored layout.
             let mut dwc = vec![T::zero(); out * kc];
             gemm_strided((out, kc, rc), dyc, (1, out), &cols, (kc, 1), &mut dwc, kc, false, true);
-            for (o, src) in dwc.chunks_exact(kc).enumerate() {
-                let dst = &mut dw[o * wrow..(o + 1) * wrow];
+            dw.par_chunks_mut(wrow).zip(dwc.par_chunks(kc)).for_each(|(dst, src)| {
                 let mut src = src.chunks_exact(c);
                 for ky in class.ky.clone() {
                     for kx in class.kx.clone() {
@@ -320,7 +328,7 @@ pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) ->
                         }
                     }
                 }
-            }
+            });
             continue;
         }
         let acc = dw_ohwi.get_or_insert_with(|| vec![T::zero(); out * wrow]);
@@ -332,9 +340,11 @@ pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) ->
     }
     if let Some(acc) = dw_ohwi {
         let back = super::conv::swap_inner(&acc, out, taps, c);
-        for (d, s) in dw.iter_mut().zip(back.iter()) {
-            *d += *s;
-        }
+        dw.par_chunks_mut(wrow).zip(back.par_chunks(wrow)).for_each(|(d, s)| {
+            for (d, s) in d.iter_mut().zip(s) {
+                *d += *s;
+            }
+        });
     }
     dw
 }

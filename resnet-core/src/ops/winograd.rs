@@ -221,14 +221,13 @@ fn transform_filters<T: WithDType>(w: &[T], cin: usize, cout: usize, tr: &Transf
             })
         })
         .collect();
+    // Row `e·cin + c` of U holds entry e, channel c of every filter.
     let mut u = vec![T::zero(); a * a * cin * cout];
-    for (k, uk) in per_out.iter().enumerate() {
-        for e in 0..a * a {
-            for c in 0..cin {
-                u[(e * cin + c) * cout + k] = uk[e * cin + c];
-            }
+    u.par_chunks_mut(cout).enumerate().for_each(|(row, dst)| {
+        for (d, uk) in dst.iter_mut().zip(&per_out) {
+            *d = uk[row];
         }
-    }
+    });
     u
 }
 
@@ -458,11 +457,13 @@ pub fn conv3x3_weight_grad<T: WithDType>(
         })
         .collect();
     let mut q = sums[0].clone();
-    for s in &sums[1..] {
-        for (acc, &v) in q.iter_mut().zip(s) {
-            *acc += v;
+    q.par_chunks_mut(cout).enumerate().for_each(|(row, acc)| {
+        for s in &sums[1..] {
+            for (a, &v) in acc.iter_mut().zip(&s[row * cout..(row + 1) * cout]) {
+                *a += v;
+            }
         }
-    }
+    });
     // dW = Gᵀ Q G per input channel (vectors over cout): α×α → 3×3, into (cout, 3, 3, cin).
     let gt: Vec<T> = matrix(tr.g, a, 3, true);
     let per_in: Vec<Vec<T>> = (0..cin)
@@ -477,13 +478,13 @@ pub fn conv3x3_weight_grad<T: WithDType>(
         })
         .collect();
     let mut dw = vec![T::zero(); cout * 9 * cin];
-    for (c, oc) in per_in.iter().enumerate() {
-        for tap in 0..9 {
-            for k in 0..cout {
-                dw[(k * 9 + tap) * cin + c] = oc[tap * cout + k];
+    dw.par_chunks_mut(9 * cin).enumerate().for_each(|(k, row)| {
+        for (tap, taps) in row.chunks_exact_mut(cin).enumerate() {
+            for (d, oc) in taps.iter_mut().zip(&per_in) {
+                *d = oc[tap * cout + k];
             }
         }
-    }
+    });
     dw
 }
 
@@ -491,15 +492,15 @@ pub fn conv3x3_weight_grad<T: WithDType>(
 /// kernel rotated by 180°.
 pub fn flip_filters<T: WithDType>(w: &[T], cin: usize, cout: usize) -> Vec<T> {
     let mut f = vec![T::zero(); w.len()];
-    for k in 0..cout {
-        for i in 0..3 {
-            for j in 0..3 {
-                for c in 0..cin {
-                    f[((c * 3 + (2 - i)) * 3 + (2 - j)) * cout + k] = w[((k * 3 + i) * 3 + j) * cin + c];
-                }
+    f.par_chunks_mut(9 * cout).enumerate().for_each(|(c, row)| {
+        for (tap, dst) in row.chunks_exact_mut(cout).enumerate() {
+            // Output tap (2 − i, 2 − j) of input channel c reads input tap (i, j).
+            let flipped = 8 - tap;
+            for (k, d) in dst.iter_mut().enumerate() {
+                *d = w[(k * 9 + flipped) * cin + c];
             }
         }
-    }
+    });
     f
 }
 
