@@ -6,6 +6,7 @@ use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout,
 use candle_nn::{Init, ModuleT, VarBuilder};
 use rayon::prelude::*;
 
+use super::scratch;
 use super::simd::with_fma;
 use super::storage::contiguous;
 
@@ -290,7 +291,7 @@ fn normalize_rows<T: WithDType>(x: &[T], center: &[T], scale: &[T], shift: &[T],
 /// [`normalize_rows`] with the ReLU choice a constant (a select, not a branch, per element).
 fn normalize_rows_with<T: WithDType, const RELU: bool>(x: &[T], center: &[T], scale: &[T], shift: &[T]) -> Vec<T> {
     let c = scale.len();
-    let mut y = vec![T::zero(); x.len()];
+    let mut y = scratch::zeroed(x.len());
     y.par_chunks_mut(ROWS_PER_TASK * c).zip(x.par_chunks(ROWS_PER_TASK * c)).for_each(|(yb, xb)| {
         with_fma(|| {
             for (yr, xr) in yb.chunks_exact_mut(c).zip(xb.chunks_exact(c)) {
@@ -366,7 +367,7 @@ fn fused_bwd_with<T: WithDType, const RELU: bool>(x: &[T], dy: &[T], gamma: &[T]
     let b: Vec<f64> = (0..c).map(|ch| -a[ch] * inv_std[ch] * inv_std[ch] * s1[ch] / m).collect();
     let k: Vec<f64> = (0..c).map(|ch| -a[ch] * s0[ch] / m - b[ch] * stats.mean[ch]).collect();
     let (a_t, b_t, k_t): (Vec<T>, Vec<T>, Vec<T>) = (to_t(&a), to_t(&b), to_t(&k));
-    let mut out = vec![T::zero(); x.len() + 2 * c];
+    let mut out = scratch::zeroed(x.len() + 2 * c);
     let (dx, tail) = out.split_at_mut(x.len());
     dx.par_chunks_mut(ROWS_PER_TASK * c)
         .zip(x.par_chunks(ROWS_PER_TASK * c).zip(dy.par_chunks(ROWS_PER_TASK * c)))

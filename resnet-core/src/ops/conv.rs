@@ -10,6 +10,7 @@ use super::elementwise::column_sums_tensor;
 use super::geometry::Window;
 use super::im2col::{im2col_slice, Col2im, Im2col};
 use super::matmul::{matmul_into, MatMul};
+use super::scratch;
 use super::storage::contiguous;
 use super::{direct, taps, winograd};
 use crate::config::ConvKernel;
@@ -222,17 +223,13 @@ fn conv_forward<T: WithDType + 'static>(x: &[T], w: &[T], bias: &[T], win: &Wind
     let rows = win.batch * win.oh() * win.ow();
     let k = win.patch_len();
     let out = bias.len();
-    let owned;
-    let cols: &[T] = if pointwise {
-        x
-    } else {
-        owned = {
-            let mut buf = vec![T::zero(); rows * k];
-            im2col_slice(x, win, &mut buf);
-            buf
-        };
-        &owned
-    };
+    // Not from the scratch pool: the stem's patches at 96 px (58 MB) would stay held there.
+    let owned = (!pointwise).then(|| {
+        let mut buf = scratch::zeroed(rows * k);
+        im2col_slice(x, win, &mut buf);
+        buf
+    });
+    let cols: &[T] = owned.as_deref().unwrap_or(x);
     let mut y = Vec::with_capacity(rows * out);
     for _ in 0..rows {
         y.extend_from_slice(bias);

@@ -85,7 +85,7 @@ pub fn input_grad<T: WithDType>(dy: &[T], w: &[T], win: &Window, out: usize) -> 
     let taps = win.kh * win.kw;
     let wt = taps_by_channel(w, taps, out);
     let (oh, ow) = (win.oh(), win.ow());
-    let mut dx = vec![T::zero(); win.batch * win.h * win.w];
+    let mut dx = scratch::zeroed(win.batch * win.h * win.w);
     // Images are disjoint in dx: one task per image.
     dx.par_chunks_mut(win.h * win.w).enumerate().for_each(|(n, img)| {
         for oy in 0..oh {

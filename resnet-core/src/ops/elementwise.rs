@@ -5,13 +5,14 @@
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use super::scratch;
 use super::storage::contiguous;
 
 /// Elements per parallel task.
 const CHUNK: usize = 64 * 1024;
 
 fn map2<T: WithDType>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
-    let mut out = vec![T::zero(); a.len()];
+    let mut out = scratch::zeroed(a.len());
     out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(o, (x, y))| {
         for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
             *o = f(x, y);
@@ -21,7 +22,7 @@ fn map2<T: WithDType>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> 
 }
 
 fn map1<T: WithDType>(a: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
-    let mut out = vec![T::zero(); a.len()];
+    let mut out = scratch::zeroed(a.len());
     out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).for_each(|(o, x)| {
         for (o, &x) in o.iter_mut().zip(x) {
             *o = f(x);
@@ -185,7 +186,7 @@ struct BiasAdd;
 
 fn bias_add_slice<T: WithDType>(x: &[T], b: &[T]) -> Vec<T> {
     let c = b.len();
-    let mut out = vec![T::zero(); x.len()];
+    let mut out = scratch::zeroed(x.len());
     let chunk = (CHUNK / c).max(1) * c;
     out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(o, x)| {
         for (orow, xrow) in o.chunks_exact_mut(c).zip(x.chunks_exact(c)) {

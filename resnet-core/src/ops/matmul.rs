@@ -144,7 +144,7 @@ impl CustomOp2 for MatMul {
             candle_core::bail!("matmul: inner dimensions {k1} and {k2} differ ({:?} · {:?})", l1.shape(), l2.shape())
         }
         fn run<T: WithDType>(a: &[T], b: &[T], (m, n, k): (usize, usize, usize), op: &MatMul) -> Vec<T> {
-            let mut c = vec![T::zero(); m * n];
+            let mut c = super::scratch::zeroed(m * n);
             matmul_into((m, n, k), a, op.trans_a, b, op.trans_b, &mut c, false);
             c
         }

@@ -4,6 +4,7 @@
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use super::scratch;
 use super::storage::contiguous;
 
 use super::geometry::Window;
@@ -102,7 +103,7 @@ impl MaxPool2d {
 
 fn pool_fwd<T: WithDType>(x: &[T], win: &Window) -> Vec<T> {
     let (img_len, out_len, c) = (win.h * win.w * win.c, win.oh() * win.ow() * win.c, win.c);
-    let mut out = vec![T::zero(); win.batch * out_len];
+    let mut out = scratch::zeroed(win.batch * out_len);
     // Maxima only (the backward finds the arg-max again): a select per channel, which
     // vectorises, where tracking indices kept the loop scalar: the first cell, then strictly
     // greater cells.
@@ -145,7 +146,7 @@ fn window_range(o: usize, stride: usize, pad: usize, k: usize, n: usize) -> std:
 /// a second adds the gradient there.
 fn pool_bwd<T: WithDType>(x: &[T], grad: &[T], win: &Window) -> Vec<T> {
     let (img_len, out_len, c) = (win.h * win.w * win.c, win.oh() * win.ow() * win.c, win.c);
-    let mut dx = vec![T::zero(); win.batch * img_len];
+    let mut dx = scratch::zeroed(win.batch * img_len);
     dx.par_chunks_mut(img_len).enumerate().for_each(|(b, dst)| {
         let img = &x[b * img_len..(b + 1) * img_len];
         let g = &grad[b * out_len..(b + 1) * out_len];

@@ -11,6 +11,7 @@ use std::any::Any;
 use std::sync::Mutex;
 
 use candle_core::WithDType;
+use rayon::prelude::*;
 
 /// Bytes kept at most (beyond that, the smallest buffers are dropped): enough for the largest
 /// temporaries of a 96 px step, a bounded addition to its peak memory.
@@ -36,6 +37,15 @@ pub fn take<T: WithDType>(len: usize) -> Vec<T> {
         }
         None => vec![T::zero(); len],
     }
+}
+
+/// A buffer of `len` zeros written by the worker threads, for outputs that leave the kernel
+/// (so cannot come from the pool). `vec![0; len]` would clear it on the calling thread alone,
+/// while the workers wait: `perf` found that a quarter of the main thread's share of a step.
+pub fn zeroed<T: WithDType>(len: usize) -> Vec<T> {
+    let mut v = Vec::with_capacity(len);
+    v.par_extend(rayon::iter::repeat_n(T::zero(), len));
+    v
 }
 
 /// Returns a buffer from [`take`] for reuse.
@@ -78,5 +88,8 @@ mod tests {
         assert_eq!(c.len(), 10);
         give(b);
         give(c);
+        let z: Vec<f32> = zeroed(100_000);
+        assert_eq!(z.len(), 100_000);
+        assert!(z.iter().all(|&v| v == 0.0));
     }
 }

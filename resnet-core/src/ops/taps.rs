@@ -18,6 +18,7 @@ use rayon::prelude::*;
 
 use super::geometry::Window;
 use super::matmul::gemm_strided;
+use super::scratch;
 
 /// Take this path when padding makes up more than this share of im2col's taps.
 const MAX_USEFUL_SHARE: f64 = 0.85;
@@ -93,11 +94,12 @@ pub fn applies(win: &Window) -> bool {
 }
 
 /// The class's patches over its taps: `(batch · pixels, ky · kx · c)`, rows in `(n, oy, ox)`
-/// order, columns in `(ky, kx, c)` order.
+/// order, columns in `(ky, kx, c)` order. A [`scratch`] buffer (every element is written): give
+/// it back.
 fn gather_cols<T: WithDType>(x: &[T], win: &Window, class: &TapClass) -> Vec<T> {
     let c = win.c;
     let row_len = class.taps() * c;
-    let mut cols = vec![T::zero(); win.batch * class.pixels() * row_len];
+    let mut cols = scratch::take(win.batch * class.pixels() * row_len);
     cols.par_chunks_mut(class.pixels() * row_len).enumerate().for_each(|(n, block)| {
         let img = &x[n * win.h * win.w * c..(n + 1) * win.h * win.w * c];
         let mut rows = block.chunks_exact_mut(row_len);
@@ -273,7 +275,7 @@ pub fn conv<T: WithDType>(x: &[T], w: &[T], bias: &[T], win: &Window) -> Vec<T> 
     let w = Weight::new(w, out);
     let classes = classes(win);
     let all = covers_all(win, &classes);
-    let mut y = if all { Vec::new() } else { vec![T::zero(); win.batch * win.oh() * win.ow() * out] };
+    let mut y = if all { Vec::new() } else { scratch::zeroed(win.batch * win.oh() * win.ow() * out) };
     for class in &classes {
         let cols = gather_cols(x, win, class);
         let rc = win.batch * class.pixels();
@@ -285,6 +287,7 @@ pub fn conv<T: WithDType>(x: &[T], w: &[T], bias: &[T], win: &Window) -> Vec<T> 
             let (a, b) = (&cols[seg.col..], &cw.data[seg.offset..]);
             gemm_strided((rc, out, seg.len), a, (kc, 1), b, (1, cw.stride), &mut yc, out, true, true);
         }
+        scratch::give(cols);
         if all {
             return yc;
         }
@@ -318,6 +321,7 @@ pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) ->
             // A compact product, then added into the stored layout.
             let mut dwc = vec![T::zero(); out * kc];
             gemm_strided((out, kc, rc), dyc, (1, out), &cols, (kc, 1), &mut dwc, kc, false, true);
+            scratch::give(cols);
             dw.par_chunks_mut(wrow).zip(dwc.par_chunks(kc)).for_each(|(dst, src)| {
                 let mut src = src.chunks_exact(c);
                 for ky in class.ky.clone() {
@@ -337,6 +341,7 @@ pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) ->
             let (b, dst) = (&cols[seg.col..], &mut acc[seg.offset..]);
             gemm_strided((out, seg.len, rc), dyc, (1, out), b, (kc, 1), dst, wrow, true, true);
         }
+        scratch::give(cols);
     }
     if let Some(acc) = dw_ohwi {
         let back = super::conv::swap_inner(&acc, out, taps, c);
@@ -353,12 +358,13 @@ pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) ->
 pub fn input_grad<T: WithDType>(dy: &[T], w: &[T], win: &Window, out: usize) -> Vec<T> {
     let w = Weight::new(w, out);
     let classes = classes(win);
-    let mut dx = vec![T::zero(); win.batch * win.h * win.w * win.c];
+    let mut dx = scratch::zeroed(win.batch * win.h * win.w * win.c);
     for class in &classes {
         let dyc = &*class_dy(dy, win, &classes, class, out);
         let rc = win.batch * class.pixels();
         let kc = class.taps() * win.c;
-        let mut dcols = vec![T::zero(); rc * kc];
+        // Every column is written: the segments cover the class's taps.
+        let mut dcols = scratch::take(rc * kc);
         let cw = class_weights(&w, win, class);
         for seg in &cw.segments {
             // dcols[:, seg] = dy · W[:, seg]
@@ -366,6 +372,7 @@ pub fn input_grad<T: WithDType>(dy: &[T], w: &[T], win: &Window, out: usize) -> 
             gemm_strided((rc, seg.len, out), dyc, (out, 1), b, (cw.stride, 1), dst, kc, false, true);
         }
         scatter_cols(&dcols, win, class, &mut dx);
+        scratch::give(dcols);
     }
     dx
 }

@@ -346,7 +346,7 @@ pub fn conv3x3<T: WithDType>(
     let u = transform_filters(filters, cin, cout, tr);
     let bands = Bands::new(tr, (batch, h, w), cin + cout);
     let at: Vec<T> = matrix(tr.at, m, a, false);
-    let mut y = vec![T::zero(); batch * h * w * cout];
+    let mut y = scratch::zeroed(batch * h * w * cout);
     let first_row = |b: usize| bands.offset(b, cout);
     bands.split(&mut y, cout).into_par_iter().enumerate().for_each(|(task, out)| {
         let (first, count) = bands.tiles(task);
