@@ -556,6 +556,8 @@ mod tests {
             (2, 2, 2, 3, 4, 3, 1, 1),
             (2, 3, 2, 3, 2, 3, 2, 1),
             (2, 3, 3, 4, 3, 3, 1, 1),
+            // Left and right edge classes (part of each kernel row) beside whole-row ones.
+            (2, 3, 5, 3, 4, 3, 1, 1),
         ];
         for &(b, h, w, cin, cout, k, s, p) in &cases {
             let case = (b, h, w, cin, cout, k, s, p);
