@@ -22,3 +22,21 @@ pub fn keep_candle_pool_off_the_cores() -> bool {
     std::env::set_var(CANDLE_NUM_THREADS, "1");
     true
 }
+
+/// The variable rayon (and candle's `get_num_threads`) read for the number of worker threads.
+pub const RAYON_NUM_THREADS: &str = "RAYON_NUM_THREADS";
+
+/// Sets `RAYON_NUM_THREADS` to the number of threads rayon would start anyway (the available
+/// parallelism) unless the user set it. Returns whether it set it. With it unset, candle 0.11's
+/// `get_num_threads` works the default out again on every call, parsing `/proc/cpuinfo`, and
+/// its matrix products ask on every call: `perf` found 12 % of a training run's samples in the
+/// kernel formatting that file, which the benchmarks (they set the variable) never saw. Same
+/// rules as [`keep_candle_pool_off_the_cores`]: binaries only, first thing in `main`.
+pub fn name_rayon_thread_count() -> bool {
+    if std::env::var_os(RAYON_NUM_THREADS).is_some() {
+        return false;
+    }
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::env::set_var(RAYON_NUM_THREADS, n.to_string());
+    true
+}

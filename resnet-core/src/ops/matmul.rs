@@ -86,7 +86,9 @@ pub(crate) fn gemm_strided<T: WithDType>(
         a.len() > (m - 1) * a_rs + (k - 1) * a_cs && b.len() > (k - 1) * b_rs + (n - 1) * b_cs,
         "matmul: input buffers too small for their strides"
     );
-    let threads = candle_core::utils::get_num_threads();
+    // rayon's own count (the pool the product runs on), not candle's `get_num_threads`, which
+    // parses /proc/cpuinfo on every call when RAYON_NUM_THREADS is unset.
+    let threads = rayon::current_num_threads();
     let parallelism = if parallel && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the asserts bound the last element addressed in each buffer (strides are
     // non-negative), and `c` does not alias `a` or `b` (distinct borrows).
