@@ -257,7 +257,7 @@ impl Bands {
         let count = batch * th;
         let band = tr.alpha * tr.alpha * tw * channels;
         let tasks = count.div_ceil((TASK_ELEMENTS / band).max(1)).max(MIN_TASKS).next_multiple_of(GROUPS).min(count);
-        Bands { m: tr.m, h, w, th, tw, count, per_task: count.div_ceil(tasks.max(1)) }
+        Bands { m: tr.m, h, w, th, tw, count, per_task: count.div_ceil(tasks.max(1)).max(1) }
     }
 
     fn tasks(&self) -> usize {
@@ -405,7 +405,7 @@ pub fn conv3x3_weight_grad<T: WithDType>(
     let (m, a) = (tr.m, tr.alpha);
     let bands = Bands::new(tr, (batch, h, w), cin + cout);
     let tasks = bands.tasks();
-    let per_group = tasks.div_ceil(GROUPS);
+    let per_group = tasks.div_ceil(GROUPS).max(1);
     let a_mat: Vec<T> = matrix(tr.at, m, a, true);
     let sums: Vec<Vec<T>> = (0..tasks.div_ceil(per_group))
         .into_par_iter()
@@ -456,9 +456,10 @@ pub fn conv3x3_weight_grad<T: WithDType>(
             q
         })
         .collect();
-    let mut q = sums[0].clone();
+    // No tiles (an empty batch): no sums, a zero gradient.
+    let mut q = sums.first().cloned().unwrap_or_else(|| vec![T::zero(); a * a * cin * cout]);
     q.par_chunks_mut(cout).enumerate().for_each(|(row, acc)| {
-        for s in &sums[1..] {
+        for s in sums.iter().skip(1) {
             for (a, &v) in acc.iter_mut().zip(&s[row * cout..(row + 1) * cout]) {
                 *a += v;
             }
@@ -689,6 +690,18 @@ mod tests {
                 row += rows;
             }
             assert_eq!(row, batch * h);
+        }
+    }
+
+    /// An empty batch gives an empty output and a zero weight gradient, for both tiles.
+    #[test]
+    fn an_empty_batch_has_no_tiles() {
+        let f = data(4 * 9 * 3, 1);
+        for tile in TILES {
+            assert!(conv3x3(&[], &f, None, (0, 5, 5, 3), 4, tile).is_empty());
+            let dw = conv3x3_weight_grad::<f64>(&[], &[], (0, 5, 5, 3), 4, tile);
+            assert_eq!(dw.len(), 4 * 9 * 3);
+            assert!(dw.iter().all(|&v| v == 0.0));
         }
     }
 
