@@ -127,6 +127,11 @@ impl Stage {
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self { blocks })
     }
+
+    /// The residual blocks, in order.
+    pub fn blocks(&self) -> &[Residual] {
+        &self.blocks
+    }
 }
 
 impl ModuleT for Stage {

@@ -115,6 +115,29 @@ impl ResNet {
         Ok(self.head(&ys, train)?)
     }
 
+    /// Evaluation-mode logits without a backward graph, as PyTorch's `model.eval()` under
+    /// `torch.no_grad()`: the same values as `forward_t(xs, false)`, but every block's output is
+    /// detached, so a block's activations are freed once the next block has read them instead of
+    /// staying alive (held by the graph that the parameters start) until the logits are dropped.
+    /// For prediction and evaluation; use [`ResNet::forward_t`] where gradients are wanted.
+    ///
+    /// # Shapes
+    /// As [`ResNet::forward_t`].
+    pub fn infer(&self, xs: &Tensor) -> Result<Tensor> {
+        Self::stage_shapes(&self.cfg, xs.dims())?;
+        let mut ys = to_channels_last(&xs.detach())?;
+        if let Some(dtype) = self.compute_dtype {
+            ys = ys.to_dtype(dtype)?;
+        }
+        ys = self.run_stage(0, &ys, false)?.detach();
+        for stage in &self.stages {
+            for block in stage.blocks() {
+                ys = block.forward_t(&ys, false)?.detach();
+            }
+        }
+        Ok(self.head(&ys, false)?.detach())
+    }
+
     /// Runs the network stage by stage and reports each top-level layer's output shape, as the
     /// seed's `for layer in net: X = layer(X); print(...)` loop does. Uses evaluation mode.
     pub fn trace(&self, xs: &Tensor) -> Result<Vec<StageShape>> {
@@ -289,6 +312,28 @@ mod tests {
     #[test]
     fn d2l_resnet18_has_the_books_parameter_count() -> Result<()> {
         assert_eq!(build(&ResNetConfig::d2l_resnet18())?.num_parameters(), 11_178_378);
+        Ok(())
+    }
+
+    /// `infer` gives exactly `forward_t(…, false)`'s logits, for both block orderings, and no
+    /// graph: its logits carry none, and a loss built on them has no parameter gradients.
+    #[test]
+    fn inference_matches_evaluation_mode_without_a_graph() -> Result<()> {
+        for block in [BlockKind::PostActivation, BlockKind::PreActivation] {
+            let cfg = ResNetConfig { block, ..ResNetConfig::d2l_resnet18() };
+            let model = build(&cfg)?;
+            let xs = Tensor::randn(0f32, 1., (2, 1, 28, 28), &Device::Cpu)?;
+            let eval = model.forward_t(&xs, false)?;
+            let infer = model.infer(&xs)?;
+            assert!(eval.track_op(), "the evaluation-mode forward should build a graph");
+            assert!(!infer.track_op(), "infer's logits carry a graph");
+            let (a, b): (Vec<f32>, Vec<f32>) = (eval.flatten_all()?.to_vec1()?, infer.flatten_all()?.to_vec1()?);
+            assert_eq!(a, b, "{block:?}");
+            let grads = infer.sqr()?.sum_all()?.backward()?;
+            for p in model.parameters() {
+                assert!(grads.get(&p.tensor).is_none(), "{} got a gradient through infer", p.name);
+            }
+        }
         Ok(())
     }
 

@@ -407,7 +407,7 @@ pub fn evaluate(model: &ResNet, split: &Split, loader: &LoaderConfig, device: &D
     let cfg = LoaderConfig { shuffle: false, augment: None, ..loader.clone() };
     for batch in batches(Arc::new(split.clone()), &cfg, 0)? {
         let batch = batch?;
-        let logits = model.forward_t(&batch.images.to_device(device)?, false)?;
+        let logits = model.infer(&batch.images.to_device(device)?)?;
         let pred: Vec<u32> = logits.argmax(D::Minus1)?.to_device(&Device::Cpu)?.to_vec1()?;
         let labels: Vec<u32> = batch.labels.to_vec1()?;
         confusion.add(&labels, &pred);

@@ -290,7 +290,8 @@ pub fn run_one(a: BenchOneArgs) -> Result<()> {
                 trainer.train_batch(&xs, &ys, 0.05)?;
             }
             Mode::Eval => {
-                let logits = trainer.model().forward_t(&xs, false)?;
+                // No backward graph, as the PyTorch side's `torch.no_grad()`.
+                let logits = trainer.model().infer(&xs)?;
                 let _: Vec<u32> = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec1()?;
             }
         }

@@ -47,7 +47,7 @@ pub fn run(a: PredictArgs) -> Result<Outcome> {
         }));
     }
     let xs = Tensor::from_vec(values, (inputs.len(), 1, side, side), &device)?;
-    let probs = candle_nn::ops::softmax(&loaded.model.forward_t(&xs, false)?, D::Minus1)?;
+    let probs = candle_nn::ops::softmax(&loaded.model.infer(&xs)?, D::Minus1)?;
     let probs: Vec<Vec<f32>> = probs.to_device(&Device::Cpu)?.to_vec2()?;
     for ((name, _), p) in inputs.iter().zip(probs) {
         let mut ranked: Vec<(usize, f32)> = p.into_iter().enumerate().collect();
