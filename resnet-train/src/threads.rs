@@ -16,10 +16,15 @@ pub const CANDLE_NUM_THREADS: &str = "CANDLE_NUM_THREADS";
 /// and read once, when candle first needs the pool, so only binaries should call it, before
 /// any candle op and before spawning threads.
 pub fn keep_candle_pool_off_the_cores() -> bool {
-    if std::env::var_os(CANDLE_NUM_THREADS).is_some() {
+    set_unless_set(CANDLE_NUM_THREADS, "1")
+}
+
+/// Sets `var` to `value` unless the environment already has it; returns whether it set it.
+fn set_unless_set(var: &str, value: &str) -> bool {
+    if std::env::var_os(var).is_some() {
         return false;
     }
-    std::env::set_var(CANDLE_NUM_THREADS, "1");
+    std::env::set_var(var, value);
     true
 }
 
@@ -33,10 +38,6 @@ pub const RAYON_NUM_THREADS: &str = "RAYON_NUM_THREADS";
 /// kernel formatting that file, which the benchmarks (they set the variable) never saw. Same
 /// rules as [`keep_candle_pool_off_the_cores`]: binaries only, first thing in `main`.
 pub fn name_rayon_thread_count() -> bool {
-    if std::env::var_os(RAYON_NUM_THREADS).is_some() {
-        return false;
-    }
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-    std::env::set_var(RAYON_NUM_THREADS, n.to_string());
-    true
+    set_unless_set(RAYON_NUM_THREADS, &n.to_string())
 }

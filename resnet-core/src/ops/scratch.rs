@@ -1,8 +1,9 @@
 //! Reused scratch buffers for the kernels' temporaries.
 //!
-//! A Winograd convolution at 96 px fills two temporaries of 42 MB each (the transformed input
-//! and the products) and frees them, 30 times a step. A fresh `vec![0; n]` clears every byte
-//! first, though the kernels overwrite them all: `perf` put 6–8 % of a step in `memset`. The
+//! Every Winograd task fills two temporaries (its transformed tiles and their products, about
+//! 4 MB together) and frees them, hundreds of times a step; the in-bounds taps do the same with
+//! their patches. A fresh `vec![0; n]` clears every byte first, though the kernels overwrite
+//! them all: `perf` put 6–8 % of a step in `memset` when these were whole-batch buffers. The
 //! same sizes recur every step, so the buffers are kept here and handed out again as they are.
 //! Contents are whatever the last user left (always initialised values, never read before the
 //! kernel writes them), so a buffer from [`take`] is for outputs the caller overwrites in full.

@@ -232,17 +232,19 @@ fn class_weights<'a, T: WithDType>(w: &'a Weight<'_, T>, win: &Window, class: &T
     }
 }
 
+/// The class's pixels as indices into one image's `oh · ow` outputs, in [`gather_cols`]' order.
+fn class_pixels<'a>(win: &Window, class: &'a TapClass) -> impl Iterator<Item = usize> + 'a {
+    let ow = win.ow();
+    class.oy.clone().flat_map(move |oy| class.ox.clone().map(move |ox| oy * ow + ox))
+}
+
 /// The class's rows of `dy` `(batch · oh · ow, out)`, in [`gather_cols`]' order.
 fn gather_rows<T: WithDType>(dy: &[T], win: &Window, class: &TapClass, out: usize) -> Vec<T> {
-    let (oh, ow) = (win.oh(), win.ow());
+    let img = win.oh() * win.ow() * out;
     let mut rows = vec![T::zero(); win.batch * class.pixels() * out];
-    rows.par_chunks_mut(class.pixels() * out).enumerate().for_each(|(n, block)| {
-        let mut dst = block.chunks_exact_mut(out);
-        for oy in class.oy.clone() {
-            for ox in class.ox.clone() {
-                let r = (n * oh + oy) * ow + ox;
-                dst.next().expect("a row per pixel").copy_from_slice(&dy[r * out..(r + 1) * out]);
-            }
+    rows.par_chunks_mut(class.pixels() * out).zip(dy.par_chunks(img)).for_each(|(block, dy_img)| {
+        for (dst, p) in block.chunks_exact_mut(out).zip(class_pixels(win, class)) {
+            dst.copy_from_slice(&dy_img[p * out..(p + 1) * out]);
         }
     });
     rows
@@ -291,14 +293,10 @@ pub fn conv<T: WithDType>(x: &[T], w: &[T], bias: &[T], win: &Window) -> Vec<T> 
         if all {
             return yc;
         }
-        let (oh, ow) = (win.oh(), win.ow());
-        y.par_chunks_mut(oh * ow * out).zip(yc.par_chunks(class.pixels() * out)).for_each(|(img, block)| {
-            let mut src = block.chunks_exact(out);
-            for oy in class.oy.clone() {
-                for ox in class.ox.clone() {
-                    let r = oy * ow + ox;
-                    img[r * out..(r + 1) * out].copy_from_slice(src.next().expect("a row per pixel"));
-                }
+        let img = win.oh() * win.ow() * out;
+        y.par_chunks_mut(img).zip(yc.par_chunks(class.pixels() * out)).for_each(|(y_img, block)| {
+            for (src, p) in block.chunks_exact(out).zip(class_pixels(win, class)) {
+                y_img[p * out..(p + 1) * out].copy_from_slice(src);
             }
         });
     }
