@@ -45,5 +45,6 @@ pub use block::{Residual, ResidualConfig, Stage};
 pub use config::{BlockKind, ConvKernel, Depth, ResNetConfig};
 pub use error::{CoreError, Result};
 pub use init::d2l_init;
+pub use ops::{simd_tier, SimdTier};
 pub use resnet::{ResNet, StageShape};
 pub use tensors::{NamedTensor, TensorRole};

@@ -190,6 +190,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let python = if a.compare_pytorch { Some(find_python(a.python.as_deref())?) } else { None };
     let script = workspace_root().join("scripts/bench_pytorch.py");
     let peak = matmul_peak_gflops(a.threads, &device, a.precision)?;
+    let cpu = cpu_description();
+    eprintln!("CPU: {cpu}");
     eprintln!(
         "matmul peak (candle {} gemm on {}, {} threads): {peak:.1} GFLOP/s",
         a.precision.name(),
@@ -235,9 +237,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
             pytorch_samples: theirs,
         });
     }
-    print_table(&rows, peak, &a);
+    print_table(&rows, peak, &cpu, &a);
     let report = serde_json::json!({
         "date": chrono_free_date(),
+        "cpu": cpu,
         "threads": a.threads,
         "kernel": format!("{:?}", a.kernel),
         "device": a.device,
@@ -468,8 +471,9 @@ fn chrono_free_date() -> String {
         .unwrap_or_default()
 }
 
-fn print_table(rows: &[Row], peak: f64, a: &BenchArgs) {
+fn print_table(rows: &[Row], peak: f64, cpu: &str, a: &BenchArgs) {
     println!();
+    println!("CPU: {cpu}");
     let tf32 = if a.tf32 { ", TF32" } else { "" };
     println!(
         "d2l ResNet-18 on {}, {}{tf32}, {} CPU threads; matmul peak {peak:.0} GFLOP/s",
@@ -496,6 +500,34 @@ fn print_table(rows: &[Row], peak: f64, a: &BenchArgs) {
             opt(r.ratio, &|v| format!("{v:.2}x")),
         );
     }
+}
+
+/// The CPU as `/proc/cpuinfo` names it (model name, family, model) and the widest vector
+/// instructions the project's kernels and gemm's products use on it, so that every figure
+/// carries the machine it was taken on.
+fn cpu_description() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |key: &str| {
+        info.lines()
+            .find_map(|l| l.split_once(':').filter(|(k, _)| k.trim() == key).map(|(_, v)| v.trim().to_string()))
+            .unwrap_or_else(|| "?".into())
+    };
+    let simd = match resnet_core::simd_tier() {
+        resnet_core::SimdTier::Avx512 => "AVX-512",
+        resnet_core::SimdTier::Avx2 => "AVX2+FMA",
+        resnet_core::SimdTier::Baseline => "baseline SSE2",
+    };
+    let gemm = if cfg!(target_arch = "x86_64") && std::is_x86_feature_detected!("avx512f") {
+        "AVX-512"
+    } else {
+        "AVX2 or narrower"
+    };
+    format!(
+        "{} (cpu family {}, model {}); our kernels: {simd}; gemm: {gemm}",
+        field("model name"),
+        field("cpu family"),
+        field("model")
+    )
 }
 
 fn gib(b: u64) -> String {

@@ -19,3 +19,4 @@ pub use batch_norm::BatchNorm;
 pub use conv::{Conv2d, Conv2dConfig};
 pub use elementwise::{add_relu, bias_add, relu};
 pub use pool::{global_avg_pool, MaxPool2d};
+pub use simd::{tier as simd_tier, SimdTier};
