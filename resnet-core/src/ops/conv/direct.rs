@@ -11,10 +11,10 @@
 use candle_core::WithDType;
 use rayon::prelude::*;
 
-use super::geometry::Window;
+use crate::ops::plumbing::geometry::Window;
 use super::im2col::im2col_slice;
-use super::matmul::matmul_general;
-use super::scratch;
+use crate::ops::plumbing::matmul::matmul_general;
+use crate::ops::plumbing::scratch;
 
 /// Output pixels per product in the weight gradient (a fixed split keeps the sum order).
 const PIXELS_PER_TASK: usize = 4096;

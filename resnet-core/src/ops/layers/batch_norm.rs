@@ -6,9 +6,9 @@ use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout,
 use candle_nn::{Init, ModuleT, VarBuilder};
 use rayon::prelude::*;
 
-use super::scratch;
-use super::simd::with_fma;
-use super::storage::contiguous;
+use crate::ops::plumbing::scratch;
+use crate::ops::plumbing::simd::with_fma;
+use crate::ops::plumbing::storage::contiguous;
 
 /// BatchNorm2d as PyTorch defines it: batch statistics and a running-average update
 /// (momentum 0.1, unbiased variance) in training; running statistics in evaluation.
@@ -162,7 +162,7 @@ impl BatchNorm {
         };
         let ys = ys.reshape(dims)?;
         if relu {
-            super::elementwise::relu(&ys)
+            crate::ops::plumbing::elementwise::relu(&ys)
         } else {
             Ok(ys)
         }
