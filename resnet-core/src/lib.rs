@@ -82,3 +82,8 @@ pub use init::d2l_init;
 pub use ops::ConvAlgorithm;
 pub use resnet::{ResNet, StageShape};
 pub use tensors::{NamedTensor, TensorRole};
+
+/// The README's Rust snippet, compiled and run with the doc tests so it cannot go stale.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeSnippet;

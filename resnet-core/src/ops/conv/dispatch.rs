@@ -165,9 +165,9 @@ impl CustomOp3 for Im2colConv {
                 let ohwi = || oihw_to_ohwi(w_oihw, b.len(), win.c, win.kh * win.kw);
                 match algo {
                     // The forward stays on F(2×2): F(4×4)'s larger transform constants round
-                    // enough that the same images gave updates differing by 4e-3 of the update
-                    // between a whole batch and two micro-batches (the products' blocking
-                    // depends on the batch size), where F(2×2) keeps them within 1e-4. The
+                    // enough that a whole batch and the same images in two micro-batches (the
+                    // products' blocking depends on the batch size) give updates further apart
+                    // than gradient accumulation's tolerance; F(2×2) keeps them within it. The
                     // gradients take the tile `Tile::choose` picks.
                     Algo::Winograd(_) => {
                         let dims = (win.batch, win.h, win.w, win.c);
