@@ -249,7 +249,7 @@ mod tests {
     use super::*;
     use crate::init::d2l_init;
     use candle_core::Device;
-    use candle_nn::{VarBuilder, VarMap};
+    use candle_nn::{ModuleT, VarBuilder, VarMap};
 
     fn model(cfg: &ResNetConfig, seed: u64) -> Result<ResNet> {
         let map = VarMap::new();

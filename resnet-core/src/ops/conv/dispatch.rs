@@ -2,7 +2,7 @@
 //! backward: im2col + one matrix product, or a faster algorithm where the shape allows one.
 
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType,
+    backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType,
 };
 use serde::{Deserialize, Serialize};
 

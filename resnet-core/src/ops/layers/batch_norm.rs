@@ -209,9 +209,6 @@ impl CustomOp3 for ScaleShift {
     }
 }
 
-/// The dtype running statistics are kept in.
-pub const BUFFER_DTYPE: DType = DType::F32;
-
 /// Per-channel batch statistics of one training forward, shared with the op's backward.
 #[derive(Debug, Clone)]
 struct Stats {

@@ -54,6 +54,7 @@ impl Conv2d {
     }
 
     /// The algorithm forward passes use.
+    #[cfg(test)]
     pub fn algorithm(&self) -> ConvAlgorithm {
         self.algorithm
     }
@@ -69,6 +70,7 @@ impl Conv2d {
     }
 
     /// The layer's hyper-parameters.
+    #[cfg(test)]
     pub fn config(&self) -> Conv2dConfig {
         self.cfg
     }
