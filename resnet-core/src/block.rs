@@ -60,16 +60,12 @@ impl Residual {
     /// ```
     pub fn new(cfg: ResidualConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let ResidualConfig { in_channels, out_channels, use_1x1conv, stride, kind } = cfg;
-        let conv = |cin, k, s, p| Conv2dConfig {
-            in_channels: cin,
-            out_channels,
-            kernel_size: k,
-            stride: s,
-            padding: p,
-        };
+        let conv =
+            |cin, k, s, p| Conv2dConfig { in_channels: cin, out_channels, kernel_size: k, stride: s, padding: p };
         let conv1 = Conv2d::new(conv(in_channels, 3, stride, 1), vb.pp("conv1"))?;
         let conv2 = Conv2d::new(conv(out_channels, 3, 1, 1), vb.pp("conv2"))?;
-        let conv3 = if use_1x1conv { Some(Conv2d::new(conv(in_channels, 1, stride, 0), vb.pp("conv3"))?) } else { None };
+        let conv3 =
+            if use_1x1conv { Some(Conv2d::new(conv(in_channels, 1, stride, 0), vb.pp("conv3"))?) } else { None };
         let bn1_channels = match kind {
             BlockKind::PostActivation => out_channels,
             BlockKind::PreActivation => in_channels,
@@ -276,7 +272,13 @@ mod tests {
     fn nchw_forward_matches_channels_last_for_every_algorithm() -> candle_core::Result<()> {
         let dev = Device::Cpu;
         let map = VarMap::new();
-        let cfg = StageConfig { in_channels: 3, out_channels: 5, num_residuals: 2, downsample: true, kind: BlockKind::PostActivation };
+        let cfg = StageConfig {
+            in_channels: 3,
+            out_channels: 5,
+            num_residuals: 2,
+            downsample: true,
+            kind: BlockKind::PostActivation,
+        };
         let mut stage = Stage::new(cfg, VarBuilder::from_varmap(&map, DType::F64, &dev))?;
         let x = Tensor::randn(0f64, 1., (2, 3, 7, 7), &dev)?;
         let want = stage.forward_t(&x, false)?;

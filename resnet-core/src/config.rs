@@ -81,13 +81,7 @@ fn default_block() -> BlockKind {
 impl ResNetConfig {
     /// d2l's ResNet-18 for Fashion-MNIST: 1 input channel, 10 classes, width 64, post-activation blocks.
     pub fn d2l_resnet18() -> Self {
-        Self {
-            in_channels: 1,
-            num_classes: 10,
-            depth: Depth::R18,
-            base_width: 64,
-            block: BlockKind::PostActivation,
-        }
+        Self { in_channels: 1, num_classes: 10, depth: Depth::R18, base_width: 64, block: BlockKind::PostActivation }
     }
 
     /// ResNet-34 with d2l's stem and blocks.

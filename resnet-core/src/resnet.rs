@@ -87,7 +87,8 @@ impl ResNet {
             .zip(cfg.depth.blocks_per_stage())
             .enumerate()
             .map(|(i, (&(in_channels, out_channels), num_residuals))| {
-                let stage = StageConfig { in_channels, out_channels, num_residuals, downsample: i > 0, kind: cfg.block };
+                let stage =
+                    StageConfig { in_channels, out_channels, num_residuals, downsample: i > 0, kind: cfg.block };
                 Stage::new(stage, vb.pp(i + 1))
             })
             .collect::<candle_core::Result<Vec<_>>>()?;

@@ -200,8 +200,9 @@ impl Split {
 impl FashionMnist {
     /// Loads all four files from `dir`, each as `<name>.gz` or raw `<name>`.
     pub fn load(dir: &Path) -> Result<Self> {
-        let path =
-            |name: &str| find_file(dir, name).ok_or_else(|| DataError::NotFound { files: &FILES, searched: vec![dir.to_path_buf()] });
+        let path = |name: &str| {
+            find_file(dir, name).ok_or_else(|| DataError::NotFound { files: &FILES, searched: vec![dir.to_path_buf()] })
+        };
         let (train_images, test_images) = (path(TRAIN_IMAGES)?, path(TEST_IMAGES)?);
         let train = Split::read(&train_images, &path(TRAIN_LABELS)?)?;
         let test = Split::read(&test_images, &path(TEST_LABELS)?)?;

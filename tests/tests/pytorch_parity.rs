@@ -165,7 +165,8 @@ fn eval_logits_match_pytorch() -> Result<()> {
     let reference = Reference::load()?;
     let loaded = candle_core::safetensors::load(fixture(WEIGHTS), &Device::Cpu)?;
     for (dtype, algorithm, tol) in RUNS {
-        eval_run(&reference, &loaded, dtype, algorithm, tol).with_context(|| format!("eval, {dtype:?}, {algorithm:?}"))?;
+        eval_run(&reference, &loaded, dtype, algorithm, tol)
+            .with_context(|| format!("eval, {dtype:?}, {algorithm:?}"))?;
     }
     Ok(())
 }

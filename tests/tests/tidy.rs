@@ -178,11 +178,8 @@ fn module_paths(src: &Path) -> Result<BTreeMap<Vec<String>, PathBuf>> {
 /// The `crate::…` and `super::…` paths a source file names, with a `{a, b::c}` group expanded
 /// to its first-level items; comments and the test module are left out.
 fn named_paths(source: &str) -> Vec<String> {
-    let code: String = without_tests(source)
-        .lines()
-        .map(|l| l.split("//").next().unwrap_or_default())
-        .collect::<Vec<_>>()
-        .join("\n");
+    let code: String =
+        without_tests(source).lines().map(|l| l.split("//").next().unwrap_or_default()).collect::<Vec<_>>().join("\n");
     let is_ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
     let mut out = Vec::new();
     for start in ["crate::", "super::"] {

@@ -11,8 +11,8 @@
 use candle_core::WithDType;
 use rayon::prelude::*;
 
-use crate::ops::plumbing::geometry::Window;
 use super::im2col::im2col_slice;
+use crate::ops::plumbing::geometry::Window;
 use crate::ops::plumbing::matmul::matmul_general;
 use crate::ops::plumbing::scratch;
 

@@ -1,9 +1,7 @@
 //! Which algorithm runs a convolution on the CPU, and the custom ops that run it forward and
 //! backward: im2col + one matrix product, or a faster algorithm where the shape allows one.
 
-use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType,
-};
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
 use serde::{Deserialize, Serialize};
 
 use super::im2col::{im2col_slice, Col2im, Im2col};
@@ -360,4 +358,3 @@ impl CustomOp2 for ConvGrad {
         Ok((out, shape))
     }
 }
-

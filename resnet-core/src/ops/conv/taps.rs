@@ -183,7 +183,9 @@ impl<'a, T: WithDType> Weight<'a, T> {
     }
 
     fn ohwi(&self, win: &Window) -> &[T] {
-        self.ohwi.get_or_init(|| crate::ops::plumbing::weight_layout::swap_inner(self.oihw, self.out, win.c, win.kh * win.kw).into_owned())
+        self.ohwi.get_or_init(|| {
+            crate::ops::plumbing::weight_layout::swap_inner(self.oihw, self.out, win.c, win.kh * win.kw).into_owned()
+        })
     }
 
     /// The class's weight columns, compact: `(out, ky · kx · c)`.
