@@ -206,7 +206,7 @@ fn training_loss_gradients_and_running_stats_match_pytorch() -> Result<()> {
 fn train_run(reference: &Reference, dtype: DType, algorithm: ConvAlgorithm, tol: Tolerance) -> Result<()> {
     let labels = reference.get("labels")?;
     ensure!(labels.dtype() == DType::I64, "labels are {:?}, PyTorch's are int64", labels.dtype());
-    let model = load_model(dtype, kernel)?;
+    let model = load_model(dtype, algorithm)?;
     let xs = reference.get("input")?.to_dtype(dtype)?;
     let logits = model.forward_t(&xs, true)?;
     let loss = candle_nn::loss::cross_entropy(&logits, labels)?;
@@ -253,7 +253,7 @@ fn train_run(reference: &Reference, dtype: DType, algorithm: ConvAlgorithm, tol:
         let err = if bound == 0.0 { err_against(&got, want, 1.0)? } else { scaled_err(&got, want)? };
         checks.add(key, err, bound);
     }
-    checks.finish(&format!("train {dtype:?} {kernel:?}"))
+    checks.finish(&format!("train {dtype:?} {algorithm:?}"))
 }
 
 #[test]
