@@ -17,9 +17,7 @@ const EXIT_INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
     restore_sigpipe();
-    resnet_train::alloc::retain_freed_memory();
-    resnet_train::threads::keep_candle_pool_off_the_cores();
-    resnet_train::threads::name_rayon_thread_count();
+    resnet_train::tune_process();
     let cli = args::Cli::parse();
     init_tracing();
     if let Some(threads) = cli.threads {

@@ -3,8 +3,9 @@
 use candle_core::{Module, Tensor};
 use candle_nn::{ModuleT, VarBuilder};
 
-use crate::config::{BlockKind, ConvKernel};
-use crate::ops::{add_relu, BatchNorm, Conv2d, Conv2dConfig};
+use crate::config::BlockKind;
+use crate::layout::{to_channels_first, to_channels_last};
+use crate::ops::{add_relu, BatchNorm, Conv2d, Conv2dConfig, ConvAlgorithm};
 use crate::tensors::{CollectTensors, NamedTensor};
 
 /// d2l's `Residual`: two 3×3 convolutions with BatchNorm, and an identity or 1×1-conv shortcut.
@@ -35,16 +36,36 @@ pub struct ResidualConfig {
 
 impl Residual {
     /// Builds the block with d2l's names: `conv1`, `bn1`, `conv2`, `bn2`, `conv3`.
-    pub fn new(cfg: ResidualConfig, kernel: ConvKernel, vb: VarBuilder) -> candle_core::Result<Self> {
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_nn::{ModuleT, VarBuilder, VarMap};
+    /// use resnet_core::{BlockKind, Residual, ResidualConfig};
+    ///
+    /// # fn main() -> candle_core::Result<()> {
+    /// // d2l: Residual(3, 6, use_1x1conv=True, strides=2) halves (4, 3, 6, 6) to (4, 6, 3, 3).
+    /// let cfg = ResidualConfig {
+    ///     in_channels: 3,
+    ///     out_channels: 6,
+    ///     use_1x1conv: true,
+    ///     stride: 2,
+    ///     kind: BlockKind::PostActivation,
+    /// };
+    /// let vars = VarMap::new();
+    /// let block = Residual::new(cfg, VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu))?;
+    /// let xs = Tensor::randn(0f32, 1., (4, 3, 6, 6), &Device::Cpu)?;
+    /// assert_eq!(block.forward_t(&xs, true)?.dims(), &[4, 6, 3, 3]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn new(cfg: ResidualConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let ResidualConfig { in_channels, out_channels, use_1x1conv, stride, kind } = cfg;
-        let conv = |cin, k, s, p| Conv2dConfig { in_channels: cin, out_channels, kernel: k, stride: s, padding: p };
-        let conv1 = Conv2d::new(conv(in_channels, 3, stride, 1), kernel, vb.pp("conv1"))?;
-        let conv2 = Conv2d::new(conv(out_channels, 3, 1, 1), kernel, vb.pp("conv2"))?;
-        let conv3 = if use_1x1conv {
-            Some(Conv2d::new(conv(in_channels, 1, stride, 0), kernel, vb.pp("conv3"))?)
-        } else {
-            None
-        };
+        let conv =
+            |cin, k, s, p| Conv2dConfig { in_channels: cin, out_channels, kernel_size: k, stride: s, padding: p };
+        let conv1 = Conv2d::new(conv(in_channels, 3, stride, 1), vb.pp("conv1"))?;
+        let conv2 = Conv2d::new(conv(out_channels, 3, 1, 1), vb.pp("conv2"))?;
+        let conv3 =
+            if use_1x1conv { Some(Conv2d::new(conv(in_channels, 1, stride, 0), vb.pp("conv3"))?) } else { None };
         let bn1_channels = match kind {
             BlockKind::PostActivation => out_channels,
             BlockKind::PreActivation => in_channels,
@@ -53,13 +74,22 @@ impl Residual {
         let bn2 = BatchNorm::new(out_channels, vb.pp("bn2"))?;
         Ok(Self { conv1, bn1, conv2, bn2, conv3, kind })
     }
-}
 
-impl ModuleT for Residual {
+    /// Chooses how the block's convolutions are computed from now on.
+    pub fn set_conv_algorithm(&mut self, algorithm: ConvAlgorithm) {
+        self.conv1.set_algorithm(algorithm);
+        self.conv2.set_algorithm(algorithm);
+        if let Some(c) = &mut self.conv3 {
+            c.set_algorithm(algorithm);
+        }
+    }
+
+    /// The block on channels-last tensors, as the network runs it.
+    ///
     /// # Shapes
     /// - `xs`: `(batch, height, width, in_channels)`
     /// - returns `(batch, height / stride, width / stride, out_channels)` (rounded up)
-    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward_channels_last(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         match self.kind {
             BlockKind::PostActivation => {
                 let ys = self.bn1.forward_relu_t(&self.conv1.forward(xs)?, train)?;
@@ -84,6 +114,17 @@ impl ModuleT for Residual {
     }
 }
 
+impl ModuleT for Residual {
+    /// `train` selects BatchNorm's batch statistics (and updates the running ones).
+    ///
+    /// # Shapes
+    /// - `xs`: `(batch, in_channels, height, width)`
+    /// - returns `(batch, out_channels, height / stride, width / stride)` (rounded up)
+    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        to_channels_first(&self.forward_channels_last(&to_channels_last(xs)?, train)?)
+    }
+}
+
 impl CollectTensors for Residual {
     fn collect_tensors(&self, prefix: &str, out: &mut Vec<NamedTensor>) {
         self.conv1.collect_tensors(&format!("{prefix}.conv1"), out);
@@ -96,8 +137,47 @@ impl CollectTensors for Residual {
     }
 }
 
-/// d2l's `resnet_block`: `num_residuals` blocks; unless `first_block`, the first one halves the
-/// resolution and uses a 1×1 shortcut.
+/// How one stage (d2l's `resnet_block`) is shaped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StageConfig {
+    /// Channels entering the stage.
+    pub in_channels: usize,
+    /// Channels of every block's output.
+    pub out_channels: usize,
+    /// Residual blocks in the stage.
+    pub num_residuals: usize,
+    /// Whether the first block halves the resolution (stride 2, 1×1-conv shortcut). d2l's
+    /// `resnet_block` does this unless `first_block`, i.e. in every stage but `b2`.
+    pub downsample: bool,
+    /// Post- (d2l) or pre-activation ordering.
+    pub kind: BlockKind,
+}
+
+/// d2l's `resnet_block`: `num_residuals` [`Residual`] blocks; with `downsample`, the first one
+/// halves the resolution and uses a 1×1 shortcut.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_nn::{ModuleT, VarBuilder, VarMap};
+/// use resnet_core::{BlockKind, Stage, StageConfig};
+///
+/// # fn main() -> candle_core::Result<()> {
+/// // d2l's b3: resnet_block(64, 128, 2).
+/// let cfg = StageConfig {
+///     in_channels: 64,
+///     out_channels: 128,
+///     num_residuals: 2,
+///     downsample: true,
+///     kind: BlockKind::PostActivation,
+/// };
+/// let vars = VarMap::new();
+/// let stage = Stage::new(cfg, VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu))?;
+/// let xs = Tensor::randn(0f32, 1., (2, 64, 8, 8), &Device::Cpu)?;
+/// assert_eq!(stage.forward_t(&xs, false)?.dims(), &[2, 128, 4, 4]);
+/// assert_eq!(stage.blocks().len(), 2);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct Stage {
     blocks: Vec<Residual>,
@@ -105,24 +185,17 @@ pub struct Stage {
 
 impl Stage {
     /// Builds the stage; block `i` is named `{vb prefix}.{i}`.
-    pub fn new(
-        in_channels: usize,
-        out_channels: usize,
-        num_residuals: usize,
-        first_block: bool,
-        kind: BlockKind,
-        kernel: ConvKernel,
-        vb: VarBuilder,
-    ) -> candle_core::Result<Self> {
+    pub fn new(cfg: StageConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let StageConfig { in_channels, out_channels, num_residuals, downsample, kind } = cfg;
         let blocks = (0..num_residuals)
             .map(|i| {
-                let cfg = if i == 0 && !first_block {
+                let cfg = if i == 0 && downsample {
                     ResidualConfig { in_channels, out_channels, use_1x1conv: true, stride: 2, kind }
                 } else {
                     let cin = if i == 0 { in_channels } else { out_channels };
                     ResidualConfig { in_channels: cin, out_channels, use_1x1conv: cin != out_channels, stride: 1, kind }
                 };
-                Residual::new(cfg, kernel, vb.pp(i))
+                Residual::new(cfg, vb.pp(i))
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self { blocks })
@@ -132,15 +205,32 @@ impl Stage {
     pub fn blocks(&self) -> &[Residual] {
         &self.blocks
     }
+
+    /// Chooses how the stage's convolutions are computed from now on.
+    pub fn set_conv_algorithm(&mut self, algorithm: ConvAlgorithm) {
+        for b in &mut self.blocks {
+            b.set_conv_algorithm(algorithm);
+        }
+    }
+
+    /// The stage on channels-last tensors, as the network runs it.
+    pub(crate) fn forward_channels_last(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let mut ys = xs.clone();
+        for b in &self.blocks {
+            ys = b.forward_channels_last(&ys, train)?;
+        }
+        Ok(ys)
+    }
 }
 
 impl ModuleT for Stage {
+    /// `train` selects BatchNorm's batch statistics (and updates the running ones).
+    ///
+    /// # Shapes
+    /// - `xs`: `(batch, in_channels, height, width)`
+    /// - returns `(batch, out_channels, height', width')`, halved (rounded up) with `downsample`
     fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let mut ys = xs.clone();
-        for b in &self.blocks {
-            ys = b.forward_t(&ys, train)?;
-        }
-        Ok(ys)
+        to_channels_first(&self.forward_channels_last(&to_channels_last(xs)?, train)?)
     }
 }
 
@@ -165,13 +255,42 @@ mod tests {
         for kind in [BlockKind::PostActivation, BlockKind::PreActivation] {
             let map = VarMap::new();
             let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
-            let x = Tensor::randn(0f32, 1., (4, 6, 6, 3), &dev)?;
+            let x = Tensor::randn(0f32, 1., (4, 3, 6, 6), &dev)?;
             let same = ResidualConfig { in_channels: 3, out_channels: 3, use_1x1conv: false, stride: 1, kind };
-            let blk = Residual::new(same, ConvKernel::Im2col, vb.pp("a"))?;
-            assert_eq!(blk.forward_t(&x, true)?.dims(), &[4, 6, 6, 3]);
+            let blk = Residual::new(same, vb.pp("a"))?;
+            assert_eq!(blk.forward_t(&x, true)?.dims(), &[4, 3, 6, 6]);
             let down = ResidualConfig { in_channels: 3, out_channels: 6, use_1x1conv: true, stride: 2, kind };
-            let blk = Residual::new(down, ConvKernel::Im2col, vb.pp("b"))?;
-            assert_eq!(blk.forward_t(&x, false)?.dims(), &[4, 3, 3, 6]);
+            let blk = Residual::new(down, vb.pp("b"))?;
+            assert_eq!(blk.forward_t(&x, false)?.dims(), &[4, 6, 3, 3]);
+        }
+        Ok(())
+    }
+
+    /// The public NCHW forward is the channels-last one with the layout moved, exactly, and the
+    /// algorithm setting reaches every convolution (the three agree to rounding).
+    #[test]
+    fn nchw_forward_matches_channels_last_for_every_algorithm() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let cfg = StageConfig {
+            in_channels: 3,
+            out_channels: 5,
+            num_residuals: 2,
+            downsample: true,
+            kind: BlockKind::PostActivation,
+        };
+        let mut stage = Stage::new(cfg, VarBuilder::from_varmap(&map, DType::F64, &dev))?;
+        let x = Tensor::randn(0f64, 1., (2, 3, 7, 7), &dev)?;
+        let want = stage.forward_t(&x, false)?;
+        let inner = to_channels_first(&stage.forward_channels_last(&to_channels_last(&x)?, false)?)?;
+        assert_eq!(want.flatten_all()?.to_vec1::<f64>()?, inner.flatten_all()?.to_vec1::<f64>()?);
+        for algorithm in [ConvAlgorithm::Im2col, ConvAlgorithm::Candle] {
+            stage.set_conv_algorithm(algorithm);
+            let got = stage.forward_t(&x, false)?;
+            let diff = (&got - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(diff < 1e-10, "{algorithm:?} differs by {diff}");
+            let c = &stage.blocks()[0].conv1;
+            assert_eq!(c.algorithm(), algorithm);
         }
         Ok(())
     }

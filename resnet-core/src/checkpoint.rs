@@ -104,7 +104,7 @@ pub fn load_into(model: &ResNet, path: &Path) -> Result<()> {
     if let Some(json) = meta.get(CONFIG_KEY) {
         let theirs: ResNetConfig =
             serde_json::from_str(json).map_err(|e| mismatch(format!("unreadable `{CONFIG_KEY}` metadata: {e}")))?;
-        if !theirs.same_architecture(model.config()) {
+        if theirs != *model.config() {
             return Err(mismatch(format!(
                 "it was saved from {} but the model is {}",
                 describe(&theirs),
@@ -239,7 +239,7 @@ fn infer_config(path: &Path, st: &SafeTensors) -> Result<ResNetConfig> {
     } else {
         BlockKind::PostActivation
     };
-    let cfg = ResNetConfig { in_channels, num_classes, depth, base_width, block, ..ResNetConfig::d2l_resnet18() };
+    let cfg = ResNetConfig { in_channels, num_classes, depth, base_width, block };
     cfg.validate()?;
     Ok(cfg)
 }
@@ -249,7 +249,7 @@ mod tests {
     use super::*;
     use crate::init::d2l_init;
     use candle_core::Device;
-    use candle_nn::{VarBuilder, VarMap};
+    use candle_nn::{ModuleT, VarBuilder, VarMap};
 
     fn model(cfg: &ResNetConfig, seed: u64) -> Result<ResNet> {
         let map = VarMap::new();

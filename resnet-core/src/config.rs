@@ -53,23 +53,6 @@ pub enum BlockKind {
     PreActivation,
 }
 
-/// Which convolution kernels the model runs. Results agree to float rounding; speed does not.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ConvKernel {
-    /// Winograd F(2×2, 3×3) for the 3×3 stride-1 convolutions (forward and both gradients; 2.25×
-    /// fewer multiplies; see `ops::winograd`), products over the in-bounds kernel taps alone where
-    /// padding is a large share of the work (the small images of the last stages; `ops::taps`),
-    /// and the im2col kernels for the rest.
-    #[default]
-    Winograd,
-    /// The project's channels-last im2col + one batched matrix product per convolution, with a
-    /// matching fast backward (see `ops::im2col`).
-    Im2col,
-    /// candle's stock `conv2d` (and its naive backward), kept for comparison.
-    Candle,
-}
-
 /// A ResNet's architecture. Structural fields are required; `base_width` and `block` default to d2l.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResNetConfig {
@@ -85,9 +68,6 @@ pub struct ResNetConfig {
     /// The residual block variant.
     #[serde(default = "default_block")]
     pub block: BlockKind,
-    /// Convolution implementation; not part of the architecture, so checkpoints ignore it.
-    #[serde(default, skip_serializing)]
-    pub conv_kernel: ConvKernel,
 }
 
 fn default_base_width() -> usize {
@@ -101,14 +81,7 @@ fn default_block() -> BlockKind {
 impl ResNetConfig {
     /// d2l's ResNet-18 for Fashion-MNIST: 1 input channel, 10 classes, width 64, post-activation blocks.
     pub fn d2l_resnet18() -> Self {
-        Self {
-            in_channels: 1,
-            num_classes: 10,
-            depth: Depth::R18,
-            base_width: 64,
-            block: BlockKind::PostActivation,
-            conv_kernel: ConvKernel::default(),
-        }
+        Self { in_channels: 1, num_classes: 10, depth: Depth::R18, base_width: 64, block: BlockKind::PostActivation }
     }
 
     /// ResNet-34 with d2l's stem and blocks.
@@ -135,15 +108,6 @@ impl ResNetConfig {
     pub fn stage_channels(&self) -> [usize; 4] {
         let w = self.base_width;
         [w, 2 * w, 4 * w, 8 * w]
-    }
-
-    /// True when `other` describes the same architecture (the kernel choice is ignored).
-    pub fn same_architecture(&self, other: &ResNetConfig) -> bool {
-        self.in_channels == other.in_channels
-            && self.num_classes == other.num_classes
-            && self.depth == other.depth
-            && self.base_width == other.base_width
-            && self.block == other.block
     }
 }
 

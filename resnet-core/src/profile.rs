@@ -1,10 +1,10 @@
 //! Wall-clock time per op and tensor shape, for finding where a training step goes.
 //!
 //! Off by default, and then a span costs one atomic load. [`enable`] turns it on for the
-//! process; every custom op of [`crate::ops`] then records its CPU kernel's time under its name
+//! process; every custom op of this crate then records its CPU kernel's time under its name
 //! and its first input's shape, and callers can add spans of their own (the trainer marks its
-//! forward, backward and optimiser phases). `cargo xtask bench-one … --profile` prints
-//! [`report`] after the timed windows.
+//! forward, backward and optimiser phases). [`report`] then sums them up; the benchmark
+//! prints it after its timed windows when asked to profile.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -3,10 +3,12 @@
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{ModuleT, VarBuilder};
 
-use crate::block::Stage;
+use crate::block::{Stage, StageConfig};
 use crate::config::{BlockKind, ResNetConfig};
 use crate::error::{CoreError, Result};
-use crate::ops::{geometry::Window, global_avg_pool, BatchNorm, Conv2d, Conv2dConfig, MaxPool2d};
+use crate::layout::to_channels_last;
+use crate::ops::plumbing::geometry::Window;
+use crate::ops::{global_avg_pool, BatchNorm, Conv2d, Conv2dConfig, ConvAlgorithm, MaxPool2d};
 use crate::tensors::{CollectTensors, NamedTensor, TensorRole};
 
 /// d2l's ResNet, laid out as its `nn.Sequential(b1, b2, b3, b4, b5, AdaptiveAvgPool2d, Flatten,
@@ -15,6 +17,33 @@ use crate::tensors::{CollectTensors, NamedTensor, TensorRole};
 ///
 /// Inputs and outputs are PyTorch-shaped (`(batch, channels, height, width)` in, logits out); the
 /// network runs channels-last inside, where its convolutions are single matrix products.
+///
+/// [`ModuleT::forward_t`] is the training (and evaluation-with-graph) forward; [`ResNet::infer`]
+/// is evaluation without a backward graph. How convolutions are computed is a runtime setting,
+/// [`ResNet::set_conv_algorithm`].
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_nn::{ModuleT, VarBuilder, VarMap};
+/// use resnet_core::{ConvAlgorithm, ResNet, ResNetConfig};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let cfg = ResNetConfig { base_width: 4, ..ResNetConfig::d2l_resnet18() };
+/// let vars = VarMap::new();
+/// let mut model = ResNet::new(&cfg, VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu))?;
+/// let xs = Tensor::rand(0f32, 1., (2, 1, 28, 28), &Device::Cpu)?;
+/// let logits = model.forward_t(&xs, true)?; // training mode: batch statistics, with a graph
+/// assert_eq!(logits.dims(), &[2, 10]);
+///
+/// model.set_conv_algorithm(ConvAlgorithm::Im2col);
+/// let a = model.infer(&xs)?;
+/// model.set_conv_algorithm(ConvAlgorithm::Winograd);
+/// let b = model.infer(&xs)?;
+/// let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+/// assert!(diff < 1e-4, "the algorithms agree to rounding: {diff}");
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct ResNet {
     cfg: ResNetConfig,
@@ -25,6 +54,7 @@ pub struct ResNet {
     final_bn: Option<BatchNorm>,
     fc: candle_nn::Linear,
     compute_dtype: Option<DType>,
+    conv_algorithm: ConvAlgorithm,
 }
 
 /// One line of the seed's shape trace: a top-level layer and its output shape.
@@ -41,21 +71,26 @@ pub struct StageShape {
 const STAGE_NAMES: [&str; 4] = ["b2", "b3", "b4", "b5"];
 
 impl ResNet {
-    /// Builds the network under `vb` (use a fresh `VarMap` to train, or safetensors to load).
-    /// Call [`crate::init::d2l_init`] afterwards for d2l's seeded Xavier initialisation.
+    /// Builds the network under `vb` (use a fresh `VarMap` to train, or safetensors to load),
+    /// computing convolutions with [`ConvAlgorithm::default`].
+    /// Call [`crate::d2l_init`] afterwards for d2l's seeded Xavier initialisation.
     pub fn new(cfg: &ResNetConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
-        let kernel = cfg.conv_kernel;
         let [c1, c2, c3, c4] = cfg.stage_channels();
-        let stem = Conv2dConfig { in_channels: cfg.in_channels, out_channels: c1, kernel: 7, stride: 2, padding: 3 };
-        let stem_conv = Conv2d::new(stem, kernel, vb.pp("0").pp("0"))?;
+        let stem =
+            Conv2dConfig { in_channels: cfg.in_channels, out_channels: c1, kernel_size: 7, stride: 2, padding: 3 };
+        let stem_conv = Conv2d::new(stem, vb.pp("0").pp("0"))?;
         let stem_bn = BatchNorm::new(c1, vb.pp("0").pp("1"))?;
         let widths = [(c1, c1), (c1, c2), (c2, c3), (c3, c4)];
         let stages = widths
             .iter()
             .zip(cfg.depth.blocks_per_stage())
             .enumerate()
-            .map(|(i, (&(cin, cout), n))| Stage::new(cin, cout, n, i == 0, cfg.block, kernel, vb.pp(i + 1)))
+            .map(|(i, (&(in_channels, out_channels), num_residuals))| {
+                let stage =
+                    StageConfig { in_channels, out_channels, num_residuals, downsample: i > 0, kind: cfg.block };
+                Stage::new(stage, vb.pp(i + 1))
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let final_bn = match cfg.block {
             BlockKind::PostActivation => None,
@@ -71,7 +106,23 @@ impl ResNet {
             final_bn,
             fc,
             compute_dtype: None,
+            conv_algorithm: ConvAlgorithm::default(),
         })
+    }
+
+    /// Chooses how every convolution is computed from now on (for example after loading or
+    /// resuming). The weights and the results (to float rounding) do not depend on it.
+    pub fn set_conv_algorithm(&mut self, algorithm: ConvAlgorithm) {
+        self.stem_conv.set_algorithm(algorithm);
+        for s in &mut self.stages {
+            s.set_conv_algorithm(algorithm);
+        }
+        self.conv_algorithm = algorithm;
+    }
+
+    /// The algorithm set by [`ResNet::set_conv_algorithm`].
+    pub fn conv_algorithm(&self) -> ConvAlgorithm {
+        self.conv_algorithm
     }
 
     /// Runs the convolutions, pooling and residual adds in `dtype` (bf16 or f16 for mixed
@@ -98,31 +149,15 @@ impl ResNet {
         &self.cfg
     }
 
-    /// Logits for a batch; `train` selects BatchNorm's batch statistics (and updates the running ones).
-    ///
-    /// # Shapes
-    /// - `xs`: `(batch, in_channels, height, width)`
-    /// - returns `(batch, num_classes)`
-    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        Self::stage_shapes(&self.cfg, xs.dims())?;
-        let mut ys = to_channels_last(xs)?;
-        if let Some(dtype) = self.compute_dtype {
-            ys = ys.to_dtype(dtype)?;
-        }
-        for stage in 0..5 {
-            ys = self.run_stage(stage, &ys, train)?;
-        }
-        Ok(self.head(&ys, train)?)
-    }
-
     /// Evaluation-mode logits without a backward graph, as PyTorch's `model.eval()` under
     /// `torch.no_grad()`: the same values as `forward_t(xs, false)`, but every block's output is
     /// detached, so a block's activations are freed once the next block has read them instead of
     /// staying alive (held by the graph that the parameters start) until the logits are dropped.
-    /// For prediction and evaluation; use [`ResNet::forward_t`] where gradients are wanted.
+    /// For prediction and evaluation; use [`ModuleT::forward_t`] where gradients are wanted.
     ///
     /// # Shapes
-    /// As [`ResNet::forward_t`].
+    /// - `xs`: `(batch, in_channels, height, width)`
+    /// - returns `(batch, num_classes)`
     pub fn infer(&self, xs: &Tensor) -> Result<Tensor> {
         Self::stage_shapes(&self.cfg, xs.dims())?;
         let mut ys = to_channels_last(&xs.detach())?;
@@ -132,7 +167,7 @@ impl ResNet {
         ys = self.run_stage(0, &ys, false)?.detach();
         for stage in &self.stages {
             for block in stage.blocks() {
-                ys = block.forward_t(&ys, false)?.detach();
+                ys = block.forward_channels_last(&ys, false)?.detach();
             }
         }
         Ok(self.head(&ys, false)?.detach())
@@ -260,7 +295,7 @@ impl ResNet {
             let ys = self.stem_bn.forward_relu_t(&self.stem_conv.forward(xs)?, train)?;
             return self.pool.forward(&ys);
         }
-        self.stages[stage - 1].forward_t(xs, train)
+        self.stages[stage - 1].forward_channels_last(xs, train)
     }
 
     fn head(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
@@ -275,26 +310,28 @@ impl ResNet {
 }
 
 impl ModuleT for ResNet {
+    /// Logits for a batch; `train` selects BatchNorm's batch statistics (and updates the running
+    /// ones). An input that does not fit the network is an error naming the stage where it stops
+    /// fitting (a [`CoreError::InputShape`] wrapped in candle's error).
+    ///
+    /// # Shapes
+    /// - `xs`: `(batch, in_channels, height, width)`
+    /// - returns `(batch, num_classes)`
     fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        ResNet::forward_t(self, xs, train).map_err(|e| match e {
-            CoreError::Candle(e) => e,
-            other => candle_core::Error::Msg(other.to_string()),
-        })
+        Self::stage_shapes(&self.cfg, xs.dims()).map_err(candle_core::Error::wrap)?;
+        let mut ys = to_channels_last(xs)?;
+        if let Some(dtype) = self.compute_dtype {
+            ys = ys.to_dtype(dtype)?;
+        }
+        for stage in 0..5 {
+            ys = self.run_stage(stage, &ys, train)?;
+        }
+        self.head(&ys, train)
     }
 }
 
 fn stage_name(stage: usize) -> &'static str {
     ["b1", "b2", "b3", "b4", "b5"][stage]
-}
-
-/// `(b, c, h, w)` to contiguous `(b, h, w, c)`; free of copies for one channel.
-fn to_channels_last(xs: &Tensor) -> candle_core::Result<Tensor> {
-    let (b, c, h, w) = xs.dims4()?;
-    if c == 1 {
-        xs.reshape((b, h, w, 1))
-    } else {
-        xs.permute((0, 2, 3, 1))?.contiguous()
-    }
 }
 
 #[cfg(test)]
@@ -440,8 +477,8 @@ mod tests {
             nb += b.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
         }
         let cos = dot / (na.sqrt() * nb.sqrt());
-        // Measured 0.93 here (f16 rounding through 17 convolutions, BatchNorm over as few as 4
-        // rows); a gradient that missed a layer or a cast would be far below.
+        // f16 rounding through 17 convolutions and BatchNorm over as few as 4 rows keeps the
+        // cosine below 1; a gradient that missed a layer or a cast would be far below 0.9.
         assert!(cos > 0.9, "f16 gradient cosine {cos} against f32");
         Ok(())
     }

@@ -115,10 +115,12 @@ pub enum DataError {
     #[error(
         "Fashion-MNIST not found: looked for {} (each gzipped or raw) in {}. \
          To get the data, run `cargo xtask fetch-data`, or `apt-get install dataset-fashion-mnist`",
-        crate::fashion_mnist::FILES.join(", "),
+        .files.join(", "),
         join_paths(.searched)
     )]
     NotFound {
+        /// The file names looked for (each gzipped or raw).
+        files: &'static [&'static str],
         /// Every directory that was searched, in order.
         searched: Vec<PathBuf>,
     },
@@ -185,7 +187,10 @@ mod tests {
 
     #[test]
     fn not_found_names_places_and_remedies() {
-        let err = DataError::NotFound { searched: vec![PathBuf::from("/a/b"), PathBuf::from("/c")] };
+        let err = DataError::NotFound {
+            files: &["train-images-idx3-ubyte", "t10k-labels-idx1-ubyte"],
+            searched: vec![PathBuf::from("/a/b"), PathBuf::from("/c")],
+        };
         let msg = err.to_string();
         for needle in
             ["/a/b", "/c", "cargo xtask fetch-data", "apt-get install dataset-fashion-mnist", "train-images-idx3-ubyte"]

@@ -200,8 +200,9 @@ impl Split {
 impl FashionMnist {
     /// Loads all four files from `dir`, each as `<name>.gz` or raw `<name>`.
     pub fn load(dir: &Path) -> Result<Self> {
-        let path =
-            |name: &str| find_file(dir, name).ok_or_else(|| DataError::NotFound { searched: vec![dir.to_path_buf()] });
+        let path = |name: &str| {
+            find_file(dir, name).ok_or_else(|| DataError::NotFound { files: &FILES, searched: vec![dir.to_path_buf()] })
+        };
         let (train_images, test_images) = (path(TRAIN_IMAGES)?, path(TEST_IMAGES)?);
         let train = Split::read(&train_images, &path(TRAIN_LABELS)?)?;
         let test = Split::read(&test_images, &path(TEST_LABELS)?)?;
@@ -271,7 +272,7 @@ pub fn load_test(explicit: Option<&Path>) -> Result<(Split, PathBuf)> {
     let dir = locate(explicit)?;
     match (find_file(&dir, TEST_IMAGES), find_file(&dir, TEST_LABELS)) {
         (Some(images), Some(labels)) => Ok((Split::read(&images, &labels)?, dir)),
-        _ => Err(DataError::NotFound { searched: vec![dir] }),
+        _ => Err(DataError::NotFound { files: &FILES, searched: vec![dir] }),
     }
 }
 
@@ -293,7 +294,7 @@ fn locate_in(
         if has_dataset(dir) {
             return Ok(dir.to_path_buf());
         }
-        return Err(DataError::NotFound { searched: vec![dir.to_path_buf()] });
+        return Err(DataError::NotFound { files: &FILES, searched: vec![dir.to_path_buf()] });
     }
     let mut searched = Vec::new();
     if let Some(dir) = env_dir {
@@ -310,7 +311,7 @@ fn locate_in(
         }
         searched.push(dir);
     }
-    Err(DataError::NotFound { searched })
+    Err(DataError::NotFound { files: &FILES, searched })
 }
 
 #[cfg(test)]
@@ -433,12 +434,12 @@ mod tests {
         assert_eq!(locate_in(Some(a.path()), Some(p(&b)), None, c.path())?, p(&a));
         // An explicit directory without the data is an error naming only it.
         let err = locate_in(Some(empty.path()), Some(p(&a)), None, c.path());
-        assert!(matches!(&err, Err(DataError::NotFound { searched }) if searched == &[p(&empty)]), "{err:?}");
+        assert!(matches!(&err, Err(DataError::NotFound { searched, .. }) if searched == &[p(&empty)]), "{err:?}");
         // Nothing anywhere: every place is listed, in order.
         let cache = empty.path().join("cache");
         let err = locate_in(None, Some(p(&empty)), Some(cache.clone()), Path::new("/nonexistent"));
         let want = [p(&empty), cache, PathBuf::from("/nonexistent")];
-        assert!(matches!(&err, Err(DataError::NotFound { searched }) if searched == &want), "{err:?}");
+        assert!(matches!(&err, Err(DataError::NotFound { searched, .. }) if searched == &want), "{err:?}");
         Ok(())
     }
 

@@ -1,16 +1,15 @@
-//! Allocator tuning for processes that train or evaluate (call it first thing in `main`).
+//! Allocator tuning for processes that train or evaluate (applied by [`crate::tune_process`]).
 //!
 //! A training step allocates and frees the same few hundred megabytes of activations,
 //! gradients and patch matrices every step. glibc serves allocations above 32 MB with fresh
-//! `mmap`s and returns them with `munmap`, so every step the kernel zeroes and maps those pages
-//! again: a third of the CPU time of a 96 px step was page faults, page clearing and TLB
-//! shootdowns (`perf`, see BENCHMARKS.md). Keeping freed memory in the heap for reuse removes
-//! that without raising peak memory, since the step's allocations repeat.
+//! `mmap`s and returns them with `munmap`, so every step the kernel would zero and map those
+//! pages again (page faults, page clearing, TLB shootdowns). Keeping freed memory in the heap
+//! for reuse avoids that without raising peak memory, since the step's allocations repeat.
 
 /// Makes glibc's `malloc` serve every allocation from its heap and keep freed memory for reuse
 /// (`M_MMAP_MAX = 0`, trim threshold 2 GiB, 64 MiB top pad). Returns whether it applied: only
 /// glibc on Linux; elsewhere it does nothing. Process-wide, so only binaries should call it.
-pub fn retain_freed_memory() -> bool {
+pub(crate) fn retain_freed_memory() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: mallopt only changes glibc's tuning parameters; it is safe to call at any

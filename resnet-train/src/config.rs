@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use resnet_core::ResNetConfig;
+use resnet_core::{ConvAlgorithm, ResNetConfig};
 
 use crate::error::{Result, TrainError};
 
@@ -122,6 +122,10 @@ pub struct TrainConfig {
     /// Let CUDA run f32 matrix products on TF32 tensor cores (about 10 mantissa bits).
     #[serde(default)]
     pub tf32: bool,
+    /// How the model computes its convolutions; a speed setting that leaves the results the
+    /// same to float rounding.
+    #[serde(default)]
+    pub conv_algorithm: ConvAlgorithm,
 }
 
 impl TrainConfig {
@@ -146,6 +150,7 @@ impl TrainConfig {
             data_workers: 1,
             precision: Precision::F32,
             tf32: false,
+            conv_algorithm: ConvAlgorithm::default(),
         }
     }
 

@@ -20,22 +20,24 @@
 //! # }
 //! ```
 
-pub mod alloc;
+mod alloc;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod optim;
 pub mod plot;
+mod process;
 pub mod run_dir;
 pub mod schedule;
-pub mod threads;
+mod threads;
 pub mod trainer;
 
 pub use config::{AugmentConfig, Precision, Schedule, SgdConfig, TrainConfig};
 pub use error::{Result, TrainError};
 pub use metrics::{Confusion, EpochMetrics, MetricsRecord, Running};
 pub use optim::Sgd;
+pub use process::{tune_process, ProcessTuning};
 pub use run_dir::RunDir;
 pub use schedule::LrSchedule;
 pub use trainer::{cross_entropy, evaluate, loader_config, Observer, Silent, StepInfo, TrainReport, Trainer};

@@ -1,13 +1,11 @@
-//! Thread tuning for processes that train or evaluate on the CPU (call it first thing in
-//! `main`, beside [`crate::alloc::retain_freed_memory`]).
+//! Thread tuning for processes that train or evaluate on the CPU (applied by
+//! [`crate::tune_process`]).
 //!
 //! candle 0.11 runs its element-wise ops (the gradient additions of every backward, among
 //! others) on a pool of its own, `CANDLE_NUM_THREADS − 1` helper threads that spin for a while
 //! after each op before they sleep. The project's kernels run on rayon's threads; while they do,
-//! a spinning helper takes a core from them. `perf` put 8 % of a 28 px training step's samples
-//! in that spin loop and 2 % more in the main thread's wait on it, and a step ran about 10 %
-//! faster with the pool off (A/B in BENCHMARKS.md). With `CANDLE_NUM_THREADS=1` the
-//! element-wise ops run on the calling thread and rayon keeps both cores.
+//! a spinning helper takes a core from them. With `CANDLE_NUM_THREADS=1` the element-wise ops
+//! run on the calling thread and rayon keeps every core.
 
 /// The variable candle reads for its element-wise pool's size.
 pub const CANDLE_NUM_THREADS: &str = "CANDLE_NUM_THREADS";
@@ -15,7 +13,7 @@ pub const CANDLE_NUM_THREADS: &str = "CANDLE_NUM_THREADS";
 /// Sets `CANDLE_NUM_THREADS=1` unless the user set it. Returns whether it set it. Process-wide
 /// and read once, when candle first needs the pool, so only binaries should call it, before
 /// any candle op and before spawning threads.
-pub fn keep_candle_pool_off_the_cores() -> bool {
+pub(crate) fn keep_candle_pool_off_the_cores() -> bool {
     set_unless_set(CANDLE_NUM_THREADS, "1")
 }
 
@@ -33,11 +31,10 @@ pub const RAYON_NUM_THREADS: &str = "RAYON_NUM_THREADS";
 
 /// Sets `RAYON_NUM_THREADS` to the number of threads rayon would start anyway (the available
 /// parallelism) unless the user set it. Returns whether it set it. With it unset, candle 0.11's
-/// `get_num_threads` works the default out again on every call, parsing `/proc/cpuinfo`, and
-/// its matrix products ask on every call: `perf` found 12 % of a training run's samples in the
-/// kernel formatting that file, which the benchmarks (they set the variable) never saw. Same
-/// rules as [`keep_candle_pool_off_the_cores`]: binaries only, first thing in `main`.
-pub fn name_rayon_thread_count() -> bool {
+/// `get_num_threads` works the default out again on every call by parsing `/proc/cpuinfo`, and
+/// its matrix products ask on every call. Same rules as [`keep_candle_pool_off_the_cores`]:
+/// binaries only, first thing in `main`.
+pub(crate) fn name_rayon_thread_count() -> bool {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     set_unless_set(RAYON_NUM_THREADS, &n.to_string())
 }

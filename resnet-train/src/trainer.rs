@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{backprop::GradStore, DType, Device, Tensor, D};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::{ModuleT, VarBuilder, VarMap};
 
 use resnet_core::{checkpoint as core_ckpt, d2l_init, profile, ResNet};
 use resnet_data::{batches, Augment, FashionMnist, LoaderConfig, Normalize, Split};
@@ -138,6 +138,7 @@ impl Trainer {
         let vars = VarMap::new();
         let mut model = ResNet::new(&cfg.model, VarBuilder::from_varmap(&vars, DType::F32, device))?;
         model.set_compute_dtype(cfg.precision.compute_dtype())?;
+        model.set_conv_algorithm(cfg.conv_algorithm);
         if cfg.tf32 {
             candle_core::cuda::set_gemm_reduced_precision_f32(true);
         }

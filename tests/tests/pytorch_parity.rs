@@ -26,8 +26,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
-use resnet_core::{checkpoint, BlockKind, ConvKernel, Depth, ResNet, ResNetConfig, TensorRole};
+use candle_nn::{ModuleT, VarBuilder, VarMap};
+use resnet_core::{checkpoint, BlockKind, ConvAlgorithm, Depth, ResNet, ResNetConfig, TensorRole};
 use safetensors::SafeTensors;
 
 const WEIGHTS: &str = "pytorch_parity_weights.safetensors";
@@ -46,14 +46,14 @@ struct Tolerance {
 const F64_TOL: Tolerance = Tolerance { values: 1e-6, grads: 1e-6 };
 const F32_TOL: Tolerance = Tolerance { values: 1e-4, grads: 1e-3 };
 
-/// Every combination the model can run in: both float types and all three convolution kernels.
-const RUNS: [(DType, ConvKernel, Tolerance); 6] = [
-    (DType::F64, ConvKernel::Winograd, F64_TOL),
-    (DType::F64, ConvKernel::Im2col, F64_TOL),
-    (DType::F64, ConvKernel::Candle, F64_TOL),
-    (DType::F32, ConvKernel::Winograd, F32_TOL),
-    (DType::F32, ConvKernel::Im2col, F32_TOL),
-    (DType::F32, ConvKernel::Candle, F32_TOL),
+/// Every combination the model can run in: both float types and all three convolution algorithms.
+const RUNS: [(DType, ConvAlgorithm, Tolerance); 6] = [
+    (DType::F64, ConvAlgorithm::Winograd, F64_TOL),
+    (DType::F64, ConvAlgorithm::Im2col, F64_TOL),
+    (DType::F64, ConvAlgorithm::Candle, F64_TOL),
+    (DType::F32, ConvAlgorithm::Winograd, F32_TOL),
+    (DType::F32, ConvAlgorithm::Im2col, F32_TOL),
+    (DType::F32, ConvAlgorithm::Candle, F32_TOL),
 ];
 
 fn fixture(name: &str) -> PathBuf {
@@ -77,7 +77,7 @@ impl Reference {
 }
 
 /// The d2l export loaded into a fresh Rust model of the architecture the file implies.
-fn load_model(dtype: DType, conv_kernel: ConvKernel) -> Result<ResNet> {
+fn load_model(dtype: DType, algorithm: ConvAlgorithm) -> Result<ResNet> {
     let path = fixture(WEIGHTS);
     let cfg = checkpoint::read_config(&path).with_context(|| format!("inferring the config of {}", path.display()))?;
     let want = ResNetConfig {
@@ -86,12 +86,11 @@ fn load_model(dtype: DType, conv_kernel: ConvKernel) -> Result<ResNet> {
         depth: Depth::R18,
         base_width: 4,
         block: BlockKind::PostActivation,
-        conv_kernel: ConvKernel::default(),
     };
     ensure!(cfg == want, "{} was inferred as {cfg:?}, expected {want:?}", path.display());
-    let cfg = ResNetConfig { conv_kernel, ..cfg };
     let vars = VarMap::new();
-    let model = ResNet::new(&cfg, VarBuilder::from_varmap(&vars, dtype, &Device::Cpu))?;
+    let mut model = ResNet::new(&cfg, VarBuilder::from_varmap(&vars, dtype, &Device::Cpu))?;
+    model.set_conv_algorithm(algorithm);
     checkpoint::load_into(&model, &path).with_context(|| format!("loading {}", path.display()))?;
     Ok(model)
 }
@@ -165,21 +164,22 @@ impl Checks {
 fn eval_logits_match_pytorch() -> Result<()> {
     let reference = Reference::load()?;
     let loaded = candle_core::safetensors::load(fixture(WEIGHTS), &Device::Cpu)?;
-    for (dtype, kernel, tol) in RUNS {
-        eval_run(&reference, &loaded, dtype, kernel, tol).with_context(|| format!("eval, {dtype:?}, {kernel:?}"))?;
+    for (dtype, algorithm, tol) in RUNS {
+        eval_run(&reference, &loaded, dtype, algorithm, tol)
+            .with_context(|| format!("eval, {dtype:?}, {algorithm:?}"))?;
     }
     Ok(())
 }
 
-/// One evaluation-mode forward in `dtype` with `kernel`, against PyTorch's `net.eval()` logits.
+/// One evaluation-mode forward in `dtype` with `algorithm`, against PyTorch's `net.eval()` logits.
 fn eval_run(
     reference: &Reference,
     loaded: &HashMap<String, Tensor>,
     dtype: DType,
-    kernel: ConvKernel,
+    algorithm: ConvAlgorithm,
     tol: Tolerance,
 ) -> Result<()> {
-    let model = load_model(dtype, kernel)?;
+    let model = load_model(dtype, algorithm)?;
     let xs = reference.get("input")?.to_dtype(dtype)?;
     let logits = model.forward_t(&xs, false)?;
     let mut checks = Checks::default();
@@ -189,24 +189,24 @@ fn eval_run(
         let want = loaded.get(&t.name).with_context(|| format!("`{}` missing from {WEIGHTS}", t.name))?;
         checks.add(format!("after_eval.{}", t.name), err_against(&t.tensor, want, 1.0)?, 0.0);
     }
-    checks.finish(&format!("eval {dtype:?} {kernel:?}"))
+    checks.finish(&format!("eval {dtype:?} {algorithm:?}"))
 }
 
 #[test]
 fn training_loss_gradients_and_running_stats_match_pytorch() -> Result<()> {
     let reference = Reference::load()?;
-    for (dtype, kernel, tol) in RUNS {
-        train_run(&reference, dtype, kernel, tol).with_context(|| format!("training, {dtype:?}, {kernel:?}"))?;
+    for (dtype, algorithm, tol) in RUNS {
+        train_run(&reference, dtype, algorithm, tol).with_context(|| format!("training, {dtype:?}, {algorithm:?}"))?;
     }
     Ok(())
 }
 
-/// One training-mode forward, cross-entropy and backward in `dtype` with `kernel`, against
+/// One training-mode forward, cross-entropy and backward in `dtype` with `algorithm`, against
 /// PyTorch's loss, gradients and updated running statistics.
-fn train_run(reference: &Reference, dtype: DType, kernel: ConvKernel, tol: Tolerance) -> Result<()> {
+fn train_run(reference: &Reference, dtype: DType, algorithm: ConvAlgorithm, tol: Tolerance) -> Result<()> {
     let labels = reference.get("labels")?;
     ensure!(labels.dtype() == DType::I64, "labels are {:?}, PyTorch's are int64", labels.dtype());
-    let model = load_model(dtype, kernel)?;
+    let model = load_model(dtype, algorithm)?;
     let xs = reference.get("input")?.to_dtype(dtype)?;
     let logits = model.forward_t(&xs, true)?;
     let loss = candle_nn::loss::cross_entropy(&logits, labels)?;
@@ -253,12 +253,12 @@ fn train_run(reference: &Reference, dtype: DType, kernel: ConvKernel, tol: Toler
         let err = if bound == 0.0 { err_against(&got, want, 1.0)? } else { scaled_err(&got, want)? };
         checks.add(key, err, bound);
     }
-    checks.finish(&format!("train {dtype:?} {kernel:?}"))
+    checks.finish(&format!("train {dtype:?} {algorithm:?}"))
 }
 
 #[test]
 fn export_has_pytorchs_keys_dtypes_and_values() -> Result<()> {
-    let model = load_model(DType::F32, ConvKernel::Im2col)?;
+    let model = load_model(DType::F32, ConvAlgorithm::Im2col)?;
     let dir = tempfile::tempdir()?;
     let saved_path = dir.path().join("exported.safetensors");
     checkpoint::save(&model, &saved_path)?;
@@ -300,11 +300,8 @@ fn export_has_pytorchs_keys_dtypes_and_values() -> Result<()> {
     ensure!(counters == 17, "{counters} num_batches_tracked entries, d2l's ResNet-18 has 17 BatchNorms");
 
     // The export carries the configuration, so it reloads without inference (the convolution
-    // kernel is a run-time choice, not part of the file).
+    // algorithm is a run-time choice, not part of the file).
     let read = checkpoint::read_config(&saved_path)?;
-    ensure!(
-        ResNetConfig { conv_kernel: model.config().conv_kernel, ..read } == *model.config(),
-        "the exported config differs"
-    );
+    ensure!(read == *model.config(), "the exported config differs");
     Ok(())
 }

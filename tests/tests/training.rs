@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::{ModuleT, VarBuilder, VarMap};
 use resnet_core::{checkpoint, ResNet, ResNetConfig};
 use resnet_data::{batches, FashionMnist, Split};
 use resnet_tests::{

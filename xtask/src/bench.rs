@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor, D};
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
-use resnet_core::{ConvKernel, ResNet, ResNetConfig};
+use resnet_core::{ConvAlgorithm, ResNet, ResNetConfig};
 use resnet_train::{Precision, Schedule, SgdConfig, TrainConfig, Trainer};
 
 /// What one configuration measures.
@@ -262,9 +262,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
 /// Measures one configuration in this process and prints a [`Sample`] as JSON.
 pub fn run_one(a: BenchOneArgs) -> Result<()> {
     let kernel = match a.kernel {
-        KernelArg::Winograd => ConvKernel::Winograd,
-        KernelArg::Im2col => ConvKernel::Im2col,
-        KernelArg::Candle => ConvKernel::Candle,
+        KernelArg::Winograd => ConvAlgorithm::Winograd,
+        KernelArg::Im2col => ConvAlgorithm::Im2col,
+        KernelArg::Candle => ConvAlgorithm::Candle,
     };
     let device = parse_device(&a.device)?;
     let precision = match a.precision {
@@ -273,7 +273,8 @@ pub fn run_one(a: BenchOneArgs) -> Result<()> {
         PrecisionArg::F16 => Precision::F16,
     };
     let cfg = TrainConfig {
-        model: ResNetConfig { conv_kernel: kernel, ..ResNetConfig::d2l_resnet18() },
+        model: ResNetConfig::d2l_resnet18(),
+        conv_algorithm: kernel,
         precision,
         tf32: a.tf32,
         batch_size: a.batch,

@@ -36,9 +36,7 @@ enum Command {
 
 fn main() -> ExitCode {
     // Before any allocation of note: bench-one measures the training step as resnet-cli runs it.
-    resnet_train::alloc::retain_freed_memory();
-    resnet_train::threads::keep_candle_pool_off_the_cores();
-    resnet_train::threads::name_rayon_thread_count();
+    resnet_train::tune_process();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::FetchData(args) => fetch::run(args),

@@ -180,10 +180,10 @@ fn config(a: &TrainArgs) -> Result<TrainConfig> {
         c.data_workers = v;
     }
     if let Some(k) = a.conv_kernel {
-        c.model.conv_kernel = match k {
-            KernelArg::Winograd => resnet_core::ConvKernel::Winograd,
-            KernelArg::Im2col => resnet_core::ConvKernel::Im2col,
-            KernelArg::Candle => resnet_core::ConvKernel::Candle,
+        c.conv_algorithm = match k {
+            KernelArg::Winograd => resnet_core::ConvAlgorithm::Winograd,
+            KernelArg::Im2col => resnet_core::ConvAlgorithm::Im2col,
+            KernelArg::Candle => resnet_core::ConvAlgorithm::Candle,
         };
     }
     if let Some(p) = a.precision {

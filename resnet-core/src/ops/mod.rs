@@ -1,22 +1,18 @@
-//! The layers and ops candle lacks or that the project runs faster: channels-last convolution
-//! (im2col), padded max-pooling with a backward, global average pooling, BatchNorm.
+//! The layers and ops candle lacks or that the project runs faster, in four levels, each using
+//! only the ones below it:
+//!
+//! - [`layers`]: the layers a block is built from (convolution, BatchNorm, pooling), taking and
+//!   returning channels-last tensors;
+//! - [`conv`]: which algorithm runs a convolution ([`conv::dispatch`]) and the algorithms
+//!   themselves (im2col, Winograd, in-bounds taps, direct);
+//! - [`plumbing`]: what both share: matrix products, SIMD dispatch, scratch buffers, window
+//!   geometry, weight reordering and the element-wise ops.
 
-pub mod batch_norm;
-pub mod conv;
-mod direct;
-pub mod elementwise;
-pub mod geometry;
-pub mod im2col;
-mod matmul;
-pub mod pool;
-mod scratch;
-mod simd;
-mod storage;
-mod taps;
-mod winograd;
+pub(crate) mod conv;
+pub(crate) mod layers;
+pub(crate) mod plumbing;
 
-pub use batch_norm::BatchNorm;
-pub use conv::{Conv2d, Conv2dConfig};
-pub use elementwise::{add_relu, bias_add, relu};
-pub use pool::{global_avg_pool, MaxPool2d};
-pub use simd::{tier as simd_tier, SimdTier};
+pub use conv::ConvAlgorithm;
+pub(crate) use layers::{global_avg_pool, BatchNorm, Conv2d, Conv2dConfig, MaxPool2d};
+pub(crate) use plumbing::add_relu;
+pub use plumbing::simd::{tier as simd_tier, SimdTier};

@@ -19,9 +19,9 @@
 use candle_core::WithDType;
 use rayon::prelude::*;
 
-use super::matmul::{gemm_strided, matmul_strided};
-use super::scratch;
-use super::simd::with_fma;
+use crate::ops::plumbing::matmul::{gemm_strided, matmul_strided};
+use crate::ops::plumbing::scratch;
+use crate::ops::plumbing::simd::with_fma;
 
 /// Transformed tiles (inputs and products) a parallel task holds, in elements: about 4 MB of
 /// `f32`, so a task's temporaries stay in the L3 cache beside the other core's and the

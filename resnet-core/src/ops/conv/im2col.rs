@@ -9,9 +9,9 @@
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use super::storage::contiguous;
+use crate::ops::plumbing::storage::contiguous;
 
-use super::geometry::Window;
+use crate::ops::plumbing::geometry::Window;
 
 /// Unfolds `(batch, h, w, c)` into `(batch·oh·ow, kh·kw·c)` patches; padding reads as zero.
 #[derive(Debug, Clone, Copy)]
@@ -187,6 +187,42 @@ impl CustomOp1 for Col2im {
         let op = Im2col { kh: win.kh, kw: win.kw, stride: win.stride, pad: win.pad };
         Ok(Some(grad_res.contiguous()?.apply_op1(op)?))
     }
+}
+
+/// The patches of channels-last `xs` as a `(batch · out_h · out_w, k · k · channels)` matrix in
+/// `(kh, kw, c)` column order, from candle's differentiable ops (zero padding, then `k²` strided
+/// views concatenated along the channels), so it runs, and differentiates, on any device.
+pub(crate) fn im2col_portable(
+    xs: &Tensor,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    (oh, ow): (usize, usize),
+) -> candle_core::Result<Tensor> {
+    let (b, h, w, c) = xs.dims4()?;
+    if k == 1 && stride == 1 && pad == 0 {
+        return xs.reshape((b * h * w, c));
+    }
+    // Padded extents that hold every strided view.
+    let (ph, pw) = (k - 1 + stride * oh, k - 1 + stride * ow);
+    let padded =
+        xs.pad_with_zeros(1, pad, ph.saturating_sub(pad + h))?.pad_with_zeros(2, pad, pw.saturating_sub(pad + w))?;
+    let mut views = Vec::with_capacity(k * k);
+    for ki in 0..k {
+        for kj in 0..k {
+            let view = padded.narrow(1, ki, stride * oh)?.narrow(2, kj, stride * ow)?;
+            let view = if stride == 1 {
+                view
+            } else {
+                view.reshape((b, oh, stride, ow, stride, c))?
+                    .narrow(2, 0, 1)?
+                    .narrow(4, 0, 1)?
+                    .reshape((b, oh, ow, c))?
+            };
+            views.push(view);
+        }
+    }
+    Tensor::cat(&views, 3)?.reshape((b * oh * ow, k * k * c))
 }
 
 #[cfg(test)]

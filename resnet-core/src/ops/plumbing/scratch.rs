@@ -3,8 +3,7 @@
 //! Every Winograd task fills two temporaries (its transformed tiles and their products, about
 //! 4 MB together) and frees them, hundreds of times a step; the in-bounds taps do the same with
 //! their patches. A fresh `vec![0; n]` clears every byte first, though the kernels overwrite
-//! them all: `perf` put 6–8 % of a step in `memset` when these were whole-batch buffers. The
-//! same sizes recur every step, so the buffers are kept here and handed out again as they are.
+//! them all, and that clearing is a pass over memory the step does not need. The same sizes recur every step, so the buffers are kept here and handed out again as they are.
 //! Contents are whatever the last user left (always initialised values, never read before the
 //! kernel writes them), so a buffer from [`take`] is for outputs the caller overwrites in full.
 
@@ -42,7 +41,7 @@ pub fn take<T: WithDType>(len: usize) -> Vec<T> {
 
 /// A buffer of `len` zeros written by the worker threads, for outputs that leave the kernel
 /// (so cannot come from the pool). `vec![0; len]` would clear it on the calling thread alone,
-/// while the workers wait: `perf` found that a quarter of the main thread's share of a step.
+/// while the workers wait, and on large outputs that serial pass is a real share of a step.
 pub fn zeroed<T: WithDType>(len: usize) -> Vec<T> {
     let mut v = Vec::with_capacity(len);
     v.par_extend(rayon::iter::repeat_n(T::zero(), len));

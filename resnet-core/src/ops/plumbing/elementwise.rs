@@ -1,5 +1,5 @@
-//! Single-pass channels-last elementwise ops with single-pass backwards: ReLU, residual
-//! add + ReLU, and the per-channel bias add. On CPU each replaces several candle passes (and
+//! Single-pass channels-last elementwise ops with single-pass backwards: ReLU and residual
+//! add + ReLU, and the per-channel column sums of a bias gradient. On CPU each replaces several candle passes (and
 //! allocations); on other devices they fall back to candle's own ops.
 
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
@@ -69,27 +69,6 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
         a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
     } else {
         (a + b)?.relu()
-    }
-}
-
-/// `xs + bias` along the last (channel) dimension.
-///
-/// # Shapes
-/// - `xs`: `(rows, channels)`; `bias`: `(channels,)`
-pub fn bias_add(xs: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
-    if use_fused(xs) {
-        xs.contiguous()?.apply_op2(&bias.contiguous()?, BiasAdd)
-    } else {
-        xs.broadcast_add(bias)
-    }
-}
-
-/// `dy` where `y > 0`, else 0: the backward of a ReLU whose output is `y`.
-pub fn mask_by_positive(y: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
-    if use_fused(y) {
-        y.contiguous()?.apply_op2_no_bwd(&dy.contiguous()?, &MaskByPositive)
-    } else {
-        dy * y.gt(0.0)?.to_dtype(dy.dtype())?
     }
 }
 
@@ -181,23 +160,6 @@ impl CustomOp2 for AddRelu {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct BiasAdd;
-
-fn bias_add_slice<T: WithDType>(x: &[T], b: &[T]) -> Vec<T> {
-    let c = b.len();
-    let mut out = scratch::zeroed(x.len());
-    let chunk = (CHUNK / c).max(1) * c;
-    out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(o, x)| {
-        for (orow, xrow) in o.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-            for ((o, &x), &b) in orow.iter_mut().zip(xrow).zip(b) {
-                *o = x + b;
-            }
-        }
-    });
-    out
-}
-
 /// Column sums of a `(rows, c)` matrix in a fixed order (deterministic across runs).
 fn column_sums<T: WithDType>(g: &[T], c: usize) -> Vec<T> {
     let rows_per_task = (CHUNK / c).max(1);
@@ -220,39 +182,6 @@ fn column_sums<T: WithDType>(g: &[T], c: usize) -> Vec<T> {
         }
     }
     total.into_iter().map(T::from_f64).collect()
-}
-
-impl CustomOp2 for BiasAdd {
-    fn name(&self) -> &'static str {
-        "bias-add"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let _span = crate::profile::span(self.name(), l1.dims());
-        let c = l2.shape().elem_count();
-        if l1.shape().dims().last() != Some(&c) {
-            candle_core::bail!("bias-add: {:?} does not end in {c} channels", l1.shape())
-        }
-        let out = dispatch2!(s1, l1, s2, l2, "bias-add", |x, b| bias_add_slice(x, b));
-        Ok((out, l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let db = grad.contiguous()?.apply_op1_no_bwd(&ColumnSums { c: b.elem_count() })?;
-        Ok((Some(grad.clone()), Some(db)))
-    }
 }
 
 /// Sums of a contiguous `(rows, c)` tensor's columns, `(c,)`, in a fixed order.
@@ -302,18 +231,16 @@ mod tests {
         let dev = Device::Cpu;
         let a = Var::randn(0f64, 1., (300, 7), &dev)?;
         let b = Var::randn(0f64, 1., (300, 7), &dev)?;
-        let bias = Var::randn(0f64, 1., 7, &dev)?;
         let probe = Tensor::randn(0f64, 1., (300, 7), &dev)?;
         let pairs = [
             (relu(a.as_tensor())?, a.as_tensor().relu()?),
             (add_relu(a.as_tensor(), b.as_tensor())?, (a.as_tensor() + b.as_tensor())?.relu()?),
-            (bias_add(a.as_tensor(), bias.as_tensor())?, a.as_tensor().broadcast_add(bias.as_tensor())?),
         ];
         for (ours, theirs) in pairs {
             assert!(max_diff(&ours, &theirs)? < 1e-12);
             let g1 = (ours * &probe)?.sum_all()?.backward()?;
             let g2 = (theirs * &probe)?.sum_all()?.backward()?;
-            for v in [&a, &b, &bias] {
+            for v in [&a, &b] {
                 match (g1.get(v.as_tensor()), g2.get(v.as_tensor())) {
                     (Some(x), Some(y)) => assert!(max_diff(x, y)? < 1e-12),
                     (None, None) => {}

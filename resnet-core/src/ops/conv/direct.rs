@@ -3,7 +3,7 @@
 //! With one input channel the patch matrix is `(pixels, 49)`. Its forward product is short and
 //! wide and runs well once the patches are made element by element (see `im2col_slice`), so the
 //! forward is im2col's. The weight gradient `dyᵀ · cols` is one long, thin product over every
-//! pixel that the matrix kernels do not split across threads (measured at 24 GFLOP/s at 28 px);
+//! pixel that the matrix kernels do not split across threads, so it would run on one core;
 //! here it runs as products over fixed runs of pixels side by side, summed in a fixed order so
 //! results repeat bit for bit. The input gradient (never needed for the images themselves)
 //! accumulates each pixel's taps directly.
@@ -11,10 +11,10 @@
 use candle_core::WithDType;
 use rayon::prelude::*;
 
-use super::geometry::Window;
 use super::im2col::im2col_slice;
-use super::matmul::matmul_general;
-use super::scratch;
+use crate::ops::plumbing::geometry::Window;
+use crate::ops::plumbing::matmul::matmul_general;
+use crate::ops::plumbing::scratch;
 
 /// Output pixels per product in the weight gradient (a fixed split keeps the sum order).
 const PIXELS_PER_TASK: usize = 4096;

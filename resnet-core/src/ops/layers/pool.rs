@@ -4,10 +4,10 @@
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use super::scratch;
-use super::storage::contiguous;
+use crate::ops::plumbing::scratch;
+use crate::ops::plumbing::storage::contiguous;
 
-use super::geometry::Window;
+use crate::ops::plumbing::geometry::Window;
 
 /// Max-pooling with padding (padded cells never win), differentiable for any kernel and stride.
 ///

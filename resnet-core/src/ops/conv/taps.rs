@@ -16,9 +16,9 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use super::geometry::Window;
-use super::matmul::gemm_strided;
-use super::scratch;
+use crate::ops::plumbing::geometry::Window;
+use crate::ops::plumbing::matmul::gemm_strided;
+use crate::ops::plumbing::scratch;
 
 /// Take this path when padding makes up more than this share of im2col's taps.
 const MAX_USEFUL_SHARE: f64 = 0.85;
@@ -183,7 +183,9 @@ impl<'a, T: WithDType> Weight<'a, T> {
     }
 
     fn ohwi(&self, win: &Window) -> &[T] {
-        self.ohwi.get_or_init(|| super::conv::swap_inner(self.oihw, self.out, win.c, win.kh * win.kw).into_owned())
+        self.ohwi.get_or_init(|| {
+            crate::ops::plumbing::weight_layout::swap_inner(self.oihw, self.out, win.c, win.kh * win.kw).into_owned()
+        })
     }
 
     /// The class's weight columns, compact: `(out, ky · kx · c)`.
@@ -342,7 +344,7 @@ pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) ->
         scratch::give(cols);
     }
     if let Some(acc) = dw_ohwi {
-        let back = super::conv::swap_inner(&acc, out, taps, c);
+        let back = crate::ops::plumbing::weight_layout::swap_inner(&acc, out, taps, c);
         dw.par_chunks_mut(wrow).zip(back.par_chunks(wrow)).for_each(|(d, s)| {
             for (d, s) in d.iter_mut().zip(s) {
                 *d += *s;

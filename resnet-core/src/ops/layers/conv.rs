@@ -1,0 +1,245 @@
+//! The 2-D convolution layer over channels-last tensors, with PyTorch-layout weights.
+
+use candle_core::{DType, Module, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+use crate::ops::conv::dispatch::{self, ConvAlgorithm};
+use crate::ops::conv::im2col::im2col_portable;
+use crate::ops::plumbing::geometry::Window;
+
+/// A convolution's hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2dConfig {
+    /// Input channels.
+    pub in_channels: usize,
+    /// Output channels.
+    pub out_channels: usize,
+    /// Side of the square kernel.
+    pub kernel_size: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding on every side.
+    pub padding: usize,
+}
+
+/// A convolution with bias (PyTorch's default), weights stored as PyTorch's
+/// `(out_channels, in_channels, kernel_size, kernel_size)` so checkpoints interoperate. Which
+/// algorithm computes it is a runtime setting ([`Conv2d::set_algorithm`]), Winograd by default.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Tensor,
+    cfg: Conv2dConfig,
+    algorithm: ConvAlgorithm,
+}
+
+impl Conv2d {
+    /// Creates the layer's `weight` and `bias` under `vb`.
+    pub fn new(cfg: Conv2dConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let k = cfg.kernel_size;
+        let fan_in = (cfg.in_channels * k * k) as f64;
+        let bound = 1.0 / fan_in.sqrt();
+        let weight = vb.get_with_hints(
+            (cfg.out_channels, cfg.in_channels, k, k),
+            "weight",
+            Init::Uniform { lo: -bound, up: bound },
+        )?;
+        let bias = vb.get_with_hints(cfg.out_channels, "bias", Init::Uniform { lo: -bound, up: bound })?;
+        Ok(Self { weight, bias, cfg, algorithm: ConvAlgorithm::default() })
+    }
+
+    /// Chooses the algorithm for later forward passes; results agree to float rounding.
+    pub fn set_algorithm(&mut self, algorithm: ConvAlgorithm) {
+        self.algorithm = algorithm;
+    }
+
+    /// The algorithm forward passes use.
+    #[cfg(test)]
+    pub fn algorithm(&self) -> ConvAlgorithm {
+        self.algorithm
+    }
+
+    /// The weight, `(out_channels, in_channels, kernel_size, kernel_size)`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias, `(out_channels,)`.
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    /// The layer's hyper-parameters.
+    #[cfg(test)]
+    pub fn config(&self) -> Conv2dConfig {
+        self.cfg
+    }
+
+    /// The im2col convolution from candle's differentiable ops (patches, then one matrix
+    /// product), in the input's dtype: what CUDA and mixed precision run, so the products go to
+    /// cuBLAS. [`Module::forward`] takes this path off the CPU and for dtypes other than f32/f64.
+    ///
+    /// # Shapes
+    /// - `xs`: `(batch, height, width, in_channels)`
+    /// - returns `(batch, out_h, out_w, out_channels)`
+    pub fn forward_portable(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let Conv2dConfig { in_channels, out_channels, kernel_size: k, stride, padding } = self.cfg;
+        let (b, h, w, c) = xs.dims4()?;
+        if c != in_channels {
+            candle_core::bail!("conv2d expects {in_channels} input channels, got {c}")
+        }
+        let (oh, ow) = match (Window::out_len(h, k, stride, padding), Window::out_len(w, k, stride, padding)) {
+            (Some(oh), Some(ow)) => (oh, ow),
+            _ => candle_core::bail!("conv2d: a {k}x{k} kernel does not fit a {h}x{w} input"),
+        };
+        let cols = im2col_portable(xs, k, stride, padding, (oh, ow))?;
+        let weight = self.weight.to_dtype(xs.dtype())?;
+        let w_mat = weight.permute((0, 2, 3, 1))?.reshape((out_channels, k * k * c))?;
+        let ys = cols.matmul(&w_mat.t()?)?.broadcast_add(&self.bias.to_dtype(xs.dtype())?)?;
+        ys.reshape((b, oh, ow, out_channels))
+    }
+}
+
+impl Module for Conv2d {
+    /// # Shapes
+    /// - `xs`: `(batch, height, width, in_channels)`
+    /// - returns `(batch, out_h, out_w, out_channels)`
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let Conv2dConfig { in_channels, out_channels, kernel_size: k, stride, padding } = self.cfg;
+        let c = xs.dim(3)?;
+        if c != in_channels {
+            candle_core::bail!("conv2d expects {in_channels} input channels, got {c}")
+        }
+        match self.algorithm {
+            ConvAlgorithm::Im2col | ConvAlgorithm::Winograd
+                if xs.device().is_cpu() && matches!(xs.dtype(), DType::F32 | DType::F64) =>
+            {
+                // The weight goes in as stored, (out, in, kh, kw); the op reorders it to match
+                // the patches' (kh, kw, c) itself, so no permute-and-copy nodes join the graph
+                // (their backward would be two more passes over every weight per step).
+                let winograd = self.algorithm == ConvAlgorithm::Winograd;
+                dispatch::conv2d_cpu(xs, &self.weight, &self.bias, (k, stride, padding), winograd)
+            }
+            ConvAlgorithm::Im2col | ConvAlgorithm::Winograd => self.forward_portable(xs),
+            ConvAlgorithm::Candle => {
+                let nchw = xs.permute((0, 3, 1, 2))?;
+                let ys = nchw.conv2d(&self.weight.to_dtype(xs.dtype())?, padding, stride, 1, 1)?;
+                let bias = self.bias.to_dtype(xs.dtype())?.reshape((1, out_channels, 1, 1))?;
+                let ys = ys.broadcast_add(&bias)?;
+                ys.permute((0, 2, 3, 1))?.contiguous()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+    use candle_nn::VarMap;
+
+    /// Max relative error `|a - b| / max(|b|, 1)`, elementwise.
+    fn rel_err(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
+        let scale = b.abs()?.maximum(1.0)?;
+        ((a - b)?.abs()? / scale)?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()
+    }
+
+    /// An independent convolution: zero-pad, take the k×k strided views, and sum one matrix
+    /// product per kernel offset. Only stock candle ops, so its autograd is candle's.
+    fn reference_conv(x: &Tensor, conv: &Conv2d) -> candle_core::Result<Tensor> {
+        let Conv2dConfig { kernel_size: k, stride: s, padding: p, out_channels, .. } = conv.config();
+        let (b, h, w, c) = x.dims4()?;
+        let oh = Window::out_len(h, k, s, p).expect("fits");
+        let ow = Window::out_len(w, k, s, p).expect("fits");
+        let (ph, pw) = (p + k + s * oh, p + k + s * ow);
+        let zeros = |hh: usize, ww: usize| Tensor::zeros((b, hh, ww, c), x.dtype(), x.device());
+        let x = Tensor::cat(&[&zeros(h, p)?, x, &zeros(h, pw - w)?], 2)?;
+        let x = Tensor::cat(&[&zeros(p, p + pw)?, &x, &zeros(ph - h, p + pw)?], 1)?;
+        let mut acc: Option<Tensor> = None;
+        for ki in 0..k {
+            for kj in 0..k {
+                let v = x.narrow(1, ki, s * oh)?.narrow(2, kj, s * ow)?;
+                let v = v.reshape((b, oh, s, ow, s, c))?.narrow(2, 0, 1)?.narrow(4, 0, 1)?;
+                let v = v.reshape((b * oh * ow, c))?;
+                let wk = conv.weight().narrow(2, ki, 1)?.narrow(3, kj, 1)?.reshape((out_channels, c))?;
+                let term = v.matmul(&wk.t()?)?;
+                acc = Some(match acc {
+                    Some(a) => (a + term)?,
+                    None => term,
+                });
+            }
+        }
+        acc.expect("k >= 1").broadcast_add(conv.bias())?.reshape((b, oh, ow, out_channels))
+    }
+
+    /// Our im2col convolution against the independent formulation in float64 and against
+    /// candle's stock conv2d, forward and all three gradients, on a sweep of shapes, strides and
+    /// paddings (including the stem's 7×7/2/3 and the 1×1/2 shortcut). Tolerance: 1e-4 relative.
+    #[test]
+    fn im2col_matches_references_forward_and_backward() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let cases = [
+            (2, 9, 9, 3, 4, 3, 1, 1),
+            (3, 8, 7, 2, 5, 3, 2, 1),
+            (2, 12, 12, 1, 6, 7, 2, 3),
+            (2, 9, 8, 1, 5, 3, 1, 1),
+            (2, 6, 6, 4, 3, 1, 2, 0),
+            (1, 5, 5, 3, 2, 1, 1, 0),
+            (2, 5, 4, 2, 3, 3, 3, 2),
+            (2, 7, 7, 3, 3, 3, 2, 1),
+            (2, 4, 4, 5, 6, 3, 1, 1),
+            (1, 10, 7, 8, 4, 3, 1, 1),
+            // Small images, where the in-bounds-taps path takes over: 1×1, 2×2, 3×3, strided.
+            (3, 1, 1, 4, 5, 3, 1, 1),
+            (2, 2, 2, 3, 4, 3, 1, 1),
+            (2, 3, 2, 3, 2, 3, 2, 1),
+            (2, 3, 3, 4, 3, 3, 1, 1),
+            // Left and right edge classes (part of each kernel row) beside whole-row ones.
+            (2, 3, 5, 3, 4, 3, 1, 1),
+        ];
+        for &(b, h, w, cin, cout, k, s, p) in &cases {
+            let case = (b, h, w, cin, cout, k, s, p);
+            let cfg = Conv2dConfig { in_channels: cin, out_channels: cout, kernel_size: k, stride: s, padding: p };
+            for dtype in [DType::F64, DType::F32] {
+                let map = VarMap::new();
+                let vb = VarBuilder::from_varmap(&map, dtype, &dev);
+                let mut ours = Conv2d::new(cfg, vb)?;
+                ours.set_algorithm(ConvAlgorithm::Im2col);
+                // Winograd where it applies (3×3/1/1), im2col elsewhere: same checks.
+                let wino = Conv2d { algorithm: ConvAlgorithm::Winograd, ..ours.clone() };
+                let x = Var::randn(0f32, 1., (b, h, w, cin), &dev)?;
+                let x = Var::from_tensor(&x.to_dtype(dtype)?)?;
+                let y1 = ours.forward(x.as_tensor())?;
+                let y2 = reference_conv(x.as_tensor(), &ours)?;
+                assert_eq!(y1.dims(), y2.dims());
+                let e = rel_err(&y1, &y2)?;
+                assert!(e < 1e-4, "forward rel err {e} for {case:?}");
+                let probe = Tensor::randn(0f32, 1., y1.shape(), &dev)?.to_dtype(dtype)?;
+                let g1 = (y1 * &probe)?.sum_all()?.backward()?;
+                let g2 = (y2 * &probe)?.sum_all()?.backward()?;
+                for (name, t) in [("input", x.as_tensor()), ("weight", ours.weight()), ("bias", ours.bias())] {
+                    let e = rel_err(g1.get(t).expect("grad"), g2.get(t).expect("grad"))?;
+                    assert!(e < 1e-4, "{name} grad rel err {e} for {case:?} in {dtype:?}");
+                }
+                // Winograd or the in-bounds taps (where they apply; im2col otherwise) and the portable path (CUDA,
+                // mixed precision) agree on everything too.
+                let wino_y = wino.forward(x.as_tensor())?;
+                let portable_y = ours.forward_portable(x.as_tensor())?;
+                for (label, y) in [("winograd", wino_y), ("portable", portable_y)] {
+                    let e = rel_err(&y, &reference_conv(x.as_tensor(), &ours)?)?;
+                    assert!(e < 1e-4, "{label} forward rel err {e} for {case:?}");
+                    let g = (y * &probe)?.sum_all()?.backward()?;
+                    for (name, t) in [("input", x.as_tensor()), ("weight", ours.weight()), ("bias", ours.bias())] {
+                        let e = rel_err(g.get(t).expect("grad"), g2.get(t).expect("grad"))?;
+                        assert!(e < 1e-4, "{label} {name} grad rel err {e} for {case:?} in {dtype:?}");
+                    }
+                }
+                // candle's stock kernel agrees on the forward everywhere.
+                let stock = Conv2d { algorithm: ConvAlgorithm::Candle, ..ours.clone() };
+                let e = rel_err(&ours.forward(x.as_tensor())?, &stock.forward(x.as_tensor())?)?;
+                assert!(e < 1e-4, "stock forward rel err {e} for {case:?}");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,10 @@
+//! The layers a residual block is built from, over channels-last `(batch, height, width,
+//! channels)` tensors with PyTorch-layout parameters.
+
+mod batch_norm;
+mod conv;
+mod pool;
+
+pub(crate) use batch_norm::BatchNorm;
+pub(crate) use conv::{Conv2d, Conv2dConfig};
+pub(crate) use pool::{global_avg_pool, MaxPool2d};

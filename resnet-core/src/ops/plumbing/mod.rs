@@ -1,0 +1,13 @@
+//! What the layers and the convolution algorithms share: matrix products on raw buffers, SIMD
+//! dispatch, reused scratch buffers, access to a custom op's storage, sliding-window geometry,
+//! weight reordering, and the single-pass element-wise ops.
+
+pub(crate) mod elementwise;
+pub(crate) mod geometry;
+pub(crate) mod matmul;
+pub(crate) mod scratch;
+pub(crate) mod simd;
+pub(crate) mod storage;
+pub(crate) mod weight_layout;
+
+pub(crate) use elementwise::add_relu;
