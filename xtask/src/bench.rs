@@ -271,6 +271,7 @@ pub fn run_one(a: BenchOneArgs) -> Result<()> {
     };
     let cfg = TrainConfig {
         model: ResNetConfig { conv_kernel: kernel, ..ResNetConfig::d2l_resnet18() },
+        conv_algorithm: kernel,
         precision,
         tf32: a.tf32,
         batch_size: a.batch,
