@@ -10,6 +10,9 @@ use resnet_train::checkpoint::{INPUT_NORMALIZE_KEY, INPUT_RESIZE_KEY, SELECTED_E
 
 use crate::model_size::parameter_count;
 
+/// Models above this size are checked against the file's size before they are allocated.
+const LARGE_MODEL_BYTES: u128 = 256 << 20;
+
 /// A model ready for inference and how to prepare its inputs.
 pub struct Loaded {
     /// The model.
@@ -34,11 +37,12 @@ pub fn load(path: &Path, device: &Device, resize: Option<usize>, normalize: Opti
     let cfg = checkpoint::read_config(path)
         .with_context(|| format!("reading the model configuration of {}", path.display()))?;
     let meta = checkpoint::read_metadata(path)?;
-    // The recorded configuration decides how much the model allocates; a file too small to hold
-    // that many values (at 2 bytes each, the smallest float) is refused before allocating.
+    // The recorded configuration decides how much the model allocates. A large model claimed by
+    // a file too small to hold its values (at 2 bytes each, the smallest float) is refused before
+    // allocating; small ones go on to the tensor-by-tensor check, which names every misfit.
     let params = parameter_count(&cfg);
     let file_bytes = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.len();
-    if params.saturating_mul(2) > u128::from(file_bytes) {
+    if params.saturating_mul(2) > u128::from(file_bytes) && params.saturating_mul(4) > LARGE_MODEL_BYTES {
         anyhow::bail!(
             "--weights {}: its configuration describes {params} parameters, more than its {file_bytes} bytes can hold; \
              the file is corrupt or was not written by this project or PyTorch",
