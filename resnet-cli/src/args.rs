@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use resnet_core::{BlockKind, ConvAlgorithm, Depth, ResNetConfig};
+use resnet_train::{AugmentConfig, Precision, Preset, Schedule, TrainConfig};
 
 /// Train, evaluate and inspect d2l's ResNet on Fashion-MNIST.
 #[derive(Debug, Parser)]
@@ -30,25 +32,24 @@ pub enum Command {
 
 /// A training recipe to start from; flags override it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Preset {
-    /// d2l's chapter: resize 96, batch 256, plain SGD lr 0.05, 10 epochs.
+pub enum PresetArg {
+    /// d2l's chapter: resize 96, batch 256, plain SGD lr 0.05, 10 epochs; best epoch chosen on test accuracy.
     D2l,
     /// The seed's run: resize 224, batch 128.
     Seed,
     /// A CPU-sized run (28 px, 3 epochs) reaching ≥ 0.90 test accuracy in minutes.
     Quick,
-    /// The most accurate recipe (96 px, augmentation, 30 epochs).
+    /// The most accurate recipe (96 px, augmentation, 30 epochs, 5,000 examples held out for validation).
     Best,
 }
 
-impl Preset {
-    /// The preset's name as `TrainConfig::preset` knows it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Preset::D2l => "d2l",
-            Preset::Seed => "seed",
-            Preset::Quick => "quick",
-            Preset::Best => "best",
+impl From<PresetArg> for Preset {
+    fn from(p: PresetArg) -> Self {
+        match p {
+            PresetArg::D2l => Preset::D2l,
+            PresetArg::Seed => Preset::Seed,
+            PresetArg::Quick => Preset::Quick,
+            PresetArg::Best => Preset::Best,
         }
     }
 }
@@ -64,6 +65,26 @@ pub enum ScheduleArg {
     Cosine,
 }
 
+/// Network depths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DepthArg {
+    /// ResNet-18 (d2l).
+    #[value(name = "18")]
+    R18,
+    /// ResNet-34.
+    #[value(name = "34")]
+    R34,
+}
+
+impl From<DepthArg> for Depth {
+    fn from(d: DepthArg) -> Self {
+        match d {
+            DepthArg::R18 => Depth::R18,
+            DepthArg::R34 => Depth::R34,
+        }
+    }
+}
+
 /// Residual block variants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum VariantArg {
@@ -73,15 +94,34 @@ pub enum VariantArg {
     Pre,
 }
 
-/// Convolution kernels.
+impl From<VariantArg> for BlockKind {
+    fn from(v: VariantArg) -> Self {
+        match v {
+            VariantArg::Post => BlockKind::PostActivation,
+            VariantArg::Pre => BlockKind::PreActivation,
+        }
+    }
+}
+
+/// Convolution algorithms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum KernelArg {
     /// Winograd for 3×3 stride-1 convolutions, in-bounds taps only on small images, im2col for the rest (the default).
     Winograd,
     /// The project's im2col kernels (fast).
     Im2col,
-    /// candle's stock conv2d (for comparison).
+    /// candle's stock conv2d (for comparison; the only one that uses cuDNN under --features cudnn).
     Candle,
+}
+
+impl From<KernelArg> for ConvAlgorithm {
+    fn from(k: KernelArg) -> Self {
+        match k {
+            KernelArg::Winograd => ConvAlgorithm::Winograd,
+            KernelArg::Im2col => ConvAlgorithm::Im2col,
+            KernelArg::Candle => ConvAlgorithm::Candle,
+        }
+    }
 }
 
 /// Numeric precision of training.
@@ -95,71 +135,101 @@ pub enum PrecisionArg {
     F16,
 }
 
-/// Model-shape flags shared by train and summary.
-#[derive(Debug, Clone, Args)]
-pub struct ModelArgs {
-    /// Network depth.
-    #[arg(long, value_parser = ["18", "34"])]
-    pub depth: Option<String>,
-    /// Residual block variant.
-    #[arg(long, value_enum)]
-    pub variant: Option<VariantArg>,
-    /// Channels of the first stage (d2l: 64); later stages double it.
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
-    pub width: Option<u16>,
+impl From<PrecisionArg> for Precision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::F32 => Precision::F32,
+            PrecisionArg::Bf16 => Precision::Bf16,
+            PrecisionArg::F16 => Precision::F16,
+        }
+    }
 }
 
-/// `train` flags.
-#[derive(Debug, Args)]
-pub struct TrainArgs {
-    /// Recipe to start from.
-    #[arg(long, value_enum, default_value = "quick")]
-    pub preset: Preset,
-    /// Continue the run in this directory from its last checkpoint (other flags are not allowed).
-    #[arg(long, value_name = "RUN_DIR")]
-    pub resume: Option<PathBuf>,
-    /// Where to write the run (default: runs/<preset>-<time>).
-    #[arg(long, value_name = "DIR")]
-    pub out: Option<PathBuf>,
-    /// Directory holding the Fashion-MNIST files (default: search RESNET_DATA_DIR, the cache, Debian's package).
-    #[arg(long, value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// Passes over the training set.
-    #[arg(long)]
-    pub epochs: Option<usize>,
-    /// Peak learning rate.
-    #[arg(long, allow_negative_numbers = true)]
-    pub lr: Option<f64>,
-    /// Examples per optimiser step.
-    #[arg(long)]
-    pub batch_size: Option<usize>,
-    /// Examples per forward pass; gradients accumulate to --batch-size.
-    #[arg(long)]
-    pub micro_batch: Option<usize>,
-    /// Resize images to N×N (8..=512; 28 = native).
-    #[arg(long)]
-    pub resize: Option<usize>,
-    /// Random seed for initialisation, data order and augmentation.
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Train on the first N examples only.
-    #[arg(long)]
-    pub limit_train: Option<usize>,
-    /// Test on the first N examples only.
-    #[arg(long)]
-    pub limit_test: Option<usize>,
-    /// SGD momentum.
-    #[arg(long)]
-    pub momentum: Option<f64>,
-    /// Nesterov momentum.
-    #[arg(long)]
-    pub nesterov: Option<bool>,
-    /// Weight decay.
-    #[arg(long)]
-    pub weight_decay: Option<f64>,
+/// Declares the flags that set one configuration field each, once: the clap struct, how each
+/// value lands in its field, and which field each flag sets (for naming flags in errors).
+macro_rules! field_flags {
+    ($(#[$struct_doc:meta])* $vis:vis struct $name:ident { $(
+        $(#[doc = $doc:literal])* [$($arg:tt)*] $flag:ident : $ty:ty => $root:ident $(.$sub:ident)* = $conv:expr;
+    )* }) => {
+        $(#[$struct_doc])*
+        #[derive(Debug, Clone, Default, Args)]
+        $vis struct $name { $(
+            $(#[doc = $doc])*
+            #[arg(long, $($arg)*)]
+            pub $flag: Option<$ty>,
+        )* }
+
+        impl $name {
+            /// The configuration field (`optimizer.lr`) each flag (`lr`) sets.
+            pub const FIELDS: &'static [(&'static str, &'static str)] =
+                &[$((stringify!($flag), concat!(stringify!($root) $(, ".", stringify!($sub))*))),*];
+
+            /// Sets the field of every flag given.
+            pub fn apply(&self, c: &mut TrainConfig) {
+                $(if let Some(v) = self.$flag.clone() {
+                    c.$root $(.$sub)* = ($conv)(v);
+                })*
+            }
+        }
+    };
+}
+
+fn same<T>(v: T) -> T {
+    v
+}
+
+field_flags! {
+    /// Training flags that set one field each.
+    pub struct FieldFlags {
+        /// Peak learning rate.
+        [allow_negative_numbers = true] lr: f64 => optimizer.lr = same;
+        /// SGD momentum (0 also turns Nesterov off).
+        [] momentum: f64 => optimizer.momentum = same;
+        /// Weight decay.
+        [] weight_decay: f64 => optimizer.weight_decay = same;
+        /// Examples per optimiser step.
+        [] batch_size: usize => batch_size = same;
+        /// Examples per forward pass; gradients accumulate to --batch-size.
+        [] micro_batch: usize => micro_batch = Some;
+        /// Resize images to N×N (8..=512; 28 = native).
+        [] resize: usize => resize = same;
+        /// Random seed for initialisation, data order, augmentation and the validation split.
+        [] seed: u64 => seed = same;
+        /// Train on the first N examples only (before the validation split).
+        [] limit_train: usize => limit_train = Some;
+        /// Test on the first N examples only.
+        [] limit_test: usize => limit_test = Some;
+        /// Hold out N seeded training examples to choose the best epoch (0: choose on the test set, as d2l).
+        [] val_split: usize => val_split = same;
+        /// Stop when validation accuracy has not improved for N epochs (needs --val-split).
+        [] patience: usize => patience = Some;
+        /// Epochs of linear warm-up.
+        [] warmup_epochs: f64 => warmup_epochs = same;
+        /// Label smoothing ε.
+        [] label_smoothing: f64 => label_smoothing = same;
+        /// Evaluation batch size.
+        [] eval_batch_size: usize => eval_batch_size = same;
+        /// Background threads preparing batches.
+        [] workers: usize => data_workers = same;
+        /// Convolution algorithm (recorded in the run; a resumed run keeps it).
+        [value_enum] conv_kernel: KernelArg => conv_algorithm = ConvAlgorithm::from;
+        /// Precision of activations and products (bf16 needs --device cuda).
+        [value_enum] precision: PrecisionArg => precision = Precision::from;
+        /// Network depth.
+        [value_enum] depth: DepthArg => model.depth = Depth::from;
+        /// Residual block variant.
+        [value_enum] variant: VariantArg => model.block = BlockKind::from;
+        /// Channels of the first stage (d2l: 64); later stages double it.
+        [value_parser = clap::value_parser!(u16).range(1..=1024)] width: u16 => model.base_width = usize::from;
+    }
+}
+
+/// Training flags beyond one field each: schedules, augmentation and on/off pairs.
+#[derive(Debug, Clone, Default, Args)]
+#[group(id = "config", multiple = true)]
+pub struct ConfigFlags {
+    #[command(flatten)]
+    pub fields: FieldFlags,
     /// Learning-rate schedule.
     #[arg(long, value_enum)]
     pub schedule: Option<ScheduleArg>,
@@ -169,38 +239,151 @@ pub struct TrainArgs {
     /// For --schedule step: decay factor.
     #[arg(long, default_value_t = 0.1)]
     pub step_gamma: f64,
-    /// Epochs of linear warm-up.
-    #[arg(long)]
-    pub warmup_epochs: Option<f64>,
-    /// Label smoothing ε.
-    #[arg(long)]
-    pub label_smoothing: Option<f64>,
     /// Random-crop padding in pixels (0 = no cropping).
     #[arg(long)]
     pub crop_padding: Option<usize>,
     /// Random horizontal flips.
-    #[arg(long)]
-    pub hflip: Option<bool>,
+    #[arg(long, overrides_with = "no_hflip")]
+    pub hflip: bool,
+    /// No random horizontal flips.
+    #[arg(long, overrides_with = "hflip")]
+    pub no_hflip: bool,
     /// Normalise pixels with Fashion-MNIST's mean and std.
-    #[arg(long)]
-    pub normalize: Option<bool>,
-    /// Evaluation batch size.
-    #[arg(long)]
-    pub eval_batch_size: Option<usize>,
-    /// Background threads preparing batches.
-    #[arg(long)]
-    pub workers: Option<usize>,
-    /// Convolution implementation.
-    #[arg(long, value_enum)]
-    pub conv_kernel: Option<KernelArg>,
-    /// Precision of activations and products (bf16 needs --device cuda).
-    #[arg(long, value_enum)]
-    pub precision: Option<PrecisionArg>,
+    #[arg(long, overrides_with = "no_normalize")]
+    pub normalize: bool,
+    /// Raw pixels in [0, 1] (d2l).
+    #[arg(long, overrides_with = "normalize")]
+    pub no_normalize: bool,
+    /// Nesterov momentum.
+    #[arg(long, overrides_with = "no_nesterov")]
+    pub nesterov: bool,
+    /// Classical momentum.
+    #[arg(long, overrides_with = "nesterov")]
+    pub no_nesterov: bool,
     /// Allow TF32 tensor-core matrix products (CUDA only).
     #[arg(long)]
     pub tf32: bool,
+}
+
+/// The group ids of every flag that changes a run's configuration (all refused with --resume).
+pub const CONFIG_GROUPS: [&str; 2] = ["config", "FieldFlags"];
+
+impl ConfigFlags {
+    /// The flags this struct handles itself, with the configuration field each sets.
+    const FIELDS: &'static [(&'static str, &'static str)] = &[
+        ("schedule", "schedule"),
+        ("crop_padding", "augment.crop_padding"),
+        ("hflip", "augment.hflip"),
+        ("normalize", "normalize"),
+        ("nesterov", "optimizer.nesterov"),
+        ("tf32", "tf32"),
+    ];
+
+    /// `preset` with every flag given applied on top.
+    pub fn apply(&self, preset: Preset) -> TrainConfig {
+        let mut c = TrainConfig::preset(preset);
+        self.fields.apply(&mut c);
+        if c.optimizer.momentum == 0.0 {
+            c.optimizer.nesterov = false;
+        }
+        if let Some(s) = self.schedule {
+            c.schedule = match s {
+                ScheduleArg::Constant => Schedule::Constant,
+                ScheduleArg::Cosine => Schedule::Cosine,
+                ScheduleArg::Step => Schedule::Step { every_epochs: self.step_epochs, gamma: self.step_gamma },
+            };
+        }
+        let hflip = pair(self.hflip, self.no_hflip);
+        if self.crop_padding.is_some() || hflip.is_some() {
+            let base = c.augment.unwrap_or(AugmentConfig { crop_padding: 0, hflip: false });
+            let aug = AugmentConfig {
+                crop_padding: self.crop_padding.unwrap_or(base.crop_padding),
+                hflip: hflip.unwrap_or(base.hflip),
+            };
+            c.augment = (aug.crop_padding > 0 || aug.hflip).then_some(aug);
+        }
+        if let Some(v) = pair(self.normalize, self.no_normalize) {
+            c.normalize = v;
+        }
+        if let Some(v) = pair(self.nesterov, self.no_nesterov) {
+            c.optimizer.nesterov = v;
+        }
+        c.tf32 |= self.tf32;
+        c
+    }
+
+    /// `text` with every configuration field in backquotes (`` `optimizer.lr` ``) replaced by
+    /// the flag that sets it (`--lr`).
+    pub fn name_flags(text: &str) -> String {
+        let mut text = text.to_string();
+        for (flag, field) in FieldFlags::FIELDS.iter().chain(Self::FIELDS).chain(&[("epochs", "epochs")]) {
+            text = text.replace(&format!("`{field}`"), &format!("--{}", flag.replace('_', "-")));
+        }
+        text
+    }
+}
+
+/// An `--x`/`--no-x` pair: `Some(true)`, `Some(false)`, or `None` when neither was given.
+fn pair(on: bool, off: bool) -> Option<bool> {
+    match (on, off) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => None,
+    }
+}
+
+/// Model-shape flags of `summary`.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Network depth.
+    #[arg(long, value_enum)]
+    pub depth: Option<DepthArg>,
+    /// Residual block variant.
+    #[arg(long, value_enum)]
+    pub variant: Option<VariantArg>,
+    /// Channels of the first stage (d2l: 64); later stages double it.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub width: Option<u16>,
+}
+
+impl ModelArgs {
+    /// Applies the flags given to `cfg`.
+    pub fn apply(&self, cfg: &mut ResNetConfig) {
+        if let Some(d) = self.depth {
+            cfg.depth = d.into();
+        }
+        if let Some(v) = self.variant {
+            cfg.block = v.into();
+        }
+        if let Some(w) = self.width {
+            cfg.base_width = usize::from(w);
+        }
+    }
+}
+
+/// `train` flags.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Recipe to start from.
+    #[arg(long, value_enum, default_value = "quick", conflicts_with = "resume")]
+    pub preset: PresetArg,
+    /// Continue the run in this folder from its last checkpoint, with the settings it recorded (only --epochs may grow).
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = CONFIG_GROUPS)]
+    pub resume: Option<PathBuf>,
+    /// Where to write the run: a new or empty folder (default: runs/<preset>-<UTC time>).
+    #[arg(long, value_name = "DIR", conflicts_with = "resume")]
+    pub out: Option<PathBuf>,
+    /// Directory holding the Fashion-MNIST files (default: search RESNET_DATA_DIR, the cache, Debian's package).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Passes over the training set; with --resume, a larger number extends a run on a constant or step schedule.
+    #[arg(long)]
+    pub epochs: Option<usize>,
     #[command(flatten)]
-    pub model: ModelArgs,
+    pub config: ConfigFlags,
 }
 
 /// Flags shared by `eval` and `predict`: the weights, how inputs are prepared, where the data
@@ -214,14 +397,24 @@ pub struct InferenceArgs {
     #[arg(long)]
     pub resize: Option<usize>,
     /// Normalise pixels (default: as in training).
-    #[arg(long)]
-    pub normalize: Option<bool>,
+    #[arg(long, overrides_with = "no_normalize")]
+    pub normalize: bool,
+    /// Raw pixels in [0, 1] (default: as in training).
+    #[arg(long, overrides_with = "normalize")]
+    pub no_normalize: bool,
     /// Directory holding the Fashion-MNIST files (for eval and predict --index).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+}
+
+impl InferenceArgs {
+    /// `--normalize` / `--no-normalize`, or `None` to follow the weights file.
+    pub fn normalize(&self) -> Option<bool> {
+        pair(self.normalize, self.no_normalize)
+    }
 }
 
 /// `eval` flags.

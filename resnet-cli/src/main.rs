@@ -5,6 +5,7 @@ mod args;
 mod commands;
 mod device;
 mod image;
+mod model_size;
 mod progress;
 mod weights;
 

@@ -66,7 +66,7 @@ impl Observer for Progress {
 
     fn on_eval_start(&mut self, _epoch: usize) {
         if let Some(bar) = &self.bar {
-            bar.set_message("evaluating on the test set");
+            bar.set_message("evaluating");
         }
     }
 
@@ -74,8 +74,9 @@ impl Observer for Progress {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
+        let val = m.val_acc.map(|v| format!(", val acc {v:.3}")).unwrap_or_default();
         eprintln!(
-            "epoch {}: loss {:.3}, train acc {:.3}, test acc {:.3}, {:.1} examples/sec, {:.0} s",
+            "epoch {}: loss {:.3}, train acc {:.3}{val}, test acc {:.3}, {:.1} examples/sec, {:.0} s",
             m.epoch, m.train_loss, m.train_acc, m.test_acc, m.examples_per_sec, m.wall_seconds
         );
     }

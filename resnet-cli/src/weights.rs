@@ -6,7 +6,12 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use resnet_core::{checkpoint, ResNet};
-use resnet_train::checkpoint::{INPUT_NORMALIZE_KEY, INPUT_RESIZE_KEY};
+use resnet_train::checkpoint::{INPUT_NORMALIZE_KEY, INPUT_RESIZE_KEY, SELECTED_EPOCH_KEY, SELECTED_ON_KEY};
+
+use crate::model_size::parameter_count;
+
+/// Models above this size are checked against the file's size before they are allocated.
+const LARGE_MODEL_BYTES: u128 = 256 << 20;
 
 /// A model ready for inference and how to prepare its inputs.
 pub struct Loaded {
@@ -18,6 +23,9 @@ pub struct Loaded {
     pub resize: usize,
     /// Whether inputs are normalised.
     pub normalize: bool,
+    /// For a run's `best.safetensors`: the accuracy that chose it (`val_acc` or `test_acc`) and
+    /// the epoch.
+    pub selected: Option<(String, String)>,
 }
 
 /// Reads `path` (this project's checkpoints or a d2l PyTorch state_dict), overriding the
@@ -29,6 +37,18 @@ pub fn load(path: &Path, device: &Device, resize: Option<usize>, normalize: Opti
     let cfg = checkpoint::read_config(path)
         .with_context(|| format!("reading the model configuration of {}", path.display()))?;
     let meta = checkpoint::read_metadata(path)?;
+    // The recorded configuration decides how much the model allocates. A large model claimed by
+    // a file too small to hold its values (at 2 bytes each, the smallest float) is refused before
+    // allocating; small ones go on to the tensor-by-tensor check, which names every misfit.
+    let params = parameter_count(&cfg);
+    let file_bytes = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.len();
+    if params.saturating_mul(2) > u128::from(file_bytes) && params.saturating_mul(4) > LARGE_MODEL_BYTES {
+        anyhow::bail!(
+            "--weights {}: its configuration describes {params} parameters, more than its {file_bytes} bytes can hold; \
+             the file is corrupt or was not written by this project or PyTorch",
+            path.display()
+        );
+    }
     let vars = VarMap::new();
     let model = ResNet::new(&cfg, VarBuilder::from_varmap(&vars, DType::F32, device))?;
     checkpoint::load_into(&model, path)?;
@@ -45,5 +65,6 @@ pub fn load(path: &Path, device: &Device, resize: Option<usize>, normalize: Opti
         anyhow::bail!("--resize {resize}: must be between 8 and 512");
     }
     let normalize = normalize.or_else(|| meta.get(INPUT_NORMALIZE_KEY).map(|v| v == "true")).unwrap_or(false);
-    Ok(Loaded { model, _vars: vars, resize, normalize })
+    let selected = meta.get(SELECTED_ON_KEY).cloned().zip(meta.get(SELECTED_EPOCH_KEY).cloned());
+    Ok(Loaded { model, _vars: vars, resize, normalize, selected })
 }

@@ -31,7 +31,13 @@ struct Invocation {
 }
 
 fn cli(args: &[&str]) -> Result<Invocation> {
+    cli_in(Path::new("."), args)
+}
+
+/// Runs the binary in the working directory `cwd`.
+fn cli_in(cwd: &Path, args: &[&str]) -> Result<Invocation> {
     let out = Command::new(env!("CARGO_BIN_EXE_resnet-cli"))
+        .current_dir(cwd)
         .args(args)
         // Hermetic: only --data-dir may point at data, and logging stays at its default level.
         .env_remove("RESNET_DATA_DIR")
@@ -535,21 +541,15 @@ fn resume_needs_a_run_directory_of_its_own() -> Result<()> {
         &["--resume", "--out"],
     )?;
     // Flags that would change the configuration are refused, naming them, rather than ignored.
+    for flag in [&["--lr", "0.5"][..], &["--width", "8"], &["--no-hflip"], &["--conv-kernel", "im2col"], &["--preset", "d2l"]] {
+        let mut args = vec!["train", "--resume", path_str(&t.run)?, "--data-dir", data, "--device", "cpu"];
+        args.extend_from_slice(flag);
+        fails(&args, &["--resume", flag[0]])?;
+    }
+    // --epochs may grow, but not on the cosine schedule this run uses.
     fails(
-        &[
-            "train",
-            "--resume",
-            path_str(&t.run)?,
-            "--epochs",
-            "5",
-            "--lr",
-            "0.5",
-            "--data-dir",
-            data,
-            "--device",
-            "cpu",
-        ],
-        &["--resume", "--epochs", "--lr"],
+        &["train", "--resume", path_str(&t.run)?, "--epochs", "5", "--data-dir", data, "--device", "cpu"],
+        &["(--epochs)", "cosine", "start a new run"],
     )?;
     ensure!(!elsewhere.exists() && !missing.exists(), "a failed resume created a directory");
     Ok(())
@@ -685,7 +685,12 @@ fn bad_training_flags_fail_before_anything_is_written() -> Result<()> {
     let (data, out) = (dir.path().join("data"), dir.path().join("run"));
     write_data(&data)?;
     let (data_s, out_s) = (path_str(&data)?, path_str(&out)?);
-    let cases: [(&[&str], &[&str]); 10] = [
+    let cases: [(&[&str], &[&str]); 15] = [
+        (&["--workers", "300"], &["(--workers)", "300"]),
+        (&["--epochs", "18446744073709551615"], &["(--epochs)"]),
+        (&["--val-split", "255"], &["(--val-split)", "255", "256 training examples"]),
+        (&["--patience", "2"], &["(--patience)", "--val-split"]),
+        (&["--limit-train", "1"], &["1 example(s)", "at least 2"]),
         (&["--lr=-1"], &["learning rate (--lr)", "-1"]),
         (&["--lr", "-1"], &["learning rate (--lr)", "-1"]),
         (&["--lr", "0"], &["learning rate (--lr)", "got 0"]),
@@ -694,7 +699,7 @@ fn bad_training_flags_fail_before_anything_is_written() -> Result<()> {
         (&["--micro-batch", "12"], &["(--micro-batch) 12", "32"]),
         (&["--epochs", "0"], &["(--epochs)"]),
         (&["--device", "cuda:0"], &["--device cuda:0", "without CUDA", "--device cpu"]),
-        (&["--precision", "bf16"], &["--precision bf16", "CUDA"]),
+        (&["--precision", "bf16"], &["(--precision)", "bf16", "CUDA"]),
         (&["--tf32"], &["--tf32", "CUDA"]),
     ];
     for (extra, needles) in cases {
@@ -730,5 +735,124 @@ fn out_pointing_at_an_existing_run_suggests_resume() -> Result<()> {
     fails(&["train", "--resume", run_s, "--data-dir", path_str(&bad)?, "--device", "cpu"], &[TRAIN_IMAGES])?;
     ensure!(contents(&t.run)? == before, "a failed resume modified the run");
     no_temporaries(&t.run)?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// trustworthy runs
+
+#[test]
+fn out_holding_other_files_is_refused_untouched() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (data, mine) = (dir.path().join("data"), dir.path().join("mine"));
+    write_data(&data)?;
+    std::fs::create_dir(&mine)?;
+    std::fs::write(mine.join("config.json"), b"my own config")?;
+    std::fs::write(mine.join("metrics.jsonl"), b"my own metrics")?;
+    let before = contents(&mine)?;
+    fails(&train_args(path_str(&data)?, path_str(&mine)?), &["--out", "not empty", "config.json", "overwritten"])?;
+    ensure!(contents(&mine)? == before, "the user's files were changed");
+    // `--out .` is the same refusal for the current folder.
+    let run = cli_in(&mine, &train_args(path_str(&data)?, "."))?;
+    ensure!(run.code == Some(1) && run.stderr.contains("not empty"), "--out .: {run:?}");
+    ensure!(contents(&mine)? == before, "--out . changed the user's files");
+    // An empty folder is fine.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty)?;
+    ok(&train_args(path_str(&data)?, path_str(&empty)?))?;
+    Ok(())
+}
+
+#[test]
+fn default_run_folders_are_readable_and_never_shared() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    write_data(&data)?;
+    let mut args = train_args(path_str(&data)?, "unused");
+    let at = args.iter().position(|a| *a == "--out").context("--out")?;
+    args.drain(at..at + 2);
+    let mut folders = Vec::new();
+    for _ in 0..2 {
+        let run = cli_in(dir.path(), &args)?;
+        ensure!(run.code == Some(0), "{run:?}");
+        let line = run.stdout.lines().find_map(|l| l.strip_prefix("run directory: ")).context("no run directory")?;
+        folders.push(line.to_string());
+    }
+    ensure!(folders[0] != folders[1], "two runs share {}", folders[0]);
+    for f in &folders {
+        ensure!(dir.path().join(f).join("checkpoint.safetensors").is_file(), "{f} holds no run");
+        let name = Path::new(f).file_name().and_then(|n| n.to_str()).context("name")?;
+        // quick-2026-11-30T16-26-00, with -2 when the second run started in the same second
+        let stamp = name.strip_prefix("quick-").context("no preset in the name")?;
+        let digits: String = stamp.chars().take(19).filter(char::is_ascii_digit).collect();
+        ensure!(digits.len() == 14 && stamp.get(10..11) == Some("T"), "unreadable name {name}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_last_batch_of_one_example_trains_on() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (data, out) = (dir.path().join("data"), dir.path().join("run"));
+    write_data(&data)?;
+    let mut args = train_args(path_str(&data)?, path_str(&out)?);
+    // 225 = 7 × 32 + 1
+    args.extend_from_slice(&["--limit-train", "225"]);
+    ok(&args)?;
+    Ok(())
+}
+
+#[test]
+fn a_run_on_a_constant_schedule_extends_with_epochs() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (data, out) = (dir.path().join("data"), dir.path().join("run"));
+    write_data(&data)?;
+    let mut args = train_args(path_str(&data)?, path_str(&out)?);
+    args.extend_from_slice(&["--schedule", "constant", "--warmup-epochs", "0"]);
+    ok(&args)?;
+    ok(&["train", "--resume", path_str(&out)?, "--epochs", "3", "--data-dir", path_str(&data)?, "--device", "cpu"])?;
+    let text = std::fs::read_to_string(out.join("metrics.jsonl"))?;
+    ensure!(text.lines().filter(|l| l.contains("\"kind\":\"epoch\"")).count() == 3, "{text}");
+    Ok(())
+}
+
+#[test]
+fn eval_of_a_d2l_style_best_file_says_it_was_chosen_on_test_accuracy() -> Result<()> {
+    let t = Trained::new()?;
+    let run = ok(&["eval", "--weights", &t.file("best.safetensors")?, "--data-dir", t.data()?, "--device", "cpu"])?;
+    ensure!(run.stdout.contains("chosen on this test accuracy"), "{}", run.stdout);
+    let dir = t.dir.path().join("val");
+    let mut args = train_args(t.data()?, path_str(&dir)?);
+    args.extend_from_slice(&["--val-split", "64", "--patience", "5"]);
+    let train = ok(&args)?;
+    ensure!(train.stdout.contains("val acc") && train.stderr.contains("val acc"), "{train:?}");
+    let run = ok(&["eval", "--weights", path_str(&dir.join("best.safetensors"))?, "--data-dir", t.data()?, "--device", "cpu"])?;
+    ensure!(run.stdout.contains("chosen on validation accuracy"), "{}", run.stdout);
+    Ok(())
+}
+
+#[test]
+fn predict_index_on_an_empty_test_set_fails_clearly() -> Result<()> {
+    let t = Trained::new()?;
+    let empty = t.dir.path().join("empty-test");
+    FashionMnist { train: Split::synthetic(4, 28, 28, 1), test: Split::synthetic(0, 28, 28, 2) }.save(&empty, false)?;
+    fails(
+        &["predict", "--weights", &t.file("best.safetensors")?, "--index", "0", "--data-dir", path_str(&empty)?, "--device", "cpu"],
+        &["--index", "no images"],
+    )?;
+    Ok(())
+}
+
+#[test]
+fn huge_models_are_refused_or_computed_before_allocating() -> Result<()> {
+    let t = Trained::new()?;
+    // A small file whose metadata claims width 1024: 2.9 billion parameters.
+    let claim = t.dir.path().join("claim.safetensors");
+    with_recorded_width(&t.run.join("best.safetensors"), &claim, 1024)?;
+    fails(&["eval", "--weights", path_str(&claim)?, "--data-dir", t.data()?, "--device", "cpu"], &["claim.safetensors", "parameters"])?;
+    let run = ok(&["summary", "--width", "1024", "--resize", "512"])?;
+    ensure!(run.stderr.contains("without running the network"), "{}", run.stderr);
+    ensure!(shapes(&run.stdout).first().map(String::as_str) == Some("(1, 1024, 128, 128)"), "{}", run.stdout);
+    ensure!(run.stdout.contains("Trainable parameters: 2,8"), "{}", run.stdout);
     Ok(())
 }

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -150,6 +151,47 @@ impl Split {
         self.images.truncate(n * self.pixels_per_image());
         self.labels.truncate(n);
         self
+    }
+
+    /// Holds out `n` examples chosen by `seed` (a seeded shuffle, independent of the epoch
+    /// orders): returns `(rest, held_out)`, each in file order. `n` must leave at least two
+    /// examples on each side.
+    ///
+    /// ```
+    /// let split = resnet_data::Split::synthetic(100, 4, 4, 0);
+    /// let (train, val) = split.split_off_seeded(20, 7)?;
+    /// assert_eq!((train.len(), val.len()), (80, 20));
+    /// assert_eq!(split.split_off_seeded(20, 7)?.1, val);
+    /// # Ok::<(), resnet_data::DataError>(())
+    /// ```
+    pub fn split_off_seeded(&self, n: usize, seed: u64) -> Result<(Split, Split)> {
+        if n < 2 || n.saturating_add(2) > self.len() {
+            return Err(DataError::SizeOutOfRange {
+                what: "held-out examples",
+                min: 2,
+                max: self.len().saturating_sub(2),
+                found: n,
+            });
+        }
+        let mut order: Vec<usize> = (0..self.len()).collect();
+        // A stream of its own: the held-out set must not move when the epoch shuffles change.
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x7661_6c5f_7370_6c74));
+        let mut held = vec![false; self.len()];
+        for &i in order.iter().take(n) {
+            held[i] = true;
+        }
+        let px = self.pixels_per_image();
+        let (mut rest, mut out) = (Split::empty_like(self), Split::empty_like(self));
+        for (i, (&label, image)) in self.labels.iter().zip(self.images.chunks_exact(px.max(1))).enumerate() {
+            let side = if held[i] { &mut out } else { &mut rest };
+            side.labels.push(label);
+            side.images.extend_from_slice(image);
+        }
+        Ok((rest, out))
+    }
+
+    fn empty_like(other: &Split) -> Split {
+        Split { images: Vec::new(), labels: Vec::new(), rows: other.rows, cols: other.cols }
     }
 
     /// How many examples each class has; labels outside the classes are not counted.
@@ -320,6 +362,23 @@ mod tests {
 
     fn tempdir() -> Result<tempfile::TempDir> {
         tempfile::tempdir().map_err(|e| DataError::io(Path::new("tempdir"), e))
+    }
+
+    #[test]
+    fn seeded_split_partitions_and_repeats() -> Result<()> {
+        let split = Split::synthetic(50, 3, 2, 9);
+        let (rest, held) = split.split_off_seeded(10, 1)?;
+        assert_eq!((rest.len(), held.len()), (40, 10));
+        let mut all: Vec<Vec<u8>> = (0..50).map(|i| split.image(i).to_vec()).collect();
+        let mut parts: Vec<Vec<u8>> =
+            (0..40).map(|i| rest.image(i).to_vec()).chain((0..10).map(|i| held.image(i).to_vec())).collect();
+        all.sort();
+        parts.sort();
+        assert_eq!(all, parts, "every example lands on exactly one side");
+        assert_eq!(split.split_off_seeded(10, 1)?, (rest, held.clone()));
+        assert_ne!(split.split_off_seeded(10, 2)?.1, held, "another seed holds out others");
+        assert!(split.split_off_seeded(49, 1).is_err() && split.split_off_seeded(1, 1).is_err());
+        Ok(())
     }
 
     fn tiny() -> FashionMnist {

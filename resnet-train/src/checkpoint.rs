@@ -10,10 +10,12 @@ use serde::{Deserialize, Serialize};
 
 use resnet_core::checkpoint::TRAIN_STATE_PREFIX;
 use resnet_core::ResNet;
+use resnet_data::Split;
+use sha2::{Digest, Sha256};
 
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
-use crate::metrics::{MetricsRecord, Running};
+use crate::metrics::{EarlyStop, MetricsRecord, Running};
 
 /// Metadata key holding [`TrainState`] as JSON.
 pub const STATE_KEY: &str = "train_state";
@@ -46,10 +48,76 @@ pub struct TrainState {
     pub running: Running,
     /// Every metrics record so far.
     pub history: Vec<MetricsRecord>,
-    /// Best test accuracy so far.
-    pub best_test_acc: Option<f64>,
+    /// Best accuracy so far on the selection set ([`TrainConfig::selection_metric`]).
+    #[serde(alias = "best_test_acc")]
+    pub best_acc: Option<f64>,
+    /// The epoch (1-based) that reached it.
+    #[serde(default)]
+    pub best_epoch: Option<usize>,
     /// The RNG position.
     pub rng: RngState,
+    /// What the run trains and tests on, checked when it resumes.
+    #[serde(default)]
+    pub data: Option<DataFingerprint>,
+    /// Set when training stopped early; a resumed run then has nothing left to do.
+    #[serde(default)]
+    pub early_stop: Option<EarlyStop>,
+}
+
+/// The identity of the data a run used: counts and SHA-256 digests of the (limited) splits'
+/// sizes, labels and pixels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataFingerprint {
+    /// Training examples (before any validation hold-out).
+    pub train_examples: usize,
+    /// SHA-256 of the training split, hex.
+    pub train_sha256: String,
+    /// Test examples.
+    pub test_examples: usize,
+    /// SHA-256 of the test split, hex.
+    pub test_sha256: String,
+}
+
+impl DataFingerprint {
+    /// The fingerprint of the splits a run uses.
+    pub fn of(train: &Split, test: &Split) -> Self {
+        Self {
+            train_examples: train.len(),
+            train_sha256: digest(train),
+            test_examples: test.len(),
+            test_sha256: digest(test),
+        }
+    }
+
+    /// An error naming the first split that differs from `self`, the recorded fingerprint.
+    pub fn check(&self, now: &DataFingerprint) -> Result<()> {
+        let words = |n: usize, h: &str| format!("{n} examples, SHA-256 {}", h.get(..12).unwrap_or(h));
+        if (self.train_examples, &self.train_sha256) != (now.train_examples, &now.train_sha256) {
+            return Err(TrainError::DataMismatch {
+                split: "training",
+                expected: words(self.train_examples, &self.train_sha256),
+                found: words(now.train_examples, &now.train_sha256),
+            });
+        }
+        if (self.test_examples, &self.test_sha256) != (now.test_examples, &now.test_sha256) {
+            return Err(TrainError::DataMismatch {
+                split: "test",
+                expected: words(self.test_examples, &self.test_sha256),
+                found: words(now.test_examples, &now.test_sha256),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn digest(split: &Split) -> String {
+    let mut h = Sha256::new();
+    for n in [split.len(), split.rows, split.cols] {
+        h.update((n as u64).to_le_bytes());
+    }
+    h.update(&split.labels);
+    h.update(&split.images);
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Serialises model + optimiser state + [`TrainState`] into one safetensors file's bytes.
@@ -76,6 +144,19 @@ pub fn input_metadata(cfg: &TrainConfig) -> HashMap<String, String> {
     ])
 }
 
+/// Metadata key of `best.safetensors`: the accuracy it was chosen on (`val_acc` or `test_acc`).
+pub const SELECTED_ON_KEY: &str = "selected_on";
+/// Metadata key of `best.safetensors`: the epoch (1-based) whose weights it holds.
+pub const SELECTED_EPOCH_KEY: &str = "selected_epoch";
+
+/// The metadata of `best.safetensors`: the input preparation and how the epoch was chosen.
+pub fn best_metadata(cfg: &TrainConfig, epoch: usize) -> HashMap<String, String> {
+    let mut meta = input_metadata(cfg);
+    meta.insert(SELECTED_ON_KEY.to_string(), cfg.selection_metric().as_str().to_string());
+    meta.insert(SELECTED_EPOCH_KEY.to_string(), epoch.to_string());
+    meta
+}
+
 /// Reads the [`TrainState`] and the momentum buffers (by parameter name) of a checkpoint.
 pub fn read(path: &Path, device: &Device) -> Result<(TrainState, HashMap<String, Tensor>)> {
     let (meta, tensors) = resnet_core::checkpoint::read_train_state(path, device)?;
@@ -91,4 +172,26 @@ pub fn read(path: &Path, device: &Device) -> Result<(TrainState, HashMap<String,
         tensors.into_iter().filter_map(|(k, t)| k.strip_prefix(MOMENTUM_PREFIX).map(|n| (n.to_string(), t))).collect();
     debug_assert!(MOMENTUM_PREFIX.starts_with(TRAIN_STATE_PREFIX));
     Ok((state, momentum))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_tell_data_apart() {
+        let (a, b) = (Split::synthetic(20, 4, 4, 1), Split::synthetic(20, 4, 4, 2));
+        let fp = DataFingerprint::of(&a, &b);
+        assert!(fp.check(&DataFingerprint::of(&a, &b)).is_ok());
+        assert!(matches!(
+            fp.check(&DataFingerprint::of(&b, &b)),
+            Err(TrainError::DataMismatch { split: "training", .. })
+        ));
+        assert!(matches!(
+            fp.check(&DataFingerprint::of(&a, &a)),
+            Err(TrainError::DataMismatch { split: "test", .. })
+        ));
+        let fewer = a.clone().limit(19);
+        assert!(fp.check(&DataFingerprint::of(&fewer, &b)).is_err());
+    }
 }

@@ -122,11 +122,50 @@ pub struct TrainConfig {
     /// Let CUDA run f32 matrix products on TF32 tensor cores (about 10 mantissa bits).
     #[serde(default)]
     pub tf32: bool,
-    /// How the model computes its convolutions; a speed setting that leaves the results the
-    /// same to float rounding.
+    /// The convolution algorithm. Results agree to float rounding, not bit for bit, so a run
+    /// records it and resumes with it.
     #[serde(default)]
     pub conv_algorithm: ConvAlgorithm,
+    /// Training examples held out (a seeded choice) to select the best epoch and to stop early;
+    /// 0 selects on the test set, as d2l's chapter reports it.
+    #[serde(default)]
+    pub val_split: usize,
+    /// Stop when validation accuracy has not improved for this many epochs (needs `val_split`).
+    #[serde(default)]
+    pub patience: Option<usize>,
 }
+
+/// The named recipes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// [`TrainConfig::d2l`].
+    D2l,
+    /// [`TrainConfig::seed`].
+    Seed,
+    /// [`TrainConfig::quick`].
+    Quick,
+    /// [`TrainConfig::best`].
+    Best,
+}
+
+impl Preset {
+    /// Every preset.
+    pub const ALL: [Preset; 4] = [Preset::D2l, Preset::Seed, Preset::Quick, Preset::Best];
+
+    /// The preset's name, as run folders are named.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::D2l => "d2l",
+            Preset::Seed => "seed",
+            Preset::Quick => "quick",
+            Preset::Best => "best",
+        }
+    }
+}
+
+/// Largest epoch count accepted; far beyond any real run, it keeps step counts from overflowing.
+pub const MAX_EPOCHS: usize = 100_000;
 
 impl TrainConfig {
     /// d2l's chapter: ResNet-18, resize 96, batch 256, plain SGD lr 0.05, 10 epochs.
@@ -151,6 +190,8 @@ impl TrainConfig {
             precision: Precision::F32,
             tf32: false,
             conv_algorithm: ConvAlgorithm::default(),
+            val_split: 0,
+            patience: None,
         }
     }
 
@@ -177,7 +218,8 @@ impl TrainConfig {
     }
 
     /// The most accurate recipe here: d2l's model at 96 px with normalisation, random crops and
-    /// flips, Nesterov momentum, weight decay, warm-up and cosine decay over 30 epochs.
+    /// flips, Nesterov momentum, weight decay, warm-up and cosine decay over 30 epochs; 5,000
+    /// training examples held out to choose the best epoch.
     pub fn best() -> Self {
         Self {
             epochs: 30,
@@ -189,18 +231,18 @@ impl TrainConfig {
             label_smoothing: 0.1,
             augment: Some(AugmentConfig { crop_padding: 8, hflip: true }),
             normalize: true,
+            val_split: 5000,
             ..Self::d2l()
         }
     }
 
-    /// A preset by name: `d2l`, `seed`, `quick` or `best`.
-    pub fn preset(name: &str) -> Option<Self> {
-        match name {
-            "d2l" => Some(Self::d2l()),
-            "seed" => Some(Self::seed()),
-            "quick" => Some(Self::quick()),
-            "best" => Some(Self::best()),
-            _ => None,
+    /// A named recipe.
+    pub fn preset(preset: Preset) -> Self {
+        match preset {
+            Preset::D2l => Self::d2l(),
+            Preset::Seed => Self::seed(),
+            Preset::Quick => Self::quick(),
+            Preset::Best => Self::best(),
         }
     }
 
@@ -209,77 +251,129 @@ impl TrainConfig {
         self.micro_batch.unwrap_or(self.batch_size).min(self.batch_size)
     }
 
-    /// Checks every field and names the first that is wrong.
+    /// Checks every field and names the first that is wrong (by its field name, e.g.
+    /// `optimizer.lr`).
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(TrainError::InvalidConfig(m));
+        let bad = |field: &'static str, what: &'static str, reason: String| {
+            Err(TrainError::InvalidField { field, what, reason })
+        };
         self.model.validate()?;
-        if self.epochs == 0 {
-            return bad("epochs (--epochs) must be at least 1".into());
+        if !(1..=MAX_EPOCHS).contains(&self.epochs) {
+            return bad("epochs", "epochs", format!("must be in 1..={MAX_EPOCHS}, got {}", self.epochs));
         }
         if self.batch_size < 2 {
-            return bad(format!(
-                "batch size (--batch-size) must be at least 2 (BatchNorm needs it), got {}",
-                self.batch_size
-            ));
+            return bad("batch_size", "batch size", format!("must be at least 2 (BatchNorm needs it), got {}", self.batch_size));
         }
         if let Some(m) = self.micro_batch {
             if m < 2 || m > self.batch_size || self.batch_size % m != 0 {
-                return bad(format!(
-                    "micro-batch (--micro-batch) {m} must be at least 2 and divide the batch size {}",
-                    self.batch_size
-                ));
+                return bad(
+                    "micro_batch",
+                    "micro-batch",
+                    format!("{m} must be at least 2 and divide the batch size {}", self.batch_size),
+                );
             }
         }
         if !(8..=512).contains(&self.resize) {
-            return bad(format!("resize (--resize) must be between 8 and 512 pixels, got {}", self.resize));
+            return bad("resize", "resize", format!("must be between 8 and 512 pixels, got {}", self.resize));
         }
         let o = &self.optimizer;
         if !(o.lr.is_finite() && o.lr > 0.0 && o.lr <= 10.0) {
-            return bad(format!("learning rate (--lr) must be in (0, 10], got {}", o.lr));
+            return bad("optimizer.lr", "learning rate", format!("must be in (0, 10], got {}", o.lr));
         }
         if !(0.0..1.0).contains(&o.momentum) {
-            return bad(format!("momentum (--momentum) must be in [0, 1), got {}", o.momentum));
+            return bad("optimizer.momentum", "momentum", format!("must be in [0, 1), got {}", o.momentum));
         }
         if o.nesterov && o.momentum == 0.0 {
-            return bad("Nesterov momentum needs --momentum > 0".into());
+            return bad("optimizer.nesterov", "Nesterov momentum", "needs `optimizer.momentum` > 0".into());
         }
         if !(0.0..=0.1).contains(&o.weight_decay) {
-            return bad(format!("weight decay (--weight-decay) must be in [0, 0.1], got {}", o.weight_decay));
+            return bad("optimizer.weight_decay", "weight decay", format!("must be in [0, 0.1], got {}", o.weight_decay));
         }
         if let Schedule::Step { every_epochs, gamma } = self.schedule {
             if every_epochs == 0 || !(gamma > 0.0 && gamma <= 1.0) {
-                return bad(format!(
-                    "step schedule needs every_epochs ≥ 1 and gamma in (0, 1], got {every_epochs}, {gamma}"
-                ));
+                return bad(
+                    "schedule",
+                    "step schedule",
+                    format!("needs every_epochs ≥ 1 and gamma in (0, 1], got {every_epochs}, {gamma}"),
+                );
             }
         }
         if !(self.warmup_epochs >= 0.0 && self.warmup_epochs <= self.epochs as f64) {
-            return bad(format!(
-                "warm-up (--warmup-epochs) must be between 0 and {} epochs, got {}",
-                self.epochs, self.warmup_epochs
-            ));
+            return bad(
+                "warmup_epochs",
+                "warm-up",
+                format!("must be between 0 and {} epochs, got {}", self.epochs, self.warmup_epochs),
+            );
         }
         if !(0.0..0.5).contains(&self.label_smoothing) {
-            return bad(format!(
-                "label smoothing (--label-smoothing) must be in [0, 0.5), got {}",
-                self.label_smoothing
-            ));
+            return bad("label_smoothing", "label smoothing", format!("must be in [0, 0.5), got {}", self.label_smoothing));
         }
         if let Some(a) = self.augment {
             if a.crop_padding > self.resize / 2 {
-                return bad(format!(
-                    "crop padding {} is more than half the image size {}",
-                    a.crop_padding, self.resize
-                ));
+                return bad(
+                    "augment.crop_padding",
+                    "crop padding",
+                    format!("{} is more than half the image size {}", a.crop_padding, self.resize),
+                );
             }
         }
-        if self.limit_train == Some(0) || self.limit_test == Some(0) {
-            return bad("--limit-train/--limit-test must be at least 1".into());
+        if self.limit_train == Some(0) {
+            return bad("limit_train", "training limit", "must be at least 1".into());
         }
-        if self.eval_batch_size == 0 || self.data_workers == 0 {
-            return bad("eval batch size and data workers must be at least 1".into());
+        if self.limit_test == Some(0) {
+            return bad("limit_test", "test limit", "must be at least 1".into());
+        }
+        if self.eval_batch_size == 0 {
+            return bad("eval_batch_size", "evaluation batch size", "must be at least 1".into());
+        }
+        if !(1..=resnet_data::MAX_WORKERS).contains(&self.data_workers) {
+            return bad(
+                "data_workers",
+                "data workers",
+                format!("must be in 1..={}, got {}", resnet_data::MAX_WORKERS, self.data_workers),
+            );
+        }
+        match self.patience {
+            Some(0) => return bad("patience", "patience", "must be at least 1 epoch".into()),
+            Some(_) if self.val_split == 0 => {
+                return bad(
+                    "patience",
+                    "patience",
+                    "needs a validation split (`val_split` > 0): stopping on the test set would select on it".into(),
+                )
+            }
+            _ => {}
         }
         Ok(())
+    }
+
+    /// The setting accuracy is selected on: validation with a split, else test (d2l).
+    pub fn selection_metric(&self) -> SelectedOn {
+        if self.val_split > 0 {
+            SelectedOn::ValAcc
+        } else {
+            SelectedOn::TestAcc
+        }
+    }
+}
+
+/// Which accuracy chose `best.safetensors`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SelectedOn {
+    /// Held-out training examples (`val_split`): the test accuracy stays an unbiased estimate.
+    ValAcc,
+    /// The test set itself, as d2l's chapter does: the best file's test accuracy is optimistic.
+    TestAcc,
+}
+
+impl SelectedOn {
+    /// The name as metadata and metrics record it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SelectedOn::ValAcc => "val_acc",
+            SelectedOn::TestAcc => "test_acc",
+        }
     }
 }
 
@@ -289,13 +383,14 @@ mod tests {
 
     #[test]
     fn presets_validate_and_round_trip() -> std::result::Result<(), Box<dyn std::error::Error>> {
-        for name in ["d2l", "seed", "quick", "best"] {
-            let cfg = TrainConfig::preset(name).ok_or("preset")?;
+        for preset in Preset::ALL {
+            let cfg = TrainConfig::preset(preset);
             cfg.validate()?;
             let back: TrainConfig = serde_json::from_str(&serde_json::to_string(&cfg)?)?;
-            assert_eq!(back, cfg, "{name}");
+            assert_eq!(back, cfg, "{}", preset.name());
         }
-        assert!(TrainConfig::preset("fast").is_none());
+        assert_eq!(TrainConfig::best().selection_metric(), SelectedOn::ValAcc);
+        assert_eq!(TrainConfig::d2l().selection_metric(), SelectedOn::TestAcc);
         Ok(())
     }
 
@@ -303,12 +398,24 @@ mod tests {
     fn validation_names_the_field() {
         let mut c = TrainConfig::d2l();
         c.optimizer.lr = f64::NAN;
-        assert!(matches!(c.validate(), Err(TrainError::InvalidConfig(m)) if m.contains("learning rate")));
+        assert!(matches!(c.validate(), Err(TrainError::InvalidField { field: "optimizer.lr", .. })));
         let mut c = TrainConfig::d2l();
         c.micro_batch = Some(100);
-        assert!(matches!(c.validate(), Err(TrainError::InvalidConfig(m)) if m.contains("micro-batch")));
+        assert!(matches!(c.validate(), Err(TrainError::InvalidField { field: "micro_batch", .. })));
         let mut c = TrainConfig::d2l();
         c.optimizer.nesterov = true;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn start_time_bounds_are_checked() {
+        let c = TrainConfig { data_workers: 300, ..TrainConfig::quick() };
+        assert!(matches!(c.validate(), Err(TrainError::InvalidField { field: "data_workers", .. })));
+        let c = TrainConfig { epochs: usize::MAX, ..TrainConfig::quick() };
+        assert!(matches!(c.validate(), Err(TrainError::InvalidField { field: "epochs", .. })));
+        let c = TrainConfig { patience: Some(3), ..TrainConfig::quick() };
+        assert!(matches!(c.validate(), Err(TrainError::InvalidField { field: "patience", .. })));
+        let c = TrainConfig { patience: Some(3), val_split: 100, ..TrainConfig::quick() };
+        assert!(c.validate().is_ok());
     }
 }

@@ -17,24 +17,49 @@ pub enum TrainError {
     /// The training configuration is not usable.
     #[error("invalid training configuration: {0}")]
     InvalidConfig(String),
-    /// The loss became NaN or infinite.
+    /// One setting is out of range; `field` is its name in [`crate::TrainConfig`] (`optimizer.lr`).
+    #[error("invalid training configuration: {what} (`{field}`) {reason}")]
+    InvalidField {
+        /// The field's path in the configuration, e.g. `optimizer.lr`.
+        field: &'static str,
+        /// What the field means, in words.
+        what: &'static str,
+        /// What is wrong with its value.
+        reason: String,
+    },
+    /// Training diverged: the loss or the updated weights became NaN or infinite. No checkpoint
+    /// holds the bad weights.
     #[error(
-        "the loss became {value} at epoch {epoch}, batch {batch} (learning rate {lr}); \
-         try a lower learning rate (--lr) or more warm-up; {}",
+        "training diverged: {what} became non-finite at epoch {epoch}, batch {batch} (learning rate {lr}); \
+         a resumed run would diverge the same way, so start a new run with a lower learning rate \
+         (`optimizer.lr`) or more warm-up (`warmup_epochs`); {}",
         checkpoint.as_ref().map(|p| format!("the last good checkpoint is kept at {}", p.display()))
             .unwrap_or_else(|| "no checkpoint had been written yet".into())
     )]
-    NonFiniteLoss {
+    Diverged {
+        /// What became non-finite: "the loss (NaN)" or "the weights".
+        what: String,
         /// 1-based epoch.
         epoch: usize,
         /// 1-based batch within the epoch.
         batch: usize,
         /// The learning rate at that step.
         lr: f64,
-        /// The loss value.
-        value: f32,
         /// The last good checkpoint, if any.
         checkpoint: Option<PathBuf>,
+    },
+    /// The data differs from the data the run was started on.
+    #[error(
+        "the {split} data differs from the data this run was trained on ({expected} recorded, {found} now); \
+         point to the data the run started with, or start a new run"
+    )]
+    DataMismatch {
+        /// `training` or `test`.
+        split: &'static str,
+        /// The recorded fingerprint, in words.
+        expected: String,
+        /// The present data's fingerprint, in words.
+        found: String,
     },
     /// A checkpoint could not be written; the previous one (if any) is untouched.
     #[error("could not write checkpoint {path}: {source}; {}", if *.previous_intact { "the previous checkpoint is intact" } else { "no earlier checkpoint exists" })]
@@ -55,10 +80,18 @@ pub enum TrainError {
         reason: String,
     },
     /// The output directory already holds a run.
-    #[error("{} already holds a run; continue it with --resume {0}, or choose another --out", path.display())]
+    #[error("{} already holds a run; resume it, or choose another run folder", path.display())]
     RunExists {
         /// The directory.
         path: PathBuf,
+    },
+    /// The output directory exists and holds files that are not a run: they are never overwritten.
+    #[error("{} is not empty ({entries}); choose a new or empty run folder, nothing there is overwritten", path.display())]
+    NotEmpty {
+        /// The directory.
+        path: PathBuf,
+        /// The first few entries found.
+        entries: String,
     },
     /// Any other file-system failure.
     #[error("{path}: {source}")]

@@ -33,11 +33,14 @@ pub mod schedule;
 mod threads;
 pub mod trainer;
 
-pub use config::{AugmentConfig, Precision, Schedule, SgdConfig, TrainConfig};
+pub use checkpoint::DataFingerprint;
+pub use config::{AugmentConfig, Precision, Preset, Schedule, SelectedOn, SgdConfig, TrainConfig, MAX_EPOCHS};
 pub use error::{Result, TrainError};
-pub use metrics::{Confusion, EpochMetrics, MetricsRecord, Running};
+pub use metrics::{Confusion, EarlyStop, EpochMetrics, MetricsRecord, Running};
 pub use optim::Sgd;
 pub use process::{tune_process, ProcessTuning};
-pub use run_dir::RunDir;
+pub use run_dir::{write_atomic, RunDir};
 pub use schedule::LrSchedule;
-pub use trainer::{cross_entropy, evaluate, loader_config, Observer, Silent, StepInfo, TrainReport, Trainer};
+pub use trainer::{
+    cross_entropy, evaluate, loader_config, steps_per_epoch, Observer, Silent, StepInfo, TrainReport, Trainer,
+};

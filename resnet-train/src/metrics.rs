@@ -53,6 +53,22 @@ pub enum MetricsRecord {
     },
     /// The end of an epoch.
     Epoch(EpochMetrics),
+    /// Training stopped before its planned epochs because validation accuracy stopped improving.
+    EarlyStop(EarlyStop),
+}
+
+/// Why and where training stopped early (`--patience`): in `metrics.jsonl` as
+/// `{"kind":"early_stop","epoch":7,"best_epoch":4,"best_val_acc":0.91,"patience":3}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EarlyStop {
+    /// The last epoch trained (1-based).
+    pub epoch: usize,
+    /// The epoch with the best validation accuracy, whose weights `best.safetensors` holds.
+    pub best_epoch: usize,
+    /// That validation accuracy.
+    pub best_val_acc: f64,
+    /// Epochs without improvement that were allowed.
+    pub patience: usize,
 }
 
 /// What one epoch achieved.
@@ -66,6 +82,9 @@ pub struct EpochMetrics {
     pub train_acc: f64,
     /// Test accuracy in evaluation mode over the whole (possibly limited) test set.
     pub test_acc: f64,
+    /// Accuracy on the held-out validation examples, when the run has a validation split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_acc: Option<f64>,
     /// Examples per second of training-step time, d2l's measure.
     pub examples_per_sec: f64,
     /// Training examples in the epoch.

@@ -31,6 +31,7 @@ impl Curves {
                     c.train_acc.push((*epoch, *train_acc));
                 }
                 MetricsRecord::Epoch(m) => c.test_acc.push((m.epoch as f64, m.test_acc)),
+                MetricsRecord::EarlyStop(_) => {}
             }
         }
         c
@@ -129,6 +130,7 @@ mod tests {
                 train_loss: 0.5,
                 train_acc: 0.8,
                 test_acc: acc,
+                val_acc: None,
                 examples_per_sec: 1.0,
                 examples: 1,
                 step_seconds: 1.0,

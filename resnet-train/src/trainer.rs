@@ -8,16 +8,16 @@ use std::time::Instant;
 use candle_core::{backprop::GradStore, DType, Device, Tensor, D};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
 
-use resnet_core::{checkpoint as core_ckpt, d2l_init, profile, ResNet};
+use resnet_core::{checkpoint as core_ckpt, d2l_init, profile, ResNet, ResNetConfig};
 use resnet_data::{batches, Augment, FashionMnist, LoaderConfig, Normalize, Split};
 
-use crate::checkpoint::{self, RngState, TrainState};
-use crate::config::{Precision, TrainConfig};
+use crate::checkpoint::{self, DataFingerprint, RngState, TrainState};
+use crate::config::{Precision, Schedule, SelectedOn, TrainConfig};
 use crate::error::{Result, TrainError};
-use crate::metrics::{Confusion, EpochMetrics, MetricsRecord, Running};
+use crate::metrics::{Confusion, EarlyStop, EpochMetrics, MetricsRecord, Running};
 use crate::optim::Sgd;
 use crate::plot::{self, Curves};
-use crate::run_dir::{files, RunDir};
+use crate::run_dir::{files, write_atomic, RunDir};
 use crate::schedule::LrSchedule;
 
 /// Progress within an epoch, for progress bars.
@@ -71,6 +71,10 @@ pub struct TrainReport {
     pub examples_per_sec: f64,
     /// True when stopped early by the observer; a checkpoint was written.
     pub interrupted: bool,
+    /// Set when validation accuracy stopped improving for `patience` epochs.
+    pub early_stop: Option<EarlyStop>,
+    /// The epoch `best.safetensors` holds, its accuracy, and which accuracy chose it.
+    pub best: Option<(usize, f64, SelectedOn)>,
     /// The run directory, if any.
     pub run_dir: Option<PathBuf>,
 }
@@ -115,23 +119,108 @@ pub fn loader_config(cfg: &TrainConfig, train: bool) -> LoaderConfig {
     }
 }
 
+/// Optimiser steps per epoch over `examples` in batches of `batch_size`. A last batch of a single
+/// example is dropped (BatchNorm cannot normalise one value per channel); which example that is
+/// follows the epoch's shuffle.
+pub fn steps_per_epoch(examples: usize, batch_size: usize) -> usize {
+    let batch_size = batch_size.max(1);
+    examples / batch_size + usize::from(examples % batch_size >= 2)
+}
+
 /// Refuses precision settings the device cannot honour.
 fn check_precision(cfg: &TrainConfig, device: &Device) -> Result<()> {
     if !device.is_cuda() {
         if cfg.precision == Precision::Bf16 {
-            return Err(TrainError::InvalidConfig(
-                "--precision bf16 needs a CUDA device (candle's CPU matrix product has no bf16); use f32 on CPU".into(),
-            ));
+            return Err(TrainError::InvalidField {
+                field: "precision",
+                what: "precision bf16",
+                reason: "needs a CUDA device (candle's CPU matrix product has no bf16); use f32 on CPU".into(),
+            });
         }
         if cfg.tf32 {
-            return Err(TrainError::InvalidConfig("--tf32 applies to CUDA devices only; drop it on CPU".into()));
+            return Err(TrainError::InvalidField {
+                field: "tf32",
+                what: "TF32",
+                reason: "applies to CUDA devices only; turn it off on CPU".into(),
+            });
         }
     }
     Ok(())
 }
 
+/// What [`Trainer::fit`] works through, derived from the configuration and the data before any
+/// step runs: the splits, the step count and the schedule.
+struct Plan {
+    train: Arc<Split>,
+    val: Option<Split>,
+    test: Split,
+    fingerprint: DataFingerprint,
+    steps_per_epoch: usize,
+    schedule: LrSchedule,
+    points: Vec<usize>,
+}
+
+impl Plan {
+    fn new(cfg: &TrainConfig, data: &FashionMnist) -> Result<Self> {
+        let train = limited(&data.train, cfg.limit_train);
+        let test = limited(&data.test, cfg.limit_test);
+        if test.is_empty() {
+            return Err(TrainError::InvalidConfig("the test split holds no examples".into()));
+        }
+        let fingerprint = DataFingerprint::of(&train, &test);
+        let (train, val) = if cfg.val_split > 0 {
+            if cfg.val_split.saturating_add(2) > train.len() {
+                return Err(TrainError::InvalidField {
+                    field: "val_split",
+                    what: "validation split",
+                    reason: format!(
+                        "of {} must leave at least 2 of the {} training examples",
+                        cfg.val_split,
+                        train.len()
+                    ),
+                });
+            }
+            let (rest, val) = train.split_off_seeded(cfg.val_split, cfg.seed)?;
+            (rest, Some(val))
+        } else {
+            (train, None)
+        };
+        let steps_per_epoch = steps_per_epoch(train.len(), cfg.batch_size);
+        if steps_per_epoch == 0 {
+            return Err(TrainError::InvalidConfig(format!(
+                "the training split holds {} example(s); BatchNorm needs batches of at least 2",
+                train.len()
+            )));
+        }
+        if cfg.epochs.checked_mul(steps_per_epoch).is_none_or(|n| n > u32::MAX as usize) {
+            return Err(TrainError::InvalidField {
+                field: "epochs",
+                what: "epochs",
+                reason: format!("{} × {steps_per_epoch} steps per epoch is more steps than a run can count", cfg.epochs),
+            });
+        }
+        Ok(Self {
+            train: Arc::new(train),
+            val,
+            test,
+            fingerprint,
+            steps_per_epoch,
+            schedule: LrSchedule::new(cfg, steps_per_epoch),
+            points: plot_points(steps_per_epoch),
+        })
+    }
+}
+
+/// Whether training goes on after a phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Stop,
+}
+
 impl Trainer {
-    /// A fresh model initialised from `cfg.seed` as d2l does, on `device`.
+    /// A fresh model initialised from `cfg.seed` as d2l does, on `device`, computing with
+    /// `cfg.conv_algorithm`.
     pub fn new(cfg: TrainConfig, device: &Device) -> Result<Self> {
         cfg.validate()?;
         check_precision(&cfg, device)?;
@@ -152,13 +241,17 @@ impl Trainer {
             global_step: 0,
             running: Running::default(),
             history: Vec::new(),
-            best_test_acc: None,
+            best_acc: None,
+            best_epoch: None,
             rng,
+            data: None,
+            early_stop: None,
         };
         Ok(Self { model, _vars: vars, opt, device: device.clone(), state, run_dir: None })
     }
 
-    /// Continues the run in `dir` exactly where its last checkpoint left it.
+    /// Continues the run in `dir` exactly where its last checkpoint left it, with every setting
+    /// it recorded (the convolution algorithm included).
     pub fn resume(dir: &Path, device: &Device) -> Result<Self> {
         let run_dir = RunDir::open(dir)?;
         let path = run_dir.checkpoint();
@@ -171,11 +264,42 @@ impl Trainer {
         Ok(trainer)
     }
 
+    /// Plans a resumed run for `epochs` epochs instead of the recorded number: the one setting a
+    /// resume may change. Only a longer run is possible, and only where the learning rate of the
+    /// steps already taken stays what it was: the constant and step schedules. The cosine
+    /// schedule spans the planned epochs, so extending it is refused.
+    pub fn extend_epochs(&mut self, epochs: usize) -> Result<()> {
+        let cfg = &self.state.config;
+        if epochs == cfg.epochs {
+            return Ok(());
+        }
+        let refuse = |reason: String| Err(TrainError::InvalidField { field: "epochs", what: "epochs", reason });
+        if epochs < cfg.epochs {
+            return refuse(format!("can only grow on resume: the run is planned for {} epochs, got {epochs}", cfg.epochs));
+        }
+        if cfg.schedule == Schedule::Cosine {
+            return refuse(format!(
+                "cannot grow from {} to {epochs} on resume: the cosine schedule decays to zero at the planned last \
+                 epoch, so a longer plan would change the rate of steps already taken; start a new run",
+                cfg.epochs
+            ));
+        }
+        if let Some(stop) = &self.state.early_stop {
+            return refuse(format!("cannot grow: the run stopped early at epoch {} (patience)", stop.epoch));
+        }
+        let mut cfg = cfg.clone();
+        cfg.epochs = epochs;
+        cfg.validate()?;
+        self.state.config = cfg;
+        if let Some(dir) = &self.run_dir {
+            dir.write(files::CONFIG, &config_json(&self.state.config)?)?;
+        }
+        Ok(())
+    }
+
     /// Writes config, metrics, curves and checkpoints into `dir` as training proceeds.
     pub fn with_run_dir(mut self, dir: RunDir) -> Result<Self> {
-        let json =
-            serde_json::to_vec_pretty(&self.state.config).map_err(|e| TrainError::InvalidConfig(e.to_string()))?;
-        dir.write(files::CONFIG, &json)?;
+        dir.write(files::CONFIG, &config_json(&self.state.config)?)?;
         self.run_dir = Some(dir);
         Ok(self)
     }
@@ -200,108 +324,161 @@ impl Trainer {
         &self.device
     }
 
-    /// Trains until `config.epochs` are done or the observer asks to stop.
+    /// Everything [`Trainer::fit`] can know before its first step: that the data fits the
+    /// configuration (sizes, validation split, step counts) and, for a resumed run, is the data
+    /// the run started on. Call it before creating a run directory.
+    pub fn check(&self, data: &FashionMnist) -> Result<()> {
+        self.plan(data).map(|_| ())
+    }
+
+    /// Trains until `config.epochs` are done, validation accuracy stops improving for
+    /// `patience` epochs, or the observer asks to stop.
     pub fn fit(&mut self, data: &FashionMnist, observer: &mut dyn Observer) -> Result<TrainReport> {
-        let cfg = self.state.config.clone();
-        let train = Arc::new(limited(&data.train, cfg.limit_train));
-        let test = limited(&data.test, cfg.limit_test);
-        let steps_per_epoch = train.len().div_ceil(cfg.batch_size);
-        let schedule = LrSchedule::new(&cfg, steps_per_epoch);
-        let points = plot_points(steps_per_epoch);
+        let plan = self.plan(data)?;
+        self.state.data = Some(plan.fingerprint.clone());
+        self.write_logs_if_stale();
         let mut interrupted = false;
-        while self.state.epochs_done < cfg.epochs {
-            let epoch = self.state.epochs_done;
+        while self.state.epochs_done < self.state.config.epochs && self.state.early_stop.is_none() {
             let wall = Instant::now();
-            let skip = self.state.batches_done;
-            let iter = batches(Arc::clone(&train), &loader_config(&cfg, true), epoch as u64)?;
-            observer.on_epoch_start(epoch + 1, steps_per_epoch - skip);
-            for (i, batch) in iter.enumerate().skip(skip) {
-                let batch = batch?;
-                let lr = schedule.lr(self.state.global_step);
-                let t = Instant::now();
-                let (loss, correct) = self.train_batch(&batch.images, &batch.labels, lr)?;
-                let n = batch.indices.len() as u64;
-                if !loss.is_finite() {
-                    let checkpoint = self.run_dir.as_ref().map(|d| d.checkpoint()).filter(|p| p.exists());
-                    return Err(TrainError::NonFiniteLoss {
-                        epoch: epoch + 1,
-                        batch: i + 1,
-                        lr,
-                        value: loss,
-                        checkpoint,
-                    });
-                }
-                self.state.running.add(loss as f64, correct, n, t.elapsed().as_secs_f64());
-                self.state.global_step += 1;
-                self.state.batches_done = i + 1;
-                self.state.rng =
-                    RngState { seed: cfg.seed, epoch: epoch as u64, position: self.state.running.examples };
-                let r = self.state.running;
-                if points.contains(&(i + 1)) {
-                    self.state.history.push(MetricsRecord::Step {
-                        epoch: epoch as f64 + (i + 1) as f64 / steps_per_epoch as f64,
-                        train_loss: r.loss(),
-                        train_acc: r.accuracy(),
-                        lr,
-                    });
-                }
-                observer.on_step(&StepInfo {
-                    epoch: epoch + 1,
-                    epochs: cfg.epochs,
-                    batch: i + 1,
-                    batches: steps_per_epoch,
-                    train_loss: r.loss(),
-                    train_acc: r.accuracy(),
-                    lr,
-                });
-                if i + 1 < steps_per_epoch && observer.should_stop() {
-                    interrupted = true;
-                    break;
-                }
-            }
-            if interrupted {
+            if self.train_epoch(&plan, observer)? == Flow::Stop {
                 self.write_checkpoint(observer)?;
+                interrupted = true;
                 break;
             }
-            observer.on_eval_start(epoch + 1);
-            let test_acc = evaluate(&self.model, &test, &loader_config(&cfg, false), &self.device)?.accuracy();
-            let r = self.state.running;
-            let metrics = EpochMetrics {
-                epoch: epoch + 1,
-                train_loss: r.loss(),
-                train_acc: r.accuracy(),
-                test_acc,
-                examples_per_sec: r.examples as f64 / r.step_seconds.max(1e-9),
-                examples: r.examples,
-                step_seconds: r.step_seconds,
-                wall_seconds: wall.elapsed().as_secs_f64(),
-                lr: schedule.lr(self.state.global_step.saturating_sub(1)),
-            };
-            tracing::info!(
-                epoch = metrics.epoch,
-                train_loss = metrics.train_loss,
-                train_acc = metrics.train_acc,
-                test_acc,
-                examples_per_sec = metrics.examples_per_sec,
-                "epoch done"
-            );
-            self.state.history.push(MetricsRecord::Epoch(metrics.clone()));
-            self.state.epochs_done += 1;
-            self.state.batches_done = 0;
-            self.state.running = Running::default();
-            self.state.rng = RngState { seed: cfg.seed, epoch: (epoch + 1) as u64, position: 0 };
-            let improved = self.state.best_test_acc.is_none_or(|b| test_acc > b);
-            if improved {
-                self.state.best_test_acc = Some(test_acc);
-            }
-            self.write_outputs(improved, observer)?;
+            self.check_finite()?;
+            let metrics = self.evaluate_epoch(&plan, wall, observer)?;
+            let improved = self.record_epoch(&metrics);
+            self.write_epoch(improved, observer)?;
             observer.on_epoch_end(&metrics);
-            if observer.should_stop() && self.state.epochs_done < cfg.epochs {
+            if observer.should_stop() {
                 interrupted = true;
                 break;
             }
         }
         Ok(self.report(interrupted))
+    }
+
+    fn plan(&self, data: &FashionMnist) -> Result<Plan> {
+        let plan = Plan::new(&self.state.config, data)?;
+        if let Some(recorded) = &self.state.data {
+            recorded.check(&plan.fingerprint)?;
+        }
+        if self.state.batches_done > plan.steps_per_epoch {
+            return Err(TrainError::InvalidConfig(format!(
+                "the checkpoint is at batch {} of an epoch that has {} batches",
+                self.state.batches_done, plan.steps_per_epoch
+            )));
+        }
+        Ok(plan)
+    }
+
+    /// Runs the current epoch's remaining steps; `Stop` when the observer asked to stop.
+    fn train_epoch(&mut self, plan: &Plan, observer: &mut dyn Observer) -> Result<Flow> {
+        let cfg = self.state.config.clone();
+        let epoch = self.state.epochs_done;
+        let skip = self.state.batches_done;
+        let iter = batches(Arc::clone(&plan.train), &loader_config(&cfg, true), epoch as u64)?;
+        observer.on_epoch_start(epoch + 1, plan.steps_per_epoch.saturating_sub(skip));
+        for (i, batch) in iter.enumerate().take(plan.steps_per_epoch).skip(skip) {
+            let batch = batch?;
+            let lr = plan.schedule.lr(self.state.global_step);
+            let t = Instant::now();
+            let (loss, correct) = self.train_batch(&batch.images, &batch.labels, lr)?;
+            if !loss.is_finite() {
+                return Err(self.diverged(format!("the loss ({loss})"), i + 1, lr));
+            }
+            let n = batch.indices.len() as u64;
+            self.state.running.add(loss as f64, correct, n, t.elapsed().as_secs_f64());
+            self.state.global_step += 1;
+            self.state.batches_done = i + 1;
+            self.state.rng = RngState { seed: cfg.seed, epoch: epoch as u64, position: self.state.running.examples };
+            let r = self.state.running;
+            let info = StepInfo {
+                epoch: epoch + 1,
+                epochs: cfg.epochs,
+                batch: i + 1,
+                batches: plan.steps_per_epoch,
+                train_loss: r.loss(),
+                train_acc: r.accuracy(),
+                lr,
+            };
+            if plan.points.contains(&(i + 1)) {
+                self.state.history.push(MetricsRecord::Step {
+                    epoch: epoch as f64 + (i + 1) as f64 / plan.steps_per_epoch as f64,
+                    train_loss: info.train_loss,
+                    train_acc: info.train_acc,
+                    lr,
+                });
+            }
+            observer.on_step(&info);
+            if observer.should_stop() {
+                return Ok(Flow::Stop);
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Test (and validation) accuracy of the epoch just trained, with its training figures.
+    fn evaluate_epoch(&self, plan: &Plan, wall: Instant, observer: &mut dyn Observer) -> Result<EpochMetrics> {
+        let cfg = &self.state.config;
+        observer.on_eval_start(self.state.epochs_done + 1);
+        let loader = loader_config(cfg, false);
+        let test_acc = evaluate(&self.model, &plan.test, &loader, &self.device)?.accuracy();
+        let val_acc = match &plan.val {
+            Some(val) => Some(evaluate(&self.model, val, &loader, &self.device)?.accuracy()),
+            None => None,
+        };
+        let r = self.state.running;
+        let metrics = EpochMetrics {
+            epoch: self.state.epochs_done + 1,
+            train_loss: r.loss(),
+            train_acc: r.accuracy(),
+            test_acc,
+            val_acc,
+            examples_per_sec: r.examples as f64 / r.step_seconds.max(1e-9),
+            examples: r.examples,
+            step_seconds: r.step_seconds,
+            wall_seconds: wall.elapsed().as_secs_f64(),
+            lr: plan.schedule.lr(self.state.global_step.saturating_sub(1)),
+        };
+        tracing::info!(
+            epoch = metrics.epoch,
+            train_loss = metrics.train_loss,
+            train_acc = metrics.train_acc,
+            test_acc,
+            val_acc,
+            examples_per_sec = metrics.examples_per_sec,
+            "epoch done"
+        );
+        Ok(metrics)
+    }
+
+    /// Closes the epoch in the state: history, counters, the best epoch and early stopping.
+    /// Returns whether this epoch is the best so far.
+    fn record_epoch(&mut self, metrics: &EpochMetrics) -> bool {
+        let cfg = &self.state.config;
+        self.state.history.push(MetricsRecord::Epoch(metrics.clone()));
+        self.state.epochs_done += 1;
+        self.state.batches_done = 0;
+        self.state.running = Running::default();
+        self.state.rng = RngState { seed: cfg.seed, epoch: self.state.epochs_done as u64, position: 0 };
+        let score = metrics.val_acc.unwrap_or(metrics.test_acc);
+        let improved = self.state.best_acc.is_none_or(|best| score > best);
+        if improved {
+            self.state.best_acc = Some(score);
+            self.state.best_epoch = Some(metrics.epoch);
+        }
+        if let (Some(patience), Some(best_epoch), Some(best_val_acc)) =
+            (cfg.patience, self.state.best_epoch, self.state.best_acc)
+        {
+            if metrics.epoch - best_epoch >= patience && self.state.epochs_done < cfg.epochs {
+                let stop = EarlyStop { epoch: metrics.epoch, best_epoch, best_val_acc, patience };
+                tracing::info!(epoch = stop.epoch, best_epoch, "validation accuracy stopped improving; stopping early");
+                self.state.history.push(MetricsRecord::EarlyStop(stop.clone()));
+                self.state.early_stop = Some(stop);
+            }
+        }
+        improved
     }
 
     /// One optimiser step on a batch at learning rate `lr`, with gradient accumulation over
@@ -312,13 +489,22 @@ impl Trainer {
     /// - `labels`: `(batch,)` u32
     pub fn train_batch(&mut self, images: &Tensor, labels: &Tensor, lr: f64) -> Result<(f32, u64)> {
         let n = images.dim(0)?;
-        let micro = self.state.config.micro_batch_size().min(n).max(1);
+        if n < 2 {
+            return Err(TrainError::InvalidConfig(format!(
+                "a training batch needs at least 2 examples (BatchNorm), got {n}"
+            )));
+        }
+        let micro = self.state.config.micro_batch_size().min(n).max(2);
         let smoothing = self.state.config.label_smoothing;
         let mut grads: Option<GradStore> = None;
         let (mut loss_sum, mut correct) = (0f32, 0u64);
         let mut start = 0;
         while start < n {
-            let len = micro.min(n - start);
+            let mut len = micro.min(n - start);
+            if n - start - len == 1 {
+                // A micro-batch of one example would break BatchNorm: the last one joins this one.
+                len += 1;
+            }
             let x = images.narrow(0, start, len)?.to_device(&self.device)?;
             let y = labels.narrow(0, start, len)?.to_device(&self.device)?;
             let span = profile::span("step: forward and loss", x.dims());
@@ -343,14 +529,40 @@ impl Trainer {
         Ok((loss_sum / n as f32, correct))
     }
 
+    /// The divergence error, pointing at the last good checkpoint.
+    fn diverged(&self, what: String, batch: usize, lr: f64) -> TrainError {
+        TrainError::Diverged {
+            what,
+            epoch: self.state.epochs_done + 1,
+            batch,
+            lr,
+            checkpoint: self.run_dir.as_ref().map(|d| d.checkpoint()).filter(|p| p.exists()),
+        }
+    }
+
+    /// Refuses weights that an update made NaN or infinite, before anything evaluates or saves them.
+    fn check_finite(&self) -> Result<()> {
+        for p in self.model.parameters() {
+            let sum = p.tensor.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+            if !sum.is_finite() {
+                let batch = self.state.batches_done;
+                let lr = self.state.config.optimizer.lr;
+                return Err(self.diverged(format!("the weights (`{}`)", p.name), batch, lr));
+            }
+        }
+        Ok(())
+    }
+
+    /// The training checkpoint, after checking the weights are finite.
     fn write_checkpoint(&self, observer: &mut dyn Observer) -> Result<()> {
         let Some(dir) = &self.run_dir else {
             return Ok(());
         };
+        self.check_finite()?;
         let path = dir.checkpoint();
         let previous_intact = path.exists();
         let bytes = checkpoint::to_bytes(&self.model, &self.opt.state(), &self.state)?;
-        core_ckpt::write_atomic(&path, &bytes).map_err(|source| TrainError::CheckpointWrite {
+        write_atomic(&path, &bytes).map_err(|source| TrainError::CheckpointWrite {
             path: path.clone(),
             source,
             previous_intact,
@@ -359,30 +571,52 @@ impl Trainer {
         Ok(())
     }
 
-    fn write_outputs(&self, improved: bool, observer: &mut dyn Observer) -> Result<()> {
+    /// The end-of-epoch files, in the order that keeps the folder consistent after a kill at
+    /// any instant: the best weights first, then the checkpoint that records them (a kill in
+    /// between resumes from the previous checkpoint and redoes the epoch, rewriting the best
+    /// file), then metrics and curves, which are rebuilt from the checkpoint's history and whose
+    /// failure only warns.
+    fn write_epoch(&self, improved: bool, observer: &mut dyn Observer) -> Result<()> {
         let Some(dir) = &self.run_dir else {
             return Ok(());
         };
-        let mut lines = String::new();
-        for r in &self.state.history {
-            lines.push_str(&serde_json::to_string(r).map_err(|e| TrainError::InvalidConfig(e.to_string()))?);
-            lines.push('\n');
-        }
-        dir.write(files::METRICS, lines.as_bytes())?;
-        let curves = Curves::from_history(&self.state.history);
-        plot::draw(&curves, self.state.config.epochs, &dir.file(files::CURVES_PNG), &dir.file(files::CURVES_SVG))?;
-        self.write_checkpoint(observer)?;
         if improved {
             let best = dir.best();
             let previous_intact = best.exists();
-            let bytes = core_ckpt::to_bytes(&self.model, &checkpoint::input_metadata(&self.state.config))?;
-            core_ckpt::write_atomic(&best, &bytes).map_err(|source| TrainError::CheckpointWrite {
+            let epoch = self.state.best_epoch.unwrap_or(self.state.epochs_done);
+            let bytes = core_ckpt::to_bytes(&self.model, &checkpoint::best_metadata(&self.state.config, epoch))?;
+            write_atomic(&best, &bytes).map_err(|source| TrainError::CheckpointWrite {
                 path: best.clone(),
                 source,
                 previous_intact,
             })?;
         }
+        self.write_checkpoint(observer)?;
+        if let Err(e) = self.write_logs(dir) {
+            tracing::warn!("{e}; the checkpoint is written and the next epoch rewrites these files");
+        }
         Ok(())
+    }
+
+    /// Rewrites metrics and curves when `metrics.jsonl` lags the checkpoint's history (a kill
+    /// between the two writes).
+    fn write_logs_if_stale(&self) {
+        let Some(dir) = &self.run_dir else { return };
+        if self.state.history.is_empty() {
+            return;
+        }
+        let Ok(lines) = metrics_lines(&self.state.history) else { return };
+        if std::fs::read(dir.file(files::METRICS)).ok().as_deref() != Some(lines.as_bytes()) {
+            if let Err(e) = self.write_logs(dir) {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+
+    fn write_logs(&self, dir: &RunDir) -> Result<()> {
+        dir.write(files::METRICS, metrics_lines(&self.state.history)?.as_bytes())?;
+        let curves = Curves::from_history(&self.state.history);
+        plot::draw(&curves, self.state.config.epochs, &dir.file(files::CURVES_PNG), &dir.file(files::CURVES_SVG))
     }
 
     fn report(&self, interrupted: bool) -> TrainReport {
@@ -393,10 +627,13 @@ impl Trainer {
             .filter_map(|r| if let MetricsRecord::Epoch(m) = r { Some(m) } else { None })
             .collect();
         let (n, secs) = epochs.iter().fold((0u64, 0f64), |(n, s), m| (n + m.examples, s + m.step_seconds));
+        let selected_on = self.state.config.selection_metric();
         TrainReport {
             last: epochs.last().map(|m| (*m).clone()),
             examples_per_sec: n as f64 / secs.max(1e-9),
             interrupted,
+            early_stop: self.state.early_stop.clone(),
+            best: self.state.best_epoch.zip(self.state.best_acc).map(|(e, a)| (e, a, selected_on)),
             run_dir: self.run_dir.as_ref().map(|d| d.path().to_path_buf()),
         }
     }
@@ -454,6 +691,19 @@ fn plot_points(batches: usize) -> Vec<usize> {
     (1..=batches).filter(|i| i % step == 0 || *i == batches).collect()
 }
 
+fn config_json(cfg: &TrainConfig) -> Result<Vec<u8>> {
+    serde_json::to_vec_pretty(cfg).map_err(|e| TrainError::InvalidConfig(e.to_string()))
+}
+
+fn metrics_lines(history: &[MetricsRecord]) -> Result<String> {
+    let mut lines = String::new();
+    for r in history {
+        lines.push_str(&serde_json::to_string(r).map_err(|e| TrainError::InvalidConfig(e.to_string()))?);
+        lines.push('\n');
+    }
+    Ok(lines)
+}
+
 fn limited(split: &Split, limit: Option<usize>) -> Split {
     match limit {
         Some(n) if n < split.len() => split.clone().limit(n),
@@ -464,6 +714,14 @@ fn limited(split: &Split, limit: Option<usize>) -> Split {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tails_of_one_example_are_dropped() {
+        assert_eq!(steps_per_epoch(257, 256), 1);
+        assert_eq!(steps_per_epoch(258, 256), 2);
+        assert_eq!(steps_per_epoch(256, 256), 1);
+        assert_eq!(steps_per_epoch(1, 256), 0);
+    }
 
     #[test]
     fn five_points_per_epoch() {

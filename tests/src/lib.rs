@@ -51,6 +51,8 @@ pub fn tiny_config() -> TrainConfig {
         precision: resnet_train::Precision::F32,
         tf32: false,
         conv_algorithm: resnet_core::ConvAlgorithm::default(),
+        val_split: 0,
+        patience: None,
     }
 }
 
@@ -150,6 +152,8 @@ pub enum Progress {
         /// Learning rate.
         lr: f64,
     },
+    /// Training stopped early.
+    EarlyStop(resnet_train::EarlyStop),
     /// An epoch's summary.
     Epoch {
         /// 1-based epoch.
@@ -160,6 +164,8 @@ pub enum Progress {
         train_acc: f64,
         /// Test accuracy.
         test_acc: f64,
+        /// Validation accuracy, with a split.
+        val_acc: Option<f64>,
         /// Examples trained on.
         examples: u64,
         /// Learning rate at the last step.
@@ -180,9 +186,11 @@ pub fn without_timing(history: &[MetricsRecord]) -> Vec<Progress> {
                 train_loss: m.train_loss,
                 train_acc: m.train_acc,
                 test_acc: m.test_acc,
+                val_acc: m.val_acc,
                 examples: m.examples,
                 lr: m.lr,
             },
+            MetricsRecord::EarlyStop(s) => Progress::EarlyStop(s.clone()),
         })
         .collect()
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
-use resnet_core::{checkpoint, ResNet, ResNetConfig};
+use resnet_core::{checkpoint, ConvAlgorithm, ResNet, ResNetConfig};
 use resnet_data::{batches, FashionMnist, Split};
 use resnet_tests::{
     differing_tensors, ensure_identical, snapshot, synthetic_data, tiny_config, without_timing, Recorder, BATCH,
@@ -58,8 +58,13 @@ fn interrupted_and_resumed(cfg: &TrainConfig, data: &FashionMnist, stops: &[usiz
         // Continue from the files alone, as a new process would.
         trainer = Trainer::resume(&run, &CPU)?;
         let s = trainer.state();
+        // A stop in an epoch's last step comes before its evaluation: the epoch is not yet done.
+        let want = match stop % STEPS_PER_EPOCH {
+            0 => (stop, stop / STEPS_PER_EPOCH - 1, STEPS_PER_EPOCH),
+            batch => (stop, stop / STEPS_PER_EPOCH, batch),
+        };
         ensure!(
-            (s.global_step, s.epochs_done, s.batches_done) == (stop, stop / STEPS_PER_EPOCH, stop % STEPS_PER_EPOCH),
+            (s.global_step, s.epochs_done, s.batches_done) == want,
             "resumed after step {stop} at global step {}, epoch {} + {} batches",
             s.global_step,
             s.epochs_done,
@@ -126,7 +131,8 @@ fn check_resume_is_exact(stops: &[usize]) -> Result<()> {
     let (best_full, _v1) = load_weights(&cfg.model, &full_run.join(files::BEST))?;
     let (best_resumed, _v2) = load_weights(&cfg.model, &resumed_run.join(files::BEST))?;
     ensure_identical(&best_full, &best_resumed, "best.safetensors")?;
-    ensure!(full.state().best_test_acc == resumed.state().best_test_acc, "best test accuracy differs");
+    ensure!(full.state().best_acc == resumed.state().best_acc, "best accuracy differs");
+    ensure!(full.state().best_epoch == resumed.state().best_epoch, "best epoch differs");
     Ok(())
 }
 
@@ -365,14 +371,16 @@ fn non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint() -> Result
         Ok(report) => bail!("training on with an infinite bias succeeded: {report:?}"),
     };
     let message = err.to_string();
-    let TrainError::NonFiniteLoss { epoch, batch, lr, value, checkpoint } = err else {
-        bail!("expected NonFiniteLoss, got: {message}");
+    let TrainError::Diverged { what, epoch, batch, lr, checkpoint } = err else {
+        bail!("expected Diverged, got: {message}");
     };
     ensure!((epoch, batch) == (1, 6), "reported epoch {epoch}, batch {batch}; the first bad step is epoch 1, batch 6");
     ensure!(lr == want_lr, "reported learning rate {lr}, the schedule's is {want_lr}");
-    ensure!(!value.is_finite(), "reported loss {value}");
+    ensure!(what.contains("loss") && what.contains("NaN"), "reported {what}");
     ensure!(checkpoint.as_deref() == Some(ckpt.as_path()), "reported checkpoint {checkpoint:?}");
-    for needle in ["epoch 1, batch 6", "lower learning rate", "--lr", &ckpt.display().to_string()] {
+    // The advice must be one a user can follow: resume cannot change the learning rate.
+    for needle in ["epoch 1, batch 6", "lower learning rate", "`optimizer.lr`", "start a new run", &ckpt.display().to_string()]
+    {
         ensure!(message.contains(needle), "the message lacks {needle:?}: {message}");
     }
 
@@ -390,9 +398,9 @@ fn non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint() -> Result
     let mut bare = Trainer::new(cfg, &CPU)?;
     poison(bare.model(), "7.bias", dir.path())?;
     match bare.fit(&data, &mut Silent) {
-        Err(TrainError::NonFiniteLoss { epoch: 1, batch: 1, checkpoint: None, .. }) => Ok(()),
+        Err(TrainError::Diverged { epoch: 1, batch: 1, checkpoint: None, .. }) => Ok(()),
         other => {
-            bail!("expected NonFiniteLoss at epoch 1, batch 1 without a checkpoint, got {other:?}")
+            bail!("expected Diverged at epoch 1, batch 1 without a checkpoint, got {other:?}")
         }
     }
 }
@@ -496,5 +504,346 @@ fn failed_first_checkpoint_write_says_there_is_no_earlier_one() -> Result<()> {
     ensure!(!blocker.checkpoint.exists(), "a checkpoint appeared although its write failed");
     let leftovers = temporaries(&run, &[blocker.blocker.as_path()])?;
     ensure!(leftovers.is_empty(), "temporary files left behind: {leftovers:?}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Trustworthy runs (issue 12)
+
+/// A run directory path inside a fresh temporary directory.
+fn fresh_run() -> Result<(TempDir, PathBuf)> {
+    let dir = tempfile::tempdir()?;
+    let run = dir.path().join("run");
+    Ok((dir, run))
+}
+
+#[test]
+fn resume_keeps_the_convolution_algorithm() -> Result<()> {
+    let data = synthetic_data();
+    let cfg = TrainConfig { conv_algorithm: ConvAlgorithm::Im2col, ..tiny_config() };
+    let (_dir, run) = fresh_run()?;
+    let mut trainer = Trainer::new(cfg.clone(), &CPU)?.with_run_dir(RunDir::create(&run)?)?;
+    ensure!(trainer.model().conv_algorithm() == ConvAlgorithm::Im2col, "the new model ignores conv_algorithm");
+    ensure!(trainer.fit(&data, &mut Recorder::stop_after(3))?.interrupted, "not interrupted");
+    let resumed = Trainer::resume(&run, &CPU)?;
+    ensure!(
+        resumed.model().conv_algorithm() == ConvAlgorithm::Im2col,
+        "resumed on {:?}, the run was started with im2col",
+        resumed.model().conv_algorithm()
+    );
+    ensure!(resumed.state().config == cfg, "the resumed configuration differs from the recorded one");
+    Ok(())
+}
+
+#[test]
+fn resume_refuses_other_or_smaller_data() -> Result<()> {
+    let data = synthetic_data();
+    let (_dir, run) = fresh_run()?;
+    let mut trainer = Trainer::new(tiny_config(), &CPU)?.with_run_dir(RunDir::create(&run)?)?;
+    ensure!(trainer.fit(&data, &mut Recorder::stop_after(7))?.interrupted, "not interrupted");
+    let before = std::fs::read(run.join(files::CHECKPOINT))?;
+
+    let other = FashionMnist { train: Split::synthetic(256, 28, 28, 99), test: data.test.clone() };
+    let smaller = FashionMnist { train: data.train.clone().limit(64), test: data.test.clone() };
+    let other_test = FashionMnist { train: data.train.clone(), test: Split::synthetic(64, 28, 28, 98) };
+    for (what, split, changed) in [("training", "training", &other), ("smaller", "training", &smaller), ("test", "test", &other_test)] {
+        let mut resumed = Trainer::resume(&run, &CPU)?;
+        ensure!(
+            matches!(resumed.check(changed), Err(TrainError::DataMismatch { split: s, .. }) if s == split),
+            "{what}: check accepted other data"
+        );
+        let result = resumed.fit(changed, &mut Silent);
+        let message = result.as_ref().err().map(ToString::to_string).unwrap_or_default();
+        ensure!(matches!(result, Err(TrainError::DataMismatch { .. })), "{what}: fit on other data: {result:?}");
+        ensure!(message.contains("differs from the data this run was trained on"), "{what}: {message}");
+    }
+    ensure!(std::fs::read(run.join(files::CHECKPOINT))? == before, "a refused resume changed the checkpoint");
+    // The right data still resumes.
+    Trainer::resume(&run, &CPU)?.fit(&data, &mut Silent)?;
+    Ok(())
+}
+
+#[test]
+fn a_longer_run_extends_exactly_on_a_constant_schedule_and_is_refused_on_cosine() -> Result<()> {
+    let data = synthetic_data();
+    let constant = TrainConfig { schedule: Schedule::Constant, warmup_epochs: 0.0, epochs: 1, ..tiny_config() };
+    let (_dir, run) = fresh_run()?;
+    let mut short = Trainer::new(constant.clone(), &CPU)?.with_run_dir(RunDir::create(&run)?)?;
+    short.fit(&data, &mut Silent)?;
+    let mut extended = Trainer::resume(&run, &CPU)?;
+    extended.extend_epochs(2)?;
+    extended.fit(&data, &mut Silent)?;
+    let (full, _full_dir) = uninterrupted(&TrainConfig { epochs: 2, ..constant }, &data)?;
+    ensure_identical(full.model(), extended.model(), "a 1-epoch run extended to 2 vs a 2-epoch run")?;
+    let recorded: TrainConfig = serde_json::from_slice(&std::fs::read(run.join(files::CONFIG))?)?;
+    ensure!(recorded.epochs == 2, "config.json still says {} epochs", recorded.epochs);
+    ensure!(epoch_metrics(&metrics_file(&run)?).len() == 2, "metrics.jsonl lacks the second epoch");
+
+    let (_dir2, cosine_run) = fresh_run()?;
+    let cosine = TrainConfig { epochs: 1, warmup_epochs: 0.0, ..tiny_config() };
+    Trainer::new(cosine, &CPU)?.with_run_dir(RunDir::create(&cosine_run)?)?.fit(&data, &mut Silent)?;
+    let mut resumed = Trainer::resume(&cosine_run, &CPU)?;
+    match resumed.extend_epochs(2) {
+        Err(TrainError::InvalidField { field: "epochs", reason, .. }) if reason.contains("cosine") => {}
+        other => bail!("extending a cosine run: {other:?}"),
+    }
+    ensure!(
+        matches!(resumed.extend_epochs(0), Err(TrainError::InvalidField { field: "epochs", .. })),
+        "a shorter plan was accepted"
+    );
+    Ok(())
+}
+
+/// Checks, at every checkpoint, that the best file already holds the epoch the checkpoint
+/// records as best: the order that keeps the folder consistent after a kill between the writes.
+struct CheckBestFirst {
+    failures: Vec<String>,
+    checked: usize,
+}
+
+impl Observer for CheckBestFirst {
+    fn on_checkpoint(&mut self, path: &Path) {
+        let result = (|| -> Result<()> {
+            let (state, _) = resnet_train::checkpoint::read(path, &CPU)?;
+            let best = path.with_file_name(files::BEST);
+            let meta = checkpoint::read_metadata(&best).context("best.safetensors is missing")?;
+            let epoch = meta.get(resnet_train::checkpoint::SELECTED_EPOCH_KEY).context("no selected_epoch")?;
+            ensure!(
+                state.best_epoch.map(|e| e.to_string()).as_ref() == Some(epoch),
+                "the checkpoint records best epoch {:?}, best.safetensors holds epoch {epoch}",
+                state.best_epoch
+            );
+            Ok(())
+        })();
+        self.checked += 1;
+        if let Err(e) = result {
+            self.failures.push(format!("{e:#}"));
+        }
+    }
+}
+
+#[test]
+fn the_best_file_is_written_before_the_checkpoint_that_records_it() -> Result<()> {
+    let (_dir, run) = fresh_run()?;
+    let mut trainer = Trainer::new(tiny_config(), &CPU)?.with_run_dir(RunDir::create(&run)?)?;
+    let mut check = CheckBestFirst { failures: Vec::new(), checked: 0 };
+    trainer.fit(&synthetic_data(), &mut check)?;
+    ensure!(check.checked == 3, "{} checkpoints seen", check.checked);
+    ensure!(check.failures.is_empty(), "{:?}", check.failures);
+    Ok(())
+}
+
+#[test]
+fn a_plot_failure_costs_no_checkpoint() -> Result<()> {
+    let (_dir, run) = fresh_run()?;
+    let mut trainer = Trainer::new(tiny_config(), &CPU)?.with_run_dir(RunDir::create(&run)?)?;
+    // A directory where the curves go makes every plot write fail.
+    std::fs::create_dir(run.join(files::CURVES_PNG))?;
+    let report = trainer.fit(&synthetic_data(), &mut Silent)?;
+    ensure!(report.last.as_ref().is_some_and(|m| m.epoch == 3), "the run did not finish: {report:?}");
+    let resumed = Trainer::resume(&run, &CPU)?;
+    ensure!(resumed.state().epochs_done == 3, "the checkpoint is after epoch {}", resumed.state().epochs_done);
+    ensure!(epoch_metrics(&metrics_file(&run)?).len() == 3, "metrics.jsonl lacks epochs");
+    Ok(())
+}
+
+/// Makes one parameter infinite right after the optimiser step `at_step` (1-based, of this `fit`).
+struct PoisonAfterStep {
+    var: candle_core::Var,
+    at_step: usize,
+    steps: usize,
+    evaluations: usize,
+    failure: Option<String>,
+}
+
+impl Observer for PoisonAfterStep {
+    fn on_step(&mut self, _info: &resnet_train::StepInfo) {
+        self.steps += 1;
+        if self.steps == self.at_step {
+            if let Err(e) = Tensor::full(f32::INFINITY, self.var.dims(), &CPU).and_then(|t| self.var.set(&t)) {
+                self.failure = Some(format!("poisoning failed: {e}"));
+            }
+        }
+    }
+    fn on_eval_start(&mut self, _epoch: usize) {
+        self.evaluations += 1;
+    }
+}
+
+#[test]
+fn weights_made_non_finite_by_an_update_are_never_checkpointed() -> Result<()> {
+    let data = synthetic_data();
+    let (_dir, run) = fresh_run()?;
+    let mut trainer = Trainer::new(tiny_config(), &CPU)?.with_run_dir(RunDir::create(&run)?)?;
+    let bias = trainer.model().parameters().into_iter().find(|p| p.name == "7.bias").context("no 7.bias")?;
+    // The last step of epoch 2: the loss of that step was finite, the weights after it are not.
+    let mut poison = PoisonAfterStep {
+        var: candle_core::Var::from_tensor(&bias.tensor)?,
+        at_step: 2 * STEPS_PER_EPOCH,
+        steps: 0,
+        evaluations: 0,
+        failure: None,
+    };
+    let result = trainer.fit(&data, &mut poison);
+    if let Some(f) = poison.failure {
+        bail!("{f}");
+    }
+    let message = result.as_ref().err().map(ToString::to_string).unwrap_or_default();
+    match result {
+        Err(TrainError::Diverged { what, epoch: 2, checkpoint: Some(c), .. })
+            if what.contains("weights") && c == run.join(files::CHECKPOINT) => {}
+        other => bail!("expected divergence of the weights in epoch 2 keeping the checkpoint, got {other:?}"),
+    }
+    ensure!(message.contains("start a new run"), "{message}");
+    ensure!(poison.evaluations == 1, "the non-finite weights were evaluated ({} evaluations)", poison.evaluations);
+    let kept = Trainer::resume(&run, &CPU)?;
+    ensure!(kept.state().epochs_done == 1, "the checkpoint is after epoch {}", kept.state().epochs_done);
+    for t in kept.model().named_tensors() {
+        let finite = t.tensor.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?.iter().all(|v| v.is_finite());
+        ensure!(finite, "the kept checkpoint holds non-finite values in {}", t.name);
+    }
+    Ok(())
+}
+
+#[test]
+fn a_validation_split_chooses_the_best_epoch_and_d2l_says_it_chose_on_test() -> Result<()> {
+    let data = synthetic_data();
+    for (val_split, selected_on) in [(64, "val_acc"), (0, "test_acc")] {
+        let (_dir, run) = fresh_run()?;
+        let cfg = TrainConfig { val_split, ..tiny_config() };
+        let mut trainer = Trainer::new(cfg, &CPU)?.with_run_dir(RunDir::create(&run)?)?;
+        let report = trainer.fit(&data, &mut Silent)?;
+        let epochs = epoch_metrics(&metrics_file(&run)?);
+        ensure!(epochs.len() == 3, "{} epochs", epochs.len());
+        let scores: Vec<f64> = epochs.iter().map(|m| m.val_acc.unwrap_or(m.test_acc)).collect();
+        ensure!(epochs.iter().all(|m| m.val_acc.is_some() == (val_split > 0)), "val_acc presence: {epochs:?}");
+        // Fewer training examples per epoch with a split: 192 of 256 in 6 steps.
+        let want_examples = if val_split > 0 { 192 } else { 256 };
+        ensure!(epochs.iter().all(|m| m.examples == want_examples), "examples per epoch: {epochs:?}");
+        let best = scores.iter().cloned().fold(f64::MIN, f64::max);
+        let best_epoch = scores.iter().position(|&s| s == best).map(|i| i + 1);
+        ensure!(trainer.state().best_acc == Some(best) && trainer.state().best_epoch == best_epoch, "best {scores:?}");
+        let meta = checkpoint::read_metadata(&run.join(files::BEST))?;
+        ensure!(meta.get("selected_on").map(String::as_str) == Some(selected_on), "metadata {meta:?}");
+        ensure!(meta.get("selected_epoch") == best_epoch.map(|e| e.to_string()).as_ref(), "metadata {meta:?}");
+        ensure!(report.best.map(|b| b.0) == best_epoch, "report {report:?}");
+        let text = std::fs::read_to_string(run.join(files::METRICS))?;
+        ensure!(text.contains("\"val_acc\"") == (val_split > 0), "metrics.jsonl and val_acc:\n{text}");
+    }
+    Ok(())
+}
+
+#[test]
+fn patience_stops_and_records_why() -> Result<()> {
+    let data = synthetic_data();
+    let (_dir, run) = fresh_run()?;
+    // A rate too small to move the weights: validation accuracy stops improving at once.
+    let cfg = TrainConfig {
+        epochs: 12,
+        val_split: 64,
+        patience: Some(2),
+        schedule: Schedule::Constant,
+        warmup_epochs: 0.0,
+        optimizer: SgdConfig { lr: 1e-7, momentum: 0.0, nesterov: false, weight_decay: 0.0 },
+        ..tiny_config()
+    };
+    let mut trainer = Trainer::new(cfg, &CPU)?.with_run_dir(RunDir::create(&run)?)?;
+    let report = trainer.fit(&data, &mut Silent)?;
+    let stop = report.early_stop.clone().context("no early stop in 12 epochs at a rate of 1e-7")?;
+    ensure!(stop.epoch - stop.best_epoch == 2 && stop.patience == 2, "{stop:?}");
+    let records = metrics_file(&run)?;
+    ensure!(records.last() == Some(&MetricsRecord::EarlyStop(stop.clone())), "last record {:?}", records.last());
+    let epochs = epoch_metrics(&records);
+    ensure!(epochs.len() == stop.epoch, "{} epochs trained, stopped at {}", epochs.len(), stop.epoch);
+    let line = std::fs::read_to_string(run.join(files::METRICS))?;
+    ensure!(line.lines().last().is_some_and(|l| l.starts_with("{\"kind\":\"early_stop\",\"epoch\":")), "{line}");
+    // A resumed run has nothing left to do.
+    let mut resumed = Trainer::resume(&run, &CPU)?;
+    let again = resumed.fit(&data, &mut Silent)?;
+    ensure!(again.early_stop == Some(stop), "resumed: {again:?}");
+    ensure!(epoch_metrics(&metrics_file(&run)?).len() == epochs.len(), "the resumed run trained on");
+    Ok(())
+}
+
+#[test]
+fn a_tail_of_one_example_is_dropped_not_fatal() -> Result<()> {
+    // 225 = 7 × 32 + 1: the last batch of each epoch would hold one example.
+    let data = FashionMnist { train: synthetic_data().train.limit(225), test: synthetic_data().test };
+    let cfg = TrainConfig { epochs: 2, ..tiny_config() };
+    let mut recorder = Recorder::default();
+    let report = Trainer::new(cfg.clone(), &CPU)?.fit(&data, &mut recorder)?;
+    ensure!(recorder.steps.iter().all(|s| s.batches == 7), "steps per epoch: {:?}", recorder.steps.last());
+    ensure!(report.last.as_ref().is_some_and(|m| m.examples == 224 && m.train_loss.is_finite()), "{report:?}");
+    // Micro-batches never leave one example alone either: 33 = 16 + 17.
+    let micro = TrainConfig { micro_batch: Some(16), ..cfg };
+    let batch = Split::synthetic(33, 28, 28, 3);
+    let pixels: Vec<f32> = batch.images.iter().map(|&p| p as f32 / 255.0).collect();
+    let images = Tensor::from_vec(pixels, (33, 1, 28, 28), &CPU)?;
+    let labels = Tensor::from_vec(batch.labels.iter().map(|&l| l as u32).collect::<Vec<_>>(), 33, &CPU)?;
+    let (loss, _) = Trainer::new(micro, &CPU)?.train_batch(&images, &labels, 0.05)?;
+    ensure!(loss.is_finite(), "loss {loss}");
+    Ok(())
+}
+
+/// Asks to stop while the final epoch is being evaluated.
+struct StopDuringLastEvaluation {
+    last_epoch: usize,
+    asked: bool,
+}
+
+impl Observer for StopDuringLastEvaluation {
+    fn on_eval_start(&mut self, epoch: usize) {
+        self.asked |= epoch == self.last_epoch;
+    }
+    fn should_stop(&mut self) -> bool {
+        self.asked
+    }
+}
+
+#[test]
+fn a_stop_in_an_epoch_s_last_step_skips_its_evaluation_and_the_final_epoch_reports_it() -> Result<()> {
+    let data = synthetic_data();
+    let (_dir, run) = fresh_run()?;
+    let mut trainer = Trainer::new(tiny_config(), &CPU)?.with_run_dir(RunDir::create(&run)?)?;
+    let mut recorder = Recorder::stop_after(STEPS_PER_EPOCH);
+    let report = trainer.fit(&data, &mut recorder)?;
+    ensure!(report.interrupted, "not interrupted");
+    ensure!(recorder.epochs.is_empty(), "the evaluation ran after the stop: {:?}", recorder.epochs);
+    let mut resumed = Trainer::resume(&run, &CPU)?;
+    ensure!(resumed.state().batches_done == STEPS_PER_EPOCH, "{:?}", resumed.state().batches_done);
+    let mut last = StopDuringLastEvaluation { last_epoch: 3, asked: false };
+    let report = resumed.fit(&data, &mut last)?;
+    ensure!(report.interrupted, "a stop during the final epoch was not reported (the CLI exits 130 on it)");
+    ensure!(report.last.as_ref().is_some_and(|m| m.epoch == 3), "{report:?}");
+    // The interrupted run, resumed, equals an uninterrupted one.
+    let (full, _full_dir) = uninterrupted(&tiny_config(), &data)?;
+    ensure_identical(full.model(), resumed.model(), "stopped in the last step of epoch 1, resumed")
+}
+
+#[test]
+fn a_stale_temporary_file_is_swept_when_a_run_resumes() -> Result<()> {
+    let (_dir, run) = fresh_run()?;
+    let mut trainer = Trainer::new(tiny_config(), &CPU)?.with_run_dir(RunDir::create(&run)?)?;
+    trainer.fit(&synthetic_data(), &mut Recorder::stop_after(2))?;
+    // What a kill -9 during a checkpoint write leaves: a torn temporary of a process now gone.
+    let torn = run.join(format!(".{}.{}.tmp", files::CHECKPOINT, u32::MAX - 1));
+    std::fs::write(&torn, b"torn half of a checkpoint")?;
+    Trainer::resume(&run, &CPU)?;
+    ensure!(!torn.exists(), "the stale temporary was left");
+    Ok(())
+}
+
+#[test]
+fn best_files_hold_only_what_pytorch_s_strict_loading_accepts() -> Result<()> {
+    // README says best.safetensors loads into the book's `net` with a strict load_state_dict;
+    // checkpoint.safetensors also holds the optimiser's `train.` tensors, so it does not.
+    let (_dir, run) = fresh_run()?;
+    let mut trainer = Trainer::new(tiny_config(), &CPU)?.with_run_dir(RunDir::create(&run)?)?;
+    trainer.fit(&synthetic_data(), &mut Silent)?;
+    let best = candle_core::safetensors::load(run.join(files::BEST), &CPU)?;
+    let names: BTreeSet<String> = trainer.model().named_tensors().into_iter().map(|t| t.name).collect();
+    ensure!(best.keys().cloned().collect::<BTreeSet<_>>() == names, "best.safetensors holds other tensors");
+    let ckpt = candle_core::safetensors::load(run.join(files::CHECKPOINT), &CPU)?;
+    ensure!(ckpt.keys().any(|k| k.starts_with("train.momentum.")), "the checkpoint lacks momentum buffers");
     Ok(())
 }

@@ -13,7 +13,7 @@ pub fn run(a: EvalArgs) -> Result<Outcome> {
         anyhow::bail!("--batch-size must be at least 1");
     }
     let device = device::select(&a.input.device)?;
-    let loaded = weights::load(&a.input.weights, &device, a.input.resize, a.input.normalize)?;
+    let loaded = weights::load(&a.input.weights, &device, a.input.resize, a.input.normalize())?;
     let (test, _) = resnet_data::load_test(a.input.data_dir.as_deref())?;
     let test = match a.limit {
         Some(0) => anyhow::bail!("--limit must be at least 1"),
@@ -37,6 +37,8 @@ pub fn run(a: EvalArgs) -> Result<Outcome> {
             "examples": confusion.total(),
             "resize": loaded.resize,
             "test_acc": confusion.accuracy(),
+            "selected_on": loaded.selected.as_ref().map(|(on, _)| on),
+            "selected_epoch": loaded.selected.as_ref().map(|(_, epoch)| epoch),
             "per_class": CLASS_NAMES.iter().zip(confusion.per_class()).map(|(n, a)| serde_json::json!({"class": n, "acc": a})).collect::<Vec<_>>(),
             "confusion": confusion.counts,
         });
@@ -44,6 +46,13 @@ pub fn run(a: EvalArgs) -> Result<Outcome> {
         return Ok(Outcome::Done);
     }
     println!("test acc {:.4} on {} images at {} px", confusion.accuracy(), confusion.total(), loaded.resize);
+    match &loaded.selected {
+        Some((on, epoch)) if on == "test_acc" => println!(
+            "(epoch {epoch}'s weights, chosen on this test accuracy: an optimistic estimate; train with --val-split for an unbiased one)"
+        ),
+        Some((_, epoch)) => println!("(epoch {epoch}'s weights, chosen on validation accuracy)"),
+        None => {}
+    }
     println!();
     println!("{:<12} {:>8}", "class", "accuracy");
     for (i, acc) in confusion.per_class().iter().enumerate() {

@@ -14,7 +14,7 @@ pub fn run(a: PredictArgs) -> Result<Outcome> {
         bail!("nothing to predict: give PNG files and/or --index N");
     }
     let device = device::select(&a.input.device)?;
-    let loaded = weights::load(&a.input.weights, &device, a.input.resize, a.input.normalize)?;
+    let loaded = weights::load(&a.input.weights, &device, a.input.resize, a.input.normalize())?;
     let side = loaded.resize;
     let mut inputs: Vec<(String, Vec<u8>)> = Vec::new();
     for path in &a.images {
@@ -29,6 +29,9 @@ pub fn run(a: PredictArgs) -> Result<Outcome> {
     if !a.indices.is_empty() {
         let (test, _) = resnet_data::load_test(a.input.data_dir.as_deref())?;
         let test = &test;
+        if test.is_empty() {
+            bail!("--index: the test set holds no images");
+        }
         for &i in &a.indices {
             if i >= test.len() {
                 bail!("--index {i}: the test set has {} images (0..={})", test.len(), test.len() - 1);
