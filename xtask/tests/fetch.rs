@@ -1,9 +1,9 @@
 //! End-to-end tests of `xtask fetch-data`: the built binary against a loopback HTTP server.
 //!
 //! Tests marked "real data" need Debian's `dataset-fashion-mnist` (the checksums are those of
-//! the real files); they say so and pass without checking anything when it is not installed.
+//! the real files). Where it is not installed, the build script compiles them as ignored, so the
+//! runner prints `ignored, <why>`; under `CI=true` they always run and missing data fails them.
 //! The download logic itself is tested on synthetic files in `src/fetch/tests.rs`.
-#![allow(clippy::print_stderr)]
 
 #[path = "support/http_server.rs"]
 mod http_server;
@@ -59,14 +59,16 @@ fn path_str(path: &Path) -> Result<&str, Box<dyn Error>> {
     path.to_str().ok_or_else(|| format!("non-UTF-8 path {}", path.display()).into())
 }
 
-/// Debian's copy of the data, if installed; says so when it is not.
-fn debian_data(test: &str) -> Option<PathBuf> {
+/// Debian's copy of the data; an error naming the package when it is not installed.
+fn debian_data() -> Result<PathBuf, Box<dyn Error>> {
     let dir = PathBuf::from(DEBIAN_DIR);
-    if FILES.iter().all(|f| dir.join(f).is_file()) {
-        Some(dir)
-    } else {
-        eprintln!("skipping {test}: real data not installed in {DEBIAN_DIR} (dataset-fashion-mnist)");
-        None
+    match FILES.iter().find(|f| !dir.join(f).is_file()) {
+        None => Ok(dir),
+        Some(missing) => Err(format!(
+            "{} is missing: this test needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)",
+            dir.join(missing).display()
+        )
+        .into()),
     }
 }
 
@@ -172,10 +174,12 @@ fn from_with_a_bad_file_installs_nothing() -> TestResult {
 
 /// Real data: a corrupt mirror is skipped, a re-gzipped copy installs, a second run is a no-op.
 #[test]
+#[cfg_attr(
+    not(debian_fashion_mnist_installed),
+    ignore = "Debian's Fashion-MNIST not installed: apt-get install dataset-fashion-mnist"
+)]
 fn real_data_downloads_verify_and_a_second_run_fetches_nothing() -> TestResult {
-    let Some(debian) = debian_data("real_data_downloads_verify_and_a_second_run_fetches_nothing") else {
-        return Ok(());
-    };
+    let debian = debian_data()?;
     let files = regzipped(&debian)?;
     let mut routes = Vec::new();
     for (i, (name, body)) in files.iter().enumerate() {
@@ -222,10 +226,12 @@ fn real_data_downloads_verify_and_a_second_run_fetches_nothing() -> TestResult {
 
 /// Real data: with no mirror reachable, Debian's directory is used and the output says so.
 #[test]
+#[cfg_attr(
+    not(debian_fashion_mnist_installed),
+    ignore = "Debian's Fashion-MNIST not installed: apt-get install dataset-fashion-mnist"
+)]
 fn real_data_falls_back_to_debians_directory() -> TestResult {
-    let Some(debian) = debian_data("real_data_falls_back_to_debians_directory") else {
-        return Ok(());
-    };
+    let debian = debian_data()?;
     let dest = tempfile::tempdir()?;
     let out = fetch_data(&[
         "--dir",
@@ -247,10 +253,12 @@ fn real_data_falls_back_to_debians_directory() -> TestResult {
 
 /// Real data: `--from` accepts uncompressed files and installs them gzipped.
 #[test]
+#[cfg_attr(
+    not(debian_fashion_mnist_installed),
+    ignore = "Debian's Fashion-MNIST not installed: apt-get install dataset-fashion-mnist"
+)]
 fn real_data_from_a_raw_copy() -> TestResult {
-    let Some(debian) = debian_data("real_data_from_a_raw_copy") else {
-        return Ok(());
-    };
+    let debian = debian_data()?;
     let (src, dest) = (tempfile::tempdir()?, tempfile::tempdir()?);
     for name in FILES {
         let mut content = Vec::new();
