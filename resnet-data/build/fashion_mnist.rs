@@ -45,9 +45,9 @@ fn emit_data_cfg(cfg: &str, wanted: Wanted) {
     }
     let ci = std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
     let found = dirs.iter().find(|dir| {
-        DATA_FILES.iter().all(|name| {
-            dir.join(format!("{name}.gz")).is_file() || (!gzip_only && dir.join(name).is_file())
-        })
+        DATA_FILES
+            .iter()
+            .all(|name| dir.join(format!("{name}.gz")).is_file() || (!gzip_only && dir.join(name).is_file()))
     });
     if found.is_some() || ci {
         println!("cargo::rustc-cfg={cfg}");

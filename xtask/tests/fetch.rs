@@ -12,7 +12,7 @@ use std::error::Error;
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -272,5 +272,76 @@ fn real_data_from_a_raw_copy() -> TestResult {
     let mut expected: Vec<String> = FILES.iter().map(|f| (*f).to_owned()).collect();
     expected.sort();
     assert_eq!(entries(dest.path())?, expected);
+    Ok(())
+}
+
+/// Real data: `fetch-data` killed (SIGKILL) while a file is half downloaded leaves nothing under
+/// a final name; run again, it removes the partial file, installs all four and verifies them.
+#[test]
+#[cfg_attr(
+    not(debian_fashion_mnist_installed),
+    ignore = "Debian's Fashion-MNIST not installed: apt-get install dataset-fashion-mnist"
+)]
+fn real_data_a_fetch_killed_mid_download_completes_when_run_again() -> TestResult {
+    let debian = debian_data()?;
+    let files = regzipped(&debian)?;
+    let mut routes = Vec::new();
+    for (name, body) in &files {
+        routes.push((format!("/good/{name}"), Reply::Body(Arc::clone(body))));
+        let sent = body.len() / 2;
+        routes.push((format!("/stalls/{name}"), Reply::StallAfter { body: Arc::clone(body), sent }));
+    }
+    let server = TestServer::start(routes)?;
+    let (dest, empty) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let dir = dest.path().join("fashion-mnist");
+    let absent = empty.path().join("absent");
+    let args = |mirror: &str| -> Result<Vec<String>, Box<dyn Error>> {
+        Ok(["--dir", path_str(&dir)?, "--mirror", mirror, "--timeout", "30", "--debian-dir", path_str(&absent)?]
+            .map(String::from)
+            .to_vec())
+    };
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
+    cmd.arg("fetch-data").args(args(&server.url("stalls/"))?).stdout(Stdio::null()).stderr(Stdio::null());
+    for var in ["http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"] {
+        cmd.env_remove(var);
+    }
+    let mut child = cmd.spawn()?;
+    // Kill once half of the first file has reached the disk under its temporary name.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let half = files.iter().map(|(_, body)| body.len() as u64 / 2).min().unwrap_or_default();
+    let partial = loop {
+        let found = match fs::read_dir(&dir) {
+            Ok(entries) => entries.filter_map(Result::ok).find(|e| {
+                e.file_name().to_string_lossy().ends_with(".part") && e.metadata().is_ok_and(|m| m.len() >= half)
+            }),
+            Err(_) => None,
+        };
+        if let Some(entry) = found {
+            break entry.file_name().to_string_lossy().into_owned();
+        }
+        if Instant::now() > deadline || child.try_wait()?.is_some() {
+            child.kill().ok();
+            return Err(format!("no half-written .part file appeared in {}", dir.display()).into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    child.kill()?;
+    child.wait()?;
+    let left = entries(&dir)?;
+    assert!(left.iter().all(|n| n.starts_with('.')), "a final name appeared before verification: {left:?}");
+    assert!(left.contains(&partial), "{left:?}");
+
+    let out = fetch_data(&args(&server.url("good/"))?.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("partial download(s) of an interrupted run"), "{stderr}");
+    assert!(text(&out.stdout).contains("4 files verified"), "{}", text(&out.stdout));
+    let mut expected: Vec<String> = FILES.iter().map(|f| (*f).to_owned()).collect();
+    expected.sort();
+    assert_eq!(entries(&dir)?, expected, "only the four verified files remain");
+    for (name, body) in &files {
+        assert_eq!(&fs::read(dir.join(name))?, body.as_ref(), "{name}");
+    }
     Ok(())
 }
