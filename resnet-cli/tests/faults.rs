@@ -28,7 +28,7 @@ const TEST_LEN: usize = 32;
 const EPOCHS: usize = 4;
 /// Random-instant kill trials.
 const KILL_TRIALS: usize = 20;
-/// Kills timed to land while a temporary file exists (a checkpoint, metrics or plot write).
+/// Kills that must land while a checkpoint is being written (a temporary file exists).
 const WRITE_KILL_TRIALS: usize = 5;
 const CHECKPOINT: &str = "checkpoint.safetensors";
 const BEST: &str = "best.safetensors";
@@ -342,37 +342,41 @@ fn kill_9_during_a_file_write_leaves_nothing_stale_after_resume() -> Result<()> 
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
     write_data(&data)?;
-    let mut caught = 0;
-    for trial in 0..WRITE_KILL_TRIALS {
-        let run = dir.path().join(format!("run-{trial}"));
+    // Kill the moment a checkpoint's temporary file exists (its write and fsync take the longest)
+    // until WRITE_KILL_TRIALS kills have stranded one; attempt a waits for the (a mod EPOCHS)-th
+    // such write, so the kills land in different epochs.
+    let (mut stranded, mut attempts) = (0, 0);
+    while stranded < WRITE_KILL_TRIALS && attempts < 4 * WRITE_KILL_TRIALS {
+        let run = dir.path().join(format!("run-{attempts}"));
         let mut child = spawn_quiet(&train_args(&data, &run))?;
-        // Poll for a temporary file and kill the moment one exists; later trials let earlier
-        // writes pass, so the kills land in different writes.
-        let mut seen = 0;
-        let mut hit = None;
+        let (mut writes, mut present) = (0, false);
         while child.try_wait()?.is_none() {
-            if run.is_dir() {
-                if let Some(tmp) = temporaries(&run)?.into_iter().next() {
-                    seen += 1;
-                    if seen > trial * 4 {
-                        kill_9(&mut child)?;
-                        hit = Some(tmp);
-                        break;
-                    }
+            let tmp =
+                if run.is_dir() { temporaries(&run)?.into_iter().any(|n| n.contains("safetensors")) } else { false };
+            if tmp && !present {
+                writes += 1;
+                if writes > attempts % EPOCHS {
+                    kill_9(&mut child)?;
+                    break;
                 }
             }
-            std::thread::sleep(Duration::from_micros(200));
+            present = tmp;
+            std::thread::sleep(Duration::from_micros(100));
         }
         child.wait()?;
-        let what = format!("write-kill trial {trial} (killed while {hit:?} existed)");
-        if hit.is_some() {
-            caught += 1;
+        attempts += 1;
+        let left = temporaries(&run)?;
+        if left.is_empty() {
+            std::fs::remove_dir_all(&run).ok();
+            continue;
         }
+        stranded += 1;
+        let what = format!("kill -9 leaving {left:?}");
         check_whole(&run, &reference.outcome).with_context(|| what.clone())?;
         resume_and_compare(&data, &run, &reference.outcome, &what)?;
         std::fs::remove_dir_all(&run).ok();
     }
-    ensure!(caught >= 1, "no kill landed during a write in {WRITE_KILL_TRIALS} trials");
+    ensure!(stranded >= 1, "no kill in {attempts} attempts landed while a checkpoint was being written");
     Ok(())
 }
 
@@ -438,7 +442,7 @@ fn a_full_disk_during_any_write_fails_clearly_and_the_run_stays_resumable() -> R
     // which the recorded timings make sizes vary between runs.
     let mut limits: Vec<(u64, String)> = vec![(0, "everything".into())];
     for (name, size) in &reference.sizes {
-        limits.push((size - size.min(size / 50 + 16), name.clone()));
+        limits.push((size.saturating_sub(size / 50 + 16), name.clone()));
     }
     for (i, (limit, file)) in limits.iter().enumerate() {
         let run = dir.path().join(format!("run-{i}"));
