@@ -59,18 +59,27 @@ pub fn draw(curves: &Curves, epochs: usize, png: &Path, svg: &Path) -> Result<()
         p.with_file_name(format!(".{stem}.{}.tmp.{ext}", std::process::id()))
     };
     let (tmp_png, tmp_svg) = (tmp(png, "png"), tmp(svg, "svg"));
-    {
-        let root = BitMapBackend::new(&tmp_png, (700, 450)).into_drawing_area();
-        chart(root, curves, epochs).map_err(|reason| TrainError::Plot { path: png.to_path_buf(), reason })?;
+    let result = (|| {
+        {
+            let root = BitMapBackend::new(&tmp_png, (700, 450)).into_drawing_area();
+            chart(root, curves, epochs).map_err(|reason| TrainError::Plot { path: png.to_path_buf(), reason })?;
+        }
+        {
+            let root = SVGBackend::new(&tmp_svg, (700, 450)).into_drawing_area();
+            chart(root, curves, epochs).map_err(|reason| TrainError::Plot { path: svg.to_path_buf(), reason })?;
+        }
+        for (tmp, dst) in [(&tmp_png, png), (&tmp_svg, svg)] {
+            std::fs::rename(tmp, dst).map_err(|source| TrainError::Io { path: dst.to_path_buf(), source })?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        // A failed plot (a full disk, say) must not leave its half-written temporaries behind.
+        for tmp in [&tmp_png, &tmp_svg] {
+            let _ = std::fs::remove_file(tmp);
+        }
     }
-    {
-        let root = SVGBackend::new(&tmp_svg, (700, 450)).into_drawing_area();
-        chart(root, curves, epochs).map_err(|reason| TrainError::Plot { path: svg.to_path_buf(), reason })?;
-    }
-    for (tmp, dst) in [(&tmp_png, png), (&tmp_svg, svg)] {
-        std::fs::rename(tmp, dst).map_err(|source| TrainError::Io { path: dst.to_path_buf(), source })?;
-    }
-    Ok(())
+    result
 }
 
 fn chart<DB: DrawingBackend>(
@@ -148,6 +157,23 @@ mod tests {
         assert_eq!(&png_bytes[1..4], b"PNG");
         let svg_text = std::fs::read_to_string(&svg)?;
         assert!(svg_text.contains("<svg") && svg_text.contains("test acc"), "legend missing");
+        Ok(())
+    }
+
+    #[test]
+    fn a_failed_plot_leaves_no_temporary_file() -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let curves =
+            Curves::from_history(&[MetricsRecord::Step { epoch: 1.0, train_loss: 1.0, train_acc: 0.5, lr: 0.1 }]);
+        // A folder where the SVG must go: its rename fails after both files were drawn.
+        let (png, svg) = (dir.path().join("c.png"), dir.path().join("c.svg"));
+        std::fs::create_dir(&svg)?;
+        assert!(draw(&curves, 1, &png, &svg).is_err());
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<std::io::Result<_>>()?;
+        names.sort();
+        assert_eq!(names, ["c.png", "c.svg"], "temporaries left behind");
         Ok(())
     }
 }

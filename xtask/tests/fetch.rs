@@ -1,9 +1,9 @@
 //! End-to-end tests of `xtask fetch-data`: the built binary against a loopback HTTP server.
 //!
 //! Tests marked "real data" need Debian's `dataset-fashion-mnist` (the checksums are those of
-//! the real files); they say so and pass without checking anything when it is not installed.
+//! the real files). Where it is not installed, the build script compiles them as ignored, so the
+//! runner prints `ignored, <why>`; under `CI=true` they always run and missing data fails them.
 //! The download logic itself is tested on synthetic files in `src/fetch/tests.rs`.
-#![allow(clippy::print_stderr)]
 
 #[path = "support/http_server.rs"]
 mod http_server;
@@ -12,7 +12,7 @@ use std::error::Error;
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -59,14 +59,16 @@ fn path_str(path: &Path) -> Result<&str, Box<dyn Error>> {
     path.to_str().ok_or_else(|| format!("non-UTF-8 path {}", path.display()).into())
 }
 
-/// Debian's copy of the data, if installed; says so when it is not.
-fn debian_data(test: &str) -> Option<PathBuf> {
+/// Debian's copy of the data; an error naming the package when it is not installed.
+fn debian_data() -> Result<PathBuf, Box<dyn Error>> {
     let dir = PathBuf::from(DEBIAN_DIR);
-    if FILES.iter().all(|f| dir.join(f).is_file()) {
-        Some(dir)
-    } else {
-        eprintln!("skipping {test}: real data not installed in {DEBIAN_DIR} (dataset-fashion-mnist)");
-        None
+    match FILES.iter().find(|f| !dir.join(f).is_file()) {
+        None => Ok(dir),
+        Some(missing) => Err(format!(
+            "{} is missing: this test needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)",
+            dir.join(missing).display()
+        )
+        .into()),
     }
 }
 
@@ -172,10 +174,12 @@ fn from_with_a_bad_file_installs_nothing() -> TestResult {
 
 /// Real data: a corrupt mirror is skipped, a re-gzipped copy installs, a second run is a no-op.
 #[test]
+#[cfg_attr(
+    not(debian_fashion_mnist_installed),
+    ignore = "Debian's Fashion-MNIST not installed: apt-get install dataset-fashion-mnist"
+)]
 fn real_data_downloads_verify_and_a_second_run_fetches_nothing() -> TestResult {
-    let Some(debian) = debian_data("real_data_downloads_verify_and_a_second_run_fetches_nothing") else {
-        return Ok(());
-    };
+    let debian = debian_data()?;
     let files = regzipped(&debian)?;
     let mut routes = Vec::new();
     for (i, (name, body)) in files.iter().enumerate() {
@@ -222,10 +226,12 @@ fn real_data_downloads_verify_and_a_second_run_fetches_nothing() -> TestResult {
 
 /// Real data: with no mirror reachable, Debian's directory is used and the output says so.
 #[test]
+#[cfg_attr(
+    not(debian_fashion_mnist_installed),
+    ignore = "Debian's Fashion-MNIST not installed: apt-get install dataset-fashion-mnist"
+)]
 fn real_data_falls_back_to_debians_directory() -> TestResult {
-    let Some(debian) = debian_data("real_data_falls_back_to_debians_directory") else {
-        return Ok(());
-    };
+    let debian = debian_data()?;
     let dest = tempfile::tempdir()?;
     let out = fetch_data(&[
         "--dir",
@@ -247,10 +253,12 @@ fn real_data_falls_back_to_debians_directory() -> TestResult {
 
 /// Real data: `--from` accepts uncompressed files and installs them gzipped.
 #[test]
+#[cfg_attr(
+    not(debian_fashion_mnist_installed),
+    ignore = "Debian's Fashion-MNIST not installed: apt-get install dataset-fashion-mnist"
+)]
 fn real_data_from_a_raw_copy() -> TestResult {
-    let Some(debian) = debian_data("real_data_from_a_raw_copy") else {
-        return Ok(());
-    };
+    let debian = debian_data()?;
     let (src, dest) = (tempfile::tempdir()?, tempfile::tempdir()?);
     for name in FILES {
         let mut content = Vec::new();
@@ -264,5 +272,76 @@ fn real_data_from_a_raw_copy() -> TestResult {
     let mut expected: Vec<String> = FILES.iter().map(|f| (*f).to_owned()).collect();
     expected.sort();
     assert_eq!(entries(dest.path())?, expected);
+    Ok(())
+}
+
+/// Real data: `fetch-data` killed (SIGKILL) while a file is half downloaded leaves nothing under
+/// a final name; run again, it removes the partial file, installs all four and verifies them.
+#[test]
+#[cfg_attr(
+    not(debian_fashion_mnist_installed),
+    ignore = "Debian's Fashion-MNIST not installed: apt-get install dataset-fashion-mnist"
+)]
+fn real_data_a_fetch_killed_mid_download_completes_when_run_again() -> TestResult {
+    let debian = debian_data()?;
+    let files = regzipped(&debian)?;
+    let mut routes = Vec::new();
+    for (name, body) in &files {
+        routes.push((format!("/good/{name}"), Reply::Body(Arc::clone(body))));
+        let sent = body.len() / 2;
+        routes.push((format!("/stalls/{name}"), Reply::StallAfter { body: Arc::clone(body), sent }));
+    }
+    let server = TestServer::start(routes)?;
+    let (dest, empty) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let dir = dest.path().join("fashion-mnist");
+    let absent = empty.path().join("absent");
+    let args = |mirror: &str| -> Result<Vec<String>, Box<dyn Error>> {
+        Ok(["--dir", path_str(&dir)?, "--mirror", mirror, "--timeout", "30", "--debian-dir", path_str(&absent)?]
+            .map(String::from)
+            .to_vec())
+    };
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
+    cmd.arg("fetch-data").args(args(&server.url("stalls/"))?).stdout(Stdio::null()).stderr(Stdio::null());
+    for var in ["http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"] {
+        cmd.env_remove(var);
+    }
+    let mut child = cmd.spawn()?;
+    // Kill once half of the first file has reached the disk under its temporary name.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let half = files.iter().map(|(_, body)| body.len() as u64 / 2).min().unwrap_or_default();
+    let partial = loop {
+        let found = match fs::read_dir(&dir) {
+            Ok(entries) => entries.filter_map(Result::ok).find(|e| {
+                e.file_name().to_string_lossy().ends_with(".part") && e.metadata().is_ok_and(|m| m.len() >= half)
+            }),
+            Err(_) => None,
+        };
+        if let Some(entry) = found {
+            break entry.file_name().to_string_lossy().into_owned();
+        }
+        if Instant::now() > deadline || child.try_wait()?.is_some() {
+            child.kill().ok();
+            return Err(format!("no half-written .part file appeared in {}", dir.display()).into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    child.kill()?;
+    child.wait()?;
+    let left = entries(&dir)?;
+    assert!(left.iter().all(|n| n.starts_with('.')), "a final name appeared before verification: {left:?}");
+    assert!(left.contains(&partial), "{left:?}");
+
+    let out = fetch_data(&args(&server.url("good/"))?.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("partial download(s) of an interrupted run"), "{stderr}");
+    assert!(text(&out.stdout).contains("4 files verified"), "{}", text(&out.stdout));
+    let mut expected: Vec<String> = FILES.iter().map(|f| (*f).to_owned()).collect();
+    expected.sort();
+    assert_eq!(entries(&dir)?, expected, "only the four verified files remain");
+    for (name, body) in &files {
+        assert_eq!(&fs::read(dir.join(name))?, body.as_ref(), "{name}");
+    }
     Ok(())
 }

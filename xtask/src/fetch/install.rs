@@ -1,8 +1,8 @@
 //! Atomic installation: write to a temporary name in the target directory, verify, then rename.
 //!
 //! Invariant: a file under its final name has passed [`verify_file`]; a temporary file never
-//! outlives the attempt that created it (except when the process is killed, and then it keeps
-//! a hidden `.part` name that nothing reads).
+//! outlives the attempt that created it, except when the process is killed: then it keeps a hidden
+//! `.part` name that nothing reads, and the next run removes it ([`remove_stale_parts`]).
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -90,8 +90,41 @@ impl TempFile {
         fs::rename(&self.path, dest)?;
         // Renamed: there is nothing left for Drop to remove.
         self.path = PathBuf::new();
+        // The rename is durable only once the directory entry is on disk.
+        if let Some(dir) = dest.parent() {
+            File::open(dir)?.sync_all()?;
+        }
         Ok(())
     }
+}
+
+/// Removes the `.part` files of `final_name` in `dir` that a killed run left: those whose
+/// creating process no longer exists. A live process's file is kept, so two runs into one
+/// directory do not break each other. Returns the names removed.
+pub fn remove_stale_parts(dir: &Path, final_name: &str) -> io::Result<Vec<String>> {
+    let prefix = format!(".{final_name}.");
+    let mut removed = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix(&prefix).and_then(|rest| rest.strip_suffix(".part")) else {
+            continue;
+        };
+        let Some(pid) = pid.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !process_exists(pid) {
+            fs::remove_file(dir.join(&name))?;
+            removed.push(name);
+        }
+    }
+    Ok(removed)
+}
+
+/// Whether process `pid` exists. Where that cannot be told (no `/proc`), it is assumed to, so
+/// nothing is removed that might still be written.
+fn process_exists(pid: u32) -> bool {
+    let proc = Path::new("/proc");
+    !proc.join("self").exists() || proc.join(pid.to_string()).exists()
 }
 
 impl Drop for TempFile {
@@ -166,6 +199,24 @@ mod tests {
         let result = install_local(&bad, &spec, dest.path());
         assert!(matches!(result, Err(CommitError::Rejected(VerifyError::Checksum { .. }))));
         assert!(names_in(dest.path())?.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn stale_parts_of_dead_processes_are_removed_and_live_ones_kept() -> Result<(), Box<dyn std::error::Error>> {
+        let dest = tempfile::tempdir()?;
+        let live = TempFile::create(dest.path(), "x.gz")?;
+        // No process has this id (above Linux's pid_max).
+        let dead = ".x.gz.4294967295-0.part";
+        for name in [dead, ".y.gz.4294967295-0.part", ".x.gz.notapid.part", "x.gz"] {
+            fs::write(dest.path().join(name), b"partial")?;
+        }
+        assert_eq!(remove_stale_parts(dest.path(), "x.gz")?, vec![dead.to_string()]);
+        let mut expected = vec![".x.gz.notapid.part", ".y.gz.4294967295-0.part", "x.gz"];
+        let live_name = live.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        expected.push(&live_name);
+        expected.sort();
+        assert_eq!(names_in(dest.path())?, expected);
         Ok(())
     }
 

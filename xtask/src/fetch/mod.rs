@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 use download::{Downloader, HttpOptions, Outcome};
-use install::{install_local, local_candidates, CommitError};
+use install::{install_local, local_candidates, remove_stale_parts, CommitError};
 use manifest::{FileSpec, Manifest, DEBIAN_DATA_DIR, DEBIAN_PACKAGE, FASHION_MNIST_MIRRORS};
 use report::Reporter;
 use verify::{verify_file, Encoding, VerifyError};
@@ -161,6 +161,15 @@ pub fn fetch(manifest: &Manifest, plan: &Plan, reporter: &Reporter) -> anyhow::R
     let mut summary = Summary { present: Vec::new(), installed: Vec::new() };
     let mut missing = Vec::new();
     for spec in &manifest.files {
+        let stale = remove_stale_parts(dir, &spec.name)
+            .with_context(|| format!("cannot remove a partial download of {} in {}", spec.name, dir.display()))?;
+        if !stale.is_empty() {
+            reporter.info(format_args!(
+                "{}: removed {} partial download(s) of an interrupted run",
+                spec.name,
+                stale.len()
+            ));
+        }
         let path = dir.join(&spec.name);
         match verify_file(&path, spec) {
             Ok(_) => {
