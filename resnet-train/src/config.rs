@@ -122,6 +122,11 @@ pub struct TrainConfig {
     /// Let CUDA run f32 matrix products on TF32 tensor cores (about 10 mantissa bits).
     #[serde(default)]
     pub tf32: bool,
+    /// Weights to start from instead of the seeded initialisation: this project's
+    /// `best.safetensors`/`checkpoint.safetensors` or d2l's PyTorch `state_dict` saved with
+    /// safetensors. Every tensor must fit `model`; optimiser state is not taken over.
+    #[serde(default)]
+    pub init_weights: Option<std::path::PathBuf>,
 }
 
 impl TrainConfig {
@@ -146,6 +151,7 @@ impl TrainConfig {
             data_workers: 1,
             precision: Precision::F32,
             tf32: false,
+            init_weights: None,
         }
     }
 

@@ -50,6 +50,7 @@ pub fn tiny_config() -> TrainConfig {
         data_workers: 1,
         precision: resnet_train::Precision::F32,
         tf32: false,
+        init_weights: None,
     }
 }
 

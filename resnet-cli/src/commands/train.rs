@@ -100,6 +100,7 @@ fn overriding_flags(a: &TrainArgs) -> Vec<&'static str> {
         ("--conv-kernel", a.conv_kernel.is_some()),
         ("--precision", a.precision.is_some()),
         ("--tf32", a.tf32),
+        ("--init-weights", a.init_weights.is_some()),
         ("--depth", m.depth.is_some()),
         ("--variant", m.variant.is_some()),
         ("--width", m.width.is_some()),
@@ -194,6 +195,9 @@ fn config(a: &TrainArgs) -> Result<TrainConfig> {
         };
     }
     c.tf32 |= a.tf32;
+    if a.init_weights.is_some() {
+        c.init_weights.clone_from(&a.init_weights);
+    }
     c.validate()?;
     Ok(c)
 }
