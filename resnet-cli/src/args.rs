@@ -21,14 +21,62 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Train a model (d2l's train_ch6 and beyond), writing a run directory.
+    #[command(after_help = TRAIN_EXAMPLES)]
     Train(Box<TrainArgs>),
     /// Test accuracy, per-class accuracy and the confusion matrix of saved weights.
+    #[command(after_help = EVAL_EXAMPLES)]
     Eval(EvalArgs),
-    /// Top classes for PNG images or test-set indices.
+    /// Top classes for image files, folders of images or test-set indices.
+    #[command(after_help = PREDICT_EXAMPLES)]
     Predict(PredictArgs),
     /// The per-stage output shapes and the parameter count, as the d2l chapter prints them.
+    #[command(after_help = SUMMARY_EXAMPLES)]
     Summary(SummaryArgs),
+    /// One self-contained HTML page (and PNG figures) comparing runs: curves, confusion matrix,
+    /// per-class accuracy and the most confident mistakes.
+    #[command(after_help = REPORT_EXAMPLES)]
+    Report(ReportArgs),
+    /// Print a shell completion script.
+    #[command(after_help = COMPLETIONS_EXAMPLES)]
+    Completions(CompletionsArgs),
 }
+
+const TRAIN_EXAMPLES: &str = "\
+Examples:
+  resnet-cli train                                   # the quick recipe: 28 px, 3 epochs, ~0.90 test acc
+  resnet-cli train --preset d2l --out runs/d2l       # d2l's chapter: 96 px, 10 epochs
+  resnet-cli train --epochs 5 --lr 0.1 --out runs/lr0.1
+  resnet-cli train --init-weights runs/d2l/best.safetensors --lr 0.01 --epochs 2
+  resnet-cli train --resume runs/d2l                 # continue after Ctrl-C";
+
+const EVAL_EXAMPLES: &str = "\
+Examples:
+  resnet-cli eval --weights runs/d2l/best.safetensors
+  resnet-cli eval --weights d2l_resnet18.safetensors --json > eval.json";
+
+const PREDICT_EXAMPLES: &str = "\
+Examples:
+  resnet-cli predict --weights runs/d2l/best.safetensors shirt.jpg boot.png
+  resnet-cli predict --weights runs/d2l/best.safetensors --invert photos/   # a folder, recursively
+  resnet-cli predict --weights runs/d2l/best.safetensors --index 0 --index 42 --top 1
+  resnet-cli predict --weights runs/d2l/best.safetensors photos/ --json | jq .class";
+
+const SUMMARY_EXAMPLES: &str = "\
+Examples:
+  resnet-cli summary                       # d2l's table at 96 px
+  resnet-cli summary --resize 224 --depth 34";
+
+const REPORT_EXAMPLES: &str = "\
+Examples:
+  resnet-cli report runs/d2l                          # writes runs/d2l/report/index.html
+  resnet-cli report runs/lr0.05 runs/lr0.1 --out cmp  # two runs' curves overlaid
+  resnet-cli report runs/d2l --weights other.safetensors --data-dir ~/fashion-mnist";
+
+const COMPLETIONS_EXAMPLES: &str = "\
+Examples:
+  resnet-cli completions bash > ~/.local/share/bash-completion/completions/resnet-cli
+  resnet-cli completions zsh > ~/.zfunc/_resnet-cli     # with fpath+=~/.zfunc in ~/.zshrc
+  resnet-cli completions fish > ~/.config/fish/completions/resnet-cli.fish";
 
 /// A training recipe to start from; flags override it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -221,6 +269,8 @@ field_flags! {
         [value_enum] variant: VariantArg => model.block = BlockKind::from;
         /// Channels of the first stage (d2l: 64); later stages double it.
         [value_parser = clap::value_parser!(u16).range(1..=1024)] width: u16 => model.base_width = usize::from;
+        /// Start from these weights instead of a random init: a run's best/checkpoint file or d2l's PyTorch state_dict saved with safetensors (shapes must fit the model).
+        [value_name = "FILE"] init_weights: PathBuf => init_weights = Some;
     }
 }
 
@@ -438,8 +488,9 @@ pub struct EvalArgs {
 pub struct PredictArgs {
     #[command(flatten)]
     pub input: InferenceArgs,
-    /// PNG images (any size; converted to grey and resized as in training).
-    #[arg(value_name = "IMAGE.png")]
+    /// Image files (PNG, JPEG, GIF, BMP, TIFF, WebP; any size; converted to grey as Pillow's
+    /// convert("L") and resized as in training) and folders (searched recursively, sorted).
+    #[arg(value_name = "IMAGE|FOLDER")]
     pub images: Vec<PathBuf>,
     /// Test-set indices to classify (repeatable).
     #[arg(long = "index", value_name = "N")]
@@ -447,9 +498,13 @@ pub struct PredictArgs {
     /// How many classes to show per image.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=10))]
     pub top: u8,
-    /// Invert PNG images (dark object on light background → Fashion-MNIST's light on dark).
+    /// Invert image files (dark object on light background → Fashion-MNIST's light on dark).
     #[arg(long)]
     pub invert: bool,
+    /// Print JSON lines: one object per image, {"path" (or "index" and "true_class"), "class",
+    /// "probabilities": {class: p, ...} for all classes}.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `summary` flags.
@@ -463,4 +518,35 @@ pub struct SummaryArgs {
     pub batch: usize,
     #[command(flatten)]
     pub model: ModelArgs,
+}
+
+/// `report` flags.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Run directories (from `train --out`); their curves are overlaid.
+    #[arg(value_name = "RUN_DIR", required = true)]
+    pub runs: Vec<PathBuf>,
+    /// Where to write index.html and the PNG figures (default: FIRST_RUN_DIR/report).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Weights for the confusion matrix and the mistakes (default: the first run's best.safetensors).
+    #[arg(long, value_name = "FILE")]
+    pub weights: Option<PathBuf>,
+    /// Directory holding the Fashion-MNIST files (default: search RESNET_DATA_DIR, the cache, Debian's package).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// How many of the most confident mistakes to show.
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u16).range(1..=200))]
+    pub mistakes: u16,
+}
+
+/// `completions` flags.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to generate completions for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }

@@ -30,6 +30,8 @@ fn main() -> ExitCode {
         args::Command::Eval(a) => commands::eval::run(a),
         args::Command::Predict(a) => commands::predict::run(a),
         args::Command::Summary(a) => commands::summary::run(a),
+        args::Command::Report(a) => commands::report::run(a),
+        args::Command::Completions(a) => commands::completions::run(a),
     };
     match outcome {
         Ok(commands::Outcome::Done) => ExitCode::SUCCESS,

@@ -1,5 +1,6 @@
 //! The `resnet-cli` binary end to end on tiny synthetic IDX files written to a temporary
-//! directory: `summary`, `train`, `eval`, `predict`, `--resume`, and the bad input a user can
+//! directory: `summary`, `train`, `eval`, `predict`, `--resume`, `--init-weights`, `report`,
+//! `completions` and `--help`, and the bad input a user can
 //! give each of them (which must fail with exit status 1 or 2, a message on stderr naming what
 //! is wrong, no panic, and nothing half-written).
 //!
@@ -486,7 +487,12 @@ fn predict_rejects_bad_requests() -> Result<()> {
     )?;
     let not_png = t.dir.path().join("not.png");
     std::fs::write(&not_png, b"GIF89a definitely not a PNG")?;
-    fails(&["predict", "--weights", &weights, path_str(&not_png)?, "--device", "cpu"], &["not.png", "PNG"])?;
+    fails(&["predict", "--weights", &weights, path_str(&not_png)?, "--device", "cpu"], &["not.png", "cannot decode"])?;
+    let text = t.dir.path().join("notes.jpg");
+    std::fs::write(&text, b"plain text")?;
+    fails(&["predict", "--weights", &weights, path_str(&text)?, "--device", "cpu"], &["notes.jpg", "supported format"])?;
+    let missing = t.dir.path().join("missing-folder");
+    fails(&["predict", "--weights", &weights, path_str(&missing)?, "--device", "cpu"], &["missing-folder", "no such"])?;
     Ok(())
 }
 
@@ -839,6 +845,104 @@ fn predict_index_on_an_empty_test_set_fails_clearly() -> Result<()> {
     fails(
         &["predict", "--weights", &t.file("best.safetensors")?, "--index", "0", "--data-dir", path_str(&empty)?, "--device", "cpu"],
         &["--index", "no images"],
+
+// predict: formats, folders, JSON
+
+/// The committed Pillow fixture images (PNG, JPEG, GIF, BMP, TIFF, WebP).
+fn luma_fixtures() -> Result<Vec<PathBuf>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/luma");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::result::Result<_, _>>()?;
+    files.retain(|p| p.extension().is_some_and(|e| e != "json"));
+    files.sort();
+    ensure!(files.len() >= 15, "fixture images missing in {}", dir.display());
+    Ok(files)
+}
+
+/// The JSON lines predict printed, checked: one object per line with a known class that is
+/// the most probable of all ten, whose probabilities sum to 1.
+fn json_predictions(stdout: &str) -> Result<Vec<serde_json::Value>> {
+    let mut out = Vec::new();
+    for line in stdout.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("not JSON: {line:?}"))?;
+        let probs = v["probabilities"].as_object().with_context(|| format!("no probabilities: {line}"))?;
+        ensure!(probs.len() == CLASS_NAMES.len(), "{} probabilities: {line}", probs.len());
+        let sum: f64 = probs.values().filter_map(serde_json::Value::as_f64).sum();
+        ensure!((sum - 1.0).abs() < 1e-4, "probabilities sum to {sum}: {line}");
+        let class = v["class"].as_str().with_context(|| format!("no class: {line}"))?;
+        let top = probs.iter().filter_map(|(k, p)| p.as_f64().map(|p| (k, p))).max_by(|a, b| a.1.total_cmp(&b.1));
+        ensure!(top.map(|t| t.0.as_str()) == Some(class), "class {class} is not the most probable: {line}");
+        out.push(v);
+    }
+    Ok(out)
+}
+
+#[test]
+fn predict_reads_folders_of_common_formats_and_prints_json_lines() -> Result<()> {
+    let t = Trained::new()?;
+    let (weights, data) = (t.file("best.safetensors")?, t.data()?);
+    // A folder tree: every fixture format in a subfolder, test image 0 as a PNG at the top,
+    // and a file that is not an image (skipped inside folders).
+    let photos = t.dir.path().join("photos");
+    let nested = photos.join("formats");
+    std::fs::create_dir_all(&nested)?;
+    for f in luma_fixtures()? {
+        std::fs::copy(&f, nested.join(f.file_name().context("file name")?))?;
+    }
+    write_png(&photos.join("a_test0.png"), 28, 28, png::ColorType::Grayscale, t.test.image(0))?;
+    std::fs::write(photos.join("README.txt"), b"not an image")?;
+    let photos_s = path_str(&photos)?;
+    let run = ok(&["predict", "--weights", &weights, photos_s, "--index", "0", "--data-dir", data, "--device", "cpu", "--json"])?;
+    let records = json_predictions(&run.stdout)?;
+    let paths: Vec<&str> = records.iter().filter_map(|r| r["path"].as_str()).collect();
+    let mut expected: Vec<String> = vec![path_str(&photos.join("a_test0.png"))?.to_string()];
+    for f in luma_fixtures()? {
+        expected.push(path_str(&nested.join(f.file_name().context("file name")?))?.to_string());
+    }
+    ensure!(paths == expected, "paths not the folder's images in sorted order:\n{paths:#?}\nvs\n{expected:#?}");
+    let test0 = records.last().context("no record for --index 0")?;
+    ensure!(test0["index"] == 0 && test0["true_class"] == CLASS_NAMES[t.test.labels[0] as usize], "{test0}");
+    // The PNG of test image 0 gets exactly test[0]'s probabilities.
+    ensure!(records[0]["probabilities"] == test0["probabilities"], "{} vs {}", records[0], test0);
+    // Text output of one JPEG names it.
+    let jpg = nested.join("rgb.jpg");
+    let text = ok(&["predict", "--weights", &weights, path_str(&jpg)?, "--device", "cpu", "--top", "3"])?;
+    predictions(&text.stdout, path_str(&jpg)?)?;
+    // A broken image inside a folder stops the command, naming it.
+    std::fs::write(nested.join("broken.webp"), b"RIFF\x10\0\0\0WEBPVP8 garbage")?;
+    fails(&["predict", "--weights", &weights, photos_s, "--device", "cpu"], &["broken.webp"])?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// train --init-weights
+
+#[test]
+fn train_starts_from_given_weights_and_refuses_misfits_before_writing() -> Result<()> {
+    let t = Trained::new()?;
+    let best = t.file("best.safetensors")?;
+    let next = t.dir.path().join("next");
+    let mut args = train_args(t.data()?, path_str(&next)?);
+    let e = args.iter().position(|a| *a == "--epochs").context("--epochs")?;
+    args[e + 1] = "1";
+    args.extend(["--init-weights", best.as_str()]);
+    ok(&args)?;
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(next.join("config.json"))?)?;
+    ensure!(cfg["init_weights"] == best.as_str(), "config.json does not record the weights: {cfg}");
+
+    // Width 8 from width-4 weights: refused, naming the tensor, with no run directory.
+    let wide = t.dir.path().join("wide");
+    let mut args = train_args(t.data()?, path_str(&wide)?);
+    let w = args.iter().position(|a| *a == "--width").context("--width")?;
+    args[w + 1] = "8";
+    args.extend(["--init-weights", best.as_str()]);
+    fails(&args, &["best.safetensors", "`net.0.0.weight` has shape [4, 1, 7, 7], the model needs [8, 1, 7, 7]"])?;
+    ensure!(!wide.exists(), "a run directory was created for weights that do not fit");
+    // --resume keeps its own weights.
+    fails(
+        &["train", "--resume", path_str(&t.run)?, "--init-weights", best.as_str(), "--device", "cpu"],
+        &["--init-weights"],
     )?;
     Ok(())
 }
@@ -854,5 +958,180 @@ fn huge_models_are_refused_or_computed_before_allocating() -> Result<()> {
     ensure!(run.stderr.contains("without running the network"), "{}", run.stderr);
     ensure!(shapes(&run.stdout).first().map(String::as_str) == Some("(1, 1024, 128, 128)"), "{}", run.stdout);
     ensure!(run.stdout.contains("Trainable parameters: 2,8"), "{}", run.stdout);
+
+// ---------------------------------------------------------------------------------------------
+// report
+
+/// `src` and `href` attribute values in `html`.
+fn links(html: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for attr in ["src=\"", "href=\"", "src='", "href='", "url("] {
+        for (i, _) in html.match_indices(attr) {
+            let rest = &html[i + attr.len()..];
+            let end = rest.find(['"', '\'', ')']).unwrap_or(rest.len());
+            out.push(rest[..end].to_string());
+        }
+    }
+    out
+}
+
+/// Checks the page: every figure present as an inline PNG, nothing to fetch, one table row per
+/// run; returns the page.
+fn check_report(dir: &Path, runs: &[&Path]) -> Result<String> {
+    let html = std::fs::read_to_string(dir.join("index.html"))?;
+    ensure!(html.starts_with("<!DOCTYPE html>") && html.trim_end().ends_with("</html>"), "not a whole page");
+    for id in ["runs", "curves", "confusion", "per-class", "per-class-table", "mistakes"] {
+        ensure!(html.contains(&format!("id=\"{id}\"")), "no element with id {id}");
+    }
+    for name in ["curves.png", "confusion.png", "per_class.png", "mistakes.png"] {
+        let bytes = std::fs::read(dir.join(name)).with_context(|| format!("{name} missing"))?;
+        ensure!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "{name} is not a PNG");
+    }
+    let links = links(&html);
+    ensure!(links.len() == 4, "expected 4 inline figures, found links {links:?}");
+    for l in &links {
+        ensure!(l.starts_with("data:image/png;base64,iVBORw0KGgo"), "a link that is not an inline PNG: {:.80}", l);
+    }
+    let lower = html.to_lowercase();
+    ensure!(!lower.contains("http://") && !lower.contains("https://"), "the page names a web address");
+    ensure!(!lower.contains("<script") && !lower.contains("<link"), "the page loads scripts or style sheets");
+    let rows = html.split("<table id=\"runs\">").nth(1).and_then(|t| t.split("</table>").next()).unwrap_or("");
+    ensure!(rows.matches("<tr>").count() == runs.len() + 1, "runs table:\n{rows}");
+    for run in runs {
+        ensure!(html.contains(path_str(run)?), "{} not in the page", run.display());
+    }
+    for class in CLASS_NAMES {
+        ensure!(html.contains(&format!("<td>{}</td>", class.replace('&', "&amp;"))), "no per-class row for {class}");
+    }
+    Ok(html)
+}
+
+#[test]
+fn report_of_one_and_of_two_runs_is_a_self_contained_page() -> Result<()> {
+    let t = Trained::new()?;
+    let run = ok(&["report", path_str(&t.run)?, "--data-dir", t.data()?, "--device", "cpu"])?;
+    let default_out = t.run.join("report");
+    ensure!(run.stdout.lines().next() == Some(path_str(&default_out.join("index.html"))?), "{}", run.stdout);
+    let one = check_report(&default_out, &[&t.run])?;
+    ensure!(one.contains(&format!("on {TEST_LEN} test images")), "the page does not say what was evaluated");
+
+    // A second run with another learning rate, stopped early according to its metrics.
+    let other = t.dir.path().join("other");
+    let mut args = train_args(t.data()?, path_str(&other)?);
+    args.extend(["--lr", "0.05"]);
+    ok(&args)?;
+    let metrics = other.join("metrics.jsonl");
+    let mut text = std::fs::read_to_string(&metrics)?;
+    text.push_str("{\"kind\":\"early_stop\",\"epoch\":2,\"best_epoch\":1,\"patience\":1}\n");
+    std::fs::write(&metrics, text)?;
+    let out = t.dir.path().join("cmp");
+    ok(&["report", path_str(&t.run)?, path_str(&other)?, "--out", path_str(&out)?, "--data-dir", t.data()?, "--device", "cpu"])?;
+    let two = check_report(&out, &[&t.run, &other])?;
+    ensure!(two.contains("after epoch 2"), "the early stop is not shown");
+    ensure!(!one.contains("after epoch"), "a run without early stopping shows one");
+    ensure!(
+        std::fs::read(out.join("curves.png"))? != std::fs::read(default_out.join("curves.png"))?,
+        "two runs drew the same curves as one"
+    );
+
+    // Bad input: not a run directory, a run without best weights, missing data.
+    fails(&["report", path_str(&t.dir.path().join("nope"))?, "--data-dir", t.data()?], &["nope", "not a run directory"])?;
+    let empty = t.dir.path().join("empty");
+    std::fs::create_dir(&empty)?;
+    fails(&["report", path_str(&empty)?, "--data-dir", t.data()?], &["metrics.jsonl"])?;
+    Ok(())
+}
+
+/// Renders the report in headless Chromium and checks the screenshot shows the page, not a
+/// blank window. Ignored, with the reason, where chromium is missing, except under `CI=true`
+/// (see `build.rs`), where CI's set-up must have installed it.
+#[test]
+#[cfg_attr(chromium_missing, ignore = "chromium is not installed (apt-get install chromium); CI installs it")]
+fn report_renders_in_headless_chromium() -> Result<()> {
+    let t = Trained::new()?;
+    let out = t.dir.path().join("report");
+    ok(&["report", path_str(&t.run)?, "--out", path_str(&out)?, "--data-dir", t.data()?, "--device", "cpu"])?;
+    let shot = t.dir.path().join("shot.png");
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "chromium".into());
+    let profile = t.dir.path().join("chromium-profile");
+    let mut child = Command::new(&chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            &format!("--user-data-dir={}", path_str(&profile)?),
+            &format!("--screenshot={}", path_str(&shot)?),
+            "--window-size=1100,2400",
+            &format!("file://{}", path_str(&out.join("index.html"))?),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {chromium} (apt-get install chromium)"))?;
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(120) {
+            child.kill()?;
+            anyhow::bail!("chromium did not finish the screenshot within 120 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    ensure!(status.success() && shot.is_file(), "chromium failed ({status}), no screenshot");
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot)?));
+    let mut reader = decoder.read_info()?;
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let frame = reader.next_frame(&mut buf)?;
+    let channels = frame.color_type.samples();
+    ensure!(channels >= 3, "unexpected screenshot colour type {:?}", frame.color_type);
+    let pixels: Vec<&[u8]> = buf[..frame.buffer_size()].chunks_exact(channels).collect();
+    let non_white = pixels.iter().filter(|p| p[..3].iter().any(|&c| c < 240)).count();
+    let colours: std::collections::HashSet<[u8; 3]> = pixels.iter().map(|p| [p[0], p[1], p[2]]).collect();
+    let share = non_white as f64 / pixels.len() as f64;
+    // Text, curves, the heat map and the image grid: several per cent of the window, hundreds of colours.
+    ensure!(share > 0.03 && colours.len() > 200, "blank-looking screenshot: {share:.4} non-white, {} colours", colours.len());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// completions and help
+
+#[test]
+fn completions_parse_and_name_every_subcommand() -> Result<()> {
+    let subcommands = ["train", "eval", "predict", "summary", "report", "completions"];
+    let bash = ok(&["completions", "bash"])?;
+    let dir = tempfile::tempdir()?;
+    let script = dir.path().join("resnet-cli.bash");
+    std::fs::write(&script, &bash.stdout)?;
+    let check = Command::new("bash").arg("-n").arg(&script).output().context("running bash -n")?;
+    ensure!(check.status.success(), "bash -n rejects the script: {}", String::from_utf8_lossy(&check.stderr));
+    // Sourcing defines the completion function and registers it.
+    let source = Command::new("bash")
+        .arg("-c")
+        .arg(format!("source {} && complete -p resnet-cli", path_str(&script)?))
+        .output()?;
+    ensure!(source.status.success(), "sourcing failed: {}", String::from_utf8_lossy(&source.stderr));
+    for (shell, marker) in [("bash", "_resnet-cli()"), ("zsh", "#compdef resnet-cli"), ("fish", "complete -c resnet-cli")] {
+        let run = if shell == "bash" { bash.stdout.clone() } else { ok(&["completions", shell])?.stdout };
+        ensure!(run.contains(marker), "{shell} script lacks {marker:?}");
+        for sub in subcommands {
+            ensure!(run.contains(sub), "{shell} script lacks the subcommand {sub}");
+        }
+        ensure!(run.contains("init-weights") && run.contains("mistakes"), "{shell} script lacks new flags");
+    }
+    fails(&["completions", "tcsh"], &["tcsh"])?;
+    Ok(())
+}
+
+#[test]
+fn every_subcommand_s_help_shows_examples() -> Result<()> {
+    for sub in ["train", "eval", "predict", "summary", "report", "completions"] {
+        let help = ok(&[sub, "--help"])?.stdout;
+        ensure!(help.contains("Examples:") && help.contains(&format!("resnet-cli {sub}")), "{sub} --help:\n{help}");
+    }
+    ensure!(ok(&["predict", "--help"])?.stdout.contains("JSON lines"), "predict --help does not say JSON lines");
     Ok(())
 }

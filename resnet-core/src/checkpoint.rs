@@ -97,19 +97,22 @@ pub fn read_config(path: &Path) -> Result<ResNetConfig> {
 
 /// Loads `path` into `model`, checking the configuration (when the file records one) and every
 /// tensor's name and shape; all misfits are reported together and nothing is changed on error.
+/// The report lists a configuration difference first, then tensors in the model's order (so the
+/// first one named is the first mismatched tensor), then tensors the model does not have.
 pub fn load_into(model: &ResNet, path: &Path) -> Result<()> {
     let bytes = read(path)?;
     let (st, meta) = parse(path, &bytes)?;
     let mismatch = |problem: String| CoreError::CheckpointMismatch { path: path.to_path_buf(), problem };
+    let mut header = None;
     if let Some(json) = meta.get(CONFIG_KEY) {
         let theirs: ResNetConfig =
             serde_json::from_str(json).map_err(|e| mismatch(format!("unreadable `{CONFIG_KEY}` metadata: {e}")))?;
         if theirs != *model.config() {
-            return Err(mismatch(format!(
+            header = Some(format!(
                 "it was saved from {} but the model is {}",
                 describe(&theirs),
                 describe(model.config())
-            )));
+            ));
         }
     }
     let expected = model.named_tensors();
@@ -126,6 +129,10 @@ pub fn load_into(model: &ResNet, path: &Path) -> Result<()> {
                     problems.push(format!("`{}` has shape {found:?}, the model needs {:?}", t.name, t.tensor.dims()));
                     continue;
                 }
+                if header.is_some() || !problems.is_empty() {
+                    // Nothing will be loaded: skip the copy, keep checking names and shapes.
+                    continue;
+                }
                 let loaded = candle_core::safetensors::Load::load(&view, t.tensor.device())?
                     .to_dtype(t.tensor.dtype())?
                     .reshape(t.tensor.shape())?;
@@ -134,19 +141,21 @@ pub fn load_into(model: &ResNet, path: &Path) -> Result<()> {
         }
     }
     let known: BTreeSet<&str> = expected.iter().map(|t| t.name.as_str()).collect();
-    for name in st.names() {
-        if !known.contains(name) && !name.starts_with(TRAIN_STATE_PREFIX) {
-            problems.push(format!("unexpected tensor `{name}`"));
-        }
-    }
-    if !problems.is_empty() {
-        problems.sort();
+    let mut unexpected: Vec<&str> =
+        st.names().into_iter().filter(|n| !known.contains(n) && !n.starts_with(TRAIN_STATE_PREFIX)).collect();
+    unexpected.sort();
+    problems.extend(unexpected.into_iter().map(|name| format!("unexpected tensor `{name}`")));
+    if header.is_some() || !problems.is_empty() {
         let total = problems.len();
         let mut text = problems.into_iter().take(12).collect::<Vec<_>>().join("; ");
         if total > 12 {
             text.push_str(&format!("; and {} more", total - 12));
         }
-        return Err(mismatch(format!("{total} problem(s): {text}")));
+        let tensors = format!("{total} tensor problem(s){}{text}", if total > 0 { ": " } else { "" });
+        return Err(mismatch(match header {
+            Some(h) => format!("{h}; {tensors}"),
+            None => tensors,
+        }));
     }
     for (t, v) in values {
         set(t, v)?;

@@ -133,6 +133,11 @@ pub struct TrainConfig {
     /// Stop when validation accuracy has not improved for this many epochs (needs `val_split`).
     #[serde(default)]
     pub patience: Option<usize>,
+    /// Weights to start from instead of the seeded initialisation: this project's
+    /// `best.safetensors`/`checkpoint.safetensors` or d2l's PyTorch `state_dict` saved with
+    /// safetensors. Every tensor must fit `model`; optimiser state is not taken over.
+    #[serde(default)]
+    pub init_weights: Option<std::path::PathBuf>,
 }
 
 /// The named recipes.
@@ -192,6 +197,7 @@ impl TrainConfig {
             conv_algorithm: ConvAlgorithm::default(),
             val_split: 0,
             patience: None,
+            init_weights: None,
         }
     }
 

@@ -93,6 +93,22 @@ pub enum TrainError {
         /// The first few entries found.
         entries: String,
     },
+    /// The weights named by `init_weights` cannot start this run.
+    #[error("initial weights (init_weights) {}: {reason}", path.display())]
+    InitWeights {
+        /// The weights file.
+        path: PathBuf,
+        /// What is wrong: unreadable, or the first mismatched, missing and unexpected tensors.
+        reason: String,
+    },
+    /// A run directory cannot be read for a report.
+    #[error("{}: {reason}", path.display())]
+    Report {
+        /// The file concerned.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Any other file-system failure.
     #[error("{path}: {source}")]
     Io {

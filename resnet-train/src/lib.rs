@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod optim;
 pub mod plot;
 mod process;
+pub mod report;
 pub mod run_dir;
 pub mod schedule;
 mod threads;
@@ -41,6 +42,8 @@ pub use optim::Sgd;
 pub use process::{tune_process, ProcessTuning};
 pub use run_dir::{write_atomic, RunDir};
 pub use schedule::LrSchedule;
+pub use report::{Prediction, Report, ReportRun};
 pub use trainer::{
-    cross_entropy, evaluate, loader_config, steps_per_epoch, Observer, Silent, StepInfo, TrainReport, Trainer,
+    cross_entropy, evaluate, loader_config, predictions, steps_per_epoch, Observer, Silent, StepInfo, TrainReport,
+    Trainer,
 };

@@ -17,6 +17,7 @@ use crate::error::{Result, TrainError};
 use crate::metrics::{Confusion, EarlyStop, EpochMetrics, MetricsRecord, Running};
 use crate::optim::Sgd;
 use crate::plot::{self, Curves};
+use crate::report::Prediction;
 use crate::run_dir::{files, write_atomic, RunDir};
 use crate::schedule::LrSchedule;
 
@@ -219,9 +220,20 @@ enum Flow {
 }
 
 impl Trainer {
-    /// A fresh model initialised from `cfg.seed` as d2l does, on `device`, computing with
-    /// `cfg.conv_algorithm`.
+    /// A fresh model on `device` computing with `cfg.conv_algorithm`, initialised from
+    /// `cfg.seed` as d2l does, then loaded from `cfg.init_weights` when set (every tensor
+    /// checked against the model before any is used).
     pub fn new(cfg: TrainConfig, device: &Device) -> Result<Self> {
+        let trainer = Self::initialised(cfg, device)?;
+        if let Some(path) = &trainer.state.config.init_weights {
+            load_init_weights(&trainer.model, path)?;
+            tracing::info!(path = %path.display(), "initial weights loaded");
+        }
+        Ok(trainer)
+    }
+
+    /// The seeded initialisation alone (resuming replaces the weights from the checkpoint).
+    fn initialised(cfg: TrainConfig, device: &Device) -> Result<Self> {
         cfg.validate()?;
         check_precision(&cfg, device)?;
         let vars = VarMap::new();
@@ -256,7 +268,7 @@ impl Trainer {
         let run_dir = RunDir::open(dir)?;
         let path = run_dir.checkpoint();
         let (state, momentum) = checkpoint::read(&path, device)?;
-        let mut trainer = Self::new(state.config.clone(), device)?;
+        let mut trainer = Self::initialised(state.config.clone(), device)?;
         core_ckpt::load_into(&trainer.model, &path)?;
         trainer.opt.load_state(momentum)?;
         trainer.state = state;
@@ -639,18 +651,45 @@ impl Trainer {
     }
 }
 
+/// Loads `path` into `model` for `init_weights`, with errors that name the field and the file.
+fn load_init_weights(model: &ResNet, path: &Path) -> Result<()> {
+    let err = |reason: String| TrainError::InitWeights { path: path.to_path_buf(), reason };
+    if !path.is_file() {
+        return Err(err("no such file".into()));
+    }
+    core_ckpt::load_into(model, path).map_err(|e| match e {
+        resnet_core::CoreError::CheckpointMismatch { problem, .. } => err(format!("does not fit the model: {problem}")),
+        resnet_core::CoreError::CheckpointFormat { reason, .. } => {
+            err(format!("not a readable safetensors file: {reason}"))
+        }
+        other => err(other.to_string()),
+    })
+}
+
 /// Evaluation-mode predictions over a whole split (last partial batch included).
 pub fn evaluate(model: &ResNet, split: &Split, loader: &LoaderConfig, device: &Device) -> Result<Confusion> {
     let mut confusion = Confusion::new(model.config().num_classes);
+    let predicted: Vec<u32> = predictions(model, split, loader, device)?.iter().map(|p| p.class).collect();
+    let labels: Vec<u32> = split.labels.iter().map(|&l| l as u32).collect();
+    confusion.add(&labels, &predicted);
+    Ok(confusion)
+}
+
+/// Every example's most probable class and its softmax probability, in split order, evaluation
+/// mode (the loader's shuffling and augmentation are switched off).
+pub fn predictions(model: &ResNet, split: &Split, loader: &LoaderConfig, device: &Device) -> Result<Vec<Prediction>> {
+    let mut out = Vec::with_capacity(split.len());
     let cfg = LoaderConfig { shuffle: false, augment: None, ..loader.clone() };
     for batch in batches(Arc::new(split.clone()), &cfg, 0)? {
         let batch = batch?;
         let logits = model.infer(&batch.images.to_device(device)?)?;
-        let pred: Vec<u32> = logits.argmax(D::Minus1)?.to_device(&Device::Cpu)?.to_vec1()?;
-        let labels: Vec<u32> = batch.labels.to_vec1()?;
-        confusion.add(&labels, &pred);
+        let probs = candle_nn::ops::softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+        let best = probs.max_keepdim(D::Minus1)?.squeeze(D::Minus1)?;
+        let class: Vec<u32> = probs.argmax(D::Minus1)?.to_device(&Device::Cpu)?.to_vec1()?;
+        let confidence: Vec<f32> = best.to_device(&Device::Cpu)?.to_vec1()?;
+        out.extend(class.into_iter().zip(confidence).map(|(class, confidence)| Prediction { class, confidence }));
     }
-    Ok(confusion)
+    Ok(out)
 }
 
 /// Mean cross-entropy with label smoothing ε: `(1-ε)·nll + ε·mean_k(-log p_k)`.

@@ -53,6 +53,7 @@ pub fn tiny_config() -> TrainConfig {
         conv_algorithm: resnet_core::ConvAlgorithm::default(),
         val_split: 0,
         patience: None,
+        init_weights: None,
     }
 }
 

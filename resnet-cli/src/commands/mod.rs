@@ -1,7 +1,9 @@
 //! One module per subcommand.
 
+pub mod completions;
 pub mod eval;
 pub mod predict;
+pub mod report;
 pub mod summary;
 pub mod train;
 
