@@ -845,7 +845,26 @@ fn predict_index_on_an_empty_test_set_fails_clearly() -> Result<()> {
     fails(
         &["predict", "--weights", &t.file("best.safetensors")?, "--index", "0", "--data-dir", path_str(&empty)?, "--device", "cpu"],
         &["--index", "no images"],
+    )?;
+    Ok(())
+}
 
+#[test]
+fn huge_models_are_refused_or_computed_before_allocating() -> Result<()> {
+    let t = Trained::new()?;
+    // A small file whose metadata claims width 1024: 2.9 billion parameters.
+    let claim = t.dir.path().join("claim.safetensors");
+    with_recorded_width(&t.run.join("best.safetensors"), &claim, 1024)?;
+    fails(&["eval", "--weights", path_str(&claim)?, "--data-dir", t.data()?, "--device", "cpu"], &["claim.safetensors", "parameters"])?;
+    let run = ok(&["summary", "--width", "1024", "--resize", "512"])?;
+    ensure!(run.stderr.contains("without running the network"), "{}", run.stderr);
+    ensure!(shapes(&run.stdout).first().map(String::as_str) == Some("(1, 1024, 128, 128)"), "{}", run.stdout);
+    ensure!(run.stdout.contains("Trainable parameters: 2,8"), "{}", run.stdout);
+    Ok(())
+}
+
+
+// ---------------------------------------------------------------------------------------------
 // predict: formats, folders, JSON
 
 /// The committed Pillow fixture images (PNG, JPEG, GIF, BMP, TIFF, WebP).
@@ -946,18 +965,6 @@ fn train_starts_from_given_weights_and_refuses_misfits_before_writing() -> Resul
     )?;
     Ok(())
 }
-
-#[test]
-fn huge_models_are_refused_or_computed_before_allocating() -> Result<()> {
-    let t = Trained::new()?;
-    // A small file whose metadata claims width 1024: 2.9 billion parameters.
-    let claim = t.dir.path().join("claim.safetensors");
-    with_recorded_width(&t.run.join("best.safetensors"), &claim, 1024)?;
-    fails(&["eval", "--weights", path_str(&claim)?, "--data-dir", t.data()?, "--device", "cpu"], &["claim.safetensors", "parameters"])?;
-    let run = ok(&["summary", "--width", "1024", "--resize", "512"])?;
-    ensure!(run.stderr.contains("without running the network"), "{}", run.stderr);
-    ensure!(shapes(&run.stdout).first().map(String::as_str) == Some("(1, 1024, 128, 128)"), "{}", run.stdout);
-    ensure!(run.stdout.contains("Trainable parameters: 2,8"), "{}", run.stdout);
 
 // ---------------------------------------------------------------------------------------------
 // report

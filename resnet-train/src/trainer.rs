@@ -8,7 +8,7 @@ use std::time::Instant;
 use candle_core::{backprop::GradStore, DType, Device, Tensor, D};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
 
-use resnet_core::{checkpoint as core_ckpt, d2l_init, profile, ResNet, ResNetConfig};
+use resnet_core::{checkpoint as core_ckpt, d2l_init, profile, ResNet};
 use resnet_data::{batches, Augment, FashionMnist, LoaderConfig, Normalize, Split};
 
 use crate::checkpoint::{self, DataFingerprint, RngState, TrainState};

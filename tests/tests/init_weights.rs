@@ -67,7 +67,7 @@ fn a_run_starts_from_d2l_s_pytorch_state_dict() -> Result<()> {
     ensure_identical(trainer.model(), &reference, "initialised from the PyTorch state_dict")?;
     // And it trains from there.
     let report = trainer.fit(&synthetic_data(), &mut Silent)?;
-    ensure!(report.last.is_some_and(|m| m.train_loss.is_finite()), "{report:?}");
+    ensure!(report.last.as_ref().is_some_and(|m| m.train_loss.is_finite()), "{report:?}");
     Ok(())
 }
 
