@@ -31,7 +31,7 @@ pub fn run(a: TrainArgs) -> Result<Outcome> {
         }
         None => {
             let preset = Preset::from(a.preset);
-            let mut cfg = a.config.apply(preset);
+            let mut cfg = a.config.apply(&a.fields, preset);
             if let Some(epochs) = a.epochs {
                 cfg.epochs = epochs;
             }
