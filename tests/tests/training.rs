@@ -380,7 +380,8 @@ fn non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint() -> Result
     ensure!(what.contains("loss") && what.contains("NaN"), "reported {what}");
     ensure!(checkpoint.as_deref() == Some(ckpt.as_path()), "reported checkpoint {checkpoint:?}");
     // The advice must be one a user can follow: resume cannot change the learning rate.
-    for needle in ["epoch 1, batch 6", "lower learning rate", "`optimizer.lr`", "start a new run", &ckpt.display().to_string()]
+    for needle in
+        ["epoch 1, batch 6", "lower learning rate", "`optimizer.lr`", "start a new run", &ckpt.display().to_string()]
     {
         ensure!(message.contains(needle), "the message lacks {needle:?}: {message}");
     }
@@ -547,7 +548,9 @@ fn resume_refuses_other_or_smaller_data() -> Result<()> {
     let other = FashionMnist { train: Split::synthetic(256, 28, 28, 99), test: data.test.clone() };
     let smaller = FashionMnist { train: data.train.clone().limit(64), test: data.test.clone() };
     let other_test = FashionMnist { train: data.train.clone(), test: Split::synthetic(64, 28, 28, 98) };
-    for (what, split, changed) in [("training", "training", &other), ("smaller", "training", &smaller), ("test", "test", &other_test)] {
+    for (what, split, changed) in
+        [("training", "training", &other), ("smaller", "training", &smaller), ("test", "test", &other_test)]
+    {
         let mut resumed = Trainer::resume(&run, &CPU)?;
         ensure!(
             matches!(resumed.check(changed), Err(TrainError::DataMismatch { split: s, .. }) if s == split),

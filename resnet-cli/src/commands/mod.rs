@@ -12,4 +12,3 @@ pub enum Outcome {
     /// Stopped by Ctrl-C after writing a checkpoint.
     Interrupted,
 }
-
