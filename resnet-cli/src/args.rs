@@ -276,10 +276,7 @@ field_flags! {
 
 /// Training flags beyond one field each: schedules, augmentation and on/off pairs.
 #[derive(Debug, Clone, Default, Args)]
-#[group(id = "config", multiple = true)]
 pub struct ConfigFlags {
-    #[command(flatten)]
-    pub fields: FieldFlags,
     /// Learning-rate schedule.
     #[arg(long, value_enum)]
     pub schedule: Option<ScheduleArg>,
@@ -315,8 +312,10 @@ pub struct ConfigFlags {
     pub tf32: bool,
 }
 
-/// The group ids of every flag that changes a run's configuration (all refused with --resume).
-pub const CONFIG_GROUPS: [&str; 2] = ["config", "FieldFlags"];
+/// The group ids (clap names them after the structs; a struct that flattens another gets none,
+/// so both are flattened side by side) of every flag that changes a run's configuration: all are
+/// refused with --resume.
+pub const CONFIG_GROUPS: [&str; 2] = ["ConfigFlags", "FieldFlags"];
 
 impl ConfigFlags {
     /// The flags this struct handles itself, with the configuration field each sets.
@@ -329,10 +328,10 @@ impl ConfigFlags {
         ("tf32", "tf32"),
     ];
 
-    /// `preset` with every flag given applied on top.
-    pub fn apply(&self, preset: Preset) -> TrainConfig {
+    /// `preset` with every flag given, these and `fields`, applied on top.
+    pub fn apply(&self, fields: &FieldFlags, preset: Preset) -> TrainConfig {
         let mut c = TrainConfig::preset(preset);
-        self.fields.apply(&mut c);
+        fields.apply(&mut c);
         if c.optimizer.momentum == 0.0 {
             c.optimizer.nesterov = false;
         }
@@ -432,6 +431,8 @@ pub struct TrainArgs {
     /// Passes over the training set; with --resume, a larger number extends a run on a constant or step schedule.
     #[arg(long)]
     pub epochs: Option<usize>,
+    #[command(flatten)]
+    pub fields: FieldFlags,
     #[command(flatten)]
     pub config: ConfigFlags,
 }

@@ -11,7 +11,9 @@ pub fn parameter_count(cfg: &ResNetConfig) -> u128 {
     let bn = |c: u128| 2 * c;
     let [c1, c2, c3, c4] = cfg.stage_channels().map(|c| c as u128);
     let mut total = conv(cfg.in_channels as u128, c1, 7) + bn(c1);
-    for (stage, ((cin, cout), n)) in [(c1, c1), (c1, c2), (c2, c3), (c3, c4)].into_iter().zip(cfg.depth.blocks_per_stage()).enumerate() {
+    for (stage, ((cin, cout), n)) in
+        [(c1, c1), (c1, c2), (c2, c3), (c3, c4)].into_iter().zip(cfg.depth.blocks_per_stage()).enumerate()
+    {
         for i in 0..n {
             let block_in = if i == 0 { cin } else { cout };
             let shortcut = (i == 0 && stage > 0) || block_in != cout;

@@ -547,7 +547,9 @@ fn resume_needs_a_run_directory_of_its_own() -> Result<()> {
         &["--resume", "--out"],
     )?;
     // Flags that would change the configuration are refused, naming them, rather than ignored.
-    for flag in [&["--lr", "0.5"][..], &["--width", "8"], &["--no-hflip"], &["--conv-kernel", "im2col"], &["--preset", "d2l"]] {
+    for flag in
+        [&["--lr", "0.5"][..], &["--width", "8"], &["--no-hflip"], &["--conv-kernel", "im2col"], &["--preset", "d2l"]]
+    {
         let mut args = vec!["train", "--resume", path_str(&t.run)?, "--data-dir", data, "--device", "cpu"];
         args.extend_from_slice(flag);
         fails(&args, &["--resume", flag[0]])?;
@@ -832,7 +834,15 @@ fn eval_of_a_d2l_style_best_file_says_it_was_chosen_on_test_accuracy() -> Result
     args.extend_from_slice(&["--val-split", "64", "--patience", "5"]);
     let train = ok(&args)?;
     ensure!(train.stdout.contains("val acc") && train.stderr.contains("val acc"), "{train:?}");
-    let run = ok(&["eval", "--weights", path_str(&dir.join("best.safetensors"))?, "--data-dir", t.data()?, "--device", "cpu"])?;
+    let run = ok(&[
+        "eval",
+        "--weights",
+        path_str(&dir.join("best.safetensors"))?,
+        "--data-dir",
+        t.data()?,
+        "--device",
+        "cpu",
+    ])?;
     ensure!(run.stdout.contains("chosen on validation accuracy"), "{}", run.stdout);
     Ok(())
 }
@@ -843,7 +853,17 @@ fn predict_index_on_an_empty_test_set_fails_clearly() -> Result<()> {
     let empty = t.dir.path().join("empty-test");
     FashionMnist { train: Split::synthetic(4, 28, 28, 1), test: Split::synthetic(0, 28, 28, 2) }.save(&empty, false)?;
     fails(
-        &["predict", "--weights", &t.file("best.safetensors")?, "--index", "0", "--data-dir", path_str(&empty)?, "--device", "cpu"],
+        &[
+            "predict",
+            "--weights",
+            &t.file("best.safetensors")?,
+            "--index",
+            "0",
+            "--data-dir",
+            path_str(&empty)?,
+            "--device",
+            "cpu",
+        ],
         &["--index", "no images"],
     )?;
     Ok(())
@@ -855,7 +875,10 @@ fn huge_models_are_refused_or_computed_before_allocating() -> Result<()> {
     // A small file whose metadata claims width 1024: 2.9 billion parameters.
     let claim = t.dir.path().join("claim.safetensors");
     with_recorded_width(&t.run.join("best.safetensors"), &claim, 1024)?;
-    fails(&["eval", "--weights", path_str(&claim)?, "--data-dir", t.data()?, "--device", "cpu"], &["claim.safetensors", "parameters"])?;
+    fails(
+        &["eval", "--weights", path_str(&claim)?, "--data-dir", t.data()?, "--device", "cpu"],
+        &["claim.safetensors", "parameters"],
+    )?;
     let run = ok(&["summary", "--width", "1024", "--resize", "512"])?;
     ensure!(run.stderr.contains("without running the network"), "{}", run.stderr);
     ensure!(shapes(&run.stdout).first().map(String::as_str) == Some("(1, 1024, 128, 128)"), "{}", run.stdout);

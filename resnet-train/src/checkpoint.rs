@@ -187,10 +187,7 @@ mod tests {
             fp.check(&DataFingerprint::of(&b, &b)),
             Err(TrainError::DataMismatch { split: "training", .. })
         ));
-        assert!(matches!(
-            fp.check(&DataFingerprint::of(&a, &a)),
-            Err(TrainError::DataMismatch { split: "test", .. })
-        ));
+        assert!(matches!(fp.check(&DataFingerprint::of(&a, &a)), Err(TrainError::DataMismatch { split: "test", .. })));
         let fewer = a.clone().limit(19);
         assert!(fp.check(&DataFingerprint::of(&fewer, &b)).is_err());
     }

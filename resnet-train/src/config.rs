@@ -268,7 +268,11 @@ impl TrainConfig {
             return bad("epochs", "epochs", format!("must be in 1..={MAX_EPOCHS}, got {}", self.epochs));
         }
         if self.batch_size < 2 {
-            return bad("batch_size", "batch size", format!("must be at least 2 (BatchNorm needs it), got {}", self.batch_size));
+            return bad(
+                "batch_size",
+                "batch size",
+                format!("must be at least 2 (BatchNorm needs it), got {}", self.batch_size),
+            );
         }
         if let Some(m) = self.micro_batch {
             if m < 2 || m > self.batch_size || self.batch_size % m != 0 {
@@ -293,7 +297,11 @@ impl TrainConfig {
             return bad("optimizer.nesterov", "Nesterov momentum", "needs `optimizer.momentum` > 0".into());
         }
         if !(0.0..=0.1).contains(&o.weight_decay) {
-            return bad("optimizer.weight_decay", "weight decay", format!("must be in [0, 0.1], got {}", o.weight_decay));
+            return bad(
+                "optimizer.weight_decay",
+                "weight decay",
+                format!("must be in [0, 0.1], got {}", o.weight_decay),
+            );
         }
         if let Schedule::Step { every_epochs, gamma } = self.schedule {
             if every_epochs == 0 || !(gamma > 0.0 && gamma <= 1.0) {
@@ -312,7 +320,11 @@ impl TrainConfig {
             );
         }
         if !(0.0..0.5).contains(&self.label_smoothing) {
-            return bad("label_smoothing", "label smoothing", format!("must be in [0, 0.5), got {}", self.label_smoothing));
+            return bad(
+                "label_smoothing",
+                "label smoothing",
+                format!("must be in [0, 0.5), got {}", self.label_smoothing),
+            );
         }
         if let Some(a) = self.augment {
             if a.crop_padding > self.resize / 2 {

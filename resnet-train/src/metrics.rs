@@ -57,7 +57,7 @@ pub enum MetricsRecord {
     EarlyStop(EarlyStop),
 }
 
-/// Why and where training stopped early (`--patience`): in `metrics.jsonl` as
+/// Why and where training stopped early (`patience`): in `metrics.jsonl` as
 /// `{"kind":"early_stop","epoch":7,"best_epoch":4,"best_val_acc":0.91,"patience":3}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EarlyStop {

@@ -197,7 +197,10 @@ impl Plan {
             return Err(TrainError::InvalidField {
                 field: "epochs",
                 what: "epochs",
-                reason: format!("{} × {steps_per_epoch} steps per epoch is more steps than a run can count", cfg.epochs),
+                reason: format!(
+                    "{} × {steps_per_epoch} steps per epoch is more steps than a run can count",
+                    cfg.epochs
+                ),
             });
         }
         Ok(Self {
@@ -287,7 +290,10 @@ impl Trainer {
         }
         let refuse = |reason: String| Err(TrainError::InvalidField { field: "epochs", what: "epochs", reason });
         if epochs < cfg.epochs {
-            return refuse(format!("can only grow on resume: the run is planned for {} epochs, got {epochs}", cfg.epochs));
+            return refuse(format!(
+                "can only grow on resume: the run is planned for {} epochs, got {epochs}",
+                cfg.epochs
+            ));
         }
         if cfg.schedule == Schedule::Cosine {
             return refuse(format!(

@@ -14,4 +14,3 @@ pub enum Outcome {
     /// Stopped by Ctrl-C after writing a checkpoint.
     Interrupted,
 }
-

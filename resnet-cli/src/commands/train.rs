@@ -31,7 +31,7 @@ pub fn run(a: TrainArgs) -> Result<Outcome> {
         }
         None => {
             let preset = Preset::from(a.preset);
-            let mut cfg = a.config.apply(preset);
+            let mut cfg = a.config.apply(&a.fields, preset);
             if let Some(epochs) = a.epochs {
                 cfg.epochs = epochs;
             }
@@ -73,7 +73,10 @@ pub fn run(a: TrainArgs) -> Result<Outcome> {
     if let Some(m) = &report.last {
         match m.val_acc {
             Some(v) => {
-                println!("loss {:.3}, train acc {:.3}, val acc {v:.3}, test acc {:.3}", m.train_loss, m.train_acc, m.test_acc)
+                println!(
+                    "loss {:.3}, train acc {:.3}, val acc {v:.3}, test acc {:.3}",
+                    m.train_loss, m.train_acc, m.test_acc
+                )
             }
             None => println!("loss {:.3}, train acc {:.3}, test acc {:.3}", m.train_loss, m.train_acc, m.test_acc),
         }
