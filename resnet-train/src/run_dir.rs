@@ -173,9 +173,11 @@ fn sync_parent(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The PID in a temporary name written by [`write_atomic`] (`.<name>.<pid>.tmp`).
+/// The PID in a temporary name written by [`write_atomic`] (`.<name>.<pid>.tmp`) or by the
+/// plots, whose temporaries keep their extension (`.<stem>.<pid>.tmp.<ext>`).
 fn temporary_owner(name: &str) -> Option<u32> {
-    let stem = name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let inner = name.strip_prefix('.')?;
+    let stem = inner.strip_suffix(".tmp").or_else(|| inner.rsplit_once(".tmp.").map(|(stem, _)| stem))?;
     stem.rsplit_once('.')?.1.parse().ok()
 }
 
@@ -270,6 +272,8 @@ mod tests {
         RunDir::open(tmp.path())?;
         assert!(!stale.exists() && mine.exists());
         assert_eq!(temporary_owner(".best.safetensors.42.tmp"), Some(42));
+        assert_eq!(temporary_owner(".curves.17254.tmp.svg"), Some(17254));
+        assert_eq!(temporary_owner("curves.svg"), None);
         assert_eq!(temporary_owner("best.safetensors"), None);
         Ok(())
     }
