@@ -24,10 +24,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // statistics are buffers, updated by the training-mode forward itself.
     let params = model.parameters().iter().map(|p| Var::from_tensor(&p.tensor)).collect::<Result<Vec<_>, _>>()?;
     let mut sgd = SGD::new(params, 0.05)?;
-    let loss_before = loss::cross_entropy(&model.forward_t(&xs, true)?, &labels)?;
-    sgd.backward_step(&loss_before)?;
-    let loss_after = loss::cross_entropy(&model.forward_t(&xs, true)?, &labels)?;
-    println!("loss {:.4} -> {:.4} after one step", loss_before.to_scalar::<f32>()?, loss_after.to_scalar::<f32>()?);
+    let loss = loss::cross_entropy(&model.forward_t(&xs, true)?, &labels)?;
+    sgd.backward_step(&loss)?;
+    println!("one SGD step at loss {:.4}", loss.to_scalar::<f32>()?);
 
     // Evaluation mode without a backward graph (PyTorch: `net.eval()` under `torch.no_grad()`).
     let logits = model.infer(&xs)?;

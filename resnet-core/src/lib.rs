@@ -64,6 +64,8 @@
 //! # }
 //! ```
 
+#![deny(missing_docs)]
+
 mod block;
 pub mod checkpoint;
 mod config;

@@ -436,4 +436,17 @@ mod tests {
         let c = TrainConfig { patience: Some(3), val_split: 100, ..TrainConfig::quick() };
         assert!(c.validate().is_ok());
     }
+
+    /// A config saved before the convolution algorithm was a training setting (a run directory's
+    /// `config.json`, a checkpoint's state) still loads, with the default algorithm.
+    #[test]
+    fn configs_without_a_conv_algorithm_load_with_the_default() -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let cfg = TrainConfig { conv_algorithm: ConvAlgorithm::Im2col, ..TrainConfig::quick() };
+        let mut json = serde_json::to_value(&cfg)?;
+        let removed = json.as_object_mut().ok_or("a JSON object")?.remove("conv_algorithm");
+        assert_eq!(removed, Some(serde_json::json!("im2col")));
+        let back: TrainConfig = serde_json::from_value(json)?;
+        assert_eq!(back, TrainConfig { conv_algorithm: ConvAlgorithm::Winograd, ..cfg });
+        Ok(())
+    }
 }
