@@ -482,9 +482,9 @@ fn predict_rejects_bad_requests() -> Result<()> {
     let not_png = t.dir.path().join("not.png");
     std::fs::write(&not_png, b"GIF89a definitely not a PNG")?;
     fails(&["predict", "--weights", &weights, path_str(&not_png)?, "--device", "cpu"], &["not.png", "cannot decode"])?;
-    let text = t.dir.path().join("notes.jpg");
+    let text = t.dir.path().join("notes.txt");
     std::fs::write(&text, b"plain text")?;
-    fails(&["predict", "--weights", &weights, path_str(&text)?, "--device", "cpu"], &["notes.jpg", "supported format"])?;
+    fails(&["predict", "--weights", &weights, path_str(&text)?, "--device", "cpu"], &["notes.txt", "supported format"])?;
     let missing = t.dir.path().join("missing-folder");
     fails(&["predict", "--weights", &weights, path_str(&missing)?, "--device", "cpu"], &["missing-folder", "no such"])?;
     Ok(())
@@ -831,7 +831,7 @@ fn train_starts_from_given_weights_and_refuses_misfits_before_writing() -> Resul
     let w = args.iter().position(|a| *a == "--width").context("--width")?;
     args[w + 1] = "8";
     args.extend(["--init-weights", best.as_str()]);
-    fails(&args, &["best.safetensors", "`net.0.0.weight` has shape [4, 1, 7, 7], the model needs [8, 1, 7, 7]"])?;
+    fails(&args, &["best.safetensors", "`0.0.weight` has shape [4, 1, 7, 7], the model needs [8, 1, 7, 7]"])?;
     ensure!(!wide.exists(), "a run directory was created for weights that do not fit");
     // --resume keeps its own weights.
     fails(
