@@ -996,7 +996,7 @@ fn completions_parse_and_name_every_subcommand() -> Result<()> {
         .arg(format!("source {} && complete -p resnet-cli", path_str(&script)?))
         .output()?;
     ensure!(source.status.success(), "sourcing failed: {}", String::from_utf8_lossy(&source.stderr));
-    for (shell, marker) in [("bash", "_resnet-cli()"), ("zsh", "#compdef resnet-cli"), ("fish", "complete -c resnet-cli")] {
+    for (shell, marker) in [("bash", "complete -F _resnet__cli"), ("zsh", "#compdef resnet-cli"), ("fish", "complete -c resnet-cli")] {
         let run = if shell == "bash" { bash.stdout.clone() } else { ok(&["completions", shell])?.stdout };
         ensure!(run.contains(marker), "{shell} script lacks {marker:?}");
         for sub in subcommands {
