@@ -33,10 +33,7 @@ pub fn read(path: &Path) -> Result<Grey> {
         .with_guessed_format()
         .with_context(|| format!("reading {}", path.display()))?;
     if reader.format().is_none() {
-        bail!(
-            "{}: not an image in a supported format (PNG, JPEG, GIF, BMP, TIFF or WebP)",
-            path.display()
-        );
+        bail!("{}: not an image in a supported format (PNG, JPEG, GIF, BMP, TIFF or WebP)", path.display());
     }
     let mut reader = reader;
     let mut limits = image::io::Limits::default();

@@ -37,7 +37,9 @@ pub use config::{AugmentConfig, Precision, Schedule, SgdConfig, TrainConfig};
 pub use error::{Result, TrainError};
 pub use metrics::{Confusion, EpochMetrics, MetricsRecord, Running};
 pub use optim::Sgd;
+pub use report::{Prediction, Report, ReportRun};
 pub use run_dir::RunDir;
 pub use schedule::LrSchedule;
-pub use report::{Prediction, Report, ReportRun};
-pub use trainer::{cross_entropy, evaluate, loader_config, predictions, Observer, Silent, StepInfo, TrainReport, Trainer};
+pub use trainer::{
+    cross_entropy, evaluate, loader_config, predictions, Observer, Silent, StepInfo, TrainReport, Trainer,
+};
