@@ -33,10 +33,7 @@ pub fn read(path: &Path) -> Result<Grey> {
         .with_guessed_format()
         .with_context(|| format!("reading {}", path.display()))?;
     if reader.format().is_none() {
-        bail!(
-            "{}: not an image in a supported format (PNG, JPEG, GIF, BMP, TIFF or WebP)",
-            path.display()
-        );
+        bail!("{}: not an image in a supported format (PNG, JPEG, GIF, BMP, TIFF or WebP)", path.display());
     }
     let mut reader = reader;
     let mut limits = image::io::Limits::default();
@@ -191,10 +188,15 @@ mod tests {
     #[test]
     fn unreadable_files_are_named() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let text = dir.path().join("notes.png");
+        // Content that no decoder recognises: the extension decides, if it names a format.
+        let text = dir.path().join("notes.txt");
         std::fs::write(&text, b"just some text, not an image")?;
         let err = format!("{:#}", read(&text).err().context("text decoded")?);
-        assert!(err.contains("notes.png") && err.contains("supported format"), "{err}");
+        assert!(err.contains("notes.txt") && err.contains("supported format"), "{err}");
+        let named_png = dir.path().join("notes.png");
+        std::fs::write(&named_png, b"just some text, not an image")?;
+        let err = format!("{:#}", read(&named_png).err().context("text decoded")?);
+        assert!(err.contains("notes.png") && err.contains("cannot decode"), "{err}");
         let truncated = dir.path().join("cut.png");
         let full = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/luma/rgb.png"))?;
         std::fs::write(&truncated, &full[..full.len() / 2])?;

@@ -488,9 +488,12 @@ fn predict_rejects_bad_requests() -> Result<()> {
     let not_png = t.dir.path().join("not.png");
     std::fs::write(&not_png, b"GIF89a definitely not a PNG")?;
     fails(&["predict", "--weights", &weights, path_str(&not_png)?, "--device", "cpu"], &["not.png", "cannot decode"])?;
-    let text = t.dir.path().join("notes.jpg");
+    let text = t.dir.path().join("notes.txt");
     std::fs::write(&text, b"plain text")?;
-    fails(&["predict", "--weights", &weights, path_str(&text)?, "--device", "cpu"], &["notes.jpg", "supported format"])?;
+    fails(
+        &["predict", "--weights", &weights, path_str(&text)?, "--device", "cpu"],
+        &["notes.txt", "supported format"],
+    )?;
     let missing = t.dir.path().join("missing-folder");
     fails(&["predict", "--weights", &weights, path_str(&missing)?, "--device", "cpu"], &["missing-folder", "no such"])?;
     Ok(())
@@ -893,9 +896,8 @@ fn huge_models_are_refused_or_computed_before_allocating() -> Result<()> {
 /// The committed Pillow fixture images (PNG, JPEG, GIF, BMP, TIFF, WebP).
 fn luma_fixtures() -> Result<Vec<PathBuf>> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/luma");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<std::result::Result<_, _>>()?;
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(&dir)?.map(|e| e.map(|e| e.path())).collect::<std::result::Result<_, _>>()?;
     files.retain(|p| p.extension().is_some_and(|e| e != "json"));
     files.sort();
     ensure!(files.len() >= 15, "fixture images missing in {}", dir.display());
@@ -935,7 +937,19 @@ fn predict_reads_folders_of_common_formats_and_prints_json_lines() -> Result<()>
     write_png(&photos.join("a_test0.png"), 28, 28, png::ColorType::Grayscale, t.test.image(0))?;
     std::fs::write(photos.join("README.txt"), b"not an image")?;
     let photos_s = path_str(&photos)?;
-    let run = ok(&["predict", "--weights", &weights, photos_s, "--index", "0", "--data-dir", data, "--device", "cpu", "--json"])?;
+    let run = ok(&[
+        "predict",
+        "--weights",
+        &weights,
+        photos_s,
+        "--index",
+        "0",
+        "--data-dir",
+        data,
+        "--device",
+        "cpu",
+        "--json",
+    ])?;
     let records = json_predictions(&run.stdout)?;
     let paths: Vec<&str> = records.iter().filter_map(|r| r["path"].as_str()).collect();
     let mut expected: Vec<String> = vec![path_str(&photos.join("a_test0.png"))?.to_string()];
@@ -979,7 +993,7 @@ fn train_starts_from_given_weights_and_refuses_misfits_before_writing() -> Resul
     let w = args.iter().position(|a| *a == "--width").context("--width")?;
     args[w + 1] = "8";
     args.extend(["--init-weights", best.as_str()]);
-    fails(&args, &["best.safetensors", "`net.0.0.weight` has shape [4, 1, 7, 7], the model needs [8, 1, 7, 7]"])?;
+    fails(&args, &["best.safetensors", "`0.0.weight` has shape [4, 1, 7, 7], the model needs [8, 1, 7, 7]"])?;
     ensure!(!wide.exists(), "a run directory was created for weights that do not fit");
     // --resume keeps its own weights.
     fails(
@@ -1055,7 +1069,17 @@ fn report_of_one_and_of_two_runs_is_a_self_contained_page() -> Result<()> {
     text.push_str("{\"kind\":\"early_stop\",\"epoch\":2,\"best_epoch\":1,\"patience\":1}\n");
     std::fs::write(&metrics, text)?;
     let out = t.dir.path().join("cmp");
-    ok(&["report", path_str(&t.run)?, path_str(&other)?, "--out", path_str(&out)?, "--data-dir", t.data()?, "--device", "cpu"])?;
+    ok(&[
+        "report",
+        path_str(&t.run)?,
+        path_str(&other)?,
+        "--out",
+        path_str(&out)?,
+        "--data-dir",
+        t.data()?,
+        "--device",
+        "cpu",
+    ])?;
     let two = check_report(&out, &[&t.run, &other])?;
     ensure!(two.contains("after epoch 2"), "the early stop is not shown");
     ensure!(!one.contains("after epoch"), "a run without early stopping shows one");
@@ -1065,7 +1089,10 @@ fn report_of_one_and_of_two_runs_is_a_self_contained_page() -> Result<()> {
     );
 
     // Bad input: not a run directory, a run without best weights, missing data.
-    fails(&["report", path_str(&t.dir.path().join("nope"))?, "--data-dir", t.data()?], &["nope", "not a run directory"])?;
+    fails(
+        &["report", path_str(&t.dir.path().join("nope"))?, "--data-dir", t.data()?],
+        &["nope", "not a run directory"],
+    )?;
     let empty = t.dir.path().join("empty");
     std::fs::create_dir(&empty)?;
     fails(&["report", path_str(&empty)?, "--data-dir", t.data()?], &["metrics.jsonl"])?;
@@ -1122,7 +1149,11 @@ fn report_renders_in_headless_chromium() -> Result<()> {
     let colours: std::collections::HashSet<[u8; 3]> = pixels.iter().map(|p| [p[0], p[1], p[2]]).collect();
     let share = non_white as f64 / pixels.len() as f64;
     // Text, curves, the heat map and the image grid: several per cent of the window, hundreds of colours.
-    ensure!(share > 0.03 && colours.len() > 200, "blank-looking screenshot: {share:.4} non-white, {} colours", colours.len());
+    ensure!(
+        share > 0.03 && colours.len() > 200,
+        "blank-looking screenshot: {share:.4} non-white, {} colours",
+        colours.len()
+    );
     Ok(())
 }
 
@@ -1144,7 +1175,9 @@ fn completions_parse_and_name_every_subcommand() -> Result<()> {
         .arg(format!("source {} && complete -p resnet-cli", path_str(&script)?))
         .output()?;
     ensure!(source.status.success(), "sourcing failed: {}", String::from_utf8_lossy(&source.stderr));
-    for (shell, marker) in [("bash", "_resnet-cli()"), ("zsh", "#compdef resnet-cli"), ("fish", "complete -c resnet-cli")] {
+    for (shell, marker) in
+        [("bash", "complete -F _resnet__cli"), ("zsh", "#compdef resnet-cli"), ("fish", "complete -c resnet-cli")]
+    {
         let run = if shell == "bash" { bash.stdout.clone() } else { ok(&["completions", shell])?.stdout };
         ensure!(run.contains(marker), "{shell} script lacks {marker:?}");
         for sub in subcommands {

@@ -280,9 +280,7 @@ where
     for (i, run) in runs.iter().enumerate() {
         let c = colour(i);
         let curves = run.curves;
-        chart
-            .draw_series(LineSeries::new(curves.test_acc.iter().copied(), c.stroke_width(2)))
-            .map_err(|e| err(&e))?;
+        chart.draw_series(LineSeries::new(curves.test_acc.iter().copied(), c.stroke_width(2))).map_err(|e| err(&e))?;
         chart.draw_series(curves.test_acc.iter().map(|&p| Circle::new(p, 3, c.filled()))).map_err(|e| err(&e))?;
         chart
             .draw_series(DashedLineSeries::new(curves.train_acc.iter().copied(), 6, 4, c.stroke_width(1)))

@@ -42,9 +42,12 @@ impl ReportRun {
     /// Reads `dir/metrics.jsonl` (required) and `dir/config.json` (optional).
     pub fn read(dir: &Path) -> Result<Self> {
         let metrics = dir.join(files::METRICS);
-        let text = std::fs::read_to_string(&metrics).map_err(|source| TrainError::Io { path: metrics.clone(), source })?;
-        let curves = Curves::from_jsonl(&text)
-            .map_err(|reason| TrainError::Report { path: metrics.clone(), reason: format!("not metrics JSON lines: {reason}") })?;
+        let text =
+            std::fs::read_to_string(&metrics).map_err(|source| TrainError::Io { path: metrics.clone(), source })?;
+        let curves = Curves::from_jsonl(&text).map_err(|reason| TrainError::Report {
+            path: metrics.clone(),
+            reason: format!("not metrics JSON lines: {reason}"),
+        })?;
         if curves.test_acc.is_empty() && curves.train_loss.is_empty() {
             return Err(TrainError::Report {
                 path: metrics,
@@ -410,7 +413,8 @@ mod tests {
 
     #[test]
     fn base64_matches_rfc_4648_vectors() {
-        let cases = [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE=")];
+        let cases =
+            [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE=")];
         for (plain, encoded) in cases {
             assert_eq!(base64(plain.as_bytes()), encoded, "{plain:?}");
         }
@@ -420,7 +424,10 @@ mod tests {
     #[test]
     fn short_names_fit_a_column() {
         let got: Vec<String> = resnet_data::CLASS_NAMES.iter().map(|n| short(n)).collect();
-        assert_eq!(got, ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"]);
+        assert_eq!(
+            got,
+            ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"]
+        );
     }
 
     #[test]

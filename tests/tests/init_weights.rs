@@ -87,12 +87,12 @@ fn weights_of_another_width_are_refused_naming_the_first_tensor() -> Result<()> 
         "init_weights",
         "pytorch_parity_weights.safetensors",
         // The stem's convolution comes first in the model's order.
-        "`net.0.0.weight` has shape [4, 1, 7, 7], the model needs [8, 1, 7, 7]",
+        "`0.0.weight` has shape [4, 1, 7, 7], the model needs [8, 1, 7, 7]",
     ] {
         ensure!(message.contains(needle), "message lacks {needle:?}: {message}");
     }
     ensure!(
-        message.find("net.0.0.weight") < message.find("net.0.0.bias"),
+        message.find("0.0.weight") < message.find("0.0.bias"),
         "the first mismatched tensor is not named first: {message}"
     );
 
@@ -107,7 +107,7 @@ fn weights_of_another_width_are_refused_naming_the_first_tensor() -> Result<()> 
         ..one_epoch()
     };
     let message = Trainer::new(cfg, &CPU).err().map(|e| e.to_string()).unwrap_or_default();
-    for needle in ["width 4", "width 8", "`net.0.0.weight` has shape [4, 1, 7, 7], the model needs [8, 1, 7, 7]"] {
+    for needle in ["width 4", "width 8", "`0.0.weight` has shape [4, 1, 7, 7], the model needs [8, 1, 7, 7]"] {
         ensure!(message.contains(needle), "message lacks {needle:?}: {message}");
     }
 
