@@ -4,7 +4,8 @@
 //! augmentation, gradient accumulation), with run directories, plots, checkpoints and exact resume.
 //!
 //! Key types: [`TrainConfig`] (with presets `d2l`, `seed`, `quick`, `best`), [`Trainer`]
-//! (`new`, `resume`, `fit`, `train_batch`), [`Observer`], [`evaluate`], [`Confusion`].
+//! (`new`, `resume`, `fit`, `train_batch`), [`Observer`], [`evaluate`], [`predictions`], [`Confusion`],
+//! and [`Report`] (the HTML page of `report::write`).
 //!
 //! ```no_run
 //! use candle_core::Device;

@@ -359,4 +359,24 @@ mod tests {
         assert_eq!(names, ["c.png", "c.svg"], "temporaries left behind");
         Ok(())
     }
+
+    #[test]
+    fn jsonl_reads_validation_and_early_stop_records() -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let text = concat!(
+            "{\"kind\":\"step\",\"epoch\":0.5,\"train_loss\":2.0,\"train_acc\":0.3,\"lr\":0.1}\n",
+            "{\"kind\":\"epoch\",\"epoch\":1,\"train_loss\":1.5,\"train_acc\":0.4,\"test_acc\":0.5,\"val_acc\":0.55}\n",
+            "\n",
+            "{\"kind\":\"epoch\",\"epoch\":2,\"test_acc\":0.6}\n",
+            "{\"kind\":\"early_stop\",\"epoch\":2,\"best_epoch\":1}\n",
+            "{\"kind\":\"something_new\",\"epoch\":3}\n",
+        );
+        let c = Curves::from_jsonl(text)?;
+        assert_eq!((c.train_loss, c.train_acc), (vec![(0.5, 2.0)], vec![(0.5, 0.3)]));
+        assert_eq!(c.test_acc, vec![(1.0, 0.5), (2.0, 0.6)]);
+        assert_eq!(c.val_acc, vec![(1.0, 0.55)]);
+        assert_eq!(c.early_stop, Some(2.0));
+        let err = Curves::from_jsonl("{\"kind\":\"step\"}\nnot json\n").err().unwrap_or_default();
+        assert!(err.starts_with("line 2"), "{err}");
+        Ok(())
+    }
 }
