@@ -153,21 +153,21 @@ impl From<VariantArg> for BlockKind {
 
 /// Convolution algorithms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum KernelArg {
+pub enum AlgorithmArg {
     /// Winograd for 3×3 stride-1 convolutions, in-bounds taps only on small images, im2col for the rest (the default).
     Winograd,
-    /// The project's im2col kernels (fast).
+    /// im2col and one matrix product for every convolution.
     Im2col,
     /// candle's stock conv2d (for comparison; the only one that uses cuDNN under --features cudnn).
     Candle,
 }
 
-impl From<KernelArg> for ConvAlgorithm {
-    fn from(k: KernelArg) -> Self {
+impl From<AlgorithmArg> for ConvAlgorithm {
+    fn from(k: AlgorithmArg) -> Self {
         match k {
-            KernelArg::Winograd => ConvAlgorithm::Winograd,
-            KernelArg::Im2col => ConvAlgorithm::Im2col,
-            KernelArg::Candle => ConvAlgorithm::Candle,
+            AlgorithmArg::Winograd => ConvAlgorithm::Winograd,
+            AlgorithmArg::Im2col => ConvAlgorithm::Im2col,
+            AlgorithmArg::Candle => ConvAlgorithm::Candle,
         }
     }
 }
@@ -260,7 +260,7 @@ field_flags! {
         /// Background threads preparing batches.
         [] workers: usize => data_workers = same;
         /// Convolution algorithm (recorded in the run; a resumed run keeps it).
-        [value_enum] conv_kernel: KernelArg => conv_algorithm = ConvAlgorithm::from;
+        [value_enum, alias = "conv-kernel"] conv_algorithm: AlgorithmArg => conv_algorithm = ConvAlgorithm::from;
         /// Precision of activations and products (bf16 needs --device cuda).
         [value_enum] precision: PrecisionArg => precision = Precision::from;
         /// Network depth.

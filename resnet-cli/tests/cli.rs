@@ -551,7 +551,7 @@ fn resume_needs_a_run_directory_of_its_own() -> Result<()> {
     )?;
     // Flags that would change the configuration are refused, naming them, rather than ignored.
     for flag in
-        [&["--lr", "0.5"][..], &["--width", "8"], &["--no-hflip"], &["--conv-kernel", "im2col"], &["--preset", "d2l"]]
+        [&["--lr", "0.5"][..], &["--width", "8"], &["--no-hflip"], &["--conv-algorithm", "im2col"], &["--preset", "d2l"]]
     {
         let mut args = vec!["train", "--resume", path_str(&t.run)?, "--data-dir", data, "--device", "cpu"];
         args.extend_from_slice(flag);

@@ -26,12 +26,12 @@ pub enum Mode {
     Eval,
 }
 
-/// Convolution kernels to benchmark.
+/// Convolution algorithms to benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum KernelArg {
+pub enum AlgorithmArg {
     /// Winograd for 3×3 stride-1 convolutions, in-bounds taps only on small images, im2col for the rest (the default).
     Winograd,
-    /// The project's im2col kernels.
+    /// im2col and one matrix product for every convolution.
     Im2col,
     /// candle's stock conv2d (the straightforward port).
     Candle,
@@ -64,9 +64,9 @@ pub struct BenchArgs {
     /// CPU threads for both sides.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
-    /// Convolution kernels for our side.
-    #[arg(long, value_enum, default_value = "winograd")]
-    pub kernel: KernelArg,
+    /// Convolution algorithm for our side.
+    #[arg(long, value_enum, default_value = "winograd", alias = "kernel")]
+    pub algorithm: AlgorithmArg,
     /// Write the JSON report here (default: target/bench/bench.json).
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -117,8 +117,8 @@ pub struct BenchOneArgs {
     pub steps: usize,
     #[arg(long)]
     pub warmup: usize,
-    #[arg(long, value_enum)]
-    pub kernel: KernelArg,
+    #[arg(long, value_enum, alias = "kernel")]
+    pub algorithm: AlgorithmArg,
     #[arg(long, default_value = "cpu")]
     pub device: String,
     #[arg(long, value_enum, default_value = "f32")]
@@ -242,7 +242,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "date": chrono_free_date(),
         "cpu": cpu,
         "threads": a.threads,
-        "kernel": format!("{:?}", a.kernel),
+        "algorithm": format!("{:?}", a.algorithm),
         "device": a.device,
         "precision": a.precision.name(),
         "tf32": a.tf32,
@@ -261,10 +261,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
 
 /// Measures one configuration in this process and prints a [`Sample`] as JSON.
 pub fn run_one(a: BenchOneArgs) -> Result<()> {
-    let kernel = match a.kernel {
-        KernelArg::Winograd => ConvAlgorithm::Winograd,
-        KernelArg::Im2col => ConvAlgorithm::Im2col,
-        KernelArg::Candle => ConvAlgorithm::Candle,
+    let algorithm = match a.algorithm {
+        AlgorithmArg::Winograd => ConvAlgorithm::Winograd,
+        AlgorithmArg::Im2col => ConvAlgorithm::Im2col,
+        AlgorithmArg::Candle => ConvAlgorithm::Candle,
     };
     let device = parse_device(&a.device)?;
     let precision = match a.precision {
@@ -274,7 +274,7 @@ pub fn run_one(a: BenchOneArgs) -> Result<()> {
     };
     let cfg = TrainConfig {
         model: ResNetConfig::d2l_resnet18(),
-        conv_algorithm: kernel,
+        conv_algorithm: algorithm,
         precision,
         tf32: a.tf32,
         batch_size: a.batch,
@@ -326,14 +326,14 @@ pub fn run_one(a: BenchOneArgs) -> Result<()> {
 
 fn run_ours(cfg: &Config, a: &BenchArgs) -> Result<Sample> {
     let exe = std::env::current_exe()?;
-    let kernel = match a.kernel {
-        KernelArg::Winograd => "winograd",
-        KernelArg::Im2col => "im2col",
-        KernelArg::Candle => "candle",
+    let algorithm = match a.algorithm {
+        AlgorithmArg::Winograd => "winograd",
+        AlgorithmArg::Im2col => "im2col",
+        AlgorithmArg::Candle => "candle",
     };
     let out = Command::new(exe)
         .env("RAYON_NUM_THREADS", a.threads.to_string())
-        .args(["bench-one", "--mode", mode_name(cfg.mode), "--kernel", kernel])
+        .args(["bench-one", "--mode", mode_name(cfg.mode), "--algorithm", algorithm])
         .args(["--resize", &cfg.resize.to_string(), "--batch", &cfg.batch.to_string()])
         .args(["--windows", &a.windows.to_string(), "--steps", &a.steps.to_string(), "--warmup", &a.warmup.to_string()])
         .args(["--device", &a.device, "--precision", a.precision.name()])
