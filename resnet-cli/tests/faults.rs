@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -59,7 +59,12 @@ fn resume_args(data: &Path, run: &Path) -> Vec<String> {
 
 /// The binary, hermetic: only `--data-dir` points at data, one rayon thread, default logging.
 fn command(args: &[String]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_resnet-cli"));
+    command_of(Path::new(env!("CARGO_BIN_EXE_resnet-cli")), args)
+}
+
+/// [`command`] for a copy of the binary at `exe`.
+fn command_of(exe: &Path, args: &[String]) -> Command {
+    let mut cmd = Command::new(exe);
     cmd.args(args).env_remove("RESNET_DATA_DIR").env_remove("RUST_LOG").env("RAYON_NUM_THREADS", "1");
     cmd
 }
@@ -498,6 +503,16 @@ fn open_to_others(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A copy of the binary in `dir` (opened to others) that an unprivileged user can run: the build
+/// folder may sit under a folder only root can enter, such as a clone in a 0700 home or
+/// temporary folder.
+fn binary_for_others(dir: &Path) -> Result<PathBuf> {
+    let copy = dir.join("resnet-cli");
+    std::fs::copy(env!("CARGO_BIN_EXE_resnet-cli"), &copy)?;
+    set_mode(&copy, 0o755)?;
+    Ok(copy)
+}
+
 fn set_mode(path: &Path, mode: u32) -> Result<()> {
     Ok(std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?)
 }
@@ -533,8 +548,9 @@ fn a_read_only_run_folder_is_refused_and_left_untouched() -> Result<()> {
     }
     set_mode(&run, 0o555)?;
     let before = snapshot(&run)?;
+    let exe = binary_for_others(dir.path())?;
 
-    let mut cmd = command(&resume_args(&data, &run));
+    let mut cmd = command_of(&exe, &resume_args(&data, &run));
     as_unprivileged(&mut cmd);
     let done = finish(cmd)?;
     clean_failure(&done, "resume into a read-only folder")?;
@@ -549,7 +565,7 @@ fn a_read_only_run_folder_is_refused_and_left_untouched() -> Result<()> {
     let parent = dir.path().join("read-only-parent");
     std::fs::create_dir(&parent)?;
     set_mode(&parent, 0o555)?;
-    let mut cmd = command(&train_args(&data, &parent.join("run")));
+    let mut cmd = command_of(&exe, &train_args(&data, &parent.join("run")));
     as_unprivileged(&mut cmd);
     let done = finish(cmd)?;
     clean_failure(&done, "train --out under a read-only folder")?;
