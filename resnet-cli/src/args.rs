@@ -295,6 +295,18 @@ pub struct ConfigFlags {
     /// No random horizontal flips.
     #[arg(long, overrides_with = "hflip")]
     pub no_hflip: bool,
+    /// Random erasing: half the training images get one rectangle set to the mean pixel.
+    #[arg(long, overrides_with = "no_erase")]
+    pub erase: bool,
+    /// No random erasing.
+    #[arg(long, overrides_with = "erase")]
+    pub no_erase: bool,
+    /// Evaluate each image and its mirror image and average the two predictions.
+    #[arg(long, overrides_with = "no_tta_hflip")]
+    pub tta_hflip: bool,
+    /// Evaluate each image once.
+    #[arg(long, overrides_with = "tta_hflip")]
+    pub no_tta_hflip: bool,
     /// Normalise pixels with Fashion-MNIST's mean and std.
     #[arg(long, overrides_with = "no_normalize")]
     pub normalize: bool,
@@ -323,6 +335,8 @@ impl ConfigFlags {
         ("schedule", "schedule"),
         ("crop_padding", "augment.crop_padding"),
         ("hflip", "augment.hflip"),
+        ("erase", "augment.erase"),
+        ("tta_hflip", "tta_hflip"),
         ("normalize", "normalize"),
         ("nesterov", "optimizer.nesterov"),
         ("tf32", "tf32"),
@@ -343,13 +357,18 @@ impl ConfigFlags {
             };
         }
         let hflip = pair(self.hflip, self.no_hflip);
-        if self.crop_padding.is_some() || hflip.is_some() {
-            let base = c.augment.unwrap_or(AugmentConfig { crop_padding: 0, hflip: false });
+        let erase = pair(self.erase, self.no_erase);
+        if self.crop_padding.is_some() || hflip.is_some() || erase.is_some() {
+            let base = c.augment.unwrap_or(AugmentConfig { crop_padding: 0, hflip: false, erase: false });
             let aug = AugmentConfig {
                 crop_padding: self.crop_padding.unwrap_or(base.crop_padding),
                 hflip: hflip.unwrap_or(base.hflip),
+                erase: erase.unwrap_or(base.erase),
             };
-            c.augment = (aug.crop_padding > 0 || aug.hflip).then_some(aug);
+            c.augment = (aug.crop_padding > 0 || aug.hflip || aug.erase).then_some(aug);
+        }
+        if let Some(v) = pair(self.tta_hflip, self.no_tta_hflip) {
+            c.tta_hflip = v;
         }
         if let Some(v) = pair(self.normalize, self.no_normalize) {
             c.normalize = v;
@@ -453,6 +472,12 @@ pub struct InferenceArgs {
     /// Raw pixels in [0, 1] (default: as in training).
     #[arg(long, overrides_with = "normalize")]
     pub no_normalize: bool,
+    /// Average each image's prediction with its mirror image's (default: as the run evaluated).
+    #[arg(long, overrides_with = "no_tta_hflip")]
+    pub tta_hflip: bool,
+    /// One prediction per image (default: as the run evaluated).
+    #[arg(long, overrides_with = "tta_hflip")]
+    pub no_tta_hflip: bool,
     /// Directory holding the Fashion-MNIST files (for eval and predict --index).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -465,6 +490,11 @@ impl InferenceArgs {
     /// `--normalize` / `--no-normalize`, or `None` to follow the weights file.
     pub fn normalize(&self) -> Option<bool> {
         pair(self.normalize, self.no_normalize)
+    }
+
+    /// Whether to average with mirror images: the flags, else what the weights file records.
+    pub fn tta_hflip(&self, recorded: bool) -> bool {
+        pair(self.tta_hflip, self.no_tta_hflip).unwrap_or(recorded)
     }
 }
 

@@ -6,7 +6,9 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use resnet_core::{checkpoint, ResNet};
-use resnet_train::checkpoint::{INPUT_NORMALIZE_KEY, INPUT_RESIZE_KEY, SELECTED_EPOCH_KEY, SELECTED_ON_KEY};
+use resnet_train::checkpoint::{
+    EVAL_TTA_HFLIP_KEY, INPUT_NORMALIZE_KEY, INPUT_RESIZE_KEY, SELECTED_EPOCH_KEY, SELECTED_ON_KEY,
+};
 
 use crate::model_size::parameter_count;
 
@@ -23,6 +25,8 @@ pub struct Loaded {
     pub resize: usize,
     /// Whether inputs are normalised.
     pub normalize: bool,
+    /// Whether the run evaluated with flip test-time augmentation (false for d2l's files).
+    pub tta_hflip: bool,
     /// For a run's `best.safetensors`: the accuracy that chose it (`val_acc` or `test_acc`) and
     /// the epoch.
     pub selected: Option<(String, String)>,
@@ -66,5 +70,6 @@ pub fn load(path: &Path, device: &Device, resize: Option<usize>, normalize: Opti
     }
     let normalize = normalize.or_else(|| meta.get(INPUT_NORMALIZE_KEY).map(|v| v == "true")).unwrap_or(false);
     let selected = meta.get(SELECTED_ON_KEY).cloned().zip(meta.get(SELECTED_EPOCH_KEY).cloned());
-    Ok(Loaded { model, _vars: vars, resize, normalize, selected })
+    let tta_hflip = meta.get(EVAL_TTA_HFLIP_KEY).is_some_and(|v| v == "true");
+    Ok(Loaded { model, _vars: vars, resize, normalize, tta_hflip, selected })
 }

@@ -550,9 +550,13 @@ fn resume_needs_a_run_directory_of_its_own() -> Result<()> {
         &["--resume", "--out"],
     )?;
     // Flags that would change the configuration are refused, naming them, rather than ignored.
-    for flag in
-        [&["--lr", "0.5"][..], &["--width", "8"], &["--no-hflip"], &["--conv-algorithm", "im2col"], &["--preset", "d2l"]]
-    {
+    for flag in [
+        &["--lr", "0.5"][..],
+        &["--width", "8"],
+        &["--no-hflip"],
+        &["--conv-algorithm", "im2col"],
+        &["--preset", "d2l"],
+    ] {
         let mut args = vec!["train", "--resume", path_str(&t.run)?, "--data-dir", data, "--device", "cpu"];
         args.extend_from_slice(flag);
         fails(&args, &["--resume", flag[0]])?;
@@ -888,7 +892,6 @@ fn huge_models_are_refused_or_computed_before_allocating() -> Result<()> {
     ensure!(run.stdout.contains("Trainable parameters: 2,8"), "{}", run.stdout);
     Ok(())
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // predict: formats, folders, JSON

@@ -108,11 +108,8 @@ pub fn load_into(model: &ResNet, path: &Path) -> Result<()> {
         let theirs: ResNetConfig =
             serde_json::from_str(json).map_err(|e| mismatch(format!("unreadable `{CONFIG_KEY}` metadata: {e}")))?;
         if theirs != *model.config() {
-            header = Some(format!(
-                "it was saved from {} but the model is {}",
-                describe(&theirs),
-                describe(model.config())
-            ));
+            header =
+                Some(format!("it was saved from {} but the model is {}", describe(&theirs), describe(model.config())));
         }
     }
     let expected = model.named_tensors();

@@ -1,5 +1,5 @@
-//! Per-example transforms after resizing: random crop with zero padding and horizontal flip
-//! (`Augment`), the `ToTensor` byte-to-float conversion, and `Normalize`.
+//! Per-example transforms after resizing: random crop with zero padding, horizontal flip and
+//! random erasing (`Augment`), the `ToTensor` byte-to-float conversion, and `Normalize`.
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{DataError, Result};
 
 /// Training-time augmentation of a square `u8` image, as torchvision's
-/// `RandomCrop(s, padding=crop_padding)` followed by `RandomHorizontalFlip(0.5)`.
+/// `RandomCrop(s, padding=crop_padding)`, then `RandomHorizontalFlip(0.5)`, then (if `erase`)
+/// `RandomErasing(p=0.5, scale=(0.02, 0.33), ratio=(0.3, 3.3))` filling with [`ERASE_VALUE`].
 ///
 /// d2l's Fashion-MNIST ResNet uses none (`Augment::none()`); these are the usual additions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -17,7 +18,24 @@ pub struct Augment {
     pub crop_padding: usize,
     /// Mirror left-right with probability 0.5.
     pub hflip: bool,
+    /// Random erasing (Zhong et al. 2020): with probability 0.5, one rectangle of 2–33 % of the
+    /// image, aspect ratio 0.3–3.3, is set to [`ERASE_VALUE`].
+    #[serde(default)]
+    pub erase: bool,
 }
+
+/// The byte random erasing writes: Fashion-MNIST's mean pixel (0.2860 × 255), so an erased
+/// patch normalises to about 0, as torchvision's `RandomErasing(value=0)` after `Normalize`.
+pub const ERASE_VALUE: u8 = 73;
+
+/// Probability that random erasing erases anything.
+const ERASE_PROBABILITY: f64 = 0.5;
+/// Range of the erased area as a fraction of the image.
+const ERASE_SCALE: (f64, f64) = (0.02, 0.33);
+/// Range of the erased rectangle's aspect ratio (height / width), drawn uniformly in log space.
+const ERASE_RATIO: (f64, f64) = (0.3, 3.3);
+/// Rectangles drawn before giving up when none fits, as torchvision.
+const ERASE_ATTEMPTS: usize = 10;
 
 /// Per-channel standardisation `(x - mean) / std`, applied after [`to_tensor_value`], as
 /// torchvision's `Normalize`.
@@ -37,12 +55,12 @@ pub fn to_tensor_value(p: u8) -> f32 {
 impl Augment {
     /// No augmentation (d2l's setting).
     pub const fn none() -> Self {
-        Self { crop_padding: 0, hflip: false }
+        Self { crop_padding: 0, hflip: false, erase: false }
     }
 
     /// Whether this leaves every image unchanged (and draws no random numbers).
     pub fn is_identity(&self) -> bool {
-        self.crop_padding == 0 && !self.hflip
+        self.crop_padding == 0 && !self.hflip && !self.erase
     }
 
     /// Checks the padding against the side of the images it will see.
@@ -58,7 +76,7 @@ impl Augment {
 
     /// Writes the augmented `src` into `dst`. Draws, in order: the crop's row offset and column
     /// offset (each uniform in `0..=2 * crop_padding`, only if cropping), then the flip (only if
-    /// `hflip`).
+    /// `hflip`), then the erasing (only if `erase`; see [`erase`]).
     ///
     /// # Shapes
     /// `src`, `dst`: `(side, side)`.
@@ -82,7 +100,38 @@ impl Augment {
                 row.reverse();
             }
         }
+        if self.erase {
+            erase(dst, side, rng);
+        }
         Ok(())
+    }
+}
+
+/// torchvision's `RandomErasing` on a `(side, side)` image: with probability 0.5, up to 10
+/// attempts each draw a target area (uniform fraction of the image in 2–33 %) and a log-uniform
+/// aspect ratio in 0.3–3.3, round them to a height and width, and take the first rectangle that
+/// fits strictly inside the image, at a uniform position; it is filled with [`ERASE_VALUE`]. Draws,
+/// in order: the coin; per attempt the area and the log-ratio; then the top and left offsets.
+pub fn erase<R: Rng + ?Sized>(img: &mut [u8], side: usize, rng: &mut R) {
+    if !rng.random_bool(ERASE_PROBABILITY) {
+        return;
+    }
+    let area = (side * side) as f64;
+    let (log_lo, log_hi) = (ERASE_RATIO.0.ln(), ERASE_RATIO.1.ln());
+    for _ in 0..ERASE_ATTEMPTS {
+        let target = area * rng.random_range(ERASE_SCALE.0..ERASE_SCALE.1);
+        let ratio = rng.random_range(log_lo..log_hi).exp();
+        let h = (target * ratio).sqrt().round() as usize;
+        let w = (target / ratio).sqrt().round() as usize;
+        if h == 0 || w == 0 || h >= side || w >= side {
+            continue;
+        }
+        let top = rng.random_range(0..=side - h);
+        let left = rng.random_range(0..=side - w);
+        for row in img.chunks_exact_mut(side).skip(top).take(h) {
+            row[left..left + w].fill(ERASE_VALUE);
+        }
+        return;
     }
 }
 
@@ -194,7 +243,7 @@ mod tests {
     fn flip_only_mirrors_about_half_the_time() -> Result<()> {
         let src: Vec<u8> = (0..64).collect();
         let mirrored: Vec<u8> = src.chunks(8).flat_map(|r| r.iter().rev().copied()).collect();
-        let aug = Augment { crop_padding: 0, hflip: true };
+        let aug = Augment { hflip: true, ..Augment::none() };
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         let mut flips = 0;
         let mut dst = vec![0; 64];
@@ -213,7 +262,7 @@ mod tests {
     #[test]
     fn crop_keeps_pixels_in_order_and_is_seeded() -> Result<()> {
         let src: Vec<u8> = (1..=64).collect();
-        let aug = Augment { crop_padding: 2, hflip: true };
+        let aug = Augment { crop_padding: 2, hflip: true, erase: false };
         let (mut a, mut b) = (vec![0; 64], vec![0; 64]);
         aug.apply(&src, 8, &mut ChaCha8Rng::seed_from_u64(9), &mut a)?;
         aug.apply(&src, 8, &mut ChaCha8Rng::seed_from_u64(9), &mut b)?;
@@ -223,13 +272,53 @@ mod tests {
         Ok(())
     }
 
+    /// Every erased image differs from its source in exactly one axis-aligned rectangle of
+    /// ERASE_VALUE whose area and aspect ratio lie in the drawn ranges (after rounding), about
+    /// half of the images are erased, and the result is a function of the seed.
+    #[test]
+    fn erasing_fills_one_rectangle_in_range_half_the_time() -> Result<()> {
+        let side = 28;
+        // No source pixel equals ERASE_VALUE, so the erased set is exactly the changed pixels.
+        let src: Vec<u8> = (0..side * side).map(|i| if i % 7 == 0 { 200 } else { 10 }).collect();
+        let aug = Augment { erase: true, ..Augment::none() };
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let (mut erased, mut dst) = (0, vec![0; side * side]);
+        for _ in 0..2000 {
+            aug.apply(&src, side, &mut rng, &mut dst)?;
+            let changed: Vec<(usize, usize)> =
+                (0..side * side).filter(|&i| dst[i] != src[i]).map(|i| (i / side, i % side)).collect();
+            if changed.is_empty() {
+                continue;
+            }
+            erased += 1;
+            assert!(changed.iter().all(|&(y, x)| dst[y * side + x] == ERASE_VALUE));
+            let (y0, y1) =
+                (changed.iter().map(|c| c.0).min().unwrap_or(0), changed.iter().map(|c| c.0).max().unwrap_or(0));
+            let (x0, x1) =
+                (changed.iter().map(|c| c.1).min().unwrap_or(0), changed.iter().map(|c| c.1).max().unwrap_or(0));
+            let (h, w) = (y1 - y0 + 1, x1 - x0 + 1);
+            assert_eq!(changed.len(), h * w, "not one filled rectangle");
+            assert!(h < side && w < side);
+            let frac = (h * w) as f64 / (side * side) as f64;
+            // Rounding h and w moves the area by up to about (h + w + 1) / 2 pixels.
+            let slack = (h + w + 1) as f64 / 2.0 / (side * side) as f64;
+            assert!(frac >= ERASE_SCALE.0 - slack && frac <= ERASE_SCALE.1 + slack, "area {frac}");
+        }
+        assert!((900..1100).contains(&erased), "{erased} of 2000 erased");
+        let (mut a, mut b) = (vec![0; side * side], vec![0; side * side]);
+        aug.apply(&src, side, &mut ChaCha8Rng::seed_from_u64(3), &mut a)?;
+        aug.apply(&src, side, &mut ChaCha8Rng::seed_from_u64(3), &mut b)?;
+        assert_eq!(a, b);
+        Ok(())
+    }
+
     #[test]
     fn apply_checks_lengths_and_validate_checks_padding() {
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let err = Augment::none().apply(&[0; 10], 8, &mut rng, &mut [0; 64]);
         assert!(matches!(err, Err(DataError::BufferSize { expected: 64, found: 10, .. })));
-        assert!(Augment { crop_padding: 9, hflip: false }.validate(8).is_err());
-        assert!(Augment { crop_padding: 8, hflip: false }.validate(8).is_ok());
+        assert!(Augment { crop_padding: 9, ..Augment::none() }.validate(8).is_err());
+        assert!(Augment { crop_padding: 8, ..Augment::none() }.validate(8).is_ok());
     }
 
     #[test]

@@ -430,7 +430,7 @@ mod tests {
     #[test]
     fn same_seed_same_batches_and_worker_count_does_not_matter() -> Result<()> {
         let data = split(70);
-        let base = LoaderConfig { augment: Some(Augment { crop_padding: 3, hflip: true }), ..cfg(8, 24) };
+        let base = LoaderConfig { augment: Some(Augment { crop_padding: 3, hflip: true, erase: true }), ..cfg(8, 24) };
         let one = LoaderConfig { workers: 1, prefetch: 1, ..base.clone() };
         let three = LoaderConfig { workers: 3, prefetch: 5, ..base.clone() };
         let a = collect(&data, &one, 4)?;
@@ -450,7 +450,8 @@ mod tests {
     fn augmentation_changes_pixels_but_not_labels() -> Result<()> {
         let data = split(20);
         let plain = LoaderConfig { shuffle: false, ..cfg(20, 28) };
-        let aug = LoaderConfig { augment: Some(Augment { crop_padding: 4, hflip: true }), ..plain.clone() };
+        let aug =
+            LoaderConfig { augment: Some(Augment { crop_padding: 4, hflip: true, erase: false }), ..plain.clone() };
         let (p, a) = (collect(&data, &plain, 0)?, collect(&data, &aug, 0)?);
         assert_ne!(images_of(&p)?, images_of(&a)?);
         assert_eq!(p[0].labels.to_vec1::<u32>()?, a[0].labels.to_vec1::<u32>()?);
@@ -488,7 +489,7 @@ mod tests {
             LoaderConfig { resize: 513, ..cfg(1, 28) },
             LoaderConfig { workers: 0, ..cfg(1, 28) },
             LoaderConfig { prefetch: 0, ..cfg(1, 28) },
-            LoaderConfig { augment: Some(Augment { crop_padding: 29, hflip: false }), ..cfg(1, 28) },
+            LoaderConfig { augment: Some(Augment { crop_padding: 29, ..Augment::none() }), ..cfg(1, 28) },
             LoaderConfig { normalize: Some(Normalize { mean: 0.0, std: -1.0 }), ..cfg(1, 28) },
         ] {
             assert!(matches!(batches(Arc::clone(&data), &bad, 0), Err(DataError::InvalidConfig(_))), "{bad:?}");

@@ -134,6 +134,8 @@ pub fn to_bytes(model: &ResNet, momentum: &[(String, Tensor)], state: &TrainStat
 pub const INPUT_RESIZE_KEY: &str = "input_resize";
 /// Metadata key: whether inputs were normalised with Fashion-MNIST's mean and std.
 pub const INPUT_NORMALIZE_KEY: &str = "input_normalize";
+/// Metadata key: whether the run evaluated with flip test-time augmentation (`tta_hflip`).
+pub const EVAL_TTA_HFLIP_KEY: &str = "eval_tta_hflip";
 
 /// How inputs must be prepared for a model trained with `cfg`, as checkpoint metadata, so
 /// `eval` and `predict` prepare images the way training did.
@@ -141,6 +143,7 @@ pub fn input_metadata(cfg: &TrainConfig) -> HashMap<String, String> {
     HashMap::from([
         (INPUT_RESIZE_KEY.to_string(), cfg.resize.to_string()),
         (INPUT_NORMALIZE_KEY.to_string(), cfg.normalize.to_string()),
+        (EVAL_TTA_HFLIP_KEY.to_string(), cfg.tta_hflip.to_string()),
     ])
 }
 

@@ -46,6 +46,9 @@ pub struct AugmentConfig {
     pub crop_padding: usize,
     /// Random horizontal flips.
     pub hflip: bool,
+    /// Random erasing: half the images get one rectangle (2–33 % of the area) set to the mean pixel.
+    #[serde(default)]
+    pub erase: bool,
 }
 
 /// Numeric precision of the forward and backward pass.
@@ -138,6 +141,9 @@ pub struct TrainConfig {
     /// safetensors. Every tensor must fit `model`; optimiser state is not taken over.
     #[serde(default)]
     pub init_weights: Option<std::path::PathBuf>,
+    /// Test-time augmentation: evaluation averages the softmax of each image and its mirror image.
+    #[serde(default)]
+    pub tta_hflip: bool,
 }
 
 /// The named recipes.
@@ -198,6 +204,7 @@ impl TrainConfig {
             val_split: 0,
             patience: None,
             init_weights: None,
+            tta_hflip: false,
         }
     }
 
@@ -235,7 +242,7 @@ impl TrainConfig {
             schedule: Schedule::Cosine,
             warmup_epochs: 1.0,
             label_smoothing: 0.1,
-            augment: Some(AugmentConfig { crop_padding: 8, hflip: true }),
+            augment: Some(AugmentConfig { crop_padding: 8, hflip: true, erase: false }),
             normalize: true,
             val_split: 5000,
             ..Self::d2l()

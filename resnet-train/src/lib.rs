@@ -38,13 +38,13 @@ pub mod trainer;
 pub use checkpoint::DataFingerprint;
 pub use config::{AugmentConfig, Precision, Preset, Schedule, SelectedOn, SgdConfig, TrainConfig, MAX_EPOCHS};
 pub use error::{Result, TrainError};
-pub use metrics::{Confusion, EarlyStop, EpochMetrics, MetricsRecord, Running};
+pub use metrics::{Confusion, EarlyStop, EpochMetrics, MetricsRecord, Running, TimeToAccuracy, ACCURACY_MILESTONES};
 pub use optim::Sgd;
 pub use process::{tune_process, ProcessTuning};
+pub use report::{Prediction, Report, ReportRun};
 pub use run_dir::{write_atomic, RunDir};
 pub use schedule::LrSchedule;
-pub use report::{Prediction, Report, ReportRun};
 pub use trainer::{
-    cross_entropy, evaluate, loader_config, predictions, steps_per_epoch, Observer, Silent, StepInfo, TrainReport,
-    Trainer,
+    class_probabilities, cross_entropy, evaluate, loader_config, predictions, steps_per_epoch, Observer, Silent,
+    StepInfo, TrainReport, Trainer,
 };

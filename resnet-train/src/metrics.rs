@@ -13,6 +13,10 @@ pub struct Running {
     pub examples: u64,
     /// Seconds spent in training steps (copy, forward, backward, update, metric sync).
     pub step_seconds: f64,
+    /// Wall-clock seconds of this epoch spent before an interruption (Ctrl-C), so a resumed
+    /// epoch's `wall_seconds` counts both parts.
+    #[serde(default)]
+    pub wall_seconds: f64,
 }
 
 impl Running {
@@ -55,6 +59,43 @@ pub enum MetricsRecord {
     Epoch(EpochMetrics),
     /// Training stopped before its planned epochs because validation accuracy stopped improving.
     EarlyStop(EarlyStop),
+    /// The first epoch whose test accuracy reached one of [`ACCURACY_MILESTONES`].
+    TimeToAccuracy(TimeToAccuracy),
+}
+
+/// Test accuracies whose first attainment a run records as [`MetricsRecord::TimeToAccuracy`].
+pub const ACCURACY_MILESTONES: [f64; 3] = [0.90, 0.93, 0.95];
+
+/// When a run first reached a test accuracy: in `metrics.jsonl` as
+/// `{"kind":"time_to_accuracy","test_acc":0.93,"epoch":4,"wall_seconds":812.5}`, written right
+/// after that epoch's record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TimeToAccuracy {
+    /// The milestone reached (one of [`ACCURACY_MILESTONES`]).
+    pub test_acc: f64,
+    /// The first epoch (1-based) whose test accuracy was at least the milestone.
+    pub epoch: usize,
+    /// Wall-clock seconds from the start of training to the end of that epoch's evaluation: the
+    /// sum of the epochs' `wall_seconds` (data, steps and evaluation; start-up and file writes
+    /// excluded).
+    pub wall_seconds: f64,
+}
+
+/// The milestones `history` reaches with its latest epoch record that no earlier epoch reached,
+/// as records to append after it.
+pub fn new_milestones(history: &[MetricsRecord]) -> Vec<TimeToAccuracy> {
+    let epochs: Vec<&EpochMetrics> =
+        history.iter().filter_map(|r| if let MetricsRecord::Epoch(m) = r { Some(m) } else { None }).collect();
+    let Some((last, before)) = epochs.split_last() else {
+        return Vec::new();
+    };
+    let best_before = before.iter().map(|m| m.test_acc).fold(f64::NEG_INFINITY, f64::max);
+    let wall_seconds = epochs.iter().map(|m| m.wall_seconds).sum();
+    ACCURACY_MILESTONES
+        .iter()
+        .filter(|&&t| last.test_acc >= t && best_before < t)
+        .map(|&test_acc| TimeToAccuracy { test_acc, epoch: last.epoch, wall_seconds })
+        .collect()
 }
 
 /// Why and where training stopped early (`patience`): in `metrics.jsonl` as
@@ -155,6 +196,46 @@ mod tests {
         assert!((r.loss() - 10.0 / 6.0).abs() < 1e-12);
         assert!((r.accuracy() - 4.0 / 6.0).abs() < 1e-12);
         assert_eq!(r.step_seconds, 0.75);
+    }
+
+    fn epoch(epoch: usize, test_acc: f64) -> MetricsRecord {
+        MetricsRecord::Epoch(EpochMetrics {
+            epoch,
+            train_loss: 0.5,
+            train_acc: 0.8,
+            test_acc,
+            val_acc: None,
+            examples_per_sec: 100.0,
+            examples: 100,
+            step_seconds: 1.0,
+            wall_seconds: 10.0 * epoch as f64,
+            lr: 0.1,
+        })
+    }
+
+    #[test]
+    fn milestones_are_recorded_once_at_their_first_epoch() {
+        let mut h = vec![epoch(1, 0.85)];
+        assert!(new_milestones(&h).is_empty());
+        h.push(epoch(2, 0.931));
+        // Epoch 2 passes 0.90 and 0.93 at once; wall time is the sum over epochs (10 + 20).
+        let got = new_milestones(&h);
+        assert_eq!(
+            got,
+            vec![
+                TimeToAccuracy { test_acc: 0.90, epoch: 2, wall_seconds: 30.0 },
+                TimeToAccuracy { test_acc: 0.93, epoch: 2, wall_seconds: 30.0 },
+            ]
+        );
+        h.extend(got.into_iter().map(MetricsRecord::TimeToAccuracy));
+        // A dip and a recovery reach nothing new; 0.95 is reached at epoch 5 after 150 s.
+        h.push(epoch(3, 0.89));
+        assert!(new_milestones(&h).is_empty());
+        h.push(epoch(4, 0.935));
+        assert!(new_milestones(&h).is_empty());
+        h.push(epoch(5, 0.95));
+        assert_eq!(new_milestones(&h), vec![TimeToAccuracy { test_acc: 0.95, epoch: 5, wall_seconds: 150.0 }]);
+        assert!(new_milestones(&[]).is_empty());
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub struct Curves {
     pub val_acc: Vec<(f64, f64)>,
     /// The epoch after which the run stopped early, if it did.
     pub early_stop: Option<f64>,
+    /// Test accuracy milestones reached: (accuracy, epoch, wall-clock seconds).
+    pub time_to_accuracy: Vec<(f64, f64, f64)>,
 }
 
 impl Curves {
@@ -36,6 +38,9 @@ impl Curves {
                 }
                 MetricsRecord::Epoch(m) => c.test_acc.push((m.epoch as f64, m.test_acc)),
                 MetricsRecord::EarlyStop(_) => {}
+                MetricsRecord::TimeToAccuracy(t) => {
+                    c.time_to_accuracy.push((t.test_acc, t.epoch as f64, t.wall_seconds))
+                }
             }
         }
         c
@@ -69,6 +74,11 @@ impl Curves {
                     }
                 }
                 Some("early_stop") => c.early_stop = Some(epoch),
+                Some("time_to_accuracy") => {
+                    if let (Some(acc), Some(secs)) = (num(&v, "test_acc"), num(&v, "wall_seconds")) {
+                        c.time_to_accuracy.push((acc, epoch, secs));
+                    }
+                }
                 _ => {}
             }
         }

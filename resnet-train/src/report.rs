@@ -9,7 +9,7 @@ use plotters::prelude::*;
 use resnet_data::Split;
 
 use crate::error::{Result, TrainError};
-use crate::metrics::Confusion;
+use crate::metrics::{Confusion, ACCURACY_MILESTONES};
 use crate::plot::{self, Curves, Labelled};
 use crate::run_dir::files;
 
@@ -200,6 +200,18 @@ fn short(name: &str) -> String {
     chars.next().map(|c| c.to_uppercase().chain(chars).collect()).unwrap_or_default()
 }
 
+/// "3.2 / 7.9 / –": minutes to each of [`ACCURACY_MILESTONES`], a dash for one not reached.
+fn minutes_to_milestones(reached: &[(f64, f64, f64)]) -> String {
+    ACCURACY_MILESTONES
+        .iter()
+        .map(|&m| match reached.iter().find(|r| (r.0 - m).abs() < 1e-9) {
+            Some(r) => format!("{:.1} (epoch {})", r.2 / 60.0, r.1),
+            None => "–".into(),
+        })
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
 fn fmt_opt(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "–".into())
 }
@@ -218,7 +230,8 @@ fn html(report: &Report, uris: &[String]) -> String {
         "</style>\n</head>\n<body>\n<h1>ResNet on Fashion-MNIST</h1>\n"
     ));
     h.push_str("<h2>Runs</h2>\n<table id=\"runs\">\n<tr><th>run</th><th>epochs</th><th>lr</th><th>resize</th>");
-    h.push_str("<th>final train loss</th><th>final test acc</th><th>best test acc</th><th>early stop</th></tr>\n");
+    h.push_str("<th>final train loss</th><th>final test acc</th><th>best test acc</th><th>early stop</th>");
+    h.push_str("<th>minutes to test acc 0.90 / 0.93 / 0.95</th></tr>\n");
     for r in &report.runs {
         let cfg = |path: &[&str]| {
             let mut v = r.config.as_ref();
@@ -230,7 +243,7 @@ fn html(report: &Report, uris: &[String]) -> String {
         let c = &r.curves;
         let best = c.test_acc.iter().map(|p| p.1).fold(None, |b: Option<f64>, v| Some(b.map_or(v, |b| b.max(v))));
         h.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
             escape(&r.label),
             c.test_acc.len(),
             escape(&cfg(&["optimizer", "lr"])),
@@ -239,6 +252,7 @@ fn html(report: &Report, uris: &[String]) -> String {
             fmt_opt(c.test_acc.last().map(|p| p.1)),
             fmt_opt(best),
             c.early_stop.map(|e| format!("after epoch {e}")).unwrap_or_else(|| "–".into()),
+            minutes_to_milestones(&c.time_to_accuracy),
         ));
     }
     h.push_str("</table>\n");

@@ -14,7 +14,7 @@ use resnet_data::{batches, Augment, FashionMnist, LoaderConfig, Normalize, Split
 use crate::checkpoint::{self, DataFingerprint, RngState, TrainState};
 use crate::config::{Precision, Schedule, SelectedOn, TrainConfig};
 use crate::error::{Result, TrainError};
-use crate::metrics::{Confusion, EarlyStop, EpochMetrics, MetricsRecord, Running};
+use crate::metrics::{new_milestones, Confusion, EarlyStop, EpochMetrics, MetricsRecord, Running, TimeToAccuracy};
 use crate::optim::Sgd;
 use crate::plot::{self, Curves};
 use crate::report::Prediction;
@@ -76,6 +76,8 @@ pub struct TrainReport {
     pub early_stop: Option<EarlyStop>,
     /// The epoch `best.safetensors` holds, its accuracy, and which accuracy chose it.
     pub best: Option<(usize, f64, SelectedOn)>,
+    /// The test accuracy milestones reached, in order.
+    pub time_to_accuracy: Vec<TimeToAccuracy>,
     /// The run directory, if any.
     pub run_dir: Option<PathBuf>,
 }
@@ -110,7 +112,7 @@ pub fn loader_config(cfg: &TrainConfig, train: bool) -> LoaderConfig {
         shuffle: train,
         seed: cfg.seed,
         augment: if train {
-            cfg.augment.map(|a| Augment { crop_padding: a.crop_padding, hflip: a.hflip })
+            cfg.augment.map(|a| Augment { crop_padding: a.crop_padding, hflip: a.hflip, erase: a.erase })
         } else {
             None
         },
@@ -359,6 +361,7 @@ impl Trainer {
         while self.state.epochs_done < self.state.config.epochs && self.state.early_stop.is_none() {
             let wall = Instant::now();
             if self.train_epoch(&plan, observer)? == Flow::Stop {
+                self.state.running.wall_seconds += wall.elapsed().as_secs_f64();
                 self.write_checkpoint(observer)?;
                 interrupted = true;
                 break;
@@ -441,9 +444,10 @@ impl Trainer {
         let cfg = &self.state.config;
         observer.on_eval_start(self.state.epochs_done + 1);
         let loader = loader_config(cfg, false);
-        let test_acc = evaluate(&self.model, &plan.test, &loader, &self.device)?.accuracy();
+        let tta = cfg.tta_hflip;
+        let test_acc = evaluate(&self.model, &plan.test, &loader, &self.device, tta)?.accuracy();
         let val_acc = match &plan.val {
-            Some(val) => Some(evaluate(&self.model, val, &loader, &self.device)?.accuracy()),
+            Some(val) => Some(evaluate(&self.model, val, &loader, &self.device, tta)?.accuracy()),
             None => None,
         };
         let r = self.state.running;
@@ -456,7 +460,7 @@ impl Trainer {
             examples_per_sec: r.examples as f64 / r.step_seconds.max(1e-9),
             examples: r.examples,
             step_seconds: r.step_seconds,
-            wall_seconds: wall.elapsed().as_secs_f64(),
+            wall_seconds: r.wall_seconds + wall.elapsed().as_secs_f64(),
             lr: plan.schedule.lr(self.state.global_step.saturating_sub(1)),
         };
         tracing::info!(
@@ -476,6 +480,10 @@ impl Trainer {
     fn record_epoch(&mut self, metrics: &EpochMetrics) -> bool {
         let cfg = &self.state.config;
         self.state.history.push(MetricsRecord::Epoch(metrics.clone()));
+        for reached in new_milestones(&self.state.history) {
+            tracing::info!(test_acc = reached.test_acc, epoch = reached.epoch, "test accuracy milestone reached");
+            self.state.history.push(MetricsRecord::TimeToAccuracy(reached));
+        }
         self.state.epochs_done += 1;
         self.state.batches_done = 0;
         self.state.running = Running::default();
@@ -652,6 +660,12 @@ impl Trainer {
             interrupted,
             early_stop: self.state.early_stop.clone(),
             best: self.state.best_epoch.zip(self.state.best_acc).map(|(e, a)| (e, a, selected_on)),
+            time_to_accuracy: self
+                .state
+                .history
+                .iter()
+                .filter_map(|r| if let MetricsRecord::TimeToAccuracy(t) = r { Some(t.clone()) } else { None })
+                .collect(),
             run_dir: self.run_dir.as_ref().map(|d| d.path().to_path_buf()),
         }
     }
@@ -672,30 +686,61 @@ fn load_init_weights(model: &ResNet, path: &Path) -> Result<()> {
     })
 }
 
-/// Evaluation-mode predictions over a whole split (last partial batch included).
-pub fn evaluate(model: &ResNet, split: &Split, loader: &LoaderConfig, device: &Device) -> Result<Confusion> {
+/// Evaluation-mode predictions over a whole split (last partial batch included); `tta_hflip`
+/// averages each image's softmax with its mirror image's (see [`class_probabilities`]).
+pub fn evaluate(
+    model: &ResNet,
+    split: &Split,
+    loader: &LoaderConfig,
+    device: &Device,
+    tta_hflip: bool,
+) -> Result<Confusion> {
     let mut confusion = Confusion::new(model.config().num_classes);
-    let predicted: Vec<u32> = predictions(model, split, loader, device)?.iter().map(|p| p.class).collect();
+    let predicted: Vec<u32> = predictions(model, split, loader, device, tta_hflip)?.iter().map(|p| p.class).collect();
     let labels: Vec<u32> = split.labels.iter().map(|&l| l as u32).collect();
     confusion.add(&labels, &predicted);
     Ok(confusion)
 }
 
 /// Every example's most probable class and its softmax probability, in split order, evaluation
-/// mode (the loader's shuffling and augmentation are switched off).
-pub fn predictions(model: &ResNet, split: &Split, loader: &LoaderConfig, device: &Device) -> Result<Vec<Prediction>> {
+/// mode (the loader's shuffling and augmentation are switched off; `tta_hflip` as in
+/// [`class_probabilities`]).
+pub fn predictions(
+    model: &ResNet,
+    split: &Split,
+    loader: &LoaderConfig,
+    device: &Device,
+    tta_hflip: bool,
+) -> Result<Vec<Prediction>> {
     let mut out = Vec::with_capacity(split.len());
     let cfg = LoaderConfig { shuffle: false, augment: None, ..loader.clone() };
     for batch in batches(Arc::new(split.clone()), &cfg, 0)? {
         let batch = batch?;
-        let logits = model.infer(&batch.images.to_device(device)?)?;
-        let probs = candle_nn::ops::softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+        let probs = class_probabilities(model, &batch.images.to_device(device)?, tta_hflip)?;
         let best = probs.max_keepdim(D::Minus1)?.squeeze(D::Minus1)?;
         let class: Vec<u32> = probs.argmax(D::Minus1)?.to_device(&Device::Cpu)?.to_vec1()?;
         let confidence: Vec<f32> = best.to_device(&Device::Cpu)?.to_vec1()?;
         out.extend(class.into_iter().zip(confidence).map(|(class, confidence)| Prediction { class, confidence }));
     }
     Ok(out)
+}
+
+/// Evaluation-mode class probabilities (softmax, f32). With `tta_hflip`, the mean of the
+/// probabilities of each image and of its left-right mirror image: test-time augmentation for
+/// models trained with random flips.
+///
+/// # Shapes
+/// - `images`: `(batch, channels, height, width)` on the model's device → `(batch, classes)`
+pub fn class_probabilities(model: &ResNet, images: &Tensor, tta_hflip: bool) -> Result<Tensor> {
+    let probs = |x: &Tensor| -> Result<Tensor> {
+        Ok(candle_nn::ops::softmax(&model.infer(x)?.to_dtype(DType::F32)?, D::Minus1)?)
+    };
+    let p = probs(images)?;
+    if !tta_hflip {
+        return Ok(p);
+    }
+    let mirrored = images.flip(&[3])?;
+    Ok(((p + probs(&mirrored)?)? * 0.5)?)
 }
 
 /// Mean cross-entropy with label smoothing ε: `(1-ε)·nll + ε·mean_k(-log p_k)`.
@@ -773,6 +818,33 @@ mod tests {
         assert_eq!(plot_points(235).len(), 5);
         assert_eq!(plot_points(3), vec![1, 2, 3]);
         assert_eq!(plot_points(12), vec![2, 4, 6, 8, 10, 12]);
+    }
+
+    /// Flip TTA is the mean of two softmaxes, the second of the image mirrored left-right, here
+    /// mirrored independently by gathering columns in reverse order.
+    #[test]
+    fn flip_tta_averages_an_image_and_its_mirror() -> Result<()> {
+        let vars = candle_nn::VarMap::new();
+        let cfg = resnet_core::ResNetConfig { base_width: 4, ..resnet_core::ResNetConfig::d2l_resnet18() };
+        let model = ResNet::new(&cfg, candle_nn::VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu))?;
+        let x = Tensor::randn(0f32, 1.0, (3, 1, 28, 28), &Device::Cpu)?;
+        let reversed = Tensor::new((0..28u32).rev().collect::<Vec<_>>().as_slice(), &Device::Cpu)?;
+        let mirror = x.index_select(&reversed, 3)?;
+        let softmax = |t: &Tensor| -> Result<Tensor> { Ok(candle_nn::ops::softmax(&model.infer(t)?, D::Minus1)?) };
+        let want: Vec<Vec<f32>> = ((softmax(&x)? + softmax(&mirror)?)? * 0.5)?.to_vec2()?;
+        let got: Vec<Vec<f32>> = class_probabilities(&model, &x, true)?.to_vec2()?;
+        let plain: Vec<Vec<f32>> = class_probabilities(&model, &x, false)?.to_vec2()?;
+        let max_diff = |a: &[Vec<f32>], b: &[Vec<f32>]| {
+            a.iter().flatten().zip(b.iter().flatten()).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max)
+        };
+        assert!(max_diff(&got, &want) < 1e-6, "TTA differs from the mean of the two softmaxes");
+        assert!(max_diff(&plain, &softmax(&x)?.to_vec2()?) == 0.0);
+        // A random image is not symmetric, so the average must differ from one pass.
+        assert!(max_diff(&got, &plain) > 1e-6);
+        for row in &got {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        }
+        Ok(())
     }
 
     #[test]

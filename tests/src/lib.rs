@@ -41,7 +41,7 @@ pub fn tiny_config() -> TrainConfig {
         schedule: Schedule::Cosine,
         warmup_epochs: 0.5,
         label_smoothing: 0.1,
-        augment: Some(AugmentConfig { crop_padding: 2, hflip: true }),
+        augment: Some(AugmentConfig { crop_padding: 2, hflip: true, erase: true }),
         normalize: true,
         seed: 7,
         limit_train: None,
@@ -54,6 +54,7 @@ pub fn tiny_config() -> TrainConfig {
         val_split: 0,
         patience: None,
         init_weights: None,
+        tta_hflip: false,
     }
 }
 
@@ -155,6 +156,13 @@ pub enum Progress {
     },
     /// Training stopped early.
     EarlyStop(resnet_train::EarlyStop),
+    /// A test-accuracy milestone first reached at an epoch.
+    Milestone {
+        /// The milestone.
+        test_acc: f64,
+        /// The epoch that reached it.
+        epoch: usize,
+    },
     /// An epoch's summary.
     Epoch {
         /// 1-based epoch.
@@ -192,6 +200,7 @@ pub fn without_timing(history: &[MetricsRecord]) -> Vec<Progress> {
                 lr: m.lr,
             },
             MetricsRecord::EarlyStop(s) => Progress::EarlyStop(s.clone()),
+            MetricsRecord::TimeToAccuracy(t) => Progress::Milestone { test_acc: t.test_acc, epoch: t.epoch },
         })
         .collect()
 }

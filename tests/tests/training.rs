@@ -21,7 +21,7 @@ use resnet_tests::{
 use resnet_train::run_dir::files;
 use resnet_train::{
     loader_config, EpochMetrics, LrSchedule, MetricsRecord, Observer, Precision, RunDir, Schedule, SgdConfig, Silent,
-    TrainConfig, TrainError, Trainer,
+    TimeToAccuracy, TrainConfig, TrainError, Trainer, ACCURACY_MILESTONES,
 };
 use tempfile::TempDir;
 
@@ -849,5 +849,48 @@ fn best_files_hold_only_what_pytorch_s_strict_loading_accepts() -> Result<()> {
     ensure!(best.keys().cloned().collect::<BTreeSet<_>>() == names, "best.safetensors holds other tensors");
     let ckpt = candle_core::safetensors::load(run.join(files::CHECKPOINT), &CPU)?;
     ensure!(ckpt.keys().any(|k| k.starts_with("train.momentum.")), "the checkpoint lacks momentum buffers");
+    Ok(())
+}
+
+/// A run with flip test-time augmentation reports the accuracy `evaluate` gives its final
+/// weights with flips, and every test-accuracy milestone is recorded once, right after the first
+/// epoch that reaches it, with the summed wall time of the epochs so far.
+#[test]
+fn milestones_and_flip_tta_are_recorded_as_evaluated() -> Result<()> {
+    let data = synthetic_data();
+    let (_dir, run) = fresh_run()?;
+    let cfg = TrainConfig { tta_hflip: true, epochs: 8, augment: None, ..tiny_config() };
+    let mut trainer = Trainer::new(cfg.clone(), &CPU)?.with_run_dir(RunDir::create(&run)?)?;
+    let report = trainer.fit(&data, &mut Silent)?;
+    let records = metrics_file(&run)?;
+    let epochs = epoch_metrics(&records);
+    let last = epochs.last().context("no epochs")?;
+    let loader = resnet_train::loader_config(&cfg, false);
+    let with_tta = resnet_train::evaluate(trainer.model(), &data.test, &loader, &CPU, true)?.accuracy();
+    ensure!(last.test_acc == with_tta, "printed {} but evaluate with flips gives {with_tta}", last.test_acc);
+    let mut want = Vec::new();
+    for (i, record) in records.iter().enumerate() {
+        let MetricsRecord::Epoch(m) = record else { continue };
+        let before = epochs.iter().take_while(|e| e.epoch < m.epoch).map(|e| e.test_acc).fold(f64::MIN, f64::max);
+        let wall: f64 = epochs.iter().take_while(|e| e.epoch <= m.epoch).map(|e| e.wall_seconds).sum();
+        for &t in ACCURACY_MILESTONES.iter().filter(|&&t| m.test_acc >= t && before < t) {
+            want.push((i, TimeToAccuracy { test_acc: t, epoch: m.epoch, wall_seconds: wall }));
+        }
+    }
+    ensure!(!want.is_empty(), "the run reached no milestone (test accuracies {epochs:?}), so nothing was checked");
+    let got: Vec<(usize, TimeToAccuracy)> = records
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| if let MetricsRecord::TimeToAccuracy(t) = r { Some((i, t.clone())) } else { None })
+        .collect();
+    ensure!(got.len() == want.len(), "milestone records {got:?}, expected {want:?}");
+    for ((gi, g), (wi, w)) in got.iter().zip(&want) {
+        ensure!(g == w, "milestone {g:?}, expected {w:?}");
+        // Right after its epoch record, after any milestones of the same epoch.
+        ensure!(*gi > *wi && records[*wi + 1..*gi].iter().all(|r| matches!(r, MetricsRecord::TimeToAccuracy(_))));
+    }
+    ensure!(report.time_to_accuracy == got.into_iter().map(|g| g.1).collect::<Vec<_>>(), "report {report:?}");
+    let meta = checkpoint::read_metadata(&run.join(files::BEST))?;
+    ensure!(meta.get("eval_tta_hflip").map(String::as_str) == Some("true"), "best metadata {meta:?}");
     Ok(())
 }

@@ -30,12 +30,14 @@ pub fn run(a: EvalArgs) -> Result<Outcome> {
         workers: 1,
         prefetch: 4,
     };
-    let confusion = resnet_train::evaluate(&loaded.model, &test, &loader, &device)?;
+    let tta_hflip = a.input.tta_hflip(loaded.tta_hflip);
+    let confusion = resnet_train::evaluate(&loaded.model, &test, &loader, &device, tta_hflip)?;
     if a.json {
         let json = serde_json::json!({
             "weights": a.input.weights,
             "examples": confusion.total(),
             "resize": loaded.resize,
+            "tta_hflip": tta_hflip,
             "test_acc": confusion.accuracy(),
             "selected_on": loaded.selected.as_ref().map(|(on, _)| on),
             "selected_epoch": loaded.selected.as_ref().map(|(_, epoch)| epoch),
@@ -45,7 +47,8 @@ pub fn run(a: EvalArgs) -> Result<Outcome> {
         println!("{}", serde_json::to_string_pretty(&json)?);
         return Ok(Outcome::Done);
     }
-    println!("test acc {:.4} on {} images at {} px", confusion.accuracy(), confusion.total(), loaded.resize);
+    let tta = if tta_hflip { ", averaged with mirror images" } else { "" };
+    println!("test acc {:.4} on {} images at {} px{tta}", confusion.accuracy(), confusion.total(), loaded.resize);
     match &loaded.selected {
         Some((on, epoch)) if on == "test_acc" => println!(
             "(epoch {epoch}'s weights, chosen on this test accuracy: an optimistic estimate; train with --val-split for an unbiased one)"

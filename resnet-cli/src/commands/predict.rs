@@ -4,7 +4,7 @@
 use std::io::Write;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 use resnet_data::{resize_bilinear, Normalize, CLASS_NAMES};
 
 use super::Outcome;
@@ -56,6 +56,7 @@ pub fn run(a: PredictArgs) -> Result<Outcome> {
         }
     }
     let norm = loaded.normalize.then(Normalize::fashion_mnist);
+    let tta_hflip = a.input.tta_hflip(loaded.tta_hflip);
     let mut out = std::io::stdout().lock();
     for chunk in inputs.chunks(CHUNK) {
         let mut values = Vec::with_capacity(chunk.len() * side * side);
@@ -66,7 +67,7 @@ pub fn run(a: PredictArgs) -> Result<Outcome> {
             }));
         }
         let xs = Tensor::from_vec(values, (chunk.len(), 1, side, side), &device)?;
-        let probs = candle_nn::ops::softmax(&loaded.model.infer(&xs)?, D::Minus1)?;
+        let probs = resnet_train::class_probabilities(&loaded.model, &xs, tta_hflip)?;
         let probs: Vec<Vec<f32>> = probs.to_device(&Device::Cpu)?.to_vec2()?;
         for ((source, _), p) in chunk.iter().zip(probs) {
             let line = if a.json { json_line(source, &p)? } else { text_line(source, p, a.top as usize) };

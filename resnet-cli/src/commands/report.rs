@@ -44,7 +44,7 @@ pub fn run(a: ReportArgs) -> Result<Outcome> {
         prefetch: 4,
     };
     eprintln!("evaluating {} on {} test images at {} px", weights_path.display(), test.len(), loaded.resize);
-    let predictions = resnet_train::predictions(&loaded.model, &test, &loader, &device)?;
+    let predictions = resnet_train::predictions(&loaded.model, &test, &loader, &device, loaded.tta_hflip)?;
     let mut confusion = resnet_train::Confusion::new(loaded.model.config().num_classes);
     let labels: Vec<u32> = test.labels.iter().map(|&l| l as u32).collect();
     let predicted: Vec<u32> = predictions.iter().map(|p| p.class).collect();

@@ -82,6 +82,14 @@ pub fn run(a: TrainArgs) -> Result<Outcome> {
         }
         println!("{:.1} examples/sec on {}", report.examples_per_sec, device::label(&device));
     }
+    for t in &report.time_to_accuracy {
+        println!(
+            "test acc {:.2} first reached after epoch {}, {:.1} min of training and evaluation",
+            t.test_acc,
+            t.epoch,
+            t.wall_seconds / 60.0
+        );
+    }
     if let Some((epoch, acc, on)) = report.best {
         let how = match on {
             SelectedOn::ValAcc => format!("validation accuracy {acc:.3}"),
