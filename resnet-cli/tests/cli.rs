@@ -1201,3 +1201,32 @@ fn every_subcommand_s_help_shows_examples() -> Result<()> {
     ensure!(ok(&["predict", "--help"])?.stdout.contains("JSON lines"), "predict --help does not say JSON lines");
     Ok(())
 }
+
+/// `--erase` and `--tta-hflip` reach config.json; the weights files record the flip TTA, so
+/// `eval` reproduces the run's accuracy by default, and `--no-tta-hflip` turns it off.
+#[test]
+fn erasing_and_flip_tta_flags_reach_the_run_and_eval_follows_them() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (data, out) = (dir.path().join("data"), dir.path().join("run"));
+    write_data(&data)?;
+    let mut args = train_args(path_str(&data)?, path_str(&out)?);
+    args.extend_from_slice(&["--erase", "--crop-padding", "2", "--tta-hflip"]);
+    ok(&args)?;
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json"))?)?;
+    ensure!(config["augment"]["erase"] == true && config["augment"]["crop_padding"] == 2, "config.json {config}");
+    ensure!(config["tta_hflip"] == true, "config.json {config}");
+    let text = std::fs::read_to_string(out.join("metrics.jsonl"))?;
+    let last = text.lines().filter(|l| l.contains("\"kind\":\"epoch\"")).last().context("no epoch record")?;
+    let printed = f64_field(&serde_json::from_str(last)?, "test_acc")?;
+    let (weights, data_s) = (out.join("checkpoint.safetensors"), path_str(&data)?);
+    let eval = |extra: &[&str]| -> Result<serde_json::Value> {
+        let mut a = vec!["eval", "--weights", path_str(&weights)?, "--data-dir", data_s, "--device", "cpu", "--json"];
+        a.extend_from_slice(extra);
+        Ok(serde_json::from_str(&ok(&a)?.stdout)?)
+    };
+    let with = eval(&[])?;
+    ensure!(with["tta_hflip"] == true && f64_field(&with, "test_acc")? == printed, "eval {with} vs printed {printed}");
+    let without = eval(&["--no-tta-hflip"])?;
+    ensure!(without["tta_hflip"] == false, "eval --no-tta-hflip {without}");
+    Ok(())
+}
