@@ -113,6 +113,13 @@ elif [ -x "$HERE/resnet-cli" ]; then
 else
     say "no resnet-cli(.xz) next to this script"; exit 2
 fi
+STUB=${RESNET_DEVICE_CHECK_STUB_DIR:-}
+if [ -n "$STUB" ] && [ ! -e "$STUB/libcuda.so.1" ] && [ -e "$STUB/libcuda.so" ]; then
+    # The build's stub is named for the linker (libcuda.so); the loader asks for its soname.
+    mkdir -p "$OUT_DIR/stub" && ln -sf "$(cd "$STUB" && pwd)/libcuda.so" "$OUT_DIR/stub/libcuda.so.1"
+    export RESNET_DEVICE_CHECK_STUB_DIR="$OUT_DIR/stub"
+    say "LOCAL PROOF: the link-only libcuda stub is on the library path; every CUDA call fails"
+fi
 LIBS=$(lib_path)
 export LD_LIBRARY_PATH="$LIBS"
 say "library path: ${LIBS:-<system only>}"

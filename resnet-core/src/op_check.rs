@@ -150,7 +150,7 @@ fn input(shape: (usize, usize, usize, usize), dtype: DType, seed: u64) -> candle
 
 /// The named outputs and gradients of `case` on `device` with `gpu_ops` in `dtype`, each with
 /// its relative error against the CPU in f32.
-pub(crate) fn compare(
+fn compare(
     case: Case,
     gpu_ops: GpuOps,
     dtype: DType,

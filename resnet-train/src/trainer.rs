@@ -158,7 +158,7 @@ fn check_precision(cfg: &TrainConfig, device: &Device) -> Result<()> {
             field: "gpu_ops",
             what: "GPU kernels",
             reason: format!(
-                "`{}` is not in this build (the CUDA build with cuDNN: cargo xtask build-cuda --cudnn)",
+                "`{}` is not in this build: it needs the CUDA build with the `cudnn` feature (README, \"GPU\")",
                 cfg.gpu_ops.name()
             ),
         });

@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 
 fn refuse<T>() -> candle_core::Result<T> {
-    candle_core::bail!("this build has no cuDNN ops: build with the `cudnn` feature (cargo xtask build-cuda --cudnn)")
+    candle_core::bail!("this build has no cuDNN ops: it needs the `cudnn` build feature (see the README, \"GPU\")")
 }
 
 pub(crate) fn conv2d(_: &Tensor, _: &Tensor, _: usize, _: usize) -> candle_core::Result<Tensor> {

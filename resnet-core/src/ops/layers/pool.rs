@@ -31,23 +31,21 @@ impl MaxPool2d {
         Self { kernel: 3, stride: 2, pad: 1 }
     }
 
+    /// [`MaxPool2d::forward_on`] with the default kernels (the CPU's, or candle's on CUDA).
+    #[cfg(test)]
+    pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_on(xs, GpuOps::default())
+    }
+
     /// Applies the pooling.
     ///
     /// # Shapes
     /// - `xs`: `(batch, height, width, channels)`
     /// - returns `(batch, out_h, out_w, channels)`
     ///
-    /// On CPU (f32, f64) this is one custom op with its own backward; on other devices and
+    /// On CPU (f32, f64) this is one custom op with its own backward; on CUDA with
+    /// [`GpuOps::Cudnn`] it is cuDNN's pooling, forward and backward; on other devices and
     /// dtypes it is [`MaxPool2d::forward_portable`], made of candle's differentiable ops.
-    pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward_on(xs, GpuOps::default())
-    }
-
-    /// [`MaxPool2d::forward`] with the CUDA kernels `gpu_ops` chooses (cuDNN's on request).
-    ///
-    /// # Shapes
-    /// - `xs`: `(batch, height, width, channels)`
-    /// - returns `(batch, out_h, out_w, channels)`
     pub fn forward_on(&self, xs: &Tensor, gpu_ops: GpuOps) -> candle_core::Result<Tensor> {
         if gpu_ops == GpuOps::Cudnn && xs.device().is_cuda() {
             self.window(xs.layout())?;
