@@ -235,7 +235,7 @@ fn measure(
     let labels: Vec<u32> = (0..cfg.batch as u32).map(|i| (i * 7) % 10).collect();
     let ys = Tensor::from_vec(labels, cfg.batch, device)?;
     let mut peak = memory_before;
-    let mut step = |trainer: &mut Trainer| -> Result<()> {
+    let step = |trainer: &mut Trainer| -> Result<()> {
         if cfg.train {
             // Reads back the loss and the correct count: the step has finished when it returns.
             trainer.train_batch(&xs, &ys, 0.05)?;
