@@ -266,6 +266,7 @@ def load(path):
     except (OSError, ValueError):
         return None
 ops = load(os.path.join(out, "ops.json")) or {}
+probe = load(os.path.join(out, "probe.json")) or {}
 ours = []
 for f in sorted(glob.glob(os.path.join(out, "ours-*.json")), key=lambda p: int(re.findall(r"\d+", p)[-1])):
     ours += (load(f) or {}).get("timings", [])
@@ -276,7 +277,7 @@ epochs_lines = [l for l in err.splitlines() if re.match(r"^epoch \d+:", l)]
 results = {
     "mode": mode.upper(),
     "device": ops.get("device"),
-    "fallback_reason": ops.get("fallback_reason"),
+    "gpu_probe": probe.get("device"),
     "wall_seconds": int(secs),
     "op_checks": ops.get("op_checks", []),
     "op_check_exit_status": int(ops_rc),
@@ -289,7 +290,7 @@ json.dump(results, open(os.path.join(out, "results.json"), "w"), indent=2)
 L = []
 label = "GPU" if mode == "gpu" else "CPU FALLBACK (no usable GPU; op checks SKIPPED)"
 L.append(f"# Device check: {label}\n")
-L.append(f"Device: {results['device']}  \nWall time: {secs} s\n")
+L.append(f"Device: {results['device']}  \nGPU probe (cuda:0): {results['gpu_probe']}  \nWall time: {secs} s\n")
 L.append("## (a) Ops on the device against the CPU\n")
 L.append("| outcome | op | kernels | dtype | max rel. error | tolerance | detail |")
 L.append("|---|---|---|---|---|---|---|")

@@ -103,7 +103,8 @@ fn open(spec: &str) -> (Device, Option<String>) {
     match crate::device::select(spec) {
         Ok(d) => (d, None),
         Err(e) => {
-            let reason = format!("{e:#}");
+            // The first line: candle appends a backtrace to some errors.
+            let reason = format!("{e:#}").lines().next().unwrap_or_default().trim().to_string();
             tracing::warn!("device-check: {reason}; falling back to the CPU");
             (Device::Cpu, Some(reason))
         }
