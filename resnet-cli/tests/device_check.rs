@@ -82,8 +82,7 @@ fn on_the_cpu_ops_are_skipped_and_cpu_timings_run() -> Result<()> {
 fn an_unusable_gpu_falls_back_to_the_cpu_with_the_reason() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let out = dir.path().join("ops.json");
-    let (code, stdout, stderr) =
-        device_check(&["--device", "cuda", "--ops-only", "--out", &out.to_string_lossy()])?;
+    let (code, stdout, stderr) = device_check(&["--device", "cuda", "--ops-only", "--out", &out.to_string_lossy()])?;
     if cfg!(feature = "cuda") {
         // A CUDA build on a machine with a GPU opens it; nothing to check here.
         return Ok(());

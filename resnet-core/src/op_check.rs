@@ -224,7 +224,8 @@ fn run(
             let y = pool.forward_on(&xs, gpu_ops)?.to_dtype(DType::F32)?;
             let probe = input(dims4(&y)?, rounding, 4)?.to_device(device)?;
             let grads = (&y * &probe)?.sum_all()?.backward()?;
-            let dx = grads.get(x.as_tensor()).cloned().ok_or_else(|| candle_core::Error::Msg("no input gradient".into()))?;
+            let dx =
+                grads.get(x.as_tensor()).cloned().ok_or_else(|| candle_core::Error::Msg("no input gradient".into()))?;
             Ok(vec![("y", y), ("dx", dx)])
         }
     }

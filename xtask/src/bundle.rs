@@ -86,7 +86,10 @@ fn data_source() -> Result<PathBuf> {
             return Ok(dir);
         }
     }
-    bail!("the four Fashion-MNIST .gz files are neither in the cache nor in {}; run cargo xtask fetch-data", resnet_data::DEBIAN_DIR)
+    bail!(
+        "the four Fashion-MNIST .gz files are neither in the cache nor in {}; run cargo xtask fetch-data",
+        resnet_data::DEBIAN_DIR
+    )
 }
 
 /// Every regular file under `dir`, sorted.

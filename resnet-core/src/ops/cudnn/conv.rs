@@ -96,7 +96,13 @@ impl CustomOp2 for CudnnConv {
         "conv2d-cudnn"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         cpu_refused(self.name())
     }
 
@@ -130,8 +136,11 @@ impl CustomOp2 for CudnnConv {
             unsafe {
                 result::get_convolution_forward_algorithm(h, xd.0, wd.0, conv.0, yd.0, 8, &mut n, perf.as_mut_ptr())
             }?;
-            let found = perf.iter().take(n.max(0) as usize).find(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS);
-            found.map(|p| Algo::Forward(p.algo)).ok_or_else(|| candle_core::Error::Msg("cuDNN has no forward algorithm for this convolution".into()))
+            let found =
+                perf.iter().take(n.max(0) as usize).find(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS);
+            found
+                .map(|p| Algo::Forward(p.algo))
+                .ok_or_else(|| candle_core::Error::Msg("cuDNN has no forward algorithm for this convolution".into()))
         })?;
         let Algo::Forward(algo) = algo else { candle_core::bail!("cuDNN conv: a cached algorithm of the wrong kind") };
         // SAFETY: live descriptors.
@@ -165,7 +174,13 @@ impl CustomOp2 for CudnnConv {
         Ok((out, shape))
     }
 
-    fn bwd(&self, xs: &Tensor, ws: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        ws: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let (_, h, w, _) = xs.dims4()?;
         let (_, kh, kw, _) = ws.dims4()?;
@@ -193,7 +208,13 @@ impl CustomOp2 for CudnnConvData {
         "conv2d-cudnn-backward-data"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         cpu_refused(self.name())
     }
 
@@ -224,14 +245,27 @@ impl CustomOp2 for CudnnConvData {
             let mut perf: [sys::cudnnConvolutionBwdDataAlgoPerf_t; 6] = unsafe { std::mem::zeroed() };
             // SAFETY: live descriptors; room for 6 results.
             unsafe {
-                result::get_convolution_backward_data_algorithm(h, wd.0, yd.0, conv.0, xd.0, 6, &mut n, perf.as_mut_ptr())
+                result::get_convolution_backward_data_algorithm(
+                    h,
+                    wd.0,
+                    yd.0,
+                    conv.0,
+                    xd.0,
+                    6,
+                    &mut n,
+                    perf.as_mut_ptr(),
+                )
             }?;
-            let found = perf.iter().take(n.max(0) as usize).find(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS);
-            found.map(|p| Algo::Data(p.algo)).ok_or_else(|| candle_core::Error::Msg("cuDNN has no backward-data algorithm for this convolution".into()))
+            let found =
+                perf.iter().take(n.max(0) as usize).find(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS);
+            found.map(|p| Algo::Data(p.algo)).ok_or_else(|| {
+                candle_core::Error::Msg("cuDNN has no backward-data algorithm for this convolution".into())
+            })
         })?;
         let Algo::Data(algo) = algo else { candle_core::bail!("cuDNN conv: a cached algorithm of the wrong kind") };
         // SAFETY: live descriptors.
-        let ws_len = unsafe { result::get_convolution_backward_data_workspace_size(h, wd.0, yd.0, conv.0, xd.0, algo) }?;
+        let ws_len =
+            unsafe { result::get_convolution_backward_data_workspace_size(h, wd.0, yd.0, conv.0, xd.0, algo) }?;
         let mut work = handle::workspace(&dev, ws_len)?;
         let stream = dev.cuda_stream();
         {
@@ -276,7 +310,13 @@ impl CustomOp2 for CudnnConvFilter {
         "conv2d-cudnn-backward-filter"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         cpu_refused(self.name())
     }
 
@@ -307,14 +347,27 @@ impl CustomOp2 for CudnnConvFilter {
             let mut perf: [sys::cudnnConvolutionBwdFilterAlgoPerf_t; 7] = unsafe { std::mem::zeroed() };
             // SAFETY: live descriptors; room for 7 results.
             unsafe {
-                result::get_convolution_backward_filter_algorithm(h, xd.0, yd.0, conv.0, wd.0, 7, &mut n, perf.as_mut_ptr())
+                result::get_convolution_backward_filter_algorithm(
+                    h,
+                    xd.0,
+                    yd.0,
+                    conv.0,
+                    wd.0,
+                    7,
+                    &mut n,
+                    perf.as_mut_ptr(),
+                )
             }?;
-            let found = perf.iter().take(n.max(0) as usize).find(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS);
-            found.map(|p| Algo::Filter(p.algo)).ok_or_else(|| candle_core::Error::Msg("cuDNN has no backward-filter algorithm for this convolution".into()))
+            let found =
+                perf.iter().take(n.max(0) as usize).find(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS);
+            found.map(|p| Algo::Filter(p.algo)).ok_or_else(|| {
+                candle_core::Error::Msg("cuDNN has no backward-filter algorithm for this convolution".into())
+            })
         })?;
         let Algo::Filter(algo) = algo else { candle_core::bail!("cuDNN conv: a cached algorithm of the wrong kind") };
         // SAFETY: live descriptors.
-        let ws_len = unsafe { result::get_convolution_backward_filter_workspace_size(h, xd.0, yd.0, conv.0, wd.0, algo) }?;
+        let ws_len =
+            unsafe { result::get_convolution_backward_filter_workspace_size(h, xd.0, yd.0, conv.0, wd.0, algo) }?;
         let mut work = handle::workspace(&dev, ws_len)?;
         let stream = dev.cuda_stream();
         {

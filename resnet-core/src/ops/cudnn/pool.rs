@@ -122,7 +122,11 @@ impl CustomOp3 for CudnnMaxPoolBackward {
         let dtype = xs.dtype();
         let y = self.pool.out_dims(xl)?;
         if yl.shape().dims4()? != y || dyl.shape().dims4()? != y {
-            candle_core::bail!("cuDNN max-pool backward: output {:?} and gradient {:?}, expected {y:?}", yl.shape(), dyl.shape())
+            candle_core::bail!(
+                "cuDNN max-pool backward: output {:?} and gradient {:?}, expected {y:?}",
+                yl.shape(),
+                dyl.shape()
+            )
         }
         let dev = xs.device().clone();
         let shape = xl.shape().clone();

@@ -10,7 +10,12 @@ pub(crate) fn conv2d(_: &Tensor, _: &Tensor, _: usize, _: usize) -> candle_core:
     refuse()
 }
 
-pub(crate) fn batch_norm_train(_: &Tensor, _: &Tensor, _: &Tensor, _: f64) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+pub(crate) fn batch_norm_train(
+    _: &Tensor,
+    _: &Tensor,
+    _: &Tensor,
+    _: f64,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     refuse()
 }
 
