@@ -57,7 +57,6 @@ import pathlib
 import sys
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 
@@ -164,6 +163,10 @@ def scaled_err(a, b, scale=None):
 
 
 def main():
+    # Imported here so that bench_pytorch.py, which imports the model from this file, runs where
+    # only torch is installed (a GPU machine's PyTorch).
+    from safetensors.torch import save_file
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     root = pathlib.Path(__file__).resolve().parent.parent
     parser.add_argument("--out", type=pathlib.Path, default=root / "tests" / "fixtures")

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use resnet_core::{BlockKind, ConvAlgorithm, Depth, ResNetConfig};
+use resnet_core::{BlockKind, ConvAlgorithm, Depth, GpuOps, ResNetConfig};
 use resnet_train::{AugmentConfig, Precision, Preset, Schedule, TrainConfig};
 
 /// Train, evaluate and inspect d2l's ResNet on Fashion-MNIST.
@@ -39,7 +39,21 @@ pub enum Command {
     /// Print a shell completion script.
     #[command(after_help = COMPLETIONS_EXAMPLES)]
     Completions(CompletionsArgs),
+    /// Check a GPU: every op on the device against the CPU (forward and backward, f32 and bf16,
+    /// PASS/FAIL per op; SKIPPED without a GPU), then time training and evaluation steps for
+    /// each kernel choice and precision. Writes JSON.
+    #[command(after_help = DEVICE_CHECK_EXAMPLES)]
+    DeviceCheck(DeviceCheckArgs),
 }
+
+const DEVICE_CHECK_EXAMPLES: &str = "\
+Examples:
+  resnet-cli device-check --out check.json                 # ops, then 96/256 and 224/128 training, 96/256 eval
+  resnet-cli device-check --ops-only --out ops.json
+  resnet-cli device-check --device cpu --configs train:28:16 --precisions f32 --steps 2 --out cpu.json
+
+On a machine without a usable GPU the op checks are SKIPPED (never PASS) and the timings run on
+the CPU. Exit status 1 when an op check FAILS. scripts/device_check.sh runs this on a GPU machine.";
 
 const TRAIN_EXAMPLES: &str = "\
 Examples:
@@ -172,6 +186,24 @@ impl From<AlgorithmArg> for ConvAlgorithm {
     }
 }
 
+/// Which kernels run on a CUDA device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GpuOpsArg {
+    /// candle's generic CUDA ops (the default).
+    Candle,
+    /// cuDNN's convolution, BatchNorm and max-pool (the CUDA build with cuDNN; opt-in until a device check passes it).
+    Cudnn,
+}
+
+impl From<GpuOpsArg> for GpuOps {
+    fn from(k: GpuOpsArg) -> Self {
+        match k {
+            GpuOpsArg::Candle => GpuOps::Candle,
+            GpuOpsArg::Cudnn => GpuOps::Cudnn,
+        }
+    }
+}
+
 /// Numeric precision of training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PrecisionArg {
@@ -261,6 +293,8 @@ field_flags! {
         [] workers: usize => data_workers = same;
         /// Convolution algorithm (recorded in the run; a resumed run keeps it).
         [value_enum, alias = "conv-kernel"] conv_algorithm: AlgorithmArg => conv_algorithm = ConvAlgorithm::from;
+        /// Kernels on a CUDA device: candle's ops or cuDNN's (recorded in the run; a resumed run keeps it).
+        [value_enum] gpu_ops: GpuOpsArg => gpu_ops = GpuOps::from;
         /// Precision of activations and products (bf16 needs --device cuda).
         [value_enum] precision: PrecisionArg => precision = Precision::from;
         /// Network depth.
@@ -496,6 +530,50 @@ impl InferenceArgs {
     pub fn tta_hflip(&self, recorded: bool) -> bool {
         pair(self.tta_hflip, self.no_tta_hflip).unwrap_or(recorded)
     }
+}
+
+/// `device-check` flags.
+#[derive(Debug, Args)]
+pub struct DeviceCheckArgs {
+    /// Device to check: cuda, cuda:N, or cpu (timings only; op checks are skipped). If the GPU
+    /// cannot be opened, the check says why and falls back to the CPU.
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    /// Timed configurations, `mode:resize:batch` (mode train or eval), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "train:96:256,train:224:128,eval:96:256")]
+    pub configs: Vec<String>,
+    /// Precisions to time: f32, tf32 (f32 with TF32 products) and bf16 (mixed precision).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "f32,tf32,bf16")]
+    pub precisions: Vec<CheckPrecisionArg>,
+    /// Kernel choices to time, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "candle,cudnn")]
+    pub gpu_ops: Vec<GpuOpsArg>,
+    /// Untimed steps before each measurement.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Timed steps per measurement.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Check the ops only, no timings (with --no-op-checks: only open the device and report it).
+    #[arg(long)]
+    pub ops_only: bool,
+    /// Time only, without the op checks.
+    #[arg(long)]
+    pub no_op_checks: bool,
+    /// Write the JSON report here (written to a temporary name, then renamed).
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+/// Precisions `device-check` times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CheckPrecisionArg {
+    /// f32 throughout.
+    F32,
+    /// f32 with TF32 tensor-core products (CUDA only).
+    Tf32,
+    /// bf16 activations and products, f32 master weights (CUDA only).
+    Bf16,
 }
 
 /// `eval` flags.

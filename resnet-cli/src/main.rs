@@ -32,6 +32,7 @@ fn main() -> ExitCode {
         args::Command::Summary(a) => commands::summary::run(a),
         args::Command::Report(a) => commands::report::run(a),
         args::Command::Completions(a) => commands::completions::run(a),
+        args::Command::DeviceCheck(a) => commands::device_check::run(a),
     };
     match outcome {
         Ok(commands::Outcome::Done) => ExitCode::SUCCESS,

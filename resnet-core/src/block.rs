@@ -5,7 +5,7 @@ use candle_nn::{ModuleT, VarBuilder};
 
 use crate::config::BlockKind;
 use crate::layout::{to_channels_first, to_channels_last};
-use crate::ops::{add_relu, BatchNorm, Conv2d, Conv2dConfig, ConvAlgorithm};
+use crate::ops::{add_relu, BatchNorm, Conv2d, Conv2dConfig, ConvAlgorithm, GpuOps};
 use crate::tensors::{CollectTensors, NamedTensor};
 
 /// d2l's `Residual`: two 3×3 convolutions with BatchNorm, and an identity or 1×1-conv shortcut.
@@ -82,6 +82,15 @@ impl Residual {
         if let Some(c) = &mut self.conv3 {
             c.set_algorithm(algorithm);
         }
+    }
+
+    /// Chooses the kernels the block's convolutions and BatchNorms use on a CUDA device.
+    pub fn set_gpu_ops(&mut self, ops: GpuOps) {
+        for c in [&mut self.conv1, &mut self.conv2].into_iter().chain(self.conv3.as_mut()) {
+            c.set_gpu_ops(ops);
+        }
+        self.bn1.set_gpu_ops(ops);
+        self.bn2.set_gpu_ops(ops);
     }
 
     /// The block on channels-last tensors, as the network runs it.
@@ -210,6 +219,13 @@ impl Stage {
     pub fn set_conv_algorithm(&mut self, algorithm: ConvAlgorithm) {
         for b in &mut self.blocks {
             b.set_conv_algorithm(algorithm);
+        }
+    }
+
+    /// Chooses the kernels the stage's convolutions and BatchNorms use on a CUDA device.
+    pub fn set_gpu_ops(&mut self, ops: GpuOps) {
+        for b in &mut self.blocks {
+            b.set_gpu_ops(ops);
         }
     }
 

@@ -9,10 +9,12 @@
 //!   [`ResNetConfig::resnet34`]) with [`Depth`] and [`BlockKind`];
 //! - [`ResNet`]: `new(cfg, vb)`, candle's [`ModuleT`](candle_nn::ModuleT) for training,
 //!   [`ResNet::infer`] for evaluation without a graph, [`ResNet::set_conv_algorithm`]
-//!   ([`ConvAlgorithm`]) and [`ResNet::set_compute_dtype`] as runtime settings;
+//!   ([`ConvAlgorithm`]), [`ResNet::set_gpu_ops`] ([`GpuOps`]: candle's CUDA ops or cuDNN's)
+//!   and [`ResNet::set_compute_dtype`] as runtime settings;
 //! - [`Residual`] / [`ResidualConfig`] and [`Stage`] / [`StageConfig`], the blocks it is made of;
 //! - [`d2l_init`], d2l's seeded initialisation;
 //! - [`checkpoint`]: [`checkpoint::save`], [`checkpoint::read_config`], [`checkpoint::load_into`];
+//! - [`op_check`]: [`op_check::check_ops`], every op on a GPU against the CPU;
 //! - [`CoreError`], every failure, naming what was expected and found.
 //!
 //! Every public tensor is PyTorch-shaped: images `(batch, channels, height, width)`, logits
@@ -72,6 +74,7 @@ mod config;
 mod error;
 mod init;
 mod layout;
+pub mod op_check;
 mod ops;
 pub mod profile;
 mod resnet;
@@ -81,7 +84,7 @@ pub use block::{Residual, ResidualConfig, Stage, StageConfig};
 pub use config::{BlockKind, Depth, ResNetConfig};
 pub use error::{CoreError, Result};
 pub use init::d2l_init;
-pub use ops::{simd_tier, ConvAlgorithm, SimdTier};
+pub use ops::{simd_tier, ConvAlgorithm, GpuOps, SimdTier};
 pub use resnet::{ResNet, StageShape};
 pub use tensors::{NamedTensor, TensorRole};
 

@@ -8,7 +8,7 @@ use crate::config::{BlockKind, ResNetConfig};
 use crate::error::{CoreError, Result};
 use crate::layout::to_channels_last;
 use crate::ops::plumbing::geometry::Window;
-use crate::ops::{global_avg_pool, BatchNorm, Conv2d, Conv2dConfig, ConvAlgorithm, MaxPool2d};
+use crate::ops::{global_avg_pool, BatchNorm, Conv2d, Conv2dConfig, ConvAlgorithm, GpuOps, MaxPool2d};
 use crate::tensors::{CollectTensors, NamedTensor, TensorRole};
 
 /// d2l's ResNet, laid out as its `nn.Sequential(b1, b2, b3, b4, b5, AdaptiveAvgPool2d, Flatten,
@@ -55,6 +55,7 @@ pub struct ResNet {
     fc: candle_nn::Linear,
     compute_dtype: Option<DType>,
     conv_algorithm: ConvAlgorithm,
+    gpu_ops: GpuOps,
 }
 
 /// One line of the seed's shape trace: a top-level layer and its output shape.
@@ -107,6 +108,7 @@ impl ResNet {
             fc,
             compute_dtype: None,
             conv_algorithm: ConvAlgorithm::default(),
+            gpu_ops: GpuOps::default(),
         })
     }
 
@@ -118,6 +120,25 @@ impl ResNet {
             s.set_conv_algorithm(algorithm);
         }
         self.conv_algorithm = algorithm;
+    }
+
+    /// Chooses the kernels convolutions, training-mode BatchNorms and the stem's max-pool use on
+    /// a CUDA device from now on; the CPU ignores it. Results agree to float rounding.
+    pub fn set_gpu_ops(&mut self, ops: GpuOps) {
+        self.stem_conv.set_gpu_ops(ops);
+        self.stem_bn.set_gpu_ops(ops);
+        for s in &mut self.stages {
+            s.set_gpu_ops(ops);
+        }
+        if let Some(bn) = &mut self.final_bn {
+            bn.set_gpu_ops(ops);
+        }
+        self.gpu_ops = ops;
+    }
+
+    /// The kernels set by [`ResNet::set_gpu_ops`].
+    pub fn gpu_ops(&self) -> GpuOps {
+        self.gpu_ops
     }
 
     /// The algorithm set by [`ResNet::set_conv_algorithm`].
@@ -293,7 +314,7 @@ impl ResNet {
     fn run_stage(&self, stage: usize, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         if stage == 0 {
             let ys = self.stem_bn.forward_relu_t(&self.stem_conv.forward(xs)?, train)?;
-            return self.pool.forward(&ys);
+            return self.pool.forward_on(&ys, self.gpu_ops);
         }
         self.stages[stage - 1].forward_channels_last(xs, train)
     }

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use resnet_core::{ConvAlgorithm, ResNetConfig};
+use resnet_core::{ConvAlgorithm, GpuOps, ResNetConfig};
 
 use crate::error::{Result, TrainError};
 
@@ -129,6 +129,10 @@ pub struct TrainConfig {
     /// records it and resumes with it.
     #[serde(default)]
     pub conv_algorithm: ConvAlgorithm,
+    /// The kernels convolutions, BatchNorms and max-pools run on a CUDA device (the CPU ignores
+    /// it). Results agree to float rounding, so a run records it and resumes with it.
+    #[serde(default)]
+    pub gpu_ops: GpuOps,
     /// Training examples held out (a seeded choice) to select the best epoch and to stop early;
     /// 0 selects on the test set, as d2l's chapter reports it.
     #[serde(default)]
@@ -201,6 +205,7 @@ impl TrainConfig {
             precision: Precision::F32,
             tf32: false,
             conv_algorithm: ConvAlgorithm::default(),
+            gpu_ops: GpuOps::default(),
             val_split: 0,
             patience: None,
             init_weights: None,

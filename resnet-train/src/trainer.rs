@@ -8,7 +8,7 @@ use std::time::Instant;
 use candle_core::{backprop::GradStore, DType, Device, Tensor, D};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
 
-use resnet_core::{checkpoint as core_ckpt, d2l_init, profile, ResNet};
+use resnet_core::{checkpoint as core_ckpt, d2l_init, profile, GpuOps, ResNet};
 use resnet_data::{batches, Augment, FashionMnist, LoaderConfig, Normalize, Split};
 
 use crate::checkpoint::{self, DataFingerprint, RngState, TrainState};
@@ -147,6 +147,23 @@ fn check_precision(cfg: &TrainConfig, device: &Device) -> Result<()> {
                 reason: "applies to CUDA devices only; turn it off on CPU".into(),
             });
         }
+        if cfg.gpu_ops != GpuOps::default() {
+            return Err(TrainError::InvalidField {
+                field: "gpu_ops",
+                what: "GPU kernels",
+                reason: format!("`{}` applies to CUDA devices only; use the default on CPU", cfg.gpu_ops.name()),
+            });
+        }
+    }
+    if !cfg.gpu_ops.compiled() {
+        return Err(TrainError::InvalidField {
+            field: "gpu_ops",
+            what: "GPU kernels",
+            reason: format!(
+                "`{}` is not in this build: it needs the CUDA build with the `cudnn` feature (README, \"GPU\")",
+                cfg.gpu_ops.name()
+            ),
+        });
     }
     Ok(())
 }
@@ -245,6 +262,7 @@ impl Trainer {
         let mut model = ResNet::new(&cfg.model, VarBuilder::from_varmap(&vars, DType::F32, device))?;
         model.set_compute_dtype(cfg.precision.compute_dtype())?;
         model.set_conv_algorithm(cfg.conv_algorithm);
+        model.set_gpu_ops(cfg.gpu_ops);
         if cfg.tf32 {
             candle_core::cuda::set_gemm_reduced_precision_f32(true);
         }

@@ -51,6 +51,7 @@ pub fn tiny_config() -> TrainConfig {
         precision: resnet_train::Precision::F32,
         tf32: false,
         conv_algorithm: resnet_core::ConvAlgorithm::default(),
+        gpu_ops: resnet_core::GpuOps::default(),
         val_split: 0,
         patience: None,
         init_weights: None,

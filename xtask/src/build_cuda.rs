@@ -10,7 +10,8 @@
 //!    never from PyPI; the stub is never put on a run-time library path),
 //! 4. runs `cargo build --release --features cuda` into `target/cuda` for the given compute
 //!    capability, and
-//! 5. reports what the binaries link against and how to run them.
+//! 5. reports what the binaries link against and how to run them, and
+//! 6. with `--bundle`, assembles the device bundle ([`crate::bundle`]).
 //!
 //! With a system toolkit (`nvcc` on `PATH`), `--system` skips steps 1–3.
 
@@ -51,6 +52,12 @@ pub struct BuildCudaArgs {
     /// Build with `cargo check` only (compiles the CUDA kernels and all Rust code, links nothing).
     #[arg(long)]
     pub check: bool,
+    /// Then assemble the device bundle in DIR (default target/device-bundle): the stripped,
+    /// xz-compressed resnet-cli, scripts/device_check.sh, the PyTorch benchmark and the
+    /// Fashion-MNIST files, at most 60 MiB. Needs --cudnn.
+    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "target/device-bundle",
+          conflicts_with = "check", requires = "cudnn")]
+    pub bundle: Option<PathBuf>,
 }
 
 /// Libraries candle's CUDA backend links and the binaries need at run time.
@@ -108,7 +115,11 @@ pub fn run(args: BuildCudaArgs) -> Result<()> {
         println!("CUDA check passed: every crate compiles with the `cuda` feature for sm_{}", args.compute_cap);
         return Ok(());
     }
-    report(&target_dir.join("release"), &cuda_home, args.system)
+    report(&target_dir.join("release"), &cuda_home, args.system)?;
+    if let Some(dir) = &args.bundle {
+        crate::bundle::build(&root, &target_dir.join("release").join("resnet-cli"), &root.join(dir))?;
+    }
+    Ok(())
 }
 
 fn workspace_root() -> Result<PathBuf> {

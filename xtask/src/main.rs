@@ -8,6 +8,7 @@
 
 mod bench;
 mod build_cuda;
+mod bundle;
 mod fetch;
 
 use std::process::ExitCode;
@@ -27,7 +28,7 @@ enum Command {
     FetchData(fetch::FetchArgs),
     /// Benchmark training-step and evaluation throughput of d2l's ResNet-18 (see BENCHMARKS.md)
     Bench(bench::BenchArgs),
-    /// Build resnet-cli and xtask with CUDA, using PyPI's toolkit when there is no system one
+    /// Build resnet-cli and xtask with CUDA, using PyPI's toolkit when there is no system one; --bundle: the GPU check bundle
     BuildCuda(build_cuda::BuildCudaArgs),
     /// One benchmark configuration in this process (used by `bench`)
     #[command(hide = true)]

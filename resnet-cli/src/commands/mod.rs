@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod completions;
+pub mod device_check;
 pub mod eval;
 pub mod predict;
 pub mod report;

@@ -5,14 +5,17 @@
 //!   returning channels-last tensors;
 //! - [`conv`]: which algorithm runs a convolution ([`conv::dispatch`]) and the algorithms
 //!   themselves (im2col, Winograd, in-bounds taps, direct);
+//! - [`cudnn`]: the CUDA ops that go through cuDNN, and the [`GpuOps`] setting that picks them;
 //! - [`plumbing`]: what both share: matrix products, SIMD dispatch, scratch buffers, window
 //!   geometry, weight reordering and the element-wise ops.
 
 pub(crate) mod conv;
+pub(crate) mod cudnn;
 pub(crate) mod layers;
 pub(crate) mod plumbing;
 
 pub use conv::ConvAlgorithm;
+pub use cudnn::GpuOps;
 pub(crate) use layers::{global_avg_pool, BatchNorm, Conv2d, Conv2dConfig, MaxPool2d};
 pub(crate) use plumbing::add_relu;
 pub use plumbing::simd::{tier as simd_tier, SimdTier};

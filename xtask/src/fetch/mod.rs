@@ -154,6 +154,17 @@ pub fn default_data_dir() -> anyhow::Result<PathBuf> {
     Ok(cache.join("resnet-fashion").join("fashion-mnist"))
 }
 
+/// Checks one Fashion-MNIST file (gzip or raw, by its name in the manifest) against the
+/// manifest's size and SHA-256 of the decompressed content.
+pub fn verify_dataset_file(path: &Path) -> anyhow::Result<()> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let manifest = Manifest::fashion_mnist();
+    let Some(spec) = manifest.files.iter().find(|s| s.name == name || s.raw_name() == name) else {
+        bail!("{} is not one of the Fashion-MNIST files", path.display());
+    };
+    verify_file(path, spec).map(|_| ()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
 /// Makes every file of `manifest` present and verified in `plan.dir`.
 pub fn fetch(manifest: &Manifest, plan: &Plan, reporter: &Reporter) -> anyhow::Result<Summary> {
     let dir = &plan.dir;

@@ -6,6 +6,7 @@ use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout,
 use candle_nn::{Init, ModuleT, VarBuilder};
 use rayon::prelude::*;
 
+use crate::ops::cudnn::{self, GpuOps};
 use crate::ops::plumbing::scratch;
 use crate::ops::plumbing::simd::with_fma;
 use crate::ops::plumbing::storage::contiguous;
@@ -21,6 +22,7 @@ pub struct BatchNorm {
     num_batches_tracked: Var,
     eps: f64,
     momentum: f64,
+    gpu_ops: GpuOps,
 }
 
 impl BatchNorm {
@@ -45,7 +47,14 @@ impl BatchNorm {
             num_batches_tracked,
             eps: Self::EPS,
             momentum: Self::MOMENTUM,
+            gpu_ops: GpuOps::default(),
         })
+    }
+
+    /// Chooses the kernels training-mode forward passes use on a CUDA device (evaluation is one
+    /// scale-and-shift either way).
+    pub fn set_gpu_ops(&mut self, ops: GpuOps) {
+        self.gpu_ops = ops;
     }
 
     /// Scale γ, `(channels,)`.
@@ -117,7 +126,14 @@ impl BatchNorm {
         let rows = xs.elem_count() / c;
         let flat = xs.reshape((rows, c))?;
         let fusable = xs.device().is_cpu() && matches!(xs.dtype(), DType::F32 | DType::F64);
-        let ys = if train && fusable {
+        let ys = if train && self.gpu_ops == GpuOps::Cudnn && xs.device().is_cuda() && xs.rank() == 4 {
+            let (ys, mean, var) = cudnn::batch_norm_train(xs, &self.weight, &self.bias, self.eps)?;
+            self.update_running_stats(&mean, &var, rows)?;
+            if relu {
+                return crate::ops::plumbing::elementwise::relu(&ys);
+            }
+            return Ok(ys);
+        } else if train && fusable {
             if rows < 2 {
                 candle_core::bail!("batch-norm in training needs more than one value per channel, got shape {dims:?}")
             }

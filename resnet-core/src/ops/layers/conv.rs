@@ -5,6 +5,7 @@ use candle_nn::{Init, VarBuilder};
 
 use crate::ops::conv::dispatch::{self, ConvAlgorithm};
 use crate::ops::conv::im2col::im2col_portable;
+use crate::ops::cudnn::{self, GpuOps};
 use crate::ops::plumbing::geometry::Window;
 
 /// A convolution's hyper-parameters.
@@ -24,13 +25,15 @@ pub struct Conv2dConfig {
 
 /// A convolution with bias (PyTorch's default), weights stored as PyTorch's
 /// `(out_channels, in_channels, kernel_size, kernel_size)` so checkpoints interoperate. Which
-/// algorithm computes it is a runtime setting ([`Conv2d::set_algorithm`]), Winograd by default.
+/// algorithm computes it is a runtime setting ([`Conv2d::set_algorithm`]), Winograd by default;
+/// on CUDA, [`Conv2d::set_gpu_ops`] chooses between candle's ops and cuDNN.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
     bias: Tensor,
     cfg: Conv2dConfig,
     algorithm: ConvAlgorithm,
+    gpu_ops: GpuOps,
 }
 
 impl Conv2d {
@@ -45,7 +48,12 @@ impl Conv2d {
             Init::Uniform { lo: -bound, up: bound },
         )?;
         let bias = vb.get_with_hints(cfg.out_channels, "bias", Init::Uniform { lo: -bound, up: bound })?;
-        Ok(Self { weight, bias, cfg, algorithm: ConvAlgorithm::default() })
+        Ok(Self { weight, bias, cfg, algorithm: ConvAlgorithm::default(), gpu_ops: GpuOps::default() })
+    }
+
+    /// Chooses the kernels later forward passes use on a CUDA device.
+    pub fn set_gpu_ops(&mut self, ops: GpuOps) {
+        self.gpu_ops = ops;
     }
 
     /// Chooses the algorithm for later forward passes; results agree to float rounding.
@@ -109,6 +117,13 @@ impl Module for Conv2d {
         let c = xs.dim(3)?;
         if c != in_channels {
             candle_core::bail!("conv2d expects {in_channels} input channels, got {c}")
+        }
+        if self.gpu_ops == GpuOps::Cudnn && xs.device().is_cuda() {
+            // cuDNN takes the weight as (out, kh, kw, in) to match the channels-last input; the
+            // permute is a graph node, so the weight's gradient arrives in PyTorch's layout.
+            let weight = self.weight.to_dtype(xs.dtype())?.permute((0, 2, 3, 1))?;
+            let ys = cudnn::conv2d(xs, &weight, stride, padding)?;
+            return ys.broadcast_add(&self.bias.to_dtype(xs.dtype())?);
         }
         match self.algorithm {
             ConvAlgorithm::Im2col | ConvAlgorithm::Winograd

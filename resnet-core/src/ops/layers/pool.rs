@@ -4,6 +4,7 @@
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use crate::ops::cudnn::{self, GpuOps};
 use crate::ops::plumbing::scratch;
 use crate::ops::plumbing::storage::contiguous;
 
@@ -30,16 +31,26 @@ impl MaxPool2d {
         Self { kernel: 3, stride: 2, pad: 1 }
     }
 
+    /// [`MaxPool2d::forward_on`] with the default kernels (the CPU's, or candle's on CUDA).
+    #[cfg(test)]
+    pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_on(xs, GpuOps::default())
+    }
+
     /// Applies the pooling.
     ///
     /// # Shapes
     /// - `xs`: `(batch, height, width, channels)`
     /// - returns `(batch, out_h, out_w, channels)`
     ///
-    /// On CPU (f32, f64) this is one custom op with its own backward; on other devices and
+    /// On CPU (f32, f64) this is one custom op with its own backward; on CUDA with
+    /// [`GpuOps::Cudnn`] it is cuDNN's pooling, forward and backward; on other devices and
     /// dtypes it is [`MaxPool2d::forward_portable`], made of candle's differentiable ops.
-    pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        if xs.device().is_cpu() && matches!(xs.dtype(), DType::F32 | DType::F64) {
+    pub fn forward_on(&self, xs: &Tensor, gpu_ops: GpuOps) -> candle_core::Result<Tensor> {
+        if gpu_ops == GpuOps::Cudnn && xs.device().is_cuda() {
+            self.window(xs.layout())?;
+            cudnn::max_pool2d(xs, self.kernel, self.stride, self.pad)
+        } else if xs.device().is_cpu() && matches!(xs.dtype(), DType::F32 | DType::F64) {
             xs.contiguous()?.apply_op1(*self)
         } else {
             self.forward_portable(xs)
