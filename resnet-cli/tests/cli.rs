@@ -1216,7 +1216,7 @@ fn erasing_and_flip_tta_flags_reach_the_run_and_eval_follows_them() -> Result<()
     ensure!(config["augment"]["erase"] == true && config["augment"]["crop_padding"] == 2, "config.json {config}");
     ensure!(config["tta_hflip"] == true, "config.json {config}");
     let text = std::fs::read_to_string(out.join("metrics.jsonl"))?;
-    let last = text.lines().filter(|l| l.contains("\"kind\":\"epoch\"")).last().context("no epoch record")?;
+    let last = text.lines().rfind(|l| l.contains("\"kind\":\"epoch\"")).context("no epoch record")?;
     let printed = f64_field(&serde_json::from_str(last)?, "test_acc")?;
     let (weights, data_s) = (out.join("checkpoint.safetensors"), path_str(&data)?);
     let eval = |extra: &[&str]| -> Result<serde_json::Value> {
