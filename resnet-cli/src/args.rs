@@ -287,6 +287,8 @@ field_flags! {
         [] warmup_epochs: f64 => warmup_epochs = same;
         /// Label smoothing ε.
         [] label_smoothing: f64 => label_smoothing = same;
+        /// Evaluate, select and save an exponential moving average of the weights with this decay per step (e.g. 0.999).
+        [value_name = "DECAY"] ema: f64 => ema_decay = Some;
         /// Evaluation batch size.
         [] eval_batch_size: usize => eval_batch_size = same;
         /// Background threads preparing batches.

@@ -1205,6 +1205,30 @@ fn every_subcommand_s_help_shows_examples() -> Result<()> {
 /// `--erase` and `--tta-hflip` reach config.json; the weights files record the flip TTA, so
 /// `eval` reproduces the run's accuracy by default, and `--no-tta-hflip` turns it off.
 #[test]
+fn ema_flag_reaches_the_run_and_eval_scores_the_average() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (data, out) = (dir.path().join("data"), dir.path().join("run"));
+    write_data(&data)?;
+    let mut args = train_args(path_str(&data)?, path_str(&out)?);
+    args.extend_from_slice(&["--ema", "0.9"]);
+    ok(&args)?;
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json"))?)?;
+    ensure!(config["ema_decay"] == 0.9, "config.json {config}");
+    let text = std::fs::read_to_string(out.join("metrics.jsonl"))?;
+    let last = text.lines().rfind(|l| l.contains("\"kind\":\"epoch\"")).context("no epoch record")?;
+    let printed = f64_field(&serde_json::from_str(last)?, "test_acc")?;
+    let weights = out.join("checkpoint.safetensors");
+    let eval = ["eval", "--weights", path_str(&weights)?, "--data-dir", path_str(&data)?, "--device", "cpu", "--json"];
+    let scored: serde_json::Value = serde_json::from_str(&ok(&eval)?.stdout)?;
+    ensure!(f64_field(&scored, "test_acc")? == printed, "eval {scored} vs printed {printed}");
+    let bad_out = dir.path().join("bad");
+    let mut bad = train_args(path_str(&data)?, path_str(&bad_out)?);
+    bad.extend_from_slice(&["--ema", "1.5"]);
+    fails(&bad, &["--ema", "(0, 1)"])?;
+    Ok(())
+}
+
+#[test]
 fn erasing_and_flip_tta_flags_reach_the_run_and_eval_follows_them() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (data, out) = (dir.path().join("data"), dir.path().join("run"));

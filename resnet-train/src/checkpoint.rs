@@ -20,6 +20,7 @@ use crate::metrics::{EarlyStop, MetricsRecord, Running};
 /// Metadata key holding [`TrainState`] as JSON.
 pub const STATE_KEY: &str = "train_state";
 const MOMENTUM_PREFIX: &str = "train.momentum.";
+const AVERAGE_PREFIX: &str = "train.average.";
 
 /// All randomness in training is a pure function of these: initialisation of `seed`, the data
 /// order of `(seed, epoch)` and augmentation of `(seed, epoch, position)`.
@@ -120,10 +121,19 @@ fn digest(split: &Split) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Serialises model + optimiser state + [`TrainState`] into one safetensors file's bytes.
-pub fn to_bytes(model: &ResNet, momentum: &[(String, Tensor)], state: &TrainState) -> Result<Vec<u8>> {
-    let extra: Vec<(String, Tensor)> =
-        momentum.iter().map(|(name, t)| (format!("{MOMENTUM_PREFIX}{name}"), t.clone())).collect();
+/// Serialises model + optimiser state + weight average (empty without one) + [`TrainState`]
+/// into one safetensors file's bytes.
+pub fn to_bytes(
+    model: &ResNet,
+    momentum: &[(String, Tensor)],
+    average: &[(String, Tensor)],
+    state: &TrainState,
+) -> Result<Vec<u8>> {
+    let extra: Vec<(String, Tensor)> = momentum
+        .iter()
+        .map(|(name, t)| (format!("{MOMENTUM_PREFIX}{name}"), t.clone()))
+        .chain(average.iter().map(|(name, t)| (format!("{AVERAGE_PREFIX}{name}"), t.clone())))
+        .collect();
     let json = serde_json::to_string(state).map_err(|e| TrainError::InvalidConfig(e.to_string()))?;
     let mut meta = input_metadata(&state.config);
     meta.insert(STATE_KEY.to_string(), json);
@@ -160,8 +170,19 @@ pub fn best_metadata(cfg: &TrainConfig, epoch: usize) -> HashMap<String, String>
     meta
 }
 
-/// Reads the [`TrainState`] and the momentum buffers (by parameter name) of a checkpoint.
-pub fn read(path: &Path, device: &Device) -> Result<(TrainState, HashMap<String, Tensor>)> {
+/// What a training checkpoint holds beside the model's weights.
+#[derive(Debug)]
+pub struct SavedTraining {
+    /// Where training stands.
+    pub state: TrainState,
+    /// The optimiser's momentum buffers, by parameter name.
+    pub momentum: HashMap<String, Tensor>,
+    /// The weight average's tensors by name (empty when the run keeps none).
+    pub average: HashMap<String, Tensor>,
+}
+
+/// Reads the [`TrainState`], the momentum buffers and the weight average of a checkpoint.
+pub fn read(path: &Path, device: &Device) -> Result<SavedTraining> {
     let (meta, tensors) = resnet_core::checkpoint::read_train_state(path, device)?;
     let json = meta.get(STATE_KEY).ok_or_else(|| TrainError::Resume {
         path: path.to_path_buf(),
@@ -171,10 +192,33 @@ pub fn read(path: &Path, device: &Device) -> Result<(TrainState, HashMap<String,
         path: path.to_path_buf(),
         reason: format!("unreadable training state: {e}"),
     })?;
-    let momentum =
-        tensors.into_iter().filter_map(|(k, t)| k.strip_prefix(MOMENTUM_PREFIX).map(|n| (n.to_string(), t))).collect();
-    debug_assert!(MOMENTUM_PREFIX.starts_with(TRAIN_STATE_PREFIX));
-    Ok((state, momentum))
+    let (mut momentum, mut average) = (HashMap::new(), HashMap::new());
+    for (k, t) in tensors {
+        if let Some(n) = k.strip_prefix(MOMENTUM_PREFIX) {
+            momentum.insert(n.to_string(), t);
+        } else if let Some(n) = k.strip_prefix(AVERAGE_PREFIX) {
+            average.insert(n.to_string(), t);
+        }
+    }
+    debug_assert!(MOMENTUM_PREFIX.starts_with(TRAIN_STATE_PREFIX) && AVERAGE_PREFIX.starts_with(TRAIN_STATE_PREFIX));
+    Ok(SavedTraining { state, momentum, average })
+}
+
+/// Loads the weight average a run kept (`ema_decay`) from its checkpoint into `model`, the
+/// weights the run evaluated; `Ok(false)` leaves `model` alone when the file holds no average
+/// (a run without one, `best.safetensors`, an export).
+pub fn load_average_into(model: &ResNet, path: &Path) -> Result<bool> {
+    let device = model.named_tensors().first().map(|t| t.tensor.device().clone()).unwrap_or(Device::Cpu);
+    let (_, tensors) = resnet_core::checkpoint::read_train_state(path, &device)?;
+    let average: HashMap<String, Tensor> =
+        tensors.into_iter().filter_map(|(k, t)| k.strip_prefix(AVERAGE_PREFIX).map(|n| (n.to_string(), t))).collect();
+    if average.is_empty() {
+        return Ok(false);
+    }
+    crate::ema::set_tensors(model, average).map_err(|e| {
+        TrainError::InvalidConfig(format!("{}: its weight average does not fit the model: {e}", path.display()))
+    })?;
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -148,6 +148,11 @@ pub struct TrainConfig {
     /// Test-time augmentation: evaluation averages the softmax of each image and its mirror image.
     #[serde(default)]
     pub tta_hflip: bool,
+    /// Weight averaging: evaluate, select and save an exponential moving average of the weights
+    /// with this decay per optimiser step (e.g. 0.999) instead of the last step's weights. See
+    /// [`crate::ema`].
+    #[serde(default)]
+    pub ema_decay: Option<f64>,
 }
 
 /// The named recipes.
@@ -210,6 +215,7 @@ impl TrainConfig {
             patience: None,
             init_weights: None,
             tta_hflip: false,
+            ema_decay: None,
         }
     }
 
@@ -345,6 +351,11 @@ impl TrainConfig {
                     "crop padding",
                     format!("{} is more than half the image size {}", a.crop_padding, self.resize),
                 );
+            }
+        }
+        if let Some(d) = self.ema_decay {
+            if !(d > 0.0 && d < 1.0) {
+                return bad("ema_decay", "weight-average decay", format!("must be in (0, 1), got {d}"));
             }
         }
         if self.limit_train == Some(0) {

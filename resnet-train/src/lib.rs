@@ -24,6 +24,7 @@
 mod alloc;
 pub mod checkpoint;
 pub mod config;
+pub mod ema;
 pub mod error;
 pub mod metrics;
 pub mod optim;
@@ -37,6 +38,7 @@ pub mod trainer;
 
 pub use checkpoint::DataFingerprint;
 pub use config::{AugmentConfig, Precision, Preset, Schedule, SelectedOn, SgdConfig, TrainConfig, MAX_EPOCHS};
+pub use ema::WeightAverage;
 pub use error::{Result, TrainError};
 pub use metrics::{Confusion, EarlyStop, EpochMetrics, MetricsRecord, Running, TimeToAccuracy, ACCURACY_MILESTONES};
 pub use optim::Sgd;

@@ -13,6 +13,7 @@ use resnet_data::{batches, Augment, FashionMnist, LoaderConfig, Normalize, Split
 
 use crate::checkpoint::{self, DataFingerprint, RngState, TrainState};
 use crate::config::{Precision, Schedule, SelectedOn, TrainConfig};
+use crate::ema::WeightAverage;
 use crate::error::{Result, TrainError};
 use crate::metrics::{new_milestones, Confusion, EarlyStop, EpochMetrics, MetricsRecord, Running, TimeToAccuracy};
 use crate::optim::Sgd;
@@ -87,6 +88,7 @@ pub struct Trainer {
     model: ResNet,
     _vars: VarMap,
     opt: Sgd,
+    average: Option<WeightAverage>,
     device: Device,
     state: TrainState,
     run_dir: Option<RunDir>,
@@ -249,6 +251,9 @@ impl Trainer {
         let trainer = Self::initialised(cfg, device)?;
         if let Some(path) = &trainer.state.config.init_weights {
             load_init_weights(&trainer.model, path)?;
+            if let Some(average) = &trainer.average {
+                average.copy_from(&trainer.model)?;
+            }
             tracing::info!(path = %path.display(), "initial weights loaded");
         }
         Ok(trainer)
@@ -267,6 +272,7 @@ impl Trainer {
             candle_core::cuda::set_gemm_reduced_precision_f32(true);
         }
         d2l_init(&model, cfg.seed)?;
+        let average = cfg.ema_decay.map(|d| WeightAverage::new(&model, &cfg, d, device)).transpose()?;
         let opt = Sgd::new(model.parameters(), cfg.optimizer)?;
         let rng = RngState { seed: cfg.seed, epoch: 0, position: 0 };
         let state = TrainState {
@@ -282,7 +288,7 @@ impl Trainer {
             data: None,
             early_stop: None,
         };
-        Ok(Self { model, _vars: vars, opt, device: device.clone(), state, run_dir: None })
+        Ok(Self { model, _vars: vars, opt, average, device: device.clone(), state, run_dir: None })
     }
 
     /// Continues the run in `dir` exactly where its last checkpoint left it, with every setting
@@ -290,11 +296,22 @@ impl Trainer {
     pub fn resume(dir: &Path, device: &Device) -> Result<Self> {
         let run_dir = RunDir::open(dir)?;
         let path = run_dir.checkpoint();
-        let (state, momentum) = checkpoint::read(&path, device)?;
-        let mut trainer = Self::initialised(state.config.clone(), device)?;
+        let saved = checkpoint::read(&path, device)?;
+        let mut trainer = Self::initialised(saved.state.config.clone(), device)?;
         core_ckpt::load_into(&trainer.model, &path)?;
-        trainer.opt.load_state(momentum)?;
-        trainer.state = state;
+        trainer.opt.load_state(saved.momentum)?;
+        if let Some(average) = &trainer.average {
+            if saved.average.is_empty() {
+                return Err(TrainError::Resume {
+                    path,
+                    reason: "the run averages its weights (`ema_decay`) but the checkpoint holds no average".into(),
+                });
+            }
+            average
+                .load_state(saved.average)
+                .map_err(|e| TrainError::Resume { path: path.clone(), reason: e.to_string() })?;
+        }
+        trainer.state = saved.state;
         trainer.run_dir = Some(run_dir);
         Ok(trainer)
     }
@@ -345,6 +362,12 @@ impl Trainer {
     /// The model.
     pub fn model(&self) -> &ResNet {
         &self.model
+    }
+
+    /// The weights evaluation, selection and `best.safetensors` use: the weight average when
+    /// the run keeps one (`ema_decay`), else the model itself.
+    pub fn eval_model(&self) -> &ResNet {
+        self.average.as_ref().map_or(&self.model, |a| a.model())
     }
 
     /// Where training stands.
@@ -463,9 +486,10 @@ impl Trainer {
         observer.on_eval_start(self.state.epochs_done + 1);
         let loader = loader_config(cfg, false);
         let tta = cfg.tta_hflip;
-        let test_acc = evaluate(&self.model, &plan.test, &loader, &self.device, tta)?.accuracy();
+        let model = self.eval_model();
+        let test_acc = evaluate(model, &plan.test, &loader, &self.device, tta)?.accuracy();
         let val_acc = match &plan.val {
-            Some(val) => Some(evaluate(&self.model, val, &loader, &self.device, tta)?.accuracy()),
+            Some(val) => Some(evaluate(model, val, &loader, &self.device, tta)?.accuracy()),
             None => None,
         };
         let r = self.state.running;
@@ -569,6 +593,9 @@ impl Trainer {
         if let Some(g) = grads {
             let _span = profile::span("step: optimiser", images.dims());
             self.opt.step(&g, lr)?;
+            if let Some(average) = &self.average {
+                average.update(&self.model, self.state.global_step)?;
+            }
         }
         Ok((loss_sum / n as f32, correct))
     }
@@ -605,7 +632,8 @@ impl Trainer {
         self.check_finite()?;
         let path = dir.checkpoint();
         let previous_intact = path.exists();
-        let bytes = checkpoint::to_bytes(&self.model, &self.opt.state(), &self.state)?;
+        let average = self.average.as_ref().map(|a| a.state()).unwrap_or_default();
+        let bytes = checkpoint::to_bytes(&self.model, &self.opt.state(), &average, &self.state)?;
         write_atomic(&path, &bytes).map_err(|source| TrainError::CheckpointWrite {
             path: path.clone(),
             source,
@@ -628,7 +656,7 @@ impl Trainer {
             let best = dir.best();
             let previous_intact = best.exists();
             let epoch = self.state.best_epoch.unwrap_or(self.state.epochs_done);
-            let bytes = core_ckpt::to_bytes(&self.model, &checkpoint::best_metadata(&self.state.config, epoch))?;
+            let bytes = core_ckpt::to_bytes(self.eval_model(), &checkpoint::best_metadata(&self.state.config, epoch))?;
             write_atomic(&best, &bytes).map_err(|source| TrainError::CheckpointWrite {
                 path: best.clone(),
                 source,

@@ -56,6 +56,7 @@ pub fn tiny_config() -> TrainConfig {
         patience: None,
         init_weights: None,
         tta_hflip: false,
+        ema_decay: None,
     }
 }
 

@@ -111,11 +111,15 @@ fn temporaries(dir: &Path, except: &[&Path]) -> Result<Vec<String>> {
 /// The resumed run must equal the uninterrupted one in every bit of every parameter and
 /// BatchNorm buffer, in every metric but the timings, in `metrics.jsonl` and in `best.safetensors`.
 fn check_resume_is_exact(stops: &[usize]) -> Result<()> {
+    check_resume_of(&tiny_config(), stops)
+}
+
+fn check_resume_of(cfg: &TrainConfig, stops: &[usize]) -> Result<()> {
     let data = synthetic_data();
-    let cfg = tiny_config();
-    let (full, full_dir) = uninterrupted(&cfg, &data)?;
-    let (resumed, resumed_dir) = interrupted_and_resumed(&cfg, &data, stops)?;
+    let (full, full_dir) = uninterrupted(cfg, &data)?;
+    let (resumed, resumed_dir) = interrupted_and_resumed(cfg, &data, stops)?;
     ensure_identical(full.model(), resumed.model(), &format!("weights after resuming at steps {stops:?}"))?;
+    ensure_identical(full.eval_model(), resumed.eval_model(), &format!("evaluated weights, resumed at {stops:?}"))?;
 
     let (a, b) = (without_timing(&full.state().history), without_timing(&resumed.state().history));
     ensure!(a.len() == b.len(), "history lengths differ: {} vs {}", a.len(), b.len());
@@ -145,6 +149,40 @@ fn resume_mid_epoch_twice_equals_uninterrupted_run() -> Result<()> {
 #[test]
 fn resume_at_epoch_boundary_equals_uninterrupted_run() -> Result<()> {
     check_resume_is_exact(&[STEPS_PER_EPOCH])
+}
+
+#[test]
+fn weight_averaging_resumes_exactly() -> Result<()> {
+    check_resume_of(&TrainConfig { ema_decay: Some(0.9), ..tiny_config() }, &[5, 13])
+}
+
+#[test]
+fn weight_averaging_is_what_is_evaluated_and_saved_as_best() -> Result<()> {
+    let data = synthetic_data();
+    let cfg = TrainConfig { epochs: 1, ema_decay: Some(0.9), ..tiny_config() };
+    let (trainer, dir) = uninterrupted(&cfg, &data)?;
+    let averaged = trainer.eval_model();
+    ensure!(!differing_tensors(trainer.model(), averaged)?.is_empty(), "the average equals the last step's weights");
+    let recorded = epoch_metrics(&trainer.state().history)[0].test_acc;
+    let evaluated = resnet_train::evaluate(averaged, &data.test, &loader_config(&cfg, false), &CPU, false)?.accuracy();
+    ensure!(evaluated == recorded, "the epoch recorded {recorded}, the average scores {evaluated}");
+    let (best, _vars) = load_weights(&cfg.model, &dir.path().join("run").join(files::BEST))?;
+    ensure_identical(&best, averaged, "best.safetensors against the average")?;
+    // The checkpoint holds the last step's weights (to resume from) and the average, which
+    // `load_average_into` (what `eval` and `predict` use) puts in their place.
+    let checkpoint_file = dir.path().join("run").join(files::CHECKPOINT);
+    let (from_checkpoint, _v) = load_weights(&cfg.model, &checkpoint_file)?;
+    ensure_identical(&from_checkpoint, trainer.model(), "checkpoint.safetensors' model tensors")?;
+    ensure!(resnet_train::checkpoint::load_average_into(&from_checkpoint, &checkpoint_file)?, "no average loaded");
+    ensure_identical(&from_checkpoint, averaged, "the checkpoint's average")?;
+    ensure!(
+        !resnet_train::checkpoint::load_average_into(&best, &dir.path().join("run").join(files::BEST))?,
+        "best.safetensors holds an average besides its weights"
+    );
+    // Without averaging, evaluation uses the model itself.
+    let (plain, _dir) = uninterrupted(&TrainConfig { ema_decay: None, ..cfg }, &data)?;
+    ensure_identical(plain.eval_model(), plain.model(), "evaluated weights without averaging")?;
+    Ok(())
 }
 
 #[test]
@@ -608,7 +646,7 @@ struct CheckBestFirst {
 impl Observer for CheckBestFirst {
     fn on_checkpoint(&mut self, path: &Path) {
         let result = (|| -> Result<()> {
-            let (state, _) = resnet_train::checkpoint::read(path, &CPU)?;
+            let state = resnet_train::checkpoint::read(path, &CPU)?.state;
             let best = path.with_file_name(files::BEST);
             let meta = checkpoint::read_metadata(&best).context("best.safetensors is missing")?;
             let epoch = meta.get(resnet_train::checkpoint::SELECTED_EPOCH_KEY).context("no selected_epoch")?;
