@@ -57,7 +57,10 @@ pub fn load(path: &Path, device: &Device, resize: Option<usize>, normalize: Opti
     let model = ResNet::new(&cfg, VarBuilder::from_varmap(&vars, DType::F32, device))?;
     checkpoint::load_into(&model, path)?;
     // A training checkpoint of a run that averaged its weights evaluated the average: use it.
-    resnet_train::checkpoint::load_average_into(&model, path)?;
+    // Only training checkpoints (with a training state) can hold one.
+    if meta.contains_key(resnet_train::checkpoint::STATE_KEY) {
+        resnet_train::checkpoint::load_average_into(&model, path)?;
+    }
     let recorded_resize = match meta.get(INPUT_RESIZE_KEY) {
         Some(v) => Some(
             v.parse::<usize>()

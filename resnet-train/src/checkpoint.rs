@@ -192,16 +192,14 @@ pub fn read(path: &Path, device: &Device) -> Result<SavedTraining> {
         path: path.to_path_buf(),
         reason: format!("unreadable training state: {e}"),
     })?;
-    let (mut momentum, mut average) = (HashMap::new(), HashMap::new());
-    for (k, t) in tensors {
-        if let Some(n) = k.strip_prefix(MOMENTUM_PREFIX) {
-            momentum.insert(n.to_string(), t);
-        } else if let Some(n) = k.strip_prefix(AVERAGE_PREFIX) {
-            average.insert(n.to_string(), t);
-        }
-    }
     debug_assert!(MOMENTUM_PREFIX.starts_with(TRAIN_STATE_PREFIX) && AVERAGE_PREFIX.starts_with(TRAIN_STATE_PREFIX));
+    let (momentum, average) = (prefixed(&tensors, MOMENTUM_PREFIX), prefixed(&tensors, AVERAGE_PREFIX));
     Ok(SavedTraining { state, momentum, average })
+}
+
+/// The tensors whose names start with `prefix`, named without it.
+fn prefixed(tensors: &HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tensor> {
+    tensors.iter().filter_map(|(k, t)| k.strip_prefix(prefix).map(|n| (n.to_string(), t.clone()))).collect()
 }
 
 /// Loads the weight average a run kept (`ema_decay`) from its checkpoint into `model`, the
@@ -210,8 +208,7 @@ pub fn read(path: &Path, device: &Device) -> Result<SavedTraining> {
 pub fn load_average_into(model: &ResNet, path: &Path) -> Result<bool> {
     let device = model.named_tensors().first().map(|t| t.tensor.device().clone()).unwrap_or(Device::Cpu);
     let (_, tensors) = resnet_core::checkpoint::read_train_state(path, &device)?;
-    let average: HashMap<String, Tensor> =
-        tensors.into_iter().filter_map(|(k, t)| k.strip_prefix(AVERAGE_PREFIX).map(|n| (n.to_string(), t))).collect();
+    let average = prefixed(&tensors, AVERAGE_PREFIX);
     if average.is_empty() {
         return Ok(false);
     }
