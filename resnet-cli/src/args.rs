@@ -514,6 +514,9 @@ pub struct InferenceArgs {
     /// One prediction per image (default: as the run evaluated).
     #[arg(long, overrides_with = "tta_hflip")]
     pub no_tta_hflip: bool,
+    /// Use a training checkpoint's last weights, not the weight average that a run with --ema evaluated.
+    #[arg(long)]
+    pub last_weights: bool,
     /// Directory holding the Fashion-MNIST files (for eval and predict --index).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -531,6 +534,15 @@ impl InferenceArgs {
     /// Whether to average with mirror images: the flags, else what the weights file records.
     pub fn tta_hflip(&self, recorded: bool) -> bool {
         pair(self.tta_hflip, self.no_tta_hflip).unwrap_or(recorded)
+    }
+
+    /// Which of a training checkpoint's weights to load.
+    pub fn pick(&self) -> crate::weights::Pick {
+        if self.last_weights {
+            crate::weights::Pick::Last
+        } else {
+            crate::weights::Pick::Evaluated
+        }
     }
 }
 

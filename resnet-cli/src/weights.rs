@@ -32,9 +32,25 @@ pub struct Loaded {
     pub selected: Option<(String, String)>,
 }
 
+/// Which weights of a training checkpoint to load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    /// What the run evaluated: the weight average when the run kept one (`--ema`), else the
+    /// weights.
+    Evaluated,
+    /// The last weights of a run that kept an average (an error for any other file).
+    Last,
+}
+
 /// Reads `path` (this project's checkpoints or a d2l PyTorch state_dict), overriding the
 /// recorded input preparation with `resize` / `normalize` when given.
-pub fn load(path: &Path, device: &Device, resize: Option<usize>, normalize: Option<bool>) -> Result<Loaded> {
+pub fn load(
+    path: &Path,
+    device: &Device,
+    resize: Option<usize>,
+    normalize: Option<bool>,
+    pick: Pick,
+) -> Result<Loaded> {
     if !path.is_file() {
         anyhow::bail!("--weights {}: no such file", path.display());
     }
@@ -56,10 +72,26 @@ pub fn load(path: &Path, device: &Device, resize: Option<usize>, normalize: Opti
     let vars = VarMap::new();
     let model = ResNet::new(&cfg, VarBuilder::from_varmap(&vars, DType::F32, device))?;
     checkpoint::load_into(&model, path)?;
-    // A training checkpoint of a run that averaged its weights evaluated the average: use it.
-    // Only training checkpoints (with a training state) can hold one.
-    if meta.contains_key(resnet_train::checkpoint::STATE_KEY) {
-        resnet_train::checkpoint::load_average_into(&model, path)?;
+    // A training checkpoint of a run that averaged its weights evaluated the average: use it
+    // unless the last weights were asked for. Only training checkpoints (with a training state)
+    // can hold one.
+    let training_checkpoint = meta.contains_key(resnet_train::checkpoint::STATE_KEY);
+    match pick {
+        Pick::Evaluated => {
+            if training_checkpoint {
+                resnet_train::checkpoint::load_average_into(&model, path)?;
+            }
+        }
+        Pick::Last => {
+            let has_average = training_checkpoint && resnet_train::checkpoint::has_average(path)?;
+            if !has_average {
+                anyhow::bail!(
+                    "--last-weights: {} holds no weight average, so its weights are the only ones; the flag \
+                     applies to the checkpoint.safetensors of a run trained with --ema",
+                    path.display()
+                );
+            }
+        }
     }
     let recorded_resize = match meta.get(INPUT_RESIZE_KEY) {
         Some(v) => Some(

@@ -1221,6 +1221,40 @@ fn ema_flag_reaches_the_run_and_eval_scores_the_average() -> Result<()> {
     let eval = ["eval", "--weights", path_str(&weights)?, "--data-dir", path_str(&data)?, "--device", "cpu", "--json"];
     let scored: serde_json::Value = serde_json::from_str(&ok(&eval)?.stdout)?;
     ensure!(f64_field(&scored, "test_acc")? == printed, "eval {scored} vs printed {printed}");
+    // Averaging changes nothing in training, so the same run without it ends on the --ema run's
+    // last weights: --last-weights must give that run's probabilities exactly, and the average
+    // (the default) different ones.
+    let plain_out = dir.path().join("plain");
+    ok(&train_args(path_str(&data)?, path_str(&plain_out)?))?;
+    let probabilities = |file: &Path, extra: &[&str]| -> Result<String> {
+        let mut a = vec!["predict", "--weights", path_str(file)?, "--data-dir", path_str(&data)?, "--device", "cpu"];
+        a.extend_from_slice(&["--index", "0", "--index", "1", "--index", "2", "--json"]);
+        a.extend_from_slice(extra);
+        Ok(ok(&a)?.stdout)
+    };
+    let plain = probabilities(&plain_out.join("checkpoint.safetensors"), &[])?;
+    let last_weights = probabilities(&weights, &["--last-weights"])?;
+    ensure!(last_weights == plain, "predict --last-weights:\n{last_weights}\nthe run without --ema:\n{plain}");
+    let average = probabilities(&weights, &[])?;
+    ensure!(average != plain, "the average predicts exactly as the last weights:\n{average}");
+    let mut last_eval = eval.to_vec();
+    last_eval.push("--last-weights");
+    let last_scored: serde_json::Value = serde_json::from_str(&ok(&last_eval)?.stdout)?;
+    ensure!(last_scored["last_weights"] == true, "eval --last-weights {last_scored}");
+    // Files without an average have no "last weights" to choose.
+    for other in [out.join("best.safetensors"), plain_out.join("checkpoint.safetensors")] {
+        let args = [
+            "eval",
+            "--weights",
+            path_str(&other)?,
+            "--data-dir",
+            path_str(&data)?,
+            "--device",
+            "cpu",
+            "--last-weights",
+        ];
+        fails(&args, &["--last-weights", "no weight average"])?;
+    }
     let bad_out = dir.path().join("bad");
     let mut bad = train_args(path_str(&data)?, path_str(&bad_out)?);
     bad.extend_from_slice(&["--ema", "1.5"]);

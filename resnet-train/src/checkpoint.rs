@@ -218,6 +218,12 @@ pub fn load_average_into(model: &ResNet, path: &Path) -> Result<bool> {
     Ok(true)
 }
 
+/// Whether the training checkpoint at `path` holds a weight average (a run with `ema_decay`).
+pub fn has_average(path: &Path) -> Result<bool> {
+    let (_, tensors) = resnet_core::checkpoint::read_train_state(path, &Device::Cpu)?;
+    Ok(tensors.keys().any(|name| name.starts_with(AVERAGE_PREFIX)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

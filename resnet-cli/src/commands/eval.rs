@@ -13,7 +13,7 @@ pub fn run(a: EvalArgs) -> Result<Outcome> {
         anyhow::bail!("--batch-size must be at least 1");
     }
     let device = device::select(&a.input.device)?;
-    let loaded = weights::load(&a.input.weights, &device, a.input.resize, a.input.normalize())?;
+    let loaded = weights::load(&a.input.weights, &device, a.input.resize, a.input.normalize(), a.input.pick())?;
     let (test, _) = resnet_data::load_test(a.input.data_dir.as_deref())?;
     let test = match a.limit {
         Some(0) => anyhow::bail!("--limit must be at least 1"),
@@ -38,6 +38,7 @@ pub fn run(a: EvalArgs) -> Result<Outcome> {
             "examples": confusion.total(),
             "resize": loaded.resize,
             "tta_hflip": tta_hflip,
+            "last_weights": a.input.last_weights,
             "test_acc": confusion.accuracy(),
             "selected_on": loaded.selected.as_ref().map(|(on, _)| on),
             "selected_epoch": loaded.selected.as_ref().map(|(_, epoch)| epoch),
@@ -48,7 +49,8 @@ pub fn run(a: EvalArgs) -> Result<Outcome> {
         return Ok(Outcome::Done);
     }
     let tta = if tta_hflip { ", averaged with mirror images" } else { "" };
-    println!("test acc {:.4} on {} images at {} px{tta}", confusion.accuracy(), confusion.total(), loaded.resize);
+    let last = if a.input.last_weights { ", last weights (not their average)" } else { "" };
+    println!("test acc {:.4} on {} images at {} px{tta}{last}", confusion.accuracy(), confusion.total(), loaded.resize);
     match &loaded.selected {
         Some((on, epoch)) if on == "test_acc" => println!(
             "(epoch {epoch}'s weights, chosen on this test accuracy: an optimistic estimate; train with --val-split for an unbiased one)"

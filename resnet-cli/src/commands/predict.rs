@@ -29,7 +29,7 @@ pub fn run(a: PredictArgs) -> Result<Outcome> {
     }
     let files = image::expand(&a.images)?;
     let device = device::select(&a.input.device)?;
-    let loaded = weights::load(&a.input.weights, &device, a.input.resize, a.input.normalize())?;
+    let loaded = weights::load(&a.input.weights, &device, a.input.resize, a.input.normalize(), a.input.pick())?;
     let side = loaded.resize;
     let mut inputs: Vec<(Source, Vec<u8>)> = Vec::new();
     for path in &files {

@@ -31,7 +31,7 @@ pub fn run(a: ReportArgs) -> Result<Outcome> {
         );
     }
     let device = device::select(&a.device)?;
-    let loaded = weights::load(&weights_path, &device, None, None)?;
+    let loaded = weights::load(&weights_path, &device, None, None, weights::Pick::Evaluated)?;
     let (test, _) = resnet_data::load_test(a.data_dir.as_deref())?;
     let loader = LoaderConfig {
         batch_size: 256,
