@@ -49,8 +49,8 @@ ROWS = {
     "r28": COMMON + ["--resize", "28", "--epochs", "12", "--crop-padding", "3"],
     "r28-erase": COMMON + ["--resize", "28", "--epochs", "12", "--crop-padding", "3", "--erase"],
     # Upsampled to 56 px at half width: 14×14 maps in the first stage for about the same products.
-    "r56w32": COMMON + ["--resize", "56", "--width", "32", "--epochs", "9", "--crop-padding", "4"],
-    "r56w32-erase": COMMON + ["--resize", "56", "--width", "32", "--epochs", "9", "--crop-padding", "4", "--erase"],
+    "r56w32": COMMON + ["--resize", "56", "--width", "32", "--epochs", "8", "--crop-padding", "4"],
+    "r56w32-erase": COMMON + ["--resize", "56", "--width", "32", "--epochs", "8", "--crop-padding", "4", "--erase"],
 }
 MILESTONES = (0.90, 0.93, 0.95)
 
