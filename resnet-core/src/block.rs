@@ -5,7 +5,7 @@ use candle_nn::{ModuleT, VarBuilder};
 
 use crate::config::BlockKind;
 use crate::layout::{to_channels_first, to_channels_last};
-use crate::ops::{add_relu, BatchNorm, Conv2d, Conv2dConfig, ConvAlgorithm, GpuOps};
+use crate::ops::{add_relu, conv_bn, BatchNorm, Conv2d, Conv2dConfig, ConvAlgorithm, GpuOps};
 use crate::tensors::{CollectTensors, NamedTensor};
 
 /// d2l's `Residual`: two 3×3 convolutions with BatchNorm, and an identity or 1×1-conv shortcut.
@@ -101,8 +101,8 @@ impl Residual {
     pub(crate) fn forward_channels_last(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         match self.kind {
             BlockKind::PostActivation => {
-                let ys = self.bn1.forward_relu_t(&self.conv1.forward(xs)?, train)?;
-                let ys = self.bn2.forward_t(&self.conv2.forward(&ys)?, train)?;
+                let ys = conv_bn(&self.conv1, &self.bn1, xs, train, true)?;
+                let ys = conv_bn(&self.conv2, &self.bn2, &ys, train, false)?;
                 let shortcut = match &self.conv3 {
                     Some(c) => c.forward(xs)?,
                     None => xs.clone(),
@@ -111,8 +111,7 @@ impl Residual {
             }
             BlockKind::PreActivation => {
                 let act = self.bn1.forward_relu_t(xs, train)?;
-                let ys = self.conv1.forward(&act)?;
-                let ys = self.conv2.forward(&self.bn2.forward_relu_t(&ys, train)?)?;
+                let ys = self.conv2.forward(&conv_bn(&self.conv1, &self.bn2, &act, train, true)?)?;
                 let shortcut = match &self.conv3 {
                     Some(c) => c.forward(&act)?,
                     None => xs.clone(),

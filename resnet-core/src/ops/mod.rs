@@ -16,6 +16,6 @@ pub(crate) mod plumbing;
 
 pub use conv::ConvAlgorithm;
 pub use cudnn::GpuOps;
-pub(crate) use layers::{global_avg_pool, BatchNorm, Conv2d, Conv2dConfig, MaxPool2d};
+pub(crate) use layers::{conv_bn, global_avg_pool, BatchNorm, Conv2d, Conv2dConfig, MaxPool2d};
 pub(crate) use plumbing::add_relu;
 pub use plumbing::simd::{tier as simd_tier, SimdTier};

@@ -40,29 +40,13 @@ pub enum ConvAlgorithm {
     Candle,
 }
 
-/// Runs the CPU convolution custom op on channels-last `xs` with a weight stored as
-/// `(out, in, kh, kw)` and a bias; `winograd` lets it pick a faster algorithm per shape.
-///
-/// # Shapes
-/// - `xs`: `(batch, height, width, in_channels)`
-/// - returns `(batch, out_h, out_w, out_channels)`
-pub(crate) fn conv2d_cpu(
-    xs: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    (kernel, stride, pad): (usize, usize, usize),
-    winograd: bool,
-) -> candle_core::Result<Tensor> {
-    xs.contiguous()?.apply_op3(weight, bias, Im2colConv { kernel, stride, pad, winograd })
-}
-
 /// Convolution of channels-last `x` with an `(out, kh, kw, in)` weight and a bias, as one op:
 /// forward is im2col + one matrix product over the whole batch; backward recomputes the patches
 /// rather than keeping them, and computes the weight gradient as one product (`dYᵀ · cols`), the
 /// input gradient as one product plus col2im (skipped when the input needs no gradient, as for
 /// the images entering the stem), and the bias gradient as column sums.
 #[derive(Debug, Clone, Copy)]
-struct Im2colConv {
+pub(crate) struct Im2colConv {
     kernel: usize,
     stride: usize,
     pad: usize,
@@ -71,6 +55,11 @@ struct Im2colConv {
 }
 
 impl Im2colConv {
+    /// The op for a `kernel`×`kernel` convolution with this stride and zero padding.
+    pub(crate) fn new((kernel, stride, pad): (usize, usize, usize), winograd: bool) -> Self {
+        Self { kernel, stride, pad, winograd }
+    }
+
     fn window(&self, x: &Layout) -> candle_core::Result<Window> {
         let (batch, h, w, c) = x.shape().dims4()?;
         let win = Window { batch, h, w, c, kh: self.kernel, kw: self.kernel, stride: self.stride, pad: self.pad };

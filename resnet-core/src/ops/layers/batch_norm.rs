@@ -82,6 +82,30 @@ impl BatchNorm {
         self.num_batches_tracked.as_tensor()
     }
 
+    /// Runs `apply` with a fresh training-mode CPU op over `rows` values per channel (the op
+    /// records the batch statistics as it runs), then folds the statistics into the running ones.
+    pub(super) fn train_with(
+        &self,
+        relu: bool,
+        rows: usize,
+        apply: impl FnOnce(FusedBatchNorm) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let stats = Arc::new(Mutex::new(None));
+        let ys = apply(FusedBatchNorm { eps: self.eps, relu, stats: Arc::clone(&stats) })?;
+        let (mean, var) = stats
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("batch-norm statistics lock poisoned".into()))?
+            .clone()
+            .map(|s: Stats| (s.mean, s.var))
+            .ok_or_else(|| candle_core::Error::Msg("batch-norm forward produced no statistics".into()))?;
+        let c = mean.len();
+        let device = self.running_mean.device();
+        let mean = Tensor::from_vec(mean, c, device)?.to_dtype(self.running_mean.dtype())?;
+        let var = Tensor::from_vec(var, c, device)?.to_dtype(self.running_var.dtype())?;
+        self.update_running_stats(&mean, &var, rows)?;
+        Ok(ys)
+    }
+
     fn update_running_stats(&self, mean: &Tensor, var: &Tensor, count: usize) -> candle_core::Result<()> {
         let m = self.momentum;
         let unbiased = (var * (count as f64 / (count.max(2) - 1) as f64))?;
@@ -112,7 +136,7 @@ impl BatchNorm {
         self.forward_act(xs, train, true)
     }
 
-    fn forward_act(&self, xs: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
+    pub(super) fn forward_act(&self, xs: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
         if matches!(xs.dtype(), DType::F16 | DType::BF16) {
             // Mixed precision: statistics and normalisation in f32, as autocast does.
             let full = xs.to_dtype(self.weight.dtype())?;
@@ -137,22 +161,10 @@ impl BatchNorm {
             if rows < 2 {
                 candle_core::bail!("batch-norm in training needs more than one value per channel, got shape {dims:?}")
             }
-            let stats = Arc::new(Mutex::new(None));
-            let op = FusedBatchNorm { eps: self.eps, relu, stats: Arc::clone(&stats) };
             // On the tensor as it is, channels last: a reshape on either side would be a graph
             // node whose backward starts its gradient from a zero tensor and adds to it: two
             // more passes over the activation per BatchNorm and step.
-            let ys = xs.contiguous()?.apply_op3(&self.weight, &self.bias, op)?;
-            let (mean, var) = stats
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("batch-norm statistics lock poisoned".into()))?
-                .clone()
-                .map(|s: Stats| (s.mean, s.var))
-                .ok_or_else(|| candle_core::Error::Msg("batch-norm forward produced no statistics".into()))?;
-            let mean = Tensor::from_vec(mean, c, xs.device())?.to_dtype(self.running_mean.dtype())?;
-            let var = Tensor::from_vec(var, c, xs.device())?.to_dtype(self.running_var.dtype())?;
-            self.update_running_stats(&mean, &var, rows)?;
-            return Ok(ys);
+            return self.train_with(relu, rows, |op| xs.contiguous()?.apply_op3(&self.weight, &self.bias, op));
         } else if train {
             if rows < 2 {
                 candle_core::bail!("batch-norm in training needs more than one value per channel, got shape {dims:?}")
@@ -240,10 +252,28 @@ struct Stats {
 /// two passes forward (statistics, normalise) and two backward, instead of the dozen-odd
 /// passes candle's elementwise graph takes. `(x, γ, β) -> y`.
 #[derive(Debug)]
-struct FusedBatchNorm {
+pub(super) struct FusedBatchNorm {
     eps: f64,
     relu: bool,
     stats: Arc<Mutex<Option<Stats>>>,
+}
+
+impl FusedBatchNorm {
+    /// `(dx, dγ, dβ)` from the input `x`, γ and the output's gradient, with the statistics the
+    /// forward recorded.
+    pub(super) fn backward(&self, x: &Tensor, gamma: &Tensor, grad: &Tensor) -> candle_core::Result<[Tensor; 3]> {
+        let (n, c) = (x.elem_count(), gamma.elem_count());
+        let stats = self
+            .stats
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("batch-norm lock poisoned".into()))?
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg("batch-norm backward before forward".into()))?;
+        let op = FusedBatchNormBackward { eps: self.eps, relu: self.relu, stats };
+        let packed = x.apply_op3_no_bwd(&grad.contiguous()?, &gamma.contiguous()?, &op)?;
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        Ok([dx, packed.narrow(0, n, c)?, packed.narrow(0, n + c, c)?])
+    }
 }
 
 /// Rows per parallel task; fixed, so sums are added in the same order on every run.
@@ -456,18 +486,7 @@ impl CustomOp3 for FusedBatchNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (n, c) = (x.elem_count(), gamma.elem_count());
-        let stats = self
-            .stats
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("batch-norm lock poisoned".into()))?
-            .clone()
-            .ok_or_else(|| candle_core::Error::Msg("batch-norm backward before forward".into()))?;
-        let op = FusedBatchNormBackward { eps: self.eps, relu: self.relu, stats };
-        let packed = x.apply_op3_no_bwd(&grad.contiguous()?, gamma, &op)?;
-        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dgamma = packed.narrow(0, n, c)?;
-        let dbeta = packed.narrow(0, n + c, c)?;
+        let [dx, dgamma, dbeta] = self.backward(x, gamma, grad)?;
         Ok((Some(dx), Some(dgamma), Some(dbeta)))
     }
 }

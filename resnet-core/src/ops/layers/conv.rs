@@ -3,7 +3,7 @@
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use crate::ops::conv::dispatch::{self, ConvAlgorithm};
+use crate::ops::conv::dispatch::{ConvAlgorithm, Im2colConv};
 use crate::ops::conv::im2col::im2col_portable;
 use crate::ops::cudnn::{self, GpuOps};
 use crate::ops::plumbing::geometry::Window;
@@ -78,9 +78,18 @@ impl Conv2d {
     }
 
     /// The layer's hyper-parameters.
-    #[cfg(test)]
-    pub fn config(&self) -> Conv2dConfig {
+    pub(crate) fn config(&self) -> Conv2dConfig {
         self.cfg
+    }
+
+    /// The CPU custom op [`Module::forward`] runs on `xs`, where it runs one (f32 or f64 on the
+    /// CPU, with the im2col or Winograd algorithm), so that a caller can fuse it with what follows.
+    pub(super) fn cpu_op(&self, xs: &Tensor) -> Option<Im2colConv> {
+        let fast = matches!(self.algorithm, ConvAlgorithm::Im2col | ConvAlgorithm::Winograd);
+        let cpu_float = xs.device().is_cpu() && matches!(xs.dtype(), DType::F32 | DType::F64);
+        let Conv2dConfig { kernel_size, stride, padding, .. } = self.cfg;
+        (fast && cpu_float)
+            .then(|| Im2colConv::new((kernel_size, stride, padding), self.algorithm == ConvAlgorithm::Winograd))
     }
 
     /// The im2col convolution from candle's differentiable ops (patches, then one matrix
@@ -113,7 +122,7 @@ impl Module for Conv2d {
     /// - `xs`: `(batch, height, width, in_channels)`
     /// - returns `(batch, out_h, out_w, out_channels)`
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let Conv2dConfig { in_channels, out_channels, kernel_size: k, stride, padding } = self.cfg;
+        let Conv2dConfig { in_channels, out_channels, stride, padding, .. } = self.cfg;
         let c = xs.dim(3)?;
         if c != in_channels {
             candle_core::bail!("conv2d expects {in_channels} input channels, got {c}")
@@ -125,16 +134,13 @@ impl Module for Conv2d {
             let ys = cudnn::conv2d(xs, &weight, stride, padding)?;
             return ys.broadcast_add(&self.bias.to_dtype(xs.dtype())?);
         }
+        if let Some(op) = self.cpu_op(xs) {
+            // The weight goes in as stored, (out, in, kh, kw); the op reorders it to match the
+            // patches' (kh, kw, c) itself, so no permute-and-copy nodes join the graph (their
+            // backward would be two more passes over every weight per step).
+            return xs.contiguous()?.apply_op3(&self.weight, &self.bias, op);
+        }
         match self.algorithm {
-            ConvAlgorithm::Im2col | ConvAlgorithm::Winograd
-                if xs.device().is_cpu() && matches!(xs.dtype(), DType::F32 | DType::F64) =>
-            {
-                // The weight goes in as stored, (out, in, kh, kw); the op reorders it to match
-                // the patches' (kh, kw, c) itself, so no permute-and-copy nodes join the graph
-                // (their backward would be two more passes over every weight per step).
-                let winograd = self.algorithm == ConvAlgorithm::Winograd;
-                dispatch::conv2d_cpu(xs, &self.weight, &self.bias, (k, stride, padding), winograd)
-            }
             ConvAlgorithm::Im2col | ConvAlgorithm::Winograd => self.forward_portable(xs),
             ConvAlgorithm::Candle => {
                 let nchw = xs.permute((0, 3, 1, 2))?;

@@ -3,8 +3,10 @@
 
 mod batch_norm;
 mod conv;
+mod conv_bn;
 mod pool;
 
 pub(crate) use batch_norm::BatchNorm;
 pub(crate) use conv::{Conv2d, Conv2dConfig};
+pub(crate) use conv_bn::conv_bn;
 pub(crate) use pool::{global_avg_pool, MaxPool2d};
