@@ -253,10 +253,11 @@ mod tests {
         let cfg = Conv2dConfig { in_channels: 3, out_channels: 4, kernel_size: 3, stride: 1, padding: 1 };
         let conv = Conv2d::new(cfg, vb.pp("conv"))?;
         let bn = BatchNorm::new(4, vb.pp("bn"))?;
-        let err = conv_bn(&conv, &bn, &Tensor::zeros((2, 5, 5, 2), DType::F32, &dev)?, true, true).unwrap_err();
+        let err =
+            conv_bn(&conv, &bn, &Tensor::zeros((2, 5, 5, 2), DType::F32, &dev)?, true, true).expect_err("refused");
         assert!(err.to_string().contains("expects 3 input channels, got 2"), "{err}");
         let one = Tensor::zeros((1, 1, 1, 3), DType::F32, &dev)?;
-        let err = conv_bn(&conv, &bn, &one, true, true).unwrap_err();
+        let err = conv_bn(&conv, &bn, &one, true, true).expect_err("refused");
         assert!(err.to_string().contains("more than one value per channel"), "{err}");
         Ok(())
     }
