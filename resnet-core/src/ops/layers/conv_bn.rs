@@ -31,36 +31,40 @@ pub(crate) fn conv_bn(
     train: bool,
     relu: bool,
 ) -> candle_core::Result<Tensor> {
-    let op = match (train, conv.cpu_op(xs)) {
-        (true, Some(op)) if fusable(conv, bn, xs)? => op,
+    let (op, rows) = match (train, conv.cpu_op(xs)) {
+        (true, Some(op)) => match fused_rows(conv, bn, xs)? {
+            Some(rows) => (op, rows),
+            None => return bn.forward_act(&conv.forward(xs)?, train, relu),
+        },
         _ => return bn.forward_act(&conv.forward(xs)?, train, relu),
     };
-    let (batch, h, w, _) = xs.dims4()?;
-    let cfg = conv.config();
-    let out_len = |len| Window::out_len(len, cfg.kernel_size, cfg.stride, cfg.padding).unwrap_or(0);
-    let rows = batch * out_len(h) * out_len(w);
     // γ and β travel with the convolution's bias in one tensor: custom ops take three inputs.
     let packed = Tensor::cat(&[conv.bias(), bn.weight(), bn.bias()], 0)?;
+    let channels = conv.config().out_channels;
     bn.train_with(relu, rows, |bn_op| {
-        let fused = ConvBatchNorm { conv: op, bn: bn_op, channels: cfg.out_channels, saved: Mutex::new(None) };
+        let fused = ConvBatchNorm { conv: op, bn: bn_op, channels, saved: Mutex::new(None) };
         xs.contiguous()?.apply_op3(conv.weight(), &packed, fused)
     })
 }
 
-/// Whether the shapes and dtypes let the fused op run; where they do not, the layers one after
-/// the other give the error that names what is wrong.
-fn fusable(conv: &Conv2d, bn: &BatchNorm, xs: &Tensor) -> candle_core::Result<bool> {
+/// The BatchNorm's values per channel (`batch · out_h · out_w`) where the shapes and dtypes let
+/// the fused op run; `None` elsewhere, where the layers one after the other give the error that
+/// names what is wrong.
+fn fused_rows(conv: &Conv2d, bn: &BatchNorm, xs: &Tensor) -> candle_core::Result<Option<usize>> {
     let cfg = conv.config();
     if xs.rank() != 4 || xs.dim(3)? != cfg.in_channels || bn.weight().dim(0)? != cfg.out_channels {
-        return Ok(false);
+        return Ok(None);
     }
     let same = |t: &Tensor| t.dtype() == xs.dtype();
     if !(same(conv.weight()) && same(conv.bias()) && same(bn.weight()) && same(bn.bias())) {
-        return Ok(false);
+        return Ok(None);
     }
     let (batch, h, w, _) = xs.dims4()?;
     let out_len = |len| Window::out_len(len, cfg.kernel_size, cfg.stride, cfg.padding);
-    Ok(matches!((out_len(h), out_len(w)), (Some(oh), Some(ow)) if batch * oh * ow >= 2))
+    Ok(match (out_len(h), out_len(w)) {
+        (Some(oh), Some(ow)) if batch * oh * ow >= 2 => Some(batch * oh * ow),
+        _ => None,
+    })
 }
 
 /// The convolution's output, kept for the backward: as the forward left it, then as a tensor.
@@ -208,7 +212,10 @@ mod tests {
                     }
                     let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, h, w, cin), &dev)?.to_dtype(dtype)?)?;
                     // The fused node runs (not the fallback, which would compare the layers with themselves).
-                    assert!(conv.cpu_op(x.as_tensor()).is_some() && fusable(&conv, &bn, x.as_tensor())?, "{case:?}");
+                    assert!(
+                        conv.cpu_op(x.as_tensor()).is_some() && fused_rows(&conv, &bn, x.as_tensor())?.is_some(),
+                        "{case:?}"
+                    );
                     let fused = conv_bn(&conv, &bn, x.as_tensor(), true, relu)?;
                     let apart = twin_bn.forward_act(&twin_conv.forward(x.as_tensor())?, true, relu)?;
                     let same = |a: &Tensor, b: &Tensor| -> candle_core::Result<f64> {
