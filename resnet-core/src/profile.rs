@@ -5,14 +5,23 @@
 //! and its first input's shape, and callers can add spans of their own (the trainer marks its
 //! forward, backward and optimiser phases). [`report`] then sums them up; the benchmark
 //! prints it after its timed windows when asked to profile.
+//!
+//! Every matrix product of this crate's kernels also counts its floating-point operations
+//! (2·m·n·k) while recording is on, and each span is credited with those done between its start
+//! and its end (on any thread: the products of an op run on rayon's workers while the op's span
+//! is open on the calling thread). The report turns them into each span's product rate, which
+//! set against the measured peak of the products says how much of the span's time the products
+//! could explain at best; the rest is data movement and bookkeeping.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
-static TIMES: Mutex<Option<HashMap<String, (f64, u64)>>> = Mutex::new(None);
+static FLOPS: AtomicU64 = AtomicU64::new(0);
+/// Per key: total seconds, spans, product FLOPs.
+static TIMES: Mutex<Option<HashMap<String, (f64, u64, u64)>>> = Mutex::new(None);
 
 /// Turns recording on or off for the whole process.
 pub fn enable(on: bool) {
@@ -24,25 +33,39 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
+/// Counts `flops` floating-point operations of a matrix product (nothing while recording is off).
+pub(crate) fn add_flops(flops: u64) {
+    if enabled() {
+        FLOPS.fetch_add(flops, Ordering::Relaxed);
+    }
+}
+
 /// A running span; its time is recorded when it is dropped.
 #[derive(Debug)]
 pub struct Span {
     key: String,
     start: Instant,
+    flops_at_start: u64,
 }
 
 /// Starts a span named `name` for an input of shape `dims`, or nothing while recording is off.
 pub fn span(name: &str, dims: &[usize]) -> Option<Span> {
-    enabled().then(|| Span { key: format!("{name} {dims:?}"), start: Instant::now() })
+    enabled().then(|| Span {
+        key: format!("{name} {dims:?}"),
+        start: Instant::now(),
+        flops_at_start: FLOPS.load(Ordering::Relaxed),
+    })
 }
 
 impl Drop for Span {
     fn drop(&mut self) {
         let secs = self.start.elapsed().as_secs_f64();
+        let flops = FLOPS.load(Ordering::Relaxed).wrapping_sub(self.flops_at_start);
         let mut times = TIMES.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = times.get_or_insert_with(HashMap::new).entry(std::mem::take(&mut self.key)).or_insert((0.0, 0));
+        let entry = times.get_or_insert_with(HashMap::new).entry(std::mem::take(&mut self.key)).or_insert((0.0, 0, 0));
         entry.0 += secs;
         entry.1 += 1;
+        entry.2 += flops;
     }
 }
 
@@ -55,23 +78,39 @@ pub struct Entry {
     pub seconds: f64,
     /// Number of spans.
     pub calls: u64,
+    /// Floating-point operations of the matrix products done while the spans were open.
+    pub flops: u64,
 }
 
 /// Takes the recorded times (clearing them), slowest first.
 pub fn take() -> Vec<Entry> {
     let times = TIMES.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
     let mut entries: Vec<Entry> =
-        times.into_iter().map(|(key, (seconds, calls))| Entry { key, seconds, calls }).collect();
+        times.into_iter().map(|(key, (seconds, calls, flops))| Entry { key, seconds, calls, flops }).collect();
     entries.sort_by(|a, b| b.seconds.total_cmp(&a.seconds).then_with(|| a.key.cmp(&b.key)));
     entries
 }
 
-/// Takes the recorded times as a table, each divided by `steps` (seconds per step).
+/// Takes the recorded times as a table, each divided by `steps` (milliseconds per step), with
+/// the GFLOP of matrix products per step and their rate over the span's time (blank for spans
+/// without products).
 pub fn report(steps: usize) -> String {
     let steps = steps.max(1) as f64;
-    let mut out = format!("{:>10} {:>7}  op [first input's shape]\n", "ms/step", "calls");
+    let mut out =
+        format!("{:>10} {:>7} {:>10} {:>8}  op [first input's shape]\n", "ms/step", "calls", "GFLOP/step", "GFLOP/s");
     for e in take() {
-        out.push_str(&format!("{:>10.2} {:>7.1}  {}\n", 1e3 * e.seconds / steps, e.calls as f64 / steps, e.key));
+        let (gflop, rate) = if e.flops > 0 && e.seconds > 0.0 {
+            let gflop = e.flops as f64 / 1e9;
+            (format!("{:.2}", gflop / steps), format!("{:.0}", gflop / e.seconds))
+        } else {
+            (String::new(), String::new())
+        };
+        out.push_str(&format!(
+            "{:>10.2} {:>7.1} {gflop:>10} {rate:>8}  {}\n",
+            1e3 * e.seconds / steps,
+            e.calls as f64 / steps,
+            e.key
+        ));
     }
     out
 }
@@ -80,8 +119,12 @@ pub fn report(steps: usize) -> String {
 mod tests {
     use super::*;
 
+    /// The recorder is one per process: its tests take turns.
+    static SERIAL: Mutex<()> = Mutex::new(());
+
     #[test]
     fn spans_record_only_while_enabled() {
+        let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         drop(span("profile-test-off", &[1]));
         enable(true);
         drop(span("profile-test-on", &[2, 3]));
@@ -92,5 +135,29 @@ mod tests {
         let on = entries.iter().find(|e| e.key == "profile-test-on [2, 3]").expect("recorded");
         assert_eq!(on.calls, 2);
         assert!(on.seconds >= 0.0);
+    }
+
+    #[test]
+    fn spans_are_credited_with_the_products_done_while_open() {
+        let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        enable(true);
+        let outer = span("profile-test-outer", &[1]);
+        let inner = span("profile-test-inner", &[1]);
+        let (m, n, k) = (3, 5, 7);
+        let a = vec![1f32; m * k];
+        let b = vec![1f32; k * n];
+        let mut c = vec![0f32; m * n];
+        crate::ops::plumbing::matmul::matmul_into((m, n, k), &a, false, &b, false, &mut c, false);
+        drop(inner);
+        crate::ops::plumbing::matmul::matmul_into((m, n, k), &a, false, &b, false, &mut c, false);
+        drop(outer);
+        enable(false);
+        let entries = take();
+        let flops = |key: &str| entries.iter().find(|e| e.key == key).expect("recorded").flops;
+        // Other tests' products may run while these spans are open (tests share the counter), so
+        // each span holds at least its own products.
+        assert!(flops("profile-test-inner [1]") >= 2 * (m * n * k) as u64);
+        assert!(flops("profile-test-outer [1]") >= 4 * (m * n * k) as u64);
+        assert!(c.iter().all(|&v| v == k as f32));
     }
 }
