@@ -46,13 +46,13 @@ import time
 COMMON = ["--preset", "best", "--tta-hflip", "--ema", "0.998"]
 ROWS = {
     # d2l's model at native 28 px: the stem leaves 7×7 feature maps for the first stage.
-    "r28": COMMON + ["--resize", "28", "--epochs", "12", "--crop-padding", "3"],
-    "r28-erase": COMMON + ["--resize", "28", "--epochs", "12", "--crop-padding", "3", "--erase"],
+    "r28": COMMON + ["--resize", "28", "--width", "64", "--epochs", "12", "--crop-padding", "3"],
+    "r28-erase": COMMON + ["--resize", "28", "--width", "64", "--epochs", "12", "--crop-padding", "3", "--erase"],
     # Upsampled to 56 px at half width: 14×14 maps in the first stage for about the same products.
     "r56w32": COMMON + ["--resize", "56", "--width", "32", "--epochs", "8", "--crop-padding", "4"],
     "r56w32-erase": COMMON + ["--resize", "56", "--width", "32", "--epochs", "8", "--crop-padding", "4", "--erase"],
     # 56 px at d2l's full width: four times r28's products, 14×14 maps in the first stage.
-    "r56": COMMON + ["--resize", "56", "--epochs", "9", "--crop-padding", "4"],
+    "r56": COMMON + ["--resize", "56", "--width", "64", "--epochs", "9", "--crop-padding", "4"],
     # r56w32 over twice the epochs: about an hour on a 2-core Xeon.
     "r56w32-e16": COMMON + ["--resize", "56", "--width", "32", "--epochs", "16", "--crop-padding", "4"],
 }

@@ -101,7 +101,8 @@ pub enum PresetArg {
     Seed,
     /// A CPU-sized run (28 px, 3 epochs) reaching ≥ 0.90 test accuracy in minutes.
     Quick,
-    /// The most accurate recipe (96 px, augmentation, 30 epochs, 5,000 examples held out for validation).
+    /// The most accurate recipe in about an hour on 2 CPU cores (56 px, half width, augmentation,
+    /// 16 epochs, weight average, flip averaging, 5,000 examples held out for validation).
     Best,
 }
 
