@@ -20,8 +20,15 @@ use std::time::Instant;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static FLOPS: AtomicU64 = AtomicU64::new(0);
-/// Per key: total seconds, spans, product FLOPs.
-static TIMES: Mutex<Option<HashMap<String, (f64, u64, u64)>>> = Mutex::new(None);
+static TIMES: Mutex<Option<HashMap<String, Totals>>> = Mutex::new(None);
+
+/// What the spans of one key add up to.
+#[derive(Debug, Default)]
+struct Totals {
+    seconds: f64,
+    calls: u64,
+    flops: u64,
+}
 
 /// Turns recording on or off for the whole process.
 pub fn enable(on: bool) {
@@ -62,10 +69,10 @@ impl Drop for Span {
         let secs = self.start.elapsed().as_secs_f64();
         let flops = FLOPS.load(Ordering::Relaxed).wrapping_sub(self.flops_at_start);
         let mut times = TIMES.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = times.get_or_insert_with(HashMap::new).entry(std::mem::take(&mut self.key)).or_insert((0.0, 0, 0));
-        entry.0 += secs;
-        entry.1 += 1;
-        entry.2 += flops;
+        let entry = times.get_or_insert_with(HashMap::new).entry(std::mem::take(&mut self.key)).or_default();
+        entry.seconds += secs;
+        entry.calls += 1;
+        entry.flops += flops;
     }
 }
 
@@ -86,7 +93,7 @@ pub struct Entry {
 pub fn take() -> Vec<Entry> {
     let times = TIMES.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
     let mut entries: Vec<Entry> =
-        times.into_iter().map(|(key, (seconds, calls, flops))| Entry { key, seconds, calls, flops }).collect();
+        times.into_iter().map(|(key, t)| Entry { key, seconds: t.seconds, calls: t.calls, flops: t.flops }).collect();
     entries.sort_by(|a, b| b.seconds.total_cmp(&a.seconds).then_with(|| a.key.cmp(&b.key)));
     entries
 }
