@@ -31,12 +31,12 @@ pub(crate) fn conv_bn(
     train: bool,
     relu: bool,
 ) -> candle_core::Result<Tensor> {
-    let (op, rows) = match (train, conv.cpu_op(xs)) {
-        (true, Some(op)) => match fused_rows(conv, bn, xs)? {
-            Some(rows) => (op, rows),
-            None => return bn.forward_act(&conv.forward(xs)?, train, relu),
-        },
-        _ => return bn.forward_act(&conv.forward(xs)?, train, relu),
+    let fused = match (train, conv.cpu_op(xs)) {
+        (true, Some(op)) => fused_rows(conv, bn, xs)?.map(|rows| (op, rows)),
+        _ => None,
+    };
+    let Some((op, rows)) = fused else {
+        return bn.forward_act(&conv.forward(xs)?, train, relu);
     };
     // γ and β travel with the convolution's bias in one tensor: custom ops take three inputs.
     let packed = Tensor::cat(&[conv.bias(), bn.weight(), bn.bias()], 0)?;
