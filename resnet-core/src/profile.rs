@@ -167,4 +167,31 @@ mod tests {
         assert!(flops("profile-test-outer [1]") >= 4 * (m * n * k) as u64);
         assert!(c.iter().all(|&v| v == k as f32));
     }
+
+    #[test]
+    fn convolution_forwards_are_named_by_the_algorithm_that_ran() -> candle_core::Result<()> {
+        use crate::ops::layers::{Conv2d, Conv2dConfig};
+        use candle_core::{DType, Device, Module, Tensor};
+        use candle_nn::{VarBuilder, VarMap};
+        let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let dev = Device::Cpu;
+        // (height, stride, the forward's name): 3×3 / stride 1 / padding 1 on 8×8 images is
+        // Winograd's, on 2×2 images (mostly padding) the in-bounds taps', stride 2 on 32×32
+        // images (little padding) im2col's.
+        // Seven input channels keep the keys apart from other tests' convolutions.
+        let cases = [(8, 1, "conv2d-winograd-nhwc"), (2, 1, "conv2d-taps-nhwc"), (32, 2, "conv2d-im2col-nhwc")];
+        enable(true);
+        for &(h, stride, _) in &cases {
+            let cfg = Conv2dConfig { in_channels: 7, out_channels: 4, kernel_size: 3, stride, padding: 1 };
+            let conv = Conv2d::new(cfg, VarBuilder::from_varmap(&VarMap::new(), DType::F32, &dev))?;
+            conv.forward(&Tensor::ones((2, h, h, 7), DType::F32, &dev)?)?;
+        }
+        enable(false);
+        let keys: Vec<String> = take().into_iter().map(|e| e.key).collect();
+        for (h, _, name) in cases {
+            let key = format!("{name} [2, {h}, {h}, 7]");
+            assert!(keys.contains(&key), "{key} not among {keys:?}");
+        }
+        Ok(())
+    }
 }

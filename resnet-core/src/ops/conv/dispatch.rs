@@ -134,8 +134,16 @@ impl CustomOp3 for Im2colConv {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let _span = crate::profile::span(self.name(), l1.dims());
         let win = self.window(l1)?;
+        let algo = self.algo(&win);
+        // The profile names the algorithm that ran (the one-channel "direct" case runs im2col's
+        // product in the forward, see below).
+        let name = match algo {
+            Some(Algo::Winograd(_)) => "conv2d-winograd-nhwc",
+            Some(Algo::Taps) => "conv2d-taps-nhwc",
+            Some(Algo::Direct) | None => self.name(),
+        };
+        let _span = crate::profile::span(name, l1.dims());
         let out = l3.shape().elem_count();
         if l2.shape().dims() != [out, win.c, win.kh, win.kw] {
             candle_core::bail!(
@@ -147,7 +155,7 @@ impl CustomOp3 for Im2colConv {
             )
         }
         let pw = self.pointwise();
-        if let Some(algo) = self.algo(&win) {
+        if let Some(algo) = algo {
             fn run<T: WithDType>(algo: Algo, x: &[T], w_oihw: &[T], b: &[T], win: &Window) -> Vec<T> {
                 let ohwi = || oihw_to_ohwi(w_oihw, b.len(), win.c, win.kh * win.kw);
                 match algo {
