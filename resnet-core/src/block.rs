@@ -111,7 +111,7 @@ impl Residual {
             }
             BlockKind::PreActivation => {
                 let act = self.bn1.forward_relu_t(xs, train)?;
-                let ys = self.conv2.forward(&conv_bn(&self.conv1, &self.bn2, &act, train, true)?)?;
+                let ys = self.conv2.forward_t(&conv_bn(&self.conv1, &self.bn2, &act, train, true)?, train)?;
                 let shortcut = match &self.conv3 {
                     Some(c) => c.forward(&act)?,
                     None => xs.clone(),

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::im2col::{im2col_slice, Col2im, Im2col};
 use super::{direct, taps, winograd};
-use crate::ops::plumbing::elementwise::column_sums_tensor;
+use crate::ops::plumbing::elementwise::{column_sums_tensor, mask_by_positive, relu_in_place};
 use crate::ops::plumbing::geometry::Window;
 use crate::ops::plumbing::matmul::{matmul_into, MatMul};
 use crate::ops::plumbing::scratch;
@@ -52,12 +52,57 @@ pub(crate) struct Im2colConv {
     pad: usize,
     /// Use Winograd where it applies (3×3, stride 1, padding 1, images of at least 4×4).
     winograd: bool,
+    /// Let the forward take the Winograd tile with fewer products ([`winograd::Tile::choose`])
+    /// instead of F(2×2): for evaluation-mode forwards, whose outputs train nothing.
+    free_forward_tile: bool,
+    /// ReLU on the output ([`Im2colConv::with_relu`]).
+    relu: bool,
 }
 
 impl Im2colConv {
     /// The op for a `kernel`×`kernel` convolution with this stride and zero padding.
     pub(crate) fn new((kernel, stride, pad): (usize, usize, usize), winograd: bool) -> Self {
-        Self { kernel, stride, pad, winograd }
+        Self { kernel, stride, pad, winograd, free_forward_tile: false, relu: false }
+    }
+
+    /// The same op for an evaluation-mode forward: Winograd's forward may use F(4×4, 3×3), as the
+    /// gradients do. Training forwards stay on F(2×2) (see `cpu_fwd`); an evaluation's logits
+    /// feed no update, so the rounding argument that keeps training there does not apply.
+    pub(crate) fn for_evaluation(self) -> Self {
+        Self { free_forward_tile: true, ..self }
+    }
+
+    /// The same op followed by ReLU: applied as the output is written (Winograd) or in place
+    /// right after; the backward masks the incoming gradient by the output.
+    pub(crate) fn with_relu(self) -> Self {
+        Self { relu: true, ..self }
+    }
+
+    /// The forward on contiguous data: `x (batch, h, w, c)`, `w_oihw (out, c, kh, kw)`, `b (out,)`.
+    fn forward<T: WithDType>(&self, algo: Option<Algo>, x: &[T], w_oihw: &[T], b: &[T], win: &Window) -> Vec<T> {
+        let ohwi = || oihw_to_ohwi(w_oihw, b.len(), win.c, win.kh * win.kw);
+        let mut y = match algo {
+            // A training forward stays on F(2×2): F(4×4)'s larger transform constants round
+            // enough that a whole batch and the same images in two micro-batches (the products'
+            // blocking depends on the batch size) give updates further apart than gradient
+            // accumulation's tolerance; F(2×2) keeps them within it. Evaluation forwards and the
+            // gradients take the tile `Tile::choose` picks.
+            Some(Algo::Winograd(tile)) => {
+                let dims = (win.batch, win.h, win.w, win.c);
+                let tile = if self.free_forward_tile { tile } else { winograd::Tile::F2 };
+                return winograd::conv3x3(x, &ohwi(), Some(b), dims, b.len(), tile, self.relu);
+            }
+            // Reads the stored layout itself (often only a few of the taps).
+            Some(Algo::Taps) => taps::conv(x, w_oihw, b, win),
+            // Patches of one channel are cheap to make and the product runs at the matrix
+            // kernels' speed: faster than the direct loop for the forward.
+            Some(Algo::Direct) => conv_forward(x, &ohwi(), b, win, false),
+            None => conv_forward(x, &ohwi(), b, win, self.pointwise()),
+        };
+        if self.relu {
+            relu_in_place(&mut y);
+        }
+        y
     }
 
     fn window(&self, x: &Layout) -> candle_core::Result<Window> {
@@ -154,60 +199,20 @@ impl CustomOp3 for Im2colConv {
                 win.kw
             )
         }
-        let pw = self.pointwise();
-        if let Some(algo) = algo {
-            fn run<T: WithDType>(algo: Algo, x: &[T], w_oihw: &[T], b: &[T], win: &Window) -> Vec<T> {
-                let ohwi = || oihw_to_ohwi(w_oihw, b.len(), win.c, win.kh * win.kw);
-                match algo {
-                    // The forward stays on F(2×2): F(4×4)'s larger transform constants round
-                    // enough that a whole batch and the same images in two micro-batches (the
-                    // products' blocking depends on the batch size) give updates further apart
-                    // than gradient accumulation's tolerance; F(2×2) keeps them within it. The
-                    // gradients take the tile `Tile::choose` picks.
-                    Algo::Winograd(_) => {
-                        let dims = (win.batch, win.h, win.w, win.c);
-                        winograd::conv3x3(x, &ohwi(), Some(b), dims, b.len(), winograd::Tile::F2)
-                    }
-                    // Reads the stored layout itself (often only a few of the taps).
-                    Algo::Taps => taps::conv(x, w_oihw, b, win),
-                    // Patches of one channel are cheap to make and the product runs at the
-                    // matrix kernels' speed: faster than the direct loop for the forward.
-                    Algo::Direct => conv_forward(x, &ohwi(), b, win, false),
-                }
-            }
-            let y = match (s1, s2, s3) {
-                (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(run(
-                    algo,
-                    contiguous(x, l1, "conv2d input")?,
-                    contiguous(w, l2, "conv2d weight")?,
-                    contiguous(b, l3, "conv2d bias")?,
-                    &win,
-                )),
-                (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(run(
-                    algo,
-                    contiguous(x, l1, "conv2d input")?,
-                    contiguous(w, l2, "conv2d weight")?,
-                    contiguous(b, l3, "conv2d bias")?,
-                    &win,
-                )),
-                _ => candle_core::bail!("conv2d supports matching f32 or f64 tensors, got {:?}", s1.dtype()),
-            };
-            return Ok((y, Shape::from((win.batch, win.oh(), win.ow(), out))));
-        }
         let y = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(conv_forward(
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(self.forward(
+                algo,
                 contiguous(x, l1, "conv2d input")?,
-                &oihw_to_ohwi(contiguous(w, l2, "conv2d weight")?, out, win.c, win.kh * win.kw),
+                contiguous(w, l2, "conv2d weight")?,
                 contiguous(b, l3, "conv2d bias")?,
                 &win,
-                pw,
             )),
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(conv_forward(
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(self.forward(
+                algo,
                 contiguous(x, l1, "conv2d input")?,
-                &oihw_to_ohwi(contiguous(w, l2, "conv2d weight")?, out, win.c, win.kh * win.kw),
+                contiguous(w, l2, "conv2d weight")?,
                 contiguous(b, l3, "conv2d bias")?,
                 &win,
-                pw,
             )),
             _ => candle_core::bail!("conv2d supports matching f32 or f64 tensors, got {:?}", s1.dtype()),
         };
@@ -219,9 +224,16 @@ impl CustomOp3 for Im2colConv {
         x: &Tensor,
         w: &Tensor,
         bias: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let masked;
+        let grad = if self.relu {
+            masked = mask_by_positive(res, grad)?;
+            &masked
+        } else {
+            grad
+        };
         let win = self.window(x.layout())?;
         let (out, k) = (bias.elem_count(), win.patch_len());
         let rows = win.batch * win.oh() * win.ow();
@@ -311,7 +323,7 @@ impl ConvGrad {
             (Algo::Winograd(tile), Wrt::Input) => {
                 let (n, h, w, _) = dims;
                 let flipped = winograd::flip_filters(&ohwi(), win.c, cout);
-                winograd::conv3x3(a, &flipped, None, (n, h, w, cout), win.c, tile)
+                winograd::conv3x3(a, &flipped, None, (n, h, w, cout), win.c, tile, false)
             }
             (Algo::Winograd(tile), Wrt::Weight) => oihw(winograd::conv3x3_weight_grad(a, b, dims, cout, tile)),
             (Algo::Taps, Wrt::Input) => taps::input_grad(a, b, win, cout),

@@ -334,7 +334,8 @@ fn input_tiles<T: WithDType>(
 }
 
 /// The 3×3 convolution (stride 1, padding 1) of channels-last `x` `(batch, h, w, cin)` with
-/// filters `(cout, 3, 3, cin)`, plus `bias` when given; returns `(batch, h, w, cout)`.
+/// filters `(cout, 3, 3, cin)`, plus `bias` when given, then ReLU with `relu`; returns
+/// `(batch, h, w, cout)`.
 pub fn conv3x3<T: WithDType>(
     x: &[T],
     filters: &[T],
@@ -342,6 +343,7 @@ pub fn conv3x3<T: WithDType>(
     (batch, h, w, cin): (usize, usize, usize, usize),
     cout: usize,
     tile: Tile,
+    relu: bool,
 ) -> Vec<T> {
     let tr = tile.transforms();
     let (m, a) = (tr.m, tr.alpha);
@@ -360,7 +362,7 @@ pub fn conv3x3<T: WithDType>(
             matmul_strided((count, cout, cin), ve, cin, ue, cout, &mut prod[e * count * cout..], cout);
         }
         scratch::give(v);
-        // Y = Aᵀ M A per tile (+ bias), written into the task's rows.
+        // Y = Aᵀ M A per tile (+ bias, then ReLU), written into the task's rows.
         let base = bands.offset(task * bands.per_task, cout);
         with_fma(|| {
             let (mut s, mut o) = (vec![T::zero(); m * a * cout], vec![T::zero(); m * m * cout]);
@@ -380,6 +382,11 @@ pub fn conv3x3<T: WithDType>(
                                 }
                             }
                             None => dst.copy_from_slice(src),
+                        }
+                        if relu {
+                            for d in dst.iter_mut() {
+                                *d = if *d > T::zero() { *d } else { T::zero() };
+                            }
                         }
                     }
                 }
@@ -571,14 +578,14 @@ mod tests {
             let f = data(cout * 9 * cin, 2);
             let bias = data(cout, 3);
             let want = direct(&x, &f, &bias, (b, h, w, cin), cout);
-            let got = conv3x3(&x, &f, Some(&bias), (b, h, w, cin), cout, tile);
+            let got = conv3x3(&x, &f, Some(&bias), (b, h, w, cin), cout, tile, false);
             for (g, e) in got.iter().zip(&want) {
                 assert!((g - e).abs() < 1e-12 * e.abs().max(1.0), "f64 {g} vs {e} at {:?}", (tile, b, h, w, cin, cout));
             }
             let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
             let f32s: Vec<f32> = f.iter().map(|&v| v as f32).collect();
             let b32: Vec<f32> = bias.iter().map(|&v| v as f32).collect();
-            let got = conv3x3(&x32, &f32s, Some(&b32), (b, h, w, cin), cout, tile);
+            let got = conv3x3(&x32, &f32s, Some(&b32), (b, h, w, cin), cout, tile, false);
             for (g, e) in got.iter().zip(&want) {
                 assert!(((*g as f64) - e).abs() < 1e-4 * e.abs().max(1.0), "f32 {g} vs {e} ({tile:?})");
             }
@@ -637,8 +644,8 @@ mod tests {
         let f = data(cout * 9 * cin, 5);
         let dy = data(b * h * w * cout, 6);
         for tile in TILES {
-            let y = conv3x3(&x, &f, None, (b, h, w, cin), cout, tile);
-            let dx = conv3x3(&dy, &flip_filters(&f, cin, cout), None, (b, h, w, cout), cin, tile);
+            let y = conv3x3(&x, &f, None, (b, h, w, cin), cout, tile, false);
+            let dx = conv3x3(&dy, &flip_filters(&f, cin, cout), None, (b, h, w, cout), cin, tile, false);
             let lhs: f64 = y.iter().zip(&dy).map(|(a, b)| a * b).sum();
             let rhs: f64 = x.iter().zip(&dx).map(|(a, b)| a * b).sum();
             assert!((lhs - rhs).abs() < 1e-10 * lhs.abs().max(1.0), "{lhs} vs {rhs} ({tile:?})");
@@ -699,7 +706,7 @@ mod tests {
     fn an_empty_batch_has_no_tiles() {
         let f = data(4 * 9 * 3, 1);
         for tile in TILES {
-            assert!(conv3x3(&[], &f, None, (0, 5, 5, 3), 4, tile).is_empty());
+            assert!(conv3x3(&[], &f, None, (0, 5, 5, 3), 4, tile, false).is_empty());
             let dw = conv3x3_weight_grad::<f64>(&[], &[], (0, 5, 5, 3), 4, tile);
             assert_eq!(dw.len(), 4 * 9 * 3);
             assert!(dw.iter().all(|&v| v == 0.0));

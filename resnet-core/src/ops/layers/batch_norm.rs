@@ -77,6 +77,11 @@ impl BatchNorm {
         self.running_var.as_tensor()
     }
 
+    /// The ε added to the variance.
+    pub(super) fn eps(&self) -> f64 {
+        self.eps
+    }
+
     /// Training-mode forward passes so far (PyTorch's `num_batches_tracked`).
     pub fn num_batches_tracked(&self) -> &Tensor {
         self.num_batches_tracked.as_tensor()

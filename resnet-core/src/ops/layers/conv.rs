@@ -118,10 +118,25 @@ impl Conv2d {
 }
 
 impl Module for Conv2d {
+    /// The training forward ([`Conv2d::forward_t`] with `train`).
+    ///
     /// # Shapes
     /// - `xs`: `(batch, height, width, in_channels)`
     /// - returns `(batch, out_h, out_w, out_channels)`
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_t(xs, true)
+    }
+}
+
+impl Conv2d {
+    /// The forward for training (`train`) or evaluation. The two agree to float rounding; on
+    /// the CPU an evaluation forward may use Winograd F(4×4, 3×3), which a training forward
+    /// leaves to the gradients (its rounding would move micro-batch updates apart).
+    ///
+    /// # Shapes
+    /// - `xs`: `(batch, height, width, in_channels)`
+    /// - returns `(batch, out_h, out_w, out_channels)`
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let Conv2dConfig { in_channels, out_channels, stride, padding, .. } = self.cfg;
         let c = xs.dim(3)?;
         if c != in_channels {
@@ -138,6 +153,7 @@ impl Module for Conv2d {
             // The weight goes in as stored, (out, in, kh, kw); the op reorders it to match the
             // patches' (kh, kw, c) itself, so no permute-and-copy nodes join the graph (their
             // backward would be two more passes over every weight per step).
+            let op = if train { op } else { op.for_evaluation() };
             return xs.contiguous()?.apply_op3(&self.weight, &self.bias, op);
         }
         match self.algorithm {
@@ -244,9 +260,12 @@ mod tests {
                 }
                 // Winograd or the in-bounds taps (where they apply; im2col otherwise) and the portable path (CUDA,
                 // mixed precision) agree on everything too.
+                // The evaluation forward (F(4×4) where it has fewer products) too.
                 let wino_y = wino.forward(x.as_tensor())?;
+                let wino_eval_y = wino.forward_t(x.as_tensor(), false)?;
                 let portable_y = ours.forward_portable(x.as_tensor())?;
-                for (label, y) in [("winograd", wino_y), ("portable", portable_y)] {
+                for (label, y) in [("winograd", wino_y), ("winograd evaluation", wino_eval_y), ("portable", portable_y)]
+                {
                     let e = rel_err(&y, &reference_conv(x.as_tensor(), &ours)?)?;
                     assert!(e < 1e-4, "{label} forward rel err {e} for {case:?}");
                     let g = (y * &probe)?.sum_all()?.backward()?;
@@ -261,6 +280,35 @@ mod tests {
                 assert!(e < 1e-4, "stock forward rel err {e} for {case:?}");
             }
         }
+        Ok(())
+    }
+
+    /// An evaluation forward runs the Winograd tile with fewer products (F(4×4) on an 8×8 image),
+    /// a training forward F(2×2): each is bit for bit the Winograd kernel with that tile, and the
+    /// two differ (in f32) only by rounding.
+    #[test]
+    fn evaluation_forward_takes_the_tile_with_fewer_products() -> candle_core::Result<()> {
+        use crate::ops::conv::winograd::{self, Tile};
+        use crate::ops::plumbing::weight_layout::oihw_to_ohwi;
+        let dev = Device::Cpu;
+        let (b, h, w, cin, cout) = (2, 8, 8, 16, 8);
+        assert_eq!(Tile::choose(h, w), Tile::F4);
+        let cfg = Conv2dConfig { in_channels: cin, out_channels: cout, kernel_size: 3, stride: 1, padding: 1 };
+        let conv = Conv2d::new(cfg, VarBuilder::from_varmap(&VarMap::new(), DType::F32, &dev))?;
+        assert_eq!(conv.algorithm(), ConvAlgorithm::Winograd);
+        let x = Tensor::randn(0f32, 1., (b, h, w, cin), &dev)?;
+        let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let wv: Vec<f32> = conv.weight().flatten_all()?.to_vec1()?;
+        let bv: Vec<f32> = conv.bias().to_vec1()?;
+        let ohwi = oihw_to_ohwi(&wv, cout, cin, 9);
+        let kernel = |tile| winograd::conv3x3(&xv, &ohwi, Some(&bv), (b, h, w, cin), cout, tile, false);
+        let eval: Vec<f32> = conv.forward_t(&x, false)?.flatten_all()?.to_vec1()?;
+        let train: Vec<f32> = conv.forward_t(&x, true)?.flatten_all()?.to_vec1()?;
+        assert_eq!(eval, kernel(Tile::F4), "the evaluation forward is not F(4×4)");
+        assert_eq!(train, kernel(Tile::F2), "the training forward is not F(2×2)");
+        assert_ne!(eval, train, "F(4×4) and F(2×2) rounded identically: the test cannot tell them apart");
+        let gap = eval.iter().zip(&train).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0f32, f32::max);
+        assert!(gap < 1e-5, "F(4×4) and F(2×2) differ by {gap} relative");
         Ok(())
     }
 }

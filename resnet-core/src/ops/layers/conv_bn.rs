@@ -1,16 +1,21 @@
-//! A convolution followed by training-mode BatchNorm (and ReLU) as one graph node on the CPU.
+//! A convolution followed by BatchNorm (and ReLU) as one graph node on the CPU.
 //!
-//! candle's backward starts the gradient of every node's input from a zero tensor and adds the
-//! node's contribution to it, on one thread. Between a convolution and its BatchNorm that costs
-//! two passes over an activation-sized tensor per layer and step, for a gradient that only the
-//! convolution reads. As one op, the BatchNorm's input gradient goes straight into the
+//! In training, candle's backward starts the gradient of every node's input from a zero tensor
+//! and adds the node's contribution to it, on one thread. Between a convolution and its BatchNorm
+//! that costs two passes over an activation-sized tensor per layer and step, for a gradient that
+//! only the convolution reads. As one op, the BatchNorm's input gradient goes straight into the
 //! convolution's backward. The arithmetic is the two ops' own, in the same order, so results are
 //! bit-identical to running them one after the other.
+//!
+//! In evaluation, BatchNorm is a per-channel affine map with the running statistics, which folds
+//! into the convolution's weight and bias (`w·s`, `(b − μ)·s + β` with `s = γ / √(σ² + ε)`), and
+//! the ReLU is applied as the output is written: no pass over the activation beyond the
+//! convolution's own. The fold rounds differently from the layers (within 1e-4 relative in f32).
 
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Device, Layout, Module, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Tensor, WithDType};
 
 use super::batch_norm::{BatchNorm, FusedBatchNorm};
 use super::conv::Conv2d;
@@ -18,8 +23,10 @@ use crate::ops::conv::dispatch::Im2colConv;
 use crate::ops::plumbing::geometry::Window;
 use crate::ops::plumbing::storage::contiguous;
 
-/// `bn(conv(xs))`, then ReLU with `relu`: one node in training on the CPU (f32 or f64, with the
-/// im2col or Winograd algorithm), the two layers one after the other everywhere else.
+/// `bn(conv(xs))`, then ReLU with `relu`: one node on the CPU (f32 or f64, with the im2col or
+/// Winograd algorithm) in training, and in evaluation where the activation outweighs the weight
+/// (there the BatchNorm folds into the convolution, [`folds`]); the two layers one after the
+/// other everywhere else.
 ///
 /// # Shapes
 /// - `xs`: `(batch, height, width, in_channels)`
@@ -31,16 +38,32 @@ pub(crate) fn conv_bn(
     train: bool,
     relu: bool,
 ) -> candle_core::Result<Tensor> {
-    let fused = match (train, conv.cpu_op(xs)) {
-        (true, Some(op)) => fused_rows(conv, bn, xs)?.map(|rows| (op, rows)),
-        _ => None,
+    let channels = conv.config().out_channels;
+    if !train {
+        return match conv.cpu_op(xs) {
+            Some(op) if folds(conv, bn, xs)? => {
+                let op = if relu { op.for_evaluation().with_relu() } else { op.for_evaluation() };
+                // Bias, γ, β and the running statistics in one tensor (custom ops take three
+                // inputs); the statistics are buffers, not parameters, so they get no gradient.
+                let packed = Tensor::cat(
+                    &[conv.bias(), bn.weight(), bn.bias(), &bn.running_mean().detach(), &bn.running_var().detach()],
+                    0,
+                )?;
+                let folded = FoldedConvBatchNorm { conv: op, channels, eps: bn.eps() };
+                xs.contiguous()?.apply_op3(conv.weight(), &packed, folded)
+            }
+            _ => bn.forward_act(&conv.forward_t(xs, false)?, false, relu),
+        };
+    }
+    let fused = match conv.cpu_op(xs) {
+        Some(op) => fused_rows(conv, bn, xs)?.map(|rows| (op, rows)),
+        None => None,
     };
     let Some((op, rows)) = fused else {
-        return bn.forward_act(&conv.forward(xs)?, train, relu);
+        return bn.forward_act(&conv.forward_t(xs, true)?, true, relu);
     };
     // γ and β travel with the convolution's bias in one tensor: custom ops take three inputs.
     let packed = Tensor::cat(&[conv.bias(), bn.weight(), bn.bias()], 0)?;
-    let channels = conv.config().out_channels;
     bn.train_with(relu, rows, |bn_op| {
         let fused = ConvBatchNorm { conv: op, bn: bn_op, channels, saved: Mutex::new(None) };
         xs.contiguous()?.apply_op3(conv.weight(), &packed, fused)
@@ -65,6 +88,16 @@ fn fused_rows(conv: &Conv2d, bn: &BatchNorm, xs: &Tensor) -> candle_core::Result
         (Some(oh), Some(ow)) if batch * oh * ow >= 2 => Some(batch * oh * ow),
         _ => None,
     })
+}
+
+/// Whether an evaluation-mode `bn(conv(xs))` runs folded: shapes and dtypes that the CPU op
+/// takes, and an output at least as large as the weight (folding costs a pass over the weight,
+/// and saves one over the output: not worth it for a few images through the last stages).
+pub(crate) fn folds(conv: &Conv2d, bn: &BatchNorm, xs: &Tensor) -> candle_core::Result<bool> {
+    let Some(rows) = fused_rows(conv, bn, xs)? else { return Ok(false) };
+    let same = |t: &Tensor| t.dtype() == xs.dtype();
+    let cfg = conv.config();
+    Ok(same(bn.running_mean()) && same(bn.running_var()) && rows >= cfg.in_channels * cfg.kernel_size.pow(2))
 }
 
 /// The convolution's output, kept for the backward: as the forward left it, then as a tensor.
@@ -166,12 +199,106 @@ impl CustomOp3 for ConvBatchNorm {
     }
 }
 
+/// Evaluation-mode `(x, w, [bias | γ | β | μ | σ²]) -> bn(conv(x))` (then ReLU, as the
+/// convolution op is set): the BatchNorm folded into the convolution's weight and bias.
+#[derive(Debug)]
+struct FoldedConvBatchNorm {
+    conv: Im2colConv,
+    channels: usize,
+    eps: f64,
+}
+
+impl FoldedConvBatchNorm {
+    /// The folded weight `w·s` and bias `(b − μ)·s + β`, `s = γ / √(σ² + ε)` per output channel.
+    fn fold<T: WithDType>(&self, w: &[T], packed: &[T]) -> (Vec<T>, Vec<T>) {
+        let c = self.channels;
+        let [bias, gamma, beta, mean, var] = [0, 1, 2, 3, 4].map(|i| &packed[i * c..(i + 1) * c]);
+        let scale: Vec<T> =
+            (0..c).map(|o| T::from_f64(gamma[o].to_f64() / (var[o].to_f64() + self.eps).sqrt())).collect();
+        let per_out = w.len() / c;
+        let w_folded = w.iter().enumerate().map(|(i, &v)| v * scale[i / per_out]).collect();
+        let b_folded = (0..c).map(|o| (bias[o] - mean[o]) * scale[o] + beta[o]).collect();
+        (w_folded, b_folded)
+    }
+}
+
+impl CustomOp3 for FoldedConvBatchNorm {
+    fn name(&self) -> &'static str {
+        "conv-batch-norm-folded"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let c = self.channels;
+        if l3.shape().dims() != [5 * c] || l2.shape().dims().first() != Some(&c) {
+            candle_core::bail!(
+                "folded conv-batch-norm: weight {:?} and parameters {:?} for {c} channels",
+                l2.shape(),
+                l3.shape()
+            )
+        }
+        let (w, b) = match (s2, s3) {
+            (CpuStorage::F32(w), CpuStorage::F32(p)) => {
+                let (w, b) = self.fold(contiguous(w, l2, "conv weight")?, contiguous(p, l3, "batch-norm parameters")?);
+                (CpuStorage::F32(w), CpuStorage::F32(b))
+            }
+            (CpuStorage::F64(w), CpuStorage::F64(p)) => {
+                let (w, b) = self.fold(contiguous(w, l2, "conv weight")?, contiguous(p, l3, "batch-norm parameters")?);
+                (CpuStorage::F64(w), CpuStorage::F64(b))
+            }
+            _ => {
+                candle_core::bail!("folded conv-batch-norm supports matching f32 or f64 tensors, got {:?}", s2.dtype())
+            }
+        };
+        self.conv.cpu_fwd(s1, l1, &w, &Layout::contiguous(l2.shape()), &b, &Layout::contiguous(c))
+    }
+
+    /// With `g` and `gb` the gradients of the folded weight and bias (the convolution op applies
+    /// the ReLU's mask): `dw = g·s`, `db = gb·s`, `dγ = (Σ g⊙w + gb·(b − μ)) / √(σ² + ε)`,
+    /// `dβ = gb`; none for the statistics.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        packed: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let c = self.channels;
+        let (w, packed) = (w.detach(), packed.detach());
+        let part = |i: usize| packed.narrow(0, i * c, c);
+        let (bias, gamma, beta, mean, var) = (part(0)?, part(1)?, part(2)?, part(3)?, part(4)?);
+        let inv_std = (var + self.eps)?.sqrt()?.recip()?;
+        let scale = (&inv_std * &gamma)?.reshape((c, 1, 1, 1))?;
+        let centered_bias = (&bias - &mean)?;
+        let w_folded = w.broadcast_mul(&scale)?;
+        let scale = scale.flatten_all()?;
+        let b_folded = ((&centered_bias * &scale)? + beta)?;
+        let (dx, gw, gb) = self.conv.bwd(x, &w_folded, &b_folded, res, grad)?;
+        let (Some(gw), Some(gb)) = (gw, gb) else {
+            candle_core::bail!("folded conv-batch-norm: the convolution gave no weight or bias gradient")
+        };
+        let dw = gw.broadcast_mul(&scale.reshape((c, 1, 1, 1))?)?;
+        let dbias = (&gb * &scale)?;
+        let dgamma = (((&gw * &w)?.sum((1, 2, 3))? + (&gb * &centered_bias)?)? * &inv_std)?;
+        let zeros = Tensor::zeros(2 * c, packed.dtype(), packed.device())?;
+        Ok((dx, Some(dw), Some(Tensor::cat(&[&dbias, &dgamma, &gb, &zeros], 0)?)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ops::conv::ConvAlgorithm;
     use crate::ops::layers::Conv2dConfig;
-    use candle_core::{DType, Var};
+    use candle_core::{DType, Module, Var};
     use candle_nn::{ModuleT, VarBuilder, VarMap};
 
     /// The fused node against the two layers run one after the other, on twin layers with the
@@ -185,6 +312,7 @@ mod tests {
         // (batch, h, w, cin, cout, kernel, stride, pad)
         let cases =
             [(2, 8, 8, 3, 4, 3, 1, 1), (3, 3, 3, 4, 5, 3, 1, 1), (2, 7, 6, 3, 4, 3, 2, 1), (2, 5, 5, 4, 3, 1, 2, 0)];
+        let mut folded_cases = 0;
         for &(b, h, w, cin, cout, k, s, p) in &cases {
             for dtype in [DType::F32, DType::F64] {
                 for (relu, algorithm) in [(true, ConvAlgorithm::Winograd), (false, ConvAlgorithm::Im2col)] {
@@ -240,11 +368,90 @@ mod tests {
                     assert_eq!(same(bn.running_mean(), twin_bn.running_mean())?, 0.0, "running mean {case:?}");
                     assert_eq!(same(bn.running_var(), twin_bn.running_var())?, 0.0, "running var {case:?}");
                     assert_eq!(bn.num_batches_tracked().to_dtype(DType::F64)?.to_scalar::<f64>()?, 1.0);
-                    // Evaluation mode takes the layers one after the other.
+                    // Evaluation mode: folded where that pays, else the layers one after the
+                    // other (then bit-identical).
                     let eval = conv_bn(&conv, &bn, x.as_tensor(), false, relu)?;
-                    let want = bn.forward_t(&conv.forward(x.as_tensor())?, false)?;
+                    let want = bn.forward_t(&conv.forward_t(x.as_tensor(), false)?, false)?;
                     let want = if relu { want.relu()? } else { want };
-                    assert_eq!(same(&eval, &want)?, 0.0, "evaluation differs for {case:?}");
+                    if folds(&conv, &bn, x.as_tensor())? {
+                        folded_cases += 1;
+                    } else {
+                        assert_eq!(same(&eval, &want)?, 0.0, "evaluation differs for {case:?}");
+                    }
+                }
+            }
+        }
+        assert!(folded_cases > 0, "no case ran folded in evaluation");
+        Ok(())
+    }
+
+    /// Max relative error `|a - b| / max(|b|, 1)`, elementwise.
+    fn rel_err(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
+        let scale = b.abs()?.maximum(1.0)?;
+        ((a - b)?.abs()? / scale)?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()
+    }
+
+    /// Evaluation mode with the BatchNorm folded into the convolution against the two layers one
+    /// after the other (with running statistics away from 0 and 1, γ and β away from 1 and 0):
+    /// output and the gradients of the input, the convolution's weight and bias and γ and β,
+    /// none for the statistics; f32 and f64, with and without ReLU, on Winograd F(4×4) and
+    /// F(2×2), strided, 1×1 and stem-like shapes. Tolerance 1e-4 relative in f32 (the scales
+    /// γ/σ here reach 3.4; the convolution tests allow 1e-4 too) and 1e-12 in f64 for the output,
+    /// 1e-4 and 1e-10 for the gradients.
+    #[test]
+    fn folded_evaluation_matches_the_layers() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        // (batch, h, w, cin, cout, kernel, stride, pad)
+        let cases = [
+            (4, 8, 8, 6, 5, 3, 1, 1),
+            (4, 10, 10, 4, 6, 3, 1, 1),
+            (4, 7, 6, 3, 4, 3, 2, 1),
+            (4, 5, 5, 4, 3, 1, 2, 0),
+            (2, 12, 12, 1, 4, 7, 2, 3),
+        ];
+        for &(b, h, w, cin, cout, k, s, p) in &cases {
+            for dtype in [DType::F32, DType::F64] {
+                for relu in [true, false] {
+                    let case = (b, h, w, cin, cout, k, s, p, dtype, relu);
+                    let cfg =
+                        Conv2dConfig { in_channels: cin, out_channels: cout, kernel_size: k, stride: s, padding: p };
+                    let map = VarMap::new();
+                    let vb = VarBuilder::from_varmap(&map, dtype, &dev);
+                    let conv = Conv2d::new(cfg, vb.pp("conv"))?;
+                    let bn = BatchNorm::new(cout, vb.pp("bn"))?;
+                    for (name, var) in map.data().lock().expect("vars").iter() {
+                        let value = match name.as_str() {
+                            "bn.weight" => (var.as_tensor().rand_like(0.5, 1.5))?,
+                            "bn.bias" | "bn.running_mean" => (var.as_tensor().rand_like(-0.5, 0.5))?,
+                            "bn.running_var" => (var.as_tensor().rand_like(0.2, 3.0))?,
+                            _ => continue,
+                        };
+                        var.set(&value)?;
+                    }
+                    let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, h, w, cin), &dev)?.to_dtype(dtype)?)?;
+                    assert!(folds(&conv, &bn, x.as_tensor())?, "{case:?} does not fold");
+                    let folded = conv_bn(&conv, &bn, x.as_tensor(), false, relu)?;
+                    let layers = bn.forward_act(&conv.forward_t(x.as_tensor(), false)?, false, relu)?;
+                    let (tol_y, tol_g) = if dtype == DType::F32 { (1e-4, 1e-4) } else { (1e-12, 1e-10) };
+                    let e = rel_err(&folded, &layers)?;
+                    assert!(e < tol_y, "output rel err {e} for {case:?}");
+                    let probe = Tensor::randn(0f32, 1., folded.shape(), &dev)?.to_dtype(dtype)?;
+                    let g1 = (folded * &probe)?.sum_all()?.backward()?;
+                    let g2 = (layers * &probe)?.sum_all()?.backward()?;
+                    let params = [
+                        ("input", x.as_tensor()),
+                        ("conv weight", conv.weight()),
+                        ("conv bias", conv.bias()),
+                        ("bn weight", bn.weight()),
+                        ("bn bias", bn.bias()),
+                    ];
+                    for (name, t) in params {
+                        let e = rel_err(g1.get(t).expect("grad"), g2.get(t).expect("grad"))?;
+                        assert!(e < tol_g, "{name} gradient rel err {e} for {case:?}");
+                    }
+                    for t in [bn.running_mean(), bn.running_var()] {
+                        assert!(g1.get(t).is_none(), "a running statistic got a gradient for {case:?}");
+                    }
                 }
             }
         }

@@ -51,6 +51,20 @@ fn use_fused(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
 }
 
+/// `max(x, 0)` in place, in parallel.
+pub(crate) fn relu_in_place<T: WithDType>(ys: &mut [T]) {
+    ys.par_chunks_mut(CHUNK).for_each(|c| {
+        for v in c {
+            *v = if *v > T::zero() { *v } else { T::zero() };
+        }
+    });
+}
+
+/// `grad` where `ys > 0`, else 0: the gradient through a ReLU whose output was `ys`.
+pub(crate) fn mask_by_positive(ys: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+    ys.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &MaskByPositive)
+}
+
 /// `max(x, 0)`.
 pub fn relu(xs: &Tensor) -> candle_core::Result<Tensor> {
     if use_fused(xs) {
@@ -91,7 +105,7 @@ impl CustomOp1 for Relu {
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(res.apply_op2_no_bwd(&grad.contiguous()?, &MaskByPositive)?))
+        Ok(Some(mask_by_positive(res, grad)?))
     }
 }
 
