@@ -52,7 +52,7 @@ pub(crate) struct Im2colConv {
     pad: usize,
     /// Use Winograd where it applies (3×3, stride 1, padding 1, images of at least 4×4).
     winograd: bool,
-    /// Let the forward take the Winograd tile with fewer products ([`winograd::Tile::choose`])
+    /// Let the forward take F(4×4) where it is faster ([`winograd::Tile::choose_for_evaluation`])
     /// instead of F(2×2): for evaluation-mode forwards, whose outputs train nothing.
     free_forward_tile: bool,
     /// ReLU on the output ([`Im2colConv::with_relu`]).
@@ -85,11 +85,15 @@ impl Im2colConv {
             // A training forward stays on F(2×2): F(4×4)'s larger transform constants round
             // enough that a whole batch and the same images in two micro-batches (the products'
             // blocking depends on the batch size) give updates further apart than gradient
-            // accumulation's tolerance; F(2×2) keeps them within it. Evaluation forwards and the
-            // gradients take the tile `Tile::choose` picks.
-            Some(Algo::Winograd(tile)) => {
+            // accumulation's tolerance; F(2×2) keeps them within it. Evaluation forwards take
+            // `Tile::choose_for_evaluation`'s tile, the gradients `Tile::choose`'s.
+            Some(Algo::Winograd(_)) => {
                 let dims = (win.batch, win.h, win.w, win.c);
-                let tile = if self.free_forward_tile { tile } else { winograd::Tile::F2 };
+                let tile = if self.free_forward_tile {
+                    winograd::Tile::choose_for_evaluation(win.h, win.w)
+                } else {
+                    winograd::Tile::F2
+                };
                 return winograd::conv3x3(x, &ohwi(), Some(b), dims, b.len(), tile, self.relu);
             }
             // Reads the stored layout itself (often only a few of the taps).

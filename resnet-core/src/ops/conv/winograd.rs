@@ -129,6 +129,18 @@ impl Tile {
             Tile::F2
         }
     }
+
+    /// The tile for an evaluation-mode forward: [`Tile::choose`]'s on images of at least 12
+    /// pixels a side, F(2×2) below. On the 7×7 and 4×4 images of a 28 px network F(4×4)'s
+    /// larger transforms cost more than its products save (evaluation at 28 px, batch 256, see
+    /// BENCHMARKS.md); on 12×12 and 24×24 it is the faster one.
+    pub fn choose_for_evaluation(h: usize, w: usize) -> Tile {
+        if h.min(w) >= 12 {
+            Tile::choose(h, w)
+        } else {
+            Tile::F2
+        }
+    }
 }
 
 /// The matrix as `T`, transposed when asked.
@@ -375,17 +387,23 @@ pub fn conv3x3<T: WithDType>(
                     for j in 0..m.min(w - m * tx) {
                         let at = row + (m * tx + j) * cout;
                         let (dst, src) = (&mut out[at..at + cout], &o[(i * m + j) * cout..(i * m + j + 1) * cout]);
-                        match bias {
-                            Some(b) => {
+                        match (bias, relu) {
+                            (Some(b), false) => {
                                 for ((d, &v), &bv) in dst.iter_mut().zip(src).zip(b) {
                                     *d = v + bv;
                                 }
                             }
-                            None => dst.copy_from_slice(src),
-                        }
-                        if relu {
-                            for d in dst.iter_mut() {
-                                *d = if *d > T::zero() { *d } else { T::zero() };
+                            (Some(b), true) => {
+                                for ((d, &v), &bv) in dst.iter_mut().zip(src).zip(b) {
+                                    let t = v + bv;
+                                    *d = if t < T::zero() { T::zero() } else { t };
+                                }
+                            }
+                            (None, false) => dst.copy_from_slice(src),
+                            (None, true) => {
+                                for (d, &v) in dst.iter_mut().zip(src) {
+                                    *d = if v < T::zero() { T::zero() } else { v };
+                                }
                             }
                         }
                     }

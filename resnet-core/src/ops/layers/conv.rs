@@ -283,32 +283,39 @@ mod tests {
         Ok(())
     }
 
-    /// An evaluation forward runs the Winograd tile with fewer products (F(4×4) on an 8×8 image),
-    /// a training forward F(2×2): each is bit for bit the Winograd kernel with that tile, and the
-    /// two differ (in f32) only by rounding.
+    /// An evaluation forward runs F(4×4) on a 12×12 image and F(2×2) on an 8×8 one
+    /// ([`Tile::choose_for_evaluation`](crate::ops::conv::winograd::Tile::choose_for_evaluation)),
+    /// a training forward F(2×2) on both: each bit for bit the Winograd kernel with that tile;
+    /// F(4×4) and F(2×2) differ (in f32) by rounding only.
     #[test]
-    fn evaluation_forward_takes_the_tile_with_fewer_products() -> candle_core::Result<()> {
+    fn evaluation_forward_takes_f4_on_images_of_12_pixels_and_more() -> candle_core::Result<()> {
         use crate::ops::conv::winograd::{self, Tile};
         use crate::ops::plumbing::weight_layout::oihw_to_ohwi;
         let dev = Device::Cpu;
-        let (b, h, w, cin, cout) = (2, 8, 8, 16, 8);
-        assert_eq!(Tile::choose(h, w), Tile::F4);
+        let (b, cin, cout) = (2, 16, 8);
         let cfg = Conv2dConfig { in_channels: cin, out_channels: cout, kernel_size: 3, stride: 1, padding: 1 };
         let conv = Conv2d::new(cfg, VarBuilder::from_varmap(&VarMap::new(), DType::F32, &dev))?;
         assert_eq!(conv.algorithm(), ConvAlgorithm::Winograd);
-        let x = Tensor::randn(0f32, 1., (b, h, w, cin), &dev)?;
-        let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let wv: Vec<f32> = conv.weight().flatten_all()?.to_vec1()?;
         let bv: Vec<f32> = conv.bias().to_vec1()?;
         let ohwi = oihw_to_ohwi(&wv, cout, cin, 9);
-        let kernel = |tile| winograd::conv3x3(&xv, &ohwi, Some(&bv), (b, h, w, cin), cout, tile, false);
-        let eval: Vec<f32> = conv.forward_t(&x, false)?.flatten_all()?.to_vec1()?;
-        let train: Vec<f32> = conv.forward_t(&x, true)?.flatten_all()?.to_vec1()?;
-        assert_eq!(eval, kernel(Tile::F4), "the evaluation forward is not F(4×4)");
-        assert_eq!(train, kernel(Tile::F2), "the training forward is not F(2×2)");
-        assert_ne!(eval, train, "F(4×4) and F(2×2) rounded identically: the test cannot tell them apart");
-        let gap = eval.iter().zip(&train).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0f32, f32::max);
-        assert!(gap < 1e-5, "F(4×4) and F(2×2) differ by {gap} relative");
+        for (side, eval_tile) in [(12, Tile::F4), (8, Tile::F2)] {
+            assert_eq!(Tile::choose(side, side), Tile::F4, "the gradients' tile at {side} px");
+            let x = Tensor::randn(0f32, 1., (b, side, side, cin), &dev)?;
+            let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            let kernel = |tile| winograd::conv3x3(&xv, &ohwi, Some(&bv), (b, side, side, cin), cout, tile, false);
+            let eval: Vec<f32> = conv.forward_t(&x, false)?.flatten_all()?.to_vec1()?;
+            let train: Vec<f32> = conv.forward_t(&x, true)?.flatten_all()?.to_vec1()?;
+            assert_eq!(eval, kernel(eval_tile), "the evaluation forward at {side} px is not {eval_tile:?}");
+            assert_eq!(train, kernel(Tile::F2), "the training forward at {side} px is not F(2×2)");
+            let f4 = kernel(Tile::F4);
+            assert_ne!(
+                f4, train,
+                "F(4×4) and F(2×2) rounded identically at {side} px: the test cannot tell them apart"
+            );
+            let gap = f4.iter().zip(&train).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0f32, f32::max);
+            assert!(gap < 1e-5, "F(4×4) and F(2×2) differ by {gap} relative at {side} px");
+        }
         Ok(())
     }
 }

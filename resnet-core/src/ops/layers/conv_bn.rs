@@ -395,9 +395,11 @@ mod tests {
     /// after the other (with running statistics away from 0 and 1, γ and β away from 1 and 0):
     /// output and the gradients of the input, the convolution's weight and bias and γ and β,
     /// none for the statistics; f32 and f64, with and without ReLU, on Winograd F(4×4) and
-    /// F(2×2), strided, 1×1 and stem-like shapes. Tolerance 1e-4 relative in f32 (the scales
-    /// γ/σ here reach 3.4; the convolution tests allow 1e-4 too) and 1e-12 in f64 for the output,
-    /// 1e-4 and 1e-10 for the gradients.
+    /// F(2×2), strided, 1×1 and stem-like shapes. Tolerance for the output 1e-4 relative in f32
+    /// (the scales γ/σ here reach 3.4; the convolution tests allow 1e-4 against float64) and 1e-12
+    /// in f64; for the gradients 5e-4 in f32 (two f32 computations that round differently, each
+    /// held within 1e-4 of float64 by the convolution tests; 1.7e-4 seen over 30 runs) and 1e-10
+    /// in f64.
     #[test]
     fn folded_evaluation_matches_the_layers() -> candle_core::Result<()> {
         let dev = Device::Cpu;
@@ -432,7 +434,7 @@ mod tests {
                     assert!(folds(&conv, &bn, x.as_tensor())?, "{case:?} does not fold");
                     let folded = conv_bn(&conv, &bn, x.as_tensor(), false, relu)?;
                     let layers = bn.forward_act(&conv.forward_t(x.as_tensor(), false)?, false, relu)?;
-                    let (tol_y, tol_g) = if dtype == DType::F32 { (1e-4, 1e-4) } else { (1e-12, 1e-10) };
+                    let (tol_y, tol_g) = if dtype == DType::F32 { (1e-4, 5e-4) } else { (1e-12, 1e-10) };
                     let e = rel_err(&folded, &layers)?;
                     assert!(e < tol_y, "output rel err {e} for {case:?}");
                     let probe = Tensor::randn(0f32, 1., folded.shape(), &dev)?.to_dtype(dtype)?;

@@ -6,6 +6,7 @@ use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, Lay
 use rayon::prelude::*;
 
 use super::scratch;
+use super::simd::with_fma;
 use super::storage::contiguous;
 
 /// Elements per parallel task.
@@ -51,12 +52,14 @@ fn use_fused(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
 }
 
-/// `max(x, 0)` in place, in parallel.
+/// `max(x, 0)` in place, in parallel (a NaN stays a NaN).
 pub(crate) fn relu_in_place<T: WithDType>(ys: &mut [T]) {
     ys.par_chunks_mut(CHUNK).for_each(|c| {
-        for v in c {
-            *v = if *v > T::zero() { *v } else { T::zero() };
-        }
+        with_fma(|| {
+            for v in c {
+                *v = if *v < T::zero() { T::zero() } else { *v };
+            }
+        })
     });
 }
 
