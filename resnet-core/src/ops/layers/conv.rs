@@ -170,13 +170,13 @@ impl Conv2d {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
     use candle_nn::VarMap;
 
     /// Max relative error `|a - b| / max(|b|, 1)`, elementwise.
-    fn rel_err(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
+    pub(in crate::ops::layers) fn rel_err(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
         let scale = b.abs()?.maximum(1.0)?;
         ((a - b)?.abs()? / scale)?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()
     }

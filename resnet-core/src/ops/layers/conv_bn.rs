@@ -297,6 +297,7 @@ impl CustomOp3 for FoldedConvBatchNorm {
 mod tests {
     use super::*;
     use crate::ops::conv::ConvAlgorithm;
+    use crate::ops::layers::conv::tests::rel_err;
     use crate::ops::layers::Conv2dConfig;
     use candle_core::{DType, Module, Var};
     use candle_nn::{ModuleT, VarBuilder, VarMap};
@@ -383,12 +384,6 @@ mod tests {
         }
         assert!(folded_cases > 0, "no case ran folded in evaluation");
         Ok(())
-    }
-
-    /// Max relative error `|a - b| / max(|b|, 1)`, elementwise.
-    fn rel_err(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
-        let scale = b.abs()?.maximum(1.0)?;
-        ((a - b)?.abs()? / scale)?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()
     }
 
     /// Evaluation mode with the BatchNorm folded into the convolution against the two layers one
