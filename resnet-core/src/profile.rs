@@ -12,15 +12,24 @@
 //! is open on the calling thread). The report turns them into each span's product rate, which
 //! set against the measured peak of the products says how much of the span's time the products
 //! could explain at best; the rest is data movement and bookkeeping.
+//!
+//! The products are also recorded by shape (sizes, strides, threading); [`replay_products`] then
+//! runs each recorded shape again on its own, as many times per step as the step ran it, and
+//! times it: what the step's products cost through the gemm crate with nothing else around them,
+//! a floor for the step's time while the products go through that crate.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
+use candle_core::{DType, WithDType};
+use rayon::prelude::*;
+
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static FLOPS: AtomicU64 = AtomicU64::new(0);
 static TIMES: Mutex<Option<HashMap<String, Totals>>> = Mutex::new(None);
+static PRODUCTS: Mutex<Option<HashMap<ProductCall, u64>>> = Mutex::new(None);
 
 /// What the spans of one key add up to.
 #[derive(Debug, Default)]
@@ -40,10 +49,45 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
-/// Counts `flops` floating-point operations of a matrix product (nothing while recording is off).
-pub(crate) fn add_flops(flops: u64) {
+/// One call into the gemm crate, as [`crate::ops::plumbing::matmul::gemm_strided`] makes it:
+/// `c (m×n, rows ldc apart) = a (m×k) · b (k×n)` with the factors' element strides (row,
+/// column), adding to `c` or not, split over the threads or run on one (beside others).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ProductCall {
+    /// Element type.
+    pub dtype: DType,
+    /// Rows of the output.
+    pub m: usize,
+    /// Columns of the output.
+    pub n: usize,
+    /// The shared dimension.
+    pub k: usize,
+    /// Element strides (row, column) of the left factor as `m×k`.
+    pub a_strides: (usize, usize),
+    /// Element strides (row, column) of the right factor as `k×n`.
+    pub b_strides: (usize, usize),
+    /// Row stride of the output.
+    pub ldc: usize,
+    /// Whether the product is added to the output.
+    pub accumulate: bool,
+    /// Whether the product is split over the threads (else the caller runs several side by side).
+    pub parallel: bool,
+}
+
+impl ProductCall {
+    /// Floating-point operations of one call (2·m·n·k).
+    pub fn flops(&self) -> u64 {
+        2 * (self.m * self.n * self.k) as u64
+    }
+}
+
+/// Counts a matrix product's floating-point operations and records its shape (nothing while
+/// recording is off).
+pub(crate) fn add_product(call: ProductCall) {
     if enabled() {
-        FLOPS.fetch_add(flops, Ordering::Relaxed);
+        FLOPS.fetch_add(call.flops(), Ordering::Relaxed);
+        let mut products = PRODUCTS.lock().unwrap_or_else(|e| e.into_inner());
+        *products.get_or_insert_with(HashMap::new).entry(call).or_default() += 1;
     }
 }
 
@@ -96,6 +140,125 @@ pub fn take() -> Vec<Entry> {
         times.into_iter().map(|(key, t)| Entry { key, seconds: t.seconds, calls: t.calls, flops: t.flops }).collect();
     entries.sort_by(|a, b| b.seconds.total_cmp(&a.seconds).then_with(|| a.key.cmp(&b.key)));
     entries
+}
+
+/// One recorded product shape, run again on its own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Replayed {
+    /// The call.
+    pub call: ProductCall,
+    /// How many times a step made it.
+    pub calls_per_step: f64,
+    /// Seconds per step that those calls took on their own.
+    pub seconds_per_step: f64,
+}
+
+impl Replayed {
+    /// The calls' rate on their own, GFLOP/s.
+    pub fn gflops(&self) -> f64 {
+        self.call.flops() as f64 * self.calls_per_step / self.seconds_per_step / 1e9
+    }
+}
+
+/// Takes the recorded product shapes (clearing them) and runs each again on its own, `steps`
+/// steps' worth of calls after one step's worth of warm-up, timing them: products split over the
+/// threads run one after another as in the step; single-threaded ones run side by side on
+/// rayon's threads, as their callers run them. The operands hold the same value everywhere
+/// (the products' speed does not depend on it) and stay in cache wherever they fit, so the sum
+/// is a floor for the step's products, not an estimate of them. Slowest first; element types
+/// other than f32 and f64 are left out.
+pub fn replay_products(steps: usize) -> Vec<Replayed> {
+    let steps = steps.max(1);
+    let products = PRODUCTS.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
+    let mut out: Vec<Replayed> = products
+        .into_iter()
+        .filter_map(|(call, count)| {
+            let per_step = (count as usize).div_ceil(steps);
+            let seconds = match call.dtype {
+                DType::F32 => replay::<f32>(&call, per_step, steps),
+                DType::F64 => replay::<f64>(&call, per_step, steps),
+                _ => return None,
+            };
+            Some(Replayed { call, calls_per_step: count as f64 / steps as f64, seconds_per_step: seconds })
+        })
+        .collect();
+    out.sort_by(|a, b| b.seconds_per_step.total_cmp(&a.seconds_per_step));
+    out
+}
+
+/// Seconds per step of `per_step` calls of `call`, timed over `steps` steps after one of warm-up.
+fn replay<T: WithDType>(call: &ProductCall, per_step: usize, steps: usize) -> f64 {
+    let ProductCall { m, n, k, a_strides, b_strides, ldc, accumulate, parallel, .. } = *call;
+    let span = |(rs, cs): (usize, usize), rows: usize, cols: usize| (rows - 1) * rs + (cols - 1) * cs + 1;
+    let a = vec![T::from_f64(0.5); span(a_strides, m, k)];
+    let b = vec![T::from_f64(0.5); span(b_strides, k, n)];
+    let c_len = (m - 1) * ldc + n;
+    let run = |c: &mut Vec<T>| {
+        crate::ops::plumbing::matmul::gemm_strided(
+            (m, n, k),
+            &a,
+            a_strides,
+            &b,
+            b_strides,
+            c,
+            ldc,
+            accumulate,
+            parallel,
+        )
+    };
+    let one_step = || {
+        if parallel {
+            let mut c = vec![T::zero(); c_len];
+            for _ in 0..per_step {
+                run(&mut c);
+            }
+        } else {
+            (0..per_step).into_par_iter().for_each_init(|| vec![T::zero(); c_len], |c, _| run(c));
+        }
+    };
+    one_step();
+    let started = Instant::now();
+    for _ in 0..steps {
+        one_step();
+    }
+    started.elapsed().as_secs_f64() / steps as f64
+}
+
+/// The replayed products as a table: milliseconds per step, calls per step, GFLOP per step and
+/// rate of each shape, then their sum set against `step_ms` (the step's measured time).
+pub fn replay_report(replayed: &[Replayed], step_ms: f64) -> String {
+    let mut out = format!(
+        "{:>10} {:>7} {:>10} {:>8}  product shape (m×n×k; a, b strides; ldc)\n",
+        "ms/step", "calls", "GFLOP/step", "GFLOP/s"
+    );
+    let (mut seconds, mut flops) = (0.0, 0.0);
+    for r in replayed {
+        let gflop = r.call.flops() as f64 * r.calls_per_step / 1e9;
+        seconds += r.seconds_per_step;
+        flops += gflop;
+        let c = &r.call;
+        out.push_str(&format!(
+            "{:>10.2} {:>7.1} {gflop:>10.3} {:>8.0}  {}×{}×{}; a {:?}, b {:?}; ldc {}{}{}\n",
+            1e3 * r.seconds_per_step,
+            r.calls_per_step,
+            r.gflops(),
+            c.m,
+            c.n,
+            c.k,
+            c.a_strides,
+            c.b_strides,
+            c.ldc,
+            if c.accumulate { ", accumulate" } else { "" },
+            if c.parallel { ", threaded" } else { ", side by side" },
+        ));
+    }
+    out.push_str(&format!(
+        "products alone: {:.1} ms per step, {flops:.2} GFLOP at {:.0} GFLOP/s; {:.0} % of the step's {step_ms:.1} ms\n",
+        1e3 * seconds,
+        flops / seconds.max(f64::MIN_POSITIVE),
+        100.0 * 1e3 * seconds / step_ms
+    ));
+    out
 }
 
 /// Takes the recorded times as a table, each divided by `steps` (milliseconds per step), with
@@ -166,6 +329,51 @@ mod tests {
         assert!(flops("profile-test-inner [1]") >= 2 * (m * n * k) as u64);
         assert!(flops("profile-test-outer [1]") >= 4 * (m * n * k) as u64);
         assert!(c.iter().all(|&v| v == k as f32));
+    }
+
+    #[test]
+    fn products_are_recorded_by_shape_and_replayed_per_step() {
+        use crate::ops::plumbing::matmul::{matmul_into, matmul_strided};
+        let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        // Shapes no other test of this crate multiplies, so other tests' products (the recorder
+        // is shared) do not land on them.
+        let (m, n, k) = (37, 41, 43);
+        let a = vec![1f32; m * k];
+        let b = vec![1f32; k * n];
+        let mut c = vec![0f32; m * n];
+        enable(true);
+        // Two "steps": a threaded product three times and a single-threaded one with strides
+        // once per step.
+        for _ in 0..2 {
+            for _ in 0..3 {
+                matmul_into((m, n, k), &a, true, &b, false, &mut c, false);
+            }
+            matmul_strided((m - 1, n - 1, k - 1), &a, k, &b, n, &mut c, n);
+        }
+        enable(false);
+        let replayed = replay_products(2);
+        let find = |mnk: (usize, usize, usize), parallel: bool| {
+            replayed
+                .iter()
+                .find(|r| (r.call.m, r.call.n, r.call.k) == mnk && r.call.parallel == parallel)
+                .unwrap_or_else(|| panic!("{mnk:?} not replayed: {replayed:?}"))
+        };
+        let threaded = find((m, n, k), true);
+        assert_eq!(threaded.call.a_strides, (1, m), "a transposed: column-major m×k");
+        assert_eq!((threaded.call.b_strides, threaded.call.ldc), ((n, 1), n));
+        assert_eq!((threaded.call.dtype, threaded.call.accumulate), (DType::F32, false));
+        assert_eq!(threaded.calls_per_step, 3.0);
+        let single = find((m - 1, n - 1, k - 1), false);
+        assert_eq!((single.call.a_strides, single.call.b_strides, single.call.ldc), ((k, 1), (n, 1), n));
+        assert_eq!(single.calls_per_step, 1.0);
+        for r in [threaded, single] {
+            assert!(r.seconds_per_step > 0.0 && r.gflops().is_finite(), "{r:?}");
+        }
+        // Taken: a second replay has nothing of these.
+        assert!(replay_products(2).iter().all(|r| (r.call.m, r.call.n, r.call.k) != (m, n, k)));
+        let table = replay_report(std::slice::from_ref(threaded), 1.0);
+        assert!(table.contains("37×41×43; a (1, 37), b (41, 1); ldc 41, threaded"), "{table}");
+        assert!(table.contains("products alone:"), "{table}");
     }
 
     #[test]

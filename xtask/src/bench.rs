@@ -316,8 +316,13 @@ pub fn run_one(a: BenchOneArgs) -> Result<()> {
     }
     if a.profile {
         let steps = a.windows * a.steps;
-        eprintln!("{:.1} ms per step in all", 1e3 * started.elapsed().as_secs_f64() / steps as f64);
+        let step_ms = 1e3 * started.elapsed().as_secs_f64() / steps as f64;
+        eprintln!("{step_ms:.1} ms per step in all");
         eprint!("{}", resnet_core::profile::report(steps));
+        resnet_core::profile::enable(false);
+        eprintln!("\nthe step's matrix products replayed alone through the gemm crate:");
+        let replayed = resnet_core::profile::replay_products(steps);
+        eprint!("{}", resnet_core::profile::replay_report(&replayed, step_ms));
     }
     let sample = Sample { examples_per_sec: median(windows.clone()), windows, peak_rss_bytes: peak_rss() };
     println!("{}", serde_json::to_string(&sample)?);

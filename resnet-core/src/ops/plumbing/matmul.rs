@@ -86,7 +86,17 @@ pub(crate) fn gemm_strided<T: WithDType>(
         a.len() > (m - 1) * a_rs + (k - 1) * a_cs && b.len() > (k - 1) * b_rs + (n - 1) * b_cs,
         "matmul: input buffers too small for their strides"
     );
-    crate::profile::add_flops(2 * (m * n * k) as u64);
+    crate::profile::add_product(crate::profile::ProductCall {
+        dtype: T::DTYPE,
+        m,
+        n,
+        k,
+        a_strides: (a_rs, a_cs),
+        b_strides: (b_rs, b_cs),
+        ldc,
+        accumulate,
+        parallel,
+    });
     // rayon's own count (the pool the product runs on), not candle's `get_num_threads`, which
     // parses /proc/cpuinfo on every call when RAYON_NUM_THREADS is unset.
     let threads = rayon::current_num_threads();
