@@ -160,13 +160,14 @@ impl Replayed {
     }
 }
 
-/// Takes the recorded product shapes (clearing them) and runs each again on its own, `steps`
-/// steps' worth of calls after one step's worth of warm-up, timing them: products split over the
-/// threads run one after another as in the step; single-threaded ones run side by side on
-/// rayon's threads, as their callers run them. The operands hold the same value everywhere
-/// (the products' speed does not depend on it) and stay in cache wherever they fit, so the sum
-/// is a floor for the step's products, not an estimate of them. Slowest first; element types
-/// other than f32 and f64 are left out.
+/// Takes the recorded product shapes (clearing them, `steps` steps' worth) and runs each again
+/// on its own: one step's worth of calls at a time, after one of warm-up, at least five times
+/// and for at least 50 ms, keeping the fastest. Products split over the threads run one after
+/// another as in the step; single-threaded ones run side by side on rayon's threads, as their
+/// callers run them. The operands hold the same value everywhere (the products' speed does not
+/// depend on it) and stay in cache wherever they fit, and the fastest repetition counts, so the
+/// sum is a floor for the step's products, not an estimate of them. Slowest first; element
+/// types other than f32 and f64 are left out.
 pub fn replay_products(steps: usize) -> Vec<Replayed> {
     let steps = steps.max(1);
     let products = PRODUCTS.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
@@ -175,8 +176,8 @@ pub fn replay_products(steps: usize) -> Vec<Replayed> {
         .filter_map(|(call, count)| {
             let per_step = (count as usize).div_ceil(steps);
             let seconds = match call.dtype {
-                DType::F32 => replay::<f32>(&call, per_step, steps),
-                DType::F64 => replay::<f64>(&call, per_step, steps),
+                DType::F32 => replay::<f32>(&call, per_step),
+                DType::F64 => replay::<f64>(&call, per_step),
                 _ => return None,
             };
             Some(Replayed { call, calls_per_step: count as f64 / steps as f64, seconds_per_step: seconds })
@@ -186,8 +187,11 @@ pub fn replay_products(steps: usize) -> Vec<Replayed> {
     out
 }
 
-/// Seconds per step of `per_step` calls of `call`, timed over `steps` steps after one of warm-up.
-fn replay<T: WithDType>(call: &ProductCall, per_step: usize, steps: usize) -> f64 {
+/// Seconds of the fastest of several repetitions of `per_step` calls of `call`, after one of
+/// warm-up.
+fn replay<T: WithDType>(call: &ProductCall, per_step: usize) -> f64 {
+    const MIN_REPEATS: usize = 5;
+    const MIN_SECONDS: f64 = 0.05;
     let ProductCall { m, n, k, a_strides, b_strides, ldc, accumulate, parallel, .. } = *call;
     let span = |(rs, cs): (usize, usize), rows: usize, cols: usize| (rows - 1) * rs + (cols - 1) * cs + 1;
     let a = vec![T::from_f64(0.5); span(a_strides, m, k)];
@@ -206,22 +210,34 @@ fn replay<T: WithDType>(call: &ProductCall, per_step: usize, steps: usize) -> f6
             parallel,
         )
     };
-    let one_step = || {
+    let mut c = vec![T::zero(); c_len];
+    let threads = rayon::current_num_threads();
+    let mut side_by_side: Vec<Vec<T>> = (0..threads).map(|_| vec![T::zero(); c_len]).collect();
+    let mut one_step = || {
+        let started = Instant::now();
         if parallel {
-            let mut c = vec![T::zero(); c_len];
             for _ in 0..per_step {
                 run(&mut c);
             }
         } else {
-            (0..per_step).into_par_iter().for_each_init(|| vec![T::zero(); c_len], |c, _| run(c));
+            // Each thread takes its share of the calls, on its own output.
+            side_by_side.par_iter_mut().enumerate().for_each(|(t, c)| {
+                for _ in (t..per_step).step_by(threads) {
+                    run(c);
+                }
+            });
         }
+        started.elapsed().as_secs_f64()
     };
     one_step();
-    let started = Instant::now();
-    for _ in 0..steps {
-        one_step();
+    let (mut best, mut total, mut repeats) = (f64::MAX, 0.0, 0);
+    while repeats < MIN_REPEATS || total < MIN_SECONDS {
+        let seconds = one_step();
+        best = best.min(seconds);
+        total += seconds;
+        repeats += 1;
     }
-    started.elapsed().as_secs_f64() / steps as f64
+    best
 }
 
 /// The replayed products as a table: milliseconds per step, calls per step, GFLOP per step and

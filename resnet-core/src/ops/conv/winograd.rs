@@ -227,7 +227,7 @@ fn transform_filters<T: WithDType>(w: &[T], cin: usize, cout: usize, tr: &Transf
     let per_out: Vec<Vec<T>> = (0..cout)
         .into_par_iter()
         .map(|k| {
-            with_fma(|| {
+            with_fma(#[inline(always)] || {
                 let (mut t, mut u) = (vec![T::zero(); a * 3 * cin], vec![T::zero(); a * a * cin]);
                 left(&g, (a, 3, 3), (&w[k * 9 * cin..(k + 1) * 9 * cin], cin), (&mut t, cin), cin);
                 right(&g, (a, 3, a), (&t, cin), (&mut u, cin), cin);
@@ -314,6 +314,7 @@ impl Bands {
 
 /// `V = Bᵀ d B` for the α×α input tiles `d` (zero outside the image) of tiles `first..first +
 /// count`, entry-major: entry `e` of tile `t`, channel `c` at `(e·count + t)·cin + c`.
+#[inline(always)]
 fn input_tiles<T: WithDType>(
     x: &[T],
     cin: usize,
@@ -367,7 +368,7 @@ pub fn conv3x3<T: WithDType>(
         let (first, count) = bands.tiles(task);
         // V (α² × count × cin), then M_e = V_e · U_e (count × cout) for every entry e.
         let mut v = scratch::take(a * a * count * cin);
-        with_fma(|| input_tiles(x, cin, tr, &bands, (first, count), &mut v));
+        with_fma(#[inline(always)] || input_tiles(x, cin, tr, &bands, (first, count), &mut v));
         let mut prod = scratch::take(a * a * count * cout);
         for e in 0..a * a {
             let (ve, ue) = (&v[e * count * cin..], &u[e * cin * cout..(e + 1) * cin * cout]);
@@ -376,7 +377,7 @@ pub fn conv3x3<T: WithDType>(
         scratch::give(v);
         // Y = Aᵀ M A per tile (+ bias, then ReLU), written into the task's rows.
         let base = bands.offset(task * bands.per_task, cout);
-        with_fma(|| {
+        with_fma(#[inline(always)] || {
             let (mut s, mut o) = (vec![T::zero(); m * a * cout], vec![T::zero(); m * m * cout]);
             for t in 0..count {
                 let (n, ty, tx) = bands.tile_at(first + t);
@@ -441,7 +442,7 @@ pub fn conv3x3_weight_grad<T: WithDType>(
                 let (first, count) = bands.tiles(task);
                 let mut v = scratch::take(a * a * count * cin);
                 let mut dm = scratch::take(a * a * count * cout);
-                with_fma(|| {
+                with_fma(#[inline(always)] || {
                     input_tiles(x, cin, tr, &bands, (first, count), &mut v);
                     // dM = A dY Aᵀ per m×m output-gradient tile (zero outside the image).
                     let (mut d, mut r) = (vec![T::zero(); m * m * cout], vec![T::zero(); a * m * cout]);
@@ -496,7 +497,7 @@ pub fn conv3x3_weight_grad<T: WithDType>(
     let per_in: Vec<Vec<T>> = (0..cin)
         .into_par_iter()
         .map(|c| {
-            with_fma(|| {
+            with_fma(#[inline(always)] || {
                 let (mut t, mut out) = (vec![T::zero(); 3 * a * cout], vec![T::zero(); 9 * cout]);
                 left(&gt, (3, a, a), (&q[c * cout..], cin * cout), (&mut t, cout), cout);
                 right(&gt, (3, a, 3), (&t, cout), (&mut out, cout), cout);
