@@ -227,12 +227,15 @@ fn transform_filters<T: WithDType>(w: &[T], cin: usize, cout: usize, tr: &Transf
     let per_out: Vec<Vec<T>> = (0..cout)
         .into_par_iter()
         .map(|k| {
-            with_fma(#[inline(always)] || {
-                let (mut t, mut u) = (vec![T::zero(); a * 3 * cin], vec![T::zero(); a * a * cin]);
-                left(&g, (a, 3, 3), (&w[k * 9 * cin..(k + 1) * 9 * cin], cin), (&mut t, cin), cin);
-                right(&g, (a, 3, a), (&t, cin), (&mut u, cin), cin);
-                u
-            })
+            with_fma(
+                #[inline(always)]
+                || {
+                    let (mut t, mut u) = (vec![T::zero(); a * 3 * cin], vec![T::zero(); a * a * cin]);
+                    left(&g, (a, 3, 3), (&w[k * 9 * cin..(k + 1) * 9 * cin], cin), (&mut t, cin), cin);
+                    right(&g, (a, 3, a), (&t, cin), (&mut u, cin), cin);
+                    u
+                },
+            )
         })
         .collect();
     // Row `e·cin + c` of U holds entry e, channel c of every filter.
@@ -368,7 +371,10 @@ pub fn conv3x3<T: WithDType>(
         let (first, count) = bands.tiles(task);
         // V (α² × count × cin), then M_e = V_e · U_e (count × cout) for every entry e.
         let mut v = scratch::take(a * a * count * cin);
-        with_fma(#[inline(always)] || input_tiles(x, cin, tr, &bands, (first, count), &mut v));
+        with_fma(
+            #[inline(always)]
+            || input_tiles(x, cin, tr, &bands, (first, count), &mut v),
+        );
         let mut prod = scratch::take(a * a * count * cout);
         for e in 0..a * a {
             let (ve, ue) = (&v[e * count * cin..], &u[e * cin * cout..(e + 1) * cin * cout]);
@@ -377,40 +383,43 @@ pub fn conv3x3<T: WithDType>(
         scratch::give(v);
         // Y = Aᵀ M A per tile (+ bias, then ReLU), written into the task's rows.
         let base = bands.offset(task * bands.per_task, cout);
-        with_fma(#[inline(always)] || {
-            let (mut s, mut o) = (vec![T::zero(); m * a * cout], vec![T::zero(); m * m * cout]);
-            for t in 0..count {
-                let (n, ty, tx) = bands.tile_at(first + t);
-                left(&at, (m, a, a), (&prod[t * cout..], count * cout), (&mut s, cout), cout);
-                right(&at, (m, a, m), (&s, cout), (&mut o, cout), cout);
-                for i in 0..m.min(h - m * ty) {
-                    let row = (n * h + m * ty + i) * w * cout - base;
-                    for j in 0..m.min(w - m * tx) {
-                        let at = row + (m * tx + j) * cout;
-                        let (dst, src) = (&mut out[at..at + cout], &o[(i * m + j) * cout..(i * m + j + 1) * cout]);
-                        match (bias, relu) {
-                            (Some(b), false) => {
-                                for ((d, &v), &bv) in dst.iter_mut().zip(src).zip(b) {
-                                    *d = v + bv;
+        with_fma(
+            #[inline(always)]
+            || {
+                let (mut s, mut o) = (vec![T::zero(); m * a * cout], vec![T::zero(); m * m * cout]);
+                for t in 0..count {
+                    let (n, ty, tx) = bands.tile_at(first + t);
+                    left(&at, (m, a, a), (&prod[t * cout..], count * cout), (&mut s, cout), cout);
+                    right(&at, (m, a, m), (&s, cout), (&mut o, cout), cout);
+                    for i in 0..m.min(h - m * ty) {
+                        let row = (n * h + m * ty + i) * w * cout - base;
+                        for j in 0..m.min(w - m * tx) {
+                            let at = row + (m * tx + j) * cout;
+                            let (dst, src) = (&mut out[at..at + cout], &o[(i * m + j) * cout..(i * m + j + 1) * cout]);
+                            match (bias, relu) {
+                                (Some(b), false) => {
+                                    for ((d, &v), &bv) in dst.iter_mut().zip(src).zip(b) {
+                                        *d = v + bv;
+                                    }
                                 }
-                            }
-                            (Some(b), true) => {
-                                for ((d, &v), &bv) in dst.iter_mut().zip(src).zip(b) {
-                                    let t = v + bv;
-                                    *d = if t < T::zero() { T::zero() } else { t };
+                                (Some(b), true) => {
+                                    for ((d, &v), &bv) in dst.iter_mut().zip(src).zip(b) {
+                                        let t = v + bv;
+                                        *d = if t < T::zero() { T::zero() } else { t };
+                                    }
                                 }
-                            }
-                            (None, false) => dst.copy_from_slice(src),
-                            (None, true) => {
-                                for (d, &v) in dst.iter_mut().zip(src) {
-                                    *d = if v < T::zero() { T::zero() } else { v };
+                                (None, false) => dst.copy_from_slice(src),
+                                (None, true) => {
+                                    for (d, &v) in dst.iter_mut().zip(src) {
+                                        *d = if v < T::zero() { T::zero() } else { v };
+                                    }
                                 }
                             }
                         }
                     }
                 }
-            }
-        });
+            },
+        );
         scratch::give(prod);
     });
     y
@@ -442,27 +451,30 @@ pub fn conv3x3_weight_grad<T: WithDType>(
                 let (first, count) = bands.tiles(task);
                 let mut v = scratch::take(a * a * count * cin);
                 let mut dm = scratch::take(a * a * count * cout);
-                with_fma(#[inline(always)] || {
-                    input_tiles(x, cin, tr, &bands, (first, count), &mut v);
-                    // dM = A dY Aᵀ per m×m output-gradient tile (zero outside the image).
-                    let (mut d, mut r) = (vec![T::zero(); m * m * cout], vec![T::zero(); a * m * cout]);
-                    for t in 0..count {
-                        let (n, ty, tx) = bands.tile_at(first + t);
-                        for i in 0..m {
-                            for j in 0..m {
-                                let (yy, xx) = (m * ty + i, m * tx + j);
-                                let dst = &mut d[(i * m + j) * cout..(i * m + j + 1) * cout];
-                                if yy < h && xx < w {
-                                    dst.copy_from_slice(&dy[((n * h + yy) * w + xx) * cout..][..cout]);
-                                } else {
-                                    dst.fill(T::zero());
+                with_fma(
+                    #[inline(always)]
+                    || {
+                        input_tiles(x, cin, tr, &bands, (first, count), &mut v);
+                        // dM = A dY Aᵀ per m×m output-gradient tile (zero outside the image).
+                        let (mut d, mut r) = (vec![T::zero(); m * m * cout], vec![T::zero(); a * m * cout]);
+                        for t in 0..count {
+                            let (n, ty, tx) = bands.tile_at(first + t);
+                            for i in 0..m {
+                                for j in 0..m {
+                                    let (yy, xx) = (m * ty + i, m * tx + j);
+                                    let dst = &mut d[(i * m + j) * cout..(i * m + j + 1) * cout];
+                                    if yy < h && xx < w {
+                                        dst.copy_from_slice(&dy[((n * h + yy) * w + xx) * cout..][..cout]);
+                                    } else {
+                                        dst.fill(T::zero());
+                                    }
                                 }
                             }
+                            left(&a_mat, (a, m, m), (&d, cout), (&mut r, cout), cout);
+                            right(&a_mat, (a, m, a), (&r, cout), (&mut dm[t * cout..], count * cout), cout);
                         }
-                        left(&a_mat, (a, m, m), (&d, cout), (&mut r, cout), cout);
-                        right(&a_mat, (a, m, a), (&r, cout), (&mut dm[t * cout..], count * cout), cout);
-                    }
-                });
+                    },
+                );
                 // Q_e (cin × cout) += V_eᵀ · dM_e.
                 for e in 0..a * a {
                     gemm_strided(
@@ -497,12 +509,15 @@ pub fn conv3x3_weight_grad<T: WithDType>(
     let per_in: Vec<Vec<T>> = (0..cin)
         .into_par_iter()
         .map(|c| {
-            with_fma(#[inline(always)] || {
-                let (mut t, mut out) = (vec![T::zero(); 3 * a * cout], vec![T::zero(); 9 * cout]);
-                left(&gt, (3, a, a), (&q[c * cout..], cin * cout), (&mut t, cout), cout);
-                right(&gt, (3, a, 3), (&t, cout), (&mut out, cout), cout);
-                out
-            })
+            with_fma(
+                #[inline(always)]
+                || {
+                    let (mut t, mut out) = (vec![T::zero(); 3 * a * cout], vec![T::zero(); 9 * cout]);
+                    left(&gt, (3, a, a), (&q[c * cout..], cin * cout), (&mut t, cout), cout);
+                    right(&gt, (3, a, 3), (&t, cout), (&mut out, cout), cout);
+                    out
+                },
+            )
         })
         .collect();
     let mut dw = vec![T::zero(); cout * 9 * cin];

@@ -297,13 +297,16 @@ fn channel_sums<T: WithDType>(
         .par_chunks(ROWS_PER_TASK * c)
         .zip(y.par_chunks(ROWS_PER_TASK * c))
         .map(|(xb, yb)| {
-            with_fma(|| {
-                let (mut a0, mut a1) = (vec![T::zero(); c], vec![T::zero(); c]);
-                for (xr, yr) in xb.chunks_exact(c).zip(yb.chunks_exact(c)) {
-                    f(&mut a0, &mut a1, xr, yr);
-                }
-                (a0, a1)
-            })
+            with_fma(
+                #[inline(always)]
+                || {
+                    let (mut a0, mut a1) = (vec![T::zero(); c], vec![T::zero(); c]);
+                    for (xr, yr) in xb.chunks_exact(c).zip(yb.chunks_exact(c)) {
+                        f(&mut a0, &mut a1, xr, yr);
+                    }
+                    (a0, a1)
+                },
+            )
         })
         .collect();
     let mut total = [vec![0f64; c], vec![0f64; c]];
@@ -341,14 +344,17 @@ fn normalize_rows_with<T: WithDType, const RELU: bool>(x: &[T], center: &[T], sc
     let c = scale.len();
     let mut y = scratch::zeroed(x.len());
     y.par_chunks_mut(ROWS_PER_TASK * c).zip(x.par_chunks(ROWS_PER_TASK * c)).for_each(|(yb, xb)| {
-        with_fma(|| {
-            for (yr, xr) in yb.chunks_exact_mut(c).zip(xb.chunks_exact(c)) {
-                for ((((o, &v), &m), &a), &b) in yr.iter_mut().zip(xr).zip(center).zip(scale).zip(shift) {
-                    let t = (v - m) * a + b;
-                    *o = if RELU && t < T::zero() { T::zero() } else { t };
+        with_fma(
+            #[inline(always)]
+            || {
+                for (yr, xr) in yb.chunks_exact_mut(c).zip(xb.chunks_exact(c)) {
+                    for ((((o, &v), &m), &a), &b) in yr.iter_mut().zip(xr).zip(center).zip(scale).zip(shift) {
+                        let t = (v - m) * a + b;
+                        *o = if RELU && t < T::zero() { T::zero() } else { t };
+                    }
                 }
-            }
-        })
+            },
+        )
     });
     y
 }
@@ -356,20 +362,32 @@ fn normalize_rows_with<T: WithDType, const RELU: bool>(x: &[T], center: &[T], sc
 fn fused_fwd<T: WithDType>(x: &[T], gamma: &[T], beta: &[T], eps: f64, relu: bool) -> (Vec<T>, Stats) {
     let c = gamma.len();
     let rows = (x.len() / c) as f64;
-    let [sums, _] = channel_sums(x, x, c, |a0, _, xr, _| {
-        for (a, &v) in a0.iter_mut().zip(xr) {
-            *a += v;
-        }
-    });
+    let [sums, _] = channel_sums(
+        x,
+        x,
+        c,
+        #[inline(always)]
+        |a0, _, xr, _| {
+            for (a, &v) in a0.iter_mut().zip(xr) {
+                *a += v;
+            }
+        },
+    );
     let mean: Vec<f64> = sums.iter().map(|s| s / rows).collect();
     // Second pass for the variance: exact even when |mean| ≫ std.
     let mean_t: Vec<T> = to_t(&mean);
-    let [sq, _] = channel_sums(x, x, c, |a0, _, xr, _| {
-        for ((a, &v), &m) in a0.iter_mut().zip(xr).zip(&mean_t) {
-            let d = v - m;
-            *a += d * d;
-        }
-    });
+    let [sq, _] = channel_sums(
+        x,
+        x,
+        c,
+        #[inline(always)]
+        |a0, _, xr, _| {
+            for ((a, &v), &m) in a0.iter_mut().zip(xr).zip(&mean_t) {
+                let d = v - m;
+                *a += d * d;
+            }
+        },
+    );
     let var: Vec<f64> = sq.iter().map(|s| s / rows).collect();
     let scale: Vec<f64> = var.iter().zip(gamma).map(|(v, g)| g.to_f64() / (v + eps).sqrt()).collect();
     let shift: Vec<f64> = beta.iter().map(|b| b.to_f64()).collect();
@@ -399,16 +417,22 @@ fn fused_bwd_with<T: WithDType, const RELU: bool>(x: &[T], dy: &[T], gamma: &[T]
     // the forward computed it), else 0. Equal-length slices let the loops vectorise.
     let masked = |v: T, g: T, m: T, a: T, b: T| if !RELU || (v - m) * a + b > T::zero() { g } else { T::zero() };
     // Σ g and Σ g·(x − mean) per channel (g: the masked output gradient).
-    let [s0, s1] = channel_sums(x, dy, c, |a0, a1, xr, gr| {
-        let (a0, a1, xr, gr) = (&mut a0[..c], &mut a1[..c], &xr[..c], &gr[..c]);
-        let (mt, sc, sh) = (&mean_t[..c], &scale_t[..c], &shift_t[..c]);
-        for ch in 0..c {
-            let v = xr[ch];
-            let g = masked(v, gr[ch], mt[ch], sc[ch], sh[ch]);
-            a0[ch] += g;
-            a1[ch] += g * (v - mt[ch]);
-        }
-    });
+    let [s0, s1] = channel_sums(
+        x,
+        dy,
+        c,
+        #[inline(always)]
+        |a0, a1, xr, gr| {
+            let (a0, a1, xr, gr) = (&mut a0[..c], &mut a1[..c], &xr[..c], &gr[..c]);
+            let (mt, sc, sh) = (&mean_t[..c], &scale_t[..c], &shift_t[..c]);
+            for ch in 0..c {
+                let v = xr[ch];
+                let g = masked(v, gr[ch], mt[ch], sc[ch], sh[ch]);
+                a0[ch] += g;
+                a1[ch] += g * (v - mt[ch]);
+            }
+        },
+    );
     // dx = γ·σ⁻¹·(g − Σg/m − x̂·Σg·x̂/m) = a·g + b·x + k per channel.
     let m = rows as f64;
     let a: Vec<f64> = (0..c).map(|ch| gamma[ch].to_f64() * inv_std[ch]).collect();
@@ -420,18 +444,21 @@ fn fused_bwd_with<T: WithDType, const RELU: bool>(x: &[T], dy: &[T], gamma: &[T]
     dx.par_chunks_mut(ROWS_PER_TASK * c)
         .zip(x.par_chunks(ROWS_PER_TASK * c).zip(dy.par_chunks(ROWS_PER_TASK * c)))
         .for_each(|(ob, (xb, gb))| {
-            with_fma(|| {
-                for ((or, xr), gr) in ob.chunks_exact_mut(c).zip(xb.chunks_exact(c)).zip(gb.chunks_exact(c)) {
-                    let (or, xr, gr) = (&mut or[..c], &xr[..c], &gr[..c]);
-                    let (mt, sc, sh, at, bt, kt) =
-                        (&mean_t[..c], &scale_t[..c], &shift_t[..c], &a_t[..c], &b_t[..c], &k_t[..c]);
-                    for ch in 0..c {
-                        let v = xr[ch];
-                        let g = masked(v, gr[ch], mt[ch], sc[ch], sh[ch]);
-                        or[ch] = at[ch] * g + bt[ch] * v + kt[ch];
+            with_fma(
+                #[inline(always)]
+                || {
+                    for ((or, xr), gr) in ob.chunks_exact_mut(c).zip(xb.chunks_exact(c)).zip(gb.chunks_exact(c)) {
+                        let (or, xr, gr) = (&mut or[..c], &xr[..c], &gr[..c]);
+                        let (mt, sc, sh, at, bt, kt) =
+                            (&mean_t[..c], &scale_t[..c], &shift_t[..c], &a_t[..c], &b_t[..c], &k_t[..c]);
+                        for ch in 0..c {
+                            let v = xr[ch];
+                            let g = masked(v, gr[ch], mt[ch], sc[ch], sh[ch]);
+                            or[ch] = at[ch] * g + bt[ch] * v + kt[ch];
+                        }
                     }
-                }
-            })
+                },
+            )
         });
     for ch in 0..c {
         // dγ = Σ g·x̂, dβ = Σ g.

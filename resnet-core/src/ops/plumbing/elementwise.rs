@@ -55,11 +55,14 @@ fn use_fused(t: &Tensor) -> bool {
 /// `max(x, 0)` in place, in parallel (a NaN stays a NaN).
 pub(crate) fn relu_in_place<T: WithDType>(ys: &mut [T]) {
     ys.par_chunks_mut(CHUNK).for_each(|c| {
-        with_fma(|| {
-            for v in c {
-                *v = if *v < T::zero() { T::zero() } else { *v };
-            }
-        })
+        with_fma(
+            #[inline(always)]
+            || {
+                for v in c {
+                    *v = if *v < T::zero() { T::zero() } else { *v };
+                }
+            },
+        )
     });
 }
 

@@ -6,6 +6,12 @@
 //! (detected once), so the closure, once inlined there, is vectorised at that width. Elsewhere
 //! it just calls it.
 //!
+//! Only code inlined into that function gets its width: callers mark the closure
+//! `#[inline(always)]` (`with_fma(#[inline(always)] || ...)`), and the functions it calls as
+//! well. A closure left to the compiler's judgement is not inlined once it is large, and is
+//! then compiled for the baseline like any other function (the disassembly shows SSE registers
+//! only).
+//!
 //! The tier changes how many lanes a loop runs, never what it computes: the loops these
 //! closures hold are element-wise or keep their reductions in source order (the compiler does
 //! not reassociate floating-point sums), so every tier gives bit-identical results.
