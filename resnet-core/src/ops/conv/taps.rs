@@ -169,23 +169,30 @@ fn segments(win: &Window, class: &TapClass) -> Vec<Segment> {
         .collect()
 }
 
-/// The weight as stored, `(out, c, kh, kw)`, and, made the first time a class asks for it, in
-/// the kernels' order `(out, kh, kw, c)`, where a class's taps are contiguous runs.
+/// The weight as stored, `(out, c, kh, kw)`, and, made the first time a class asks for them, in
+/// the kernels' order `(out, kh, kw, c)`, where a class's taps are contiguous runs, and its
+/// transpose `(kh, kw, c, out)`, where they are contiguous rows.
 struct Weight<'a, T> {
     oihw: &'a [T],
     ohwi: std::cell::OnceCell<Vec<T>>,
+    hwio: std::cell::OnceCell<Vec<T>>,
     out: usize,
 }
 
 impl<'a, T: WithDType> Weight<'a, T> {
     fn new(oihw: &'a [T], out: usize) -> Self {
-        Self { oihw, ohwi: std::cell::OnceCell::new(), out }
+        Self { oihw, ohwi: std::cell::OnceCell::new(), hwio: std::cell::OnceCell::new(), out }
     }
 
     fn ohwi(&self, win: &Window) -> &[T] {
         self.ohwi.get_or_init(|| {
             crate::ops::plumbing::weight_layout::swap_inner(self.oihw, self.out, win.c, win.kh * win.kw).into_owned()
         })
+    }
+
+    fn hwio(&self, win: &Window) -> &[T] {
+        self.hwio
+            .get_or_init(|| crate::ops::plumbing::weight_layout::transpose(self.ohwi(win), self.out, win.patch_len()))
     }
 
     /// The class's weight columns, compact: `(out, ky · kx · c)`.
@@ -231,6 +238,24 @@ fn class_weights<'a, T: WithDType>(w: &'a Weight<'_, T>, win: &Window, class: &T
         }
     } else {
         ClassWeights { data: Cow::Borrowed(w.ohwi(win)), stride: win.patch_len(), segments: segments(win, class) }
+    }
+}
+
+/// The transpose of [`class_weights`] for the forward's products, `Wᵀ (taps · c, out)` with
+/// rows `out` apart, so the products read the weight as contiguous rows: read as the columns of
+/// `(out, taps · c)`, 512 of them 4,608 apart, gemm's packing ran these products at under half
+/// the rate of the same sizes read row by row (`bench-one --profile`'s replay). A segment's
+/// `offset` is then a row of the transpose.
+fn class_weights_t<'a, T: WithDType>(w: &'a Weight<'_, T>, win: &Window, class: &TapClass) -> ClassWeights<'a, T> {
+    if compact(win, class) {
+        let len = class.taps() * win.c;
+        ClassWeights {
+            data: Cow::Owned(crate::ops::plumbing::weight_layout::transpose(&w.gather(win, class), w.out, len)),
+            stride: w.out,
+            segments: vec![Segment { col: 0, offset: 0, len }],
+        }
+    } else {
+        ClassWeights { data: Cow::Borrowed(w.hwio(win)), stride: w.out, segments: segments(win, class) }
     }
 }
 
@@ -285,11 +310,11 @@ pub fn conv<T: WithDType>(x: &[T], w: &[T], bias: &[T], win: &Window) -> Vec<T> 
         let rc = win.batch * class.pixels();
         let kc = class.taps() * win.c;
         let mut yc: Vec<T> = bias.iter().copied().cycle().take(rc * out).collect();
-        let cw = class_weights(&w, win, class);
+        let cw = class_weights_t(&w, win, class);
         for seg in &cw.segments {
-            // yc += cols[:, seg] · W[:, seg]ᵀ
-            let (a, b) = (&cols[seg.col..], &cw.data[seg.offset..]);
-            gemm_strided((rc, out, seg.len), a, (kc, 1), b, (1, cw.stride), &mut yc, out, true, true);
+            // yc += cols[:, seg] · Wᵀ[seg, :]
+            let (a, b) = (&cols[seg.col..], &cw.data[seg.offset * cw.stride..]);
+            gemm_strided((rc, out, seg.len), a, (kc, 1), b, (cw.stride, 1), &mut yc, out, true, true);
         }
         scratch::give(cols);
         if all {
