@@ -220,6 +220,93 @@ fn combine<T: WithDType>(
     }
 }
 
+/// Channels a tile transform holds in registers at a time: one AVX-512 vector of `f32`.
+const LANES: usize = 16;
+
+/// `Bᵀ d` for F(2×2) on [`LANES`] channels of a column of four entries: the sums [`left`] makes
+/// with `Bᵀ`, in its order (a term with coefficient −1 subtracted, which rounds the same).
+#[inline(always)]
+fn bt_f2<T: WithDType>(d: [[T; LANES]; 4]) -> [[T; LANES]; 4] {
+    let mut o = [[T::zero(); LANES]; 4];
+    for l in 0..LANES {
+        o[0][l] = d[0][l] - d[2][l];
+        o[1][l] = d[1][l] + d[2][l];
+        o[2][l] = d[2][l] - d[1][l];
+        o[3][l] = d[1][l] - d[3][l];
+    }
+    o
+}
+
+/// `Bᵀ d` for F(4×4) on [`LANES`] channels of a column of six entries: the sums [`left`] makes
+/// with `Bᵀ`, in its order (products by the coefficients, a coefficient of 1 left out).
+#[inline(always)]
+fn bt_f4<T: WithDType>(d: [[T; LANES]; 6]) -> [[T; LANES]; 6] {
+    let k = |v: f64| T::from_f64(v);
+    let (p4, m4, m5, p2, m2, m1) = (k(4.0), k(-4.0), k(-5.0), k(2.0), k(-2.0), k(-1.0));
+    let mut o = [[T::zero(); LANES]; 6];
+    for l in 0..LANES {
+        let [d0, d1, d2, d3, d4, d5] = [d[0][l], d[1][l], d[2][l], d[3][l], d[4][l], d[5][l]];
+        o[0][l] = p4 * d0 + m5 * d2 + d4;
+        o[1][l] = m4 * d1 + m4 * d2 + d3 + d4;
+        o[2][l] = p4 * d1 + m4 * d2 + m1 * d3 + d4;
+        o[3][l] = m2 * d1 + m1 * d2 + p2 * d3 + d4;
+        o[4][l] = p2 * d1 + m1 * d2 + m2 * d3 + d4;
+        o[5][l] = p4 * d1 + m5 * d3 + d5;
+    }
+    o
+}
+
+/// [`input_tiles`] for channel counts that are whole [`LANES`]: a tile's `LANES` channels stay
+/// in registers through both sides of `Bᵀ d B` (`side` is `Bᵀ` on one column, written out per
+/// tile size so its coefficients are constants). The same sums in the same order as the
+/// two passes of [`left`] and [`right`], so the same bits, at a fraction of the instructions:
+/// the passes spend theirs on loop control around 64-channel vectors, not on arithmetic.
+#[inline(always)]
+fn input_tiles_lanes<T: WithDType, const A: usize>(
+    x: &[T],
+    cin: usize,
+    m: usize,
+    bands: &Bands,
+    (first, count): (usize, usize),
+    v: &mut [T],
+    side: impl Fn([[T; LANES]; A]) -> [[T; LANES]; A],
+) {
+    let (h, w) = (bands.h, bands.w);
+    for t in 0..count {
+        let (n, ty, tx) = bands.tile_at(first + t);
+        // Where each entry of the tile starts in `x`; none outside the image.
+        let mut at = [[None; A]; A];
+        for (i, row) in at.iter_mut().enumerate() {
+            for (j, entry) in row.iter_mut().enumerate() {
+                let (y, xx) = ((m * ty + i).wrapping_sub(1), (m * tx + j).wrapping_sub(1));
+                *entry = (y < h && xx < w).then(|| ((n * h + y) * w + xx) * cin);
+            }
+        }
+        for c0 in (0..cin).step_by(LANES) {
+            let load = |at: Option<usize>| -> [T; LANES] {
+                match at {
+                    Some(a) => x[a + c0..a + c0 + LANES].try_into().expect("LANES channels"),
+                    None => [T::zero(); LANES],
+                }
+            };
+            // r = Bᵀ d a column at a time, then V = r B a row at a time, into the entries.
+            let mut r = [[[T::zero(); LANES]; A]; A];
+            for j in 0..A {
+                let col = side(std::array::from_fn(|i| load(at[i][j])));
+                for (i, value) in col.into_iter().enumerate() {
+                    r[i][j] = value;
+                }
+            }
+            for (i, row) in r.into_iter().enumerate() {
+                for (j, entry) in side(row).iter().enumerate() {
+                    let dst = ((i * A + j) * count + t) * cin + c0;
+                    v[dst..dst + LANES].copy_from_slice(entry);
+                }
+            }
+        }
+    }
+}
+
 /// `U = G g Gᵀ` for every filter `(cout, 3, 3, cin)` → α² matrices of `(cin, cout)`.
 fn transform_filters<T: WithDType>(w: &[T], cin: usize, cout: usize, tr: &Transforms) -> Vec<T> {
     let a = tr.alpha;
@@ -326,6 +413,27 @@ fn input_tiles<T: WithDType>(
     (first, count): (usize, usize),
     v: &mut [T],
 ) {
+    if cin % LANES == 0 {
+        match tr.alpha {
+            4 => return input_tiles_lanes(x, cin, tr.m, bands, (first, count), v, bt_f2),
+            6 => return input_tiles_lanes(x, cin, tr.m, bands, (first, count), v, bt_f4),
+            _ => {}
+        }
+    }
+    input_tiles_by_passes(x, cin, tr, bands, (first, count), v);
+}
+
+/// [`input_tiles`] for any channel count: each tile copied out, then two passes of [`left`] and
+/// [`right`] over it.
+#[inline(always)]
+fn input_tiles_by_passes<T: WithDType>(
+    x: &[T],
+    cin: usize,
+    tr: &Transforms,
+    bands: &Bands,
+    (first, count): (usize, usize),
+    v: &mut [T],
+) {
     let (m, a, h, w) = (tr.m, tr.alpha, bands.h, bands.w);
     let bt: Vec<T> = matrix(tr.bt, a, a, false);
     let (mut d, mut r) = (vec![T::zero(); a * a * cin], vec![T::zero(); a * a * cin]);
@@ -349,6 +457,155 @@ fn input_tiles<T: WithDType>(
     }
 }
 
+/// `Aᵀ p` for F(2×2) on [`LANES`] channels of four entries: [`left`]'s sums with `Aᵀ`, in its
+/// order.
+#[inline(always)]
+fn at_f2<T: WithDType>(p: [[T; LANES]; 4]) -> [[T; LANES]; 2] {
+    let mut o = [[T::zero(); LANES]; 2];
+    for l in 0..LANES {
+        o[0][l] = p[0][l] + p[1][l] + p[2][l];
+        o[1][l] = p[1][l] - p[2][l] - p[3][l];
+    }
+    o
+}
+
+/// `Aᵀ p` for F(4×4) on [`LANES`] channels of six entries: [`left`]'s sums with `Aᵀ`, in its
+/// order.
+#[inline(always)]
+fn at_f4<T: WithDType>(p: [[T; LANES]; 6]) -> [[T; LANES]; 4] {
+    let k = |v: f64| T::from_f64(v);
+    let (m1, p2, m2, p4, p8, m8) = (k(-1.0), k(2.0), k(-2.0), k(4.0), k(8.0), k(-8.0));
+    let mut o = [[T::zero(); LANES]; 4];
+    for l in 0..LANES {
+        let [p0, p1, p2_, p3, p4_, p5] = [p[0][l], p[1][l], p[2][l], p[3][l], p[4][l], p[5][l]];
+        o[0][l] = p0 + p1 + p2_ + p3 + p4_;
+        o[1][l] = p1 + m1 * p2_ + p2 * p3 + m2 * p4_;
+        o[2][l] = p1 + p2_ + p4 * p3 + p4 * p4_;
+        o[3][l] = p1 + m1 * p2_ + p8 * p3 + m8 * p4_ + p5;
+    }
+    o
+}
+
+/// An output pixel's channels: `src` plus the bias, then ReLU, as asked.
+#[inline(always)]
+fn epilogue<T: WithDType>(dst: &mut [T], src: &[T], bias: Option<&[T]>, relu: bool) {
+    match (bias, relu) {
+        (Some(b), false) => {
+            for ((d, &v), &bv) in dst.iter_mut().zip(src).zip(b) {
+                *d = v + bv;
+            }
+        }
+        (Some(b), true) => {
+            for ((d, &v), &bv) in dst.iter_mut().zip(src).zip(b) {
+                let t = v + bv;
+                *d = if t < T::zero() { T::zero() } else { t };
+            }
+        }
+        (None, false) => dst.copy_from_slice(src),
+        (None, true) => {
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = if v < T::zero() { T::zero() } else { v };
+            }
+        }
+    }
+}
+
+/// `Y = Aᵀ M A` (+ bias, then ReLU) for tiles `first..first + count` from their products `prod`
+/// (entry-major, as [`input_tiles`] lays tiles out), into `out`, the task's image rows, which
+/// start at element `base` of the batch's output.
+#[inline(always)]
+fn output_tiles<T: WithDType>(
+    prod: &[T],
+    cout: usize,
+    tr: &Transforms,
+    bands: &Bands,
+    tiles: (usize, usize),
+    epi: (Option<&[T]>, bool),
+    dst: (&mut [T], usize),
+) {
+    if cout % LANES == 0 {
+        match tr.alpha {
+            4 => return output_tiles_lanes::<T, 4, 2>(prod, cout, bands, tiles, epi, dst, at_f2),
+            6 => return output_tiles_lanes::<T, 6, 4>(prod, cout, bands, tiles, epi, dst, at_f4),
+            _ => {}
+        }
+    }
+    output_tiles_by_passes(prod, cout, tr, bands, tiles, epi, dst);
+}
+
+/// [`output_tiles`] for any channel count: two passes of [`left`] and [`right`] per tile.
+#[inline(always)]
+fn output_tiles_by_passes<T: WithDType>(
+    prod: &[T],
+    cout: usize,
+    tr: &Transforms,
+    bands: &Bands,
+    tiles: (usize, usize),
+    epi: (Option<&[T]>, bool),
+    dst: (&mut [T], usize),
+) {
+    let (m, a, h, w) = (tr.m, tr.alpha, bands.h, bands.w);
+    let ((first, count), (bias, relu), (out, base)) = (tiles, epi, dst);
+    let at: Vec<T> = matrix(tr.at, m, a, false);
+    let (mut s, mut o) = (vec![T::zero(); m * a * cout], vec![T::zero(); m * m * cout]);
+    for t in 0..count {
+        let (n, ty, tx) = bands.tile_at(first + t);
+        left(&at, (m, a, a), (&prod[t * cout..], count * cout), (&mut s, cout), cout);
+        right(&at, (m, a, m), (&s, cout), (&mut o, cout), cout);
+        for i in 0..m.min(h - m * ty) {
+            let row = (n * h + m * ty + i) * w * cout - base;
+            for j in 0..m.min(w - m * tx) {
+                let at = row + (m * tx + j) * cout;
+                epilogue(&mut out[at..at + cout], &o[(i * m + j) * cout..(i * m + j + 1) * cout], bias, relu);
+            }
+        }
+    }
+}
+
+/// [`output_tiles`] for channel counts that are whole [`LANES`]: a tile's `LANES` channels in
+/// registers through both sides of `Aᵀ M A` (`side` is `Aᵀ` on one column of `A` entries, `M`
+/// out), the same sums in the same order as the two passes.
+#[inline(always)]
+fn output_tiles_lanes<T: WithDType, const A: usize, const M: usize>(
+    prod: &[T],
+    cout: usize,
+    bands: &Bands,
+    (first, count): (usize, usize),
+    (bias, relu): (Option<&[T]>, bool),
+    (out, base): (&mut [T], usize),
+    side: impl Fn([[T; LANES]; A]) -> [[T; LANES]; M],
+) {
+    let (h, w) = (bands.h, bands.w);
+    for t in 0..count {
+        let (n, ty, tx) = bands.tile_at(first + t);
+        let (rows, cols) = (M.min(h - M * ty), M.min(w - M * tx));
+        for c0 in (0..cout).step_by(LANES) {
+            let load = |e: usize| -> [T; LANES] {
+                let at = (e * count + t) * cout + c0;
+                prod[at..at + LANES].try_into().expect("LANES channels")
+            };
+            // s = Aᵀ M a column at a time, then Y = s A a row at a time.
+            let mut s = [[[T::zero(); LANES]; A]; M];
+            #[allow(clippy::needless_range_loop)] // `j` is a column: it indexes the inner axis of `s`
+            for j in 0..A {
+                let col = side(std::array::from_fn(|i| load(i * A + j)));
+                for (i, value) in col.into_iter().enumerate() {
+                    s[i][j] = value;
+                }
+            }
+            let b = bias.map(|b| &b[c0..c0 + LANES]);
+            for (i, row) in s.into_iter().enumerate().take(rows) {
+                let y = side(row);
+                let line = (n * h + M * ty + i) * w * cout - base;
+                for (j, px) in y.iter().enumerate().take(cols) {
+                    let at = line + (M * tx + j) * cout + c0;
+                    epilogue(&mut out[at..at + LANES], px, b, relu);
+                }
+            }
+        }
+    }
+}
+
 /// The 3×3 convolution (stride 1, padding 1) of channels-last `x` `(batch, h, w, cin)` with
 /// filters `(cout, 3, 3, cin)`, plus `bias` when given, then ReLU with `relu`; returns
 /// `(batch, h, w, cout)`.
@@ -362,10 +619,9 @@ pub fn conv3x3<T: WithDType>(
     relu: bool,
 ) -> Vec<T> {
     let tr = tile.transforms();
-    let (m, a) = (tr.m, tr.alpha);
+    let a = tr.alpha;
     let u = transform_filters(filters, cin, cout, tr);
     let bands = Bands::new(tr, (batch, h, w), cin + cout);
-    let at: Vec<T> = matrix(tr.at, m, a, false);
     let mut y = scratch::zeroed(batch * h * w * cout);
     bands.split(&mut y, cout).into_par_iter().enumerate().for_each(|(task, out)| {
         let (first, count) = bands.tiles(task);
@@ -385,40 +641,7 @@ pub fn conv3x3<T: WithDType>(
         let base = bands.offset(task * bands.per_task, cout);
         with_fma(
             #[inline(always)]
-            || {
-                let (mut s, mut o) = (vec![T::zero(); m * a * cout], vec![T::zero(); m * m * cout]);
-                for t in 0..count {
-                    let (n, ty, tx) = bands.tile_at(first + t);
-                    left(&at, (m, a, a), (&prod[t * cout..], count * cout), (&mut s, cout), cout);
-                    right(&at, (m, a, m), (&s, cout), (&mut o, cout), cout);
-                    for i in 0..m.min(h - m * ty) {
-                        let row = (n * h + m * ty + i) * w * cout - base;
-                        for j in 0..m.min(w - m * tx) {
-                            let at = row + (m * tx + j) * cout;
-                            let (dst, src) = (&mut out[at..at + cout], &o[(i * m + j) * cout..(i * m + j + 1) * cout]);
-                            match (bias, relu) {
-                                (Some(b), false) => {
-                                    for ((d, &v), &bv) in dst.iter_mut().zip(src).zip(b) {
-                                        *d = v + bv;
-                                    }
-                                }
-                                (Some(b), true) => {
-                                    for ((d, &v), &bv) in dst.iter_mut().zip(src).zip(b) {
-                                        let t = v + bv;
-                                        *d = if t < T::zero() { T::zero() } else { t };
-                                    }
-                                }
-                                (None, false) => dst.copy_from_slice(src),
-                                (None, true) => {
-                                    for (d, &v) in dst.iter_mut().zip(src) {
-                                        *d = if v < T::zero() { T::zero() } else { v };
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            },
+            || output_tiles(&prod, cout, tr, &bands, (first, count), (bias, relu), (out, base)),
         );
         scratch::give(prod);
     });
@@ -601,6 +824,74 @@ mod tests {
 
     fn data(n: usize, seed: u64) -> Vec<f64> {
         (0..n).map(|i| (((i as u64 * 2_654_435_761 + seed * 97) % 2001) as f64 / 1000.0) - 1.0).collect()
+    }
+
+    /// Both tiles, 16 to 64 channels (the register path) and odd sizes (edge tiles, tiles
+    /// reaching past the image), every task of the batch: the transform gives the two passes'
+    /// bits. It runs at the process's vector tier, as the convolutions run it.
+    #[test]
+    fn input_transform_in_registers_equals_the_two_passes() {
+        for tile in [Tile::F2, Tile::F4] {
+            let tr = tile.transforms();
+            for &(batch, h, w, cin) in &[(2, 7, 9, 16), (1, 8, 8, 32), (3, 9, 7, 64), (2, 4, 5, 48)] {
+                assert_eq!(cin % LANES, 0, "a register-path case");
+                let x: Vec<f32> = data(batch * h * w * cin, 5).iter().map(|&v| v as f32 * 3.7).collect();
+                let bands = Bands::new(tr, (batch, h, w), cin);
+                for task in 0..bands.tasks() {
+                    let (first, count) = bands.tiles(task);
+                    let len = tr.alpha * tr.alpha * count * cin;
+                    let (mut fast, mut passes) = (vec![f32::NAN; len], vec![f32::NAN; len]);
+                    with_fma(
+                        #[inline(always)]
+                        || input_tiles(&x, cin, tr, &bands, (first, count), &mut fast),
+                    );
+                    input_tiles_by_passes(&x, cin, tr, &bands, (first, count), &mut passes);
+                    let same = fast.iter().zip(&passes).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{tile:?} {batch}×{h}×{w}×{cin}, task {task}: the transforms differ");
+                }
+            }
+        }
+    }
+
+    /// The same for the output transform, with and without bias and ReLU: every task's rows of
+    /// the output (edge tiles cut at the image's border) are the two passes' bits.
+    #[test]
+    fn output_transform_in_registers_equals_the_two_passes() {
+        for tile in [Tile::F2, Tile::F4] {
+            let tr = tile.transforms();
+            for &(batch, h, w, cout) in &[(2, 7, 9, 16), (1, 8, 8, 32), (3, 9, 7, 48)] {
+                let bands = Bands::new(tr, (batch, h, w), cout);
+                let bias: Vec<f32> = data(cout, 3).iter().map(|&v| v as f32).collect();
+                for (with_bias, relu) in [(false, false), (true, false), (false, true), (true, true)] {
+                    let b = with_bias.then_some(&bias[..]);
+                    let (mut fast, mut passes) =
+                        (vec![f32::NAN; batch * h * w * cout], vec![f32::NAN; batch * h * w * cout]);
+                    let (mut parts_fast, mut parts_passes) =
+                        (bands.split(&mut fast, cout), bands.split(&mut passes, cout));
+                    for task in 0..bands.tasks() {
+                        let (first, count) = bands.tiles(task);
+                        let prod: Vec<f32> = data(tr.alpha * tr.alpha * count * cout, task as u64)
+                            .iter()
+                            .map(|&v| v as f32 * 2.3)
+                            .collect();
+                        let base = bands.offset(task * bands.per_task, cout);
+                        let (of, op) = (&mut *parts_fast[task], &mut *parts_passes[task]);
+                        with_fma(
+                            #[inline(always)]
+                            || output_tiles(&prod, cout, tr, &bands, (first, count), (b, relu), (of, base)),
+                        );
+                        output_tiles_by_passes(&prod, cout, tr, &bands, (first, count), (b, relu), (op, base));
+                    }
+                    drop((parts_fast, parts_passes));
+                    assert!(fast.iter().all(|v| !v.is_nan()), "{tile:?}: every output written");
+                    let same = fast.iter().zip(&passes).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "{tile:?} {batch}×{h}×{w}×{cout}, bias {with_bias}, relu {relu}: the transforms differ"
+                    );
+                }
+            }
+        }
     }
 
     /// Odd and even sizes (partial edge tiles), one and several channels, in f64 (exact to
