@@ -648,6 +648,140 @@ pub fn conv3x3<T: WithDType>(
     y
 }
 
+/// `A g` for F(2×2) on [`LANES`] channels of two gradient entries (`A` = `Aᵀ` transposed,
+/// 4×2): [`left`]'s sums with `A`, in its order.
+#[inline(always)]
+fn a_f2<T: WithDType>(g: [[T; LANES]; 2]) -> [[T; LANES]; 4] {
+    let m1 = T::from_f64(-1.0);
+    let mut o = [[T::zero(); LANES]; 4];
+    for l in 0..LANES {
+        o[0][l] = g[0][l];
+        o[1][l] = g[0][l] + g[1][l];
+        o[2][l] = g[0][l] - g[1][l];
+        o[3][l] = m1 * g[1][l];
+    }
+    o
+}
+
+/// `A g` for F(4×4) on [`LANES`] channels of four gradient entries (6×4): [`left`]'s sums with
+/// `A`, in its order.
+#[inline(always)]
+fn a_f4<T: WithDType>(g: [[T; LANES]; 4]) -> [[T; LANES]; 6] {
+    let k = |v: f64| T::from_f64(v);
+    let (m1, p2, m2, p4, p8, m8) = (k(-1.0), k(2.0), k(-2.0), k(4.0), k(8.0), k(-8.0));
+    let mut o = [[T::zero(); LANES]; 6];
+    for l in 0..LANES {
+        let [g0, g1, g2, g3] = [g[0][l], g[1][l], g[2][l], g[3][l]];
+        o[0][l] = g0;
+        o[1][l] = g0 + g1 + g2 + g3;
+        o[2][l] = g0 + m1 * g1 + g2 + m1 * g3;
+        o[3][l] = g0 + p2 * g1 + p4 * g2 + p8 * g3;
+        o[4][l] = g0 + m2 * g1 + p4 * g2 + m8 * g3;
+        o[5][l] = g3;
+    }
+    o
+}
+
+/// `dM = A dY Aᵀ` for the m×m output-gradient tiles `first..first + count` of `dy` `(batch, h,
+/// w, cout)` (zero outside the image), entry-major as [`input_tiles`] lays tiles out.
+#[inline(always)]
+fn gradient_tiles<T: WithDType>(
+    dy: &[T],
+    cout: usize,
+    tr: &Transforms,
+    bands: &Bands,
+    tiles: (usize, usize),
+    dm: &mut [T],
+) {
+    if cout % LANES == 0 {
+        match tr.alpha {
+            4 => return gradient_tiles_lanes::<T, 4, 2>(dy, cout, bands, tiles, dm, a_f2),
+            6 => return gradient_tiles_lanes::<T, 6, 4>(dy, cout, bands, tiles, dm, a_f4),
+            _ => {}
+        }
+    }
+    gradient_tiles_by_passes(dy, cout, tr, bands, tiles, dm);
+}
+
+/// [`gradient_tiles`] for any channel count: each tile copied out, then two passes of [`left`]
+/// and [`right`].
+#[inline(always)]
+fn gradient_tiles_by_passes<T: WithDType>(
+    dy: &[T],
+    cout: usize,
+    tr: &Transforms,
+    bands: &Bands,
+    (first, count): (usize, usize),
+    dm: &mut [T],
+) {
+    let (m, a, h, w) = (tr.m, tr.alpha, bands.h, bands.w);
+    let a_mat: Vec<T> = matrix(tr.at, m, a, true);
+    let (mut d, mut r) = (vec![T::zero(); m * m * cout], vec![T::zero(); a * m * cout]);
+    for t in 0..count {
+        let (n, ty, tx) = bands.tile_at(first + t);
+        for i in 0..m {
+            for j in 0..m {
+                let (yy, xx) = (m * ty + i, m * tx + j);
+                let dst = &mut d[(i * m + j) * cout..(i * m + j + 1) * cout];
+                if yy < h && xx < w {
+                    dst.copy_from_slice(&dy[((n * h + yy) * w + xx) * cout..][..cout]);
+                } else {
+                    dst.fill(T::zero());
+                }
+            }
+        }
+        left(&a_mat, (a, m, m), (&d, cout), (&mut r, cout), cout);
+        right(&a_mat, (a, m, a), (&r, cout), (&mut dm[t * cout..], count * cout), cout);
+    }
+}
+
+/// [`gradient_tiles`] for channel counts that are whole [`LANES`]: a tile's `LANES` channels in
+/// registers through both sides (`side` is `A` on one column of `M` entries, `A` out), the same
+/// sums in the same order as the two passes.
+#[inline(always)]
+fn gradient_tiles_lanes<T: WithDType, const A: usize, const M: usize>(
+    dy: &[T],
+    cout: usize,
+    bands: &Bands,
+    (first, count): (usize, usize),
+    dm: &mut [T],
+    side: impl Fn([[T; LANES]; M]) -> [[T; LANES]; A],
+) {
+    let (h, w) = (bands.h, bands.w);
+    for t in 0..count {
+        let (n, ty, tx) = bands.tile_at(first + t);
+        let mut at = [[None; M]; M];
+        for (i, row) in at.iter_mut().enumerate() {
+            for (j, entry) in row.iter_mut().enumerate() {
+                let (yy, xx) = (M * ty + i, M * tx + j);
+                *entry = (yy < h && xx < w).then(|| ((n * h + yy) * w + xx) * cout);
+            }
+        }
+        for c0 in (0..cout).step_by(LANES) {
+            let load = |at: Option<usize>| -> [T; LANES] {
+                match at {
+                    Some(a) => dy[a + c0..a + c0 + LANES].try_into().expect("LANES channels"),
+                    None => [T::zero(); LANES],
+                }
+            };
+            // r = A g a column at a time, then dM = r Aᵀ a row at a time, into the entries.
+            let mut r = [[[T::zero(); LANES]; M]; A];
+            for j in 0..M {
+                let col = side(std::array::from_fn(|i| load(at[i][j])));
+                for (i, value) in col.into_iter().enumerate() {
+                    r[i][j] = value;
+                }
+            }
+            for (i, row) in r.into_iter().enumerate() {
+                for (j, entry) in side(row).iter().enumerate() {
+                    let dst = ((i * A + j) * count + t) * cout + c0;
+                    dm[dst..dst + LANES].copy_from_slice(entry);
+                }
+            }
+        }
+    }
+}
+
 /// The weight gradient of [`conv3x3`]: `dW (cout, 3, 3, cin)` from the input `x (batch, h, w,
 /// cin)` and the output gradient `dy (batch, h, w, cout)`. The adjoint of the forward's
 /// transforms: `dW = Gᵀ [Σ_tiles (A dY Aᵀ) ⊙ (Bᵀ d B)] G`, the sum over a task's tiles being α²
@@ -661,11 +795,10 @@ pub fn conv3x3_weight_grad<T: WithDType>(
     tile: Tile,
 ) -> Vec<T> {
     let tr = tile.transforms();
-    let (m, a) = (tr.m, tr.alpha);
+    let a = tr.alpha;
     let bands = Bands::new(tr, (batch, h, w), cin + cout);
     let tasks = bands.tasks();
     let per_group = tasks.div_ceil(GROUPS).max(1);
-    let a_mat: Vec<T> = matrix(tr.at, m, a, true);
     let sums: Vec<Vec<T>> = (0..tasks.div_ceil(per_group))
         .into_par_iter()
         .map(|group| {
@@ -678,24 +811,7 @@ pub fn conv3x3_weight_grad<T: WithDType>(
                     #[inline(always)]
                     || {
                         input_tiles(x, cin, tr, &bands, (first, count), &mut v);
-                        // dM = A dY Aᵀ per m×m output-gradient tile (zero outside the image).
-                        let (mut d, mut r) = (vec![T::zero(); m * m * cout], vec![T::zero(); a * m * cout]);
-                        for t in 0..count {
-                            let (n, ty, tx) = bands.tile_at(first + t);
-                            for i in 0..m {
-                                for j in 0..m {
-                                    let (yy, xx) = (m * ty + i, m * tx + j);
-                                    let dst = &mut d[(i * m + j) * cout..(i * m + j + 1) * cout];
-                                    if yy < h && xx < w {
-                                        dst.copy_from_slice(&dy[((n * h + yy) * w + xx) * cout..][..cout]);
-                                    } else {
-                                        dst.fill(T::zero());
-                                    }
-                                }
-                            }
-                            left(&a_mat, (a, m, m), (&d, cout), (&mut r, cout), cout);
-                            right(&a_mat, (a, m, a), (&r, cout), (&mut dm[t * cout..], count * cout), cout);
-                        }
+                        gradient_tiles(dy, cout, tr, &bands, (first, count), &mut dm);
                     },
                 );
                 // Q_e (cin × cout) += V_eᵀ · dM_e.
@@ -848,6 +964,30 @@ mod tests {
                     input_tiles_by_passes(&x, cin, tr, &bands, (first, count), &mut passes);
                     let same = fast.iter().zip(&passes).all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(same, "{tile:?} {batch}×{h}×{w}×{cin}, task {task}: the transforms differ");
+                }
+            }
+        }
+    }
+
+    /// The same for the output-gradient transform of the weight gradient.
+    #[test]
+    fn gradient_transform_in_registers_equals_the_two_passes() {
+        for tile in [Tile::F2, Tile::F4] {
+            let tr = tile.transforms();
+            for &(batch, h, w, cout) in &[(2, 7, 9, 16), (1, 8, 8, 32), (3, 9, 7, 48)] {
+                let dy: Vec<f32> = data(batch * h * w * cout, 9).iter().map(|&v| v as f32 * 1.9).collect();
+                let bands = Bands::new(tr, (batch, h, w), cout);
+                for task in 0..bands.tasks() {
+                    let (first, count) = bands.tiles(task);
+                    let len = tr.alpha * tr.alpha * count * cout;
+                    let (mut fast, mut passes) = (vec![f32::NAN; len], vec![f32::NAN; len]);
+                    with_fma(
+                        #[inline(always)]
+                        || gradient_tiles(&dy, cout, tr, &bands, (first, count), &mut fast),
+                    );
+                    gradient_tiles_by_passes(&dy, cout, tr, &bands, (first, count), &mut passes);
+                    let same = fast.iter().zip(&passes).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{tile:?} {batch}×{h}×{w}×{cout}, task {task}: the transforms differ");
                 }
             }
         }
