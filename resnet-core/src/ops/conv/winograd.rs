@@ -256,42 +256,46 @@ fn bt_f4<T: WithDType>(d: [[T; LANES]; 6]) -> [[T; LANES]; 6] {
     o
 }
 
-/// [`input_tiles`] for channel counts that are whole [`LANES`]: a tile's `LANES` channels stay
-/// in registers through both sides of `Bᵀ d B` (`side` is `Bᵀ` on one column, written out per
-/// tile size so its coefficients are constants). The same sums in the same order as the
-/// two passes of [`left`] and [`right`], so the same bits, at a fraction of the instructions:
-/// the passes spend theirs on loop control around 64-channel vectors, not on arithmetic.
+/// `out = S d Sᵀ` for tiles `first..first + count` of channels-last `data` `(batch, h, w, c)`,
+/// `c` a whole number of [`LANES`], entry-major as [`input_tiles`] lays tiles out: `d` is the
+/// `K×K` window at `(step·ty − shift, step·tx − shift)` (zeros outside the image) and `side` is
+/// `S` (`A×K`) applied to one column, written out per tile size so its coefficients are
+/// constants. A tile's `LANES` channels stay in registers through both sides: the same sums in
+/// the same order as two passes of [`left`] and [`right`], so the same bits, at a fraction of
+/// the instructions (the passes spend theirs on loop control around 64-channel vectors, not on
+/// arithmetic).
 #[inline(always)]
-fn input_tiles_lanes<T: WithDType, const A: usize>(
-    x: &[T],
-    cin: usize,
-    m: usize,
+#[allow(clippy::too_many_arguments)]
+fn tiles_in_lanes<T: WithDType, const K: usize, const A: usize>(
+    data: &[T],
+    c: usize,
+    (step, shift): (usize, usize),
     bands: &Bands,
     (first, count): (usize, usize),
-    v: &mut [T],
-    side: impl Fn([[T; LANES]; A]) -> [[T; LANES]; A],
+    out: &mut [T],
+    side: impl Fn([[T; LANES]; K]) -> [[T; LANES]; A],
 ) {
     let (h, w) = (bands.h, bands.w);
     for t in 0..count {
         let (n, ty, tx) = bands.tile_at(first + t);
-        // Where each entry of the tile starts in `x`; none outside the image.
-        let mut at = [[None; A]; A];
+        // Where each entry of the window starts in `data`; none outside the image.
+        let mut at = [[None; K]; K];
         for (i, row) in at.iter_mut().enumerate() {
             for (j, entry) in row.iter_mut().enumerate() {
-                let (y, xx) = ((m * ty + i).wrapping_sub(1), (m * tx + j).wrapping_sub(1));
-                *entry = (y < h && xx < w).then(|| ((n * h + y) * w + xx) * cin);
+                let (y, x) = ((step * ty + i).wrapping_sub(shift), (step * tx + j).wrapping_sub(shift));
+                *entry = (y < h && x < w).then(|| ((n * h + y) * w + x) * c);
             }
         }
-        for c0 in (0..cin).step_by(LANES) {
+        for c0 in (0..c).step_by(LANES) {
             let load = |at: Option<usize>| -> [T; LANES] {
                 match at {
-                    Some(a) => x[a + c0..a + c0 + LANES].try_into().expect("LANES channels"),
+                    Some(a) => data[a + c0..a + c0 + LANES].try_into().expect("LANES channels"),
                     None => [T::zero(); LANES],
                 }
             };
-            // r = Bᵀ d a column at a time, then V = r B a row at a time, into the entries.
-            let mut r = [[[T::zero(); LANES]; A]; A];
-            for j in 0..A {
+            // r = S d a column at a time, then S d Sᵀ = r Sᵀ a row at a time, into the entries.
+            let mut r = [[[T::zero(); LANES]; K]; A];
+            for j in 0..K {
                 let col = side(std::array::from_fn(|i| load(at[i][j])));
                 for (i, value) in col.into_iter().enumerate() {
                     r[i][j] = value;
@@ -299,8 +303,8 @@ fn input_tiles_lanes<T: WithDType, const A: usize>(
             }
             for (i, row) in r.into_iter().enumerate() {
                 for (j, entry) in side(row).iter().enumerate() {
-                    let dst = ((i * A + j) * count + t) * cin + c0;
-                    v[dst..dst + LANES].copy_from_slice(entry);
+                    let dst = ((i * A + j) * count + t) * c + c0;
+                    out[dst..dst + LANES].copy_from_slice(entry);
                 }
             }
         }
@@ -415,8 +419,8 @@ fn input_tiles<T: WithDType>(
 ) {
     if cin % LANES == 0 {
         match tr.alpha {
-            4 => return input_tiles_lanes(x, cin, tr.m, bands, (first, count), v, bt_f2),
-            6 => return input_tiles_lanes(x, cin, tr.m, bands, (first, count), v, bt_f4),
+            4 => return tiles_in_lanes(x, cin, (tr.m, 1), bands, (first, count), v, bt_f2),
+            6 => return tiles_in_lanes(x, cin, (tr.m, 1), bands, (first, count), v, bt_f4),
             _ => {}
         }
     }
@@ -431,29 +435,42 @@ fn input_tiles_by_passes<T: WithDType>(
     cin: usize,
     tr: &Transforms,
     bands: &Bands,
-    (first, count): (usize, usize),
+    tiles: (usize, usize),
     v: &mut [T],
 ) {
-    let (m, a, h, w) = (tr.m, tr.alpha, bands.h, bands.w);
-    let bt: Vec<T> = matrix(tr.bt, a, a, false);
-    let (mut d, mut r) = (vec![T::zero(); a * a * cin], vec![T::zero(); a * a * cin]);
+    let bt: Vec<T> = matrix(tr.bt, tr.alpha, tr.alpha, false);
+    tiles_by_passes(x, cin, (tr.m, 1), (tr.alpha, &bt, tr.alpha), bands, tiles, v);
+}
+
+/// `out = S d Sᵀ` as [`tiles_in_lanes`] computes it, for any channel count: each `k×k` window
+/// copied out, then two passes of [`left`] and [`right`] with `S` (`a×k`, row-major).
+#[inline(always)]
+fn tiles_by_passes<T: WithDType>(
+    data: &[T],
+    c: usize,
+    (step, shift): (usize, usize),
+    (k, s, a): (usize, &[T], usize),
+    bands: &Bands,
+    (first, count): (usize, usize),
+    out: &mut [T],
+) {
+    let (h, w) = (bands.h, bands.w);
+    let (mut d, mut r) = (vec![T::zero(); k * k * c], vec![T::zero(); a * k * c]);
     for t in 0..count {
         let (n, ty, tx) = bands.tile_at(first + t);
-        for i in 0..a {
-            let y = (m * ty + i) as isize - 1;
-            for j in 0..a {
-                let xx = (m * tx + j) as isize - 1;
-                let dst = &mut d[(i * a + j) * cin..(i * a + j + 1) * cin];
-                if y < 0 || y >= h as isize || xx < 0 || xx >= w as isize {
-                    dst.fill(T::zero());
+        for i in 0..k {
+            for j in 0..k {
+                let (y, x) = ((step * ty + i).wrapping_sub(shift), (step * tx + j).wrapping_sub(shift));
+                let dst = &mut d[(i * k + j) * c..(i * k + j + 1) * c];
+                if y < h && x < w {
+                    dst.copy_from_slice(&data[((n * h + y) * w + x) * c..][..c]);
                 } else {
-                    let src = ((n * h + y as usize) * w + xx as usize) * cin;
-                    dst.copy_from_slice(&x[src..src + cin]);
+                    dst.fill(T::zero());
                 }
             }
         }
-        left(&bt, (a, a, a), (&d, cin), (&mut r, cin), cin);
-        right(&bt, (a, a, a), (&r, cin), (&mut v[t * cin..], count * cin), cin);
+        left(s, (a, k, k), (&d, c), (&mut r, c), c);
+        right(s, (a, k, a), (&r, c), (&mut out[t * c..], count * c), c);
     }
 }
 
@@ -695,8 +712,8 @@ fn gradient_tiles<T: WithDType>(
 ) {
     if cout % LANES == 0 {
         match tr.alpha {
-            4 => return gradient_tiles_lanes::<T, 4, 2>(dy, cout, bands, tiles, dm, a_f2),
-            6 => return gradient_tiles_lanes::<T, 6, 4>(dy, cout, bands, tiles, dm, a_f4),
+            4 => return tiles_in_lanes::<T, 2, 4>(dy, cout, (2, 0), bands, tiles, dm, a_f2),
+            6 => return tiles_in_lanes::<T, 4, 6>(dy, cout, (4, 0), bands, tiles, dm, a_f4),
             _ => {}
         }
     }
@@ -711,75 +728,11 @@ fn gradient_tiles_by_passes<T: WithDType>(
     cout: usize,
     tr: &Transforms,
     bands: &Bands,
-    (first, count): (usize, usize),
+    tiles: (usize, usize),
     dm: &mut [T],
 ) {
-    let (m, a, h, w) = (tr.m, tr.alpha, bands.h, bands.w);
-    let a_mat: Vec<T> = matrix(tr.at, m, a, true);
-    let (mut d, mut r) = (vec![T::zero(); m * m * cout], vec![T::zero(); a * m * cout]);
-    for t in 0..count {
-        let (n, ty, tx) = bands.tile_at(first + t);
-        for i in 0..m {
-            for j in 0..m {
-                let (yy, xx) = (m * ty + i, m * tx + j);
-                let dst = &mut d[(i * m + j) * cout..(i * m + j + 1) * cout];
-                if yy < h && xx < w {
-                    dst.copy_from_slice(&dy[((n * h + yy) * w + xx) * cout..][..cout]);
-                } else {
-                    dst.fill(T::zero());
-                }
-            }
-        }
-        left(&a_mat, (a, m, m), (&d, cout), (&mut r, cout), cout);
-        right(&a_mat, (a, m, a), (&r, cout), (&mut dm[t * cout..], count * cout), cout);
-    }
-}
-
-/// [`gradient_tiles`] for channel counts that are whole [`LANES`]: a tile's `LANES` channels in
-/// registers through both sides (`side` is `A` on one column of `M` entries, `A` out), the same
-/// sums in the same order as the two passes.
-#[inline(always)]
-fn gradient_tiles_lanes<T: WithDType, const A: usize, const M: usize>(
-    dy: &[T],
-    cout: usize,
-    bands: &Bands,
-    (first, count): (usize, usize),
-    dm: &mut [T],
-    side: impl Fn([[T; LANES]; M]) -> [[T; LANES]; A],
-) {
-    let (h, w) = (bands.h, bands.w);
-    for t in 0..count {
-        let (n, ty, tx) = bands.tile_at(first + t);
-        let mut at = [[None; M]; M];
-        for (i, row) in at.iter_mut().enumerate() {
-            for (j, entry) in row.iter_mut().enumerate() {
-                let (yy, xx) = (M * ty + i, M * tx + j);
-                *entry = (yy < h && xx < w).then(|| ((n * h + yy) * w + xx) * cout);
-            }
-        }
-        for c0 in (0..cout).step_by(LANES) {
-            let load = |at: Option<usize>| -> [T; LANES] {
-                match at {
-                    Some(a) => dy[a + c0..a + c0 + LANES].try_into().expect("LANES channels"),
-                    None => [T::zero(); LANES],
-                }
-            };
-            // r = A g a column at a time, then dM = r Aᵀ a row at a time, into the entries.
-            let mut r = [[[T::zero(); LANES]; M]; A];
-            for j in 0..M {
-                let col = side(std::array::from_fn(|i| load(at[i][j])));
-                for (i, value) in col.into_iter().enumerate() {
-                    r[i][j] = value;
-                }
-            }
-            for (i, row) in r.into_iter().enumerate() {
-                for (j, entry) in side(row).iter().enumerate() {
-                    let dst = ((i * A + j) * count + t) * cout + c0;
-                    dm[dst..dst + LANES].copy_from_slice(entry);
-                }
-            }
-        }
-    }
+    let a_mat: Vec<T> = matrix(tr.at, tr.m, tr.alpha, true);
+    tiles_by_passes(dy, cout, (tr.m, 0), (tr.m, &a_mat, tr.alpha), bands, tiles, dm);
 }
 
 /// The weight gradient of [`conv3x3`]: `dW (cout, 3, 3, cin)` from the input `x (batch, h, w,
@@ -942,55 +895,43 @@ mod tests {
         (0..n).map(|i| (((i as u64 * 2_654_435_761 + seed * 97) % 2001) as f64 / 1000.0) - 1.0).collect()
     }
 
+    /// The signature of the tile transforms that read an image tensor: `(data, channels,
+    /// transforms, bands, tiles, out)`.
+    type TileTransform = fn(&[f32], usize, &Transforms, &Bands, (usize, usize), &mut [f32]);
+
     /// Both tiles, 16 to 64 channels (the register path) and odd sizes (edge tiles, tiles
-    /// reaching past the image), every task of the batch: the transform gives the two passes'
-    /// bits. It runs at the process's vector tier, as the convolutions run it.
-    #[test]
-    fn input_transform_in_registers_equals_the_two_passes() {
+    /// reaching past the image), every task of the batch: `fast`, run at the process's vector
+    /// tier as the convolutions run it, gives `passes`' bits.
+    fn same_bits_as_the_passes(what: &str, fast: TileTransform, passes: TileTransform) {
         for tile in [Tile::F2, Tile::F4] {
             let tr = tile.transforms();
-            for &(batch, h, w, cin) in &[(2, 7, 9, 16), (1, 8, 8, 32), (3, 9, 7, 64), (2, 4, 5, 48)] {
-                assert_eq!(cin % LANES, 0, "a register-path case");
-                let x: Vec<f32> = data(batch * h * w * cin, 5).iter().map(|&v| v as f32 * 3.7).collect();
-                let bands = Bands::new(tr, (batch, h, w), cin);
+            for &(batch, h, w, c) in &[(2, 7, 9, 16), (1, 8, 8, 32), (3, 9, 7, 64), (2, 4, 5, 48)] {
+                let x: Vec<f32> = data(batch * h * w * c, 5).iter().map(|&v| v as f32 * 3.7).collect();
+                let bands = Bands::new(tr, (batch, h, w), c);
                 for task in 0..bands.tasks() {
-                    let (first, count) = bands.tiles(task);
-                    let len = tr.alpha * tr.alpha * count * cin;
-                    let (mut fast, mut passes) = (vec![f32::NAN; len], vec![f32::NAN; len]);
+                    let tiles = bands.tiles(task);
+                    let len = tr.alpha * tr.alpha * tiles.1 * c;
+                    let (mut fast_out, mut passes_out) = (vec![f32::NAN; len], vec![f32::NAN; len]);
                     with_fma(
                         #[inline(always)]
-                        || input_tiles(&x, cin, tr, &bands, (first, count), &mut fast),
+                        || fast(&x, c, tr, &bands, tiles, &mut fast_out),
                     );
-                    input_tiles_by_passes(&x, cin, tr, &bands, (first, count), &mut passes);
-                    let same = fast.iter().zip(&passes).all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "{tile:?} {batch}×{h}×{w}×{cin}, task {task}: the transforms differ");
+                    passes(&x, c, tr, &bands, tiles, &mut passes_out);
+                    let same = fast_out.iter().zip(&passes_out).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{what}, {tile:?} {batch}×{h}×{w}×{c}, task {task}: the transforms differ");
                 }
             }
         }
     }
 
-    /// The same for the output-gradient transform of the weight gradient.
+    #[test]
+    fn input_transform_in_registers_equals_the_two_passes() {
+        same_bits_as_the_passes("input", input_tiles, input_tiles_by_passes);
+    }
+
     #[test]
     fn gradient_transform_in_registers_equals_the_two_passes() {
-        for tile in [Tile::F2, Tile::F4] {
-            let tr = tile.transforms();
-            for &(batch, h, w, cout) in &[(2, 7, 9, 16), (1, 8, 8, 32), (3, 9, 7, 48)] {
-                let dy: Vec<f32> = data(batch * h * w * cout, 9).iter().map(|&v| v as f32 * 1.9).collect();
-                let bands = Bands::new(tr, (batch, h, w), cout);
-                for task in 0..bands.tasks() {
-                    let (first, count) = bands.tiles(task);
-                    let len = tr.alpha * tr.alpha * count * cout;
-                    let (mut fast, mut passes) = (vec![f32::NAN; len], vec![f32::NAN; len]);
-                    with_fma(
-                        #[inline(always)]
-                        || gradient_tiles(&dy, cout, tr, &bands, (first, count), &mut fast),
-                    );
-                    gradient_tiles_by_passes(&dy, cout, tr, &bands, (first, count), &mut passes);
-                    let same = fast.iter().zip(&passes).all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "{tile:?} {batch}×{h}×{w}×{cout}, task {task}: the transforms differ");
-                }
-            }
-        }
+        same_bits_as_the_passes("output gradient", gradient_tiles, gradient_tiles_by_passes);
     }
 
     /// The same for the output transform, with and without bias and ReLU: every task's rows of
