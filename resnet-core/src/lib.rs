@@ -84,7 +84,7 @@ pub use block::{Residual, ResidualConfig, Stage, StageConfig};
 pub use config::{BlockKind, Depth, ResNetConfig};
 pub use error::{CoreError, Result};
 pub use init::d2l_init;
-pub use ops::{simd_tier, ConvAlgorithm, GpuOps, SimdTier};
+pub use ops::{replay_products, simd_tier, ConvAlgorithm, GpuOps, SimdTier};
 pub use resnet::{ResNet, StageShape};
 pub use tensors::{NamedTensor, TensorRole};
 

@@ -13,7 +13,7 @@
 //! set against the measured peak of the products says how much of the span's time the products
 //! could explain at best; the rest is data movement and bookkeeping.
 //!
-//! The products are also recorded by shape (sizes, strides, threading); [`replay_products`] then
+//! The products are also recorded by shape (sizes, strides, threading); [`crate::replay_products`] then
 //! runs each recorded shape again on its own, as many times per step as the step ran it, and
 //! times it: what the step's products cost through the gemm crate with nothing else around them,
 //! a floor for the step's time while the products go through that crate.
@@ -23,8 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use candle_core::{DType, WithDType};
-use rayon::prelude::*;
+use candle_core::DType;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static FLOPS: AtomicU64 = AtomicU64::new(0);
@@ -160,84 +159,10 @@ impl Replayed {
     }
 }
 
-/// Takes the recorded product shapes (clearing them, `steps` steps' worth) and runs each again
-/// on its own: one step's worth of calls at a time, after one of warm-up, at least five times
-/// and for at least 50 ms, keeping the fastest. Products split over the threads run one after
-/// another as in the step; single-threaded ones run side by side on rayon's threads, as their
-/// callers run them. The operands hold the same value everywhere (the products' speed does not
-/// depend on it) and stay in cache wherever they fit, and the fastest repetition counts, so the
-/// sum is a floor for the step's products, not an estimate of them. Slowest first; element
-/// types other than f32 and f64 are left out.
-pub fn replay_products(steps: usize) -> Vec<Replayed> {
-    let steps = steps.max(1);
-    let products = PRODUCTS.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
-    let mut out: Vec<Replayed> = products
-        .into_iter()
-        .filter_map(|(call, count)| {
-            let per_step = (count as usize).div_ceil(steps);
-            let seconds = match call.dtype {
-                DType::F32 => replay::<f32>(&call, per_step),
-                DType::F64 => replay::<f64>(&call, per_step),
-                _ => return None,
-            };
-            Some(Replayed { call, calls_per_step: count as f64 / steps as f64, seconds_per_step: seconds })
-        })
-        .collect();
-    out.sort_by(|a, b| b.seconds_per_step.total_cmp(&a.seconds_per_step));
-    out
-}
-
-/// Seconds of the fastest of several repetitions of `per_step` calls of `call`, after one of
-/// warm-up.
-fn replay<T: WithDType>(call: &ProductCall, per_step: usize) -> f64 {
-    const MIN_REPEATS: usize = 5;
-    const MIN_SECONDS: f64 = 0.05;
-    let ProductCall { m, n, k, a_strides, b_strides, ldc, accumulate, parallel, .. } = *call;
-    let span = |(rs, cs): (usize, usize), rows: usize, cols: usize| (rows - 1) * rs + (cols - 1) * cs + 1;
-    let a = vec![T::from_f64(0.5); span(a_strides, m, k)];
-    let b = vec![T::from_f64(0.5); span(b_strides, k, n)];
-    let c_len = (m - 1) * ldc + n;
-    let run = |c: &mut Vec<T>| {
-        crate::ops::plumbing::matmul::gemm_strided(
-            (m, n, k),
-            &a,
-            a_strides,
-            &b,
-            b_strides,
-            c,
-            ldc,
-            accumulate,
-            parallel,
-        )
-    };
-    let mut c = vec![T::zero(); c_len];
-    let threads = rayon::current_num_threads();
-    let mut side_by_side: Vec<Vec<T>> = (0..threads).map(|_| vec![T::zero(); c_len]).collect();
-    let mut one_step = || {
-        let started = Instant::now();
-        if parallel {
-            for _ in 0..per_step {
-                run(&mut c);
-            }
-        } else {
-            // Each thread takes its share of the calls, on its own output.
-            side_by_side.par_iter_mut().enumerate().for_each(|(t, c)| {
-                for _ in (t..per_step).step_by(threads) {
-                    run(c);
-                }
-            });
-        }
-        started.elapsed().as_secs_f64()
-    };
-    one_step();
-    let (mut best, mut total, mut repeats) = (f64::MAX, 0.0, 0);
-    while repeats < MIN_REPEATS || total < MIN_SECONDS {
-        let seconds = one_step();
-        best = best.min(seconds);
-        total += seconds;
-        repeats += 1;
-    }
-    best
+/// Takes the recorded product shapes and how often each was made (clearing them), for
+/// [`crate::replay_products`].
+pub(crate) fn take_products() -> HashMap<ProductCall, u64> {
+    PRODUCTS.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default()
 }
 
 /// The replayed products as a table: milliseconds per step, calls per step, GFLOP per step and
@@ -349,7 +274,7 @@ mod tests {
 
     #[test]
     fn products_are_recorded_by_shape_and_replayed_per_step() {
-        use crate::ops::plumbing::matmul::{matmul_into, matmul_strided};
+        use crate::ops::plumbing::matmul::{matmul_into, matmul_strided, replay_products};
         let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         // Shapes no other test of this crate multiplies, so other tests' products (the recorder
         // is shared) do not land on them.

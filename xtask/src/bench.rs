@@ -321,7 +321,7 @@ pub fn run_one(a: BenchOneArgs) -> Result<()> {
         eprint!("{}", resnet_core::profile::report(steps));
         resnet_core::profile::enable(false);
         eprintln!("\nthe step's matrix products replayed alone through the gemm crate:");
-        let replayed = resnet_core::profile::replay_products(steps);
+        let replayed = resnet_core::replay_products(steps);
         eprint!("{}", resnet_core::profile::replay_report(&replayed, step_ms));
     }
     let sample = Sample { examples_per_sec: median(windows.clone()), windows, peak_rss_bytes: peak_rss() };
