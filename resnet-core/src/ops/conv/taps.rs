@@ -243,8 +243,7 @@ fn class_weights<'a, T: WithDType>(w: &'a Weight<'_, T>, win: &Window, class: &T
 
 /// The transpose of [`class_weights`] for the forward's products, `Wᵀ (taps · c, out)` with
 /// rows `out` apart, so the products read the weight as contiguous rows: read as the columns of
-/// `(out, taps · c)`, 512 of them 4,608 apart, gemm's packing ran these products at under half
-/// the rate of the same sizes read row by row (the profile's replay of the products). A segment's
+/// `(out, taps · c)` instead, gemm's packing gathers them one element at a time. A segment's
 /// `offset` is then a row of the transpose.
 fn class_weights_t<'a, T: WithDType>(w: &'a Weight<'_, T>, win: &Window, class: &TapClass) -> ClassWeights<'a, T> {
     if compact(win, class) {
