@@ -19,6 +19,7 @@ use rayon::prelude::*;
 use crate::ops::plumbing::geometry::Window;
 use crate::ops::plumbing::matmul::gemm_strided;
 use crate::ops::plumbing::scratch;
+use crate::ops::plumbing::weight_layout;
 
 /// Take this path when padding makes up more than this share of im2col's taps.
 const MAX_USEFUL_SHARE: f64 = 0.85;
@@ -169,48 +170,97 @@ fn segments(win: &Window, class: &TapClass) -> Vec<Segment> {
         .collect()
 }
 
-/// The weight as stored, `(out, c, kh, kw)`, and, made the first time a class asks for them, in
-/// the kernels' order `(out, kh, kw, c)`, where a class's taps are contiguous runs, and its
-/// transpose `(kh, kw, c, out)`, where they are contiguous rows.
-struct Weight<'a, T> {
+/// The class's taps as indices into the kernel's `kh · kw`, in its patches' order.
+fn class_taps<'a>(win: &Window, class: &'a TapClass) -> impl Iterator<Item = usize> + 'a {
+    let kw = win.kw;
+    class.ky.clone().flat_map(move |ky| class.kx.clone().map(move |kx| ky * kw + kx))
+}
+
+/// The weight as stored, `(out, c, kh, kw)`, and, made the first time a class asks for them
+/// ([`scratch`] buffers, given back on drop), in the kernels' order `(out, kh, kw, c)`, where a
+/// class's taps are contiguous runs of each row, and its transpose `(kh, kw, c, out)`, where
+/// they are contiguous blocks of rows.
+struct Weight<'a, T: WithDType> {
     oihw: &'a [T],
     ohwi: std::cell::OnceCell<Vec<T>>,
     hwio: std::cell::OnceCell<Vec<T>>,
     out: usize,
+    /// Whether some class reads the whole weight in place (so the reordered copies are made
+    /// anyway, and compact classes copy from them); else compact classes read the stored
+    /// weight, only their taps.
+    in_place: bool,
 }
 
 impl<'a, T: WithDType> Weight<'a, T> {
-    fn new(oihw: &'a [T], out: usize) -> Self {
-        Self { oihw, ohwi: std::cell::OnceCell::new(), hwio: std::cell::OnceCell::new(), out }
+    fn new(oihw: &'a [T], out: usize, win: &Window, classes: &[TapClass]) -> Self {
+        let in_place = classes.iter().any(|class| !compact(win, class));
+        Self { oihw, ohwi: std::cell::OnceCell::new(), hwio: std::cell::OnceCell::new(), out, in_place }
     }
 
     fn ohwi(&self, win: &Window) -> &[T] {
         self.ohwi.get_or_init(|| {
-            crate::ops::plumbing::weight_layout::swap_inner(self.oihw, self.out, win.c, win.kh * win.kw).into_owned()
+            let mut t = scratch::take(self.oihw.len());
+            weight_layout::swap_inner_into(self.oihw, win.c, win.kh * win.kw, &mut t);
+            t
         })
     }
 
     fn hwio(&self, win: &Window) -> &[T] {
-        self.hwio
-            .get_or_init(|| crate::ops::plumbing::weight_layout::transpose(self.ohwi(win), self.out, win.patch_len()))
+        self.hwio.get_or_init(|| {
+            let taps: Vec<usize> = (0..win.kh * win.kw).collect();
+            let mut t = scratch::take(self.oihw.len());
+            weight_layout::oihw_to_hwio_into(self.oihw, (self.out, win.c, win.kh * win.kw), &taps, &mut t);
+            t
+        })
     }
 
-    /// The class's weight columns, compact: `(out, ky · kx · c)`.
-    fn gather(&self, win: &Window, class: &TapClass) -> Vec<T> {
-        let (c, taps) = (win.c, win.kh * win.kw);
-        let mut wc = vec![T::zero(); self.out * class.taps() * c];
-        wc.par_chunks_mut(class.taps() * c).zip(self.oihw.par_chunks(c * taps)).for_each(|(row, wo)| {
-            let mut dst = row.chunks_exact_mut(c);
-            for ky in class.ky.clone() {
-                for kx in class.kx.clone() {
-                    let tap = ky * win.kw + kx;
-                    for (ch, d) in dst.next().expect("a run per tap").iter_mut().enumerate() {
-                        *d = wo[ch * taps + tap];
+    /// The class's weight columns, compact: `(out, taps · c)`. A [`scratch`] buffer.
+    fn compact(&self, win: &Window, class: &TapClass) -> Vec<T> {
+        let (c, kc, taps) = (win.c, class.taps() * win.c, win.kh * win.kw);
+        let mut wc = scratch::take(self.out * kc);
+        if self.in_place {
+            // Each row's taps are runs of the kernels' layout.
+            let ohwi = self.ohwi(win);
+            wc.par_chunks_mut(kc).zip(ohwi.par_chunks(win.patch_len())).for_each(|(dst, row)| {
+                for (d, tap) in dst.chunks_exact_mut(c).zip(class_taps(win, class)) {
+                    d.copy_from_slice(&row[tap * c..(tap + 1) * c]);
+                }
+            });
+        } else {
+            wc.par_chunks_mut(kc).zip(self.oihw.par_chunks(c * taps)).for_each(|(dst, row)| {
+                for (d, tap) in dst.chunks_exact_mut(c).zip(class_taps(win, class)) {
+                    for (ch, d) in d.iter_mut().enumerate() {
+                        *d = row[ch * taps + tap];
                     }
                 }
-            }
-        });
+            });
+        }
         wc
+    }
+
+    /// The transpose of [`Weight::compact`], `(taps · c, out)`: its taps' blocks of rows of
+    /// `(kh, kw, c, out)`. A [`scratch`] buffer.
+    fn compact_t(&self, win: &Window, class: &TapClass) -> Vec<T> {
+        let block = win.c * self.out;
+        let taps: Vec<usize> = class_taps(win, class).collect();
+        let mut wt = scratch::take(taps.len() * block);
+        if self.in_place {
+            let hwio = self.hwio(win);
+            wt.par_chunks_mut(block)
+                .zip(taps)
+                .for_each(|(dst, tap)| dst.copy_from_slice(&hwio[tap * block..(tap + 1) * block]));
+        } else {
+            weight_layout::oihw_to_hwio_into(self.oihw, (self.out, win.c, win.kh * win.kw), &taps, &mut wt);
+        }
+        wt
+    }
+}
+
+impl<T: WithDType> Drop for Weight<'_, T> {
+    fn drop(&mut self) {
+        for buffer in [self.ohwi.take(), self.hwio.take()].into_iter().flatten() {
+            scratch::give(buffer);
+        }
     }
 }
 
@@ -219,6 +269,13 @@ impl<'a, T: WithDType> Weight<'a, T> {
 /// otherwise be read scattered over the whole weight. Larger classes read the weight in place.
 fn compact(win: &Window, class: &TapClass) -> bool {
     2 * class.taps() < win.kh * win.kw
+}
+
+/// A buffer borrowed in place or a [`scratch`] copy; [`release`] gives a copy back.
+fn release<T: WithDType>(buffer: Cow<'_, [T]>) {
+    if let Cow::Owned(v) = buffer {
+        scratch::give(v);
+    }
 }
 
 /// The weight as a class's products read it: rows `stride` apart, in `segments`.
@@ -232,7 +289,7 @@ fn class_weights<'a, T: WithDType>(w: &'a Weight<'_, T>, win: &Window, class: &T
     if compact(win, class) {
         let len = class.taps() * win.c;
         ClassWeights {
-            data: Cow::Owned(w.gather(win, class)),
+            data: Cow::Owned(w.compact(win, class)),
             stride: len,
             segments: vec![Segment { col: 0, offset: 0, len }],
         }
@@ -249,12 +306,28 @@ fn class_weights_t<'a, T: WithDType>(w: &'a Weight<'_, T>, win: &Window, class: 
     if compact(win, class) {
         let len = class.taps() * win.c;
         ClassWeights {
-            data: Cow::Owned(crate::ops::plumbing::weight_layout::transpose(&w.gather(win, class), w.out, len)),
+            data: Cow::Owned(w.compact_t(win, class)),
             stride: w.out,
             segments: vec![Segment { col: 0, offset: 0, len }],
         }
     } else {
         ClassWeights { data: Cow::Borrowed(w.hwio(win)), stride: w.out, segments: segments(win, class) }
+    }
+}
+
+/// Whether the class's window is the whole image (it then has one pixel): its patch rows are
+/// the images themselves, `h · w · c = taps · c` apart.
+fn whole_image(win: &Window, class: &TapClass) -> bool {
+    class.ky.len() == win.h && class.kx.len() == win.w
+}
+
+/// The class's patches, rows `taps · c` apart: the input in place when the window is the whole
+/// image, else a gathered copy.
+fn class_cols<'a, T: WithDType>(x: &'a [T], win: &Window, class: &TapClass) -> Cow<'a, [T]> {
+    if whole_image(win, class) {
+        Cow::Borrowed(x)
+    } else {
+        Cow::Owned(gather_cols(x, win, class))
     }
 }
 
@@ -264,10 +337,25 @@ fn class_pixels<'a>(win: &Window, class: &'a TapClass) -> impl Iterator<Item = u
     class.oy.clone().flat_map(move |oy| class.ox.clone().map(move |ox| oy * ow + ox))
 }
 
-/// The class's rows of `dy` `(batch · oh · ow, out)`, in [`gather_cols`]' order.
+/// Where the class's rows lie in a `(batch · oh · ow, width)` buffer when they are evenly
+/// spaced, as `(first element, row stride)`: every row when one class covers every pixel, its
+/// pixel's row in each image when it has one pixel.
+fn rows_in_place(win: &Window, classes: &[TapClass], class: &TapClass, width: usize) -> Option<(usize, usize)> {
+    if covers_all(win, classes) {
+        Some((0, width))
+    } else if class.pixels() == 1 {
+        let pixel = class.oy.start * win.ow() + class.ox.start;
+        Some((pixel * width, win.oh() * win.ow() * width))
+    } else {
+        None
+    }
+}
+
+/// The class's rows of `dy` `(batch · oh · ow, out)`, in [`gather_cols`]' order. A [`scratch`]
+/// buffer.
 fn gather_rows<T: WithDType>(dy: &[T], win: &Window, class: &TapClass, out: usize) -> Vec<T> {
     let img = win.oh() * win.ow() * out;
-    let mut rows = vec![T::zero(); win.batch * class.pixels() * out];
+    let mut rows = scratch::take(win.batch * class.pixels() * out);
     rows.par_chunks_mut(class.pixels() * out).zip(dy.par_chunks(img)).for_each(|(block, dy_img)| {
         for (dst, p) in block.chunks_exact_mut(out).zip(class_pixels(win, class)) {
             dst.copy_from_slice(&dy_img[p * out..(p + 1) * out]);
@@ -276,18 +364,18 @@ fn gather_rows<T: WithDType>(dy: &[T], win: &Window, class: &TapClass, out: usiz
     rows
 }
 
-/// The class's rows of `dy`: `dy` itself when one class covers every pixel.
+/// The class's rows of `dy` and their stride: in place where they are evenly spaced
+/// ([`rows_in_place`]), else a gathered copy.
 fn class_dy<'a, T: WithDType>(
     dy: &'a [T],
     win: &Window,
     classes: &[TapClass],
     class: &TapClass,
     out: usize,
-) -> Cow<'a, [T]> {
-    if covers_all(win, classes) {
-        Cow::Borrowed(dy)
-    } else {
-        Cow::Owned(gather_rows(dy, win, class, out))
+) -> (Cow<'a, [T]>, usize) {
+    match rows_in_place(win, classes, class, out) {
+        Some((start, stride)) => (Cow::Borrowed(&dy[start..]), stride),
+        None => (Cow::Owned(gather_rows(dy, win, class, out)), out),
     }
 }
 
@@ -300,31 +388,40 @@ fn covers_all(win: &Window, classes: &[TapClass]) -> bool {
 /// `(out, c, kh, kw)`.
 pub fn conv<T: WithDType>(x: &[T], w: &[T], bias: &[T], win: &Window) -> Vec<T> {
     let out = bias.len();
-    let w = Weight::new(w, out);
     let classes = classes(win);
-    let all = covers_all(win, &classes);
-    let mut y = if all { Vec::new() } else { scratch::zeroed(win.batch * win.oh() * win.ow() * out) };
+    let w = Weight::new(w, out, win, &classes);
+    // Every output row starts as the bias; each class adds its products to its pixels' rows.
+    let mut y = vec![T::zero(); win.batch * win.oh() * win.ow() * out];
+    y.par_chunks_mut(out).for_each(|row| row.copy_from_slice(bias));
     for class in &classes {
-        let cols = gather_cols(x, win, class);
+        let cols = class_cols(x, win, class);
         let rc = win.batch * class.pixels();
         let kc = class.taps() * win.c;
-        let mut yc: Vec<T> = bias.iter().copied().cycle().take(rc * out).collect();
         let cw = class_weights_t(&w, win, class);
-        for seg in &cw.segments {
-            // yc += cols[:, seg] · Wᵀ[seg, :]
-            let (a, b) = (&cols[seg.col..], &cw.data[seg.offset * cw.stride..]);
-            gemm_strided((rc, out, seg.len), a, (kc, 1), b, (cw.stride, 1), &mut yc, out, true, true);
-        }
-        scratch::give(cols);
-        if all {
-            return yc;
-        }
-        let img = win.oh() * win.ow() * out;
-        y.par_chunks_mut(img).zip(yc.par_chunks(class.pixels() * out)).for_each(|(y_img, block)| {
-            for (src, p) in block.chunks_exact(out).zip(class_pixels(win, class)) {
-                y_img[p * out..(p + 1) * out].copy_from_slice(src);
+        let product = |dst: &mut [T], ldc: usize| {
+            for seg in &cw.segments {
+                // dst += cols[:, seg] · Wᵀ[seg, :]
+                let (a, b) = (&cols[seg.col..], &cw.data[seg.offset * cw.stride..]);
+                gemm_strided((rc, out, seg.len), a, (kc, 1), b, (cw.stride, 1), dst, ldc, true, true);
             }
-        });
+        };
+        match rows_in_place(win, &classes, class, out) {
+            Some((start, stride)) => product(&mut y[start..], stride),
+            None => {
+                let mut yc = scratch::take(rc * out);
+                yc.par_chunks_mut(out).for_each(|row| row.copy_from_slice(bias));
+                product(&mut yc, out);
+                let img = win.oh() * win.ow() * out;
+                y.par_chunks_mut(img).zip(yc.par_chunks(class.pixels() * out)).for_each(|(y_img, block)| {
+                    for (src, p) in block.chunks_exact(out).zip(class_pixels(win, class)) {
+                        y_img[p * out..(p + 1) * out].copy_from_slice(src);
+                    }
+                });
+                scratch::give(yc);
+            }
+        }
+        release(cols);
+        release(cw.data);
     }
     y
 }
@@ -333,58 +430,81 @@ pub fn conv<T: WithDType>(x: &[T], w: &[T], bias: &[T], win: &Window) -> Vec<T> 
 pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) -> Vec<T> {
     let (c, taps, wrow) = (win.c, win.kh * win.kw, win.patch_len());
     let classes = classes(win);
-    let mut dw = vec![T::zero(); out * wrow];
-    // Classes read in place accumulate in the kernels' order, added in at the end.
-    let mut dw_ohwi: Option<Vec<T>> = None;
+    // With every class compact, their products are added straight into the stored layout.
+    // Otherwise into a sum in the kernels' layout, and the products of the classes read in place
+    // accumulate straight into a second one: an element is the first plus the second.
+    let mut stored: Option<Vec<T>> =
+        classes.iter().all(|class| compact(win, class)).then(|| vec![T::zero(); out * wrow]);
+    let mut compact_sum: Option<Vec<T>> = None;
+    let mut in_place_sum: Option<Vec<T>> = None;
     for class in &classes {
-        let cols = gather_cols(x, win, class);
-        let dyc = &*class_dy(dy, win, &classes, class, out);
+        let cols = class_cols(x, win, class);
+        let (dyc, dy_stride) = class_dy(dy, win, &classes, class, out);
         let rc = win.batch * class.pixels();
         let kc = class.taps() * c;
         if compact(win, class) {
-            // A compact product, then added into the stored layout.
-            let mut dwc = vec![T::zero(); out * kc];
-            gemm_strided((out, kc, rc), dyc, (1, out), &cols, (kc, 1), &mut dwc, kc, false, true);
-            scratch::give(cols);
-            dw.par_chunks_mut(wrow).zip(dwc.par_chunks(kc)).for_each(|(dst, src)| {
-                let mut src = src.chunks_exact(c);
-                for ky in class.ky.clone() {
-                    for kx in class.kx.clone() {
-                        let tap = ky * win.kw + kx;
-                        for (ch, &v) in src.next().expect("a run per tap").iter().enumerate() {
+            let mut dwc = scratch::take(out * kc);
+            gemm_strided((out, kc, rc), &dyc, (1, dy_stride), &cols, (kc, 1), &mut dwc, kc, false, true);
+            if let Some(dw) = stored.as_mut() {
+                dw.par_chunks_mut(wrow).zip(dwc.par_chunks(kc)).for_each(|(dst, src)| {
+                    for (src, tap) in src.chunks_exact(c).zip(class_taps(win, class)) {
+                        for (ch, &v) in src.iter().enumerate() {
                             dst[ch * taps + tap] += v;
                         }
                     }
-                }
-            });
-            continue;
-        }
-        let acc = dw_ohwi.get_or_insert_with(|| vec![T::zero(); out * wrow]);
-        for seg in segments(win, class) {
-            // dW[:, seg] += dyᵀ · cols[:, seg], straight into the kernels' layout.
-            let (b, dst) = (&cols[seg.col..], &mut acc[seg.offset..]);
-            gemm_strided((out, seg.len, rc), dyc, (1, out), b, (kc, 1), dst, wrow, true, true);
-        }
-        scratch::give(cols);
-    }
-    if let Some(acc) = dw_ohwi {
-        let back = crate::ops::plumbing::weight_layout::swap_inner(&acc, out, taps, c);
-        dw.par_chunks_mut(wrow).zip(back.par_chunks(wrow)).for_each(|(d, s)| {
-            for (d, s) in d.iter_mut().zip(s) {
-                *d += *s;
+                });
+            } else {
+                let sum = compact_sum.get_or_insert_with(|| scratch::zeroed(out * wrow));
+                sum.par_chunks_mut(wrow).zip(dwc.par_chunks(kc)).for_each(|(dst, src)| {
+                    for (src, tap) in src.chunks_exact(c).zip(class_taps(win, class)) {
+                        for (d, &v) in dst[tap * c..(tap + 1) * c].iter_mut().zip(src) {
+                            *d += v;
+                        }
+                    }
+                });
             }
-        });
+            scratch::give(dwc);
+        } else {
+            let acc = in_place_sum.get_or_insert_with(|| scratch::zeroed(out * wrow));
+            for seg in segments(win, class) {
+                // dW[:, seg] += dyᵀ · cols[:, seg], straight into the kernels' layout.
+                let (b, dst) = (&cols[seg.col..], &mut acc[seg.offset..]);
+                gemm_strided((out, seg.len, rc), &dyc, (1, dy_stride), b, (kc, 1), dst, wrow, true, true);
+            }
+        }
+        release(cols);
+        release(dyc);
     }
+    if let Some(dw) = stored {
+        return dw;
+    }
+    let sum = match (compact_sum, in_place_sum) {
+        (Some(mut first), Some(second)) => {
+            first.par_iter_mut().zip(second.par_iter()).for_each(|(a, &b)| *a += b);
+            scratch::give(second);
+            first
+        }
+        (Some(sum), None) => sum,
+        (None, Some(mut sum)) => {
+            // As above with no compact class: zero plus the sum (a negative zero comes out positive).
+            sum.par_iter_mut().for_each(|v| *v = T::zero() + *v);
+            sum
+        }
+        (None, None) => return vec![T::zero(); out * wrow],
+    };
+    let mut dw = vec![T::zero(); out * wrow];
+    weight_layout::swap_inner_into(&sum, taps, c, &mut dw);
+    scratch::give(sum);
     dw
 }
 
 /// `dx (batch, h, w, c)` of [`conv`] from `dy` `(batch · oh · ow, out)` and `w` `(out, c, kh, kw)`.
 pub fn input_grad<T: WithDType>(dy: &[T], w: &[T], win: &Window, out: usize) -> Vec<T> {
-    let w = Weight::new(w, out);
     let classes = classes(win);
+    let w = Weight::new(w, out, win, &classes);
     let mut dx = scratch::zeroed(win.batch * win.h * win.w * win.c);
     for class in &classes {
-        let dyc = &*class_dy(dy, win, &classes, class, out);
+        let (dyc, dy_stride) = class_dy(dy, win, &classes, class, out);
         let rc = win.batch * class.pixels();
         let kc = class.taps() * win.c;
         // Every column is written: the segments cover the class's taps.
@@ -393,10 +513,12 @@ pub fn input_grad<T: WithDType>(dy: &[T], w: &[T], win: &Window, out: usize) -> 
         for seg in &cw.segments {
             // dcols[:, seg] = dy · W[:, seg]
             let (b, dst) = (&cw.data[seg.offset..], &mut dcols[seg.col..]);
-            gemm_strided((rc, seg.len, out), dyc, (out, 1), b, (cw.stride, 1), dst, kc, false, true);
+            gemm_strided((rc, seg.len, out), &dyc, (dy_stride, 1), b, (cw.stride, 1), dst, kc, false, true);
         }
         scatter_cols(&dcols, win, class, &mut dx);
         scratch::give(dcols);
+        release(dyc);
+        release(cw.data);
     }
     dx
 }

@@ -233,6 +233,8 @@ pub(super) mod tests {
             (2, 3, 3, 4, 3, 3, 1, 1),
             // Left and right edge classes (part of each kernel row) beside whole-row ones.
             (2, 3, 5, 3, 4, 3, 1, 1),
+            // Padding wider than the kernel: the outer outputs see padding alone (the bias).
+            (2, 1, 2, 2, 3, 3, 1, 3),
         ];
         for &(b, h, w, cin, cout, k, s, p) in &cases {
             let case = (b, h, w, cin, cout, k, s, p);

@@ -1,5 +1,5 @@
-//! Reordering convolution weights between PyTorch's stored `(out, in, kh, kw)` and the kernels'
-//! `(out, kh, kw, in)`.
+//! Reordering convolution weights between PyTorch's stored `(out, in, kh, kw)`, the kernels'
+//! `(out, kh, kw, in)` and its transpose `(kh, kw, in, out)`.
 
 use candle_core::WithDType;
 use rayon::prelude::*;
@@ -22,39 +22,59 @@ pub(crate) fn swap_inner<T: WithDType>(w: &[T], out: usize, a: usize, b: usize) 
         return std::borrow::Cow::Borrowed(w);
     }
     let mut t = vec![T::zero(); out * a * b];
-    t.par_chunks_mut(a * b).zip(w.par_chunks(a * b)).for_each(|(dst, src)| {
+    swap_inner_into(w, a, b, &mut t);
+    std::borrow::Cow::Owned(t)
+}
+
+/// [`swap_inner`] into `dst` (as long as `w`), every element written.
+pub(crate) fn swap_inner_into<T: WithDType>(w: &[T], a: usize, b: usize, dst: &mut [T]) {
+    assert_eq!(dst.len(), w.len(), "swap_inner: destination of {} for {} elements", dst.len(), w.len());
+    dst.par_chunks_mut(a * b).zip(w.par_chunks(a * b)).for_each(|(dst, src)| {
         for (i, row) in src.chunks_exact(b).enumerate() {
             for (j, &v) in row.iter().enumerate() {
                 dst[j * a + i] = v;
             }
         }
     });
-    std::borrow::Cow::Owned(t)
 }
 
-/// The `(cols, rows)` transpose of a row-major `(rows, cols)` matrix, in parallel over blocks of
-/// destination rows, each filled a square block at a time so reads and writes both stay within
-/// a few cache lines per row.
-pub(crate) fn transpose<T: WithDType>(m: &[T], rows: usize, cols: usize) -> Vec<T> {
-    const BLOCK: usize = 32;
-    assert_eq!(m.len(), rows * cols, "transpose: {} elements for a {rows}×{cols} matrix", m.len());
-    let mut t = vec![T::zero(); rows * cols];
-    if rows == 0 {
-        return t;
+/// The `selected` taps of `(out, in, kh, kw)` as `(taps, in, out)` into `dst`, every element
+/// written: all taps in order give `(kh, kw, in, out)`, the transpose of the kernels'
+/// `(out, kh · kw · in)`, made in one pass. In parallel over blocks of input channels, each
+/// reading its channels' runs of every output row once and writing whole rows of the result.
+pub(crate) fn oihw_to_hwio_into<T: WithDType>(
+    w: &[T],
+    (out, cin, taps): (usize, usize, usize),
+    selected: &[usize],
+    dst: &mut [T],
+) {
+    const CHANNELS: usize = 16;
+    assert_eq!(w.len(), out * cin * taps, "oihw_to_hwio: {} elements for ({out}, {cin}, {taps})", w.len());
+    assert_eq!(dst.len(), selected.len() * cin * out, "oihw_to_hwio: destination of {} elements", dst.len());
+    assert!(selected.iter().all(|&t| t < taps), "oihw_to_hwio: taps {selected:?} of {taps}");
+    if dst.is_empty() {
+        return;
     }
-    t.par_chunks_mut(BLOCK * rows).enumerate().for_each(|(b, dst)| {
-        let c0 = b * BLOCK;
-        let width = dst.len() / rows;
-        for r0 in (0..rows).step_by(BLOCK) {
-            for c in c0..c0 + width {
-                let out = &mut dst[(c - c0) * rows..(c - c0 + 1) * rows];
-                for r in r0..(r0 + BLOCK).min(rows) {
-                    out[r] = m[r * cols + c];
+    // Each task's rows: the same block of channels in every selected tap's `(in, out)` matrix.
+    let blocks = cin.div_ceil(CHANNELS);
+    let mut tasks: Vec<Vec<&mut [T]>> = (0..blocks).map(|_| Vec::with_capacity(selected.len())).collect();
+    for tap_rows in dst.chunks_mut(cin * out) {
+        for (task, rows) in tasks.iter_mut().zip(tap_rows.chunks_mut(CHANNELS * out)) {
+            task.push(rows);
+        }
+    }
+    tasks.into_par_iter().enumerate().for_each(|(block, mut rows)| {
+        let c0 = block * CHANNELS;
+        let width = rows[0].len() / out;
+        for o in 0..out {
+            let src = &w[(o * cin + c0) * taps..(o * cin + c0 + width) * taps];
+            for (i, runs) in src.chunks_exact(taps).enumerate() {
+                for (dst, &tap) in rows.iter_mut().zip(selected) {
+                    dst[i * out + o] = runs[tap];
                 }
             }
         }
     });
-    t
 }
 
 #[cfg(test)]
@@ -62,15 +82,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn transpose_moves_every_element_across_the_diagonal() {
-        // Sizes below, at and across the block: ragged last blocks both ways.
-        for &(rows, cols) in &[(1, 1), (3, 5), (32, 32), (33, 70), (100, 7), (0, 4)] {
-            let m: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
-            let t = transpose(&m, rows, cols);
-            assert_eq!(t.len(), m.len());
-            for r in 0..rows {
-                for c in 0..cols {
-                    assert_eq!(t[c * rows + r], m[r * cols + c], "{rows}×{cols} at ({r}, {c})");
+    fn hwio_is_the_transpose_of_the_kernels_layout_for_any_taps() {
+        // Channel counts below, at and across the block of 16.
+        // Every tap, and a selection out of order.
+        for &(out, cin, taps) in &[(1, 1, 1), (3, 5, 9), (7, 16, 9), (5, 33, 4), (2, 40, 1)] {
+            let w: Vec<f32> = (0..out * cin * taps).map(|i| i as f32).collect();
+            let all: Vec<usize> = (0..taps).collect();
+            let some: Vec<usize> = (0..taps).rev().step_by(2).collect();
+            for selected in [all, some] {
+                let mut got = vec![-1.0; selected.len() * cin * out];
+                oihw_to_hwio_into(&w, (out, cin, taps), &selected, &mut got);
+                for o in 0..out {
+                    for i in 0..cin {
+                        for (s, &t) in selected.iter().enumerate() {
+                            let want = w[(o * cin + i) * taps + t];
+                            assert_eq!(
+                                got[(s * cin + i) * out + o],
+                                want,
+                                "({out}, {cin}, {taps}) {selected:?} at ({o}, {i}, {t})"
+                            );
+                        }
+                    }
                 }
             }
         }
