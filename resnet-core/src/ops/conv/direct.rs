@@ -1,7 +1,7 @@
 //! Convolution of single-channel images: the stem's 7×7 over grayscale Fashion-MNIST.
 //!
 //! With one input channel the patch matrix is `(pixels, 49)`. Its forward product is short and
-//! wide and runs well once the patches are made element by element (see `im2col_slice`), so the
+//! wide and runs well once the patches are made element by element (see `one_channel_patch`), so the
 //! forward is im2col's. The weight gradient `dyᵀ · cols` is one long, thin product over every
 //! pixel that the matrix kernels do not split across threads, so it would run on one core;
 //! here it runs as products over fixed runs of pixels side by side, summed in a fixed order so
@@ -11,7 +11,8 @@
 use candle_core::WithDType;
 use rayon::prelude::*;
 
-use super::im2col::im2col_slice;
+use super::im2col::one_channel_patch;
+
 use crate::ops::plumbing::geometry::Window;
 use crate::ops::plumbing::matmul::matmul_general;
 use crate::ops::plumbing::scratch;
@@ -43,27 +44,39 @@ fn input_at(win: &Window, oy: usize, ox: usize, ky: usize, kx: usize) -> Option<
     (iy < win.h && ix < win.w).then_some(iy * win.w + ix)
 }
 
+/// The patches of the output pixels `pixels` (indices into `batch · oh · ow`) of one-channel
+/// images, `kh · kw` values per pixel (zero in the padding), into `dst`.
+fn patches<T: WithDType>(x: &[T], win: &Window, pixels: std::ops::Range<usize>, dst: &mut [T]) {
+    let (oh, ow, taps) = (win.oh(), win.ow(), win.kh * win.kw);
+    for (p, dst) in pixels.zip(dst.chunks_exact_mut(taps)) {
+        let (n, oy, ox) = (p / (oh * ow), p / ow % oh, p % ow);
+        one_channel_patch(&x[n * win.h * win.w..(n + 1) * win.h * win.w], win, oy, ox, dst);
+    }
+}
+
 /// `dW (out, kh, kw, 1)` of the convolution from `x` `(batch, h, w, 1)` and `dy`
-/// `(batch · oh · ow, out)`: the patches (cheap with one channel), then `dyᵀ · cols` as
-/// products over fixed runs of pixels side by side on the threads (one product over all pixels
-/// would be one long, thin product the matrix kernels do not split), summed in order.
+/// `(batch · oh · ow, out)`: `dyᵀ · cols` as products over fixed runs of pixels side by side on
+/// the threads (one product over all pixels would be one long, thin product the matrix kernels
+/// do not split), summed in order. Each task makes its run's patches (cheap with one channel),
+/// so the whole patch matrix is never written out.
 pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) -> Vec<T> {
     let taps = win.kh * win.kw;
     let pixels = win.batch * win.oh() * win.ow();
-    let mut cols = scratch::take(pixels * taps);
-    im2col_slice(x, win, &mut cols);
     let partials: Vec<Vec<T>> = (0..pixels.div_ceil(PIXELS_PER_TASK))
         .into_par_iter()
         .map(|task| {
             let (start, end) = (task * PIXELS_PER_TASK, ((task + 1) * PIXELS_PER_TASK).min(pixels));
+            // This task's patches, made here (they stay in cache): its pixels' rows.
+            let mut cols = scratch::take((end - start) * taps);
+            patches(x, win, start..end, &mut cols);
             // dWᵀ (taps × out) = colsᵀ · dy: the wide side (out) along the kernels' vectors.
             let mut part = vec![T::zero(); taps * out];
-            let (g, p) = (&dy[start * out..end * out], &cols[start * taps..end * taps]);
-            matmul_general((taps, out, end - start), p, (1, taps), g, (out, 1), &mut part, out);
+            let g = &dy[start * out..end * out];
+            matmul_general((taps, out, end - start), &cols, (1, taps), g, (out, 1), &mut part, out);
+            scratch::give(cols);
             part
         })
         .collect();
-    scratch::give(cols);
     let mut sum = vec![T::zero(); taps * out];
     for part in partials {
         for (s, p) in sum.iter_mut().zip(part) {

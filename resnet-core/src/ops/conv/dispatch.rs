@@ -2,13 +2,14 @@
 //! backward: im2col + one matrix product, or a faster algorithm where the shape allows one.
 
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::im2col::{im2col_slice, Col2im, Im2col};
+use super::im2col::{im2col_rows, Col2im, Im2col};
 use super::{direct, taps, winograd};
 use crate::ops::plumbing::elementwise::{column_sums_tensor, mask_by_positive, relu_in_place};
 use crate::ops::plumbing::geometry::Window;
-use crate::ops::plumbing::matmul::{matmul_into, MatMul};
+use crate::ops::plumbing::matmul::{gemm_strided, matmul_into, MatMul};
 use crate::ops::plumbing::scratch;
 use crate::ops::plumbing::storage::contiguous;
 use crate::ops::plumbing::weight_layout::{ohwi_to_oihw, oihw_to_ohwi};
@@ -149,23 +150,39 @@ enum Algo {
     Direct,
 }
 
-/// `y (rows, out) = cols (rows, k) · wᵀ + bias`, with `w` as `(out, k)` row-major.
+/// Output pixels per task of [`conv_forward`]'s patches and product (whole output image rows,
+/// at least one).
+const FORWARD_PIXELS_PER_TASK: usize = 512;
+
+/// `y (rows, out) = cols (rows, k) · wᵀ + bias`, with `w` as `(out, k)` row-major. A pointwise
+/// convolution's patches are `x` itself: one product over every row. Otherwise each task makes
+/// the patches of a few output image rows in a scratch buffer that stays in cache and multiplies
+/// them on its own thread, so the whole patch matrix (58 MB for the stem at 96 px) is never
+/// written out and read back. The products' sums are the same either way (the matrix kernels
+/// split `k` by its size alone).
 fn conv_forward<T: WithDType + 'static>(x: &[T], w: &[T], bias: &[T], win: &Window, pointwise: bool) -> Vec<T> {
     let rows = win.batch * win.oh() * win.ow();
     let k = win.patch_len();
     let out = bias.len();
-    // Not from the scratch pool: the stem's patches at 96 px (58 MB) would stay held there.
-    let owned = (!pointwise).then(|| {
-        let mut buf = scratch::zeroed(rows * k);
-        im2col_slice(x, win, &mut buf);
-        buf
-    });
-    let cols: &[T] = owned.as_deref().unwrap_or(x);
-    let mut y = Vec::with_capacity(rows * out);
-    for _ in 0..rows {
-        y.extend_from_slice(bias);
+    let mut y = vec![T::zero(); rows * out];
+    if pointwise {
+        y.par_chunks_mut(out).for_each(|row| row.copy_from_slice(bias));
+        matmul_into((rows, out, k), x, false, w, true, &mut y, true);
+        return y;
     }
-    matmul_into((rows, out, k), cols, false, w, true, &mut y, true);
+    let ow = win.ow();
+    let image_rows = (FORWARD_PIXELS_PER_TASK / ow).max(1);
+    y.par_chunks_mut(image_rows * ow * out).enumerate().for_each(|(task, y)| {
+        let pixels = y.len() / out;
+        let first = task * image_rows;
+        for row in y.chunks_exact_mut(out) {
+            row.copy_from_slice(bias);
+        }
+        let mut cols = scratch::take(pixels * k);
+        im2col_rows(x, win, first..first + pixels / ow, &mut cols);
+        gemm_strided((pixels, out, k), &cols, (k, 1), w, (1, k), y, out, true, false);
+        scratch::give(cols);
+    });
     y
 }
 

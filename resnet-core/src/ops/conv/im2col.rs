@@ -45,26 +45,24 @@ impl Im2col {
 
 /// Patch extraction on slices; `out` has `batch·oh·ow` rows of `kh·kw·c`.
 pub fn im2col_slice<T: WithDType>(x: &[T], win: &Window, out: &mut [T]) {
+    let row_block = win.ow() * win.patch_len();
+    // One image row of output pixels per task: enough work per task, and tasks never overlap.
+    out.par_chunks_mut(row_block).enumerate().for_each(|(r, dst)| im2col_rows(x, win, r..r + 1, dst));
+}
+
+/// The patches of the output rows `rows` (indices into `batch · oh`), in order, into `dst`
+/// (`rows.len() · ow` rows of `kh·kw·c`), on the calling thread.
+pub fn im2col_rows<T: WithDType>(x: &[T], win: &Window, rows: std::ops::Range<usize>, dst: &mut [T]) {
     let (oh, ow, patch) = (win.oh(), win.ow(), win.patch_len());
     let c = win.c;
-    let row_block = ow * patch;
-    // One image row of output pixels per task: enough work per task, and tasks never overlap.
-    out.par_chunks_mut(row_block).enumerate().for_each(|(r, dst_row)| {
+    for (r, dst_row) in rows.zip(dst.chunks_exact_mut(ow * patch)) {
         let (b, oy) = (r / oh, r % oh);
         let img = &x[b * win.h * win.w * c..(b + 1) * win.h * win.w * c];
         if c == 1 {
-            // One channel (the stem): element by element, no slice copies of length 1.
             for (ox, dst) in dst_row.chunks_exact_mut(patch).enumerate() {
-                for ki in 0..win.kh {
-                    let iy = (oy * win.stride + ki) as isize - win.pad as isize;
-                    for kj in 0..win.kw {
-                        let ix = (ox * win.stride + kj) as isize - win.pad as isize;
-                        let inside = iy >= 0 && ix >= 0 && iy < win.h as isize && ix < win.w as isize;
-                        dst[ki * win.kw + kj] = if inside { img[iy as usize * win.w + ix as usize] } else { T::zero() };
-                    }
-                }
+                one_channel_patch(img, win, oy, ox, dst);
             }
-            return;
+            continue;
         }
         for ox in 0..ow {
             let dst = &mut dst_row[ox * patch..(ox + 1) * patch];
@@ -82,7 +80,28 @@ pub fn im2col_slice<T: WithDType>(x: &[T], win: &Window, out: &mut [T]) {
                 }
             }
         }
-    });
+    }
+}
+
+/// The `kh · kw` patch of output pixel `(oy, ox)` of a one-channel image `img` (`h · w`) into
+/// `dst`: a kernel row's taps are a run of one image row, copied whole between the zeros of the
+/// padding.
+pub fn one_channel_patch<T: WithDType>(img: &[T], win: &Window, oy: usize, ox: usize, dst: &mut [T]) {
+    let x0 = (ox * win.stride) as isize - win.pad as isize;
+    // The kernel columns inside the image.
+    let lo = (-x0).clamp(0, win.kw as isize) as usize;
+    let hi = (win.w as isize - x0).clamp(lo as isize, win.kw as isize) as usize;
+    for (ki, dst) in dst.chunks_exact_mut(win.kw).enumerate() {
+        let iy = (oy * win.stride + ki) as isize - win.pad as isize;
+        if iy < 0 || iy >= win.h as isize || lo == hi {
+            dst.fill(T::zero());
+            continue;
+        }
+        let start = iy as usize * win.w + (x0 + lo as isize) as usize;
+        dst[..lo].fill(T::zero());
+        dst[lo..hi].copy_from_slice(&img[start..start + hi - lo]);
+        dst[hi..].fill(T::zero());
+    }
 }
 
 /// The adjoint of [`im2col_slice`]: scatter-adds patches into `out` (`batch·h·w·c`, zeroed here).
