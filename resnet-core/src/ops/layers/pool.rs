@@ -1,11 +1,12 @@
 //! Pooling candle lacks: padded max-pooling with a backward for any kernel and stride, and
 //! global average pooling, both over channels-last `(batch, height, width, channels)` tensors.
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use crate::ops::cudnn::{self, GpuOps};
 use crate::ops::plumbing::scratch;
+use crate::ops::plumbing::simd::with_fma;
 use crate::ops::plumbing::storage::contiguous;
 
 use crate::ops::plumbing::geometry::Window;
@@ -119,28 +120,33 @@ fn pool_fwd<T: WithDType>(x: &[T], win: &Window) -> Vec<T> {
     // vectorises, where tracking indices kept the loop scalar: the first cell, then strictly
     // greater cells.
     out.par_chunks_mut(out_len).enumerate().for_each(|(b, dst)| {
-        let img = &x[b * img_len..(b + 1) * img_len];
-        for oy in 0..win.oh() {
-            let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
-            for ox in 0..win.ow() {
-                let xs = window_range(ox, win.stride, win.pad, win.kw, win.w);
-                let best = &mut dst[(oy * win.ow() + ox) * c..(oy * win.ow() + ox + 1) * c];
-                let mut first = true;
-                for iy in ys.clone() {
-                    for ix in xs.clone() {
-                        let cell = &img[(iy * win.w + ix) * c..(iy * win.w + ix + 1) * c];
-                        if first {
-                            best.copy_from_slice(cell);
-                            first = false;
-                        } else {
-                            for (m, &v) in best.iter_mut().zip(cell) {
-                                *m = if v > *m { v } else { *m };
+        with_fma(
+            #[inline(always)]
+            || {
+                let img = &x[b * img_len..(b + 1) * img_len];
+                for oy in 0..win.oh() {
+                    let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
+                    for ox in 0..win.ow() {
+                        let xs = window_range(ox, win.stride, win.pad, win.kw, win.w);
+                        let best = &mut dst[(oy * win.ow() + ox) * c..(oy * win.ow() + ox + 1) * c];
+                        let mut first = true;
+                        for iy in ys.clone() {
+                            for ix in xs.clone() {
+                                let cell = &img[(iy * win.w + ix) * c..(iy * win.w + ix + 1) * c];
+                                if first {
+                                    best.copy_from_slice(cell);
+                                    first = false;
+                                } else {
+                                    for (m, &v) in best.iter_mut().zip(cell) {
+                                        *m = if v > *m { v } else { *m };
+                                    }
+                                }
                             }
                         }
                     }
                 }
-            }
-        }
+            },
+        )
     });
     out
 }
@@ -151,51 +157,50 @@ fn window_range(o: usize, stride: usize, pad: usize, k: usize, n: usize) -> std:
     start.max(0) as usize..((start + k as isize).min(n as isize)).max(0) as usize
 }
 
-/// Each window's gradient goes to the cell the forward kept: the first cell (row-major), then
-/// any strictly greater one. A first pass finds that cell per channel with selects on values
-/// (its window position carried as a `T`, so the loop vectorises like the forward's maxima);
-/// a second adds the gradient there.
-fn pool_bwd<T: WithDType>(x: &[T], grad: &[T], win: &Window) -> Vec<T> {
+/// Each window's gradient goes to the cell the forward kept: the first cell (row-major) holding
+/// the window's maximum `y`, the forward's output. One pass over the window's cells per channel,
+/// with selects that vectorise: a cell takes the gradient where it holds the maximum and no
+/// earlier cell did. A NaN maximum (the first cell NaN, which the forward keeps) matches no
+/// cell; the first cell takes it afterwards, as the forward kept that one.
+fn pool_bwd<T: WithDType>(x: &[T], y: &[T], grad: &[T], win: &Window) -> Vec<T> {
     let (img_len, out_len, c) = (win.h * win.w * win.c, win.oh() * win.ow() * win.c, win.c);
     let mut dx = scratch::zeroed(win.batch * img_len);
     dx.par_chunks_mut(img_len).enumerate().for_each(|(b, dst)| {
-        let img = &x[b * img_len..(b + 1) * img_len];
-        let g = &grad[b * out_len..(b + 1) * out_len];
-        let (mut best, mut pos) = (vec![T::zero(); c], vec![T::zero(); c]);
-        let mut bases = Vec::with_capacity(win.kh * win.kw);
-        for oy in 0..win.oh() {
-            let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
-            for ox in 0..win.ow() {
-                let xs = window_range(ox, win.stride, win.pad, win.kw, win.w);
-                bases.clear();
-                bases.extend(ys.clone().flat_map(|iy| xs.clone().map(move |ix| (iy * win.w + ix) * c)));
-                // The maxima (as the forward), then the first cell holding each: scanning the
-                // cells backwards, every match overwrites, so the first one stays. Two loops of
-                // one select each, which vectorise (one loop doing both did not). A NaN maximum
-                // (first cell NaN) matches nothing and keeps position 0, the first cell.
-                for (i, &base) in bases.iter().enumerate() {
-                    let cell = &img[base..base + c];
-                    if i == 0 {
-                        best.copy_from_slice(cell);
-                    } else {
-                        for (m, &v) in best.iter_mut().zip(cell) {
-                            *m = if v > *m { v } else { *m };
+        with_fma(
+            #[inline(always)]
+            || {
+                let img = &x[b * img_len..(b + 1) * img_len];
+                let (maxima, g) = (&y[b * out_len..(b + 1) * out_len], &grad[b * out_len..(b + 1) * out_len]);
+                // Per channel, 1 once a cell of the window has taken the gradient.
+                let mut taken = vec![T::zero(); c];
+                for oy in 0..win.oh() {
+                    let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
+                    for ox in 0..win.ow() {
+                        let xs = window_range(ox, win.stride, win.pad, win.kw, win.w);
+                        let at = (oy * win.ow() + ox) * c;
+                        let (best, go) = (&maxima[at..at + c], &g[at..at + c]);
+                        taken.fill(T::zero());
+                        // Adding zero changes nothing: `dx` starts at +0, and a sum is -0 only when both
+                        // terms are, so no element is ever -0, the one value `+ 0` would change.
+                        for iy in ys.clone() {
+                            for ix in xs.clone() {
+                                let base = (iy * win.w + ix) * c;
+                                let cells = dst[base..base + c].iter_mut().zip(&img[base..base + c]);
+                                for (((d, &v), &m), (t, &gv)) in cells.zip(best).zip(taken.iter_mut().zip(go)) {
+                                    let hit = v == m && *t == T::zero();
+                                    *d += if hit { gv } else { T::zero() };
+                                    *t = if hit { T::one() } else { *t };
+                                }
+                            }
+                        }
+                        let first = (ys.start * win.w + xs.start) * c;
+                        for ((d, &t), &gv) in dst[first..first + c].iter_mut().zip(&taken).zip(go) {
+                            *d += if t == T::zero() { gv } else { T::zero() };
                         }
                     }
                 }
-                pos.fill(T::zero());
-                for (i, &base) in bases.iter().enumerate().rev() {
-                    let at = T::from_f64(i as f64);
-                    for ((p, &m), &v) in pos.iter_mut().zip(&best).zip(&img[base..base + c]) {
-                        *p = if v == m { at } else { *p };
-                    }
-                }
-                let go = &g[(oy * win.ow() + ox) * c..(oy * win.ow() + ox + 1) * c];
-                for (ch, (&p, &gv)) in pos.iter().zip(go).enumerate() {
-                    dst[bases[p.to_f64() as usize] + ch] += gv;
-                }
-            }
-        }
+            },
+        )
     });
     dx
 }
@@ -216,17 +221,17 @@ impl CustomOp1 for MaxPool2d {
         Ok((out, Shape::from((win.batch, win.oh(), win.ow(), win.c))))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let grad = grad_res.contiguous()?;
-        Ok(Some(arg.apply_op2_no_bwd(&grad, &MaxPool2dBackward(*self))?))
+        Ok(Some(arg.apply_op3_no_bwd(res, &grad, &MaxPool2dBackward(*self))?))
     }
 }
 
-/// The input gradient of [`MaxPool2d`]: `(input, output gradient) -> input gradient`.
+/// The input gradient of [`MaxPool2d`]: `(input, output, output gradient) -> input gradient`.
 #[derive(Debug, Clone, Copy)]
 struct MaxPool2dBackward(MaxPool2d);
 
-impl CustomOp2 for MaxPool2dBackward {
+impl CustomOp3 for MaxPool2dBackward {
     fn name(&self) -> &'static str {
         "max-pool2d-nhwc-backward"
     }
@@ -237,21 +242,30 @@ impl CustomOp2 for MaxPool2dBackward {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let _span = crate::profile::span(self.name(), l1.dims());
         let win = self.0.window(l1)?;
-        if l2.shape().dims() != [win.batch, win.oh(), win.ow(), win.c] {
-            candle_core::bail!("max-pool backward: gradient shape {:?} does not match the output", l2.shape())
+        let out_dims = [win.batch, win.oh(), win.ow(), win.c];
+        if l2.shape().dims() != out_dims || l3.shape().dims() != out_dims {
+            candle_core::bail!(
+                "max-pool backward: output {:?} and gradient {:?} do not match the output shape {out_dims:?}",
+                l2.shape(),
+                l3.shape()
+            )
         }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(pool_bwd(
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(pool_bwd(
                 contiguous(x, l1, "max-pool input")?,
-                contiguous(g, l2, "max-pool gradient")?,
+                contiguous(y, l2, "max-pool output")?,
+                contiguous(g, l3, "max-pool gradient")?,
                 &win,
             )),
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(pool_bwd(
+            (CpuStorage::F64(x), CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(pool_bwd(
                 contiguous(x, l1, "max-pool input")?,
-                contiguous(g, l2, "max-pool gradient")?,
+                contiguous(y, l2, "max-pool output")?,
+                contiguous(g, l3, "max-pool gradient")?,
                 &win,
             )),
             _ => candle_core::bail!("max-pool backward supports matching f32 or f64 tensors"),
