@@ -5,7 +5,7 @@ use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, Lay
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::im2col::{im2col_rows, Col2im, Im2col};
+use super::im2col::{im2col_rows, im2col_slice, Col2im, Im2col};
 use super::{direct, taps, winograd};
 use crate::ops::plumbing::elementwise::{column_sums_tensor, mask_by_positive, relu_in_place};
 use crate::ops::plumbing::geometry::Window;
@@ -154,24 +154,59 @@ enum Algo {
 /// at least one).
 const FORWARD_PIXELS_PER_TASK: usize = 512;
 
+/// Tasks of [`conv_forward`] at least, where the batch has that many output image rows: enough
+/// to keep the threads busy. A constant, so the split (and so each product's shape) does not
+/// depend on the number of threads.
+const FORWARD_MIN_TASKS: usize = 8;
+
+/// Patch matrices up to this many elements (4 MB of `f32`) are made whole and multiplied in one
+/// product split over the threads: they stay in cache anyway.
+const WHOLE_PATCHES: usize = 1 << 20;
+
 /// `y (rows, out) = cols (rows, k) · wᵀ + bias`, with `w` as `(out, k)` row-major. A pointwise
-/// convolution's patches are `x` itself: one product over every row. Otherwise each task makes
-/// the patches of a few output image rows in a scratch buffer that stays in cache and multiplies
-/// them on its own thread, so the whole patch matrix (58 MB for the stem at 96 px) is never
-/// written out and read back. The products' sums are the same either way (the matrix kernels
-/// split `k` by its size alone).
+/// convolution's patches are `x` itself, and small patch matrices ([`WHOLE_PATCHES`]) are made
+/// whole: one product over every row. Otherwise each task makes the patches of a few output
+/// image rows in a scratch buffer that stays in cache and multiplies them on its own thread, so
+/// the whole patch matrix (58 MB for the stem at 96 px) is never written out and read back. The
+/// products' sums are those of the one product wherever the matrix kernels treat the task's
+/// product as they treat the whole (they split `k` by its size alone; tasks of a few pixels and
+/// outputs take the crate's small-product kernels, which sum in another order).
 fn conv_forward<T: WithDType + 'static>(x: &[T], w: &[T], bias: &[T], win: &Window, pointwise: bool) -> Vec<T> {
-    let rows = win.batch * win.oh() * win.ow();
-    let k = win.patch_len();
-    let out = bias.len();
+    let (rows, k) = (win.batch * win.oh() * win.ow(), win.patch_len());
+    let image_rows = if pointwise || rows * k <= WHOLE_PATCHES {
+        None
+    } else {
+        let at_most = (win.batch * win.oh()).div_ceil(FORWARD_MIN_TASKS);
+        Some((FORWARD_PIXELS_PER_TASK / win.ow()).min(at_most).max(1))
+    };
+    conv_forward_in(x, w, bias, win, pointwise, image_rows)
+}
+
+/// [`conv_forward`] with `image_rows` output image rows per task, or one product over every row
+/// (`None`).
+fn conv_forward_in<T: WithDType + 'static>(
+    x: &[T],
+    w: &[T],
+    bias: &[T],
+    win: &Window,
+    pointwise: bool,
+    image_rows: Option<usize>,
+) -> Vec<T> {
+    let (rows, k, out, ow) = (win.batch * win.oh() * win.ow(), win.patch_len(), bias.len(), win.ow());
     let mut y = vec![T::zero(); rows * out];
-    if pointwise {
+    let Some(image_rows) = image_rows else {
+        let owned = (!pointwise).then(|| {
+            let mut buf = scratch::take(rows * k);
+            im2col_slice(x, win, &mut buf);
+            buf
+        });
         y.par_chunks_mut(out).for_each(|row| row.copy_from_slice(bias));
-        matmul_into((rows, out, k), x, false, w, true, &mut y, true);
+        matmul_into((rows, out, k), owned.as_deref().unwrap_or(x), false, w, true, &mut y, true);
+        if let Some(buf) = owned {
+            scratch::give(buf);
+        }
         return y;
-    }
-    let ow = win.ow();
-    let image_rows = (FORWARD_PIXELS_PER_TASK / ow).max(1);
+    };
     y.par_chunks_mut(image_rows * ow * out).enumerate().for_each(|(task, y)| {
         let pixels = y.len() / out;
         let first = task * image_rows;
@@ -386,5 +421,40 @@ impl CustomOp2 for ConvGrad {
             _ => candle_core::bail!("{} supports matching f32 or f64 tensors", self.name()),
         };
         Ok((out, shape))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The im2col forward made a few output rows per task gives the bits of the one product
+    /// over the whole patch matrix, for rows per task that cross images or exceed the batch, one
+    /// channel or several, with and without stride and padding. (Tasks and outputs are kept
+    /// above 16 each: the gemm crate multiplies products of at most 16 × 16 with other kernels.)
+    #[test]
+    fn im2col_forward_per_task_equals_the_whole_product() {
+        for &(batch, h, w, c, k, stride, pad, out) in &[
+            (3usize, 40usize, 36usize, 1usize, 7usize, 2usize, 3usize, 32usize),
+            (2, 36, 36, 16, 3, 2, 1, 24),
+            (4, 18, 18, 8, 3, 1, 1, 20),
+            (2, 40, 40, 32, 1, 2, 0, 48),
+        ] {
+            let win = Window { batch, h, w, c, kh: k, kw: k, stride, pad };
+            let x: Vec<f32> = (0..batch * h * w * c).map(|i| ((i * 7919) % 1013) as f32 / 507.0 - 1.0).collect();
+            let wt: Vec<f32> = (0..out * c * k * k).map(|i| ((i * 104_729) % 997) as f32 / 499.0 - 1.0).collect();
+            let bias: Vec<f32> = (0..out).map(|i| i as f32 * 0.1 - 0.2).collect();
+            let whole = conv_forward_in(&x, &wt, &bias, &win, false, None);
+            assert!(win.ow() > 16 && out > 16, "every task above 16 pixels and outputs");
+            for image_rows in [1, 3, batch * win.oh() + 1] {
+                let tasks = conv_forward_in(&x, &wt, &bias, &win, false, Some(image_rows));
+                let same = whole.iter().zip(&tasks).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same && whole.len() == tasks.len(),
+                    "{:?}, {image_rows} rows per task",
+                    (batch, h, w, c, k, stride, pad)
+                );
+            }
+        }
     }
 }
