@@ -1,8 +1,8 @@
 //! Convolution of single-channel images: the stem's 7×7 over grayscale Fashion-MNIST.
 //!
 //! With one input channel the patch matrix is `(pixels, 49)`. Its forward product is short and
-//! wide and runs well once the patches are made element by element (see `one_channel_patch`), so the
-//! forward is im2col's. The weight gradient `dyᵀ · cols` is one long, thin product over every
+//! wide and runs well once the patches are made a kernel row at a time (see
+//! `one_channel_patch`), so the forward is im2col's. The weight gradient `dyᵀ · cols` is one long, thin product over every
 //! pixel that the matrix kernels do not split across threads, so it would run on one core;
 //! here it runs as products over fixed runs of pixels side by side, summed in a fixed order so
 //! results repeat bit for bit. The input gradient (never needed for the images themselves)
@@ -12,7 +12,6 @@ use candle_core::WithDType;
 use rayon::prelude::*;
 
 use super::im2col::one_channel_patch;
-
 use crate::ops::plumbing::geometry::Window;
 use crate::ops::plumbing::matmul::matmul_general;
 use crate::ops::plumbing::scratch;
