@@ -223,6 +223,14 @@ fn combine<T: WithDType>(
 /// Channels a tile transform holds in registers at a time: one AVX-512 vector of `f32`.
 const LANES: usize = 16;
 
+/// Elements from one entry's matrix of transformed tiles to the next's: the `count · c` of the
+/// matrix plus one [`LANES`] run, so that the α² matrices do not start a whole number of 4 KB
+/// pages apart. A tile is written as one line in each of the α² matrices; had they started at
+/// the same offset within a page, all of its lines would fall into one set of the L1 cache.
+fn entry_stride(count: usize, c: usize) -> usize {
+    count * c + LANES
+}
+
 /// `Bᵀ d` for F(2×2) on [`LANES`] channels of a column of four entries: the sums [`left`] makes
 /// with `Bᵀ`, in its order (a term with coefficient −1 subtracted, which rounds the same).
 #[inline(always)]
@@ -303,7 +311,7 @@ fn tiles_in_lanes<T: WithDType, const K: usize, const A: usize>(
             }
             for (i, row) in r.into_iter().enumerate() {
                 for (j, entry) in side(row).iter().enumerate() {
-                    let dst = ((i * A + j) * count + t) * c + c0;
+                    let dst = (i * A + j) * entry_stride(count, c) + t * c + c0;
                     out[dst..dst + LANES].copy_from_slice(entry);
                 }
             }
@@ -470,7 +478,7 @@ fn tiles_by_passes<T: WithDType>(
             }
         }
         left(s, (a, k, k), (&d, c), (&mut r, c), c);
-        right(s, (a, k, a), (&r, c), (&mut out[t * c..], count * c), c);
+        right(s, (a, k, a), (&r, c), (&mut out[t * c..], entry_stride(count, c)), c);
     }
 }
 
@@ -567,7 +575,7 @@ fn output_tiles_by_passes<T: WithDType>(
     let (mut s, mut o) = (vec![T::zero(); m * a * cout], vec![T::zero(); m * m * cout]);
     for t in 0..count {
         let (n, ty, tx) = bands.tile_at(first + t);
-        left(&at, (m, a, a), (&prod[t * cout..], count * cout), (&mut s, cout), cout);
+        left(&at, (m, a, a), (&prod[t * cout..], entry_stride(count, cout)), (&mut s, cout), cout);
         right(&at, (m, a, m), (&s, cout), (&mut o, cout), cout);
         for i in 0..m.min(h - m * ty) {
             let row = (n * h + m * ty + i) * w * cout - base;
@@ -598,7 +606,7 @@ fn output_tiles_lanes<T: WithDType, const A: usize, const M: usize>(
         let (rows, cols) = (M.min(h - M * ty), M.min(w - M * tx));
         for c0 in (0..cout).step_by(LANES) {
             let load = |e: usize| -> [T; LANES] {
-                let at = (e * count + t) * cout + c0;
+                let at = e * entry_stride(count, cout) + t * cout + c0;
                 prod[at..at + LANES].try_into().expect("LANES channels")
             };
             // s = Aᵀ M a column at a time, then Y = s A a row at a time.
@@ -643,15 +651,15 @@ pub fn conv3x3<T: WithDType>(
     bands.split(&mut y, cout).into_par_iter().enumerate().for_each(|(task, out)| {
         let (first, count) = bands.tiles(task);
         // V (α² × count × cin), then M_e = V_e · U_e (count × cout) for every entry e.
-        let mut v = scratch::take(a * a * count * cin);
+        let mut v = scratch::take(a * a * entry_stride(count, cin));
         with_fma(
             #[inline(always)]
             || input_tiles(x, cin, tr, &bands, (first, count), &mut v),
         );
-        let mut prod = scratch::take(a * a * count * cout);
+        let mut prod = scratch::take(a * a * entry_stride(count, cout));
         for e in 0..a * a {
-            let (ve, ue) = (&v[e * count * cin..], &u[e * cin * cout..(e + 1) * cin * cout]);
-            matmul_strided((count, cout, cin), ve, cin, ue, cout, &mut prod[e * count * cout..], cout);
+            let (ve, ue) = (&v[e * entry_stride(count, cin)..], &u[e * cin * cout..(e + 1) * cin * cout]);
+            matmul_strided((count, cout, cin), ve, cin, ue, cout, &mut prod[e * entry_stride(count, cout)..], cout);
         }
         scratch::give(v);
         // Y = Aᵀ M A per tile (+ bias, then ReLU), written into the task's rows.
@@ -758,8 +766,8 @@ pub fn conv3x3_weight_grad<T: WithDType>(
             let mut q = vec![T::zero(); a * a * cin * cout];
             for task in group * per_group..((group + 1) * per_group).min(tasks) {
                 let (first, count) = bands.tiles(task);
-                let mut v = scratch::take(a * a * count * cin);
-                let mut dm = scratch::take(a * a * count * cout);
+                let mut v = scratch::take(a * a * entry_stride(count, cin));
+                let mut dm = scratch::take(a * a * entry_stride(count, cout));
                 with_fma(
                     #[inline(always)]
                     || {
@@ -771,9 +779,9 @@ pub fn conv3x3_weight_grad<T: WithDType>(
                 for e in 0..a * a {
                     gemm_strided(
                         (cin, cout, count),
-                        &v[e * count * cin..],
+                        &v[e * entry_stride(count, cin)..],
                         (1, cin),
-                        &dm[e * count * cout..],
+                        &dm[e * entry_stride(count, cout)..],
                         (cout, 1),
                         &mut q[e * cin * cout..],
                         cout,
@@ -910,7 +918,7 @@ mod tests {
                 let bands = Bands::new(tr, (batch, h, w), c);
                 for task in 0..bands.tasks() {
                     let tiles = bands.tiles(task);
-                    let len = tr.alpha * tr.alpha * tiles.1 * c;
+                    let len = tr.alpha * tr.alpha * entry_stride(tiles.1, c);
                     let (mut fast_out, mut passes_out) = (vec![f32::NAN; len], vec![f32::NAN; len]);
                     with_fma(
                         #[inline(always)]
@@ -951,7 +959,7 @@ mod tests {
                         (bands.split(&mut fast, cout), bands.split(&mut passes, cout));
                     for task in 0..bands.tasks() {
                         let (first, count) = bands.tiles(task);
-                        let prod: Vec<f32> = data(tr.alpha * tr.alpha * count * cout, task as u64)
+                        let prod: Vec<f32> = data(tr.alpha * tr.alpha * entry_stride(count, cout), task as u64)
                             .iter()
                             .map(|&v| v as f32 * 2.3)
                             .collect();
