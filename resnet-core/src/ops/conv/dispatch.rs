@@ -95,7 +95,7 @@ impl Im2colConv {
                 } else {
                     winograd::Tile::F2
                 };
-                return winograd::conv3x3(x, &ohwi(), Some(b), dims, b.len(), tile, self.relu);
+                return winograd::conv3x3(x, winograd::Filters::Own(&ohwi()), Some(b), dims, b.len(), tile, self.relu);
             }
             // Reads the stored layout itself (often only a few of the taps).
             Some(Algo::Taps) => taps::conv(x, w_oihw, b, win),
@@ -378,8 +378,7 @@ impl ConvGrad {
         match (self.algo, self.wrt) {
             (Algo::Winograd(tile), Wrt::Input) => {
                 let (n, h, w, _) = dims;
-                let flipped = winograd::flip_filters(&ohwi(), win.c, cout);
-                winograd::conv3x3(a, &flipped, None, (n, h, w, cout), win.c, tile, false)
+                winograd::conv3x3(a, winograd::Filters::Adjoint(&ohwi()), None, (n, h, w, cout), win.c, tile, false)
             }
             (Algo::Winograd(tile), Wrt::Weight) => oihw(winograd::conv3x3_weight_grad(a, b, dims, cout, tile)),
             (Algo::Taps, Wrt::Input) => taps::input_grad(a, b, win, cout),

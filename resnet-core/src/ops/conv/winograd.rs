@@ -319,32 +319,104 @@ fn tiles_in_lanes<T: WithDType, const K: usize, const A: usize>(
     }
 }
 
-/// `U = G g Gᵀ` for every filter `(cout, 3, 3, cin)` → α² matrices of `(cin, cout)`.
-fn transform_filters<T: WithDType>(w: &[T], cin: usize, cout: usize, tr: &Transforms) -> Vec<T> {
+/// The filters of a [`conv3x3`] with `cin` input and `cout` output channels.
+#[derive(Debug, Clone, Copy)]
+pub enum Filters<'a, T> {
+    /// `(cout, 3, 3, cin)`: the convolution's own.
+    Own(&'a [T]),
+    /// `(cin, 3, 3, cout)`, the filters of the convolution whose input gradient this one is:
+    /// read with the kernel rotated by 180° and the channel axes swapped, as they are stored.
+    Adjoint(&'a [T]),
+}
+
+/// `U = G g Gᵀ` for every filter → α² matrices of `(cin, cout)`.
+fn transform_filters<T: WithDType>(filters: Filters<'_, T>, cin: usize, cout: usize, tr: &Transforms) -> Vec<T> {
+    match filters {
+        Filters::Own(w) => {
+            // `(3, 3, cin, cout)`: row (tap, c) holds the weights from input channel c at that tap.
+            let mut hwio = scratch::take(9 * cin * cout);
+            transpose_into(w, cout, 9 * cin, &mut hwio);
+            let u = transform_rows(&hwio, |tap, c| (tap * cin + c) * cout, cin, cout, tr);
+            scratch::give(hwio);
+            u
+        }
+        // Tap (i, j) of input channel c reads tap (2 − i, 2 − j) of the stored filter c, whose
+        // `cout` weights are one run.
+        Filters::Adjoint(w) => transform_rows(w, |tap, c| (c * 9 + 8 - tap) * cout, cin, cout, tr),
+    }
+}
+
+/// `U = G g Gᵀ` as α² matrices of `(cin, cout)`, with the `cout` weights of tap `tap` (0..9,
+/// row-major) from input channel `c` at `src[at(tap, c)..]`. Entries in parallel, each row a
+/// vector over the output channels: per element the sums [`left`] and then [`right`] make on
+/// one filter, in their order.
+fn transform_rows<T: WithDType>(
+    src: &[T],
+    at: impl Fn(usize, usize) -> usize + Sync,
+    cin: usize,
+    cout: usize,
+    tr: &Transforms,
+) -> Vec<T> {
     let a = tr.alpha;
     let g: Vec<T> = matrix(tr.g, a, 3, false);
-    let per_out: Vec<Vec<T>> = (0..cout)
-        .into_par_iter()
-        .map(|k| {
-            with_fma(
-                #[inline(always)]
-                || {
-                    let (mut t, mut u) = (vec![T::zero(); a * 3 * cin], vec![T::zero(); a * a * cin]);
-                    left(&g, (a, 3, 3), (&w[k * 9 * cin..(k + 1) * 9 * cin], cin), (&mut t, cin), cin);
-                    right(&g, (a, 3, a), (&t, cin), (&mut u, cin), cin);
-                    u
-                },
-            )
-        })
-        .collect();
-    // Row `e·cin + c` of U holds entry e, channel c of every filter.
-    let mut u = vec![T::zero(); a * a * cin * cout];
-    u.par_chunks_mut(cout).enumerate().for_each(|(row, dst)| {
-        for (d, uk) in dst.iter_mut().zip(&per_out) {
-            *d = uk[row];
-        }
+    let mut u = scratch::take(a * a * cin * cout);
+    u.par_chunks_mut(cin * cout).enumerate().for_each(|(e, ue)| {
+        let (i, j) = (e / a, e % a);
+        let mut t = vec![T::zero(); 3 * cout];
+        with_fma(
+            #[inline(always)]
+            || {
+                for (c, out) in ue.chunks_exact_mut(cout).enumerate() {
+                    // t_k = Σ_r G[i, r] · g[r, k] (row i of G g), then Σ_k G[j, k] · t_k.
+                    for (k, tk) in t.chunks_exact_mut(cout).enumerate() {
+                        let terms = (0..3).map(|r| (g[i * 3 + r], &src[at(r * 3 + k, c)..][..cout]));
+                        sum_of_terms(tk, terms);
+                    }
+                    sum_of_terms(out, (0..3).map(|k| (g[j * 3 + k], &t[k * cout..(k + 1) * cout])));
+                }
+            },
+        );
     });
     u
+}
+
+/// `dst = Σ coef · src` over the terms with non-zero coefficients, the first written and the
+/// rest added in order, as [`combine`] sums one entry.
+#[inline(always)]
+fn sum_of_terms<'s, T: WithDType + 's>(dst: &mut [T], terms: impl Iterator<Item = (T, &'s [T])>) {
+    let mut first = true;
+    for (coef, s) in terms {
+        if coef == T::zero() {
+            continue;
+        }
+        if first {
+            for (o, &v) in dst.iter_mut().zip(s) {
+                *o = coef * v;
+            }
+            first = false;
+        } else {
+            for (o, &v) in dst.iter_mut().zip(s) {
+                *o += coef * v;
+            }
+        }
+    }
+    if first {
+        dst.fill(T::zero());
+    }
+}
+
+/// `w` `(rows × cols)` transposed into `dst` `(cols × rows)`, in parallel over blocks of
+/// [`LANES`] destination rows, each reading a run of `LANES` from every source row.
+fn transpose_into<T: WithDType>(w: &[T], rows: usize, cols: usize, dst: &mut [T]) {
+    dst.par_chunks_mut(LANES * rows).enumerate().for_each(|(b, block)| {
+        let c0 = b * LANES;
+        let n = block.len() / rows;
+        for r in 0..rows {
+            for (k, &v) in w[r * cols + c0..][..n].iter().enumerate() {
+                block[k * rows + r] = v;
+            }
+        }
+    });
 }
 
 /// How a batch's tiles are split into parallel tasks: runs of whole tile rows ("bands", `tw`
@@ -536,11 +608,11 @@ fn epilogue<T: WithDType>(dst: &mut [T], src: &[T], bias: Option<&[T]>, relu: bo
 }
 
 /// `Y = Aᵀ M A` (+ bias, then ReLU) for tiles `first..first + count` from their products `prod`
-/// (entry-major, as [`input_tiles`] lays tiles out), into `out`, the task's image rows, which
-/// start at element `base` of the batch's output.
+/// (entry-major as [`input_tiles`] lays tiles out, entry `e` of the first tile at `e·estride`),
+/// into `out`, the task's image rows, which start at element `base` of the batch's output.
 #[inline(always)]
 fn output_tiles<T: WithDType>(
-    prod: &[T],
+    prod: (&[T], usize),
     cout: usize,
     tr: &Transforms,
     bands: &Bands,
@@ -561,7 +633,7 @@ fn output_tiles<T: WithDType>(
 /// [`output_tiles`] for any channel count: two passes of [`left`] and [`right`] per tile.
 #[inline(always)]
 fn output_tiles_by_passes<T: WithDType>(
-    prod: &[T],
+    (prod, estride): (&[T], usize),
     cout: usize,
     tr: &Transforms,
     bands: &Bands,
@@ -575,7 +647,7 @@ fn output_tiles_by_passes<T: WithDType>(
     let (mut s, mut o) = (vec![T::zero(); m * a * cout], vec![T::zero(); m * m * cout]);
     for t in 0..count {
         let (n, ty, tx) = bands.tile_at(first + t);
-        left(&at, (m, a, a), (&prod[t * cout..], entry_stride(count, cout)), (&mut s, cout), cout);
+        left(&at, (m, a, a), (&prod[t * cout..], estride), (&mut s, cout), cout);
         right(&at, (m, a, m), (&s, cout), (&mut o, cout), cout);
         for i in 0..m.min(h - m * ty) {
             let row = (n * h + m * ty + i) * w * cout - base;
@@ -592,7 +664,7 @@ fn output_tiles_by_passes<T: WithDType>(
 /// out), the same sums in the same order as the two passes.
 #[inline(always)]
 fn output_tiles_lanes<T: WithDType, const A: usize, const M: usize>(
-    prod: &[T],
+    (prod, estride): (&[T], usize),
     cout: usize,
     bands: &Bands,
     (first, count): (usize, usize),
@@ -606,7 +678,7 @@ fn output_tiles_lanes<T: WithDType, const A: usize, const M: usize>(
         let (rows, cols) = (M.min(h - M * ty), M.min(w - M * tx));
         for c0 in (0..cout).step_by(LANES) {
             let load = |e: usize| -> [T; LANES] {
-                let at = e * entry_stride(count, cout) + t * cout + c0;
+                let at = e * estride + t * cout + c0;
                 prod[at..at + LANES].try_into().expect("LANES channels")
             };
             // s = Aᵀ M a column at a time, then Y = s A a row at a time.
@@ -631,12 +703,56 @@ fn output_tiles_lanes<T: WithDType, const A: usize, const M: usize>(
     }
 }
 
+/// Whether a convolution's products run over all of the batch's tiles at once, one product per
+/// entry, rather than per task: where the tiles are few against the channels (the last stages
+/// of a small batch), a task's products are a few rows against an entry's whole `cin × cout`
+/// matrix, which the matrix kernels pack anew for every task, and the weight gradient's partial
+/// sums of that size are added to a few rows at a time. Chosen when all of the batch's
+/// transformed tiles take no more room than [`GROUPS`] such matrices.
+fn gathered(tiles: usize, cin: usize, cout: usize) -> bool {
+    tiles * (cin + cout) <= GROUPS * cin * cout
+}
+
+/// The transforms of every tile of the batch, entry-major over all of them (entry `e`'s
+/// `tiles × c` matrix at `e · entry_stride(tiles, c)`): each task transforms its own tiles into a
+/// buffer laid out as [`input_tiles`] lays a task's out (`transform(tiles, out)`), then each
+/// entry's blocks are copied into place.
+fn whole_tiles<T: WithDType>(
+    bands: &Bands,
+    entries: usize,
+    c: usize,
+    transform: impl Fn((usize, usize), &mut [T]) + Sync,
+) -> Vec<T> {
+    let parts: Vec<Vec<T>> = (0..bands.tasks())
+        .into_par_iter()
+        .map(|task| {
+            let tiles = bands.tiles(task);
+            let mut part = scratch::take(entries * entry_stride(tiles.1, c));
+            with_fma(
+                #[inline(always)]
+                || transform(tiles, &mut part),
+            );
+            part
+        })
+        .collect();
+    let stride = entry_stride(bands.count * bands.tw, c);
+    let mut whole = scratch::take(entries * stride);
+    whole.par_chunks_mut(stride).enumerate().for_each(|(e, dst)| {
+        for (task, part) in parts.iter().enumerate() {
+            let (first, count) = bands.tiles(task);
+            dst[first * c..(first + count) * c].copy_from_slice(&part[e * entry_stride(count, c)..][..count * c]);
+        }
+    });
+    parts.into_iter().for_each(scratch::give);
+    whole
+}
+
 /// The 3×3 convolution (stride 1, padding 1) of channels-last `x` `(batch, h, w, cin)` with
-/// filters `(cout, 3, 3, cin)`, plus `bias` when given, then ReLU with `relu`; returns
+/// `filters`, plus `bias` when given, then ReLU with `relu`; returns
 /// `(batch, h, w, cout)`.
 pub fn conv3x3<T: WithDType>(
     x: &[T],
-    filters: &[T],
+    filters: Filters<'_, T>,
     bias: Option<&[T]>,
     (batch, h, w, cin): (usize, usize, usize, usize),
     cout: usize,
@@ -648,6 +764,53 @@ pub fn conv3x3<T: WithDType>(
     let u = transform_filters(filters, cin, cout, tr);
     let bands = Bands::new(tr, (batch, h, w), cin + cout);
     let mut y = scratch::zeroed(batch * h * w * cout);
+    let total = bands.count * bands.tw;
+    if gathered(total, cin, cout) {
+        // V for every tile, M_e = V_e · U_e as one product per entry (entries in parallel), then
+        // each task's tiles transformed back from M.
+        let v = whole_tiles(
+            &bands,
+            a * a,
+            cin,
+            #[inline(always)]
+            |tiles, out| input_tiles(x, cin, tr, &bands, tiles, out),
+        );
+        let (vs, ps) = (entry_stride(total, cin), entry_stride(total, cout));
+        let mut prod = scratch::take(a * a * ps);
+        prod.par_chunks_mut(ps).enumerate().for_each(|(e, pe)| {
+            matmul_strided(
+                (total, cout, cin),
+                &v[e * vs..],
+                cin,
+                &u[e * cin * cout..(e + 1) * cin * cout],
+                cout,
+                pe,
+                cout,
+            );
+        });
+        scratch::give(v);
+        bands.split(&mut y, cout).into_par_iter().enumerate().for_each(|(task, out)| {
+            let (first, count) = bands.tiles(task);
+            let base = bands.offset(task * bands.per_task, cout);
+            with_fma(
+                #[inline(always)]
+                || {
+                    output_tiles(
+                        (&prod[first * cout..], ps),
+                        cout,
+                        tr,
+                        &bands,
+                        (first, count),
+                        (bias, relu),
+                        (out, base),
+                    )
+                },
+            );
+        });
+        scratch::give(prod);
+        scratch::give(u);
+        return y;
+    }
     bands.split(&mut y, cout).into_par_iter().enumerate().for_each(|(task, out)| {
         let (first, count) = bands.tiles(task);
         // V (α² × count × cin), then M_e = V_e · U_e (count × cout) for every entry e.
@@ -666,10 +829,21 @@ pub fn conv3x3<T: WithDType>(
         let base = bands.offset(task * bands.per_task, cout);
         with_fma(
             #[inline(always)]
-            || output_tiles(&prod, cout, tr, &bands, (first, count), (bias, relu), (out, base)),
+            || {
+                output_tiles(
+                    (&prod, entry_stride(count, cout)),
+                    cout,
+                    tr,
+                    &bands,
+                    (first, count),
+                    (bias, relu),
+                    (out, base),
+                )
+            },
         );
         scratch::give(prod);
     });
+    scratch::give(u);
     y
 }
 
@@ -758,6 +932,47 @@ pub fn conv3x3_weight_grad<T: WithDType>(
     let tr = tile.transforms();
     let a = tr.alpha;
     let bands = Bands::new(tr, (batch, h, w), cin + cout);
+    let total = bands.count * bands.tw;
+    let q = if gathered(total, cin, cout) {
+        // Q_e = V_eᵀ · dM_e over every tile as one product per entry, entries in parallel.
+        let v = whole_tiles(
+            &bands,
+            a * a,
+            cin,
+            #[inline(always)]
+            |tiles, out| input_tiles(x, cin, tr, &bands, tiles, out),
+        );
+        let dm = whole_tiles(
+            &bands,
+            a * a,
+            cout,
+            #[inline(always)]
+            |tiles, out| gradient_tiles(dy, cout, tr, &bands, tiles, out),
+        );
+        let (vs, ds) = (entry_stride(total, cin), entry_stride(total, cout));
+        let mut q = vec![T::zero(); a * a * cin * cout];
+        q.par_chunks_mut(cin * cout).enumerate().for_each(|(e, qe)| {
+            gemm_strided((cin, cout, total), &v[e * vs..], (1, cin), &dm[e * ds..], (cout, 1), qe, cout, false, false);
+        });
+        scratch::give(v);
+        scratch::give(dm);
+        q
+    } else {
+        grouped_sums(x, dy, (cin, cout), tr, &bands)
+    };
+    transform_weight_grad(&q, cin, cout, tr)
+}
+
+/// `Q_e = Σ_tiles V_eᵀ · dM_e` for every entry `e` by tasks: each group of tasks sums its tiles
+/// into a buffer of its own, and the groups' buffers are added in order.
+fn grouped_sums<T: WithDType>(
+    x: &[T],
+    dy: &[T],
+    (cin, cout): (usize, usize),
+    tr: &Transforms,
+    bands: &Bands,
+) -> Vec<T> {
+    let a = tr.alpha;
     let tasks = bands.tasks();
     let per_group = tasks.div_ceil(GROUPS).max(1);
     let sums: Vec<Vec<T>> = (0..tasks.div_ceil(per_group))
@@ -771,8 +986,8 @@ pub fn conv3x3_weight_grad<T: WithDType>(
                 with_fma(
                     #[inline(always)]
                     || {
-                        input_tiles(x, cin, tr, &bands, (first, count), &mut v);
-                        gradient_tiles(dy, cout, tr, &bands, (first, count), &mut dm);
+                        input_tiles(x, cin, tr, bands, (first, count), &mut v);
+                        gradient_tiles(dy, cout, tr, bands, (first, count), &mut dm);
                     },
                 );
                 // Q_e (cin × cout) += V_eᵀ · dM_e.
@@ -804,6 +1019,13 @@ pub fn conv3x3_weight_grad<T: WithDType>(
             }
         }
     });
+    q
+}
+
+/// `dW = Gᵀ Q G` per input channel (vectors over cout): the α² sums `Q (α², cin, cout)` of the
+/// transformed domain → `dW (cout, 3, 3, cin)`.
+fn transform_weight_grad<T: WithDType>(q: &[T], cin: usize, cout: usize, tr: &Transforms) -> Vec<T> {
+    let a = tr.alpha;
     // dW = Gᵀ Q G per input channel (vectors over cout): α×α → 3×3, into (cout, 3, 3, cin).
     let gt: Vec<T> = matrix(tr.g, a, 3, true);
     let per_in: Vec<Vec<T>> = (0..cin)
@@ -829,22 +1051,6 @@ pub fn conv3x3_weight_grad<T: WithDType>(
         }
     });
     dw
-}
-
-/// Filters `(out, 3, 3, in)` → the filters of the input gradient: `(in, 3, 3, out)` with the
-/// kernel rotated by 180°.
-pub fn flip_filters<T: WithDType>(w: &[T], cin: usize, cout: usize) -> Vec<T> {
-    let mut f = vec![T::zero(); w.len()];
-    f.par_chunks_mut(9 * cout).enumerate().for_each(|(c, row)| {
-        for (tap, dst) in row.chunks_exact_mut(cout).enumerate() {
-            // Output tap (2 − i, 2 − j) of input channel c reads input tap (i, j).
-            let flipped = 8 - tap;
-            for (k, d) in dst.iter_mut().enumerate() {
-                *d = w[(k * 9 + flipped) * cin + c];
-            }
-        }
-    });
-    f
 }
 
 #[cfg(test)]
@@ -888,8 +1094,9 @@ mod tests {
     const TILES: [Tile; 2] = [Tile::F2, Tile::F4];
     /// Odd and even sizes: partial edge tiles for both tile sizes; 64 channels as in ResNet;
     /// three 9×9 images make 15 (F(2×2)) or 9 (F(4×4)) tile rows, so tasks of two rows and a
-    /// last task of one.
-    const SHAPES: [(usize, usize, usize, usize, usize); 7] = [
+    /// last task of one; few tiles against many channels (the products over all tiles at once,
+    /// [`gathered`]) and many against few, for both tiles.
+    const SHAPES: [(usize, usize, usize, usize, usize); 8] = [
         (1, 4, 4, 1, 1),
         (2, 5, 7, 3, 4),
         (1, 8, 6, 8, 5),
@@ -897,7 +1104,26 @@ mod tests {
         (3, 9, 9, 2, 3),
         (1, 7, 7, 64, 4),
         (1, 12, 10, 5, 64),
+        (2, 6, 6, 16, 48),
     ];
+
+    /// Both ways of running the products are among [`SHAPES`] for both tiles, the gathered one
+    /// with more than one task (so the tasks' blocks are put together).
+    #[test]
+    fn the_shapes_take_both_product_paths() {
+        for tile in TILES {
+            let tr = tile.transforms();
+            let paths: Vec<(bool, usize)> = SHAPES
+                .iter()
+                .map(|&(b, h, w, cin, cout)| {
+                    let bands = Bands::new(tr, (b, h, w), cin + cout);
+                    (gathered(bands.count * bands.tw, cin, cout), bands.tasks())
+                })
+                .collect();
+            assert!(paths.iter().any(|&(g, tasks)| g && tasks > 1), "{tile:?}: no gathered shape with several tasks");
+            assert!(paths.iter().any(|&(g, _)| !g), "{tile:?}: no shape by tasks");
+        }
+    }
 
     fn data(n: usize, seed: u64) -> Vec<f64> {
         (0..n).map(|i| (((i as u64 * 2_654_435_761 + seed * 97) % 2001) as f64 / 1000.0) - 1.0).collect()
@@ -967,9 +1193,27 @@ mod tests {
                         let (of, op) = (&mut *parts_fast[task], &mut *parts_passes[task]);
                         with_fma(
                             #[inline(always)]
-                            || output_tiles(&prod, cout, tr, &bands, (first, count), (b, relu), (of, base)),
+                            || {
+                                output_tiles(
+                                    (&prod, entry_stride(count, cout)),
+                                    cout,
+                                    tr,
+                                    &bands,
+                                    (first, count),
+                                    (b, relu),
+                                    (of, base),
+                                )
+                            },
                         );
-                        output_tiles_by_passes(&prod, cout, tr, &bands, (first, count), (b, relu), (op, base));
+                        output_tiles_by_passes(
+                            (&prod, entry_stride(count, cout)),
+                            cout,
+                            tr,
+                            &bands,
+                            (first, count),
+                            (b, relu),
+                            (op, base),
+                        );
                     }
                     drop((parts_fast, parts_passes));
                     assert!(fast.iter().all(|v| !v.is_nan()), "{tile:?}: every output written");
@@ -992,14 +1236,14 @@ mod tests {
             let f = data(cout * 9 * cin, 2);
             let bias = data(cout, 3);
             let want = direct(&x, &f, &bias, (b, h, w, cin), cout);
-            let got = conv3x3(&x, &f, Some(&bias), (b, h, w, cin), cout, tile, false);
+            let got = conv3x3(&x, Filters::Own(&f), Some(&bias), (b, h, w, cin), cout, tile, false);
             for (g, e) in got.iter().zip(&want) {
                 assert!((g - e).abs() < 1e-12 * e.abs().max(1.0), "f64 {g} vs {e} at {:?}", (tile, b, h, w, cin, cout));
             }
             let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
             let f32s: Vec<f32> = f.iter().map(|&v| v as f32).collect();
             let b32: Vec<f32> = bias.iter().map(|&v| v as f32).collect();
-            let got = conv3x3(&x32, &f32s, Some(&b32), (b, h, w, cin), cout, tile, false);
+            let got = conv3x3(&x32, Filters::Own(&f32s), Some(&b32), (b, h, w, cin), cout, tile, false);
             for (g, e) in got.iter().zip(&want) {
                 assert!(((*g as f64) - e).abs() < 1e-4 * e.abs().max(1.0), "f32 {g} vs {e} ({tile:?})");
             }
@@ -1050,16 +1294,16 @@ mod tests {
         }
     }
 
-    /// The flipped filters give the input gradient: ⟨conv(x), dy⟩ = ⟨x, conv_flip(dy)⟩.
+    /// The adjoint filters give the input gradient: ⟨conv(x), dy⟩ = ⟨x, conv_adjoint(dy)⟩.
     #[test]
-    fn flipped_filters_give_the_adjoint() {
+    fn adjoint_filters_give_the_input_gradient() {
         let (b, h, w, cin, cout) = (2, 6, 5, 3, 4);
         let x = data(b * h * w * cin, 4);
         let f = data(cout * 9 * cin, 5);
         let dy = data(b * h * w * cout, 6);
         for tile in TILES {
-            let y = conv3x3(&x, &f, None, (b, h, w, cin), cout, tile, false);
-            let dx = conv3x3(&dy, &flip_filters(&f, cin, cout), None, (b, h, w, cout), cin, tile, false);
+            let y = conv3x3(&x, Filters::Own(&f), None, (b, h, w, cin), cout, tile, false);
+            let dx = conv3x3(&dy, Filters::Adjoint(&f), None, (b, h, w, cout), cin, tile, false);
             let lhs: f64 = y.iter().zip(&dy).map(|(a, b)| a * b).sum();
             let rhs: f64 = x.iter().zip(&dx).map(|(a, b)| a * b).sum();
             assert!((lhs - rhs).abs() < 1e-10 * lhs.abs().max(1.0), "{lhs} vs {rhs} ({tile:?})");
@@ -1120,7 +1364,7 @@ mod tests {
     fn an_empty_batch_has_no_tiles() {
         let f = data(4 * 9 * 3, 1);
         for tile in TILES {
-            assert!(conv3x3(&[], &f, None, (0, 5, 5, 3), 4, tile, false).is_empty());
+            assert!(conv3x3(&[], Filters::Own(&f), None, (0, 5, 5, 3), 4, tile, false).is_empty());
             let dw = conv3x3_weight_grad::<f64>(&[], &[], (0, 5, 5, 3), 4, tile);
             assert_eq!(dw.len(), 4 * 9 * 3);
             assert!(dw.iter().all(|&v| v == 0.0));

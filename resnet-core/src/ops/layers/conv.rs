@@ -305,7 +305,17 @@ pub(super) mod tests {
             assert_eq!(Tile::choose(side, side), Tile::F4, "the gradients' tile at {side} px");
             let x = Tensor::randn(0f32, 1., (b, side, side, cin), &dev)?;
             let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
-            let kernel = |tile| winograd::conv3x3(&xv, &ohwi, Some(&bv), (b, side, side, cin), cout, tile, false);
+            let kernel = |tile| {
+                winograd::conv3x3(
+                    &xv,
+                    winograd::Filters::Own(&ohwi),
+                    Some(&bv),
+                    (b, side, side, cin),
+                    cout,
+                    tile,
+                    false,
+                )
+            };
             let eval: Vec<f32> = conv.forward_t(&x, false)?.flatten_all()?.to_vec1()?;
             let train: Vec<f32> = conv.forward_t(&x, true)?.flatten_all()?.to_vec1()?;
             assert_eq!(eval, kernel(eval_tile), "the evaluation forward at {side} px is not {eval_tile:?}");
