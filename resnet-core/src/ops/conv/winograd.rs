@@ -334,11 +334,9 @@ fn transform_filters<T: WithDType>(filters: Filters<'_, T>, cin: usize, cout: us
     match filters {
         Filters::Own(w) => {
             // `(3, 3, cin, cout)`: row (tap, c) holds the weights from input channel c at that tap.
-            let mut hwio = scratch::take(9 * cin * cout);
+            let mut hwio = vec![T::zero(); 9 * cin * cout];
             transpose_into(w, cout, 9 * cin, &mut hwio);
-            let u = transform_rows(&hwio, |tap, c| (tap * cin + c) * cout, cin, cout, tr);
-            scratch::give(hwio);
-            u
+            transform_rows(&hwio, |tap, c| (tap * cin + c) * cout, cin, cout, tr)
         }
         // Tap (i, j) of input channel c reads tap (2 − i, 2 − j) of the stored filter c, whose
         // `cout` weights are one run.
@@ -359,7 +357,7 @@ fn transform_rows<T: WithDType>(
 ) -> Vec<T> {
     let a = tr.alpha;
     let g: Vec<T> = matrix(tr.g, a, 3, false);
-    let mut u = scratch::take(a * a * cin * cout);
+    let mut u = vec![T::zero(); a * a * cin * cout];
     u.par_chunks_mut(cin * cout).enumerate().for_each(|(e, ue)| {
         let (i, j) = (e / a, e % a);
         let mut t = vec![T::zero(); 3 * cout];
@@ -808,7 +806,6 @@ pub fn conv3x3<T: WithDType>(
             );
         });
         scratch::give(prod);
-        scratch::give(u);
         return y;
     }
     bands.split(&mut y, cout).into_par_iter().enumerate().for_each(|(task, out)| {
@@ -843,7 +840,6 @@ pub fn conv3x3<T: WithDType>(
         );
         scratch::give(prod);
     });
-    scratch::give(u);
     y
 }
 
