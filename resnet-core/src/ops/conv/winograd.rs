@@ -194,28 +194,11 @@ fn combine<T: WithDType>(
     for i in 0..rows {
         for j in 0..cols {
             let at = (i * cols + j) * dst_stride;
-            let out = &mut dst[at..at + c];
-            let mut first = true;
-            for k in 0..inner {
-                let (coef, entry) = term(i, k, j);
-                if coef == T::zero() {
-                    continue;
-                }
-                let s = &src[entry * stride..entry * stride + c];
-                if first {
-                    for (o, &v) in out.iter_mut().zip(s) {
-                        *o = coef * v;
-                    }
-                    first = false;
-                } else {
-                    for (o, &v) in out.iter_mut().zip(s) {
-                        *o += coef * v;
-                    }
-                }
-            }
-            if first {
-                out.fill(T::zero());
-            }
+            let terms = (0..inner)
+                .map(|k| term(i, k, j))
+                .filter(|&(coef, _)| coef != T::zero())
+                .map(|(coef, entry)| (coef, &src[entry * stride..entry * stride + c]));
+            sum_of_terms(&mut dst[at..at + c], terms);
         }
     }
 }
@@ -379,7 +362,7 @@ fn transform_rows<T: WithDType>(
 }
 
 /// `dst = Σ coef · src` over the terms with non-zero coefficients, the first written and the
-/// rest added in order, as [`combine`] sums one entry.
+/// rest added in order (no clearing pass); zero when there are none.
 #[inline(always)]
 fn sum_of_terms<'s, T: WithDType + 's>(dst: &mut [T], terms: impl Iterator<Item = (T, &'s [T])>) {
     let mut first = true;
@@ -745,6 +728,17 @@ fn whole_tiles<T: WithDType>(
     whole
 }
 
+/// [`whole_tiles`] of the input: `V` for every tile of the batch.
+fn whole_input_tiles<T: WithDType>(x: &[T], cin: usize, tr: &Transforms, bands: &Bands) -> Vec<T> {
+    whole_tiles(
+        bands,
+        tr.alpha * tr.alpha,
+        cin,
+        #[inline(always)]
+        |tiles, out| input_tiles(x, cin, tr, bands, tiles, out),
+    )
+}
+
 /// The 3×3 convolution (stride 1, padding 1) of channels-last `x` `(batch, h, w, cin)` with
 /// `filters`, plus `bias` when given, then ReLU with `relu`; returns
 /// `(batch, h, w, cout)`.
@@ -763,16 +757,19 @@ pub fn conv3x3<T: WithDType>(
     let bands = Bands::new(tr, (batch, h, w), cin + cout);
     let mut y = scratch::zeroed(batch * h * w * cout);
     let total = bands.count * bands.tw;
+    // Y = Aᵀ M A (+ bias, then ReLU) for a task's tiles into its rows `out`, from their products
+    // (the first tile's entries `estride` apart).
+    let output = |task: usize, out: &mut [T], prod: (&[T], usize)| {
+        let (tiles, base) = (bands.tiles(task), bands.offset(task * bands.per_task, cout));
+        with_fma(
+            #[inline(always)]
+            || output_tiles(prod, cout, tr, &bands, tiles, (bias, relu), (out, base)),
+        );
+    };
     if gathered(total, cin, cout) {
         // V for every tile, M_e = V_e · U_e as one product per entry (entries in parallel), then
         // each task's tiles transformed back from M.
-        let v = whole_tiles(
-            &bands,
-            a * a,
-            cin,
-            #[inline(always)]
-            |tiles, out| input_tiles(x, cin, tr, &bands, tiles, out),
-        );
+        let v = whole_input_tiles(x, cin, tr, &bands);
         let (vs, ps) = (entry_stride(total, cin), entry_stride(total, cout));
         let mut prod = scratch::take(a * a * ps);
         prod.par_chunks_mut(ps).enumerate().for_each(|(e, pe)| {
@@ -788,22 +785,8 @@ pub fn conv3x3<T: WithDType>(
         });
         scratch::give(v);
         bands.split(&mut y, cout).into_par_iter().enumerate().for_each(|(task, out)| {
-            let (first, count) = bands.tiles(task);
-            let base = bands.offset(task * bands.per_task, cout);
-            with_fma(
-                #[inline(always)]
-                || {
-                    output_tiles(
-                        (&prod[first * cout..], ps),
-                        cout,
-                        tr,
-                        &bands,
-                        (first, count),
-                        (bias, relu),
-                        (out, base),
-                    )
-                },
-            );
+            let first = bands.tiles(task).0;
+            output(task, out, (&prod[first * cout..], ps));
         });
         scratch::give(prod);
         return y;
@@ -822,22 +805,7 @@ pub fn conv3x3<T: WithDType>(
             matmul_strided((count, cout, cin), ve, cin, ue, cout, &mut prod[e * entry_stride(count, cout)..], cout);
         }
         scratch::give(v);
-        // Y = Aᵀ M A per tile (+ bias, then ReLU), written into the task's rows.
-        let base = bands.offset(task * bands.per_task, cout);
-        with_fma(
-            #[inline(always)]
-            || {
-                output_tiles(
-                    (&prod, entry_stride(count, cout)),
-                    cout,
-                    tr,
-                    &bands,
-                    (first, count),
-                    (bias, relu),
-                    (out, base),
-                )
-            },
-        );
+        output(task, out, (&prod, entry_stride(count, cout)));
         scratch::give(prod);
     });
     y
@@ -931,13 +899,7 @@ pub fn conv3x3_weight_grad<T: WithDType>(
     let total = bands.count * bands.tw;
     let q = if gathered(total, cin, cout) {
         // Q_e = V_eᵀ · dM_e over every tile as one product per entry, entries in parallel.
-        let v = whole_tiles(
-            &bands,
-            a * a,
-            cin,
-            #[inline(always)]
-            |tiles, out| input_tiles(x, cin, tr, &bands, tiles, out),
-        );
+        let v = whole_input_tiles(x, cin, tr, &bands);
         let dm = whole_tiles(
             &bands,
             a * a,
@@ -1187,29 +1149,12 @@ mod tests {
                             .collect();
                         let base = bands.offset(task * bands.per_task, cout);
                         let (of, op) = (&mut *parts_fast[task], &mut *parts_passes[task]);
+                        let m = (&prod[..], entry_stride(count, cout));
                         with_fma(
                             #[inline(always)]
-                            || {
-                                output_tiles(
-                                    (&prod, entry_stride(count, cout)),
-                                    cout,
-                                    tr,
-                                    &bands,
-                                    (first, count),
-                                    (b, relu),
-                                    (of, base),
-                                )
-                            },
+                            || output_tiles(m, cout, tr, &bands, (first, count), (b, relu), (of, base)),
                         );
-                        output_tiles_by_passes(
-                            (&prod, entry_stride(count, cout)),
-                            cout,
-                            tr,
-                            &bands,
-                            (first, count),
-                            (b, relu),
-                            (op, base),
-                        );
+                        output_tiles_by_passes(m, cout, tr, &bands, (first, count), (b, relu), (op, base));
                     }
                     drop((parts_fast, parts_passes));
                     assert!(fast.iter().all(|v| !v.is_nan()), "{tile:?}: every output written");
