@@ -688,10 +688,13 @@ fn output_tiles_lanes<T: WithDType, const A: usize, const M: usize>(
 /// entry, rather than per task: where the tiles are few against the channels (the last stages
 /// of a small batch), a task's products are a few rows against an entry's whole `cin × cout`
 /// matrix, which the matrix kernels pack anew for every task, and the weight gradient's partial
-/// sums of that size are added to a few rows at a time. Chosen when all of the batch's
-/// transformed tiles take no more room than [`GROUPS`] such matrices.
-fn gathered(tiles: usize, cin: usize, cout: usize) -> bool {
-    tiles * (cin + cout) <= GROUPS * cin * cout
+/// sums of that size are added to a few rows at a time. Chosen for the weight gradient when all
+/// of the batch's transformed tiles take no more room than [`GROUPS`] such matrices, and for the
+/// convolution when they take less: at equality (the 14² gradients at 224 px, the 4×4×128 ones
+/// at 28 px) its per-task products are the faster ones, the weight gradient's are not.
+fn gathered(tiles: usize, cin: usize, cout: usize, weight_grad: bool) -> bool {
+    let (room, sums) = (tiles * (cin + cout), GROUPS * cin * cout);
+    room < sums || (weight_grad && room == sums)
 }
 
 /// The transforms of every tile of the batch, entry-major over all of them (entry `e`'s
@@ -766,7 +769,7 @@ pub fn conv3x3<T: WithDType>(
             || output_tiles(prod, cout, tr, &bands, tiles, (bias, relu), (out, base)),
         );
     };
-    if gathered(total, cin, cout) {
+    if gathered(total, cin, cout, false) {
         // V for every tile, M_e = V_e · U_e as one product per entry (entries in parallel), then
         // each task's tiles transformed back from M.
         let v = whole_input_tiles(x, cin, tr, &bands);
@@ -897,7 +900,7 @@ pub fn conv3x3_weight_grad<T: WithDType>(
     let a = tr.alpha;
     let bands = Bands::new(tr, (batch, h, w), cin + cout);
     let total = bands.count * bands.tw;
-    let q = if gathered(total, cin, cout) {
+    let q = if gathered(total, cin, cout, true) {
         // Q_e = V_eᵀ · dM_e over every tile as one product per entry, entries in parallel.
         let v = whole_input_tiles(x, cin, tr, &bands);
         let dm = whole_tiles(
@@ -1065,22 +1068,33 @@ mod tests {
         (2, 6, 6, 16, 48),
     ];
 
-    /// Both ways of running the products are among [`SHAPES`] for both tiles, the gathered one
-    /// with more than one task (so the tasks' blocks are put together).
+    /// Both ways of running the products are among [`SHAPES`] for both tiles, in the convolution
+    /// and in the weight gradient, the gathered one with more than one task (so the tasks' blocks
+    /// are put together).
     #[test]
     fn the_shapes_take_both_product_paths() {
-        for tile in TILES {
+        for (tile, weight_grad) in TILES.iter().flat_map(|&t| [(t, false), (t, true)]) {
             let tr = tile.transforms();
             let paths: Vec<(bool, usize)> = SHAPES
                 .iter()
                 .map(|&(b, h, w, cin, cout)| {
                     let bands = Bands::new(tr, (b, h, w), cin + cout);
-                    (gathered(bands.count * bands.tw, cin, cout), bands.tasks())
+                    (gathered(bands.count * bands.tw, cin, cout, weight_grad), bands.tasks())
                 })
                 .collect();
-            assert!(paths.iter().any(|&(g, tasks)| g && tasks > 1), "{tile:?}: no gathered shape with several tasks");
-            assert!(paths.iter().any(|&(g, _)| !g), "{tile:?}: no shape by tasks");
+            let what = if weight_grad { "weight gradient" } else { "convolution" };
+            assert!(paths.iter().any(|&(g, n)| g && n > 1), "{tile:?} {what}: no gathered shape with several tasks");
+            assert!(paths.iter().any(|&(g, _)| !g), "{tile:?} {what}: no shape by tasks");
         }
+    }
+
+    /// At equality the weight gradient gathers its products and the convolution does not.
+    #[test]
+    fn only_the_weight_gradient_gathers_at_the_boundary() {
+        // 256 tiles of 128 + 128 channels: 65,536 elements, as much as 4 sums of 128 × 128.
+        assert!(gathered(256, 128, 128, true));
+        assert!(!gathered(256, 128, 128, false));
+        assert!(gathered(255, 128, 128, false) && !gathered(257, 128, 128, true));
     }
 
     fn data(n: usize, seed: u64) -> Vec<f64> {
