@@ -95,7 +95,15 @@ impl Im2colConv {
                 } else {
                     winograd::Tile::F2
                 };
-                return winograd::conv3x3(x, winograd::Filters::Own(&ohwi()), Some(b), dims, b.len(), tile, self.relu);
+                return winograd::conv3x3(
+                    x,
+                    winograd::Filters::Stored(w_oihw),
+                    Some(b),
+                    dims,
+                    b.len(),
+                    tile,
+                    self.relu,
+                );
             }
             // Reads the stored layout itself (often only a few of the taps).
             Some(Algo::Taps) => taps::conv(x, w_oihw, b, win),

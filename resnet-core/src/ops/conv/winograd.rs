@@ -22,6 +22,7 @@ use rayon::prelude::*;
 use crate::ops::plumbing::matmul::{gemm_strided, matmul_strided};
 use crate::ops::plumbing::scratch;
 use crate::ops::plumbing::simd::with_fma;
+use crate::ops::plumbing::weight_layout::oihw_to_hwio_into;
 
 /// Transformed tiles (inputs and products) a parallel task holds, in elements: about 4 MB of
 /// `f32`, so a task's temporaries stay in the L3 cache beside the other core's and the
@@ -302,23 +303,27 @@ fn tiles_in_lanes<T: WithDType, const K: usize, const A: usize>(
     }
 }
 
+/// The nine taps of a 3×3 kernel, row-major.
+const ALL_TAPS: [usize; 9] = [0, 1, 2, 3, 4, 5, 6, 7, 8];
+
 /// The filters of a [`conv3x3`] with `cin` input and `cout` output channels.
 #[derive(Debug, Clone, Copy)]
 pub enum Filters<'a, T> {
-    /// `(cout, 3, 3, cin)`: the convolution's own.
-    Own(&'a [T]),
-    /// `(cin, 3, 3, cout)`, the filters of the convolution whose input gradient this one is:
-    /// read with the kernel rotated by 180° and the channel axes swapped, as they are stored.
+    /// `(cout, cin, 3, 3)`, the layout weights are stored in: the convolution's own.
+    Stored(&'a [T]),
+    /// `(cin, 3, 3, cout)` (the kernels' layout), the filters of the convolution whose input
+    /// gradient this one is: read in place with the kernel rotated by 180° and the channel axes
+    /// swapped.
     Adjoint(&'a [T]),
 }
 
 /// `U = G g Gᵀ` for every filter → α² matrices of `(cin, cout)`.
 fn transform_filters<T: WithDType>(filters: Filters<'_, T>, cin: usize, cout: usize, tr: &Transforms) -> Vec<T> {
     match filters {
-        Filters::Own(w) => {
+        Filters::Stored(w) => {
             // `(3, 3, cin, cout)`: row (tap, c) holds the weights from input channel c at that tap.
             let mut hwio = vec![T::zero(); 9 * cin * cout];
-            transpose_into(w, cout, 9 * cin, &mut hwio);
+            oihw_to_hwio_into(w, (cout, cin, 9), &ALL_TAPS, &mut hwio);
             transform_rows(&hwio, |tap, c| (tap * cin + c) * cout, cin, cout, tr)
         }
         // Tap (i, j) of input channel c reads tap (2 − i, 2 − j) of the stored filter c, whose
@@ -384,20 +389,6 @@ fn sum_of_terms<'s, T: WithDType + 's>(dst: &mut [T], terms: impl Iterator<Item 
     if first {
         dst.fill(T::zero());
     }
-}
-
-/// `w` `(rows × cols)` transposed into `dst` `(cols × rows)`, in parallel over blocks of
-/// [`LANES`] destination rows, each reading a run of `LANES` from every source row.
-fn transpose_into<T: WithDType>(w: &[T], rows: usize, cols: usize, dst: &mut [T]) {
-    dst.par_chunks_mut(LANES * rows).enumerate().for_each(|(b, block)| {
-        let c0 = b * LANES;
-        let n = block.len() / rows;
-        for r in 0..rows {
-            for (k, &v) in w[r * cols + c0..][..n].iter().enumerate() {
-                block[k * rows + r] = v;
-            }
-        }
-    });
 }
 
 /// How a batch's tiles are split into parallel tasks: runs of whole tile rows ("bands", `tw`
@@ -1052,6 +1043,11 @@ mod tests {
         y
     }
 
+    /// Filters `(cout, 3, 3, cin)`, as the references read them, in the stored layout.
+    fn stored<T: WithDType>(f: &[T], cin: usize, cout: usize) -> Vec<T> {
+        crate::ops::plumbing::weight_layout::ohwi_to_oihw(f, cout, cin, 9).into_owned()
+    }
+
     const TILES: [Tile; 2] = [Tile::F2, Tile::F4];
     /// Odd and even sizes: partial edge tiles for both tile sizes; 64 channels as in ResNet;
     /// three 9×9 images make 15 (F(2×2)) or 9 (F(4×4)) tile rows, so tasks of two rows and a
@@ -1191,14 +1187,23 @@ mod tests {
             let f = data(cout * 9 * cin, 2);
             let bias = data(cout, 3);
             let want = direct(&x, &f, &bias, (b, h, w, cin), cout);
-            let got = conv3x3(&x, Filters::Own(&f), Some(&bias), (b, h, w, cin), cout, tile, false);
+            let got =
+                conv3x3(&x, Filters::Stored(&stored(&f, cin, cout)), Some(&bias), (b, h, w, cin), cout, tile, false);
             for (g, e) in got.iter().zip(&want) {
                 assert!((g - e).abs() < 1e-12 * e.abs().max(1.0), "f64 {g} vs {e} at {:?}", (tile, b, h, w, cin, cout));
             }
             let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
             let f32s: Vec<f32> = f.iter().map(|&v| v as f32).collect();
             let b32: Vec<f32> = bias.iter().map(|&v| v as f32).collect();
-            let got = conv3x3(&x32, Filters::Own(&f32s), Some(&b32), (b, h, w, cin), cout, tile, false);
+            let got = conv3x3(
+                &x32,
+                Filters::Stored(&stored(&f32s, cin, cout)),
+                Some(&b32),
+                (b, h, w, cin),
+                cout,
+                tile,
+                false,
+            );
             for (g, e) in got.iter().zip(&want) {
                 assert!(((*g as f64) - e).abs() < 1e-4 * e.abs().max(1.0), "f32 {g} vs {e} ({tile:?})");
             }
@@ -1257,7 +1262,7 @@ mod tests {
         let f = data(cout * 9 * cin, 5);
         let dy = data(b * h * w * cout, 6);
         for tile in TILES {
-            let y = conv3x3(&x, Filters::Own(&f), None, (b, h, w, cin), cout, tile, false);
+            let y = conv3x3(&x, Filters::Stored(&stored(&f, cin, cout)), None, (b, h, w, cin), cout, tile, false);
             let dx = conv3x3(&dy, Filters::Adjoint(&f), None, (b, h, w, cout), cin, tile, false);
             let lhs: f64 = y.iter().zip(&dy).map(|(a, b)| a * b).sum();
             let rhs: f64 = x.iter().zip(&dx).map(|(a, b)| a * b).sum();
@@ -1319,7 +1324,7 @@ mod tests {
     fn an_empty_batch_has_no_tiles() {
         let f = data(4 * 9 * 3, 1);
         for tile in TILES {
-            assert!(conv3x3(&[], Filters::Own(&f), None, (0, 5, 5, 3), 4, tile, false).is_empty());
+            assert!(conv3x3(&[], Filters::Stored(&f), None, (0, 5, 5, 3), 4, tile, false).is_empty());
             let dw = conv3x3_weight_grad::<f64>(&[], &[], (0, 5, 5, 3), 4, tile);
             assert_eq!(dw.len(), 4 * 9 * 3);
             assert!(dw.iter().all(|&v| v == 0.0));

@@ -292,7 +292,6 @@ pub(super) mod tests {
     #[test]
     fn evaluation_forward_takes_f4_on_images_of_12_pixels_and_more() -> candle_core::Result<()> {
         use crate::ops::conv::winograd::{self, Tile};
-        use crate::ops::plumbing::weight_layout::oihw_to_ohwi;
         let dev = Device::Cpu;
         let (b, cin, cout) = (2, 16, 8);
         let cfg = Conv2dConfig { in_channels: cin, out_channels: cout, kernel_size: 3, stride: 1, padding: 1 };
@@ -300,7 +299,6 @@ pub(super) mod tests {
         assert_eq!(conv.algorithm(), ConvAlgorithm::Winograd);
         let wv: Vec<f32> = conv.weight().flatten_all()?.to_vec1()?;
         let bv: Vec<f32> = conv.bias().to_vec1()?;
-        let ohwi = oihw_to_ohwi(&wv, cout, cin, 9);
         for (side, eval_tile) in [(12, Tile::F4), (8, Tile::F2)] {
             assert_eq!(Tile::choose(side, side), Tile::F4, "the gradients' tile at {side} px");
             let x = Tensor::randn(0f32, 1., (b, side, side, cin), &dev)?;
@@ -308,7 +306,7 @@ pub(super) mod tests {
             let kernel = |tile| {
                 winograd::conv3x3(
                     &xv,
-                    winograd::Filters::Own(&ohwi),
+                    winograd::Filters::Stored(&wv),
                     Some(&bv),
                     (b, side, side, cin),
                     cout,
