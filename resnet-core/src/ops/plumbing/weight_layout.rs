@@ -40,8 +40,10 @@ pub(crate) fn swap_inner_into<T: WithDType>(w: &[T], a: usize, b: usize, dst: &m
 
 /// The `selected` taps of `(out, in, kh, kw)` as `(taps, in, out)` into `dst`, every element
 /// written: all taps in order give `(kh, kw, in, out)`, the transpose of the kernels'
-/// `(out, kh · kw · in)`, made in one pass. In parallel over blocks of input channels, each
-/// reading its channels' runs of every output row once and writing whole rows of the result.
+/// `(out, kh · kw · in)`, made in one pass. In parallel over blocks of input channels; each
+/// task copies a block of output rows' runs into a small buffer and writes every selected tap's
+/// rows from it a block of output channels at a time, so each write fills whole cache lines
+/// (one element per row at a time, the rows `out` apart, fell into a few cache sets).
 pub(crate) fn oihw_to_hwio_into<T: WithDType>(
     w: &[T],
     (out, cin, taps): (usize, usize, usize),
@@ -49,6 +51,7 @@ pub(crate) fn oihw_to_hwio_into<T: WithDType>(
     dst: &mut [T],
 ) {
     const CHANNELS: usize = 16;
+    const OUTS: usize = 16;
     assert_eq!(w.len(), out * cin * taps, "oihw_to_hwio: {} elements for ({out}, {cin}, {taps})", w.len());
     assert_eq!(dst.len(), selected.len() * cin * out, "oihw_to_hwio: destination of {} elements", dst.len());
     assert!(selected.iter().all(|&t| t < taps), "oihw_to_hwio: taps {selected:?} of {taps}");
@@ -66,11 +69,21 @@ pub(crate) fn oihw_to_hwio_into<T: WithDType>(
     tasks.into_par_iter().enumerate().for_each(|(block, mut rows)| {
         let c0 = block * CHANNELS;
         let width = rows[0].len() / out;
-        for o in 0..out {
-            let src = &w[(o * cin + c0) * taps..(o * cin + c0 + width) * taps];
-            for (i, runs) in src.chunks_exact(taps).enumerate() {
-                for (dst, &tap) in rows.iter_mut().zip(selected) {
-                    dst[i * out + o] = runs[tap];
+        let run = width * taps;
+        // `buf[k]`: output row `o0 + k`'s runs of the block's channels, `(width, taps)`.
+        let mut buf = vec![T::zero(); OUTS * run];
+        for o0 in (0..out).step_by(OUTS) {
+            let outs = OUTS.min(out - o0);
+            for (k, line) in buf.chunks_exact_mut(run).take(outs).enumerate() {
+                let at = ((o0 + k) * cin + c0) * taps;
+                line.copy_from_slice(&w[at..at + run]);
+            }
+            for (dst, &tap) in rows.iter_mut().zip(selected) {
+                for i in 0..width {
+                    let line = &mut dst[i * out + o0..i * out + o0 + outs];
+                    for (k, d) in line.iter_mut().enumerate() {
+                        *d = buf[k * run + i * taps + tap];
+                    }
                 }
             }
         }
