@@ -7,7 +7,10 @@
 //! in-bounds taps ([`TapClass`]; at most 3 × 3 of them for a 3×3 kernel) and each class is one
 //! matrix product over its taps alone, so no multiply touches padding. The backward does the
 //! same per class: the weight gradient adds each class's `dYᵀ · cols` into its taps, the input
-//! gradient scatters `dY · W` back through them.
+//! gradient adds `dY · W` back through them. A class with one pixel per image (every class of a
+//! 1×1, 2×2 or 3×3 image) reads the images, and writes the input gradient, in place: its taps'
+//! pixels are a few runs of each image ([`one_pixel_parts`]), one product per run; larger
+//! classes gather their patches.
 
 use std::ops::Range;
 
@@ -186,8 +189,8 @@ struct Weight<'a, T: WithDType> {
     hwio: std::cell::OnceCell<Vec<T>>,
     out: usize,
     /// Whether some class reads the whole weight in place (so the reordered copies are made
-    /// anyway, and compact classes copy from them); else compact classes read the stored
-    /// weight, only their taps.
+    /// anyway: compact classes of one pixel read them in place too, larger ones copy from
+    /// them); else compact classes read the stored weight, only their taps.
     in_place: bool,
 }
 
@@ -264,9 +267,11 @@ impl<T: WithDType> Drop for Weight<'_, T> {
     }
 }
 
-/// Whether a class reads a compact copy of its weight columns: when it has fewer than half the
-/// kernel's taps (a corner, or the centre tap alone on a 1×1 image), whose columns would
-/// otherwise be read scattered over the whole weight. Larger classes read the weight in place.
+/// Whether a class is compact: fewer than half the kernel's taps (a corner, or the centre tap
+/// alone on a 1×1 image), whose columns would be read scattered over the whole weight. Such a
+/// class reads a copy of its weight columns unless the whole weight is reordered anyway
+/// ([`copies_weight`]); the weight gradient of a convolution whose classes are all compact is
+/// added into the stored layout, their taps only.
 fn compact(win: &Window, class: &TapClass) -> bool {
     2 * class.taps() < win.kh * win.kw
 }
@@ -278,57 +283,111 @@ fn release<T: WithDType>(buffer: Cow<'_, [T]>) {
     }
 }
 
-/// The weight as a class's products read it: rows `stride` apart, in `segments`.
+/// The weight as a class's products read it: rows `stride` apart; a compact copy (`compact`)
+/// holds the class's taps in its patches' order, else the whole weight is read in place.
 struct ClassWeights<'a, T: Clone> {
     data: Cow<'a, [T]>,
     stride: usize,
-    segments: Vec<Segment>,
+    compact: bool,
+}
+
+impl<T: Clone> ClassWeights<'_, T> {
+    /// Where a segment starts along the taps' axis (a column of `(out, taps · c)`, a row of its
+    /// transpose).
+    fn at(&self, seg: &Segment) -> usize {
+        if self.compact {
+            seg.col
+        } else {
+            seg.offset
+        }
+    }
+}
+
+/// Whether the class's products read a compact copy of its weight: a [`compact`] class, unless
+/// it has one pixel per image and the whole weight is reordered anyway, so its products read
+/// their taps' runs in place.
+fn copies_weight<T: WithDType>(w: &Weight<'_, T>, win: &Window, class: &TapClass) -> bool {
+    compact(win, class) && !(w.in_place && class.pixels() == 1)
 }
 
 fn class_weights<'a, T: WithDType>(w: &'a Weight<'_, T>, win: &Window, class: &TapClass) -> ClassWeights<'a, T> {
-    if compact(win, class) {
-        let len = class.taps() * win.c;
-        ClassWeights {
-            data: Cow::Owned(w.compact(win, class)),
-            stride: len,
-            segments: vec![Segment { col: 0, offset: 0, len }],
-        }
+    if copies_weight(w, win, class) {
+        ClassWeights { data: Cow::Owned(w.compact(win, class)), stride: class.taps() * win.c, compact: true }
     } else {
-        ClassWeights { data: Cow::Borrowed(w.ohwi(win)), stride: win.patch_len(), segments: segments(win, class) }
+        ClassWeights { data: Cow::Borrowed(w.ohwi(win)), stride: win.patch_len(), compact: false }
     }
 }
 
 /// The transpose of [`class_weights`] for the forward's products, `Wᵀ (taps · c, out)` with
 /// rows `out` apart, so the products read the weight as contiguous rows: read as the columns of
-/// `(out, taps · c)` instead, gemm's packing gathers them one element at a time. A segment's
-/// `offset` is then a row of the transpose.
+/// `(out, taps · c)` instead, gemm's packing gathers them one element at a time.
 fn class_weights_t<'a, T: WithDType>(w: &'a Weight<'_, T>, win: &Window, class: &TapClass) -> ClassWeights<'a, T> {
-    if compact(win, class) {
-        let len = class.taps() * win.c;
-        ClassWeights {
-            data: Cow::Owned(w.compact_t(win, class)),
-            stride: w.out,
-            segments: vec![Segment { col: 0, offset: 0, len }],
+    if copies_weight(w, win, class) {
+        ClassWeights { data: Cow::Owned(w.compact_t(win, class)), stride: w.out, compact: true }
+    } else {
+        ClassWeights { data: Cow::Borrowed(w.hwio(win)), stride: w.out, compact: false }
+    }
+}
+
+/// A run of a class's taps that its products take as one: `seg` in the weight, its columns
+/// from `at` in a patch row.
+struct Part {
+    seg: Segment,
+    at: usize,
+}
+
+/// A class's patches as its products read them: rows `stride` apart, in `parts`.
+struct ClassPatches<'a, T: Clone> {
+    data: Cow<'a, [T]>,
+    stride: usize,
+    parts: Vec<Part>,
+}
+
+/// The parts of a class with one pixel per image, read from the image in place: a patch row is
+/// then the image itself, and each kernel row's taps a run of its pixels (`at`: the run's first
+/// element in an image). Runs that follow each other in the image and in the weight (always,
+/// for a compact copy) are one part. `None` for classes of more pixels.
+fn one_pixel_parts(win: &Window, class: &TapClass, compact_weight: bool) -> Option<Vec<Part>> {
+    if class.pixels() != 1 {
+        return None;
+    }
+    let (c, oy, ox) = (win.c, class.oy.start, class.ox.start);
+    let row = class.kx.len() * c;
+    let ix = (ox * win.stride + class.kx.start) - win.pad;
+    let mut parts: Vec<Part> = Vec::with_capacity(class.ky.len());
+    for (i, ky) in class.ky.clone().enumerate() {
+        let iy = (oy * win.stride + ky) - win.pad;
+        let seg = Segment { col: i * row, offset: (ky * win.kw + class.kx.start) * c, len: row };
+        let at = (iy * win.w + ix) * c;
+        match parts.last_mut() {
+            Some(p) if p.at + p.seg.len == at && (compact_weight || p.seg.offset + p.seg.len == seg.offset) => {
+                p.seg.len += row
+            }
+            _ => parts.push(Part { seg, at }),
         }
-    } else {
-        ClassWeights { data: Cow::Borrowed(w.hwio(win)), stride: w.out, segments: segments(win, class) }
     }
+    Some(parts)
 }
 
-/// Whether the class's window is the whole image (it then has one pixel): its patch rows are
-/// the images themselves, `h · w · c = taps · c` apart.
-fn whole_image(win: &Window, class: &TapClass) -> bool {
-    class.ky.len() == win.h && class.kx.len() == win.w
-}
-
-/// The class's patches, rows `taps · c` apart: the input in place when the window is the whole
-/// image, else a gathered copy.
-fn class_cols<'a, T: WithDType>(x: &'a [T], win: &Window, class: &TapClass) -> Cow<'a, [T]> {
-    if whole_image(win, class) {
-        Cow::Borrowed(x)
-    } else {
-        Cow::Owned(gather_cols(x, win, class))
+/// The class's patches: the images in place for a class of one pixel per image
+/// ([`one_pixel_parts`]), else a gathered copy (rows `taps · c` apart) read whole against a
+/// compact weight or by the weight's [`segments`].
+fn class_patches<'a, T: WithDType>(
+    x: &'a [T],
+    win: &Window,
+    class: &TapClass,
+    compact_weight: bool,
+) -> ClassPatches<'a, T> {
+    if let Some(parts) = one_pixel_parts(win, class, compact_weight) {
+        return ClassPatches { data: Cow::Borrowed(x), stride: win.h * win.w * win.c, parts };
     }
+    let len = class.taps() * win.c;
+    let parts = if compact_weight {
+        vec![Part { seg: Segment { col: 0, offset: 0, len }, at: 0 }]
+    } else {
+        segments(win, class).into_iter().map(|seg| Part { at: seg.col, seg }).collect()
+    };
+    ClassPatches { data: Cow::Owned(gather_cols(x, win, class)), stride: len, parts }
 }
 
 /// The class's pixels as indices into one image's `oh · ow` outputs, in [`gather_cols`]' order.
@@ -394,15 +453,14 @@ pub fn conv<T: WithDType>(x: &[T], w: &[T], bias: &[T], win: &Window) -> Vec<T> 
     let mut y = vec![T::zero(); win.batch * win.oh() * win.ow() * out];
     y.par_chunks_mut(out).for_each(|row| row.copy_from_slice(bias));
     for class in &classes {
-        let cols = class_cols(x, win, class);
         let rc = win.batch * class.pixels();
-        let kc = class.taps() * win.c;
         let cw = class_weights_t(&w, win, class);
+        let cp = class_patches(x, win, class, cw.compact);
         let product = |dst: &mut [T], ldc: usize| {
-            for seg in &cw.segments {
-                // dst += cols[:, seg] · Wᵀ[seg, :]
-                let (a, b) = (&cols[seg.col..], &cw.data[seg.offset * cw.stride..]);
-                gemm_strided((rc, out, seg.len), a, (kc, 1), b, (cw.stride, 1), dst, ldc, true, true);
+            for part in &cp.parts {
+                // dst += patches[:, part] · Wᵀ[part, :]
+                let (a, b) = (&cp.data[part.at..], &cw.data[cw.at(&part.seg) * cw.stride..]);
+                gemm_strided((rc, out, part.seg.len), a, (cp.stride, 1), b, (cw.stride, 1), dst, ldc, true, true);
             }
         };
         match rows_in_place(win, &classes, class, out) {
@@ -420,7 +478,7 @@ pub fn conv<T: WithDType>(x: &[T], w: &[T], bias: &[T], win: &Window) -> Vec<T> 
                 scratch::give(yc);
             }
         }
-        release(cols);
+        release(cp.data);
         release(cw.data);
     }
     y
@@ -430,68 +488,49 @@ pub fn conv<T: WithDType>(x: &[T], w: &[T], bias: &[T], win: &Window) -> Vec<T> 
 pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) -> Vec<T> {
     let (c, taps, wrow) = (win.c, win.kh * win.kw, win.patch_len());
     let classes = classes(win);
-    // With every class compact, their products are added straight into the stored layout.
-    // Otherwise into a sum in the kernels' layout, and the products of the classes read in place
-    // accumulate straight into a second one: an element is the first plus the second.
-    let mut stored: Option<Vec<T>> =
-        classes.iter().all(|class| compact(win, class)).then(|| vec![T::zero(); out * wrow]);
-    let mut compact_sum: Option<Vec<T>> = None;
-    let mut in_place_sum: Option<Vec<T>> = None;
-    for class in &classes {
-        let cols = class_cols(x, win, class);
-        let (dyc, dy_stride) = class_dy(dy, win, &classes, class, out);
-        let rc = win.batch * class.pixels();
-        let kc = class.taps() * c;
-        if compact(win, class) {
+    if classes.iter().all(|class| compact(win, class)) {
+        // Every class has a few taps: each class's product is added straight into the stored
+        // layout, its taps only.
+        let mut dw = vec![T::zero(); out * wrow];
+        for class in &classes {
+            let cp = class_patches(x, win, class, true);
+            let (dyc, dy_stride) = class_dy(dy, win, &classes, class, out);
+            let (rc, kc) = (win.batch * class.pixels(), class.taps() * c);
+            // Every column is written: the parts cover the class's taps.
             let mut dwc = scratch::take(out * kc);
-            gemm_strided((out, kc, rc), &dyc, (1, dy_stride), &cols, (kc, 1), &mut dwc, kc, false, true);
-            if let Some(dw) = stored.as_mut() {
-                dw.par_chunks_mut(wrow).zip(dwc.par_chunks(kc)).for_each(|(dst, src)| {
-                    for (src, tap) in src.chunks_exact(c).zip(class_taps(win, class)) {
-                        for (ch, &v) in src.iter().enumerate() {
-                            dst[ch * taps + tap] += v;
-                        }
-                    }
-                });
-            } else {
-                let sum = compact_sum.get_or_insert_with(|| scratch::zeroed(out * wrow));
-                sum.par_chunks_mut(wrow).zip(dwc.par_chunks(kc)).for_each(|(dst, src)| {
-                    for (src, tap) in src.chunks_exact(c).zip(class_taps(win, class)) {
-                        for (d, &v) in dst[tap * c..(tap + 1) * c].iter_mut().zip(src) {
-                            *d += v;
-                        }
-                    }
-                });
+            for part in &cp.parts {
+                let (b, dst) = (&cp.data[part.at..], &mut dwc[part.seg.col..]);
+                gemm_strided((out, part.seg.len, rc), &dyc, (1, dy_stride), b, (cp.stride, 1), dst, kc, false, true);
             }
+            dw.par_chunks_mut(wrow).zip(dwc.par_chunks(kc)).for_each(|(dst, src)| {
+                for (src, tap) in src.chunks_exact(c).zip(class_taps(win, class)) {
+                    for (ch, &v) in src.iter().enumerate() {
+                        dst[ch * taps + tap] += v;
+                    }
+                }
+            });
             scratch::give(dwc);
-        } else {
-            let acc = in_place_sum.get_or_insert_with(|| scratch::zeroed(out * wrow));
-            for seg in segments(win, class) {
-                // dW[:, seg] += dyᵀ · cols[:, seg], straight into the kernels' layout.
-                let (b, dst) = (&cols[seg.col..], &mut acc[seg.offset..]);
-                gemm_strided((out, seg.len, rc), &dyc, (1, dy_stride), b, (kc, 1), dst, wrow, true, true);
-            }
+            release(cp.data);
+            release(dyc);
         }
-        release(cols);
-        release(dyc);
-    }
-    if let Some(dw) = stored {
         return dw;
     }
-    let sum = match (compact_sum, in_place_sum) {
-        (Some(mut first), Some(second)) => {
-            first.par_iter_mut().zip(second.par_iter()).for_each(|(a, &b)| *a += b);
-            scratch::give(second);
-            first
+    // Else every class's products accumulate into one sum in the kernels' layout, reordered into
+    // the stored one at the end.
+    let mut sum = scratch::take(out * wrow);
+    sum.par_iter_mut().for_each(|v| *v = T::zero());
+    for class in &classes {
+        let cp = class_patches(x, win, class, false);
+        let (dyc, dy_stride) = class_dy(dy, win, &classes, class, out);
+        let rc = win.batch * class.pixels();
+        for part in &cp.parts {
+            // dW[:, part] += dyᵀ · patches[:, part]
+            let (b, dst) = (&cp.data[part.at..], &mut sum[part.seg.offset..]);
+            gemm_strided((out, part.seg.len, rc), &dyc, (1, dy_stride), b, (cp.stride, 1), dst, wrow, true, true);
         }
-        (Some(sum), None) => sum,
-        (None, Some(mut sum)) => {
-            // As above with no compact class: zero plus the sum (a negative zero comes out positive).
-            sum.par_iter_mut().for_each(|v| *v = T::zero() + *v);
-            sum
-        }
-        (None, None) => return vec![T::zero(); out * wrow],
-    };
+        release(cp.data);
+        release(dyc);
+    }
     let mut dw = vec![T::zero(); out * wrow];
     weight_layout::swap_inner_into(&sum, taps, c, &mut dw);
     scratch::give(sum);
@@ -502,21 +541,31 @@ pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) ->
 pub fn input_grad<T: WithDType>(dy: &[T], w: &[T], win: &Window, out: usize) -> Vec<T> {
     let classes = classes(win);
     let w = Weight::new(w, out, win, &classes);
-    let mut dx = scratch::zeroed(win.batch * win.h * win.w * win.c);
+    let image = win.h * win.w * win.c;
+    let mut dx = scratch::zeroed(win.batch * image);
     for class in &classes {
         let (dyc, dy_stride) = class_dy(dy, win, &classes, class, out);
         let rc = win.batch * class.pixels();
-        let kc = class.taps() * win.c;
-        // Every column is written: the segments cover the class's taps.
-        let mut dcols = scratch::take(rc * kc);
         let cw = class_weights(&w, win, class);
-        for seg in &cw.segments {
-            // dcols[:, seg] = dy · W[:, seg]
-            let (b, dst) = (&cw.data[seg.offset..], &mut dcols[seg.col..]);
-            gemm_strided((rc, seg.len, out), &dyc, (dy_stride, 1), b, (cw.stride, 1), dst, kc, false, true);
+        if let Some(parts) = one_pixel_parts(win, class, cw.compact) {
+            for part in &parts {
+                // dx[:, part] += dy · W[:, part], into the images in place.
+                let (b, dst) = (&cw.data[cw.at(&part.seg)..], &mut dx[part.at..]);
+                gemm_strided((rc, part.seg.len, out), &dyc, (dy_stride, 1), b, (cw.stride, 1), dst, image, true, true);
+            }
+        } else {
+            let kc = class.taps() * win.c;
+            let segs = if cw.compact { vec![Segment { col: 0, offset: 0, len: kc }] } else { segments(win, class) };
+            // Every column is written: the segments cover the class's taps.
+            let mut dcols = scratch::take(rc * kc);
+            for seg in &segs {
+                // dcols[:, seg] = dy · W[:, seg]
+                let (b, dst) = (&cw.data[cw.at(seg)..], &mut dcols[seg.col..]);
+                gemm_strided((rc, seg.len, out), &dyc, (dy_stride, 1), b, (cw.stride, 1), dst, kc, false, true);
+            }
+            scatter_cols(&dcols, win, class, &mut dx);
+            scratch::give(dcols);
         }
-        scatter_cols(&dcols, win, class, &mut dx);
-        scratch::give(dcols);
         release(dyc);
         release(cw.data);
     }
