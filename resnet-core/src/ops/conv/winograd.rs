@@ -279,16 +279,20 @@ fn tiles_in_lanes<T: WithDType, const K: usize, const A: usize>(
             }
         }
         for c0 in (0..c).step_by(LANES) {
-            let load = |at: Option<usize>| -> [T; LANES] {
-                match at {
-                    Some(a) => data[a + c0..a + c0 + LANES].try_into().expect("LANES channels"),
-                    None => [T::zero(); LANES],
-                }
+            // Plain loops and copies, not `array::from_fn` or `try_into`: the hot loop must not
+            // call out of the function compiled at the detected vector width.
+            let load = |at: Option<usize>, v: &mut [T; LANES]| match at {
+                Some(a) => v.copy_from_slice(&data[a + c0..a + c0 + LANES]),
+                None => *v = [T::zero(); LANES],
             };
             // r = S d a column at a time, then S d Sᵀ = r Sᵀ a row at a time, into the entries.
             let mut r = [[[T::zero(); LANES]; K]; A];
             for j in 0..K {
-                let col = side(std::array::from_fn(|i| load(at[i][j])));
+                let mut col = [[T::zero(); LANES]; K];
+                for (i, v) in col.iter_mut().enumerate() {
+                    load(at[i][j], v);
+                }
+                let col = side(col);
                 for (i, value) in col.into_iter().enumerate() {
                     r[i][j] = value;
                 }
@@ -649,15 +653,20 @@ fn output_tiles_lanes<T: WithDType, const A: usize, const M: usize>(
         let (n, ty, tx) = bands.tile_at(first + t);
         let (rows, cols) = (M.min(h - M * ty), M.min(w - M * tx));
         for c0 in (0..cout).step_by(LANES) {
-            let load = |e: usize| -> [T; LANES] {
+            // Plain loops and copies, as in `tiles_in_lanes`.
+            let load = |e: usize, v: &mut [T; LANES]| {
                 let at = e * estride + t * cout + c0;
-                prod[at..at + LANES].try_into().expect("LANES channels")
+                v.copy_from_slice(&prod[at..at + LANES]);
             };
             // s = Aᵀ M a column at a time, then Y = s A a row at a time.
             let mut s = [[[T::zero(); LANES]; A]; M];
             #[allow(clippy::needless_range_loop)] // `j` is a column: it indexes the inner axis of `s`
             for j in 0..A {
-                let col = side(std::array::from_fn(|i| load(i * A + j)));
+                let mut col = [[T::zero(); LANES]; A];
+                for (i, v) in col.iter_mut().enumerate() {
+                    load(i * A + j, v);
+                }
+                let col = side(col);
                 for (i, value) in col.into_iter().enumerate() {
                     s[i][j] = value;
                 }
