@@ -13,6 +13,7 @@
 //!   and [`ResNet::set_compute_dtype`] as runtime settings;
 //! - [`Residual`] / [`ResidualConfig`] and [`Stage`] / [`StageConfig`], the blocks it is made of;
 //! - [`d2l_init`], d2l's seeded initialisation;
+//! - [`backward`], candle's `loss.backward()` with less work for the convolution weights;
 //! - [`checkpoint`]: [`checkpoint::save`], [`checkpoint::read_config`], [`checkpoint::load_into`];
 //! - [`op_check`]: [`op_check::check_ops`], every op on a GPU against the CPU;
 //! - [`CoreError`], every failure, naming what was expected and found.
@@ -84,7 +85,7 @@ pub use block::{Residual, ResidualConfig, Stage, StageConfig};
 pub use config::{BlockKind, Depth, ResNetConfig};
 pub use error::{CoreError, Result};
 pub use init::d2l_init;
-pub use ops::{replay_products, simd_tier, ConvAlgorithm, GpuOps, SimdTier};
+pub use ops::{backward, replay_products, simd_tier, ConvAlgorithm, GpuOps, SimdTier};
 pub use resnet::{ResNet, StageShape};
 pub use tensors::{NamedTensor, TensorRole};
 

@@ -581,7 +581,7 @@ impl Trainer {
             drop(span);
             let _span = profile::span("step: backward", x.dims());
             let scaled = if len == n { loss.clone() } else { (&loss * (len as f64 / n as f64))? };
-            let g = scaled.backward()?;
+            let g = resnet_core::backward(&scaled)?;
             grads = Some(match grads {
                 None => g,
                 Some(acc) => add_grads(acc, g, &self.model)?,

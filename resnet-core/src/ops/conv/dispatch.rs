@@ -9,6 +9,7 @@ use super::im2col::{im2col_rows, im2col_slice, Col2im, Im2col};
 use super::{direct, taps, winograd};
 use crate::ops::plumbing::elementwise::{column_sums_tensor, mask_by_positive, relu_in_place};
 use crate::ops::plumbing::geometry::Window;
+use crate::ops::plumbing::gradients;
 use crate::ops::plumbing::matmul::{gemm_strided, matmul_into, MatMul};
 use crate::ops::plumbing::scratch;
 use crate::ops::plumbing::storage::contiguous;
@@ -329,7 +330,7 @@ impl CustomOp3 for Im2colConv {
         } else {
             None
         };
-        Ok((dx, Some(dw), Some(db)))
+        Ok((dx, gradients::route(w, Some(dw)), Some(db)))
     }
 }
 

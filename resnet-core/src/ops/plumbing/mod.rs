@@ -1,9 +1,10 @@
 //! What the layers and the convolution algorithms share: matrix products on raw buffers, SIMD
-//! dispatch, reused scratch buffers, access to a custom op's storage, sliding-window geometry,
+//! dispatch, the backward pass that takes the convolution weights' gradients directly, reused scratch buffers, access to a custom op's storage, sliding-window geometry,
 //! weight reordering, and the single-pass element-wise ops.
 
 pub(crate) mod elementwise;
 pub(crate) mod geometry;
+pub(crate) mod gradients;
 pub(crate) mod matmul;
 pub(crate) mod scratch;
 pub(crate) mod simd;
