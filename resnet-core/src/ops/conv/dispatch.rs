@@ -202,7 +202,7 @@ fn conv_forward_in<T: WithDType + 'static>(
     image_rows: Option<usize>,
 ) -> Vec<T> {
     let (rows, k, out, ow) = (win.batch * win.oh() * win.ow(), win.patch_len(), bias.len(), win.ow());
-    let mut y = vec![T::zero(); rows * out];
+    let mut y = scratch::zeroed(rows * out);
     let Some(image_rows) = image_rows else {
         let owned = (!pointwise).then(|| {
             let mut buf = scratch::take(rows * k);

@@ -450,7 +450,7 @@ pub fn conv<T: WithDType>(x: &[T], w: &[T], bias: &[T], win: &Window) -> Vec<T> 
     let classes = classes(win);
     let w = Weight::new(w, out, win, &classes);
     // Every output row starts as the bias; each class adds its products to its pixels' rows.
-    let mut y = vec![T::zero(); win.batch * win.oh() * win.ow() * out];
+    let mut y = scratch::zeroed(win.batch * win.oh() * win.ow() * out);
     y.par_chunks_mut(out).for_each(|row| row.copy_from_slice(bias));
     for class in &classes {
         let rc = win.batch * class.pixels();
@@ -491,7 +491,7 @@ pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) ->
     if classes.iter().all(|class| compact(win, class)) {
         // Every class has a few taps: each class's product is added straight into the stored
         // layout, its taps only.
-        let mut dw = vec![T::zero(); out * wrow];
+        let mut dw = scratch::zeroed(out * wrow);
         for class in &classes {
             let cp = class_patches(x, win, class, true);
             let (dyc, dy_stride) = class_dy(dy, win, &classes, class, out);
@@ -531,7 +531,7 @@ pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) ->
         release(cp.data);
         release(dyc);
     }
-    let mut dw = vec![T::zero(); out * wrow];
+    let mut dw = scratch::zeroed(out * wrow);
     weight_layout::swap_inner_into(&sum, taps, c, &mut dw);
     scratch::give(sum);
     dw

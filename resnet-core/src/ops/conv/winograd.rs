@@ -326,7 +326,7 @@ fn transform_filters<T: WithDType>(filters: Filters<'_, T>, cin: usize, cout: us
     match filters {
         Filters::Stored(w) => {
             // `(3, 3, cin, cout)`: row (tap, c) holds the weights from input channel c at that tap.
-            let mut hwio = vec![T::zero(); 9 * cin * cout];
+            let mut hwio = scratch::zeroed(9 * cin * cout);
             oihw_to_hwio_into(w, (cout, cin, 9), &ALL_TAPS, &mut hwio);
             transform_rows(&hwio, |tap, c| (tap * cin + c) * cout, cin, cout, tr)
         }
@@ -349,7 +349,7 @@ fn transform_rows<T: WithDType>(
 ) -> Vec<T> {
     let a = tr.alpha;
     let g: Vec<T> = matrix(tr.g, a, 3, false);
-    let mut u = vec![T::zero(); a * a * cin * cout];
+    let mut u = scratch::zeroed(a * a * cin * cout);
     u.par_chunks_mut(cin * cout).enumerate().for_each(|(e, ue)| {
         let (i, j) = (e / a, e % a);
         let mut t = vec![T::zero(); 3 * cout];
@@ -911,7 +911,7 @@ pub fn conv3x3_weight_grad<T: WithDType>(
             |tiles, out| gradient_tiles(dy, cout, tr, &bands, tiles, out),
         );
         let (vs, ds) = (entry_stride(total, cin), entry_stride(total, cout));
-        let mut q = vec![T::zero(); a * a * cin * cout];
+        let mut q = scratch::zeroed(a * a * cin * cout);
         q.par_chunks_mut(cin * cout).enumerate().for_each(|(e, qe)| {
             gemm_strided((cin, cout, total), &v[e * vs..], (1, cin), &dm[e * ds..], (cout, 1), qe, cout, false, false);
         });
@@ -1003,7 +1003,7 @@ fn transform_weight_grad<T: WithDType>(q: &[T], cin: usize, cout: usize, tr: &Tr
             )
         })
         .collect();
-    let mut dw = vec![T::zero(); cout * 9 * cin];
+    let mut dw = scratch::zeroed(cout * 9 * cin);
     dw.par_chunks_mut(9 * cin).enumerate().for_each(|(k, row)| {
         for (tap, taps) in row.chunks_exact_mut(cin).enumerate() {
             for (d, oc) in taps.iter_mut().zip(&per_in) {
