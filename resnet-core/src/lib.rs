@@ -42,7 +42,8 @@
 //! let params = model.parameters().iter().map(|p| Var::from_tensor(&p.tensor)).collect::<Result<Vec<_>, _>>()?;
 //! let mut sgd = SGD::new(params, 0.05)?;
 //! let before = loss::cross_entropy(&model.forward_t(&xs, true)?, &ys)?;
-//! sgd.backward_step(&before)?;
+//! // `loss.backward()` gives the same gradients; `resnet_core::backward` does less work.
+//! sgd.step(&resnet_core::backward(&before)?)?;
 //!
 //! // Save, then build a second model from the file alone and load the weights into it.
 //! let path = std::env::temp_dir().join(format!("resnet-core-doc-{}.safetensors", std::process::id()));
