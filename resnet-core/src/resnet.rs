@@ -8,7 +8,7 @@ use crate::config::{BlockKind, ResNetConfig};
 use crate::error::{CoreError, Result};
 use crate::layout::to_channels_last;
 use crate::ops::plumbing::geometry::Window;
-use crate::ops::{conv_bn, global_avg_pool, BatchNorm, Conv2d, Conv2dConfig, ConvAlgorithm, GpuOps, MaxPool2d};
+use crate::ops::{conv_bn_pool, global_avg_pool, BatchNorm, Conv2d, Conv2dConfig, ConvAlgorithm, GpuOps, MaxPool2d};
 use crate::tensors::{CollectTensors, NamedTensor, TensorRole};
 
 /// d2l's ResNet, laid out as its `nn.Sequential(b1, b2, b3, b4, b5, AdaptiveAvgPool2d, Flatten,
@@ -313,8 +313,7 @@ impl ResNet {
 
     fn run_stage(&self, stage: usize, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         if stage == 0 {
-            let ys = conv_bn(&self.stem_conv, &self.stem_bn, xs, train, true)?;
-            return self.pool.forward_on(&ys, self.gpu_ops);
+            return conv_bn_pool(&self.stem_conv, &self.stem_bn, self.pool, xs, train, self.gpu_ops);
         }
         self.stages[stage - 1].forward_channels_last(xs, train)
     }

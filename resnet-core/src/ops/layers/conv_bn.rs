@@ -15,13 +15,15 @@
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Device, Layout, Shape, Tensor, WithDType};
 
 use super::batch_norm::{BatchNorm, FusedBatchNorm};
 use super::conv::Conv2d;
+use super::pool::{MaxPool2d, MaxPool2dBackward};
 use crate::ops::conv::dispatch::Im2colConv;
 use crate::ops::plumbing::geometry::Window;
 use crate::ops::plumbing::storage::contiguous;
+use crate::ops::GpuOps;
 
 /// `bn(conv(xs))`, then ReLU with `relu`: one node on the CPU (f32 or f64, with the im2col or
 /// Winograd algorithm) in training, and in evaluation where the activation outweighs the weight
@@ -55,19 +57,65 @@ pub(crate) fn conv_bn(
             _ => bn.forward_act(&conv.forward_t(xs, false)?, false, relu),
         };
     }
+    match train_node(conv, bn, xs, relu, None)? {
+        Some(ys) => Ok(ys),
+        None => bn.forward_act(&conv.forward_t(xs, true)?, true, relu),
+    }
+}
+
+/// `pool(relu(bn(conv(xs))))`, d2l's stem: in training on the CPU one node, as [`conv_bn`], with
+/// the max-pool in it too, so candle's backward starts no gradient for the stem's largest
+/// activation (at 96 px, 128 × 48 × 48 × 64 values) from a zero tensor plus an add; the layers'
+/// own arithmetic in the same order, so the same bits. Elsewhere [`conv_bn`], then the pool.
+///
+/// # Shapes
+/// - `xs`: `(batch, height, width, in_channels)`
+/// - returns `(batch, pooled_h, pooled_w, out_channels)`
+pub(crate) fn conv_bn_pool(
+    conv: &Conv2d,
+    bn: &BatchNorm,
+    pool: MaxPool2d,
+    xs: &Tensor,
+    train: bool,
+    gpu_ops: GpuOps,
+) -> candle_core::Result<Tensor> {
+    if train {
+        if let Some(ys) = train_node(conv, bn, xs, true, Some(pool))? {
+            return Ok(ys);
+        }
+    }
+    pool.forward_on(&conv_bn(conv, bn, xs, train, true)?, gpu_ops)
+}
+
+/// The training node of [`conv_bn`] (with the pool of [`conv_bn_pool`]), or `None` where the
+/// shapes, dtypes or device do not let it run.
+fn train_node(
+    conv: &Conv2d,
+    bn: &BatchNorm,
+    xs: &Tensor,
+    relu: bool,
+    pool: Option<MaxPool2d>,
+) -> candle_core::Result<Option<Tensor>> {
     let fused = match conv.cpu_op(xs) {
         Some(op) => fused_rows(conv, bn, xs)?.map(|rows| (op, rows)),
         None => None,
     };
-    let Some((op, rows)) = fused else {
-        return bn.forward_act(&conv.forward_t(xs, true)?, true, relu);
-    };
+    let Some((op, rows)) = fused else { return Ok(None) };
+    let channels = conv.config().out_channels;
     // γ and β travel with the convolution's bias in one tensor: custom ops take three inputs.
     let packed = Tensor::cat(&[conv.bias(), bn.weight(), bn.bias()], 0)?;
     bn.train_with(relu, rows, |bn_op| {
-        let fused = ConvBatchNorm { conv: op, bn: bn_op, channels, saved: Mutex::new(None) };
+        let fused = ConvBatchNorm {
+            conv: op,
+            bn: bn_op,
+            channels,
+            pool,
+            saved: Mutex::new(None),
+            pool_input: Mutex::new(None),
+        };
         xs.contiguous()?.apply_op3(conv.weight(), &packed, fused)
     })
+    .map(Some)
 }
 
 /// The BatchNorm's values per channel (`batch · out_h · out_w`) where the shapes and dtypes let
@@ -107,14 +155,19 @@ enum Saved {
     Tensor(Tensor),
 }
 
-/// `(x, w, [bias | γ | β]) -> bn(conv(x))` (then ReLU): the convolution op and the BatchNorm op
-/// run back to back, and backward chains their backwards without a graph node between them.
+/// `(x, w, [bias | γ | β]) -> bn(conv(x))` (then ReLU, then the max-pool when `pool` is set):
+/// the ops run back to back, and backward chains their backwards without a graph node between
+/// them.
 #[derive(Debug)]
 struct ConvBatchNorm {
     conv: Im2colConv,
     bn: FusedBatchNorm,
     channels: usize,
+    pool: Option<MaxPool2d>,
+    /// The convolution's output.
     saved: Mutex<Option<Saved>>,
+    /// The BatchNorm's output, the pool's input, when there is a pool.
+    pool_input: Mutex<Option<Saved>>,
 }
 
 impl ConvBatchNorm {
@@ -139,8 +192,12 @@ impl ConvBatchNorm {
 
     /// The convolution's output as a tensor (made once, on the first backward).
     fn conv_output(&self) -> candle_core::Result<Tensor> {
-        let mut slot =
-            self.saved.lock().map_err(|_| candle_core::Error::Msg("conv-batch-norm lock poisoned".into()))?;
+        Self::tensor(&self.saved)
+    }
+
+    /// A kept output as a tensor (made once, on the first backward).
+    fn tensor(saved: &Mutex<Option<Saved>>) -> candle_core::Result<Tensor> {
+        let mut slot = saved.lock().map_err(|_| candle_core::Error::Msg("conv-batch-norm lock poisoned".into()))?;
         let tensor = match slot.take() {
             Some(Saved::Tensor(t)) => t,
             Some(Saved::Storage(CpuStorage::F32(v), shape)) => Tensor::from_vec(v, shape, &Device::Cpu)?,
@@ -173,9 +230,16 @@ impl CustomOp3 for ConvBatchNorm {
         let vector = Layout::contiguous(self.channels);
         let (y, shape) = self.conv.cpu_fwd(s1, l1, s2, l2, &bias, &vector)?;
         let (z, _) = self.bn.cpu_fwd(&y, &Layout::contiguous(&shape), &gamma, &vector, &beta, &vector)?;
-        *self.saved.lock().map_err(|_| candle_core::Error::Msg("conv-batch-norm lock poisoned".into()))? =
-            Some(Saved::Storage(y, shape.clone()));
-        Ok((z, shape))
+        let keep = |slot: &Mutex<Option<Saved>>, storage: CpuStorage| -> candle_core::Result<()> {
+            *slot.lock().map_err(|_| candle_core::Error::Msg("conv-batch-norm lock poisoned".into()))? =
+                Some(Saved::Storage(storage, shape.clone()));
+            Ok(())
+        };
+        keep(&self.saved, y)?;
+        let Some(pool) = self.pool else { return Ok((z, shape)) };
+        let pooled = pool.cpu_fwd(&z, &Layout::contiguous(&shape))?;
+        keep(&self.pool_input, z)?;
+        Ok(pooled)
     }
 
     fn bwd(
@@ -183,12 +247,19 @@ impl CustomOp3 for ConvBatchNorm {
         x: &Tensor,
         w: &Tensor,
         packed: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let c = self.channels;
+        // Through the pool first: the gradient of its input, the BatchNorm's output.
+        let grad = match self.pool {
+            Some(pool) => {
+                Self::tensor(&self.pool_input)?.apply_op3_no_bwd(res, &grad.contiguous()?, &MaxPool2dBackward(pool))?
+            }
+            None => grad.clone(),
+        };
         let y = self.conv_output()?;
-        let [dy, dgamma, dbeta] = self.bn.backward(&y, &packed.narrow(0, c, c)?, grad)?;
+        let [dy, dgamma, dbeta] = self.bn.backward(&y, &packed.narrow(0, c, c)?, &grad)?;
         let bias = packed.narrow(0, 0, c)?;
         let (dx, dw, dbias) = self.conv.bwd(x, w, &bias, &y, &dy)?;
         let dbias = match dbias {
@@ -383,6 +454,64 @@ mod tests {
             }
         }
         assert!(folded_cases > 0, "no case ran folded in evaluation");
+        Ok(())
+    }
+
+    /// The stem's node with its max-pool against the layers one after the other (convolution,
+    /// BatchNorm with ReLU, pool) on twin layers: output, the gradients of the input and of the
+    /// four trained parameters, and the running statistics, bit for bit, in f32 and f64, for
+    /// d2l's 7×7/2 stem and a 3×3 Winograd shape; in evaluation the pool after [`conv_bn`].
+    #[test]
+    fn stem_node_with_its_pool_equals_the_layers() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let pool = MaxPool2d::d2l_stem();
+        for &(b, h, cin, cout, k, s, p) in &[(2, 16, 1, 4, 7, 2, 3), (3, 8, 3, 5, 3, 1, 1)] {
+            for dtype in [DType::F32, DType::F64] {
+                let case = (b, h, cin, cout, k, s, p, dtype);
+                let cfg = Conv2dConfig { in_channels: cin, out_channels: cout, kernel_size: k, stride: s, padding: p };
+                let layers = |map: &VarMap| -> candle_core::Result<(Conv2d, BatchNorm)> {
+                    let vb = VarBuilder::from_varmap(map, dtype, &dev);
+                    let mut conv = Conv2d::new(cfg, vb.pp("conv"))?;
+                    conv.set_algorithm(ConvAlgorithm::Winograd);
+                    Ok((conv, BatchNorm::new(cout, vb.pp("bn"))?))
+                };
+                let (map, twin_map) = (VarMap::new(), VarMap::new());
+                let ((conv, bn), (twin_conv, twin_bn)) = (layers(&map)?, layers(&twin_map)?);
+                for (name, var) in map.data().lock().expect("vars").iter() {
+                    let shift = if name == "bn.weight" || name == "bn.bias" { 0.3 } else { 0.0 };
+                    let value = (var.as_tensor() + shift)?;
+                    var.set(&value)?;
+                    twin_map.data().lock().expect("vars")[name].set(&value)?;
+                }
+                let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, h, h, cin), &dev)?.to_dtype(dtype)?)?;
+                let fused = conv_bn_pool(&conv, &bn, pool, x.as_tensor(), true, GpuOps::default())?;
+                let apart = pool.forward(&twin_bn.forward_act(&twin_conv.forward(x.as_tensor())?, true, true)?)?;
+                let same = |a: &Tensor, b: &Tensor| -> candle_core::Result<f64> {
+                    (a - b)?.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()
+                };
+                assert_eq!(fused.dims(), apart.dims(), "{case:?}");
+                assert_eq!(same(&fused, &apart)?, 0.0, "forward differs for {case:?}");
+                let probe = Tensor::randn(0f32, 1., fused.shape(), &dev)?.to_dtype(dtype)?;
+                let g1 = (fused * &probe)?.sum_all()?.backward()?;
+                let g2 = (apart * &probe)?.sum_all()?.backward()?;
+                let pairs = [
+                    ("input", x.as_tensor(), x.as_tensor()),
+                    ("conv weight", conv.weight(), twin_conv.weight()),
+                    ("conv bias", conv.bias(), twin_conv.bias()),
+                    ("bn weight", bn.weight(), twin_bn.weight()),
+                    ("bn bias", bn.bias(), twin_bn.bias()),
+                ];
+                for (name, a, b) in pairs {
+                    let d = same(g1.get(a).expect("grad"), g2.get(b).expect("grad"))?;
+                    assert_eq!(d, 0.0, "{name} gradient differs for {case:?}");
+                }
+                assert_eq!(same(bn.running_mean(), twin_bn.running_mean())?, 0.0, "running mean {case:?}");
+                assert_eq!(same(bn.running_var(), twin_bn.running_var())?, 0.0, "running var {case:?}");
+                let eval = conv_bn_pool(&conv, &bn, pool, x.as_tensor(), false, GpuOps::default())?;
+                let want = pool.forward(&conv_bn(&conv, &bn, x.as_tensor(), false, true)?)?;
+                assert_eq!(same(&eval, &want)?, 0.0, "evaluation differs for {case:?}");
+            }
+        }
         Ok(())
     }
 

@@ -229,7 +229,7 @@ impl CustomOp1 for MaxPool2d {
 
 /// The input gradient of [`MaxPool2d`]: `(input, output, output gradient) -> input gradient`.
 #[derive(Debug, Clone, Copy)]
-struct MaxPool2dBackward(MaxPool2d);
+pub(crate) struct MaxPool2dBackward(pub(crate) MaxPool2d);
 
 impl CustomOp3 for MaxPool2dBackward {
     fn name(&self) -> &'static str {
