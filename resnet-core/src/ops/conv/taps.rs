@@ -188,16 +188,15 @@ struct Weight<'a, T: WithDType> {
     ohwi: std::cell::OnceCell<Vec<T>>,
     hwio: std::cell::OnceCell<Vec<T>>,
     out: usize,
-    /// Whether the whole weight is reordered, because the classes together read at least as
-    /// many taps as it has (compact classes of one pixel then read it in place, larger ones
-    /// copy from it); else (the centre tap alone of a 1×1 image) compact classes read the
-    /// stored weight, only their taps.
+    /// Whether some class reads the whole weight in place (so the reordered copies are made
+    /// anyway: compact classes of one pixel read them in place too, larger ones copy from
+    /// them); else compact classes read the stored weight, only their taps.
     in_place: bool,
 }
 
 impl<'a, T: WithDType> Weight<'a, T> {
     fn new(oihw: &'a [T], out: usize, win: &Window, classes: &[TapClass]) -> Self {
-        let in_place = reads_every_tap(win, classes);
+        let in_place = classes.iter().any(|class| !compact(win, class));
         Self { oihw, ohwi: std::cell::OnceCell::new(), hwio: std::cell::OnceCell::new(), out, in_place }
     }
 
@@ -268,17 +267,11 @@ impl<T: WithDType> Drop for Weight<'_, T> {
     }
 }
 
-/// Whether the classes together read at least as many taps as the kernel has (every window but
-/// that of the centre tap alone on a 1×1 image), so reordering the whole weight once costs no
-/// more than reading each class's taps from the stored layout.
-fn reads_every_tap(win: &Window, classes: &[TapClass]) -> bool {
-    classes.iter().map(TapClass::taps).sum::<usize>() >= win.kh * win.kw
-}
-
 /// Whether a class is compact: fewer than half the kernel's taps (a corner, or the centre tap
 /// alone on a 1×1 image), whose columns would be read scattered over the whole weight. Such a
 /// class reads a copy of its weight columns unless the whole weight is reordered anyway
-/// ([`copies_weight`]).
+/// ([`copies_weight`]); the weight gradient of a convolution whose classes are all compact is
+/// added into the stored layout, their taps only.
 fn compact(win: &Window, class: &TapClass) -> bool {
     2 * class.taps() < win.kh * win.kw
 }
@@ -495,9 +488,9 @@ pub fn conv<T: WithDType>(x: &[T], w: &[T], bias: &[T], win: &Window) -> Vec<T> 
 pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) -> Vec<T> {
     let (c, taps, wrow) = (win.c, win.kh * win.kw, win.patch_len());
     let classes = classes(win);
-    if !reads_every_tap(win, &classes) {
-        // A few taps in all: each class's product is added straight into the stored layout,
-        // its taps only.
+    if classes.iter().all(|class| compact(win, class)) {
+        // Every class has a few taps: each class's product is added straight into the stored
+        // layout, its taps only.
         let mut dw = scratch::zeroed(out * wrow);
         for class in &classes {
             let cp = class_patches(x, win, class, true);
