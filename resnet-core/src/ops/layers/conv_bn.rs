@@ -373,6 +373,68 @@ mod tests {
     use candle_core::{DType, Module, Var};
     use candle_nn::{ModuleT, VarBuilder, VarMap};
 
+    /// Two convolution-BatchNorm pairs holding the same values in separate variables (γ and β
+    /// moved off their 1 and 0 starts), so each side has its own gradients and running
+    /// statistics.
+    fn twin_layers(
+        cfg: Conv2dConfig,
+        dtype: DType,
+        algorithm: ConvAlgorithm,
+    ) -> candle_core::Result<[(Conv2d, BatchNorm); 2]> {
+        let dev = Device::Cpu;
+        let maps = [VarMap::new(), VarMap::new()];
+        let layers = |map: &VarMap| -> candle_core::Result<(Conv2d, BatchNorm)> {
+            let vb = VarBuilder::from_varmap(map, dtype, &dev);
+            let mut conv = Conv2d::new(cfg, vb.pp("conv"))?;
+            conv.set_algorithm(algorithm);
+            Ok((conv, BatchNorm::new(cfg.out_channels, vb.pp("bn"))?))
+        };
+        let twins = [layers(&maps[0])?, layers(&maps[1])?];
+        for (name, var) in maps[0].data().lock().expect("vars").iter() {
+            let shift = if name == "bn.weight" || name == "bn.bias" { 0.3 } else { 0.0 };
+            let value = (var.as_tensor() + shift)?;
+            var.set(&value)?;
+            maps[1].data().lock().expect("vars")[name].set(&value)?;
+        }
+        Ok(twins)
+    }
+
+    /// The largest absolute difference of two tensors.
+    fn max_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()
+    }
+
+    /// `fused` (from the first twin) and `apart` (from the second) agree bit for bit: the
+    /// outputs, the gradients of `x` and of the four trained parameters under one random probe,
+    /// and the running statistics.
+    fn assert_twins_agree(
+        fused: Tensor,
+        apart: Tensor,
+        x: &Var,
+        [(conv, bn), (twin_conv, twin_bn)]: &[(Conv2d, BatchNorm); 2],
+        case: &str,
+    ) -> candle_core::Result<()> {
+        assert_eq!(fused.dims(), apart.dims(), "{case}");
+        assert_eq!(max_diff(&fused, &apart)?, 0.0, "forward differs for {case}");
+        let probe = Tensor::randn(0f32, 1., fused.shape(), &Device::Cpu)?.to_dtype(fused.dtype())?;
+        let g1 = (fused * &probe)?.sum_all()?.backward()?;
+        let g2 = (apart * &probe)?.sum_all()?.backward()?;
+        let pairs = [
+            ("input", x.as_tensor(), x.as_tensor()),
+            ("conv weight", conv.weight(), twin_conv.weight()),
+            ("conv bias", conv.bias(), twin_conv.bias()),
+            ("bn weight", bn.weight(), twin_bn.weight()),
+            ("bn bias", bn.bias(), twin_bn.bias()),
+        ];
+        for (name, a, b) in pairs {
+            let d = max_diff(g1.get(a).expect("grad"), g2.get(b).expect("grad"))?;
+            assert_eq!(d, 0.0, "{name} gradient differs for {case}");
+        }
+        assert_eq!(max_diff(bn.running_mean(), twin_bn.running_mean())?, 0.0, "running mean {case}");
+        assert_eq!(max_diff(bn.running_var(), twin_bn.running_var())?, 0.0, "running var {case}");
+        Ok(())
+    }
+
     /// The fused node against the two layers run one after the other, on twin layers with the
     /// same parameters: output, the gradients of the input and of all five parameters, and the
     /// running statistics, in f32 and f64, with and without ReLU, for the Winograd, in-bounds
@@ -388,67 +450,30 @@ mod tests {
         for &(b, h, w, cin, cout, k, s, p) in &cases {
             for dtype in [DType::F32, DType::F64] {
                 for (relu, algorithm) in [(true, ConvAlgorithm::Winograd), (false, ConvAlgorithm::Im2col)] {
-                    let case = (b, h, w, cin, cout, k, s, p, dtype, relu, algorithm);
+                    let case = format!("{:?}", (b, h, w, cin, cout, k, s, p, dtype, relu, algorithm));
                     let cfg =
                         Conv2dConfig { in_channels: cin, out_channels: cout, kernel_size: k, stride: s, padding: p };
-                    let map = VarMap::new();
-                    let vb = VarBuilder::from_varmap(&map, dtype, &dev);
-                    let mut conv = Conv2d::new(cfg, vb.pp("conv"))?;
-                    conv.set_algorithm(algorithm);
-                    let bn = BatchNorm::new(cout, vb.pp("bn"))?;
-                    // Twins: the same values in separate variables, so each side has its own
-                    // gradients and running statistics.
-                    let twin_map = VarMap::new();
-                    let twin_vb = VarBuilder::from_varmap(&twin_map, dtype, &dev);
-                    let mut twin_conv = Conv2d::new(cfg, twin_vb.pp("conv"))?;
-                    twin_conv.set_algorithm(algorithm);
-                    let twin_bn = BatchNorm::new(cout, twin_vb.pp("bn"))?;
-                    for (name, var) in map.data().lock().expect("vars").iter() {
-                        // γ and β away from their 1 and 0 starts.
-                        let shift = if name == "bn.weight" || name == "bn.bias" { 0.3 } else { 0.0 };
-                        let value = (var.as_tensor() + shift)?;
-                        var.set(&value)?;
-                        twin_map.data().lock().expect("vars")[name].set(&value)?;
-                    }
+                    let twins = twin_layers(cfg, dtype, algorithm)?;
+                    let [(conv, bn), (twin_conv, twin_bn)] = &twins;
                     let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, h, w, cin), &dev)?.to_dtype(dtype)?)?;
                     // The fused node runs (not the fallback, which would compare the layers with themselves).
                     assert!(
-                        conv.cpu_op(x.as_tensor()).is_some() && fused_rows(&conv, &bn, x.as_tensor())?.is_some(),
-                        "{case:?}"
+                        conv.cpu_op(x.as_tensor()).is_some() && fused_rows(conv, bn, x.as_tensor())?.is_some(),
+                        "{case}"
                     );
-                    let fused = conv_bn(&conv, &bn, x.as_tensor(), true, relu)?;
+                    let fused = conv_bn(conv, bn, x.as_tensor(), true, relu)?;
                     let apart = twin_bn.forward_act(&twin_conv.forward(x.as_tensor())?, true, relu)?;
-                    let same = |a: &Tensor, b: &Tensor| -> candle_core::Result<f64> {
-                        (a - b)?.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()
-                    };
-                    assert_eq!(same(&fused, &apart)?, 0.0, "forward differs for {case:?}");
-                    let probe = Tensor::randn(0f32, 1., fused.shape(), &dev)?.to_dtype(dtype)?;
-                    let g1 = (fused * &probe)?.sum_all()?.backward()?;
-                    let g2 = (apart * &probe)?.sum_all()?.backward()?;
-                    let gx = same(g1.get(x.as_tensor()).expect("dx"), g2.get(x.as_tensor()).expect("dx"))?;
-                    assert_eq!(gx, 0.0, "input gradient differs for {case:?}");
-                    let pairs = [
-                        ("conv weight", conv.weight(), twin_conv.weight()),
-                        ("conv bias", conv.bias(), twin_conv.bias()),
-                        ("bn weight", bn.weight(), twin_bn.weight()),
-                        ("bn bias", bn.bias(), twin_bn.bias()),
-                    ];
-                    for (name, a, b) in pairs {
-                        let d = same(g1.get(a).expect("grad"), g2.get(b).expect("grad"))?;
-                        assert_eq!(d, 0.0, "{name} gradient differs for {case:?}");
-                    }
-                    assert_eq!(same(bn.running_mean(), twin_bn.running_mean())?, 0.0, "running mean {case:?}");
-                    assert_eq!(same(bn.running_var(), twin_bn.running_var())?, 0.0, "running var {case:?}");
+                    assert_twins_agree(fused, apart, &x, &twins, &case)?;
                     assert_eq!(bn.num_batches_tracked().to_dtype(DType::F64)?.to_scalar::<f64>()?, 1.0);
                     // Evaluation mode: folded where that pays, else the layers one after the
                     // other (then bit-identical).
-                    let eval = conv_bn(&conv, &bn, x.as_tensor(), false, relu)?;
+                    let eval = conv_bn(conv, bn, x.as_tensor(), false, relu)?;
                     let want = bn.forward_t(&conv.forward_t(x.as_tensor(), false)?, false)?;
                     let want = if relu { want.relu()? } else { want };
-                    if folds(&conv, &bn, x.as_tensor())? {
+                    if folds(conv, bn, x.as_tensor())? {
                         folded_cases += 1;
                     } else {
-                        assert_eq!(same(&eval, &want)?, 0.0, "evaluation differs for {case:?}");
+                        assert_eq!(max_diff(&eval, &want)?, 0.0, "evaluation differs for {case}");
                     }
                 }
             }
@@ -467,49 +492,17 @@ mod tests {
         let pool = MaxPool2d::d2l_stem();
         for &(b, h, cin, cout, k, s, p) in &[(2, 16, 1, 4, 7, 2, 3), (3, 8, 3, 5, 3, 1, 1)] {
             for dtype in [DType::F32, DType::F64] {
-                let case = (b, h, cin, cout, k, s, p, dtype);
+                let case = format!("{:?}", (b, h, cin, cout, k, s, p, dtype));
                 let cfg = Conv2dConfig { in_channels: cin, out_channels: cout, kernel_size: k, stride: s, padding: p };
-                let layers = |map: &VarMap| -> candle_core::Result<(Conv2d, BatchNorm)> {
-                    let vb = VarBuilder::from_varmap(map, dtype, &dev);
-                    let mut conv = Conv2d::new(cfg, vb.pp("conv"))?;
-                    conv.set_algorithm(ConvAlgorithm::Winograd);
-                    Ok((conv, BatchNorm::new(cout, vb.pp("bn"))?))
-                };
-                let (map, twin_map) = (VarMap::new(), VarMap::new());
-                let ((conv, bn), (twin_conv, twin_bn)) = (layers(&map)?, layers(&twin_map)?);
-                for (name, var) in map.data().lock().expect("vars").iter() {
-                    let shift = if name == "bn.weight" || name == "bn.bias" { 0.3 } else { 0.0 };
-                    let value = (var.as_tensor() + shift)?;
-                    var.set(&value)?;
-                    twin_map.data().lock().expect("vars")[name].set(&value)?;
-                }
+                let twins = twin_layers(cfg, dtype, ConvAlgorithm::Winograd)?;
+                let [(conv, bn), (twin_conv, twin_bn)] = &twins;
                 let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, h, h, cin), &dev)?.to_dtype(dtype)?)?;
-                let fused = conv_bn_pool(&conv, &bn, pool, x.as_tensor(), true, GpuOps::default())?;
+                let fused = conv_bn_pool(conv, bn, pool, x.as_tensor(), true, GpuOps::default())?;
                 let apart = pool.forward(&twin_bn.forward_act(&twin_conv.forward(x.as_tensor())?, true, true)?)?;
-                let same = |a: &Tensor, b: &Tensor| -> candle_core::Result<f64> {
-                    (a - b)?.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()
-                };
-                assert_eq!(fused.dims(), apart.dims(), "{case:?}");
-                assert_eq!(same(&fused, &apart)?, 0.0, "forward differs for {case:?}");
-                let probe = Tensor::randn(0f32, 1., fused.shape(), &dev)?.to_dtype(dtype)?;
-                let g1 = (fused * &probe)?.sum_all()?.backward()?;
-                let g2 = (apart * &probe)?.sum_all()?.backward()?;
-                let pairs = [
-                    ("input", x.as_tensor(), x.as_tensor()),
-                    ("conv weight", conv.weight(), twin_conv.weight()),
-                    ("conv bias", conv.bias(), twin_conv.bias()),
-                    ("bn weight", bn.weight(), twin_bn.weight()),
-                    ("bn bias", bn.bias(), twin_bn.bias()),
-                ];
-                for (name, a, b) in pairs {
-                    let d = same(g1.get(a).expect("grad"), g2.get(b).expect("grad"))?;
-                    assert_eq!(d, 0.0, "{name} gradient differs for {case:?}");
-                }
-                assert_eq!(same(bn.running_mean(), twin_bn.running_mean())?, 0.0, "running mean {case:?}");
-                assert_eq!(same(bn.running_var(), twin_bn.running_var())?, 0.0, "running var {case:?}");
-                let eval = conv_bn_pool(&conv, &bn, pool, x.as_tensor(), false, GpuOps::default())?;
-                let want = pool.forward(&conv_bn(&conv, &bn, x.as_tensor(), false, true)?)?;
-                assert_eq!(same(&eval, &want)?, 0.0, "evaluation differs for {case:?}");
+                assert_twins_agree(fused, apart, &x, &twins, &case)?;
+                let eval = conv_bn_pool(conv, bn, pool, x.as_tensor(), false, GpuOps::default())?;
+                let want = pool.forward(&conv_bn(conv, bn, x.as_tensor(), false, true)?)?;
+                assert_eq!(max_diff(&eval, &want)?, 0.0, "evaluation differs for {case}");
             }
         }
         Ok(())
