@@ -157,10 +157,14 @@ struct Segment {
     len: usize,
 }
 
-/// The class's taps as weight segments: one when the class spans whole kernel rows, else one
-/// per kernel row. The products read the weight in place through them (no copy per class).
-fn segments(win: &Window, class: &TapClass) -> Vec<Segment> {
+/// The class's taps as weight segments: one over a compact copy of its weight columns (`compact`)
+/// or when the class spans whole kernel rows, else one per kernel row. The products read the
+/// whole weight in place through them (no copy per class).
+fn segments(win: &Window, class: &TapClass, compact: bool) -> Vec<Segment> {
     let c = win.c;
+    if compact {
+        return vec![Segment { col: 0, offset: 0, len: class.taps() * c }];
+    }
     if class.kx.len() == win.kw {
         return vec![Segment { col: 0, offset: class.ky.start * win.kw * c, len: class.taps() * c }];
     }
@@ -381,13 +385,8 @@ fn class_patches<'a, T: WithDType>(
     if let Some(parts) = one_pixel_parts(win, class, compact_weight) {
         return ClassPatches { data: Cow::Borrowed(x), stride: win.h * win.w * win.c, parts };
     }
-    let len = class.taps() * win.c;
-    let parts = if compact_weight {
-        vec![Part { seg: Segment { col: 0, offset: 0, len }, at: 0 }]
-    } else {
-        segments(win, class).into_iter().map(|seg| Part { at: seg.col, seg }).collect()
-    };
-    ClassPatches { data: Cow::Owned(gather_cols(x, win, class)), stride: len, parts }
+    let parts = segments(win, class, compact_weight).into_iter().map(|seg| Part { at: seg.col, seg }).collect();
+    ClassPatches { data: Cow::Owned(gather_cols(x, win, class)), stride: class.taps() * win.c, parts }
 }
 
 /// The class's pixels as indices into one image's `oh · ow` outputs, in [`gather_cols`]' order.
@@ -555,7 +554,7 @@ pub fn input_grad<T: WithDType>(dy: &[T], w: &[T], win: &Window, out: usize) -> 
             }
         } else {
             let kc = class.taps() * win.c;
-            let segs = if cw.compact { vec![Segment { col: 0, offset: 0, len: kc }] } else { segments(win, class) };
+            let segs = segments(win, class, cw.compact);
             // Every column is written: the segments cover the class's taps.
             let mut dcols = scratch::take(rc * kc);
             for seg in &segs {
