@@ -198,6 +198,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         a.device,
         a.threads
     );
+    let stat_start = std::fs::read_to_string("/proc/stat").ok();
     let mut rows = Vec::new();
     for cfg in &configs {
         let mut ours = Vec::new();
@@ -238,6 +239,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
         });
     }
     print_table(&rows, peak, &cpu, &a);
+    // The host's speed, measured again: a figure is a ratio within one invocation, and one
+    // taken while the host slowed or lent the cores elsewhere orders nothing.
+    let peak_end = matmul_peak_gflops(a.threads, &device, a.precision)?;
+    let stat_end = std::fs::read_to_string("/proc/stat").ok();
+    let steal = stat_start.as_deref().zip(stat_end.as_deref()).and_then(|(s, e)| steal_fraction(s, e));
+    let steal_text =
+        steal.map(|f| format!("{:.1} % of the time stolen", 100.0 * f)).unwrap_or("steal time unknown".into());
+    println!("host: matmul peak {peak:.0} GFLOP/s before, {peak_end:.0} after; {steal_text}");
+    if let Some(warning) = host_warning(peak, peak_end, steal) {
+        println!("warning: {warning}");
+    }
     let report = serde_json::json!({
         "date": chrono_free_date(),
         "cpu": cpu,
@@ -247,6 +259,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "precision": a.precision.name(),
         "tf32": a.tf32,
         "matmul_peak_gflops": peak,
+        "matmul_peak_gflops_after": peak_end,
+        "steal_fraction": steal,
         "rows": rows,
     });
     let path = a.json.clone().unwrap_or_else(|| workspace_root().join("target/bench/bench.json"));
@@ -436,6 +450,38 @@ fn matmul_peak_gflops(threads: usize, device: &Device, precision: PrecisionArg) 
     Ok(2.0 * (n as f64).powi(3) / best / 1e9)
 }
 
+/// The share of the machine's time the hypervisor gave to others (`steal`) between two
+/// readings of `/proc/stat`, from their `cpu` lines; `None` if either lacks one or no time passed.
+fn steal_fraction(before: &str, after: &str) -> Option<f64> {
+    // user nice system idle iowait irq softirq steal (guest time is counted in user and nice).
+    let ticks = |stat: &str| -> Option<Vec<u64>> {
+        let line = stat.lines().find(|l| l.split_whitespace().next() == Some("cpu"))?;
+        let fields: Vec<u64> =
+            line.split_whitespace().skip(1).take(8).map(|v| v.parse().ok()).collect::<Option<_>>()?;
+        (fields.len() == 8).then_some(fields)
+    };
+    let (b, e) = (ticks(before)?, ticks(after)?);
+    let delta: Vec<u64> = e.iter().zip(&b).map(|(e, b)| e.saturating_sub(*b)).collect();
+    let total: u64 = delta.iter().sum();
+    (total > 0).then(|| delta[7] as f64 / total as f64)
+}
+
+/// Why this invocation's figures say little, if they do: the matrix-product peak moved by more
+/// than a fifth between the start and the end, or more than 2 % of the time was stolen.
+fn host_warning(peak_before: f64, peak_after: f64, steal: Option<f64>) -> Option<String> {
+    let mut reasons = Vec::new();
+    let change = peak_after / peak_before;
+    if !(0.8..=1.25).contains(&change) {
+        reasons.push(format!("the matmul peak moved from {peak_before:.0} to {peak_after:.0} GFLOP/s"));
+    }
+    if let Some(f) = steal.filter(|&f| f > 0.02) {
+        reasons.push(format!("the hypervisor took {:.1} % of the time", 100.0 * f));
+    }
+    (!reasons.is_empty()).then(|| {
+        format!("{}: the host was not steady during the run, so its ratios are not comparable with other runs'; run it again", reasons.join(" and "))
+    })
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return 0.0;
@@ -553,5 +599,28 @@ mod tests {
         assert!(parse_config("eval:4:128").is_err());
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn steal_is_the_share_of_the_ticks_between_two_readings() {
+        let before = "cpu  100 0 20 800 5 0 1 10 0 0\ncpu0 50 0 10 400 2 0 0 5 0 0\n";
+        let after = "cpu  150 0 30 960 5 0 1 40 0 0\ncpu0 75 0 15 480 2 0 0 20 0 0\n";
+        // 50 + 10 + 160 + 30 ticks passed, 30 of them stolen.
+        let f = steal_fraction(before, after).expect("both readings have a cpu line");
+        assert!((f - 30.0 / 250.0).abs() < 1e-12, "{f}");
+        assert_eq!(steal_fraction(before, before), None, "no time passed");
+        assert_eq!(steal_fraction("intr 1 2 3\n", after), None, "no cpu line");
+        assert_eq!(steal_fraction("cpu  1 2 3\n", after), None, "a truncated cpu line");
+    }
+
+    #[test]
+    fn a_moving_peak_or_stolen_time_is_warned_about() {
+        assert_eq!(host_warning(170.0, 160.0, Some(0.001)), None);
+        assert_eq!(host_warning(170.0, 160.0, None), None);
+        let slowed = host_warning(170.0, 92.0, Some(0.001)).expect("the peak fell by almost half");
+        assert!(slowed.contains("from 170 to 92 GFLOP/s"), "{slowed}");
+        let stolen = host_warning(170.0, 170.0, Some(0.05)).expect("5 % stolen");
+        assert!(stolen.contains("5.0 %") && !stolen.contains("peak moved"), "{stolen}");
+        assert!(host_warning(100.0, 130.0, Some(0.03)).expect("both").contains(" and "));
     }
 }
