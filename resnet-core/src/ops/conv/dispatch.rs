@@ -29,8 +29,8 @@ use crate::ops::plumbing::weight_layout::{ohwi_to_oihw, oihw_to_ohwi};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ConvAlgorithm {
-    /// The fastest algorithm per shape on the CPU: Winograd F(2×2, 3×3) or F(4×4, 3×3) for the
-    /// 3×3 stride-1 convolutions (forward and both gradients), products over the in-bounds kernel
+    /// The fastest algorithm per shape on the CPU: Winograd F(2×2, 3×3), F(3×3, 3×3) or
+    /// F(4×4, 3×3) for the 3×3 stride-1 convolutions (forward and both gradients), products over the in-bounds kernel
     /// taps alone where padding is a large share of the work (the small images of the last
     /// stages), direct accumulation for one input channel (the stem), and im2col for the rest.
     #[default]
@@ -54,7 +54,7 @@ pub(crate) struct Im2colConv {
     pad: usize,
     /// Use Winograd where it applies (3×3, stride 1, padding 1, images of at least 4×4).
     winograd: bool,
-    /// Let the forward take F(4×4) where it is faster ([`winograd::Tile::choose_for_evaluation`])
+    /// Let the forward take a larger tile where it is faster ([`winograd::Tile::choose_for_evaluation`])
     /// instead of F(2×2): for evaluation-mode forwards, whose outputs train nothing.
     free_forward_tile: bool,
     /// ReLU on the output ([`Im2colConv::with_relu`]).
@@ -67,8 +67,8 @@ impl Im2colConv {
         Self { kernel, stride, pad, winograd, free_forward_tile: false, relu: false }
     }
 
-    /// The same op for an evaluation-mode forward: Winograd's forward may use F(4×4, 3×3), as the
-    /// gradients do. Training forwards stay on F(2×2) (see `cpu_fwd`); an evaluation's logits
+    /// The same op for an evaluation-mode forward: Winograd's forward may use a larger tile, as the
+    /// gradients do. Training forwards stay on F(2×2) (see `forward_algo`); an evaluation's logits
     /// feed no update, so the rounding argument that keeps training there does not apply.
     pub(crate) fn for_evaluation(self) -> Self {
         Self { free_forward_tile: true, ..self }
@@ -84,18 +84,8 @@ impl Im2colConv {
     fn forward<T: WithDType>(&self, algo: Option<Algo>, x: &[T], w_oihw: &[T], b: &[T], win: &Window) -> Vec<T> {
         let ohwi = || oihw_to_ohwi(w_oihw, b.len(), win.c, win.kh * win.kw);
         let mut y = match algo {
-            // A training forward stays on F(2×2): F(4×4)'s larger transform constants round
-            // enough that a whole batch and the same images in two micro-batches (the products'
-            // blocking depends on the batch size) give updates further apart than gradient
-            // accumulation's tolerance; F(2×2) keeps them within it. Evaluation forwards take
-            // `Tile::choose_for_evaluation`'s tile, the gradients `Tile::choose`'s.
-            Some(Algo::Winograd(_)) => {
+            Some(Algo::Winograd(tile)) => {
                 let dims = (win.batch, win.h, win.w, win.c);
-                let tile = if self.free_forward_tile {
-                    winograd::Tile::choose_for_evaluation(win.h, win.w)
-                } else {
-                    winograd::Tile::F2
-                };
                 return winograd::conv3x3(
                     x,
                     winograd::Filters::Stored(w_oihw),
@@ -130,9 +120,28 @@ impl Im2colConv {
         self.kernel == 1 && self.stride == 1 && self.pad == 0
     }
 
-    /// The fast algorithm for this shape, if any: direct accumulation for one input channel,
-    /// Winograd where it applies, else the in-bounds taps where padding is a large share of
-    /// im2col's work.
+    /// The forward's algorithm: the gradients' ([`Im2colConv::algo`]), with Winograd's tile its
+    /// own. Evaluation forwards take [`winograd::Tile::choose_for_evaluation`]'s tile. A training
+    /// forward stays on F(2×2): larger tiles' transform constants round enough that a whole batch
+    /// and the same images in two micro-batches (the products' blocking depends on the batch
+    /// size) give updates further apart than gradient accumulation's tolerance; F(2×2) keeps them
+    /// within it. On images below 4 pixels a side, where F(2×2)'s tiles overhang the image (64
+    /// multiplies per channel pair for a 3×3 image), a training forward takes the in-bounds taps
+    /// (49) instead.
+    fn forward_algo(&self, win: &Window) -> Option<Algo> {
+        match self.algo(win) {
+            Some(Algo::Winograd(_)) if self.free_forward_tile => {
+                Some(Algo::Winograd(winograd::Tile::choose_for_evaluation(win.h, win.w)))
+            }
+            Some(Algo::Winograd(_)) if win.h < 4 || win.w < 4 => taps::applies(win).then_some(Algo::Taps),
+            Some(Algo::Winograd(_)) => Some(Algo::Winograd(winograd::Tile::F2)),
+            other => other,
+        }
+    }
+
+    /// The fast algorithm for this shape's gradients, if any: direct accumulation for one input
+    /// channel, Winograd where it applies (with [`winograd::Tile::choose`]'s tile), else the
+    /// in-bounds taps where padding is a large share of im2col's work.
     fn algo(&self, win: &Window) -> Option<Algo> {
         if !self.winograd {
             None
@@ -151,7 +160,7 @@ impl Im2colConv {
 /// The algorithms beside plain im2col.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Algo {
-    /// Winograd F(2×2, 3×3) or F(4×4, 3×3) ([`winograd`]).
+    /// Winograd F(m×m, 3×3) with m = 2, 3 or 4 ([`winograd`]).
     Winograd(winograd::Tile),
     /// One product per class of in-bounds kernel taps ([`taps`]).
     Taps,
@@ -245,7 +254,7 @@ impl CustomOp3 for Im2colConv {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let win = self.window(l1)?;
-        let algo = self.algo(&win);
+        let algo = self.forward_algo(&win);
         // The profile names the algorithm that ran (the one-channel "direct" case runs im2col's
         // product in the forward, see below).
         let name = match algo {
@@ -380,16 +389,16 @@ impl ConvGrad {
         let win = &self.win;
         let (taps, cout) = (win.kh * win.kw, self.cout);
         let dims = (win.batch, win.h, win.w, win.c);
-        // The Winograd and direct kernels take `(out, kh, kw, in)`; the taps read and write the
-        // stored layout themselves.
+        // The direct kernels take and give `(out, kh, kw, in)`; Winograd and the taps read and
+        // write the stored layout themselves.
         let ohwi = || oihw_to_ohwi(b, cout, win.c, taps);
         let oihw = |dw: Vec<T>| ohwi_to_oihw(&dw, cout, win.c, taps).into_owned();
         match (self.algo, self.wrt) {
             (Algo::Winograd(tile), Wrt::Input) => {
                 let (n, h, w, _) = dims;
-                winograd::conv3x3(a, winograd::Filters::Adjoint(&ohwi()), None, (n, h, w, cout), win.c, tile, false)
+                winograd::conv3x3(a, winograd::Filters::Adjoint(b), None, (n, h, w, cout), win.c, tile, false)
             }
-            (Algo::Winograd(tile), Wrt::Weight) => oihw(winograd::conv3x3_weight_grad(a, b, dims, cout, tile)),
+            (Algo::Winograd(tile), Wrt::Weight) => winograd::conv3x3_weight_grad(a, b, dims, cout, tile),
             (Algo::Taps, Wrt::Input) => taps::input_grad(a, b, win, cout),
             (Algo::Taps, Wrt::Weight) => taps::weight_grad(a, b, win, cout),
             (Algo::Direct, Wrt::Input) => direct::input_grad(a, &ohwi(), win, cout),

@@ -1,6 +1,6 @@
 //! Winograd's minimal filtering F(m×m, 3×3) for the 3×3, stride-1, padding-1 convolutions that
 //! make up three quarters of ResNet-18's arithmetic (Lavin & Gray, "Fast Algorithms for
-//! Convolutional Neural Networks", 2016), with output tiles of m = 2 or m = 4.
+//! Convolutional Neural Networks", 2016), with output tiles of m = 2, 3 or 4.
 //!
 //! Each m×m output tile is `Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A` for the α×α input tile `d` around it
 //! (α = m + 2) and the 3×3 filter `g`. Over a batch this becomes: transform every input tile
@@ -9,8 +9,10 @@
 //! each parallel task does all three for its own run of tile rows ([`Bands`]), so its
 //! temporaries stay in cache.
 //! Per output pixel and channel pair the products do α²/m² multiplies where direct convolution
-//! does 9: 4 for F(2×2) (2.25× fewer), 2.25 for F(4×4) (4× fewer), which also blows the data up
-//! less (2.25× against 4×) at the price of larger transform constants, so more rounding. The
+//! does 9: 4 for F(2×2) (2.25× fewer), 2.78 for F(3×3) (3.24× fewer), 2.25 for F(4×4) (4× fewer),
+//! which also blows the data up less (2.25× against 4×) at the price of larger transform
+//! constants, so more rounding. F(3×3) is for the images that 2- and 4-pixel tiles cover badly:
+//! one 3×3 tile covers a 3×3 image, four cover a 6×6 one. The
 //! input gradient of such a convolution is again one (with the filters flipped and their
 //! channel axes swapped), and the weight gradient is the adjoint of the transforms. The model
 //! runs its forward on F(2×2) and its gradients on the tile [`Tile::choose`] picks (see
@@ -22,7 +24,6 @@ use rayon::prelude::*;
 use crate::ops::plumbing::matmul::{gemm_strided, matmul_strided};
 use crate::ops::plumbing::scratch;
 use crate::ops::plumbing::simd::with_fma;
-use crate::ops::plumbing::weight_layout::oihw_to_hwio_into;
 
 /// Transformed tiles (inputs and products) a parallel task holds, in elements: about 4 MB of
 /// `f32`, so a task's temporaries stay in the L3 cache beside the other core's and the
@@ -38,9 +39,9 @@ const MIN_TASKS: usize = 8;
 const GROUPS: usize = 4;
 
 /// Whether a convolution of this shape runs through Winograd: 3×3, stride 1, padding 1, and an
-/// image large enough that the tiles are mostly inside it (below 4×4 other kernels waste less).
+/// image large enough that the tiles are mostly inside it (below 3×3 other kernels waste less).
 pub fn applies(kernel: usize, stride: usize, pad: usize, h: usize, w: usize) -> bool {
-    kernel == 3 && stride == 1 && pad == 1 && h >= 4 && w >= 4
+    kernel == 3 && stride == 1 && pad == 1 && h >= 3 && w >= 3
 }
 
 /// The output tile size.
@@ -48,6 +49,8 @@ pub fn applies(kernel: usize, stride: usize, pad: usize, h: usize, w: usize) -> 
 pub enum Tile {
     /// F(2×2, 3×3): 4×4 input tiles.
     F2,
+    /// F(3×3, 3×3): 5×5 input tiles.
+    F3,
     /// F(4×4, 3×3): 6×6 input tiles.
     F4,
 }
@@ -83,6 +86,34 @@ const F2: Transforms = Transforms {
     ],
 };
 
+/// Cook–Toom's construction on the points 0, 1, −1, 2 and ∞ (F(2×2) is the one on 0, 1, −1 and ∞;
+/// F(4×4) adds −2, scaled as Lavin & Gray print it). Of the fourth points 2, −2, ½ and −½, 2
+/// rounds least in `f32` (`scripts/winograd_points.py`).
+#[rustfmt::skip]
+const F3: Transforms = Transforms {
+    m: 3,
+    alpha: 5,
+    bt: &[
+        2.0, -1.0, -2.0, 1.0, 0.0,
+        0.0, -2.0, -1.0, 1.0, 0.0,
+        0.0, 2.0, -3.0, 1.0, 0.0,
+        0.0, -1.0, 0.0, 1.0, 0.0,
+        0.0, 2.0, -1.0, -2.0, 1.0,
+    ],
+    g: &[
+        1.0 / 2.0, 0.0, 0.0,
+        -1.0 / 2.0, -1.0 / 2.0, -1.0 / 2.0,
+        -1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0,
+        1.0 / 6.0, 1.0 / 3.0, 2.0 / 3.0,
+        0.0, 0.0, 1.0,
+    ],
+    at: &[
+        1.0, 1.0, 1.0, 1.0, 0.0,
+        0.0, 1.0, -1.0, 2.0, 0.0,
+        0.0, 1.0, 1.0, 4.0, 1.0,
+    ],
+};
+
 #[rustfmt::skip]
 const F4: Transforms = Transforms {
     m: 4,
@@ -115,31 +146,44 @@ impl Tile {
     fn transforms(self) -> &'static Transforms {
         match self {
             Tile::F2 => &F2,
+            Tile::F3 => &F3,
             Tile::F4 => &F4,
         }
     }
 
-    /// The tile with fewer multiplies in the products for an `h × w` image (F(2×2) on a tie:
-    /// smaller transforms, less rounding). 4×4 tiles pay off on images of 7, 8, 12 or 24
-    /// pixels, not on 6 (nine 2×2 tiles cover it exactly; four 4×4 tiles overhang by a third).
-    pub fn choose(h: usize, w: usize) -> Tile {
-        let products = |m: usize| h.div_ceil(m) * w.div_ceil(m) * (m + 2) * (m + 2);
-        if products(4) < products(2) {
-            Tile::F4
-        } else {
-            Tile::F2
-        }
+    /// Multiplies per channel pair in the products for an `h × w` image.
+    fn products(self, h: usize, w: usize) -> usize {
+        let tr = self.transforms();
+        h.div_ceil(tr.m) * w.div_ceil(tr.m) * tr.alpha * tr.alpha
     }
 
-    /// The tile for an evaluation-mode forward: [`Tile::choose`]'s on images of at least 12
-    /// pixels a side, F(2×2) below. On the 7×7 and 4×4 images of a 28 px network F(4×4)'s
-    /// larger transforms cost more than its products save (evaluation at 28 px, batch 256, see
-    /// BENCHMARKS.md); on 12×12 and 24×24 it is the faster one.
+    /// The tile with the fewest multiplies in the products for an `h × w` image (the smaller
+    /// tile on a tie: smaller transforms, less rounding). 4×4 tiles pay off on images of 4, 7,
+    /// 8, 12 or more pixels; 3×3 tiles on images of 3 and 6 (one 3×3 tile covers a 3×3 image in
+    /// 25 multiplies, where four 2×2 tiles take 64; four cover a 6×6 one in 100, where nine 2×2
+    /// or four 4×4 tiles take 144).
+    pub fn choose(h: usize, w: usize) -> Tile {
+        [Tile::F3, Tile::F4].into_iter().fold(
+            Tile::F2,
+            |best, t| {
+                if t.products(h, w) < best.products(h, w) {
+                    t
+                } else {
+                    best
+                }
+            },
+        )
+    }
+
+    /// The tile for an evaluation-mode forward: [`Tile::choose`]'s, except F(2×2) where that is
+    /// F(4×4) on images below 12 pixels a side. On the 7×7 and 4×4 images of a 28 px network
+    /// F(4×4)'s larger transforms cost more than its products save (evaluation at 28 px, batch
+    /// 256, see BENCHMARKS.md); on 12×12 and 24×24 it is the faster one, and F(3×3) on the 6×6
+    /// and 3×3 images of a 96 px network.
     pub fn choose_for_evaluation(h: usize, w: usize) -> Tile {
-        if h.min(w) >= 12 {
-            Tile::choose(h, w)
-        } else {
-            Tile::F2
+        match Tile::choose(h, w) {
+            Tile::F4 if h.min(w) < 12 => Tile::F2,
+            tile => tile,
         }
     }
 }
@@ -248,6 +292,24 @@ fn bt_f4<T: WithDType>(d: [[T; LANES]; 6]) -> [[T; LANES]; 6] {
     o
 }
 
+/// `Bᵀ d` for F(3×3) on [`LANES`] channels of a column of five entries: [`left`]'s sums with
+/// `Bᵀ`, in its order.
+#[inline(always)]
+fn bt_f3<T: WithDType>(d: [[T; LANES]; 5]) -> [[T; LANES]; 5] {
+    let k = |v: f64| T::from_f64(v);
+    let (p2, m2, m3, m1) = (k(2.0), k(-2.0), k(-3.0), k(-1.0));
+    let mut o = [[T::zero(); LANES]; 5];
+    for l in 0..LANES {
+        let [d0, d1, d2, d3, d4] = [d[0][l], d[1][l], d[2][l], d[3][l], d[4][l]];
+        o[0][l] = p2 * d0 + m1 * d1 + m2 * d2 + d3;
+        o[1][l] = m2 * d1 + m1 * d2 + d3;
+        o[2][l] = p2 * d1 + m3 * d2 + d3;
+        o[3][l] = m1 * d1 + d3;
+        o[4][l] = p2 * d1 + m1 * d2 + m2 * d3 + d4;
+    }
+    o
+}
+
 /// `out = S d Sᵀ` for tiles `first..first + count` of channels-last `data` `(batch, h, w, c)`,
 /// `c` a whole number of [`LANES`], entry-major as [`input_tiles`] lays tiles out: `d` is the
 /// `K×K` window at `(step·ty − shift, step·tx − shift)` (zeros outside the image) and `side` is
@@ -307,66 +369,86 @@ fn tiles_in_lanes<T: WithDType, const K: usize, const A: usize>(
     }
 }
 
-/// The nine taps of a 3×3 kernel, row-major.
-const ALL_TAPS: [usize; 9] = [0, 1, 2, 3, 4, 5, 6, 7, 8];
-
 /// The filters of a [`conv3x3`] with `cin` input and `cout` output channels.
 #[derive(Debug, Clone, Copy)]
 pub enum Filters<'a, T> {
     /// `(cout, cin, 3, 3)`, the layout weights are stored in: the convolution's own.
     Stored(&'a [T]),
-    /// `(cin, 3, 3, cout)` (the kernels' layout), the filters of the convolution whose input
-    /// gradient this one is: read in place with the kernel rotated by 180° and the channel axes
-    /// swapped.
+    /// `(cin, cout, 3, 3)`, the stored weights of the convolution whose input gradient this one
+    /// is (its `cin` outputs from `cout` inputs): read with the kernel rotated by 180° and the
+    /// channel axes swapped.
     Adjoint(&'a [T]),
 }
 
-/// `U = G g Gᵀ` for every filter → α² matrices of `(cin, cout)`.
+/// `U = G g Gᵀ` for every filter → α² matrices of `(cin, cout)`, laid out as
+/// [`transform_rows`] lays them out.
 fn transform_filters<T: WithDType>(filters: Filters<'_, T>, cin: usize, cout: usize, tr: &Transforms) -> Vec<T> {
     match filters {
-        Filters::Stored(w) => {
-            // `(3, 3, cin, cout)`: row (tap, c) holds the weights from input channel c at that tap.
-            let mut hwio = scratch::zeroed(9 * cin * cout);
-            oihw_to_hwio_into(w, (cout, cin, 9), &ALL_TAPS, &mut hwio);
-            transform_rows(&hwio, |tap, c| (tap * cin + c) * cout, cin, cout, tr)
-        }
-        // Tap (i, j) of input channel c reads tap (2 − i, 2 − j) of the stored filter c, whose
-        // `cout` weights are one run.
-        Filters::Adjoint(w) => transform_rows(w, |tap, c| (c * 9 + 8 - tap) * cout, cin, cout, tr),
+        // Output channel o's nine weights from input channel c are one run at (o · cin + c) · 9.
+        Filters::Stored(w) => transform_rows(
+            |c, rows| {
+                for (o, run) in w.chunks_exact(cin * 9).map(|f| &f[c * 9..c * 9 + 9]).enumerate() {
+                    for (tap, &v) in run.iter().enumerate() {
+                        rows[tap * cout + o] = v;
+                    }
+                }
+            },
+            cin,
+            cout,
+            tr,
+        ),
+        // Input channel c is the stored filter c, `(cout, 3, 3)` in one block; tap (i, j) reads
+        // its tap (2 − i, 2 − j).
+        Filters::Adjoint(w) => transform_rows(
+            |c, rows| {
+                for (o, run) in w[c * cout * 9..(c + 1) * cout * 9].chunks_exact(9).enumerate() {
+                    for (tap, &v) in run.iter().enumerate() {
+                        rows[(8 - tap) * cout + o] = v;
+                    }
+                }
+            },
+            cin,
+            cout,
+            tr,
+        ),
     }
 }
 
-/// `U = G g Gᵀ` as α² matrices of `(cin, cout)`, with the `cout` weights of tap `tap` (0..9,
-/// row-major) from input channel `c` at `src[at(tap, c)..]`. Entries in parallel, each row a
-/// vector over the output channels: per element the sums [`left`] and then [`right`] make on
-/// one filter, in their order.
+/// `U = G g Gᵀ` laid out `(cin, α², cout)` (entry `e`'s `cin × cout` matrix at `e · cout`, its
+/// rows `α² · cout` apart), `rows(c, g)` writing input channel `c`'s nine taps (row-major) into
+/// `g` `(9, cout)`. Input channels in parallel: each one's nine rows (vectors over the output
+/// channels) give the α × 3 rows of `G g`, and those the α² rows of `(G g) Gᵀ`, per element the
+/// sums [`left`] and then [`right`] make on one filter, in their order.
 fn transform_rows<T: WithDType>(
-    src: &[T],
-    at: impl Fn(usize, usize) -> usize + Sync,
+    rows: impl Fn(usize, &mut [T]) + Sync,
     cin: usize,
     cout: usize,
     tr: &Transforms,
 ) -> Vec<T> {
     let a = tr.alpha;
     let g: Vec<T> = matrix(tr.g, a, 3, false);
-    let mut u = scratch::zeroed(a * a * cin * cout);
-    u.par_chunks_mut(cin * cout).enumerate().for_each(|(e, ue)| {
-        let (i, j) = (e / a, e % a);
-        let mut t = vec![T::zero(); 3 * cout];
-        with_fma(
-            #[inline(always)]
-            || {
-                for (c, out) in ue.chunks_exact_mut(cout).enumerate() {
-                    // t_k = Σ_r G[i, r] · g[r, k] (row i of G g), then Σ_k G[j, k] · t_k.
-                    for (k, tk) in t.chunks_exact_mut(cout).enumerate() {
-                        let terms = (0..3).map(|r| (g[i * 3 + r], &src[at(r * 3 + k, c)..][..cout]));
-                        sum_of_terms(tk, terms);
+    // Every element is written: no clearing pass.
+    let mut u = scratch::take(cin * a * a * cout);
+    u.par_chunks_mut(a * a * cout).enumerate().for_each_init(
+        || (vec![T::zero(); 9 * cout], vec![T::zero(); 3 * a * cout]),
+        |(f, t), (c, uc)| {
+            rows(c, f);
+            with_fma(
+                #[inline(always)]
+                || {
+                    // t_(i, k) = Σ_r G[i, r] · g[r, k] (G g), then u_(i, j) = Σ_k G[j, k] · t_(i, k).
+                    for (ik, tik) in t.chunks_exact_mut(cout).enumerate() {
+                        let (i, k) = (ik / 3, ik % 3);
+                        sum_of_terms(tik, (0..3).map(|r| (g[i * 3 + r], &f[(r * 3 + k) * cout..][..cout])));
                     }
-                    sum_of_terms(out, (0..3).map(|k| (g[j * 3 + k], &t[k * cout..(k + 1) * cout])));
-                }
-            },
-        );
-    });
+                    for (e, out) in uc.chunks_exact_mut(cout).enumerate() {
+                        let (i, j) = (e / a, e % a);
+                        sum_of_terms(out, (0..3).map(|k| (g[j * 3 + k], &t[(i * 3 + k) * cout..][..cout])));
+                    }
+                },
+            );
+        },
+    );
     u
 }
 
@@ -476,6 +558,7 @@ fn input_tiles<T: WithDType>(
     if cin % LANES == 0 {
         match tr.alpha {
             4 => return tiles_in_lanes(x, cin, (tr.m, 1), bands, (first, count), v, bt_f2),
+            5 => return tiles_in_lanes(x, cin, (tr.m, 1), bands, (first, count), v, bt_f3),
             6 => return tiles_in_lanes(x, cin, (tr.m, 1), bands, (first, count), v, bt_f4),
             _ => {}
         }
@@ -542,6 +625,22 @@ fn at_f2<T: WithDType>(p: [[T; LANES]; 4]) -> [[T; LANES]; 2] {
     o
 }
 
+/// `Aᵀ p` for F(3×3) on [`LANES`] channels of five entries: [`left`]'s sums with `Aᵀ`, in its
+/// order.
+#[inline(always)]
+fn at_f3<T: WithDType>(p: [[T; LANES]; 5]) -> [[T; LANES]; 3] {
+    let k = |v: f64| T::from_f64(v);
+    let (m1, p2, p4) = (k(-1.0), k(2.0), k(4.0));
+    let mut o = [[T::zero(); LANES]; 3];
+    for l in 0..LANES {
+        let [p0, p1, p2_, p3, p4_] = [p[0][l], p[1][l], p[2][l], p[3][l], p[4][l]];
+        o[0][l] = p0 + p1 + p2_ + p3;
+        o[1][l] = p1 + m1 * p2_ + p2 * p3;
+        o[2][l] = p1 + p2_ + p4 * p3 + p4_;
+    }
+    o
+}
+
 /// `Aᵀ p` for F(4×4) on [`LANES`] channels of six entries: [`left`]'s sums with `Aᵀ`, in its
 /// order.
 #[inline(always)]
@@ -599,6 +698,7 @@ fn output_tiles<T: WithDType>(
     if cout % LANES == 0 {
         match tr.alpha {
             4 => return output_tiles_lanes::<T, 4, 2>(prod, cout, bands, tiles, epi, dst, at_f2),
+            5 => return output_tiles_lanes::<T, 5, 3>(prod, cout, bands, tiles, epi, dst, at_f3),
             6 => return output_tiles_lanes::<T, 6, 4>(prod, cout, bands, tiles, epi, dst, at_f4),
             _ => {}
         }
@@ -776,15 +876,7 @@ pub fn conv3x3<T: WithDType>(
         let (vs, ps) = (entry_stride(total, cin), entry_stride(total, cout));
         let mut prod = scratch::take(a * a * ps);
         prod.par_chunks_mut(ps).enumerate().for_each(|(e, pe)| {
-            matmul_strided(
-                (total, cout, cin),
-                &v[e * vs..],
-                cin,
-                &u[e * cin * cout..(e + 1) * cin * cout],
-                cout,
-                pe,
-                cout,
-            );
+            matmul_strided((total, cout, cin), &v[e * vs..], cin, &u[e * cout..], a * a * cout, pe, cout);
         });
         scratch::give(v);
         bands.split(&mut y, cout).into_par_iter().enumerate().for_each(|(task, out)| {
@@ -792,6 +884,7 @@ pub fn conv3x3<T: WithDType>(
             output(task, out, (&prod[first * cout..], ps));
         });
         scratch::give(prod);
+        scratch::give(u);
         return y;
     }
     bands.split(&mut y, cout).into_par_iter().enumerate().for_each(|(task, out)| {
@@ -804,13 +897,22 @@ pub fn conv3x3<T: WithDType>(
         );
         let mut prod = scratch::take(a * a * entry_stride(count, cout));
         for e in 0..a * a {
-            let (ve, ue) = (&v[e * entry_stride(count, cin)..], &u[e * cin * cout..(e + 1) * cin * cout]);
-            matmul_strided((count, cout, cin), ve, cin, ue, cout, &mut prod[e * entry_stride(count, cout)..], cout);
+            let (ve, ue) = (&v[e * entry_stride(count, cin)..], &u[e * cout..]);
+            matmul_strided(
+                (count, cout, cin),
+                ve,
+                cin,
+                ue,
+                a * a * cout,
+                &mut prod[e * entry_stride(count, cout)..],
+                cout,
+            );
         }
         scratch::give(v);
         output(task, out, (&prod, entry_stride(count, cout)));
         scratch::give(prod);
     });
+    scratch::give(u);
     y
 }
 
@@ -825,6 +927,24 @@ fn a_f2<T: WithDType>(g: [[T; LANES]; 2]) -> [[T; LANES]; 4] {
         o[1][l] = g[0][l] + g[1][l];
         o[2][l] = g[0][l] - g[1][l];
         o[3][l] = m1 * g[1][l];
+    }
+    o
+}
+
+/// `A g` for F(3×3) on [`LANES`] channels of three gradient entries (5×3): [`left`]'s sums with
+/// `A`, in its order.
+#[inline(always)]
+fn a_f3<T: WithDType>(g: [[T; LANES]; 3]) -> [[T; LANES]; 5] {
+    let k = |v: f64| T::from_f64(v);
+    let (m1, p2, p4) = (k(-1.0), k(2.0), k(4.0));
+    let mut o = [[T::zero(); LANES]; 5];
+    for l in 0..LANES {
+        let [g0, g1, g2] = [g[0][l], g[1][l], g[2][l]];
+        o[0][l] = g0;
+        o[1][l] = g0 + g1 + g2;
+        o[2][l] = g0 + m1 * g1 + g2;
+        o[3][l] = g0 + p2 * g1 + p4 * g2;
+        o[4][l] = g2;
     }
     o
 }
@@ -862,6 +982,7 @@ fn gradient_tiles<T: WithDType>(
     if cout % LANES == 0 {
         match tr.alpha {
             4 => return tiles_in_lanes::<T, 2, 4>(dy, cout, (2, 0), bands, tiles, dm, a_f2),
+            5 => return tiles_in_lanes::<T, 3, 5>(dy, cout, (3, 0), bands, tiles, dm, a_f3),
             6 => return tiles_in_lanes::<T, 4, 6>(dy, cout, (4, 0), bands, tiles, dm, a_f4),
             _ => {}
         }
@@ -884,10 +1005,10 @@ fn gradient_tiles_by_passes<T: WithDType>(
     tiles_by_passes(dy, cout, (tr.m, 0), (tr.m, &a_mat, tr.alpha), bands, tiles, dm);
 }
 
-/// The weight gradient of [`conv3x3`]: `dW (cout, 3, 3, cin)` from the input `x (batch, h, w,
+/// The weight gradient of [`conv3x3`]: `dW (cout, cin, 3, 3)` (the stored layout) from the input `x (batch, h, w,
 /// cin)` and the output gradient `dy (batch, h, w, cout)`. The adjoint of the forward's
 /// transforms: `dW = Gᵀ [Σ_tiles (A dY Aᵀ) ⊙ (Bᵀ d B)] G`, the sum over a task's tiles being α²
-/// products of `(cin × tiles) · (tiles × cout)`, added up over the tasks of a group and then
+/// products of `(cout × tiles) · (tiles × cin)`, added up over the tasks of a group and then
 /// over the groups in order.
 pub fn conv3x3_weight_grad<T: WithDType>(
     x: &[T],
@@ -901,7 +1022,8 @@ pub fn conv3x3_weight_grad<T: WithDType>(
     let bands = Bands::new(tr, (batch, h, w), cin + cout);
     let total = bands.count * bands.tw;
     let q = if gathered(total, cin, cout, true) {
-        // Q_e = V_eᵀ · dM_e over every tile as one product per entry, entries in parallel.
+        // Q_e = dM_eᵀ · V_e (cout × cin) over every tile as one product per entry, entries in
+        // parallel.
         let v = whole_input_tiles(x, cin, tr, &bands);
         let dm = whole_tiles(
             &bands,
@@ -911,9 +1033,10 @@ pub fn conv3x3_weight_grad<T: WithDType>(
             |tiles, out| gradient_tiles(dy, cout, tr, &bands, tiles, out),
         );
         let (vs, ds) = (entry_stride(total, cin), entry_stride(total, cout));
-        let mut q = scratch::zeroed(a * a * cin * cout);
+        // Every element is written: no clearing pass.
+        let mut q = scratch::take(a * a * cin * cout);
         q.par_chunks_mut(cin * cout).enumerate().for_each(|(e, qe)| {
-            gemm_strided((cin, cout, total), &v[e * vs..], (1, cin), &dm[e * ds..], (cout, 1), qe, cout, false, false);
+            gemm_strided((cout, cin, total), &dm[e * ds..], (1, cout), &v[e * vs..], (cin, 1), qe, cin, false, false);
         });
         scratch::give(v);
         scratch::give(dm);
@@ -921,10 +1044,12 @@ pub fn conv3x3_weight_grad<T: WithDType>(
     } else {
         grouped_sums(x, dy, (cin, cout), tr, &bands)
     };
-    transform_weight_grad(&q, cin, cout, tr)
+    let dw = transform_weight_grad(&q, cin, cout, tr);
+    scratch::give(q);
+    dw
 }
 
-/// `Q_e = Σ_tiles V_eᵀ · dM_e` for every entry `e` by tasks: each group of tasks sums its tiles
+/// `Q_e = Σ_tiles dM_eᵀ · V_e` `(cout × cin)` for every entry `e` by tasks: each group of tasks sums its tiles
 /// into a buffer of its own, and the groups' buffers are added in order.
 fn grouped_sums<T: WithDType>(
     x: &[T],
@@ -951,16 +1076,16 @@ fn grouped_sums<T: WithDType>(
                         gradient_tiles(dy, cout, tr, bands, (first, count), &mut dm);
                     },
                 );
-                // Q_e (cin × cout) += V_eᵀ · dM_e.
+                // Q_e (cout × cin) += dM_eᵀ · V_e.
                 for e in 0..a * a {
                     gemm_strided(
-                        (cin, cout, count),
-                        &v[e * entry_stride(count, cin)..],
-                        (1, cin),
+                        (cout, cin, count),
                         &dm[e * entry_stride(count, cout)..],
-                        (cout, 1),
+                        (1, cout),
+                        &v[e * entry_stride(count, cin)..],
+                        (cin, 1),
                         &mut q[e * cin * cout..],
-                        cout,
+                        cin,
                         true,
                         false,
                     );
@@ -983,34 +1108,30 @@ fn grouped_sums<T: WithDType>(
     q
 }
 
-/// `dW = Gᵀ Q G` per input channel (vectors over cout): the α² sums `Q (α², cin, cout)` of the
-/// transformed domain → `dW (cout, 3, 3, cin)`.
+/// `dW = Gᵀ Q G` per output channel (vectors over cin): the α² sums `Q (α², cout, cin)` of the
+/// transformed domain → `dW (cout, cin, 3, 3)`, each output channel's `cin × 3 × 3` weights made
+/// tap-major in a buffer of its own and written in place.
 fn transform_weight_grad<T: WithDType>(q: &[T], cin: usize, cout: usize, tr: &Transforms) -> Vec<T> {
     let a = tr.alpha;
-    // dW = Gᵀ Q G per input channel (vectors over cout): α×α → 3×3, into (cout, 3, 3, cin).
     let gt: Vec<T> = matrix(tr.g, a, 3, true);
-    let per_in: Vec<Vec<T>> = (0..cin)
-        .into_par_iter()
-        .map(|c| {
+    let mut dw = scratch::take(cout * cin * 9);
+    dw.par_chunks_mut(cin * 9).enumerate().for_each_init(
+        || (vec![T::zero(); 3 * a * cin], vec![T::zero(); 9 * cin]),
+        |(t, taps), (k, row)| {
             with_fma(
                 #[inline(always)]
                 || {
-                    let (mut t, mut out) = (vec![T::zero(); 3 * a * cout], vec![T::zero(); 9 * cout]);
-                    left(&gt, (3, a, a), (&q[c * cout..], cin * cout), (&mut t, cout), cout);
-                    right(&gt, (3, a, 3), (&t, cout), (&mut out, cout), cout);
-                    out
+                    left(&gt, (3, a, a), (&q[k * cin..], cout * cin), (t, cin), cin);
+                    right(&gt, (3, a, 3), (t, cin), (taps, cin), cin);
                 },
-            )
-        })
-        .collect();
-    let mut dw = scratch::zeroed(cout * 9 * cin);
-    dw.par_chunks_mut(9 * cin).enumerate().for_each(|(k, row)| {
-        for (tap, taps) in row.chunks_exact_mut(cin).enumerate() {
-            for (d, oc) in taps.iter_mut().zip(&per_in) {
-                *d = oc[tap * cout + k];
+            );
+            for (c, weights) in row.chunks_exact_mut(9).enumerate() {
+                for (tap, w) in weights.iter_mut().enumerate() {
+                    *w = taps[tap * cin + c];
+                }
             }
-        }
-    });
+        },
+    );
     dw
 }
 
@@ -1057,12 +1178,13 @@ mod tests {
         crate::ops::plumbing::weight_layout::ohwi_to_oihw(f, cout, cin, 9).into_owned()
     }
 
-    const TILES: [Tile; 2] = [Tile::F2, Tile::F4];
-    /// Odd and even sizes: partial edge tiles for both tile sizes; 64 channels as in ResNet;
-    /// three 9×9 images make 15 (F(2×2)) or 9 (F(4×4)) tile rows, so tasks of two rows and a
-    /// last task of one; few tiles against many channels (the products over all tiles at once,
-    /// [`gathered`]) and many against few, for both tiles.
-    const SHAPES: [(usize, usize, usize, usize, usize); 8] = [
+    const TILES: [Tile; 3] = [Tile::F2, Tile::F3, Tile::F4];
+    /// Odd and even sizes: partial edge tiles for every tile size; 64 channels as in ResNet;
+    /// three 9×9 images make 15 (F(2×2)), 9 (F(3×3)) or 9 (F(4×4)) tile rows, so tasks of two
+    /// rows and a last task of one; the 3×3 image F(3×3) covers with one tile; few tiles against
+    /// many channels (the products over all tiles at once, [`gathered`]) and many against few,
+    /// for every tile.
+    const SHAPES: [(usize, usize, usize, usize, usize); 9] = [
         (1, 4, 4, 1, 1),
         (2, 5, 7, 3, 4),
         (1, 8, 6, 8, 5),
@@ -1071,9 +1193,10 @@ mod tests {
         (1, 7, 7, 64, 4),
         (1, 12, 10, 5, 64),
         (2, 6, 6, 16, 48),
+        (3, 3, 3, 24, 40),
     ];
 
-    /// Both ways of running the products are among [`SHAPES`] for both tiles, in the convolution
+    /// Both ways of running the products are among [`SHAPES`] for every tile, in the convolution
     /// and in the weight gradient, the gathered one with more than one task (so the tasks' blocks
     /// are put together).
     #[test]
@@ -1110,13 +1233,13 @@ mod tests {
     /// transforms, bands, tiles, out)`.
     type TileTransform = fn(&[f32], usize, &Transforms, &Bands, (usize, usize), &mut [f32]);
 
-    /// Both tiles, 16 to 64 channels (the register path) and odd sizes (edge tiles, tiles
+    /// Every tile, 16 to 64 channels (the register path) and odd sizes (edge tiles, tiles
     /// reaching past the image), every task of the batch: `fast`, run at the process's vector
     /// tier as the convolutions run it, gives `passes`' bits.
     fn same_bits_as_the_passes(what: &str, fast: TileTransform, passes: TileTransform) {
-        for tile in [Tile::F2, Tile::F4] {
+        for tile in TILES {
             let tr = tile.transforms();
-            for &(batch, h, w, c) in &[(2, 7, 9, 16), (1, 8, 8, 32), (3, 9, 7, 64), (2, 4, 5, 48)] {
+            for &(batch, h, w, c) in &[(2, 7, 9, 16), (1, 8, 8, 32), (3, 9, 7, 64), (2, 4, 5, 48), (2, 3, 3, 32)] {
                 let x: Vec<f32> = data(batch * h * w * c, 5).iter().map(|&v| v as f32 * 3.7).collect();
                 let bands = Bands::new(tr, (batch, h, w), c);
                 for task in 0..bands.tasks() {
@@ -1149,9 +1272,9 @@ mod tests {
     /// the output (edge tiles cut at the image's border) are the two passes' bits.
     #[test]
     fn output_transform_in_registers_equals_the_two_passes() {
-        for tile in [Tile::F2, Tile::F4] {
+        for tile in TILES {
             let tr = tile.transforms();
-            for &(batch, h, w, cout) in &[(2, 7, 9, 16), (1, 8, 8, 32), (3, 9, 7, 48)] {
+            for &(batch, h, w, cout) in &[(2, 7, 9, 16), (1, 8, 8, 32), (3, 9, 7, 48), (2, 3, 3, 32)] {
                 let bands = Bands::new(tr, (batch, h, w), cout);
                 let bias: Vec<f32> = data(cout, 3).iter().map(|&v| v as f32).collect();
                 for (with_bias, relu) in [(false, false), (true, false), (false, true), (true, true)] {
@@ -1244,7 +1367,7 @@ mod tests {
                                     }
                                 }
                             }
-                            let g = got[((k * 3 + i) * 3 + j) * cin + c];
+                            let g = got[((k * cin + c) * 3 + i) * 3 + j];
                             assert!(
                                 (g - want).abs() < 1e-10 * want.abs().max(1.0),
                                 "{g} vs {want} at {:?}",
@@ -1272,7 +1395,7 @@ mod tests {
         let dy = data(b * h * w * cout, 6);
         for tile in TILES {
             let y = conv3x3(&x, Filters::Stored(&stored(&f, cin, cout)), None, (b, h, w, cin), cout, tile, false);
-            let dx = conv3x3(&dy, Filters::Adjoint(&f), None, (b, h, w, cout), cin, tile, false);
+            let dx = conv3x3(&dy, Filters::Adjoint(&stored(&f, cin, cout)), None, (b, h, w, cout), cin, tile, false);
             let lhs: f64 = y.iter().zip(&dy).map(|(a, b)| a * b).sum();
             let rhs: f64 = x.iter().zip(&dx).map(|(a, b)| a * b).sum();
             assert!((lhs - rhs).abs() < 1e-10 * lhs.abs().max(1.0), "{lhs} vs {rhs} ({tile:?})");
@@ -1286,7 +1409,9 @@ mod tests {
     fn bands_split_the_batch_into_whole_tile_rows() {
         for (tile, (batch, h, w, channels)) in [
             (Tile::F2, (3, 9, 9, 5)),
+            (Tile::F3, (3, 9, 9, 5)),
             (Tile::F4, (3, 9, 9, 5)),
+            (Tile::F3, (128, 6, 6, 512)),
             (Tile::F2, (128, 24, 24, 128)),
             (Tile::F4, (2, 4, 4, 8)),
         ] {
@@ -1328,7 +1453,7 @@ mod tests {
         }
     }
 
-    /// An empty batch gives an empty output and a zero weight gradient, for both tiles.
+    /// An empty batch gives an empty output and a zero weight gradient, for every tile.
     #[test]
     fn an_empty_batch_has_no_tiles() {
         let f = data(4 * 9 * 3, 1);
@@ -1340,10 +1465,21 @@ mod tests {
         }
     }
 
-    /// F(4×4) where it saves multiplies (7, 8, 12, 24 px: the 28 and 96 px stages), F(2×2) else.
+    /// F(4×4) where it saves the most multiplies (4, 7, 12, 24 px: the 28 and 96 px stages),
+    /// F(3×3) on 3, 5, 6 and 9 px (the last two stages at 96 px), F(2×2) on 2 px.
     #[test]
     fn tile_choice_follows_the_product_count() {
-        for (n, want) in [(4, Tile::F4), (6, Tile::F2), (7, Tile::F4), (12, Tile::F4), (24, Tile::F4), (5, Tile::F2)] {
+        for (n, want) in [
+            (2, Tile::F2),
+            (3, Tile::F3),
+            (4, Tile::F4),
+            (5, Tile::F3),
+            (6, Tile::F3),
+            (7, Tile::F4),
+            (9, Tile::F3),
+            (12, Tile::F4),
+            (24, Tile::F4),
+        ] {
             assert_eq!(Tile::choose(n, n), want, "{n}x{n}");
         }
     }

@@ -285,13 +285,16 @@ pub(super) mod tests {
         Ok(())
     }
 
-    /// An evaluation forward runs F(4×4) on a 12×12 image and F(2×2) on an 8×8 one
-    /// ([`Tile::choose_for_evaluation`](crate::ops::conv::winograd::Tile::choose_for_evaluation)),
-    /// a training forward F(2×2) on both: each bit for bit the Winograd kernel with that tile;
-    /// F(4×4) and F(2×2) differ (in f32) by rounding only.
+    /// An evaluation forward runs F(4×4) on a 12×12 image, F(2×2) on an 8×8 one and F(3×3) on
+    /// 6×6 and 3×3 ones ([`Tile::choose_for_evaluation`](crate::ops::conv::winograd::Tile::choose_for_evaluation)),
+    /// a training forward F(2×2) from 4×4 up and the in-bounds taps below: each bit for bit the
+    /// kernel it names; the evaluation's tile and the training forward differ (in f32) by
+    /// rounding only.
     #[test]
-    fn evaluation_forward_takes_f4_on_images_of_12_pixels_and_more() -> candle_core::Result<()> {
+    fn evaluation_forward_takes_the_larger_tiles() -> candle_core::Result<()> {
+        use crate::ops::conv::taps;
         use crate::ops::conv::winograd::{self, Tile};
+        use crate::ops::plumbing::geometry::Window;
         let dev = Device::Cpu;
         let (b, cin, cout) = (2, 16, 8);
         let cfg = Conv2dConfig { in_channels: cin, out_channels: cout, kernel_size: 3, stride: 1, padding: 1 };
@@ -299,8 +302,10 @@ pub(super) mod tests {
         assert_eq!(conv.algorithm(), ConvAlgorithm::Winograd);
         let wv: Vec<f32> = conv.weight().flatten_all()?.to_vec1()?;
         let bv: Vec<f32> = conv.bias().to_vec1()?;
-        for (side, eval_tile) in [(12, Tile::F4), (8, Tile::F2)] {
-            assert_eq!(Tile::choose(side, side), Tile::F4, "the gradients' tile at {side} px");
+        for (side, grad_tile, eval_tile) in
+            [(12, Tile::F4, Tile::F4), (8, Tile::F4, Tile::F2), (6, Tile::F3, Tile::F3), (3, Tile::F3, Tile::F3)]
+        {
+            assert_eq!(Tile::choose(side, side), grad_tile, "the gradients' tile at {side} px");
             let x = Tensor::randn(0f32, 1., (b, side, side, cin), &dev)?;
             let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
             let kernel = |tile| {
@@ -317,14 +322,20 @@ pub(super) mod tests {
             let eval: Vec<f32> = conv.forward_t(&x, false)?.flatten_all()?.to_vec1()?;
             let train: Vec<f32> = conv.forward_t(&x, true)?.flatten_all()?.to_vec1()?;
             assert_eq!(eval, kernel(eval_tile), "the evaluation forward at {side} px is not {eval_tile:?}");
-            assert_eq!(train, kernel(Tile::F2), "the training forward at {side} px is not F(2×2)");
-            let f4 = kernel(Tile::F4);
+            let want_train = if side >= 4 {
+                kernel(Tile::F2)
+            } else {
+                let win = Window { batch: b, h: side, w: side, c: cin, kh: 3, kw: 3, stride: 1, pad: 1 };
+                taps::conv(&xv, &wv, &bv, &win)
+            };
+            assert_eq!(train, want_train, "the training forward at {side} px is not F(2×2) or the taps");
+            let other = if eval_tile == Tile::F2 { kernel(Tile::F4) } else { eval };
             assert_ne!(
-                f4, train,
-                "F(4×4) and F(2×2) rounded identically at {side} px: the test cannot tell them apart"
+                other, train,
+                "the two forwards rounded identically at {side} px: the test cannot tell them apart"
             );
-            let gap = f4.iter().zip(&train).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0f32, f32::max);
-            assert!(gap < 1e-5, "F(4×4) and F(2×2) differ by {gap} relative at {side} px");
+            let gap = other.iter().zip(&train).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0f32, f32::max);
+            assert!(gap < 1e-5, "the two forwards differ by {gap} relative at {side} px");
         }
         Ok(())
     }
