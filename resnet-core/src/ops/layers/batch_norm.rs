@@ -6,7 +6,10 @@ use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout,
 use candle_nn::{Init, ModuleT, VarBuilder};
 use rayon::prelude::*;
 
+use super::bn_pool;
+use super::pool::MaxPool2d;
 use crate::ops::cudnn::{self, GpuOps};
+use crate::ops::plumbing::geometry::Window;
 use crate::ops::plumbing::scratch;
 use crate::ops::plumbing::simd::with_fma;
 use crate::ops::plumbing::storage::contiguous;
@@ -244,13 +247,47 @@ impl CustomOp3 for ScaleShift {
 
 /// Per-channel batch statistics of one training forward, shared with the op's backward.
 #[derive(Debug, Clone)]
-struct Stats {
+pub(super) struct Stats {
     mean: Vec<f64>,
     /// Biased variance.
     var: Vec<f64>,
     /// The forward's per-channel `y = (x − mean)·scale + shift` (before ReLU).
     scale: Vec<f64>,
     shift: Vec<f64>,
+}
+
+/// The forward's `(mean, scale, shift)` per channel in `T`, as the rows are normalised with them.
+pub(super) type Affine<T> = (Vec<T>, Vec<T>, Vec<T>);
+
+/// The input gradient's `dx = a·g + b·x + k` per channel in `T` (see [`Stats::input_grad`]).
+pub(super) type InputGrad<T> = (Vec<T>, Vec<T>, Vec<T>);
+
+impl Stats {
+    /// `(mean, scale, shift)` in `T`.
+    pub(super) fn affine<T: WithDType>(&self) -> Affine<T> {
+        (to_t(&self.mean), to_t(&self.scale), to_t(&self.shift))
+    }
+
+    /// From the sums `Σ g` and `Σ g·(x − mean)` per channel over `rows` rows (g: the masked
+    /// output gradient): the input gradient's coefficients, `dx = γ·σ⁻¹·(g − Σg/m − x̂·Σg·x̂/m) =
+    /// a·g + b·x + k`, and `[dγ | dβ]` (`dγ = Σ g·x̂`, `dβ = Σ g`).
+    pub(super) fn input_grad<T: WithDType>(
+        &self,
+        gamma: &[T],
+        [s0, s1]: &[Vec<f64>; 2],
+        rows: usize,
+        eps: f64,
+    ) -> (InputGrad<T>, Vec<T>) {
+        let c = gamma.len();
+        let inv_std: Vec<f64> = self.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+        let m = rows as f64;
+        let a: Vec<f64> = (0..c).map(|ch| gamma[ch].to_f64() * inv_std[ch]).collect();
+        let b: Vec<f64> = (0..c).map(|ch| -a[ch] * inv_std[ch] * inv_std[ch] * s1[ch] / m).collect();
+        let k: Vec<f64> = (0..c).map(|ch| -a[ch] * s0[ch] / m - b[ch] * self.mean[ch]).collect();
+        let tail =
+            (0..c).map(|ch| T::from_f64(s1[ch] * inv_std[ch])).chain(s0.iter().map(|&s| T::from_f64(s))).collect();
+        ((to_t(&a), to_t(&b), to_t(&k)), tail)
+    }
 }
 
 /// Training-mode batch normalisation of a contiguous `(rows, channels)` tensor as one op:
@@ -268,21 +305,165 @@ impl FusedBatchNorm {
     /// forward recorded.
     pub(super) fn backward(&self, x: &Tensor, gamma: &Tensor, grad: &Tensor) -> candle_core::Result<[Tensor; 3]> {
         let (n, c) = (x.elem_count(), gamma.elem_count());
-        let stats = self
-            .stats
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("batch-norm lock poisoned".into()))?
-            .clone()
-            .ok_or_else(|| candle_core::Error::Msg("batch-norm backward before forward".into()))?;
-        let op = FusedBatchNormBackward { eps: self.eps, relu: self.relu, stats };
+        let op = FusedBatchNormBackward { eps: self.eps, relu: self.relu, stats: self.recorded()? };
         let packed = x.apply_op3_no_bwd(&grad.contiguous()?, &gamma.contiguous()?, &op)?;
         let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
         Ok([dx, packed.narrow(0, n, c)?, packed.narrow(0, n + c, c)?])
     }
 }
 
+impl FusedBatchNorm {
+    /// The training forward followed by `pool` as one pass ([`bn_pool::normalize_pool`]):
+    /// `(x, γ, β) -> pool(bn(x))` (with ReLU between as the op is set), the statistics recorded
+    /// as [`CustomOp3::cpu_fwd`] records them.
+    pub(super) fn cpu_fwd_pooled(
+        &self,
+        x: &CpuStorage,
+        layout: &Layout,
+        (gamma, beta): (&CpuStorage, &CpuStorage),
+        pool: MaxPool2d,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span("batch-norm-max-pool", layout.dims());
+        let win = pool.window(layout)?;
+        fn run<T: WithDType>(x: &[T], g: &[T], b: &[T], eps: f64, relu: bool, win: &Window) -> (Vec<T>, Stats) {
+            let stats = batch_stats(x, g, b, eps);
+            let pooled = if relu {
+                bn_pool::normalize_pool::<T, true>(x, &stats, win)
+            } else {
+                bn_pool::normalize_pool::<T, false>(x, &stats, win)
+            };
+            (pooled, stats)
+        }
+        let vector = Layout::contiguous(win.c);
+        let (pooled, stats) = match (x, gamma, beta) {
+            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(b)) => {
+                let (x, g, b) =
+                    (contiguous(x, layout, "x")?, contiguous(g, &vector, "γ")?, contiguous(b, &vector, "β")?);
+                let (y, s) = run(x, g, b, self.eps, self.relu, &win);
+                (CpuStorage::F32(y), s)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(b)) => {
+                let (x, g, b) =
+                    (contiguous(x, layout, "x")?, contiguous(g, &vector, "γ")?, contiguous(b, &vector, "β")?);
+                let (y, s) = run(x, g, b, self.eps, self.relu, &win);
+                (CpuStorage::F64(y), s)
+            }
+            _ => {
+                candle_core::bail!("batch-norm with max-pool supports matching f32 or f64 tensors, got {:?}", x.dtype())
+            }
+        };
+        *self.stats.lock().map_err(|_| candle_core::Error::Msg("batch-norm lock poisoned".into()))? = Some(stats);
+        Ok((pooled, Shape::from((win.batch, win.oh(), win.ow(), win.c))))
+    }
+
+    /// The backward of [`FusedBatchNorm::cpu_fwd_pooled`]: `(dx, dγ, dβ)` from the input `x`, the
+    /// pooled output, γ and the pooled output's gradient.
+    pub(super) fn backward_pooled(
+        &self,
+        x: &Tensor,
+        (pooled, grad): (&Tensor, &Tensor),
+        gamma: &Tensor,
+        pool: MaxPool2d,
+    ) -> candle_core::Result<[Tensor; 3]> {
+        let (n, c) = (x.elem_count(), gamma.elem_count());
+        let op = BatchNormPoolBackward {
+            eps: self.eps,
+            relu: self.relu,
+            stats: self.recorded()?,
+            gamma: gamma.to_dtype(DType::F64)?.to_vec1()?,
+            pool,
+        };
+        let packed = x.apply_op3_no_bwd(&pooled.contiguous()?, &grad.contiguous()?, &op)?;
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        Ok([dx, packed.narrow(0, n, c)?, packed.narrow(0, n + c, c)?])
+    }
+
+    /// The statistics the forward recorded.
+    fn recorded(&self) -> candle_core::Result<Stats> {
+        self.stats
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("batch-norm lock poisoned".into()))?
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg("batch-norm backward before forward".into()))
+    }
+}
+
+/// `(x, pooled, pooled gradient) -> [dx | dγ | dβ]` for [`FusedBatchNorm::cpu_fwd_pooled`], with
+/// the forward's batch statistics.
+#[derive(Debug)]
+struct BatchNormPoolBackward {
+    eps: f64,
+    relu: bool,
+    stats: Stats,
+    /// γ, exactly (f32 and f64 values are f64 values).
+    gamma: Vec<f64>,
+    pool: MaxPool2d,
+}
+
+impl CustomOp3 for BatchNormPoolBackward {
+    fn name(&self) -> &'static str {
+        "batch-norm-max-pool-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name(), l1.dims());
+        let win = self.pool.window(l1)?;
+        let out_dims = [win.batch, win.oh(), win.ow(), win.c];
+        if l2.shape().dims() != out_dims || l3.shape().dims() != out_dims || self.gamma.len() != win.c {
+            candle_core::bail!(
+                "batch-norm max-pool backward: output {:?} and gradient {:?} do not match the output shape {out_dims:?}",
+                l2.shape(),
+                l3.shape()
+            )
+        }
+        let (stats, eps, relu) = (&self.stats, self.eps, self.relu);
+        fn run<T: WithDType>(
+            x: &[T],
+            ys: (&[T], &[T]),
+            g: &[T],
+            st: (&Stats, f64),
+            relu: bool,
+            win: &Window,
+        ) -> Vec<T> {
+            if relu {
+                bn_pool::normalize_pool_backward::<T, true>(x, ys, g, st, win)
+            } else {
+                bn_pool::normalize_pool_backward::<T, false>(x, ys, g, st, win)
+            }
+        }
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(run(
+                contiguous(x, l1, "x")?,
+                (contiguous(y, l2, "max-pool output")?, contiguous(g, l3, "max-pool gradient")?),
+                &to_t(&self.gamma),
+                (stats, eps),
+                relu,
+                &win,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(run(
+                contiguous(x, l1, "x")?,
+                (contiguous(y, l2, "max-pool output")?, contiguous(g, l3, "max-pool gradient")?),
+                &to_t(&self.gamma),
+                (stats, eps),
+                relu,
+                &win,
+            )),
+            _ => candle_core::bail!("batch-norm max-pool backward supports matching f32 or f64 tensors"),
+        };
+        Ok((out, Shape::from(l1.shape().elem_count() + 2 * win.c)))
+    }
+}
+
 /// Rows per parallel task; fixed, so sums are added in the same order on every run.
-const ROWS_PER_TASK: usize = 256;
+pub(super) const ROWS_PER_TASK: usize = 256;
 
 /// Per-channel sums over all rows of `f(acc, x_row, y_row)`, which adds one row into the task's
 /// accumulators: accumulated in `T` within a task of [`ROWS_PER_TASK`] rows (the inner loop over
@@ -309,6 +490,14 @@ fn channel_sums<T: WithDType>(
             )
         })
         .collect();
+    add_partials(partials, c)
+}
+
+/// The tasks' partial sums (each `(Σ₀, Σ₁)` over `c` channels in `T`) added in f64, in order.
+pub(super) fn add_partials<T: WithDType>(
+    partials: impl IntoIterator<Item = (Vec<T>, Vec<T>)>,
+    c: usize,
+) -> [Vec<f64>; 2] {
     let mut total = [vec![0f64; c], vec![0f64; c]];
     for (p0, p1) in partials {
         for ch in 0..c {
@@ -319,7 +508,7 @@ fn channel_sums<T: WithDType>(
     total
 }
 
-fn to_t<T: WithDType>(v: &[f64]) -> Vec<T> {
+pub(super) fn to_t<T: WithDType>(v: &[f64]) -> Vec<T> {
     v.iter().map(|&x| T::from_f64(x)).collect()
 }
 
@@ -346,20 +535,36 @@ fn normalize_rows_with<T: WithDType, const RELU: bool>(x: &[T], center: &[T], sc
     y.par_chunks_mut(ROWS_PER_TASK * c).zip(x.par_chunks(ROWS_PER_TASK * c)).for_each(|(yb, xb)| {
         with_fma(
             #[inline(always)]
-            || {
-                for (yr, xr) in yb.chunks_exact_mut(c).zip(xb.chunks_exact(c)) {
-                    for ((((o, &v), &m), &a), &b) in yr.iter_mut().zip(xr).zip(center).zip(scale).zip(shift) {
-                        let t = (v - m) * a + b;
-                        *o = if RELU && t < T::zero() { T::zero() } else { t };
-                    }
-                }
-            },
+            || normalize_block::<T, RELU>(yb, xb, (center, scale, shift)),
         )
     });
     y
 }
 
+/// `y = (x − center)·scale + shift` (then ReLU) for the rows of `x` into `y`.
+#[inline(always)]
+pub(super) fn normalize_block<T: WithDType, const RELU: bool>(
+    y: &mut [T],
+    x: &[T],
+    (center, scale, shift): (&[T], &[T], &[T]),
+) {
+    let c = scale.len();
+    for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+        for ((((o, &v), &m), &a), &b) in yr.iter_mut().zip(xr).zip(center).zip(scale).zip(shift) {
+            let t = (v - m) * a + b;
+            *o = if RELU && t < T::zero() { T::zero() } else { t };
+        }
+    }
+}
+
 fn fused_fwd<T: WithDType>(x: &[T], gamma: &[T], beta: &[T], eps: f64, relu: bool) -> (Vec<T>, Stats) {
+    let stats = batch_stats(x, gamma, beta, eps);
+    let (mean, scale, shift) = stats.affine();
+    (normalize_rows(x, &mean, &scale, &shift, relu), stats)
+}
+
+/// The batch statistics of the `(rows, channels)` tensor `x`, and the forward's scale and shift.
+pub(super) fn batch_stats<T: WithDType>(x: &[T], gamma: &[T], beta: &[T], eps: f64) -> Stats {
     let c = gamma.len();
     let rows = (x.len() / c) as f64;
     let [sums, _] = channel_sums(
@@ -391,8 +596,7 @@ fn fused_fwd<T: WithDType>(x: &[T], gamma: &[T], beta: &[T], eps: f64, relu: boo
     let var: Vec<f64> = sq.iter().map(|s| s / rows).collect();
     let scale: Vec<f64> = var.iter().zip(gamma).map(|(v, g)| g.to_f64() / (v + eps).sqrt()).collect();
     let shift: Vec<f64> = beta.iter().map(|b| b.to_f64()).collect();
-    let y = normalize_rows(x, &mean_t, &to_t::<T>(&scale), &to_t::<T>(&shift), relu);
-    (y, Stats { mean, var, scale, shift })
+    Stats { mean, var, scale, shift }
 }
 
 /// `[dx (rows·c) | dγ (c) | dβ (c)]` in one buffer. With `relu`, the gradient is first masked
@@ -409,38 +613,30 @@ fn fused_bwd<T: WithDType>(x: &[T], dy: &[T], gamma: &[T], stats: &Stats, eps: f
 /// select and the loops vectorise (a run-time flag read inside them kept them scalar).
 fn fused_bwd_with<T: WithDType, const RELU: bool>(x: &[T], dy: &[T], gamma: &[T], stats: &Stats, eps: f64) -> Vec<T> {
     let c = gamma.len();
-    let rows = x.len() / c;
-    let inv_std: Vec<f64> = stats.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
-    let (mean_t, scale_t, shift_t): (Vec<T>, Vec<T>, Vec<T>) =
-        (to_t(&stats.mean), to_t(&stats.scale), to_t(&stats.shift));
-    // The masked gradient: dy where the forward's output was positive (recomputed exactly as
-    // the forward computed it), else 0. Equal-length slices let the loops vectorise.
-    let masked = |v: T, g: T, m: T, a: T, b: T| if !RELU || (v - m) * a + b > T::zero() { g } else { T::zero() };
-    // Σ g and Σ g·(x − mean) per channel (g: the masked output gradient).
-    let [s0, s1] = channel_sums(
+    let affine = stats.affine::<T>();
+    let sums = channel_sums(
         x,
         dy,
         c,
         #[inline(always)]
-        |a0, a1, xr, gr| {
-            let (a0, a1, xr, gr) = (&mut a0[..c], &mut a1[..c], &xr[..c], &gr[..c]);
-            let (mt, sc, sh) = (&mean_t[..c], &scale_t[..c], &shift_t[..c]);
-            for ch in 0..c {
-                let v = xr[ch];
-                let g = masked(v, gr[ch], mt[ch], sc[ch], sh[ch]);
-                a0[ch] += g;
-                a1[ch] += g * (v - mt[ch]);
-            }
-        },
+        |a0, a1, xr, gr| gradient_sums_row::<T, RELU>((a0, a1), xr, gr, &affine),
     );
-    // dx = γ·σ⁻¹·(g − Σg/m − x̂·Σg·x̂/m) = a·g + b·x + k per channel.
-    let m = rows as f64;
-    let a: Vec<f64> = (0..c).map(|ch| gamma[ch].to_f64() * inv_std[ch]).collect();
-    let b: Vec<f64> = (0..c).map(|ch| -a[ch] * inv_std[ch] * inv_std[ch] * s1[ch] / m).collect();
-    let k: Vec<f64> = (0..c).map(|ch| -a[ch] * s0[ch] / m - b[ch] * stats.mean[ch]).collect();
-    let (a_t, b_t, k_t): (Vec<T>, Vec<T>, Vec<T>) = (to_t(&a), to_t(&b), to_t(&k));
+    input_grad_with::<T, RELU>(x, dy, gamma, (stats, eps), &sums)
+}
+
+/// `[dx | dγ | dβ]` from `x`, the output gradient `dy` and the sums `Σ g`, `Σ g·(x − mean)`.
+pub(super) fn input_grad_with<T: WithDType, const RELU: bool>(
+    x: &[T],
+    dy: &[T],
+    gamma: &[T],
+    (stats, eps): (&Stats, f64),
+    sums: &[Vec<f64>; 2],
+) -> Vec<T> {
+    let c = gamma.len();
+    let affine = stats.affine::<T>();
+    let (coefficients, tail) = stats.input_grad(gamma, sums, x.len() / c, eps);
     let mut out = scratch::zeroed(x.len() + 2 * c);
-    let (dx, tail) = out.split_at_mut(x.len());
+    let (dx, out_tail) = out.split_at_mut(x.len());
     dx.par_chunks_mut(ROWS_PER_TASK * c)
         .zip(x.par_chunks(ROWS_PER_TASK * c).zip(dy.par_chunks(ROWS_PER_TASK * c)))
         .for_each(|(ob, (xb, gb))| {
@@ -448,24 +644,65 @@ fn fused_bwd_with<T: WithDType, const RELU: bool>(x: &[T], dy: &[T], gamma: &[T]
                 #[inline(always)]
                 || {
                     for ((or, xr), gr) in ob.chunks_exact_mut(c).zip(xb.chunks_exact(c)).zip(gb.chunks_exact(c)) {
-                        let (or, xr, gr) = (&mut or[..c], &xr[..c], &gr[..c]);
-                        let (mt, sc, sh, at, bt, kt) =
-                            (&mean_t[..c], &scale_t[..c], &shift_t[..c], &a_t[..c], &b_t[..c], &k_t[..c]);
-                        for ch in 0..c {
-                            let v = xr[ch];
-                            let g = masked(v, gr[ch], mt[ch], sc[ch], sh[ch]);
-                            or[ch] = at[ch] * g + bt[ch] * v + kt[ch];
-                        }
+                        input_grad_row::<T, RELU>(or, xr, gr, &affine, &coefficients);
                     }
                 },
             )
         });
-    for ch in 0..c {
-        // dγ = Σ g·x̂, dβ = Σ g.
-        tail[ch] = T::from_f64(s1[ch] * inv_std[ch]);
-        tail[c + ch] = T::from_f64(s0[ch]);
-    }
+    out_tail.copy_from_slice(&tail);
     out
+}
+
+/// Adds one row's `g` and `g·(x − mean)` per channel to `a0` and `a1`, `g` being the output
+/// gradient `gr` masked where the forward's output was clipped (recomputed exactly as the
+/// forward computed it). Equal-length slices let the loop vectorise.
+#[inline(always)]
+pub(super) fn gradient_sums_row<T: WithDType, const RELU: bool>(
+    (a0, a1): (&mut [T], &mut [T]),
+    xr: &[T],
+    gr: &[T],
+    (mean, scale, shift): &Affine<T>,
+) {
+    let c = mean.len();
+    let (a0, a1, xr, gr) = (&mut a0[..c], &mut a1[..c], &xr[..c], &gr[..c]);
+    let (mt, sc, sh) = (&mean[..c], &scale[..c], &shift[..c]);
+    for ch in 0..c {
+        let v = xr[ch];
+        let g = masked::<T, RELU>(v, gr[ch], mt[ch], sc[ch], sh[ch]);
+        a0[ch] += g;
+        a1[ch] += g * (v - mt[ch]);
+    }
+}
+
+/// One row of the input gradient, `a·g + b·x + k` per channel (`g` masked as in
+/// [`gradient_sums_row`]).
+#[inline(always)]
+fn input_grad_row<T: WithDType, const RELU: bool>(
+    or: &mut [T],
+    xr: &[T],
+    gr: &[T],
+    (mean, scale, shift): &Affine<T>,
+    (a, b, k): &InputGrad<T>,
+) {
+    let c = mean.len();
+    let (or, xr, gr) = (&mut or[..c], &xr[..c], &gr[..c]);
+    let (mt, sc, sh, at, bt, kt) = (&mean[..c], &scale[..c], &shift[..c], &a[..c], &b[..c], &k[..c]);
+    for ch in 0..c {
+        let v = xr[ch];
+        let g = masked::<T, RELU>(v, gr[ch], mt[ch], sc[ch], sh[ch]);
+        or[ch] = at[ch] * g + bt[ch] * v + kt[ch];
+    }
+}
+
+/// The output gradient `g` where the forward's output `(v − m)·a + b` was positive (or
+/// everywhere without ReLU), else 0.
+#[inline(always)]
+fn masked<T: WithDType, const RELU: bool>(v: T, g: T, m: T, a: T, b: T) -> T {
+    if !RELU || (v - m) * a + b > T::zero() {
+        g
+    } else {
+        T::zero()
+    }
 }
 
 impl CustomOp3 for FusedBatchNorm {

@@ -2,6 +2,7 @@
 //! channels)` tensors with PyTorch-layout parameters.
 
 mod batch_norm;
+mod bn_pool;
 mod conv;
 mod conv_bn;
 mod pool;

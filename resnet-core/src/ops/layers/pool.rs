@@ -99,7 +99,7 @@ impl MaxPool2d {
         out.ok_or_else(|| candle_core::Error::Msg("max-pool: empty kernel".into()))
     }
 
-    fn window(&self, layout: &Layout) -> candle_core::Result<Window> {
+    pub(super) fn window(&self, layout: &Layout) -> candle_core::Result<Window> {
         let (batch, h, w, c) = layout.shape().dims4()?;
         if 2 * self.pad > self.kernel {
             candle_core::bail!("max-pool: padding {} exceeds half the kernel {}", self.pad, self.kernel)
@@ -114,41 +114,44 @@ impl MaxPool2d {
 }
 
 fn pool_fwd<T: WithDType>(x: &[T], win: &Window) -> Vec<T> {
-    let (img_len, out_len, c) = (win.h * win.w * win.c, win.oh() * win.ow() * win.c, win.c);
+    let (img_len, out_len) = (win.h * win.w * win.c, win.oh() * win.ow() * win.c);
     let mut out = scratch::zeroed(win.batch * out_len);
-    // Maxima only (the backward finds the arg-max again): a select per channel, which
-    // vectorises, where tracking indices kept the loop scalar: the first cell, then strictly
-    // greater cells.
     out.par_chunks_mut(out_len).enumerate().for_each(|(b, dst)| {
         with_fma(
             #[inline(always)]
-            || {
-                let img = &x[b * img_len..(b + 1) * img_len];
-                for oy in 0..win.oh() {
-                    let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
-                    for ox in 0..win.ow() {
-                        let xs = window_range(ox, win.stride, win.pad, win.kw, win.w);
-                        let best = &mut dst[(oy * win.ow() + ox) * c..(oy * win.ow() + ox + 1) * c];
-                        let mut first = true;
-                        for iy in ys.clone() {
-                            for ix in xs.clone() {
-                                let cell = &img[(iy * win.w + ix) * c..(iy * win.w + ix + 1) * c];
-                                if first {
-                                    best.copy_from_slice(cell);
-                                    first = false;
-                                } else {
-                                    for (m, &v) in best.iter_mut().zip(cell) {
-                                        *m = if v > *m { v } else { *m };
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            },
+            || pool_image(&x[b * img_len..(b + 1) * img_len], win, dst),
         )
     });
     out
+}
+
+/// The max-pool of one `(h, w, c)` image into `dst` (`(oh, ow, c)`). Maxima only (the backward
+/// finds the arg-max again): a select per channel, which vectorises, where tracking indices kept
+/// the loop scalar: the first cell, then strictly greater cells.
+#[inline(always)]
+pub(super) fn pool_image<T: WithDType>(img: &[T], win: &Window, dst: &mut [T]) {
+    let c = win.c;
+    for oy in 0..win.oh() {
+        let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
+        for ox in 0..win.ow() {
+            let xs = window_range(ox, win.stride, win.pad, win.kw, win.w);
+            let best = &mut dst[(oy * win.ow() + ox) * c..(oy * win.ow() + ox + 1) * c];
+            let mut first = true;
+            for iy in ys.clone() {
+                for ix in xs.clone() {
+                    let cell = &img[(iy * win.w + ix) * c..(iy * win.w + ix + 1) * c];
+                    if first {
+                        best.copy_from_slice(cell);
+                        first = false;
+                    } else {
+                        for (m, &v) in best.iter_mut().zip(cell) {
+                            *m = if v > *m { v } else { *m };
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The input rows (or columns) under output `o`'s window, clipped to the image.
@@ -157,52 +160,58 @@ fn window_range(o: usize, stride: usize, pad: usize, k: usize, n: usize) -> std:
     start.max(0) as usize..((start + k as isize).min(n as isize)).max(0) as usize
 }
 
-/// Each window's gradient goes to the cell the forward kept: the first cell (row-major) holding
-/// the window's maximum `y`, the forward's output. One pass over the window's cells per channel,
-/// with selects that vectorise: a cell takes the gradient where it holds the maximum and no
-/// earlier cell did. A NaN maximum (the first cell NaN, which the forward keeps) matches no
-/// cell; the first cell takes it afterwards, as the forward kept that one.
 fn pool_bwd<T: WithDType>(x: &[T], y: &[T], grad: &[T], win: &Window) -> Vec<T> {
-    let (img_len, out_len, c) = (win.h * win.w * win.c, win.oh() * win.ow() * win.c, win.c);
+    let (img_len, out_len) = (win.h * win.w * win.c, win.oh() * win.ow() * win.c);
     let mut dx = scratch::zeroed(win.batch * img_len);
     dx.par_chunks_mut(img_len).enumerate().for_each(|(b, dst)| {
         with_fma(
             #[inline(always)]
             || {
-                let img = &x[b * img_len..(b + 1) * img_len];
                 let (maxima, g) = (&y[b * out_len..(b + 1) * out_len], &grad[b * out_len..(b + 1) * out_len]);
-                // Per channel, 1 once a cell of the window has taken the gradient.
-                let mut taken = vec![T::zero(); c];
-                for oy in 0..win.oh() {
-                    let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
-                    for ox in 0..win.ow() {
-                        let xs = window_range(ox, win.stride, win.pad, win.kw, win.w);
-                        let at = (oy * win.ow() + ox) * c;
-                        let (best, go) = (&maxima[at..at + c], &g[at..at + c]);
-                        taken.fill(T::zero());
-                        // Adding zero changes nothing: `dx` starts at +0, and a sum is -0 only when both
-                        // terms are, so no element is ever -0, the one value `+ 0` would change.
-                        for iy in ys.clone() {
-                            for ix in xs.clone() {
-                                let base = (iy * win.w + ix) * c;
-                                let cells = dst[base..base + c].iter_mut().zip(&img[base..base + c]);
-                                for (((d, &v), &m), (t, &gv)) in cells.zip(best).zip(taken.iter_mut().zip(go)) {
-                                    let hit = v == m && *t == T::zero();
-                                    *d += if hit { gv } else { T::zero() };
-                                    *t = if hit { T::one() } else { *t };
-                                }
-                            }
-                        }
-                        let first = (ys.start * win.w + xs.start) * c;
-                        for ((d, &t), &gv) in dst[first..first + c].iter_mut().zip(&taken).zip(go) {
-                            *d += if t == T::zero() { gv } else { T::zero() };
-                        }
-                    }
-                }
+                pool_image_backward(&x[b * img_len..(b + 1) * img_len], (maxima, g), win, dst);
             },
         )
     });
     dx
+}
+
+/// The input gradient of one image's max-pool, added into `dst` (zero on entry): each window's
+/// gradient goes to the cell the forward kept, the first cell (row-major) holding the window's
+/// maximum (`maxima`, the forward's output). One pass over the window's cells per channel, with
+/// selects that vectorise: a cell takes the gradient where it holds the maximum and no earlier
+/// cell did. A NaN maximum (the first cell NaN, which the forward keeps) matches no cell; the
+/// first cell takes it afterwards, as the forward kept that one. Windows add in row-major order.
+#[inline(always)]
+pub(super) fn pool_image_backward<T: WithDType>(img: &[T], (maxima, g): (&[T], &[T]), win: &Window, dst: &mut [T]) {
+    let c = win.c;
+    // Per channel, 1 once a cell of the window has taken the gradient.
+    let mut taken = vec![T::zero(); c];
+    for oy in 0..win.oh() {
+        let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
+        for ox in 0..win.ow() {
+            let xs = window_range(ox, win.stride, win.pad, win.kw, win.w);
+            let at = (oy * win.ow() + ox) * c;
+            let (best, go) = (&maxima[at..at + c], &g[at..at + c]);
+            taken.fill(T::zero());
+            // Adding zero changes nothing: `dst` starts at +0, and a sum is -0 only when both
+            // terms are, so no element is ever -0, the one value `+ 0` would change.
+            for iy in ys.clone() {
+                for ix in xs.clone() {
+                    let base = (iy * win.w + ix) * c;
+                    let cells = dst[base..base + c].iter_mut().zip(&img[base..base + c]);
+                    for (((d, &v), &m), (t, &gv)) in cells.zip(best).zip(taken.iter_mut().zip(go)) {
+                        let hit = v == m && *t == T::zero();
+                        *d += if hit { gv } else { T::zero() };
+                        *t = if hit { T::one() } else { *t };
+                    }
+                }
+            }
+            let first = (ys.start * win.w + xs.start) * c;
+            for ((d, &t), &gv) in dst[first..first + c].iter_mut().zip(&taken).zip(go) {
+                *d += if t == T::zero() { gv } else { T::zero() };
+            }
+        }
+    }
 }
 
 impl CustomOp1 for MaxPool2d {
