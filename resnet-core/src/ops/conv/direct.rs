@@ -17,7 +17,7 @@ use crate::ops::plumbing::matmul::matmul_general;
 use crate::ops::plumbing::scratch;
 
 /// Output pixels per product in the weight gradient (a fixed split keeps the sum order).
-const PIXELS_PER_TASK: usize = 4096;
+pub const PIXELS_PER_TASK: usize = 4096;
 
 /// Whether this path applies: one input channel.
 pub fn applies(win: &Window) -> bool {
@@ -59,23 +59,41 @@ fn patches<T: WithDType>(x: &[T], win: &Window, pixels: std::ops::Range<usize>, 
 /// do not split), summed in order. Each task makes its run's patches (cheap with one channel),
 /// so the whole patch matrix is never written out.
 pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) -> Vec<T> {
-    let taps = win.kh * win.kw;
     let pixels = win.batch * win.oh() * win.ow();
     let partials: Vec<Vec<T>> = (0..pixels.div_ceil(PIXELS_PER_TASK))
         .into_par_iter()
         .map(|task| {
-            let (start, end) = (task * PIXELS_PER_TASK, ((task + 1) * PIXELS_PER_TASK).min(pixels));
-            // This task's patches, made here (they stay in cache): its pixels' rows.
-            let mut cols = scratch::take((end - start) * taps);
-            patches(x, win, start..end, &mut cols);
-            // dWᵀ (taps × out) = colsᵀ · dy: the wide side (out) along the kernels' vectors.
-            let mut part = vec![T::zero(); taps * out];
-            let g = &dy[start * out..end * out];
-            matmul_general((taps, out, end - start), &cols, (1, taps), g, (out, 1), &mut part, out);
-            scratch::give(cols);
-            part
+            let run = task * PIXELS_PER_TASK..((task + 1) * PIXELS_PER_TASK).min(pixels);
+            weight_grad_part(x, win, run.clone(), &dy[run.start * out..run.end * out], out)
         })
         .collect();
+    weight_grad_total(partials, win.kh * win.kw, out)
+}
+
+/// Task `pixels`'s term of [`weight_grad`], `(kh · kw, out)`, from its rows of `dy` (`dy_rows`,
+/// `pixels.len() × out`), wherever they are.
+pub fn weight_grad_part<T: WithDType>(
+    x: &[T],
+    win: &Window,
+    pixels: std::ops::Range<usize>,
+    dy_rows: &[T],
+    out: usize,
+) -> Vec<T> {
+    let taps = win.kh * win.kw;
+    // This task's patches, made here (they stay in cache): its pixels' rows.
+    let mut cols = scratch::take(pixels.len() * taps);
+    let n = pixels.len();
+    patches(x, win, pixels, &mut cols);
+    // dWᵀ (taps × out) = colsᵀ · dy: the wide side (out) along the kernels' vectors.
+    let mut part = vec![T::zero(); taps * out];
+    matmul_general((taps, out, n), &cols, (1, taps), dy_rows, (out, 1), &mut part, out);
+    scratch::give(cols);
+    part
+}
+
+/// The tasks' terms of [`weight_grad`] ([`weight_grad_part`], in task order) added in order and
+/// laid out as `(out, kh, kw, 1)`.
+pub fn weight_grad_total<T: WithDType>(partials: impl IntoIterator<Item = Vec<T>>, taps: usize, out: usize) -> Vec<T> {
     let mut sum = vec![T::zero(); taps * out];
     for part in partials {
         for (s, p) in sum.iter_mut().zip(part) {

@@ -139,6 +139,14 @@ impl Im2colConv {
         }
     }
 
+    /// The forward's geometry for input `x` where the gradients take the one-channel direct
+    /// path with no ReLU of the op's own to mask by ([`direct::weight_grad`]; the stem), so that
+    /// a caller holding the output gradient may compute them itself.
+    pub(crate) fn direct_window(&self, x: &Layout) -> Option<Window> {
+        let win = self.window(x).ok()?;
+        (!self.relu && self.algo(&win) == Some(Algo::Direct)).then_some(win)
+    }
+
     /// The fast algorithm for this shape's gradients, if any: direct accumulation for one input
     /// channel, Winograd where it applies (with [`winograd::Tile::choose`]'s tile), else the
     /// in-bounds taps where padding is a large share of im2col's work.

@@ -2,7 +2,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, Var, WithDType};
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, Var, WithDType,
+};
 use candle_nn::{Init, ModuleT, VarBuilder};
 use rayon::prelude::*;
 
@@ -366,16 +368,47 @@ impl FusedBatchNorm {
         pool: MaxPool2d,
     ) -> candle_core::Result<[Tensor; 3]> {
         let (n, c) = (x.elem_count(), gamma.elem_count());
+        let packed = self.pooled_backward_op(x, (pooled, grad), gamma, pool, None)?;
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        Ok([dx, packed.narrow(0, n, c)?, packed.narrow(0, n + c, c)?])
+    }
+
+    /// [`FusedBatchNorm::backward_pooled`] where `x` is the output of the one-channel convolution
+    /// of `images` (geometry `conv`, the stem; the images need no gradient):
+    /// `(dW (c, 1, kh, kw), db, dγ, dβ)`, the BatchNorm's input gradient used as it is made
+    /// ([`bn_pool::normalize_pool_backward_direct`]).
+    pub(super) fn backward_pooled_direct(
+        &self,
+        x: &Tensor,
+        (pooled, grad): (&Tensor, &Tensor),
+        gamma: &Tensor,
+        pool: MaxPool2d,
+        (images, conv): (&Tensor, Window),
+    ) -> candle_core::Result<[Tensor; 4]> {
+        let (c, taps) = (gamma.elem_count(), conv.kh * conv.kw);
+        let packed = self.pooled_backward_op(x, (pooled, grad), gamma, pool, Some((images.contiguous()?, conv)))?;
+        let dw = packed.narrow(0, 0, c * taps)?.reshape((c, 1, conv.kh, conv.kw))?;
+        let part = |i: usize| packed.narrow(0, c * taps + i * c, c);
+        Ok([dw, part(0)?, part(1)?, part(2)?])
+    }
+
+    fn pooled_backward_op(
+        &self,
+        x: &Tensor,
+        (pooled, grad): (&Tensor, &Tensor),
+        gamma: &Tensor,
+        pool: MaxPool2d,
+        conv: Option<(Tensor, Window)>,
+    ) -> candle_core::Result<Tensor> {
         let op = BatchNormPoolBackward {
             eps: self.eps,
             relu: self.relu,
             stats: self.recorded()?,
             gamma: gamma.to_dtype(DType::F64)?.to_vec1()?,
             pool,
+            conv,
         };
-        let packed = x.apply_op3_no_bwd(&pooled.contiguous()?, &grad.contiguous()?, &op)?;
-        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        Ok([dx, packed.narrow(0, n, c)?, packed.narrow(0, n + c, c)?])
+        x.apply_op3_no_bwd(&pooled.contiguous()?, &grad.contiguous()?, &op)
     }
 
     /// The statistics the forward recorded.
@@ -389,7 +422,8 @@ impl FusedBatchNorm {
 }
 
 /// `(x, pooled, pooled gradient) -> [dx | dγ | dβ]` for [`FusedBatchNorm::cpu_fwd_pooled`], with
-/// the forward's batch statistics.
+/// the forward's batch statistics; with `conv`, `[dW | db | dγ | dβ]` of the one-channel
+/// convolution whose output `x` is.
 #[derive(Debug)]
 struct BatchNormPoolBackward {
     eps: f64,
@@ -398,6 +432,8 @@ struct BatchNormPoolBackward {
     /// γ, exactly (f32 and f64 values are f64 values).
     gamma: Vec<f64>,
     pool: MaxPool2d,
+    /// The convolution's (contiguous) input images and geometry.
+    conv: Option<(Tensor, Window)>,
 }
 
 impl CustomOp3 for BatchNormPoolBackward {
@@ -425,40 +461,77 @@ impl CustomOp3 for BatchNormPoolBackward {
             )
         }
         let (stats, eps, relu) = (&self.stats, self.eps, self.relu);
+        let images = self.conv.as_ref().map(|(images, _)| images.storage_and_layout());
+        let images = images.as_ref().map(|(storage, layout)| (&**storage, *layout));
+        if let (Some((_, conv)), Some((_, layout))) = (&self.conv, images) {
+            let want = [conv.batch, conv.h, conv.w, 1];
+            if layout.shape().dims() != want || [conv.batch, conv.oh(), conv.ow(), win.c] != l1.shape().dims() {
+                candle_core::bail!(
+                    "batch-norm max-pool backward: images {:?} and convolution output {:?} do not fit {conv:?}",
+                    layout.shape(),
+                    l1.shape()
+                )
+            }
+        }
+        /// The backward on contiguous data, with the convolution's images where it has them.
         fn run<T: WithDType>(
             x: &[T],
             ys: (&[T], &[T]),
             g: &[T],
             st: (&Stats, f64),
             relu: bool,
-            win: &Window,
+            (win, conv): (&Window, Option<(&[T], &Window)>),
         ) -> Vec<T> {
-            if relu {
-                bn_pool::normalize_pool_backward::<T, true>(x, ys, g, st, win)
-            } else {
-                bn_pool::normalize_pool_backward::<T, false>(x, ys, g, st, win)
+            match (relu, conv) {
+                (true, None) => bn_pool::normalize_pool_backward::<T, true>(x, ys, g, st, win),
+                (false, None) => bn_pool::normalize_pool_backward::<T, false>(x, ys, g, st, win),
+                (true, Some((images, conv))) => {
+                    bn_pool::normalize_pool_backward_direct::<T, true>(x, ys, g, st, (win, images, conv))
+                }
+                (false, Some((images, conv))) => {
+                    bn_pool::normalize_pool_backward_direct::<T, false>(x, ys, g, st, (win, images, conv))
+                }
             }
         }
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(run(
-                contiguous(x, l1, "x")?,
-                (contiguous(y, l2, "max-pool output")?, contiguous(g, l3, "max-pool gradient")?),
-                &to_t(&self.gamma),
-                (stats, eps),
-                relu,
-                &win,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(run(
-                contiguous(x, l1, "x")?,
-                (contiguous(y, l2, "max-pool output")?, contiguous(g, l3, "max-pool gradient")?),
-                &to_t(&self.gamma),
-                (stats, eps),
-                relu,
-                &win,
-            )),
+        let conv = self.conv.as_ref().map(|(_, conv)| conv);
+        let (out, len) = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(y), CpuStorage::F32(g)) => {
+                let images = match images {
+                    Some((Storage::Cpu(CpuStorage::F32(v)), layout)) => Some(contiguous(v, layout, "images")?),
+                    Some(_) => candle_core::bail!("batch-norm max-pool backward: images not f32 on the CPU"),
+                    None => None,
+                };
+                let out = run(
+                    contiguous(x, l1, "x")?,
+                    (contiguous(y, l2, "max-pool output")?, contiguous(g, l3, "max-pool gradient")?),
+                    &to_t(&self.gamma),
+                    (stats, eps),
+                    relu,
+                    (&win, images.zip(conv)),
+                );
+                let len = out.len();
+                (CpuStorage::F32(out), len)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(y), CpuStorage::F64(g)) => {
+                let images = match images {
+                    Some((Storage::Cpu(CpuStorage::F64(v)), layout)) => Some(contiguous(v, layout, "images")?),
+                    Some(_) => candle_core::bail!("batch-norm max-pool backward: images not f64 on the CPU"),
+                    None => None,
+                };
+                let out = run(
+                    contiguous(x, l1, "x")?,
+                    (contiguous(y, l2, "max-pool output")?, contiguous(g, l3, "max-pool gradient")?),
+                    &to_t(&self.gamma),
+                    (stats, eps),
+                    relu,
+                    (&win, images.zip(conv)),
+                );
+                let len = out.len();
+                (CpuStorage::F64(out), len)
+            }
             _ => candle_core::bail!("batch-norm max-pool backward supports matching f32 or f64 tensors"),
         };
-        Ok((out, Shape::from(l1.shape().elem_count() + 2 * win.c)))
+        Ok((out, Shape::from(len)))
     }
 }
 
@@ -677,7 +750,7 @@ pub(super) fn gradient_sums_row<T: WithDType, const RELU: bool>(
 /// One row of the input gradient, `a·g + b·x + k` per channel (`g` masked as in
 /// [`gradient_sums_row`]).
 #[inline(always)]
-fn input_grad_row<T: WithDType, const RELU: bool>(
+pub(super) fn input_grad_row<T: WithDType, const RELU: bool>(
     or: &mut [T],
     xr: &[T],
     gr: &[T],

@@ -7,7 +7,10 @@
 //! buffer that stays in cache and pooled from there, so the normalised activation is never
 //! written out; the backward normalises each image again, routes the pool's gradient inside a
 //! second buffer, and sums the BatchNorm's terms from it as it writes `dz` out once; the input
-//! gradient then reads `x` and `dz` once.
+//! gradient then reads `x` and `dz` once. For d2l's stem, whose convolution has one input
+//! channel and images that need no gradient, that input gradient is not written out either:
+//! each run of rows is made in a buffer and the convolution's weight and bias gradients take
+//! their terms from it there.
 //!
 //! The arithmetic is the layers', in the same order (the BatchNorm's sums in the same blocks of
 //! rows, each window's gradient routed to the same cell), so the results are bit-identical to
@@ -19,9 +22,11 @@ use candle_core::WithDType;
 use rayon::prelude::*;
 
 use super::batch_norm::{
-    add_partials, gradient_sums_row, input_grad_with, normalize_block, Affine, Stats, ROWS_PER_TASK,
+    add_partials, gradient_sums_row, input_grad_row, input_grad_with, normalize_block, Affine, Stats, ROWS_PER_TASK,
 };
 use super::pool::{pool_image, pool_image_backward};
+use crate::ops::conv::direct;
+use crate::ops::plumbing::elementwise::{column_block_sums, column_sums_total, COLUMN_ROWS};
 use crate::ops::plumbing::geometry::Window;
 use crate::ops::plumbing::scratch;
 use crate::ops::plumbing::simd::with_fma;
@@ -64,12 +69,72 @@ pub(super) fn normalize_pool_backward<T: WithDType, const RELU: bool>(
     (stats, eps): (&Stats, f64),
     win: &Window,
 ) -> Vec<T> {
+    let (dz, sums) = pool_gradient::<T, RELU>(x, (pooled, grad), stats, win);
+    let out = input_grad_with::<T, RELU>(x, &dz, gamma, (stats, eps), &sums);
+    scratch::give(dz);
+    out
+}
+
+/// [`normalize_pool_backward`] where `x` is the output of the one-channel convolution of
+/// `images` ([`direct`], d2l's stem, geometry `conv`, no gradient wanted for the images):
+/// `[dW (c, kh, kw, 1) | db (c) | dγ (c) | dβ (c)]`. The BatchNorm's input gradient, the
+/// convolution's output gradient, is made a run of [`direct::PIXELS_PER_TASK`] rows at a time
+/// in a buffer, and the convolution's weight and bias gradients take their terms from it there
+/// (as [`direct::weight_grad`] and the bias's column sums split their rows), so it is never
+/// written out.
+pub(super) fn normalize_pool_backward_direct<T: WithDType, const RELU: bool>(
+    x: &[T],
+    (pooled, grad): (&[T], &[T]),
+    gamma: &[T],
+    (stats, eps): (&Stats, f64),
+    (win, images, conv): (&Window, &[T], &Window),
+) -> Vec<T> {
+    const _: () = assert!(direct::PIXELS_PER_TASK % COLUMN_ROWS == 0, "a task's rows are whole blocks of sums");
+    let c = win.c;
+    let pixels = x.len() / c;
+    let (dz, sums) = pool_gradient::<T, RELU>(x, (pooled, grad), stats, win);
+    let affine = stats.affine::<T>();
+    let (coefficients, tail) = stats.input_grad(gamma, &sums, pixels, eps);
+    let terms: Vec<(Vec<T>, Vec<Vec<f64>>)> = (0..pixels.div_ceil(direct::PIXELS_PER_TASK))
+        .into_par_iter()
+        .map(|task| {
+            let run = task * direct::PIXELS_PER_TASK..((task + 1) * direct::PIXELS_PER_TASK).min(pixels);
+            let mut dy = scratch::take(run.len() * c);
+            let (xs, gs) = (&x[run.start * c..run.end * c], &dz[run.start * c..run.end * c]);
+            with_fma(
+                #[inline(always)]
+                || {
+                    for ((or, xr), gr) in dy.chunks_exact_mut(c).zip(xs.chunks_exact(c)).zip(gs.chunks_exact(c)) {
+                        input_grad_row::<T, RELU>(or, xr, gr, &affine, &coefficients);
+                    }
+                },
+            );
+            let dw = direct::weight_grad_part(images, conv, run, &dy, c);
+            let db = dy.chunks(COLUMN_ROWS * c).map(|block| column_block_sums(block, c)).collect();
+            scratch::give(dy);
+            (dw, db)
+        })
+        .collect();
+    scratch::give(dz);
+    let (dw, db): (Vec<Vec<T>>, Vec<Vec<Vec<f64>>>) = terms.into_iter().unzip();
+    let mut out = direct::weight_grad_total(dw, conv.kh * conv.kw, c);
+    out.extend(column_sums_total::<T>(db.into_iter().flatten(), c));
+    out.extend(tail);
+    out
+}
+
+/// The pool's input gradient `dz` (a scratch buffer) and, as it is made, `Σ g` and
+/// `Σ g·(x − mean)` per channel in blocks of [`ROWS_PER_TASK`] rows as the BatchNorm's own
+/// backward sums them (g: `dz` masked by the ReLU).
+fn pool_gradient<T: WithDType, const RELU: bool>(
+    x: &[T],
+    (pooled, grad): (&[T], &[T]),
+    stats: &Stats,
+    win: &Window,
+) -> (Vec<T>, [Vec<f64>; 2]) {
     let c = win.c;
     let affine = stats.affine::<T>();
     let parts = Parts::new(x.len() / c, win);
-    // The pool's input gradient `dz`, and Σ g and Σ g·(x − mean) per channel as it is made, in
-    // blocks of ROWS_PER_TASK rows as the BatchNorm's own backward sums them (g: `dz` masked by
-    // the ReLU).
     let mut dz = scratch::take(x.len());
     let partials: Vec<Vec<(Vec<T>, Vec<T>)>> = dz
         .par_chunks_mut(parts.per_task * ROWS_PER_TASK * c)
@@ -97,10 +162,7 @@ pub(super) fn normalize_pool_backward<T: WithDType, const RELU: bool>(
             blocks
         })
         .collect();
-    let sums = add_partials(partials.into_iter().flatten(), c);
-    let out = input_grad_with::<T, RELU>(x, &dz, gamma, (stats, eps), &sums);
-    scratch::give(dz);
-    out
+    (dz, add_partials(partials.into_iter().flatten(), c))
 }
 
 /// The backward's split of the batch's rows (pixels) into tasks of whole blocks of

@@ -22,6 +22,7 @@ use super::conv::Conv2d;
 use super::pool::MaxPool2d;
 use crate::ops::conv::dispatch::Im2colConv;
 use crate::ops::plumbing::geometry::Window;
+use crate::ops::plumbing::gradients;
 use crate::ops::plumbing::storage::contiguous;
 use crate::ops::GpuOps;
 
@@ -241,6 +242,13 @@ impl CustomOp3 for ConvBatchNorm {
         let c = self.channels;
         let y = self.conv_output()?;
         let gamma = packed.narrow(0, c, c)?;
+        // The stem: the convolution's gradients are taken from the BatchNorm's input gradient as
+        // it is made, which is then never written out.
+        if let (Some(pool), Some(conv), false) = (self.pool, self.conv.direct_window(x.layout()), x.track_op()) {
+            let [dw, dbias, dgamma, dbeta] =
+                self.bn.backward_pooled_direct(&y, (res, grad), &gamma, pool, (x, conv))?;
+            return Ok((None, gradients::route(w, Some(dw)), Some(Tensor::cat(&[&dbias, &dgamma, &dbeta], 0)?)));
+        }
         let [dy, dgamma, dbeta] = match self.pool {
             Some(pool) => self.bn.backward_pooled(&y, (res, grad), &gamma, pool)?,
             None => self.bn.backward(&y, &gamma, grad)?,
@@ -390,12 +398,12 @@ mod tests {
     }
 
     /// `fused` (from the first twin) and `apart` (from the second) agree bit for bit: the
-    /// outputs, the gradients of `x` and of the four trained parameters under one random probe,
-    /// and the running statistics.
+    /// outputs, the gradients of `x` (when it is a variable) and of the four trained parameters
+    /// under one random probe, and the running statistics.
     fn assert_twins_agree(
         fused: Tensor,
         apart: Tensor,
-        x: &Var,
+        x: Option<&Var>,
         [(conv, bn), (twin_conv, twin_bn)]: &[(Conv2d, BatchNorm); 2],
         case: &str,
     ) -> candle_core::Result<()> {
@@ -404,13 +412,15 @@ mod tests {
         let probe = Tensor::randn(0f32, 1., fused.shape(), &Device::Cpu)?.to_dtype(fused.dtype())?;
         let g1 = (fused * &probe)?.sum_all()?.backward()?;
         let g2 = (apart * &probe)?.sum_all()?.backward()?;
-        let pairs = [
-            ("input", x.as_tensor(), x.as_tensor()),
+        let mut pairs = vec![
             ("conv weight", conv.weight(), twin_conv.weight()),
             ("conv bias", conv.bias(), twin_conv.bias()),
             ("bn weight", bn.weight(), twin_bn.weight()),
             ("bn bias", bn.bias(), twin_bn.bias()),
         ];
+        if let Some(x) = x {
+            pairs.push(("input", x.as_tensor(), x.as_tensor()));
+        }
         for (name, a, b) in pairs {
             let d = max_diff(g1.get(a).expect("grad"), g2.get(b).expect("grad"))?;
             assert_eq!(d, 0.0, "{name} gradient differs for {case}");
@@ -448,7 +458,7 @@ mod tests {
                     );
                     let fused = conv_bn(conv, bn, x.as_tensor(), true, relu)?;
                     let apart = twin_bn.forward_act(&twin_conv.forward(x.as_tensor())?, true, relu)?;
-                    assert_twins_agree(fused, apart, &x, &twins, &case)?;
+                    assert_twins_agree(fused, apart, Some(&x), &twins, &case)?;
                     assert_eq!(bn.num_batches_tracked().to_dtype(DType::F64)?.to_scalar::<f64>()?, 1.0);
                     // Evaluation mode: folded where that pays, else the layers one after the
                     // other (then bit-identical).
@@ -472,25 +482,33 @@ mod tests {
     /// four trained parameters, and the running statistics, bit for bit, in f32 and f64, for
     /// d2l's 7×7/2 stem and a 3×3 Winograd shape; in evaluation the pool after [`conv_bn`]. The
     /// node's backward sums the BatchNorm's blocks of 256 rows from images it recomputes in
-    /// parts: the 28 px case has 196 rows per image and 1,176 rows in all, so blocks and its two
-    /// tasks end inside images.
+    /// parts: the 28 px cases have 196 rows per image, so blocks and tasks end inside images.
+    /// With images that need no gradient (as in training), the stem's convolution takes its
+    /// weight and bias gradients from the BatchNorm's input gradient as it is made, in runs of
+    /// 4,096 rows: the 22-image case has two.
     #[test]
     fn stem_node_with_its_pool_equals_the_layers() -> candle_core::Result<()> {
         let dev = Device::Cpu;
         let pool = MaxPool2d::d2l_stem();
-        for &(b, h, cin, cout, k, s, p) in &[(2, 16, 1, 4, 7, 2, 3), (3, 8, 3, 5, 3, 1, 1), (6, 28, 1, 4, 7, 2, 3)] {
+        let cases = [(2, 16, 1, 4, 7, 2, 3), (3, 8, 3, 5, 3, 1, 1), (6, 28, 1, 4, 7, 2, 3), (22, 28, 1, 8, 7, 2, 3)];
+        for &(b, h, cin, cout, k, s, p) in &cases {
             for dtype in [DType::F32, DType::F64] {
-                let case = format!("{:?}", (b, h, cin, cout, k, s, p, dtype));
-                let cfg = Conv2dConfig { in_channels: cin, out_channels: cout, kernel_size: k, stride: s, padding: p };
-                let twins = twin_layers(cfg, dtype, ConvAlgorithm::Winograd)?;
-                let [(conv, bn), (twin_conv, twin_bn)] = &twins;
-                let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, h, h, cin), &dev)?.to_dtype(dtype)?)?;
-                let fused = conv_bn_pool(conv, bn, pool, x.as_tensor(), true, GpuOps::default())?;
-                let apart = pool.forward(&twin_bn.forward_act(&twin_conv.forward(x.as_tensor())?, true, true)?)?;
-                assert_twins_agree(fused, apart, &x, &twins, &case)?;
-                let eval = conv_bn_pool(conv, bn, pool, x.as_tensor(), false, GpuOps::default())?;
-                let want = pool.forward(&conv_bn(conv, bn, x.as_tensor(), false, true)?)?;
-                assert_eq!(max_diff(&eval, &want)?, 0.0, "evaluation differs for {case}");
+                for variable in [true, false] {
+                    let case = format!("{:?}", (b, h, cin, cout, k, s, p, dtype, variable));
+                    let cfg =
+                        Conv2dConfig { in_channels: cin, out_channels: cout, kernel_size: k, stride: s, padding: p };
+                    let twins = twin_layers(cfg, dtype, ConvAlgorithm::Winograd)?;
+                    let [(conv, bn), (twin_conv, twin_bn)] = &twins;
+                    let images = Tensor::randn(0f32, 1., (b, h, h, cin), &dev)?.to_dtype(dtype)?;
+                    let var = if variable { Some(Var::from_tensor(&images)?) } else { None };
+                    let x = var.as_ref().map(|v| v.as_tensor()).unwrap_or(&images);
+                    let fused = conv_bn_pool(conv, bn, pool, x, true, GpuOps::default())?;
+                    let apart = pool.forward(&twin_bn.forward_act(&twin_conv.forward(x)?, true, true)?)?;
+                    assert_twins_agree(fused, apart, var.as_ref(), &twins, &case)?;
+                    let eval = conv_bn_pool(conv, bn, pool, x, false, GpuOps::default())?;
+                    let want = pool.forward(&conv_bn(conv, bn, x, false, true)?)?;
+                    assert_eq!(max_diff(&eval, &want)?, 0.0, "evaluation differs for {case}");
+                }
             }
         }
         Ok(())

@@ -182,19 +182,27 @@ impl CustomOp2 for AddRelu {
 
 /// Column sums of a `(rows, c)` matrix in a fixed order (deterministic across runs).
 fn column_sums<T: WithDType>(g: &[T], c: usize) -> Vec<T> {
-    let rows_per_task = (CHUNK / c).max(1);
-    let partials: Vec<Vec<f64>> = g
-        .par_chunks(rows_per_task * c)
-        .map(|block| {
-            let mut acc = vec![0f64; c];
-            for row in block.chunks_exact(c) {
-                for (a, &v) in acc.iter_mut().zip(row) {
-                    *a += v.to_f64();
-                }
-            }
-            acc
-        })
-        .collect();
+    let partials: Vec<Vec<f64>> = g.par_chunks(COLUMN_ROWS * c).map(|block| column_block_sums(block, c)).collect();
+    column_sums_total(partials, c)
+}
+
+/// Rows per block of [`column_sums`]: fixed, so the sums are added in the same order on every
+/// run, and in the same order by a caller that makes the rows a multiple of it at a time.
+pub(crate) const COLUMN_ROWS: usize = 1024;
+
+/// One block's sums per column (`block`: at most [`COLUMN_ROWS`] rows of `c`), in f64.
+pub(crate) fn column_block_sums<T: WithDType>(block: &[T], c: usize) -> Vec<f64> {
+    let mut acc = vec![0f64; c];
+    for row in block.chunks_exact(c) {
+        for (a, &v) in acc.iter_mut().zip(row) {
+            *a += v.to_f64();
+        }
+    }
+    acc
+}
+
+/// [`column_sums`] from its blocks' sums ([`column_block_sums`]), in block order.
+pub(crate) fn column_sums_total<T: WithDType>(partials: impl IntoIterator<Item = Vec<f64>>, c: usize) -> Vec<T> {
     let mut total = vec![0f64; c];
     for p in partials {
         for (t, v) in total.iter_mut().zip(p) {
