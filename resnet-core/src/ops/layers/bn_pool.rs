@@ -12,24 +12,30 @@
 //! each run of rows is made in a buffer and the convolution's weight and bias gradients take
 //! their terms from it there.
 //!
+//! [`FusedBatchNorm::cpu_fwd_pooled`] is the forward, [`FusedBatchNorm::backward_pooled`] and
+//! [`FusedBatchNorm::backward_pooled_direct`] the backward (a no-grad op on the CPU); the
+//! BatchNorm's own statistics and row arithmetic come from [`super::batch_norm`].
+//!
 //! The arithmetic is the layers', in the same order (the BatchNorm's sums in the same blocks of
 //! rows, each window's gradient routed to the same cell), so the results are bit-identical to
 //! [`super::batch_norm`]'s op followed by [`super::pool`]'s.
 
 use std::ops::Range;
 
-use candle_core::WithDType;
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::batch_norm::{
-    add_partials, gradient_sums_row, input_grad_row, input_grad_with, normalize_block, Affine, Stats, ROWS_PER_TASK,
+    add_partials, batch_stats, gradient_sums_row, input_grad_row, input_grad_with, normalize_block, to_t, Affine,
+    FusedBatchNorm, Stats, ROWS_PER_TASK,
 };
-use super::pool::{pool_image, pool_image_backward};
+use super::pool::{pool_image, pool_image_backward, MaxPool2d};
 use crate::ops::conv::direct;
 use crate::ops::plumbing::elementwise::{column_block_sums, column_sums_total, COLUMN_ROWS};
 use crate::ops::plumbing::geometry::Window;
 use crate::ops::plumbing::scratch;
 use crate::ops::plumbing::simd::with_fma;
+use crate::ops::plumbing::storage::contiguous;
 
 /// Images per backward task, about: each task recomputes the images its rows touch, so a task of
 /// several images recomputes at most one image twice where its blocks of rows do not end on an
@@ -223,5 +229,217 @@ impl<'w> Parts<'w> {
         );
         scratch::give(z);
         scratch::give(dz);
+    }
+}
+
+impl FusedBatchNorm {
+    /// The training forward followed by `pool` as one pass ([`normalize_pool`]):
+    /// `(x, γ, β) -> pool(bn(x))` (with ReLU between as the op is set), the statistics recorded
+    /// as [`CustomOp3::cpu_fwd`] records them.
+    pub(super) fn cpu_fwd_pooled(
+        &self,
+        x: &CpuStorage,
+        layout: &Layout,
+        (gamma, beta): (&CpuStorage, &CpuStorage),
+        pool: MaxPool2d,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span("batch-norm-max-pool", layout.dims());
+        let win = pool.window(layout)?;
+        fn run<T: WithDType>(x: &[T], g: &[T], b: &[T], eps: f64, relu: bool, win: &Window) -> (Vec<T>, Stats) {
+            let stats = batch_stats(x, g, b, eps);
+            let pooled = if relu {
+                normalize_pool::<T, true>(x, &stats, win)
+            } else {
+                normalize_pool::<T, false>(x, &stats, win)
+            };
+            (pooled, stats)
+        }
+        let vector = Layout::contiguous(win.c);
+        let (pooled, stats) = match (x, gamma, beta) {
+            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(b)) => {
+                let (x, g, b) =
+                    (contiguous(x, layout, "x")?, contiguous(g, &vector, "γ")?, contiguous(b, &vector, "β")?);
+                let (y, s) = run(x, g, b, self.eps(), self.relu(), &win);
+                (CpuStorage::F32(y), s)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(b)) => {
+                let (x, g, b) =
+                    (contiguous(x, layout, "x")?, contiguous(g, &vector, "γ")?, contiguous(b, &vector, "β")?);
+                let (y, s) = run(x, g, b, self.eps(), self.relu(), &win);
+                (CpuStorage::F64(y), s)
+            }
+            _ => {
+                candle_core::bail!("batch-norm with max-pool supports matching f32 or f64 tensors, got {:?}", x.dtype())
+            }
+        };
+        self.record(stats)?;
+        Ok((pooled, Shape::from((win.batch, win.oh(), win.ow(), win.c))))
+    }
+
+    /// The backward of [`FusedBatchNorm::cpu_fwd_pooled`]: `(dx, dγ, dβ)` from the input `x`, the
+    /// pooled output, γ and the pooled output's gradient.
+    pub(super) fn backward_pooled(
+        &self,
+        x: &Tensor,
+        (pooled, grad): (&Tensor, &Tensor),
+        gamma: &Tensor,
+        pool: MaxPool2d,
+    ) -> candle_core::Result<[Tensor; 3]> {
+        let (n, c) = (x.elem_count(), gamma.elem_count());
+        let packed = self.pooled_backward_op(x, (pooled, grad), gamma, pool, None)?;
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        Ok([dx, packed.narrow(0, n, c)?, packed.narrow(0, n + c, c)?])
+    }
+
+    /// [`FusedBatchNorm::backward_pooled`] where `x` is the output of the one-channel convolution
+    /// of `images` (geometry `conv`, the stem; the images need no gradient):
+    /// `(dW (c, 1, kh, kw), db, dγ, dβ)`, the BatchNorm's input gradient used as it is made
+    /// ([`normalize_pool_backward_direct`]).
+    pub(super) fn backward_pooled_direct(
+        &self,
+        x: &Tensor,
+        (pooled, grad): (&Tensor, &Tensor),
+        gamma: &Tensor,
+        pool: MaxPool2d,
+        (images, conv): (&Tensor, Window),
+    ) -> candle_core::Result<[Tensor; 4]> {
+        let (c, taps) = (gamma.elem_count(), conv.kh * conv.kw);
+        let packed = self.pooled_backward_op(x, (pooled, grad), gamma, pool, Some((images.contiguous()?, conv)))?;
+        let dw = packed.narrow(0, 0, c * taps)?.reshape((c, 1, conv.kh, conv.kw))?;
+        let part = |i: usize| packed.narrow(0, c * taps + i * c, c);
+        Ok([dw, part(0)?, part(1)?, part(2)?])
+    }
+
+    fn pooled_backward_op(
+        &self,
+        x: &Tensor,
+        (pooled, grad): (&Tensor, &Tensor),
+        gamma: &Tensor,
+        pool: MaxPool2d,
+        conv: Option<(Tensor, Window)>,
+    ) -> candle_core::Result<Tensor> {
+        let op = BatchNormPoolBackward {
+            eps: self.eps(),
+            relu: self.relu(),
+            stats: self.recorded()?,
+            gamma: gamma.to_dtype(DType::F64)?.to_vec1()?,
+            pool,
+            conv,
+        };
+        x.apply_op3_no_bwd(&pooled.contiguous()?, &grad.contiguous()?, &op)
+    }
+}
+
+/// `(x, pooled, pooled gradient) -> [dx | dγ | dβ]` for [`FusedBatchNorm::cpu_fwd_pooled`], with
+/// the forward's batch statistics; with `conv`, `[dW | db | dγ | dβ]` of the one-channel
+/// convolution whose output `x` is.
+#[derive(Debug)]
+struct BatchNormPoolBackward {
+    eps: f64,
+    relu: bool,
+    stats: Stats,
+    /// γ, exactly (f32 and f64 values are f64 values).
+    gamma: Vec<f64>,
+    pool: MaxPool2d,
+    /// The convolution's (contiguous) input images and geometry.
+    conv: Option<(Tensor, Window)>,
+}
+
+impl CustomOp3 for BatchNormPoolBackward {
+    fn name(&self) -> &'static str {
+        "batch-norm-max-pool-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name(), l1.dims());
+        let win = self.pool.window(l1)?;
+        let out_dims = [win.batch, win.oh(), win.ow(), win.c];
+        if l2.shape().dims() != out_dims || l3.shape().dims() != out_dims || self.gamma.len() != win.c {
+            candle_core::bail!(
+                "batch-norm max-pool backward: output {:?} and gradient {:?} do not match the output shape {out_dims:?}",
+                l2.shape(),
+                l3.shape()
+            )
+        }
+        let (stats, eps, relu) = (&self.stats, self.eps, self.relu);
+        let images = self.conv.as_ref().map(|(images, _)| images.storage_and_layout());
+        let images = images.as_ref().map(|(storage, layout)| (&**storage, *layout));
+        if let (Some((_, conv)), Some((_, layout))) = (&self.conv, images) {
+            let want = [conv.batch, conv.h, conv.w, 1];
+            if layout.shape().dims() != want || [conv.batch, conv.oh(), conv.ow(), win.c] != l1.shape().dims() {
+                candle_core::bail!(
+                    "batch-norm max-pool backward: images {:?} and convolution output {:?} do not fit {conv:?}",
+                    layout.shape(),
+                    l1.shape()
+                )
+            }
+        }
+        /// The backward on contiguous data, with the convolution's images where it has them.
+        fn run<T: WithDType>(
+            x: &[T],
+            ys: (&[T], &[T]),
+            g: &[T],
+            st: (&Stats, f64),
+            relu: bool,
+            (win, conv): (&Window, Option<(&[T], &Window)>),
+        ) -> Vec<T> {
+            match (relu, conv) {
+                (true, None) => normalize_pool_backward::<T, true>(x, ys, g, st, win),
+                (false, None) => normalize_pool_backward::<T, false>(x, ys, g, st, win),
+                (true, Some((images, conv))) => {
+                    normalize_pool_backward_direct::<T, true>(x, ys, g, st, (win, images, conv))
+                }
+                (false, Some((images, conv))) => {
+                    normalize_pool_backward_direct::<T, false>(x, ys, g, st, (win, images, conv))
+                }
+            }
+        }
+        let conv = self.conv.as_ref().map(|(_, conv)| conv);
+        let (out, len) = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(y), CpuStorage::F32(g)) => {
+                let images = match images {
+                    Some((Storage::Cpu(CpuStorage::F32(v)), layout)) => Some(contiguous(v, layout, "images")?),
+                    Some(_) => candle_core::bail!("batch-norm max-pool backward: images not f32 on the CPU"),
+                    None => None,
+                };
+                let out = run(
+                    contiguous(x, l1, "x")?,
+                    (contiguous(y, l2, "max-pool output")?, contiguous(g, l3, "max-pool gradient")?),
+                    &to_t(&self.gamma),
+                    (stats, eps),
+                    relu,
+                    (&win, images.zip(conv)),
+                );
+                let len = out.len();
+                (CpuStorage::F32(out), len)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(y), CpuStorage::F64(g)) => {
+                let images = match images {
+                    Some((Storage::Cpu(CpuStorage::F64(v)), layout)) => Some(contiguous(v, layout, "images")?),
+                    Some(_) => candle_core::bail!("batch-norm max-pool backward: images not f64 on the CPU"),
+                    None => None,
+                };
+                let out = run(
+                    contiguous(x, l1, "x")?,
+                    (contiguous(y, l2, "max-pool output")?, contiguous(g, l3, "max-pool gradient")?),
+                    &to_t(&self.gamma),
+                    (stats, eps),
+                    relu,
+                    (&win, images.zip(conv)),
+                );
+                let len = out.len();
+                (CpuStorage::F64(out), len)
+            }
+            _ => candle_core::bail!("batch-norm max-pool backward supports matching f32 or f64 tensors"),
+        };
+        Ok((out, Shape::from(len)))
     }
 }
