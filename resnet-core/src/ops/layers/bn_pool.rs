@@ -369,7 +369,6 @@ impl CustomOp3 for BatchNormPoolBackward {
                 l3.shape()
             )
         }
-        let (stats, eps, relu) = (&self.stats, self.eps, self.relu);
         let images = self.conv.as_ref().map(|(images, _)| images.storage_and_layout());
         let images = images.as_ref().map(|(storage, layout)| (&**storage, *layout));
         if let (Some((_, conv)), Some((_, layout))) = (&self.conv, images) {
@@ -403,42 +402,43 @@ impl CustomOp3 for BatchNormPoolBackward {
             }
         }
         let conv = self.conv.as_ref().map(|(_, conv)| conv);
-        let (out, len) = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(y), CpuStorage::F32(g)) => {
+        // The backward in `T` (every operand's slice checked to be of that type).
+        let typed = |dtype: DType| -> candle_core::Result<CpuStorage> {
+            fn go<T: WithDType>(
+                op: &BatchNormPoolBackward,
+                [(s1, l1), (s2, l2), (s3, l3)]: [(&CpuStorage, &Layout); 3],
+                images: Option<(&Storage, &Layout)>,
+                (win, conv): (&Window, Option<&Window>),
+            ) -> candle_core::Result<Vec<T>> {
                 let images = match images {
-                    Some((Storage::Cpu(CpuStorage::F32(v)), layout)) => Some(contiguous(v, layout, "images")?),
-                    Some(_) => candle_core::bail!("batch-norm max-pool backward: images not f32 on the CPU"),
+                    Some((Storage::Cpu(v), layout)) => Some(contiguous(v.as_slice::<T>()?, layout, "images")?),
+                    Some(_) => candle_core::bail!("batch-norm max-pool backward: the images are not on the CPU"),
                     None => None,
                 };
-                let out = run(
-                    contiguous(x, l1, "x")?,
-                    (contiguous(y, l2, "max-pool output")?, contiguous(g, l3, "max-pool gradient")?),
-                    &to_t(&self.gamma),
-                    (stats, eps),
-                    relu,
-                    (&win, images.zip(conv)),
-                );
-                let len = out.len();
-                (CpuStorage::F32(out), len)
+                Ok(run(
+                    contiguous(s1.as_slice::<T>()?, l1, "x")?,
+                    (
+                        contiguous(s2.as_slice::<T>()?, l2, "max-pool output")?,
+                        contiguous(s3.as_slice::<T>()?, l3, "max-pool gradient")?,
+                    ),
+                    &to_t(&op.gamma),
+                    (&op.stats, op.eps),
+                    op.relu,
+                    (win, images.zip(conv)),
+                ))
             }
-            (CpuStorage::F64(x), CpuStorage::F64(y), CpuStorage::F64(g)) => {
-                let images = match images {
-                    Some((Storage::Cpu(CpuStorage::F64(v)), layout)) => Some(contiguous(v, layout, "images")?),
-                    Some(_) => candle_core::bail!("batch-norm max-pool backward: images not f64 on the CPU"),
-                    None => None,
-                };
-                let out = run(
-                    contiguous(x, l1, "x")?,
-                    (contiguous(y, l2, "max-pool output")?, contiguous(g, l3, "max-pool gradient")?),
-                    &to_t(&self.gamma),
-                    (stats, eps),
-                    relu,
-                    (&win, images.zip(conv)),
-                );
-                let len = out.len();
-                (CpuStorage::F64(out), len)
-            }
-            _ => candle_core::bail!("batch-norm max-pool backward supports matching f32 or f64 tensors"),
+            let operands = [(s1, l1), (s2, l2), (s3, l3)];
+            Ok(match dtype {
+                DType::F32 => CpuStorage::F32(go::<f32>(self, operands, images, (&win, conv))?),
+                DType::F64 => CpuStorage::F64(go::<f64>(self, operands, images, (&win, conv))?),
+                other => candle_core::bail!("batch-norm max-pool backward supports f32 or f64, got {other:?}"),
+            })
+        };
+        let out = typed(s1.dtype())?;
+        // `[dx | dγ | dβ]`, or `[dW | db | dγ | dβ]` with the convolution.
+        let len = match conv {
+            None => l1.shape().elem_count() + 2 * win.c,
+            Some(conv) => win.c * conv.kh * conv.kw + 3 * win.c,
         };
         Ok((out, Shape::from(len)))
     }
