@@ -5,6 +5,7 @@ pub(crate) mod direct;
 pub(crate) mod dispatch;
 pub(crate) mod im2col;
 pub(crate) mod taps;
+pub(crate) mod whole;
 pub(crate) mod winograd;
 
 pub use dispatch::ConvAlgorithm;

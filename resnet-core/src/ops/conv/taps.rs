@@ -10,7 +10,8 @@
 //! gradient adds `dY · W` back through them. A class with one pixel per image (every class of a
 //! 1×1, 2×2 or 3×3 image) reads the images, and writes the input gradient, in place: its taps'
 //! pixels are a few runs of each image ([`one_pixel_parts`]), one product per run; larger
-//! classes gather their patches.
+//! classes gather their patches. Where every window covers the whole image (2×2 and 1×1 images
+//! at 28 px) the classes' products are one dense product instead ([`whole`]).
 
 use std::ops::Range;
 
@@ -19,6 +20,7 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
+use super::whole;
 use crate::ops::plumbing::geometry::Window;
 use crate::ops::plumbing::matmul::gemm_strided;
 use crate::ops::plumbing::scratch;
@@ -445,6 +447,9 @@ fn covers_all(win: &Window, classes: &[TapClass]) -> bool {
 /// `y (batch, oh, ow, out) = conv(x, w) + bias` with `x` `(batch, h, w, c)` and `w`
 /// `(out, c, kh, kw)`.
 pub fn conv<T: WithDType>(x: &[T], w: &[T], bias: &[T], win: &Window) -> Vec<T> {
+    if whole::applies(win) {
+        return whole::conv(x, w, bias, win);
+    }
     let out = bias.len();
     let classes = classes(win);
     let w = Weight::new(w, out, win, &classes);
@@ -485,6 +490,9 @@ pub fn conv<T: WithDType>(x: &[T], w: &[T], bias: &[T], win: &Window) -> Vec<T> 
 
 /// `dW (out, c, kh, kw)` of [`conv`] from `x` `(batch, h, w, c)` and `dy` `(batch · oh · ow, out)`.
 pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) -> Vec<T> {
+    if whole::applies(win) {
+        return whole::weight_grad(x, dy, win, out);
+    }
     let (c, taps, wrow) = (win.c, win.kh * win.kw, win.patch_len());
     let classes = classes(win);
     if classes.iter().all(|class| compact(win, class)) {
@@ -538,6 +546,9 @@ pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) ->
 
 /// `dx (batch, h, w, c)` of [`conv`] from `dy` `(batch · oh · ow, out)` and `w` `(out, c, kh, kw)`.
 pub fn input_grad<T: WithDType>(dy: &[T], w: &[T], win: &Window, out: usize) -> Vec<T> {
+    if whole::applies(win) {
+        return whole::input_grad(dy, w, win, out);
+    }
     let classes = classes(win);
     let w = Weight::new(w, out, win, &classes);
     let image = win.h * win.w * win.c;

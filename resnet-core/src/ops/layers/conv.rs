@@ -231,6 +231,9 @@ pub(super) mod tests {
             (2, 2, 2, 3, 4, 3, 1, 1),
             (2, 3, 2, 3, 2, 3, 2, 1),
             (2, 3, 3, 4, 3, 3, 1, 1),
+            // Images every window covers whole: one dense product each way, stride 1 and 2.
+            (3, 1, 2, 3, 4, 3, 1, 1),
+            (2, 2, 2, 5, 3, 3, 2, 1),
             // Left and right edge classes (part of each kernel row) beside whole-row ones.
             (2, 3, 5, 3, 4, 3, 1, 1),
             // Padding wider than the kernel: the outer outputs see padding alone (the bias).
