@@ -5,7 +5,7 @@ use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, Lay
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::im2col::{im2col_rows, im2col_slice, Col2im, Im2col};
+use super::im2col::{self, im2col_rows, im2col_slice, Col2im, Im2col};
 use super::{direct, taps, winograd};
 use crate::ops::plumbing::elementwise::{column_sums_tensor, mask_by_positive, relu_in_place};
 use crate::ops::plumbing::geometry::Window;
@@ -322,7 +322,8 @@ impl CustomOp3 for Im2colConv {
         let dy = grad.contiguous()?.reshape((rows, out))?;
         let algo = self.algo(&win);
         let dy4 = dy.reshape((win.batch, win.oh(), win.ow(), out))?;
-        let dw = if let Some(algo) = algo {
+        let dw = if algo.is_some() || (!self.pointwise() && im2col::chunked_weight_grad_pays(&win, out)) {
+            // Im2col's patches a chunk at a time in cache ([`im2col::weight_grad`]) where that pays.
             x.apply_op2_no_bwd(&dy4, &ConvGrad { wrt: Wrt::Weight, algo, win, cout: out })?
         } else {
             let cols = if self.pointwise() {
@@ -335,7 +336,7 @@ impl CustomOp3 for Im2colConv {
         };
         let db = column_sums_tensor(&dy)?;
         let dx = if let (true, Some(algo)) = (x.track_op(), algo) {
-            Some(dy4.apply_op2_no_bwd(w, &ConvGrad { wrt: Wrt::Input, algo, win, cout: out })?)
+            Some(dy4.apply_op2_no_bwd(w, &ConvGrad { wrt: Wrt::Input, algo: Some(algo), win, cout: out })?)
         } else if x.track_op() {
             let w_mat = w.detach().permute((0, 2, 3, 1))?.contiguous()?.reshape((out, k))?;
             let dcols = dy.apply_op2_no_bwd(&w_mat, &MatMul { trans_a: false, trans_b: false })?;
@@ -359,7 +360,8 @@ impl CustomOp3 for Im2colConv {
 #[derive(Debug, Clone, Copy)]
 struct ConvGrad {
     wrt: Wrt,
-    algo: Algo,
+    /// `None`: im2col (the weight gradient only; its input gradient goes through [`Col2im`]).
+    algo: Option<Algo>,
     /// The forward convolution's geometry.
     win: Window,
     cout: usize,
@@ -402,15 +404,17 @@ impl ConvGrad {
         let ohwi = || oihw_to_ohwi(b, cout, win.c, taps);
         let oihw = |dw: Vec<T>| ohwi_to_oihw(&dw, cout, win.c, taps).into_owned();
         match (self.algo, self.wrt) {
-            (Algo::Winograd(tile), Wrt::Input) => {
+            (Some(Algo::Winograd(tile)), Wrt::Input) => {
                 let (n, h, w, _) = dims;
                 winograd::conv3x3(a, winograd::Filters::Adjoint(b), None, (n, h, w, cout), win.c, tile, false)
             }
-            (Algo::Winograd(tile), Wrt::Weight) => winograd::conv3x3_weight_grad(a, b, dims, cout, tile),
-            (Algo::Taps, Wrt::Input) => taps::input_grad(a, b, win, cout),
-            (Algo::Taps, Wrt::Weight) => taps::weight_grad(a, b, win, cout),
-            (Algo::Direct, Wrt::Input) => direct::input_grad(a, &ohwi(), win, cout),
-            (Algo::Direct, Wrt::Weight) => oihw(direct::weight_grad(a, b, win, cout)),
+            (Some(Algo::Winograd(tile)), Wrt::Weight) => winograd::conv3x3_weight_grad(a, b, dims, cout, tile),
+            (Some(Algo::Taps), Wrt::Input) => taps::input_grad(a, b, win, cout),
+            (Some(Algo::Taps), Wrt::Weight) => taps::weight_grad(a, b, win, cout),
+            (Some(Algo::Direct), Wrt::Input) => direct::input_grad(a, &ohwi(), win, cout),
+            (Some(Algo::Direct), Wrt::Weight) => oihw(direct::weight_grad(a, b, win, cout)),
+            (None, Wrt::Weight) => oihw(im2col::weight_grad(a, b, win, cout)),
+            (None, Wrt::Input) => unreachable!("im2col's input gradient is a product and col2im"),
         }
     }
 }
@@ -418,12 +422,14 @@ impl ConvGrad {
 impl CustomOp2 for ConvGrad {
     fn name(&self) -> &'static str {
         match (self.algo, self.wrt) {
-            (Algo::Winograd(_), Wrt::Input) => "conv2d-winograd-input-grad",
-            (Algo::Winograd(_), Wrt::Weight) => "conv2d-winograd-weight-grad",
-            (Algo::Taps, Wrt::Input) => "conv2d-taps-input-grad",
-            (Algo::Taps, Wrt::Weight) => "conv2d-taps-weight-grad",
-            (Algo::Direct, Wrt::Input) => "conv2d-direct-input-grad",
-            (Algo::Direct, Wrt::Weight) => "conv2d-direct-weight-grad",
+            (Some(Algo::Winograd(_)), Wrt::Input) => "conv2d-winograd-input-grad",
+            (Some(Algo::Winograd(_)), Wrt::Weight) => "conv2d-winograd-weight-grad",
+            (Some(Algo::Taps), Wrt::Input) => "conv2d-taps-input-grad",
+            (Some(Algo::Taps), Wrt::Weight) => "conv2d-taps-weight-grad",
+            (Some(Algo::Direct), Wrt::Input) => "conv2d-direct-input-grad",
+            (Some(Algo::Direct), Wrt::Weight) => "conv2d-direct-weight-grad",
+            (None, Wrt::Input) => "conv2d-im2col-input-grad",
+            (None, Wrt::Weight) => "conv2d-im2col-weight-grad",
         }
     }
 

@@ -9,9 +9,10 @@
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::ops::plumbing::storage::contiguous;
-
 use crate::ops::plumbing::geometry::Window;
+use crate::ops::plumbing::matmul::gemm_strided;
+use crate::ops::plumbing::scratch;
+use crate::ops::plumbing::storage::contiguous;
 
 /// Unfolds `(batch, h, w, c)` into `(batch·oh·ow, kh·kw·c)` patches; padding reads as zero.
 #[derive(Debug, Clone, Copy)]
@@ -102,6 +103,68 @@ pub fn one_channel_patch<T: WithDType>(img: &[T], win: &Window, oy: usize, ox: u
         dst[lo..hi].copy_from_slice(&img[start..start + hi - lo]);
         dst[hi..].fill(T::zero());
     }
+}
+
+/// Output pixels per chunk of [`weight_grad`]'s patches (whole output image rows, at least one).
+const GRAD_PIXELS_PER_CHUNK: usize = 256;
+
+/// Groups of chunks whose weight-gradient sums [`weight_grad`] keeps apart at most: enough to
+/// keep the threads busy, a constant so that the sums do not depend on the thread count.
+const WEIGHT_GRAD_GROUPS: usize = 8;
+
+/// [`weight_grad`] takes a convolution whose output has at least this many pixels per output
+/// channel; fewer, and the groups' sums (each as large as the gradient) weigh more than the
+/// patches they spare, while one product over the whole patch matrix runs near the kernels' peak.
+const CHUNKED_MIN_PIXELS_PER_OUTPUT: usize = 4;
+
+/// Whether [`weight_grad`] pays for a convolution of this window with `out` output channels
+/// (else the caller makes the patch matrix whole and takes one product).
+pub fn chunked_weight_grad_pays(win: &Window, out: usize) -> bool {
+    win.batch * win.oh() * win.ow() >= CHUNKED_MIN_PIXELS_PER_OUTPUT * out
+}
+
+/// `dW (out, kh, kw, c) = dYᵀ · cols` with `dy` `(batch · oh · ow, out)`, without the patch
+/// matrix: each chunk of a few output image rows has its patches made in a buffer that stays in
+/// cache and its product added into its group's sum; the groups' sums (as many as keep their
+/// total below the patch matrix's size, up to [`WEIGHT_GRAD_GROUPS`]) are added in order at the
+/// end. Where the whole product's inner dimension was every pixel of the batch (18,432 at 96 px),
+/// each product's is a chunk's, and the threads take groups instead of splitting one product.
+pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) -> Vec<T> {
+    let (k, ow) = (win.patch_len(), win.ow());
+    let (image_rows, pixels) = (win.batch * win.oh(), win.batch * win.oh() * ow);
+    let rows_per_chunk = (GRAD_PIXELS_PER_CHUNK / ow).max(1);
+    let chunks = image_rows.div_ceil(rows_per_chunk);
+    let groups = (pixels / out).clamp(1, WEIGHT_GRAD_GROUPS).min(chunks);
+    let per_group = chunks.div_ceil(groups);
+    let groups = chunks.div_ceil(per_group);
+    let mut sums = scratch::take(groups * out * k);
+    sums.par_chunks_mut(out * k).enumerate().for_each(|(g, sum)| {
+        let mut cols = scratch::take(rows_per_chunk * ow * k);
+        let first_chunk = g * per_group;
+        for chunk in first_chunk..((g + 1) * per_group).min(chunks) {
+            let rows = chunk * rows_per_chunk..((chunk + 1) * rows_per_chunk).min(image_rows);
+            let n = rows.len() * ow;
+            let dyc = &dy[rows.start * ow * out..rows.end * ow * out];
+            im2col_rows(x, win, rows, &mut cols[..n * k]);
+            // sum (+)= dycᵀ · cols
+            gemm_strided((out, k, n), dyc, (1, out), &cols, (k, 1), sum, k, chunk > first_chunk, false);
+        }
+        scratch::give(cols);
+    });
+    let (dw, rest) = sums.split_at_mut(out * k);
+    if !rest.is_empty() {
+        dw.par_chunks_mut(k).enumerate().for_each(|(o, row)| {
+            for other in rest.chunks_exact(out * k) {
+                for (d, &v) in row.iter_mut().zip(&other[o * k..(o + 1) * k]) {
+                    *d += v;
+                }
+            }
+        });
+    }
+    let mut result = scratch::take(out * k);
+    result.copy_from_slice(dw);
+    scratch::give(sums);
+    result
 }
 
 /// The adjoint of [`im2col_slice`]: scatter-adds patches into `out` (`batch·h·w·c`, zeroed here).
@@ -264,6 +327,40 @@ mod tests {
             assert!((lhs - rhs).abs() < 1e-9 * lhs.abs().max(1.0), "{lhs} vs {rhs}");
         }
         Ok(())
+    }
+
+    /// The weight gradient a chunk at a time equals `dYᵀ · cols` over the whole patch matrix
+    /// (f64, summed directly; 1e-12 relative), where chunks cross images and do not divide the
+    /// batch's rows, groups hold several chunks, and one chunk holds everything.
+    #[test]
+    fn chunked_weight_gradient_equals_the_whole_product() {
+        for &(batch, h, w, c, k, stride, pad, out) in &[
+            (12usize, 20usize, 20usize, 3usize, 3usize, 1usize, 1usize, 8usize),
+            (7, 17, 15, 2, 3, 2, 1, 5),
+            (9, 30, 30, 3, 1, 2, 0, 4),
+            (2, 5, 5, 3, 3, 1, 1, 2),
+        ] {
+            let win = Window { batch, h, w, c, kh: k, kw: k, stride, pad };
+            let (rows, len) = (batch * win.oh() * win.ow(), win.patch_len());
+            assert!(chunked_weight_grad_pays(&win, out));
+            let x: Vec<f64> = (0..batch * h * w * c).map(|i| ((i * 7919) % 1013) as f64 / 507.0 - 1.0).collect();
+            let dy: Vec<f64> = (0..rows * out).map(|i| ((i * 104_729) % 997) as f64 / 499.0 - 1.0).collect();
+            let mut cols = vec![0f64; rows * len];
+            im2col_slice(&x, &win, &mut cols);
+            let got = weight_grad(&x, &dy, &win, out);
+            assert_eq!(got.len(), out * len);
+            for o in 0..out {
+                for j in 0..len {
+                    let want: f64 = (0..rows).map(|r| dy[r * out + o] * cols[r * len + j]).sum();
+                    let g = got[o * len + j];
+                    assert!(
+                        (g - want).abs() <= 1e-12 * want.abs().max(1.0),
+                        "{:?}: ({o}, {j}) {g} vs {want}",
+                        (batch, h, w, k, stride)
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -231,6 +231,8 @@ pub(super) mod tests {
             (2, 2, 2, 3, 4, 3, 1, 1),
             (2, 3, 2, 3, 2, 3, 2, 1),
             (2, 3, 3, 4, 3, 3, 1, 1),
+            // Few output pixels per output channel: the weight gradient from the whole patch matrix.
+            (1, 3, 3, 2, 12, 3, 2, 1),
             // Images every window covers whole: one dense product each way, stride 1 and 2.
             (3, 1, 2, 3, 4, 3, 1, 1),
             (2, 2, 2, 5, 3, 3, 2, 1),
