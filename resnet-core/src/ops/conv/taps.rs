@@ -191,8 +191,8 @@ fn class_taps<'a>(win: &Window, class: &'a TapClass) -> impl Iterator<Item = usi
 /// they are contiguous blocks of rows.
 struct Weight<'a, T: WithDType> {
     oihw: &'a [T],
-    ohwi: std::cell::OnceCell<Vec<T>>,
-    hwio: std::cell::OnceCell<Vec<T>>,
+    ohwi: std::sync::OnceLock<Vec<T>>,
+    hwio: std::sync::OnceLock<Vec<T>>,
     out: usize,
     /// Whether some class reads the whole weight in place (so the reordered copies are made
     /// anyway: compact classes of one pixel read them in place too, larger ones copy from
@@ -203,7 +203,7 @@ struct Weight<'a, T: WithDType> {
 impl<'a, T: WithDType> Weight<'a, T> {
     fn new(oihw: &'a [T], out: usize, win: &Window, classes: &[TapClass]) -> Self {
         let in_place = classes.iter().any(|class| !compact(win, class));
-        Self { oihw, ohwi: std::cell::OnceCell::new(), hwio: std::cell::OnceCell::new(), out, in_place }
+        Self { oihw, ohwi: std::sync::OnceLock::new(), hwio: std::sync::OnceLock::new(), out, in_place }
     }
 
     fn ohwi(&self, win: &Window) -> &[T] {
@@ -453,9 +453,44 @@ pub fn conv<T: WithDType>(x: &[T], w: &[T], bias: &[T], win: &Window) -> Vec<T> 
     let out = bias.len();
     let classes = classes(win);
     let w = Weight::new(w, out, win, &classes);
-    // Every output row starts as the bias; each class adds its products to its pixels' rows.
-    let mut y = scratch::zeroed(win.batch * win.oh() * win.ow() * out);
+    // Every output row starts as the bias (the pixels no tap reaches keep it); each class adds
+    // its products to its pixels' rows.
+    let mut y = scratch::take(win.batch * win.oh() * win.ow() * out);
     y.par_chunks_mut(out).for_each(|row| row.copy_from_slice(bias));
+    if classes.iter().all(|class| class.pixels() == 1) {
+        // One pixel per class (images of at most 3×3): the classes run side by side, each into
+        // its own `(batch, out)` block, so every product runs on one thread over the whole
+        // batch instead of each being split over the threads (128 rows against 4,608 taps at
+        // 3×3×512, which the matrix kernels split poorly).
+        let blocks: Vec<Vec<T>> = classes
+            .par_iter()
+            .map(|class| {
+                let cw = class_weights_t(&w, win, class);
+                let cp = class_patches(x, win, class, cw.compact);
+                let mut yc = scratch::take(win.batch * out);
+                for row in yc.chunks_exact_mut(out) {
+                    row.copy_from_slice(bias);
+                }
+                for part in &cp.parts {
+                    let (a, b) = (&cp.data[part.at..], &cw.data[cw.at(&part.seg) * cw.stride..]);
+                    let mnk = (win.batch, out, part.seg.len);
+                    gemm_strided(mnk, a, (cp.stride, 1), b, (cw.stride, 1), &mut yc, out, true, false);
+                }
+                release(cp.data);
+                release(cw.data);
+                yc
+            })
+            .collect();
+        let pixels = win.oh() * win.ow();
+        y.par_chunks_mut(pixels * out).enumerate().for_each(|(n, y_img)| {
+            for (class, block) in classes.iter().zip(&blocks) {
+                let p = class.oy.start * win.ow() + class.ox.start;
+                y_img[p * out..(p + 1) * out].copy_from_slice(&block[n * out..(n + 1) * out]);
+            }
+        });
+        blocks.into_iter().for_each(scratch::give);
+        return y;
+    }
     for class in &classes {
         let rc = win.batch * class.pixels();
         let cw = class_weights_t(&w, win, class);
