@@ -44,9 +44,10 @@ pub enum ConvAlgorithm {
 
 /// Convolution of channels-last `x` with an `(out, kh, kw, in)` weight and a bias, as one op:
 /// forward is im2col + one matrix product over the whole batch; backward recomputes the patches
-/// rather than keeping them, and computes the weight gradient as one product (`dYᵀ · cols`), the
-/// input gradient as one product plus col2im (skipped when the input needs no gradient, as for
-/// the images entering the stem), and the bias gradient as column sums.
+/// rather than keeping them, a chunk of output rows at a time where the output has pixels
+/// enough ([`im2col::chunks_pay`]), and computes the weight gradient as `dYᵀ · cols`, the input
+/// gradient as `dY · W` plus col2im (skipped when the input needs no gradient, as for the
+/// images entering the stem), and the bias gradient as column sums.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Im2colConv {
     kernel: usize,
@@ -322,8 +323,10 @@ impl CustomOp3 for Im2colConv {
         let dy = grad.contiguous()?.reshape((rows, out))?;
         let algo = self.algo(&win);
         let dy4 = dy.reshape((win.batch, win.oh(), win.ow(), out))?;
-        let dw = if algo.is_some() || (!self.pointwise() && im2col::chunked_weight_grad_pays(&win, out)) {
-            // Im2col's patches a chunk at a time in cache ([`im2col::weight_grad`]) where that pays.
+        // Im2col's gradients a chunk of output rows at a time in cache ([`im2col::weight_grad`],
+        // [`im2col::input_grad`]) where that pays; else the whole patch matrix and one product.
+        let chunked = algo.is_none() && !self.pointwise() && im2col::chunks_pay(&win, out);
+        let dw = if algo.is_some() || chunked {
             x.apply_op2_no_bwd(&dy4, &ConvGrad { wrt: Wrt::Weight, algo, win, cout: out })?
         } else {
             let cols = if self.pointwise() {
@@ -335,8 +338,8 @@ impl CustomOp3 for Im2colConv {
             dw.reshape((out, win.kh, win.kw, win.c))?.permute((0, 3, 1, 2))?.contiguous()?
         };
         let db = column_sums_tensor(&dy)?;
-        let dx = if let (true, Some(algo)) = (x.track_op(), algo) {
-            Some(dy4.apply_op2_no_bwd(w, &ConvGrad { wrt: Wrt::Input, algo: Some(algo), win, cout: out })?)
+        let dx = if x.track_op() && (algo.is_some() || chunked) {
+            Some(dy4.apply_op2_no_bwd(w, &ConvGrad { wrt: Wrt::Input, algo, win, cout: out })?)
         } else if x.track_op() {
             let w_mat = w.detach().permute((0, 2, 3, 1))?.contiguous()?.reshape((out, k))?;
             let dcols = dy.apply_op2_no_bwd(&w_mat, &MatMul { trans_a: false, trans_b: false })?;
@@ -360,7 +363,7 @@ impl CustomOp3 for Im2colConv {
 #[derive(Debug, Clone, Copy)]
 struct ConvGrad {
     wrt: Wrt,
-    /// `None`: im2col (the weight gradient only; its input gradient goes through [`Col2im`]).
+    /// `None`: im2col a chunk at a time ([`im2col::weight_grad`], [`im2col::input_grad`]).
     algo: Option<Algo>,
     /// The forward convolution's geometry.
     win: Window,
@@ -414,7 +417,7 @@ impl ConvGrad {
             (Some(Algo::Direct), Wrt::Input) => direct::input_grad(a, &ohwi(), win, cout),
             (Some(Algo::Direct), Wrt::Weight) => oihw(direct::weight_grad(a, b, win, cout)),
             (None, Wrt::Weight) => oihw(im2col::weight_grad(a, b, win, cout)),
-            (None, Wrt::Input) => unreachable!("im2col's input gradient is a product and col2im"),
+            (None, Wrt::Input) => im2col::input_grad(a, &ohwi(), win, cout),
         }
     }
 }

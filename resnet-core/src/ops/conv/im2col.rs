@@ -105,21 +105,23 @@ pub fn one_channel_patch<T: WithDType>(img: &[T], win: &Window, oy: usize, ox: u
     }
 }
 
-/// Output pixels per chunk of [`weight_grad`]'s patches (whole output image rows, at least one).
+/// Output pixels per chunk of [`weight_grad`]'s patches and [`input_grad`]'s patch gradients
+/// (whole output image rows, at least one).
 const GRAD_PIXELS_PER_CHUNK: usize = 256;
 
 /// Groups of chunks whose weight-gradient sums [`weight_grad`] keeps apart at most: enough to
 /// keep the threads busy, a constant so that the sums do not depend on the thread count.
 const WEIGHT_GRAD_GROUPS: usize = 8;
 
-/// [`weight_grad`] takes a convolution whose output has at least this many pixels per output
-/// channel; fewer, and the groups' sums (each as large as the gradient) weigh more than the
-/// patches they spare, while one product over the whole patch matrix runs near the kernels' peak.
+/// [`weight_grad`] and [`input_grad`] take a convolution whose output has at least this many
+/// pixels per output channel; fewer, and the weight gradient's groups' sums (each as large as the
+/// gradient) and the weight read once per chunk weigh more than the patches they spare, while
+/// one product over the whole patch matrix runs near the kernels' peak.
 const CHUNKED_MIN_PIXELS_PER_OUTPUT: usize = 4;
 
-/// Whether [`weight_grad`] pays for a convolution of this window with `out` output channels
-/// (else the caller makes the patch matrix whole and takes one product).
-pub fn chunked_weight_grad_pays(win: &Window, out: usize) -> bool {
+/// Whether [`weight_grad`] and [`input_grad`] pay for a convolution of this window with `out`
+/// output channels (else the caller makes the patch matrix whole and takes one product).
+pub fn chunks_pay(win: &Window, out: usize) -> bool {
     win.batch * win.oh() * win.ow() >= CHUNKED_MIN_PIXELS_PER_OUTPUT * out
 }
 
@@ -170,35 +172,73 @@ pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) ->
 /// The adjoint of [`im2col_slice`]: scatter-adds patches into `out` (`batch·h·w·c`, zeroed here).
 pub fn col2im_slice<T: WithDType>(cols: &[T], win: &Window, out: &mut [T]) {
     let (oh, ow, patch) = (win.oh(), win.ow(), win.patch_len());
-    let c = win.c;
-    let img_len = win.h * win.w * c;
+    let img_len = win.h * win.w * win.c;
     // Images are disjoint in the output, so each task owns one image.
     out.par_chunks_mut(img_len).enumerate().for_each(|(b, img)| {
         img.fill(T::zero());
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let row = ((b * oh + oy) * ow + ox) * patch;
-                let src_patch = &cols[row..row + patch];
-                for ki in 0..win.kh {
-                    let iy = (oy * win.stride + ki) as isize - win.pad as isize;
-                    if iy < 0 || iy >= win.h as isize {
+        col2im_add_rows(&cols[b * oh * ow * patch..(b + 1) * oh * ow * patch], win, b * oh..(b + 1) * oh, img);
+    });
+}
+
+/// Adds the patches of output rows `rows` (indices into `batch · oh`; `cols` holds their
+/// `rows.len() · ow` patch rows) back into `images`, the images those rows belong to, from the
+/// first row's image on; on the calling thread.
+fn col2im_add_rows<T: WithDType>(cols: &[T], win: &Window, rows: std::ops::Range<usize>, images: &mut [T]) {
+    let (oh, ow, patch, c) = (win.oh(), win.ow(), win.patch_len(), win.c);
+    let img_len = win.h * win.w * c;
+    let first_image = rows.start / oh;
+    for (r, row_cols) in rows.zip(cols.chunks_exact(ow * patch)) {
+        let (b, oy) = (r / oh, r % oh);
+        let img = &mut images[(b - first_image) * img_len..(b - first_image + 1) * img_len];
+        for (ox, src_patch) in row_cols.chunks_exact(patch).enumerate() {
+            for ki in 0..win.kh {
+                let iy = (oy * win.stride + ki) as isize - win.pad as isize;
+                if iy < 0 || iy >= win.h as isize {
+                    continue;
+                }
+                for kj in 0..win.kw {
+                    let ix = (ox * win.stride + kj) as isize - win.pad as isize;
+                    if ix < 0 || ix >= win.w as isize {
                         continue;
                     }
-                    for kj in 0..win.kw {
-                        let ix = (ox * win.stride + kj) as isize - win.pad as isize;
-                        if ix < 0 || ix >= win.w as isize {
-                            continue;
-                        }
-                        let dst = (iy as usize * win.w + ix as usize) * c;
-                        let src = &src_patch[(ki * win.kw + kj) * c..(ki * win.kw + kj + 1) * c];
-                        for (d, s) in img[dst..dst + c].iter_mut().zip(src) {
-                            *d += *s;
-                        }
+                    let dst = (iy as usize * win.w + ix as usize) * c;
+                    let src = &src_patch[(ki * win.kw + kj) * c..(ki * win.kw + kj + 1) * c];
+                    for (d, s) in img[dst..dst + c].iter_mut().zip(src) {
+                        *d += *s;
                     }
                 }
             }
         }
+    }
+}
+
+/// `dx (batch, h, w, c)` from `dy` `(batch · oh · ow, out)` and the weight in the kernels'
+/// `(out, kh · kw · c)`, without the patch gradients' matrix: each task takes whole images
+/// (enough of them for a chunk of about [`GRAD_PIXELS_PER_CHUNK`] output pixels, or one image
+/// taken a chunk of output rows at a time, in order), multiplies a chunk's rows of `dy` by the
+/// weight into a buffer that stays in cache, and folds it back into its images at once. For
+/// the convolutions where [`chunks_pay`].
+pub fn input_grad<T: WithDType>(dy: &[T], w: &[T], win: &Window, out: usize) -> Vec<T> {
+    let (k, oh, ow) = (win.patch_len(), win.oh(), win.ow());
+    let img_len = win.h * win.w * win.c;
+    let images_per_task = (GRAD_PIXELS_PER_CHUNK / (oh * ow)).max(1);
+    let rows_per_chunk = if images_per_task > 1 { images_per_task * oh } else { (GRAD_PIXELS_PER_CHUNK / ow).max(1) };
+    let mut dx = scratch::zeroed(win.batch * img_len);
+    dx.par_chunks_mut(images_per_task * img_len).enumerate().for_each(|(task, images)| {
+        let first = task * images_per_task * oh;
+        let last = first + images.len() / img_len * oh;
+        let mut dcols = scratch::take(rows_per_chunk.min(last - first) * ow * k);
+        for start in (first..last).step_by(rows_per_chunk) {
+            let rows = start..(start + rows_per_chunk).min(last);
+            let n = rows.len() * ow;
+            let dyc = &dy[rows.start * ow * out..rows.end * ow * out];
+            // dcols = dyc · W
+            gemm_strided((n, k, out), dyc, (out, 1), w, (k, 1), &mut dcols[..n * k], k, false, false);
+            col2im_add_rows(&dcols[..n * k], win, rows, images);
+        }
+        scratch::give(dcols);
     });
+    dx
 }
 
 macro_rules! float_dispatch {
@@ -329,24 +369,43 @@ mod tests {
         Ok(())
     }
 
-    /// The weight gradient a chunk at a time equals `dYᵀ · cols` over the whole patch matrix
-    /// (f64, summed directly; 1e-12 relative), where chunks cross images and do not divide the
-    /// batch's rows, groups hold several chunks, and one chunk holds everything.
+    /// The gradients a chunk at a time equal those of the whole patch matrix (f64, summed
+    /// directly; 1e-12 relative): the weight gradient `dYᵀ · cols`, the input gradient col2im of
+    /// `dY · W`; where chunks cross images and do not divide the batch's rows, groups hold
+    /// several chunks, tasks hold several images or one image in several chunks, and one chunk
+    /// holds everything.
     #[test]
-    fn chunked_weight_gradient_equals_the_whole_product() {
+    fn chunked_gradients_equal_the_whole_products() {
         for &(batch, h, w, c, k, stride, pad, out) in &[
             (12usize, 20usize, 20usize, 3usize, 3usize, 1usize, 1usize, 8usize),
             (7, 17, 15, 2, 3, 2, 1, 5),
             (9, 30, 30, 3, 1, 2, 0, 4),
             (2, 5, 5, 3, 3, 1, 1, 2),
+            (5, 9, 8, 2, 3, 2, 1, 3),
         ] {
             let win = Window { batch, h, w, c, kh: k, kw: k, stride, pad };
             let (rows, len) = (batch * win.oh() * win.ow(), win.patch_len());
-            assert!(chunked_weight_grad_pays(&win, out));
+            assert!(chunks_pay(&win, out));
             let x: Vec<f64> = (0..batch * h * w * c).map(|i| ((i * 7919) % 1013) as f64 / 507.0 - 1.0).collect();
             let dy: Vec<f64> = (0..rows * out).map(|i| ((i * 104_729) % 997) as f64 / 499.0 - 1.0).collect();
             let mut cols = vec![0f64; rows * len];
             im2col_slice(&x, &win, &mut cols);
+            let wt: Vec<f64> = (0..out * len).map(|i| ((i * 6151) % 1009) as f64 / 503.0 - 1.0).collect();
+            let mut dcols = vec![0f64; rows * len];
+            for (r, row) in dcols.chunks_exact_mut(len).enumerate() {
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = (0..out).map(|o| dy[r * out + o] * wt[o * len + j]).sum();
+                }
+            }
+            let mut want_dx = vec![0f64; x.len()];
+            col2im_slice(&dcols, &win, &mut want_dx);
+            for (i, (g, e)) in input_grad(&dy, &wt, &win, out).iter().zip(&want_dx).enumerate() {
+                assert!(
+                    (g - e).abs() <= 1e-12 * e.abs().max(1.0),
+                    "{:?}: dx[{i}] {g} vs {e}",
+                    (batch, h, w, k, stride)
+                );
+            }
             let got = weight_grad(&x, &dy, &win, out);
             assert_eq!(got.len(), out * len);
             for o in 0..out {
