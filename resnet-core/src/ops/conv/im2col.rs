@@ -129,8 +129,8 @@ pub fn chunks_pay(win: &Window, out: usize) -> bool {
 /// matrix: each chunk of a few output image rows has its patches made in a buffer that stays in
 /// cache and its product added into its group's sum; the groups' sums (as many as keep their
 /// total below the patch matrix's size, up to [`WEIGHT_GRAD_GROUPS`]) are added in order at the
-/// end. Where the whole product's inner dimension was every pixel of the batch (18,432 at 96 px),
-/// each product's is a chunk's, and the threads take groups instead of splitting one product.
+/// end. Each product's inner dimension is a chunk's pixels rather than the whole batch's, and
+/// the threads take groups instead of splitting one long, thin product between them.
 pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) -> Vec<T> {
     let (k, ow) = (win.patch_len(), win.ow());
     let (image_rows, pixels) = (win.batch * win.oh(), win.batch * win.oh() * ow);
