@@ -5,7 +5,7 @@ use candle_nn::{ModuleT, VarBuilder};
 
 use crate::config::BlockKind;
 use crate::layout::{to_channels_first, to_channels_last};
-use crate::ops::{add_relu, conv_bn, BatchNorm, Conv2d, Conv2dConfig, ConvAlgorithm, GpuOps};
+use crate::ops::{add_relu, conv_bn, tape, BatchNorm, Conv2d, Conv2dConfig, ConvAlgorithm, GpuOps};
 use crate::tensors::{CollectTensors, NamedTensor};
 
 /// d2l's `Residual`: two 3×3 convolutions with BatchNorm, and an identity or 1×1-conv shortcut.
@@ -116,7 +116,7 @@ impl Residual {
                     Some(c) => c.forward(&act)?,
                     None => xs.clone(),
                 };
-                ys + shortcut
+                tape::add(&ys, &shortcut)
             }
         }
     }

@@ -8,7 +8,9 @@ use crate::config::{BlockKind, ResNetConfig};
 use crate::error::{CoreError, Result};
 use crate::layout::to_channels_last;
 use crate::ops::plumbing::geometry::Window;
-use crate::ops::{conv_bn_pool, global_avg_pool, BatchNorm, Conv2d, Conv2dConfig, ConvAlgorithm, GpuOps, MaxPool2d};
+use crate::ops::{
+    conv_bn_pool, global_avg_pool, tape, BatchNorm, Conv2d, Conv2dConfig, ConvAlgorithm, GpuOps, MaxPool2d,
+};
 use crate::tensors::{CollectTensors, NamedTensor, TensorRole};
 
 /// d2l's ResNet, laid out as its `nn.Sequential(b1, b2, b3, b4, b5, AdaptiveAvgPool2d, Flatten,
@@ -319,13 +321,83 @@ impl ResNet {
     }
 
     fn head(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let xs = match &self.final_bn {
-            Some(bn) => bn.forward_relu_t(xs, train)?,
-            None => xs.clone(),
-        };
-        // Pooling and the classifier in the parameters' precision.
-        let xs = xs.to_dtype(self.fc.weight().dtype())?;
+        self.classify(&self.final_activation(xs, train)?)
+    }
+
+    /// The pre-activation network's last BatchNorm and ReLU; the features as they are otherwise.
+    fn final_activation(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        match &self.final_bn {
+            Some(bn) => bn.forward_relu_t(xs, train),
+            None => Ok(xs.clone()),
+        }
+    }
+
+    /// Pooling and the classifier, in the parameters' precision.
+    fn classify(&self, features: &Tensor) -> candle_core::Result<Tensor> {
+        let xs = features.to_dtype(self.fc.weight().dtype())?;
         self.fc.forward(&global_avg_pool(&xs)?)
+    }
+
+    /// Training-mode logits, the same values as `forward_t(xs, true)` (BatchNorm's batch
+    /// statistics, running statistics updated), whose backward is the network's own instead of
+    /// candle's: every layer up to the pooling runs as a recorded op, and the gradients come
+    /// from the ops' backwards in reverse order, kept as each op returns them instead of each
+    /// starting as a zero tensor that candle's backprop adds to, and each op's saved tensors
+    /// released as soon as its backward has run. The gradients are the same as candle's.
+    ///
+    /// Get them with [`crate::backward`]: `loss.backward()` on a loss built from these logits is
+    /// an error that says so. Where the recording does not apply (another device than the CPU,
+    /// a compute dtype or input dtype other than the parameters' f32 or f64,
+    /// [`ConvAlgorithm::Candle`], parameters that are not variables) this is
+    /// `forward_t(xs, true)`, whose gradients both give.
+    ///
+    /// ```
+    /// # fn main() -> candle_core::Result<()> {
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_nn::{loss, VarBuilder, VarMap};
+    /// use resnet_core::{ResNet, ResNetConfig};
+    ///
+    /// let vars = VarMap::new();
+    /// let cfg = ResNetConfig { base_width: 4, ..ResNetConfig::d2l_resnet18() };
+    /// let model = ResNet::new(&cfg, VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu))
+    ///     .map_err(candle_core::Error::wrap)?;
+    /// let xs = Tensor::rand(0f32, 1., (2, 1, 28, 28), &Device::Cpu)?;
+    /// let ys = Tensor::new(&[3u32, 7], &Device::Cpu)?;
+    /// let loss = loss::cross_entropy(&model.forward_train(&xs)?, &ys)?;
+    /// let grads = resnet_core::backward(&loss)?;
+    /// assert!(model.parameters().iter().all(|p| grads.get(&p.tensor).is_some()));
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Shapes
+    /// - `xs`: `(batch, in_channels, height, width)`
+    /// - returns `(batch, num_classes)`
+    pub fn forward_train(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if !self.records(xs) {
+            return self.forward_t(xs, true);
+        }
+        Self::stage_shapes(&self.cfg, xs.dims()).map_err(candle_core::Error::wrap)?;
+        let images = to_channels_last(xs)?;
+        let features = tape::record(self.stem_conv.weight(), || {
+            let mut ys = images;
+            for stage in 0..5 {
+                ys = self.run_stage(stage, &ys, true)?;
+            }
+            self.final_activation(&ys, true)
+        })?;
+        self.classify(&features)
+    }
+
+    /// Whether [`Self::forward_train`] records its ops for `xs`.
+    fn records(&self, xs: &Tensor) -> bool {
+        let dtype = self.fc.weight().dtype();
+        xs.device().is_cpu()
+            && matches!(dtype, DType::F32 | DType::F64)
+            && xs.dtype() == dtype
+            && self.compute_dtype.is_none()
+            && matches!(self.conv_algorithm, ConvAlgorithm::Im2col | ConvAlgorithm::Winograd)
+            && self.parameters().iter().all(|p| p.tensor.is_variable() && p.tensor.dtype() == dtype)
     }
 }
 

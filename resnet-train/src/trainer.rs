@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{backprop::GradStore, DType, Device, Tensor, D};
-use candle_nn::{ModuleT, VarBuilder, VarMap};
+use candle_nn::{VarBuilder, VarMap};
 
 use resnet_core::{checkpoint as core_ckpt, d2l_init, profile, GpuOps, ResNet};
 use resnet_data::{batches, Augment, FashionMnist, LoaderConfig, Normalize, Split};
@@ -576,7 +576,7 @@ impl Trainer {
             let x = images.narrow(0, start, len)?.to_device(&self.device)?;
             let y = labels.narrow(0, start, len)?.to_device(&self.device)?;
             let span = profile::span("step: forward and loss", x.dims());
-            let logits = self.model.forward_t(&x, true)?;
+            let logits = self.model.forward_train(&x)?;
             let loss = cross_entropy(&logits, &y, smoothing)?;
             drop(span);
             let _span = profile::span("step: backward", x.dims());

@@ -17,7 +17,7 @@ pub(crate) mod plumbing;
 pub use conv::ConvAlgorithm;
 pub use cudnn::GpuOps;
 pub(crate) use layers::{conv_bn, conv_bn_pool, global_avg_pool, BatchNorm, Conv2d, Conv2dConfig, MaxPool2d};
-pub(crate) use plumbing::add_relu;
 pub use plumbing::gradients::backward;
 pub use plumbing::matmul::replay_products;
 pub use plumbing::simd::{tier as simd_tier, SimdTier};
+pub(crate) use plumbing::{add_relu, tape};

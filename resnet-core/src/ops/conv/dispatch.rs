@@ -9,11 +9,11 @@ use super::im2col::{self, im2col_rows, im2col_slice, Col2im, Im2col};
 use super::{direct, taps, winograd};
 use crate::ops::plumbing::elementwise::{column_sums_tensor, mask_by_positive, relu_in_place};
 use crate::ops::plumbing::geometry::Window;
-use crate::ops::plumbing::gradients;
 use crate::ops::plumbing::matmul::{gemm_strided, matmul_into, MatMul};
 use crate::ops::plumbing::scratch;
 use crate::ops::plumbing::storage::contiguous;
 use crate::ops::plumbing::weight_layout::{ohwi_to_oihw, oihw_to_ohwi};
+use crate::ops::plumbing::{gradients, tape};
 
 /// How the model computes its convolutions: a runtime setting, not part of the architecture
 /// (checkpoints do not record it). All three agree to float rounding; they differ in speed.
@@ -338,9 +338,9 @@ impl CustomOp3 for Im2colConv {
             dw.reshape((out, win.kh, win.kw, win.c))?.permute((0, 3, 1, 2))?.contiguous()?
         };
         let db = column_sums_tensor(&dy)?;
-        let dx = if x.track_op() && (algo.is_some() || chunked) {
+        let dx = if tape::wants_grad(x) && (algo.is_some() || chunked) {
             Some(dy4.apply_op2_no_bwd(w, &ConvGrad { wrt: Wrt::Input, algo, win, cout: out })?)
-        } else if x.track_op() {
+        } else if tape::wants_grad(x) {
             let w_mat = w.detach().permute((0, 2, 3, 1))?.contiguous()?.reshape((out, k))?;
             let dcols = dy.apply_op2_no_bwd(&w_mat, &MatMul { trans_a: false, trans_b: false })?;
             Some(if self.pointwise() {

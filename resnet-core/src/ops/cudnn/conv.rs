@@ -10,6 +10,7 @@ use candle_core::cuda_backend::CudaStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 use super::handle::{self, ConvDesc, FilterDesc, TensorDesc};
+use crate::ops::plumbing::tape;
 
 /// `y = conv(x, w)` without bias (the layer adds it with candle's broadcast add).
 ///
@@ -184,7 +185,7 @@ impl CustomOp2 for CudnnConv {
         let grad = grad.contiguous()?;
         let (_, h, w, _) = xs.dims4()?;
         let (_, kh, kw, _) = ws.dims4()?;
-        let dx = if xs.track_op() {
+        let dx = if tape::wants_grad(xs) {
             Some(grad.apply_op2_no_bwd(ws, &CudnnConvData { stride: self.stride, pad: self.pad, h, w })?)
         } else {
             None

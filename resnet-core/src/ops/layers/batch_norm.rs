@@ -10,6 +10,7 @@ use crate::ops::cudnn::{self, GpuOps};
 use crate::ops::plumbing::scratch;
 use crate::ops::plumbing::simd::with_fma;
 use crate::ops::plumbing::storage::contiguous;
+use crate::ops::plumbing::tape;
 
 /// BatchNorm2d as PyTorch defines it: batch statistics and a running-average update
 /// (momentum 0.1, unbiased variance) in training; running statistics in evaluation.
@@ -169,7 +170,7 @@ impl BatchNorm {
             // On the tensor as it is, channels last: a reshape on either side would be a graph
             // node whose backward starts its gradient from a zero tensor and adds to it: two
             // more passes over the activation per BatchNorm and step.
-            return self.train_with(relu, rows, |op| xs.contiguous()?.apply_op3(&self.weight, &self.bias, op));
+            return self.train_with(relu, rows, |op| tape::op3(&xs.contiguous()?, &self.weight, &self.bias, op));
         } else if train {
             if rows < 2 {
                 candle_core::bail!("batch-norm in training needs more than one value per channel, got shape {dims:?}")

@@ -7,6 +7,7 @@ use crate::ops::conv::dispatch::{ConvAlgorithm, Im2colConv};
 use crate::ops::conv::im2col::im2col_portable;
 use crate::ops::cudnn::{self, GpuOps};
 use crate::ops::plumbing::geometry::Window;
+use crate::ops::plumbing::tape;
 
 /// A convolution's hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,7 +155,7 @@ impl Conv2d {
             // patches' (kh, kw, c) itself, so no permute-and-copy nodes join the graph (their
             // backward would be two more passes over every weight per step).
             let op = if train { op } else { op.for_evaluation() };
-            return xs.contiguous()?.apply_op3(&self.weight, &self.bias, op);
+            return tape::op3(&xs.contiguous()?, &self.weight, &self.bias, op);
         }
         match self.algorithm {
             ConvAlgorithm::Im2col | ConvAlgorithm::Winograd => self.forward_portable(xs),

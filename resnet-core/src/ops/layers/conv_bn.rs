@@ -22,8 +22,8 @@ use super::conv::Conv2d;
 use super::pool::MaxPool2d;
 use crate::ops::conv::dispatch::Im2colConv;
 use crate::ops::plumbing::geometry::Window;
-use crate::ops::plumbing::gradients;
 use crate::ops::plumbing::storage::contiguous;
+use crate::ops::plumbing::{gradients, tape};
 use crate::ops::GpuOps;
 
 /// `bn(conv(xs))`, then ReLU with `relu`: one node on the CPU (f32 or f64, with the im2col or
@@ -104,10 +104,10 @@ fn train_node(
     let Some((op, rows)) = fused else { return Ok(None) };
     let channels = conv.config().out_channels;
     // γ and β travel with the convolution's bias in one tensor: custom ops take three inputs.
-    let packed = Tensor::cat(&[conv.bias(), bn.weight(), bn.bias()], 0)?;
+    let packed = tape::cat(&[conv.bias(), bn.weight(), bn.bias()])?;
     bn.train_with(relu, rows, |bn_op| {
         let fused = ConvBatchNorm { conv: op, bn: bn_op, channels, pool, saved: Mutex::new(None) };
-        xs.contiguous()?.apply_op3(conv.weight(), &packed, fused)
+        tape::op3(&xs.contiguous()?, conv.weight(), &packed, fused)
     })
     .map(Some)
 }
@@ -244,7 +244,7 @@ impl CustomOp3 for ConvBatchNorm {
         let gamma = packed.narrow(0, c, c)?;
         // The stem: the convolution's gradients are taken from the BatchNorm's input gradient as
         // it is made, which is then never written out.
-        if let (Some(pool), Some(conv), false) = (self.pool, self.conv.direct_window(x.layout()), x.track_op()) {
+        if let (Some(pool), Some(conv), false) = (self.pool, self.conv.direct_window(x.layout()), tape::wants_grad(x)) {
             let [dw, dbias, dgamma, dbeta] =
                 self.bn.backward_pooled_direct(&y, (res, grad), &gamma, pool, (x, conv))?;
             return Ok((None, gradients::route(w, Some(dw)), Some(Tensor::cat(&[&dbias, &dgamma, &dbeta], 0)?)));

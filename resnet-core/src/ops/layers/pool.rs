@@ -8,6 +8,7 @@ use crate::ops::cudnn::{self, GpuOps};
 use crate::ops::plumbing::scratch;
 use crate::ops::plumbing::simd::with_fma;
 use crate::ops::plumbing::storage::contiguous;
+use crate::ops::plumbing::tape;
 
 use crate::ops::plumbing::geometry::Window;
 
@@ -52,7 +53,7 @@ impl MaxPool2d {
             self.window(xs.layout())?;
             cudnn::max_pool2d(xs, self.kernel, self.stride, self.pad)
         } else if xs.device().is_cpu() && matches!(xs.dtype(), DType::F32 | DType::F64) {
-            xs.contiguous()?.apply_op1(*self)
+            tape::op1(&xs.contiguous()?, *self)
         } else {
             self.forward_portable(xs)
         }

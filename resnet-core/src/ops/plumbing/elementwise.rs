@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use super::scratch;
 use super::simd::with_fma;
 use super::storage::contiguous;
+use super::tape;
 
 /// Elements per parallel task.
 const CHUNK: usize = 64 * 1024;
@@ -74,7 +75,7 @@ pub(crate) fn mask_by_positive(ys: &Tensor, grad: &Tensor) -> candle_core::Resul
 /// `max(x, 0)`.
 pub fn relu(xs: &Tensor) -> candle_core::Result<Tensor> {
     if use_fused(xs) {
-        xs.contiguous()?.apply_op1(Relu)
+        tape::op1(&xs.contiguous()?, Relu)
     } else {
         xs.relu()
     }
@@ -86,7 +87,7 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
         candle_core::bail!("add_relu: shapes {:?} and {:?} differ", a.dims(), b.dims())
     }
     if use_fused(a) {
-        a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
+        tape::op2(&a.contiguous()?, &b.contiguous()?, AddRelu)
     } else {
         (a + b)?.relu()
     }

@@ -46,6 +46,22 @@ pub fn backward(loss: &Tensor) -> candle_core::Result<GradStore> {
     Ok(grads)
 }
 
+/// Whether a [`backward`] is running on this thread (so routed gradients are delivered).
+pub(crate) fn routing() -> bool {
+    ROUTED.with(|r| r.borrow().is_some())
+}
+
+/// Hands `grad`, the gradient of the variable `var`, to the running [`backward`]'s list (added
+/// to any gradient `var` gets elsewhere); outside a [`backward`] it is dropped, so call it only
+/// where [`routing`] holds.
+pub(crate) fn route_variable(var: &Tensor, grad: Tensor) {
+    ROUTED.with(|r| {
+        if let Some(routed) = r.borrow_mut().as_mut() {
+            routed.push((var.clone(), grad));
+        }
+    })
+}
+
 /// A convolution op's weight gradient `dw` for `weight`: taken over (`None` returned) inside a
 /// [`backward`] when the weight is a variable, so candle's pass does not add it to a zero
 /// tensor; returned as it is otherwise (a weight computed from variables needs candle's pass to
