@@ -8,12 +8,13 @@
 //! - [`ResNetConfig`] (typed, serde; presets [`ResNetConfig::d2l_resnet18`] and
 //!   [`ResNetConfig::resnet34`]) with [`Depth`] and [`BlockKind`];
 //! - [`ResNet`]: `new(cfg, vb)`, candle's [`ModuleT`](candle_nn::ModuleT) for training,
-//!   [`ResNet::infer`] for evaluation without a graph, [`ResNet::set_conv_algorithm`]
+//!   [`ResNet::forward_train`] for training with the network's own backward, [`ResNet::infer`] for evaluation without a graph, [`ResNet::set_conv_algorithm`]
 //!   ([`ConvAlgorithm`]), [`ResNet::set_gpu_ops`] ([`GpuOps`]: candle's CUDA ops or cuDNN's)
 //!   and [`ResNet::set_compute_dtype`] as runtime settings;
 //! - [`Residual`] / [`ResidualConfig`] and [`Stage`] / [`StageConfig`], the blocks it is made of;
 //! - [`d2l_init`], d2l's seeded initialisation;
-//! - [`backward`], candle's `loss.backward()` with less work for the convolution weights;
+//! - [`backward`], candle's `loss.backward()` with less work for the convolution weights, and
+//!   the one that runs [`ResNet::forward_train`]'s backward;
 //! - [`checkpoint`]: [`checkpoint::save`], [`checkpoint::read_config`], [`checkpoint::load_into`];
 //! - [`op_check`]: [`op_check::check_ops`], every op on a GPU against the CPU;
 //! - [`CoreError`], every failure, naming what was expected and found.
@@ -41,8 +42,9 @@
 //! let ys = Tensor::new(&[0u32, 3, 7, 9], &device)?;
 //! let params = model.parameters().iter().map(|p| Var::from_tensor(&p.tensor)).collect::<Result<Vec<_>, _>>()?;
 //! let mut sgd = SGD::new(params, 0.05)?;
-//! let before = loss::cross_entropy(&model.forward_t(&xs, true)?, &ys)?;
-//! // `loss.backward()` gives the same gradients; `resnet_core::backward` does less work.
+//! // `forward_t(&xs, true)` and `loss.backward()` give the same gradients; `forward_train`
+//! // and `resnet_core::backward` run the network's own backward, with less work.
+//! let before = loss::cross_entropy(&model.forward_train(&xs)?, &ys)?;
 //! sgd.step(&resnet_core::backward(&before)?)?;
 //!
 //! // Save, then build a second model from the file alone and load the weights into it.

@@ -7,7 +7,9 @@
 //! forward, and the zero-plus-add then costs a memset and an add over every weight (11 M values
 //! for ResNet-18) per step. Under [`backward`], the convolution ops hand the gradient of a weight
 //! that is a variable to a per-thread list instead of returning it ([`route`]), and the list
-//! goes into the gradient store after candle's pass, added to any gradient already there.
+//! goes into the gradient store after candle's pass, added to any gradient already there. The
+//! backward of a recorded forward ([`super::tape`]) hands every parameter's gradient to the same
+//! list.
 
 use std::cell::RefCell;
 
@@ -22,7 +24,9 @@ thread_local! {
 /// The gradients of `loss` with respect to every variable it depends on, as
 /// `loss.backward()` gives them (the same values; a gradient element that is `-0.0` stays so
 /// instead of becoming `0.0`), with less work for the convolution weights. Use it in place of
-/// `loss.backward()`, e.g. before `Optimizer::step`.
+/// `loss.backward()`, e.g. before `Optimizer::step`. A loss built on
+/// [`crate::ResNet::forward_train`]'s logits needs it: the network's own backward
+/// ([`super::tape`]) runs inside it, its variables' gradients delivered here.
 pub fn backward(loss: &Tensor) -> candle_core::Result<GradStore> {
     /// Ends the routing however candle's pass returns.
     struct Routing;
