@@ -251,7 +251,10 @@ impl Tape {
             let Some(g) = g else { return Ok(()) };
             if MADE.with(|m| m.borrow().as_ref().is_some_and(|m| m.contains(&x.id()))) {
                 let g = match grads.remove(&x.id()) {
-                    Some(earlier) => (earlier + g)?,
+                    Some(earlier) => {
+                        let _span = crate::profile::span("gradient-sum", g.dims());
+                        (earlier + g)?
+                    }
                     None => g,
                 };
                 grads.insert(x.id(), g);
