@@ -147,7 +147,7 @@ struct AddRelu;
 
 impl CustomOp2 for AddRelu {
     fn name(&self) -> &'static str {
-        "add-relu"
+        tape::ADD_RELU
     }
 
     fn cpu_fwd(

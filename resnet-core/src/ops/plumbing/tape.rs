@@ -6,8 +6,9 @@
 //! activation of the network a zero-filled allocation and a pass that reads two tensors and
 //! writes a third, where the gradient could simply have been kept. On the tape, a gradient is
 //! kept as its op returns it and added to only where a tensor feeds two ops (a residual block's
-//! input); each op's saved tensors are released as soon as its backward has run, not when the
-//! whole pass ends.
+//! input; where that tensor is an add+ReLU's output, the two parts go through the ReLU's mask in
+//! the same pass, [`mask_by_positive_sum`]); each op's saved tensors are released
+//! as soon as its backward has run, not when the whole pass ends.
 //!
 //! While [`record`] runs a closure, the layers' forward helpers ([`op1`], [`op2`], [`op3`],
 //! [`cat`], [`add`]) compute without candle's graph and append each op to the tape; outside it
@@ -21,9 +22,13 @@ use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, TensorId};
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, TensorId, WithDType,
+};
+use rayon::prelude::*;
 
-use super::gradients;
+use super::storage::contiguous;
+use super::{gradients, scratch};
 
 /// One recorded op: what it was and its inputs.
 enum Step {
@@ -231,12 +236,75 @@ impl CustomOp2 for TapeEnd {
     }
 }
 
+/// The name of the add+ReLU op (`elementwise::add_relu`), by which the backward knows it.
+pub(crate) const ADD_RELU: &str = "add-relu";
+
+/// Elements per parallel chunk of [`mask_by_positive_sum`].
+const CHUNK: usize = 64 * 1024;
+
+/// `a + b` where `ys > 0`, else 0, in one pass: the gradient through the ReLU of
+/// [`super::elementwise::add_relu`] (output `ys`) when its output's gradient arrives in two parts, as the tape's
+/// backward has it where a block's output feeds the next block twice (the add is the one
+/// [`super::elementwise::add_relu`]'s backward would otherwise take first, so the same values).
+pub(crate) fn mask_by_positive_sum(ys: &Tensor, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    ys.contiguous()?.apply_op3_no_bwd(&a.contiguous()?, &b.contiguous()?, &MaskByPositiveSum)
+}
+
+/// `(ys, a, b) -> a + b where ys > 0, else 0`: [`mask_by_positive_sum`].
+struct MaskByPositiveSum;
+
+impl CustomOp3 for MaskByPositiveSum {
+    fn name(&self) -> &'static str {
+        "relu-backward-sum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name(), l1.dims());
+        if l2.shape() != l1.shape() || l3.shape() != l1.shape() {
+            candle_core::bail!(
+                "relu-backward-sum: shapes {:?}, {:?} and {:?} differ",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            )
+        }
+        fn run<T: WithDType>(y: &[T], a: &[T], b: &[T]) -> Vec<T> {
+            let mut out = scratch::zeroed(y.len());
+            out.par_chunks_mut(CHUNK)
+                .zip(y.par_chunks(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))))
+                .for_each(|(o, (y, (a, b)))| {
+                    for (((o, &y), &a), &b) in o.iter_mut().zip(y).zip(a).zip(b) {
+                        *o = if y > T::zero() { a + b } else { T::zero() };
+                    }
+                });
+            out
+        }
+        let what = "relu-backward-sum";
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(y), CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                CpuStorage::F32(run(contiguous(y, l1, what)?, contiguous(a, l2, what)?, contiguous(b, l3, what)?))
+            }
+            (CpuStorage::F64(y), CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                CpuStorage::F64(run(contiguous(y, l1, what)?, contiguous(a, l2, what)?, contiguous(b, l3, what)?))
+            }
+            (y, _, _) => candle_core::bail!("{what} supports matching f32 or f64 tensors, got {:?}", y.dtype()),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
 impl Tape {
     /// The recorded ops' backwards in reverse order from `grad`, the gradient of `out`; the
     /// variables' gradients go to [`gradients::route`]'s list.
     fn backward(mut self, out: &Tensor, grad: Tensor) -> candle_core::Result<()> {
-        let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
-        grads.insert(out.id(), grad);
         /// Ends the backward's set of recorded outputs however it returns.
         struct Made;
         impl Drop for Made {
@@ -246,50 +314,60 @@ impl Tape {
         }
         MADE.with(|m| *m.borrow_mut() = Some(std::mem::take(&mut self.made)));
         let _made = Made;
-        // Keeps `g` as `x`'s gradient, or adds it to the one kept; a variable's goes to the list.
-        let give = |grads: &mut HashMap<TensorId, Tensor>, x: &Tensor, g: Option<Tensor>| -> candle_core::Result<()> {
-            let Some(g) = g else { return Ok(()) };
+        // Each recorded output's gradient, in the parts its users' backwards returned (in the
+        // order they came); a variable's goes to the list.
+        let mut parts: HashMap<TensorId, Vec<Tensor>> = HashMap::new();
+        parts.insert(out.id(), vec![grad]);
+        let give = |parts: &mut HashMap<TensorId, Vec<Tensor>>, x: &Tensor, g: Option<Tensor>| {
+            let Some(g) = g else { return };
             if MADE.with(|m| m.borrow().as_ref().is_some_and(|m| m.contains(&x.id()))) {
-                let g = match grads.remove(&x.id()) {
-                    Some(earlier) => {
-                        let _span = crate::profile::span("gradient-sum", g.dims());
-                        (earlier + g)?
-                    }
-                    None => g,
-                };
-                grads.insert(x.id(), g);
+                parts.entry(x.id()).or_default().push(g);
             } else if x.is_variable() {
                 gradients::route_variable(x, g);
             }
-            Ok(())
         };
         while let Some((step, y)) = self.steps.pop() {
             // An output no later op used (and not the end) has no gradient.
-            let Some(g) = grads.remove(&y.id()) else { continue };
+            let Some(mut ps) = parts.remove(&y.id()) else { continue };
+            // A block's output that feeds the next block twice: its two parts go through the
+            // add+ReLU's backward in one pass instead of being added first.
+            if let (Step::Op2(op, [a, b]), 2) = (&step, ps.len()) {
+                if op.name() == ADD_RELU {
+                    let g = mask_by_positive_sum(&y, &ps[0], &ps[1])?;
+                    give(&mut parts, a, Some(g.clone()));
+                    give(&mut parts, b, Some(g));
+                    continue;
+                }
+            }
+            let mut g = ps.remove(0);
+            for p in ps {
+                let _span = crate::profile::span("gradient-sum", p.dims());
+                g = (g + p)?;
+            }
             match step {
-                Step::Op1(op, x) => give(&mut grads, &x, op.bwd(&x, &y, &g)?)?,
+                Step::Op1(op, x) => give(&mut parts, &x, op.bwd(&x, &y, &g)?),
                 Step::Op2(op, [a, b]) => {
                     let (ga, gb) = op.bwd(&a, &b, &y, &g)?;
-                    give(&mut grads, &a, ga)?;
-                    give(&mut grads, &b, gb)?;
+                    give(&mut parts, &a, ga);
+                    give(&mut parts, &b, gb);
                 }
                 Step::Op3(op, [a, b, c]) => {
                     let (ga, gb, gc) = op.bwd(&a, &b, &c, &y, &g)?;
-                    give(&mut grads, &a, ga)?;
-                    give(&mut grads, &b, gb)?;
-                    give(&mut grads, &c, gc)?;
+                    give(&mut parts, &a, ga);
+                    give(&mut parts, &b, gb);
+                    give(&mut parts, &c, gc);
                 }
-                Step::Cat(parts) => {
+                Step::Cat(cat) => {
                     let mut start = 0;
-                    for p in &parts {
+                    for p in &cat {
                         let len = p.dim(0)?;
-                        give(&mut grads, p, Some(g.narrow(0, start, len)?.copy()?))?;
+                        give(&mut parts, p, Some(g.narrow(0, start, len)?.copy()?));
                         start += len;
                     }
                 }
                 Step::Add([a, b]) => {
-                    give(&mut grads, &a, Some(g.clone()))?;
-                    give(&mut grads, &b, Some(g))?;
+                    give(&mut parts, &a, Some(g.clone()));
+                    give(&mut parts, &b, Some(g));
                 }
             }
         }
