@@ -330,6 +330,10 @@ fn tiles_in_lanes<T: WithDType, const K: usize, const A: usize>(
     side: impl Fn([[T; LANES]; K]) -> [[T; LANES]; A],
 ) {
     let (h, w) = (bands.h, bands.w);
+    // `S d` for one tile's `LANES` channels, every element written before it is read: cleared
+    // once here, not for every tile and channel group (an array this size is cleared by a
+    // `memset` call, which cost a third as much as the transform's own stores).
+    let mut r = [[[T::zero(); LANES]; K]; A];
     for t in 0..count {
         let (n, ty, tx) = bands.tile_at(first + t);
         // Where each entry of the window starts in `data`; none outside the image.
@@ -348,7 +352,6 @@ fn tiles_in_lanes<T: WithDType, const K: usize, const A: usize>(
                 None => *v = [T::zero(); LANES],
             };
             // r = S d a column at a time, then S d Sᵀ = r Sᵀ a row at a time, into the entries.
-            let mut r = [[[T::zero(); LANES]; K]; A];
             for j in 0..K {
                 let mut col = [[T::zero(); LANES]; K];
                 for (i, v) in col.iter_mut().enumerate() {
@@ -359,8 +362,8 @@ fn tiles_in_lanes<T: WithDType, const K: usize, const A: usize>(
                     r[i][j] = value;
                 }
             }
-            for (i, row) in r.into_iter().enumerate() {
-                for (j, entry) in side(row).iter().enumerate() {
+            for (i, row) in r.iter().enumerate() {
+                for (j, entry) in side(*row).iter().enumerate() {
                     let dst = (i * A + j) * entry_stride(count, c) + t * c + c0;
                     out[dst..dst + LANES].copy_from_slice(entry);
                 }
@@ -749,6 +752,8 @@ fn output_tiles_lanes<T: WithDType, const A: usize, const M: usize>(
     side: impl Fn([[T; LANES]; A]) -> [[T; LANES]; M],
 ) {
     let (h, w) = (bands.h, bands.w);
+    // `Aᵀ M` for one tile's `LANES` channels, cleared once as in `tiles_in_lanes`.
+    let mut s = [[[T::zero(); LANES]; A]; M];
     for t in 0..count {
         let (n, ty, tx) = bands.tile_at(first + t);
         let (rows, cols) = (M.min(h - M * ty), M.min(w - M * tx));
@@ -759,7 +764,6 @@ fn output_tiles_lanes<T: WithDType, const A: usize, const M: usize>(
                 v.copy_from_slice(&prod[at..at + LANES]);
             };
             // s = Aᵀ M a column at a time, then Y = s A a row at a time.
-            let mut s = [[[T::zero(); LANES]; A]; M];
             #[allow(clippy::needless_range_loop)] // `j` is a column: it indexes the inner axis of `s`
             for j in 0..A {
                 let mut col = [[T::zero(); LANES]; A];
@@ -772,8 +776,8 @@ fn output_tiles_lanes<T: WithDType, const A: usize, const M: usize>(
                 }
             }
             let b = bias.map(|b| &b[c0..c0 + LANES]);
-            for (i, row) in s.into_iter().enumerate().take(rows) {
-                let y = side(row);
+            for (i, row) in s.iter().enumerate().take(rows) {
+                let y = side(*row);
                 let line = (n * h + M * ty + i) * w * cout - base;
                 for (j, px) in y.iter().enumerate().take(cols) {
                     let at = line + (M * tx + j) * cout + c0;
