@@ -20,24 +20,47 @@ const MAX_BYTES: usize = 192 << 20;
 static POOL: Mutex<Vec<Box<dyn Any + Send>>> = Mutex::new(Vec::new());
 
 /// A buffer of `len` elements with unspecified (initialised) contents, for a caller that
-/// overwrites every element. The smallest kept buffer that is large enough, else a new one.
+/// overwrites every element: the shortest kept buffer that is long enough, else the kept one
+/// with the least room that has room for `len` (lengthened by zeros: a buffer handed out shorter
+/// keeps its allocation), else a new one, cleared by the worker threads from
+/// [`PARALLEL_CLEAR`] elements (a miss on the calling thread would clear it there while the
+/// workers wait).
 pub fn take<T: WithDType>(len: usize) -> Vec<T> {
     let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    let best = pool
+    let kept = |b: &Box<dyn Any + Send>| b.downcast_ref::<Vec<T>>().map(|v| (v.len(), v.capacity()));
+    let fits = pool
         .iter()
         .enumerate()
-        .filter_map(|(i, b)| b.downcast_ref::<Vec<T>>().filter(|v| v.len() >= len).map(|v| (i, v.len())))
+        .filter_map(|(i, b)| kept(b).filter(|&(n, _)| n >= len).map(|(n, _)| (i, n)))
         .min_by_key(|&(_, n)| n)
         .map(|(i, _)| i);
-    match best {
+    let room = || {
+        pool.iter()
+            .enumerate()
+            .filter_map(|(i, b)| kept(b).filter(|&(_, cap)| cap >= len).map(|(_, cap)| (i, cap)))
+            .min_by_key(|&(_, cap)| cap)
+            .map(|(i, _)| i)
+    };
+    match fits.or_else(room) {
         Some(i) => {
             let mut v = *pool.swap_remove(i).downcast::<Vec<T>>().expect("checked above");
-            v.truncate(len);
+            drop(pool);
+            v.resize(len, T::zero());
             v
         }
-        None => vec![T::zero(); len],
+        None => {
+            drop(pool);
+            if len >= PARALLEL_CLEAR {
+                zeroed(len)
+            } else {
+                vec![T::zero(); len]
+            }
+        }
     }
 }
+
+/// Elements from which a new buffer is cleared by [`zeroed`].
+const PARALLEL_CLEAR: usize = 1 << 20;
 
 /// A buffer of `len` zeros written by the worker threads, for outputs that leave the kernel
 /// (so cannot come from the pool). `vec![0; len]` would clear it on the calling thread alone,
@@ -91,5 +114,20 @@ mod tests {
         let z: Vec<f32> = zeroed(100_000);
         assert_eq!(z.len(), 100_000);
         assert!(z.iter().all(|&v| v == 0.0));
+    }
+
+    /// A buffer handed out shorter than its allocation serves a longer request later (no test
+    /// but this one takes `u32` buffers, so no other test takes it in between).
+    #[test]
+    fn a_shortened_buffer_is_lengthened_in_its_allocation() {
+        let a: Vec<u32> = take(1000);
+        give(a);
+        let b: Vec<u32> = take(10);
+        assert_eq!(b.len(), 10);
+        give(b);
+        let c: Vec<u32> = take(600);
+        assert_eq!(c.len(), 600);
+        assert!(c.capacity() >= 1000, "a new allocation of {} instead of the kept one", c.capacity());
+        give(c);
     }
 }
