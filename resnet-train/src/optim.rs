@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use candle_core::{backprop::GradStore, CpuStorage, DType, InplaceOp2, Layout, Tensor, Var};
+use rayon::prelude::*;
 
 use crate::config::SgdConfig;
 use crate::error::{Result, TrainError};
@@ -35,38 +36,53 @@ impl Sgd {
     /// `g = ∇ + wd·p; b = μ·b + g (b = g at first); g = g + μ·b (Nesterov) or b; p -= lr·g`.
     /// Parameters without a gradient are left alone.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
-        for (name, var) in &self.params {
-            let Some(grad) = grads.get(var.as_tensor()) else {
-                continue;
-            };
-            // Gradients carry candle's op graph; a momentum buffer built from them would chain
-            // every step's graph to the next and grow without bound.
-            let mut g = grad.detach();
-            if self.cfg.weight_decay != 0.0 {
-                g = (g + (var.as_tensor() * self.cfg.weight_decay)?)?;
-            }
-            // On the CPU the buffer and the parameter are updated in place, one pass each; the
-            // arithmetic (and so every bit of the result) is the same as the tensor expressions.
-            let in_place = var.device().is_cpu() && matches!(var.dtype(), DType::F32 | DType::F64);
-            if self.cfg.momentum != 0.0 {
-                let buf = match self.momentum.get(name) {
-                    Some(b) if in_place => {
-                        b.inplace_op2(&g, &ScaleAdd { scale: self.cfg.momentum, step: 1.0 })?;
-                        b.clone()
-                    }
-                    Some(b) => ((b * self.cfg.momentum)? + &g)?,
-                    None => g.copy()?,
-                };
-                g = if self.cfg.nesterov { (g + (&buf * self.cfg.momentum)?)? } else { buf.clone() };
-                self.momentum.insert(name.clone(), buf.detach());
-            }
-            if in_place {
-                var.as_tensor().inplace_op2(&g, &ScaleAdd { scale: 1.0, step: -lr })?;
-            } else {
-                var.set(&(var.as_tensor().detach() - (g * lr)?)?)?;
-            }
-        }
+        let update =
+            |(name, var): &(String, Var)| Ok(self.update(name, var, grads, lr)?.map(|buf| (name.clone(), buf)));
+        // On the CPU the parameters are updated side by side: each update is a pass over memory,
+        // about 8 ms per step for a ResNet-18 on one thread while the others wait. Each
+        // parameter's arithmetic is its own, so the order changes no bit.
+        let buffers: Vec<Option<(String, Tensor)>> = if self.params.iter().all(|(_, v)| v.device().is_cpu()) {
+            self.params.par_iter().map(update).collect::<Result<_>>()?
+        } else {
+            self.params.iter().map(update).collect::<Result<_>>()?
+        };
+        self.momentum.extend(buffers.into_iter().flatten());
         Ok(())
+    }
+
+    /// [`Sgd::step`] for one parameter; returns its new momentum buffer (with momentum).
+    fn update(&self, name: &str, var: &Var, grads: &GradStore, lr: f64) -> Result<Option<Tensor>> {
+        let Some(grad) = grads.get(var.as_tensor()) else {
+            return Ok(None);
+        };
+        // Gradients carry candle's op graph; a momentum buffer built from them would chain
+        // every step's graph to the next and grow without bound.
+        let mut g = grad.detach();
+        if self.cfg.weight_decay != 0.0 {
+            g = (g + (var.as_tensor() * self.cfg.weight_decay)?)?;
+        }
+        // On the CPU the buffer and the parameter are updated in place, one pass each; the
+        // arithmetic (and so every bit of the result) is the same as the tensor expressions.
+        let in_place = var.device().is_cpu() && matches!(var.dtype(), DType::F32 | DType::F64);
+        let mut buffer = None;
+        if self.cfg.momentum != 0.0 {
+            let buf = match self.momentum.get(name) {
+                Some(b) if in_place => {
+                    b.inplace_op2(&g, &ScaleAdd { scale: self.cfg.momentum, step: 1.0 })?;
+                    b.clone()
+                }
+                Some(b) => ((b * self.cfg.momentum)? + &g)?,
+                None => g.copy()?,
+            };
+            g = if self.cfg.nesterov { (g + (&buf * self.cfg.momentum)?)? } else { buf.clone() };
+            buffer = Some(buf.detach());
+        }
+        if in_place {
+            var.as_tensor().inplace_op2(&g, &ScaleAdd { scale: 1.0, step: -lr })?;
+        } else {
+            var.set(&(var.as_tensor().detach() - (g * lr)?)?)?;
+        }
+        Ok(buffer)
     }
 
     /// The momentum buffers, for checkpointing. They are updated in place by later steps on the
