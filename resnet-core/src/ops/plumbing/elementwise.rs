@@ -55,16 +55,19 @@ fn use_fused(t: &Tensor) -> bool {
 
 /// `max(x, 0)` in place, in parallel (a NaN stays a NaN).
 pub(crate) fn relu_in_place<T: WithDType>(ys: &mut [T]) {
-    ys.par_chunks_mut(CHUNK).for_each(|c| {
-        with_fma(
-            #[inline(always)]
-            || {
-                for v in c {
-                    *v = if *v < T::zero() { T::zero() } else { *v };
-                }
-            },
-        )
-    });
+    ys.par_chunks_mut(CHUNK).for_each(relu_rows);
+}
+
+/// [`relu_in_place`] on the calling thread: for a task's own rows, while they are in its cache.
+pub(crate) fn relu_rows<T: WithDType>(ys: &mut [T]) {
+    with_fma(
+        #[inline(always)]
+        || {
+            for v in ys {
+                *v = if *v < T::zero() { T::zero() } else { *v };
+            }
+        },
+    )
 }
 
 /// `grad` where `ys > 0`, else 0: the gradient through a ReLU whose output was `ys`.
