@@ -38,9 +38,9 @@ impl Sgd {
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         let update =
             |(name, var): &(String, Var)| Ok(self.update(name, var, grads, lr)?.map(|buf| (name.clone(), buf)));
-        // On the CPU the parameters are updated side by side: each update is a pass over memory,
-        // about 8 ms per step for a ResNet-18 on one thread while the others wait. Each
-        // parameter's arithmetic is its own, so the order changes no bit.
+        // On the CPU the parameters are updated side by side: each update is a pass over memory
+        // that one thread would make while the others wait. Each parameter's arithmetic is its
+        // own, so the order changes no bit.
         let buffers: Vec<Option<(String, Tensor)>> = if self.params.iter().all(|(_, v)| v.device().is_cpu()) {
             self.params.par_iter().map(update).collect::<Result<_>>()?
         } else {

@@ -481,9 +481,10 @@ mod tests {
     use super::*;
 
     /// The im2col forward made a few output rows per task gives the bits of the one product
-    /// over the whole patch matrix (then ReLU'd, with ReLU), for rows per task that cross images or exceed the batch, one
-    /// channel or several, with and without stride and padding. (Tasks and outputs are kept
-    /// above 16 each: the gemm crate multiplies products of at most 16 × 16 with other kernels.)
+    /// over the whole patch matrix (then ReLU'd, with ReLU), for rows per task that cross images
+    /// or exceed the batch, one channel or several, with and without stride and padding. (Tasks
+    /// and outputs are kept above 16 each: the gemm crate multiplies products of at most 16 × 16
+    /// with other kernels.)
     #[test]
     fn im2col_forward_per_task_equals_the_whole_product() {
         for &(batch, h, w, c, k, stride, pad, out) in &[

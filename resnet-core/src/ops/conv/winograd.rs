@@ -332,7 +332,7 @@ fn tiles_in_lanes<T: WithDType, const K: usize, const A: usize>(
     let (h, w) = (bands.h, bands.w);
     // `S d` for one tile's `LANES` channels, every element written before it is read: cleared
     // once here, not for every tile and channel group (an array this size is cleared by a
-    // `memset` call, which cost a third as much as the transform's own stores).
+    // `memset` call).
     let mut r = [[[T::zero(); LANES]; K]; A];
     for t in 0..count {
         let (n, ty, tx) = bands.tile_at(first + t);
