@@ -1,15 +1,18 @@
 //! Which algorithm runs a convolution on the CPU, and the custom ops that run it forward and
 //! backward: im2col + one matrix product, or a faster algorithm where the shape allows one.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::im2col::{self, im2col_rows, im2col_slice, Col2im, Im2col};
 use super::{direct, taps, winograd};
-use crate::ops::plumbing::elementwise::{column_sums_tensor, mask_by_positive, relu_in_place, relu_rows};
+use crate::ops::plumbing::elementwise::{column_sums_tensor, mask_by_positive, relu_in_place};
 use crate::ops::plumbing::geometry::Window;
-use crate::ops::plumbing::matmul::{gemm_strided, matmul_into, MatMul};
+use crate::ops::plumbing::matmul::{gemm_strided_uninit, MatMul};
+use crate::ops::plumbing::simd::with_fma;
 use crate::ops::plumbing::scratch;
 use crate::ops::plumbing::storage::contiguous;
 use crate::ops::plumbing::weight_layout::{ohwi_to_oihw, oihw_to_ohwi};
@@ -232,38 +235,67 @@ fn conv_forward_in<T: WithDType + 'static>(
     image_rows: Option<usize>,
 ) -> Vec<T> {
     let (rows, k, out, ow) = (win.batch * win.oh() * win.ow(), win.patch_len(), bias.len(), win.ow());
-    let mut y = scratch::zeroed(rows * out);
-    let Some(image_rows) = image_rows else {
-        let owned = (!pointwise).then(|| {
-            let mut buf = scratch::take(rows * k);
-            im2col_slice(x, win, &mut buf);
-            buf
-        });
-        y.par_chunks_mut(out).for_each(|row| row.copy_from_slice(bias));
-        matmul_into((rows, out, k), owned.as_deref().unwrap_or(x), false, w, true, &mut y, true);
-        if let Some(buf) = owned {
-            scratch::give(buf);
+    // Every element is written by the product before the bias and the ReLU read it: no clearing
+    // pass.
+    let mut y: Vec<T> = Vec::with_capacity(rows * out);
+    let dst = &mut y.spare_capacity_mut()[..rows * out];
+    match image_rows {
+        None => {
+            let owned = (!pointwise).then(|| {
+                let mut buf = scratch::take(rows * k);
+                im2col_slice(x, win, &mut buf);
+                buf
+            });
+            gemm_strided_uninit((rows, out, k), owned.as_deref().unwrap_or(x), (k, 1), w, (1, k), dst, out, true);
+            if let Some(buf) = owned {
+                scratch::give(buf);
+            }
+            dst.par_chunks_mut(FORWARD_PIXELS_PER_TASK * out).for_each(|part| {
+                // SAFETY: the product wrote every element of `dst`.
+                bias_relu_rows(unsafe { assume_init(part) }, bias, relu);
+            });
         }
-        if relu {
-            relu_in_place(&mut y);
-        }
-        return y;
-    };
-    y.par_chunks_mut(image_rows * ow * out).enumerate().for_each(|(task, y)| {
-        let pixels = y.len() / out;
-        let first = task * image_rows;
-        for row in y.chunks_exact_mut(out) {
-            row.copy_from_slice(bias);
-        }
-        let mut cols = scratch::take(pixels * k);
-        im2col_rows(x, win, first..first + pixels / ow, &mut cols);
-        gemm_strided((pixels, out, k), &cols, (k, 1), w, (1, k), y, out, true, false);
-        scratch::give(cols);
-        if relu {
-            relu_rows(y);
-        }
-    });
+        Some(image_rows) => dst.par_chunks_mut(image_rows * ow * out).enumerate().for_each(|(task, part)| {
+            let pixels = part.len() / out;
+            let first = task * image_rows;
+            let mut cols = scratch::take(pixels * k);
+            im2col_rows(x, win, first..first + pixels / ow, &mut cols);
+            gemm_strided_uninit((pixels, out, k), &cols, (k, 1), w, (1, k), part, out, false);
+            scratch::give(cols);
+            // SAFETY: the product wrote every element of `part`.
+            bias_relu_rows(unsafe { assume_init(part) }, bias, relu);
+        }),
+    }
+    // SAFETY: every element of the first `rows · out` was written above.
+    unsafe { y.set_len(rows * out) };
     y
+}
+
+/// `part` as the initialised values it holds.
+///
+/// # Safety
+/// Every element of `part` must have been written.
+unsafe fn assume_init<T>(part: &mut [MaybeUninit<T>]) -> &mut [T] {
+    // SAFETY: `MaybeUninit<T>` has `T`'s layout, and the caller vouches that every element is
+    // initialised.
+    unsafe { &mut *(part as *mut [MaybeUninit<T>] as *mut [T]) }
+}
+
+/// Each `bias.len()`-wide row of `ys` plus `bias` (the product's sum plus the bias, one rounding
+/// as when the product adds to rows that hold the bias), then ReLU with `relu`; on the calling
+/// thread, for a task's own rows while they are in its cache.
+fn bias_relu_rows<T: WithDType>(ys: &mut [T], bias: &[T], relu: bool) {
+    with_fma(
+        #[inline(always)]
+        || {
+            for row in ys.chunks_exact_mut(bias.len()) {
+                for (v, &b) in row.iter_mut().zip(bias) {
+                    let t = *v + b;
+                    *v = if relu && t < T::zero() { T::zero() } else { t };
+                }
+            }
+        },
+    )
 }
 
 impl CustomOp3 for Im2colConv {

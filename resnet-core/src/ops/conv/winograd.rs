@@ -18,6 +18,8 @@
 //! runs its forward on F(2×2) and its gradients on the tile [`Tile::choose`] picks (see
 //! `ops::conv`).
 
+use std::mem::MaybeUninit;
+
 use candle_core::WithDType;
 use rayon::prelude::*;
 
@@ -661,25 +663,30 @@ fn at_f4<T: WithDType>(p: [[T; LANES]; 6]) -> [[T; LANES]; 4] {
     o
 }
 
-/// An output pixel's channels: `src` plus the bias, then ReLU, as asked.
+/// An output pixel's channels: `src` plus the bias, then ReLU, as asked, written into `dst`
+/// (memory not read: the output is not cleared before the transforms write it).
 #[inline(always)]
-fn epilogue<T: WithDType>(dst: &mut [T], src: &[T], bias: Option<&[T]>, relu: bool) {
+fn epilogue<T: WithDType>(dst: &mut [MaybeUninit<T>], src: &[T], bias: Option<&[T]>, relu: bool) {
+    let relu_of = |t: T| if t < T::zero() { T::zero() } else { t };
     match (bias, relu) {
         (Some(b), false) => {
             for ((d, &v), &bv) in dst.iter_mut().zip(src).zip(b) {
-                *d = v + bv;
+                d.write(v + bv);
             }
         }
         (Some(b), true) => {
             for ((d, &v), &bv) in dst.iter_mut().zip(src).zip(b) {
-                let t = v + bv;
-                *d = if t < T::zero() { T::zero() } else { t };
+                d.write(relu_of(v + bv));
             }
         }
-        (None, false) => dst.copy_from_slice(src),
+        (None, false) => {
+            for (d, &v) in dst.iter_mut().zip(src) {
+                d.write(v);
+            }
+        }
         (None, true) => {
             for (d, &v) in dst.iter_mut().zip(src) {
-                *d = if v < T::zero() { T::zero() } else { v };
+                d.write(relu_of(v));
             }
         }
     }
@@ -696,7 +703,7 @@ fn output_tiles<T: WithDType>(
     bands: &Bands,
     tiles: (usize, usize),
     epi: (Option<&[T]>, bool),
-    dst: (&mut [T], usize),
+    dst: (&mut [MaybeUninit<T>], usize),
 ) {
     if cout % LANES == 0 {
         match tr.alpha {
@@ -718,7 +725,7 @@ fn output_tiles_by_passes<T: WithDType>(
     bands: &Bands,
     tiles: (usize, usize),
     epi: (Option<&[T]>, bool),
-    dst: (&mut [T], usize),
+    dst: (&mut [MaybeUninit<T>], usize),
 ) {
     let (m, a, h, w) = (tr.m, tr.alpha, bands.h, bands.w);
     let ((first, count), (bias, relu), (out, base)) = (tiles, epi, dst);
@@ -748,7 +755,7 @@ fn output_tiles_lanes<T: WithDType, const A: usize, const M: usize>(
     bands: &Bands,
     (first, count): (usize, usize),
     (bias, relu): (Option<&[T]>, bool),
-    (out, base): (&mut [T], usize),
+    (out, base): (&mut [MaybeUninit<T>], usize),
     side: impl Fn([[T; LANES]; A]) -> [[T; LANES]; M],
 ) {
     let (h, w) = (bands.h, bands.w);
@@ -862,11 +869,15 @@ pub fn conv3x3<T: WithDType>(
     let a = tr.alpha;
     let u = transform_filters(filters, cin, cout, tr);
     let bands = Bands::new(tr, (batch, h, w), cin + cout);
-    let mut y = scratch::zeroed(batch * h * w * cout);
+    // Every element is written by the output transform (the tiles cover every pixel): no
+    // clearing pass.
+    let len = batch * h * w * cout;
+    let mut y: Vec<T> = Vec::with_capacity(len);
+    let dst = &mut y.spare_capacity_mut()[..len];
     let total = bands.count * bands.tw;
     // Y = Aᵀ M A (+ bias, then ReLU) for a task's tiles into its rows `out`, from their products
     // (the first tile's entries `estride` apart).
-    let output = |task: usize, out: &mut [T], prod: (&[T], usize)| {
+    let output = |task: usize, out: &mut [MaybeUninit<T>], prod: (&[T], usize)| {
         let (tiles, base) = (bands.tiles(task), bands.offset(task * bands.per_task, cout));
         with_fma(
             #[inline(always)]
@@ -883,15 +894,17 @@ pub fn conv3x3<T: WithDType>(
             matmul_strided((total, cout, cin), &v[e * vs..], cin, &u[e * cout..], a * a * cout, pe, cout);
         });
         scratch::give(v);
-        bands.split(&mut y, cout).into_par_iter().enumerate().for_each(|(task, out)| {
+        bands.split(dst, cout).into_par_iter().enumerate().for_each(|(task, out)| {
             let first = bands.tiles(task).0;
             output(task, out, (&prod[first * cout..], ps));
         });
         scratch::give(prod);
         scratch::give(u);
+        // SAFETY: the output transform wrote every element of the first `len`.
+        unsafe { y.set_len(len) };
         return y;
     }
-    bands.split(&mut y, cout).into_par_iter().enumerate().for_each(|(task, out)| {
+    bands.split(dst, cout).into_par_iter().enumerate().for_each(|(task, out)| {
         let (first, count) = bands.tiles(task);
         // V (α² × count × cin), then M_e = V_e · U_e (count × cout) for every entry e.
         let mut v = scratch::take(a * a * entry_stride(count, cin));
@@ -917,6 +930,8 @@ pub fn conv3x3<T: WithDType>(
         scratch::give(prod);
     });
     scratch::give(u);
+    // SAFETY: the output transform wrote every element of the first `len`.
+    unsafe { y.set_len(len) };
     y
 }
 
@@ -1283,8 +1298,9 @@ mod tests {
                 let bias: Vec<f32> = data(cout, 3).iter().map(|&v| v as f32).collect();
                 for (with_bias, relu) in [(false, false), (true, false), (false, true), (true, true)] {
                     let b = with_bias.then_some(&bias[..]);
+                    let unwritten = MaybeUninit::new(f32::NAN);
                     let (mut fast, mut passes) =
-                        (vec![f32::NAN; batch * h * w * cout], vec![f32::NAN; batch * h * w * cout]);
+                        (vec![unwritten; batch * h * w * cout], vec![unwritten; batch * h * w * cout]);
                     let (mut parts_fast, mut parts_passes) =
                         (bands.split(&mut fast, cout), bands.split(&mut passes, cout));
                     for task in 0..bands.tasks() {
@@ -1303,6 +1319,9 @@ mod tests {
                         output_tiles_by_passes(m, cout, tr, &bands, (first, count), (b, relu), (op, base));
                     }
                     drop((parts_fast, parts_passes));
+                    // SAFETY: every element was initialised (to NaN) before the transforms ran.
+                    let read = |v: Vec<MaybeUninit<f32>>| v.into_iter().map(|e| unsafe { e.assume_init() }).collect::<Vec<_>>();
+                    let (fast, passes) = (read(fast), read(passes));
                     assert!(fast.iter().all(|v| !v.is_nan()), "{tile:?}: every output written");
                     let same = fast.iter().zip(&passes).all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(

@@ -4,6 +4,7 @@
 
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Shape, WithDType};
 
+use std::mem::MaybeUninit;
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -65,24 +66,62 @@ pub(crate) fn matmul_general<T: WithDType>(
 /// candle's threads.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_strided<T: WithDType>(
-    (m, n, k): (usize, usize, usize),
+    mnk: (usize, usize, usize),
     a: &[T],
-    (a_rs, a_cs): (usize, usize),
+    a_strides: (usize, usize),
     b: &[T],
-    (b_rs, b_cs): (usize, usize),
+    b_strides: (usize, usize),
     c: &mut [T],
     ldc: usize,
+    accumulate: bool,
+    parallel: bool,
+) {
+    // SAFETY: `c` is initialised, so reading it (to accumulate) is sound.
+    unsafe { gemm_raw(mnk, (a, a_strides), (b, b_strides), (c.as_mut_ptr(), c.len(), ldc), accumulate, parallel) }
+}
+
+/// [`gemm_strided`] without accumulation into memory not yet written: every element of the
+/// `m×n` block of `c` (rows `ldc` apart) is written, none is read. For outputs that would
+/// otherwise be cleared first only to be overwritten.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_strided_uninit<T: WithDType>(
+    mnk: (usize, usize, usize),
+    a: &[T],
+    a_strides: (usize, usize),
+    b: &[T],
+    b_strides: (usize, usize),
+    c: &mut [MaybeUninit<T>],
+    ldc: usize,
+    parallel: bool,
+) {
+    // SAFETY: without accumulation the crate writes `c` and never reads it.
+    unsafe { gemm_raw(mnk, (a, a_strides), (b, b_strides), (c.as_mut_ptr().cast::<T>(), c.len(), ldc), false, parallel) }
+}
+
+/// The product of [`gemm_strided`] into `c` given as a pointer, its length and row stride.
+///
+/// # Safety
+/// `c` must point to `c_len` elements valid for writes (and, with `accumulate`, initialised),
+/// not aliasing `a` or `b`.
+unsafe fn gemm_raw<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    (a, (a_rs, a_cs)): (&[T], (usize, usize)),
+    (b, (b_rs, b_cs)): (&[T], (usize, usize)),
+    (c, c_len, ldc): (*mut T, usize, usize),
     accumulate: bool,
     parallel: bool,
 ) {
     if m == 0 || n == 0 {
         return;
     }
-    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "matmul: output buffer too small for its strides");
+    assert!(ldc >= n && c_len >= (m - 1) * ldc + n, "matmul: output buffer too small for its strides");
     if k == 0 {
         if !accumulate {
             for row in 0..m {
-                c[row * ldc..row * ldc + n].fill(T::zero());
+                for j in 0..n {
+                    // SAFETY: `row · ldc + j < c_len` (asserted above), valid for writes.
+                    unsafe { c.add(row * ldc + j).write(T::zero()) };
+                }
             }
         }
         return;
@@ -107,13 +146,14 @@ pub(crate) fn gemm_strided<T: WithDType>(
     let threads = rayon::current_num_threads();
     let parallelism = if parallel && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the asserts bound the last element addressed in each buffer (strides are
-    // non-negative), and `c` does not alias `a` or `b` (distinct borrows).
+    // non-negative); the caller vouches for `c` (valid for writes, initialised where read, not
+    // aliasing `a` or `b`).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c,
             1,
             ldc as isize,
             accumulate,
