@@ -12,8 +12,8 @@ use super::{direct, taps, winograd};
 use crate::ops::plumbing::elementwise::{column_sums_tensor, mask_by_positive, relu_in_place};
 use crate::ops::plumbing::geometry::Window;
 use crate::ops::plumbing::matmul::{gemm_strided_uninit, MatMul};
-use crate::ops::plumbing::simd::with_fma;
 use crate::ops::plumbing::scratch;
+use crate::ops::plumbing::simd::with_fma;
 use crate::ops::plumbing::storage::contiguous;
 use crate::ops::plumbing::weight_layout::{ohwi_to_oihw, oihw_to_ohwi};
 use crate::ops::plumbing::{gradients, tape};
@@ -235,11 +235,7 @@ fn conv_forward_in<T: WithDType + 'static>(
     image_rows: Option<usize>,
 ) -> Vec<T> {
     let (rows, k, out, ow) = (win.batch * win.oh() * win.ow(), win.patch_len(), bias.len(), win.ow());
-    // Every element is written by the product before the bias and the ReLU read it: no clearing
-    // pass.
-    let mut y: Vec<T> = Vec::with_capacity(rows * out);
-    let dst = &mut y.spare_capacity_mut()[..rows * out];
-    match image_rows {
+    let fill = |dst: &mut [MaybeUninit<T>]| match image_rows {
         None => {
             let owned = (!pointwise).then(|| {
                 let mut buf = scratch::take(rows * k);
@@ -252,7 +248,7 @@ fn conv_forward_in<T: WithDType + 'static>(
             }
             dst.par_chunks_mut(FORWARD_PIXELS_PER_TASK * out).for_each(|part| {
                 // SAFETY: the product wrote every element of `dst`.
-                bias_relu_rows(unsafe { assume_init(part) }, bias, relu);
+                bias_relu_rows(unsafe { scratch::assume_init(part) }, bias, relu);
             });
         }
         Some(image_rows) => dst.par_chunks_mut(image_rows * ow * out).enumerate().for_each(|(task, part)| {
@@ -263,22 +259,12 @@ fn conv_forward_in<T: WithDType + 'static>(
             gemm_strided_uninit((pixels, out, k), &cols, (k, 1), w, (1, k), part, out, false);
             scratch::give(cols);
             // SAFETY: the product wrote every element of `part`.
-            bias_relu_rows(unsafe { assume_init(part) }, bias, relu);
+            bias_relu_rows(unsafe { scratch::assume_init(part) }, bias, relu);
         }),
-    }
-    // SAFETY: every element of the first `rows · out` was written above.
-    unsafe { y.set_len(rows * out) };
-    y
-}
-
-/// `part` as the initialised values it holds.
-///
-/// # Safety
-/// Every element of `part` must have been written.
-unsafe fn assume_init<T>(part: &mut [MaybeUninit<T>]) -> &mut [T] {
-    // SAFETY: `MaybeUninit<T>` has `T`'s layout, and the caller vouches that every element is
-    // initialised.
-    unsafe { &mut *(part as *mut [MaybeUninit<T>] as *mut [T]) }
+    };
+    // SAFETY: the product writes every element (its `rows × out` block, rows `out` apart, is the
+    // whole buffer) before the bias and the ReLU read it: no clearing pass.
+    unsafe { scratch::written(rows * out, fill) }
 }
 
 /// Each `bias.len()`-wide row of `ys` plus `bias` (the product's sum plus the bias, one rounding

@@ -869,11 +869,6 @@ pub fn conv3x3<T: WithDType>(
     let a = tr.alpha;
     let u = transform_filters(filters, cin, cout, tr);
     let bands = Bands::new(tr, (batch, h, w), cin + cout);
-    // Every element is written by the output transform (the tiles cover every pixel): no
-    // clearing pass.
-    let len = batch * h * w * cout;
-    let mut y: Vec<T> = Vec::with_capacity(len);
-    let dst = &mut y.spare_capacity_mut()[..len];
     let total = bands.count * bands.tw;
     // Y = Aᵀ M A (+ bias, then ReLU) for a task's tiles into its rows `out`, from their products
     // (the first tile's entries `estride` apart).
@@ -884,54 +879,54 @@ pub fn conv3x3<T: WithDType>(
             || output_tiles(prod, cout, tr, &bands, tiles, (bias, relu), (out, base)),
         );
     };
-    if gathered(total, cin, cout, false) {
-        // V for every tile, M_e = V_e · U_e as one product per entry (entries in parallel), then
-        // each task's tiles transformed back from M.
-        let v = whole_input_tiles(x, cin, tr, &bands);
-        let (vs, ps) = (entry_stride(total, cin), entry_stride(total, cout));
-        let mut prod = scratch::take(a * a * ps);
-        prod.par_chunks_mut(ps).enumerate().for_each(|(e, pe)| {
-            matmul_strided((total, cout, cin), &v[e * vs..], cin, &u[e * cout..], a * a * cout, pe, cout);
-        });
-        scratch::give(v);
-        bands.split(dst, cout).into_par_iter().enumerate().for_each(|(task, out)| {
-            let first = bands.tiles(task).0;
-            output(task, out, (&prod[first * cout..], ps));
-        });
-        scratch::give(prod);
-        scratch::give(u);
-        // SAFETY: the output transform wrote every element of the first `len`.
-        unsafe { y.set_len(len) };
-        return y;
-    }
-    bands.split(dst, cout).into_par_iter().enumerate().for_each(|(task, out)| {
-        let (first, count) = bands.tiles(task);
-        // V (α² × count × cin), then M_e = V_e · U_e (count × cout) for every entry e.
-        let mut v = scratch::take(a * a * entry_stride(count, cin));
-        with_fma(
-            #[inline(always)]
-            || input_tiles(x, cin, tr, &bands, (first, count), &mut v),
-        );
-        let mut prod = scratch::take(a * a * entry_stride(count, cout));
-        for e in 0..a * a {
-            let (ve, ue) = (&v[e * entry_stride(count, cin)..], &u[e * cout..]);
-            matmul_strided(
-                (count, cout, cin),
-                ve,
-                cin,
-                ue,
-                a * a * cout,
-                &mut prod[e * entry_stride(count, cout)..],
-                cout,
-            );
+    let fill = |dst: &mut [MaybeUninit<T>]| {
+        if gathered(total, cin, cout, false) {
+            // V for every tile, M_e = V_e · U_e as one product per entry (entries in parallel), then
+            // each task's tiles transformed back from M.
+            let v = whole_input_tiles(x, cin, tr, &bands);
+            let (vs, ps) = (entry_stride(total, cin), entry_stride(total, cout));
+            let mut prod = scratch::take(a * a * ps);
+            prod.par_chunks_mut(ps).enumerate().for_each(|(e, pe)| {
+                matmul_strided((total, cout, cin), &v[e * vs..], cin, &u[e * cout..], a * a * cout, pe, cout);
+            });
+            scratch::give(v);
+            bands.split(dst, cout).into_par_iter().enumerate().for_each(|(task, out)| {
+                let first = bands.tiles(task).0;
+                output(task, out, (&prod[first * cout..], ps));
+            });
+            scratch::give(prod);
+            return;
         }
-        scratch::give(v);
-        output(task, out, (&prod, entry_stride(count, cout)));
-        scratch::give(prod);
-    });
+        bands.split(dst, cout).into_par_iter().enumerate().for_each(|(task, out)| {
+            let (first, count) = bands.tiles(task);
+            // V (α² × count × cin), then M_e = V_e · U_e (count × cout) for every entry e.
+            let mut v = scratch::take(a * a * entry_stride(count, cin));
+            with_fma(
+                #[inline(always)]
+                || input_tiles(x, cin, tr, &bands, (first, count), &mut v),
+            );
+            let mut prod = scratch::take(a * a * entry_stride(count, cout));
+            for e in 0..a * a {
+                let (ve, ue) = (&v[e * entry_stride(count, cin)..], &u[e * cout..]);
+                matmul_strided(
+                    (count, cout, cin),
+                    ve,
+                    cin,
+                    ue,
+                    a * a * cout,
+                    &mut prod[e * entry_stride(count, cout)..],
+                    cout,
+                );
+            }
+            scratch::give(v);
+            output(task, out, (&prod, entry_stride(count, cout)));
+            scratch::give(prod);
+        });
+    };
+    // SAFETY: the output transform writes every element: the tiles cover every pixel of every
+    // image, and each task writes its own rows.
+    let y = unsafe { scratch::written(batch * h * w * cout, fill) };
     scratch::give(u);
-    // SAFETY: the output transform wrote every element of the first `len`.
-    unsafe { y.set_len(len) };
     y
 }
 
@@ -1320,7 +1315,9 @@ mod tests {
                     }
                     drop((parts_fast, parts_passes));
                     // SAFETY: every element was initialised (to NaN) before the transforms ran.
-                    let read = |v: Vec<MaybeUninit<f32>>| v.into_iter().map(|e| unsafe { e.assume_init() }).collect::<Vec<_>>();
+                    let read = |v: Vec<MaybeUninit<f32>>| {
+                        v.into_iter().map(|e| unsafe { e.assume_init() }).collect::<Vec<_>>()
+                    };
                     let (fast, passes) = (read(fast), read(passes));
                     assert!(fast.iter().all(|v| !v.is_nan()), "{tile:?}: every output written");
                     let same = fast.iter().zip(&passes).all(|(a, b)| a.to_bits() == b.to_bits());

@@ -1,5 +1,6 @@
 //! Batch normalisation over the channel axis of channels-last tensors, with PyTorch semantics.
 
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, Var, WithDType};
@@ -7,7 +8,7 @@ use candle_nn::{Init, ModuleT, VarBuilder};
 use rayon::prelude::*;
 
 use crate::ops::cudnn::{self, GpuOps};
-use crate::ops::plumbing::scratch;
+use crate::ops::plumbing::scratch::{self, Slot};
 use crate::ops::plumbing::simd::with_fma;
 use crate::ops::plumbing::storage::contiguous;
 use crate::ops::plumbing::tape;
@@ -406,20 +407,22 @@ fn normalize_rows<T: WithDType>(x: &[T], center: &[T], scale: &[T], shift: &[T],
 /// [`normalize_rows`] with the ReLU choice a constant (a select, not a branch, per element).
 fn normalize_rows_with<T: WithDType, const RELU: bool>(x: &[T], center: &[T], scale: &[T], shift: &[T]) -> Vec<T> {
     let c = scale.len();
-    let mut y = scratch::zeroed(x.len());
-    y.par_chunks_mut(ROWS_PER_TASK * c).zip(x.par_chunks(ROWS_PER_TASK * c)).for_each(|(yb, xb)| {
-        with_fma(
-            #[inline(always)]
-            || normalize_block::<T, RELU>(yb, xb, (center, scale, shift)),
-        )
-    });
-    y
+    let fill = |y: &mut [MaybeUninit<T>]| {
+        y.par_chunks_mut(ROWS_PER_TASK * c).zip(x.par_chunks(ROWS_PER_TASK * c)).for_each(|(yb, xb)| {
+            with_fma(
+                #[inline(always)]
+                || normalize_block::<T, _, RELU>(yb, xb, (center, scale, shift)),
+            )
+        })
+    };
+    // SAFETY: `normalize_block` writes every row of `y`, which has `x`'s length.
+    unsafe { scratch::written(x.len(), fill) }
 }
 
 /// `y = (x − center)·scale + shift` (then ReLU) for the rows of `x` into `y`.
 #[inline(always)]
-pub(super) fn normalize_block<T: WithDType, const RELU: bool>(
-    y: &mut [T],
+pub(super) fn normalize_block<T: WithDType, S: Slot<T>, const RELU: bool>(
+    y: &mut [S],
     x: &[T],
     (center, scale, shift): (&[T], &[T], &[T]),
 ) {
@@ -427,7 +430,7 @@ pub(super) fn normalize_block<T: WithDType, const RELU: bool>(
     for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
         for ((((o, &v), &m), &a), &b) in yr.iter_mut().zip(xr).zip(center).zip(scale).zip(shift) {
             let t = (v - m) * a + b;
-            *o = if RELU && t < T::zero() { T::zero() } else { t };
+            o.put(if RELU && t < T::zero() { T::zero() } else { t });
         }
     }
 }
@@ -510,22 +513,27 @@ pub(super) fn input_grad_with<T: WithDType, const RELU: bool>(
     let c = gamma.len();
     let affine = stats.affine::<T>();
     let (coefficients, tail) = stats.input_grad(gamma, sums, x.len() / c, eps);
-    let mut out = scratch::zeroed(x.len() + 2 * c);
-    let (dx, out_tail) = out.split_at_mut(x.len());
-    dx.par_chunks_mut(ROWS_PER_TASK * c)
-        .zip(x.par_chunks(ROWS_PER_TASK * c).zip(dy.par_chunks(ROWS_PER_TASK * c)))
-        .for_each(|(ob, (xb, gb))| {
-            with_fma(
-                #[inline(always)]
-                || {
-                    for ((or, xr), gr) in ob.chunks_exact_mut(c).zip(xb.chunks_exact(c)).zip(gb.chunks_exact(c)) {
-                        input_grad_row::<T, RELU>(or, xr, gr, &affine, &coefficients);
-                    }
-                },
-            )
-        });
-    out_tail.copy_from_slice(&tail);
-    out
+    let fill = |out: &mut [MaybeUninit<T>]| {
+        let (dx, out_tail) = out.split_at_mut(x.len());
+        dx.par_chunks_mut(ROWS_PER_TASK * c)
+            .zip(x.par_chunks(ROWS_PER_TASK * c).zip(dy.par_chunks(ROWS_PER_TASK * c)))
+            .for_each(|(ob, (xb, gb))| {
+                with_fma(
+                    #[inline(always)]
+                    || {
+                        for ((or, xr), gr) in ob.chunks_exact_mut(c).zip(xb.chunks_exact(c)).zip(gb.chunks_exact(c)) {
+                            input_grad_row::<T, _, RELU>(or, xr, gr, &affine, &coefficients);
+                        }
+                    },
+                )
+            });
+        for (o, &v) in out_tail.iter_mut().zip(&tail) {
+            o.write(v);
+        }
+    };
+    // SAFETY: `input_grad_row` writes every row of `dx` (`x`'s length) and the tail's `2c`
+    // values are written after it.
+    unsafe { scratch::written(x.len() + 2 * c, fill) }
 }
 
 /// Adds one row's `g` and `g·(x − mean)` per channel to `a0` and `a1`, `g` being the output
@@ -552,8 +560,8 @@ pub(super) fn gradient_sums_row<T: WithDType, const RELU: bool>(
 /// One row of the input gradient, `a·g + b·x + k` per channel (`g` masked as in
 /// [`gradient_sums_row`]).
 #[inline(always)]
-pub(super) fn input_grad_row<T: WithDType, const RELU: bool>(
-    or: &mut [T],
+pub(super) fn input_grad_row<T: WithDType, S: Slot<T>, const RELU: bool>(
+    or: &mut [S],
     xr: &[T],
     gr: &[T],
     (mean, scale, shift): &Affine<T>,
@@ -565,7 +573,7 @@ pub(super) fn input_grad_row<T: WithDType, const RELU: bool>(
     for ch in 0..c {
         let v = xr[ch];
         let g = masked::<T, RELU>(v, gr[ch], mt[ch], sc[ch], sh[ch]);
-        or[ch] = at[ch] * g + bt[ch] * v + kt[ch];
+        or[ch].put(at[ch] * g + bt[ch] * v + kt[ch]);
     }
 }
 

@@ -53,7 +53,7 @@ pub(super) fn normalize_pool<T: WithDType, const RELU: bool>(x: &[T], stats: &St
         with_fma(
             #[inline(always)]
             || {
-                normalize_block::<T, RELU>(
+                normalize_block::<T, T, RELU>(
                     &mut z,
                     &x[b * img_len..(b + 1) * img_len],
                     (&affine.0, &affine.1, &affine.2),
@@ -111,7 +111,7 @@ pub(super) fn normalize_pool_backward_direct<T: WithDType, const RELU: bool>(
                 #[inline(always)]
                 || {
                     for ((or, xr), gr) in dy.chunks_exact_mut(c).zip(xs.chunks_exact(c)).zip(gs.chunks_exact(c)) {
-                        input_grad_row::<T, RELU>(or, xr, gr, &affine, &coefficients);
+                        input_grad_row::<T, T, RELU>(or, xr, gr, &affine, &coefficients);
                     }
                 },
             );
@@ -217,7 +217,7 @@ impl<'w> Parts<'w> {
                     let n = first / pixels;
                     let end = ((n + 1) * pixels).min(rows.end);
                     let image = &x[n * pixels * c..(n + 1) * pixels * c];
-                    normalize_block::<T, RELU>(&mut z, image, (&affine.0, &affine.1, &affine.2));
+                    normalize_block::<T, T, RELU>(&mut z, image, (&affine.0, &affine.1, &affine.2));
                     dz.fill(T::zero());
                     let window = (&pooled[n * out_len..(n + 1) * out_len], &grad[n * out_len..(n + 1) * out_len]);
                     pool_image_backward(&z, window, win, &mut dz);

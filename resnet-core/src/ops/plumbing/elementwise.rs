@@ -2,6 +2,8 @@
 //! add + ReLU, and the per-channel column sums of a bias gradient. On CPU each replaces several candle passes (and
 //! allocations); on other devices they fall back to candle's own ops.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
@@ -13,24 +15,32 @@ use super::tape;
 /// Elements per parallel task.
 const CHUNK: usize = 64 * 1024;
 
+/// `f(a, b)` element by element (`b` at least as long as `a`).
 fn map2<T: WithDType>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
-    let mut out = scratch::zeroed(a.len());
-    out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(o, (x, y))| {
-        for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
-            *o = f(x, y);
-        }
-    });
-    out
+    assert!(b.len() >= a.len(), "map2: the second operand is shorter than the first");
+    let fill = |out: &mut [MaybeUninit<T>]| {
+        out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(o, (x, y))| {
+            for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+                o.write(f(x, y));
+            }
+        })
+    };
+    // SAFETY: each chunk of the output is zipped with `a`'s chunk of the same length and `b`'s,
+    // at least as long: every element is written.
+    unsafe { scratch::written(a.len(), fill) }
 }
 
+/// `f(a)` element by element.
 fn map1<T: WithDType>(a: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
-    let mut out = scratch::zeroed(a.len());
-    out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).for_each(|(o, x)| {
-        for (o, &x) in o.iter_mut().zip(x) {
-            *o = f(x);
-        }
-    });
-    out
+    let fill = |out: &mut [MaybeUninit<T>]| {
+        out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).for_each(|(o, x)| {
+            for (o, &x) in o.iter_mut().zip(x) {
+                o.write(f(x));
+            }
+        })
+    };
+    // SAFETY: each chunk of the output is zipped with `a`'s chunk of the same length.
+    unsafe { scratch::written(a.len(), fill) }
 }
 
 macro_rules! dispatch2 {
@@ -136,6 +146,9 @@ impl CustomOp2 for MaskByPositive {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let _span = crate::profile::span(self.name(), l1.dims());
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("{}: operands of shapes {:?} and {:?}", self.name(), l1.shape(), l2.shape())
+        }
         let out = dispatch2!(s1, l1, s2, l2, "relu-backward", |y, g| map2(y, g, |y, g| if y > Default::default() {
             g
         } else {
@@ -161,6 +174,9 @@ impl CustomOp2 for AddRelu {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let _span = crate::profile::span(self.name(), l1.dims());
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("{}: operands of shapes {:?} and {:?}", self.name(), l1.shape(), l2.shape())
+        }
         let out = dispatch2!(s1, l1, s2, l2, "add-relu", |a, b| map2(a, b, |a, b| {
             let s = a + b;
             if s > Default::default() {

@@ -95,7 +95,9 @@ pub(crate) fn gemm_strided_uninit<T: WithDType>(
     parallel: bool,
 ) {
     // SAFETY: without accumulation the crate writes `c` and never reads it.
-    unsafe { gemm_raw(mnk, (a, a_strides), (b, b_strides), (c.as_mut_ptr().cast::<T>(), c.len(), ldc), false, parallel) }
+    unsafe {
+        gemm_raw(mnk, (a, a_strides), (b, b_strides), (c.as_mut_ptr().cast::<T>(), c.len(), ldc), false, parallel)
+    }
 }
 
 /// The product of [`gemm_strided`] into `c` given as a pointer, its length and row stride.

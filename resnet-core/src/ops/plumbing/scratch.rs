@@ -8,6 +8,7 @@
 //! kernel writes them), so a buffer from [`take`] is for outputs the caller overwrites in full.
 
 use std::any::Any;
+use std::mem::MaybeUninit;
 use std::sync::Mutex;
 
 use candle_core::WithDType;
@@ -69,6 +70,51 @@ pub fn zeroed<T: WithDType>(len: usize) -> Vec<T> {
     let mut v = Vec::with_capacity(len);
     v.par_extend(rayon::iter::repeat_n(T::zero(), len));
     v
+}
+
+/// A new buffer of `len` elements that `fill` writes in full, for outputs that leave the kernel:
+/// never cleared (as [`zeroed`] clears), so the output is written once, by the kernel. If `fill`
+/// panics, nothing is read and the buffer is freed.
+///
+/// # Safety
+/// `fill` must write every element of the slice it is given.
+pub unsafe fn written<T>(len: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+    let mut v = Vec::with_capacity(len);
+    fill(&mut v.spare_capacity_mut()[..len]);
+    // SAFETY: the capacity is at least `len`, and the caller vouches that `fill` wrote every
+    // element below it.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// `part` as the values it holds, once they are all written.
+///
+/// # Safety
+/// Every element of `part` must have been written.
+pub unsafe fn assume_init<T>(part: &mut [MaybeUninit<T>]) -> &mut [T] {
+    // SAFETY: `MaybeUninit<T>` has `T`'s layout, and the caller vouches that every element is
+    // initialised.
+    unsafe { &mut *(part as *mut [MaybeUninit<T>] as *mut [T]) }
+}
+
+/// An element a kernel writes its result into: initialised memory, or memory not yet written
+/// (an output from [`written`]). Either way the kernel only stores into it.
+pub trait Slot<T>: Send {
+    fn put(&mut self, value: T);
+}
+
+impl<T: Send> Slot<T> for T {
+    #[inline(always)]
+    fn put(&mut self, value: T) {
+        *self = value;
+    }
+}
+
+impl<T: Send> Slot<T> for MaybeUninit<T> {
+    #[inline(always)]
+    fn put(&mut self, value: T) {
+        self.write(value);
+    }
 }
 
 /// Returns a buffer from [`take`] for reuse.
