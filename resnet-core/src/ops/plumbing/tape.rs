@@ -20,6 +20,7 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{
@@ -277,15 +278,18 @@ impl CustomOp3 for MaskByPositiveSum {
             )
         }
         fn run<T: WithDType>(y: &[T], a: &[T], b: &[T]) -> Vec<T> {
-            let mut out = scratch::zeroed(y.len());
-            out.par_chunks_mut(CHUNK)
-                .zip(y.par_chunks(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))))
-                .for_each(|(o, (y, (a, b)))| {
-                    for (((o, &y), &a), &b) in o.iter_mut().zip(y).zip(a).zip(b) {
-                        *o = if y > T::zero() { a + b } else { T::zero() };
-                    }
-                });
-            out
+            let fill = |out: &mut [MaybeUninit<T>]| {
+                out.par_chunks_mut(CHUNK)
+                    .zip(y.par_chunks(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))))
+                    .for_each(|(o, (y, (a, b)))| {
+                        for (((o, &y), &a), &b) in o.iter_mut().zip(y).zip(a).zip(b) {
+                            o.write(if y > T::zero() { a + b } else { T::zero() });
+                        }
+                    })
+            };
+            // SAFETY: the three operands have one shape (checked above), so each chunk of the
+            // output is zipped with chunks of its own length: every element is written.
+            unsafe { scratch::written(y.len(), fill) }
         }
         let what = "relu-backward-sum";
         let out = match (s1, s2, s3) {
