@@ -5,7 +5,9 @@ use candle_nn::{ModuleT, VarBuilder};
 
 use crate::config::BlockKind;
 use crate::layout::{to_channels_first, to_channels_last};
-use crate::ops::{add_relu, conv_bn, tape, BatchNorm, Conv2d, Conv2dConfig, ConvAlgorithm, GpuOps};
+use crate::ops::{
+    add_relu, conv_bn, conv_bn_add_relu_inference, tape, BatchNorm, Conv2d, Conv2dConfig, ConvAlgorithm, GpuOps,
+};
 use crate::tensors::{CollectTensors, NamedTensor};
 
 /// d2l's `Residual`: two 3×3 convolutions with BatchNorm, and an identity or 1×1-conv shortcut.
@@ -118,6 +120,26 @@ impl Residual {
                 };
                 tape::add(&ys, &shortcut)
             }
+        }
+    }
+}
+
+impl Residual {
+    /// [`Residual::forward_channels_last`] in evaluation mode for inference (no backward graph):
+    /// the same values, with the post-activation block's add+ReLU done by its last convolution
+    /// as it writes its output where the BatchNorm folds ([`conv_bn_add_relu_inference`]).
+    pub(crate) fn infer_channels_last(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if self.kind != BlockKind::PostActivation {
+            return self.forward_channels_last(xs, false);
+        }
+        let ys = conv_bn(&self.conv1, &self.bn1, xs, false, true)?;
+        let shortcut = match &self.conv3 {
+            Some(c) => c.forward(xs)?,
+            None => xs.clone(),
+        };
+        match conv_bn_add_relu_inference(&self.conv2, &self.bn2, &ys, &shortcut)? {
+            Some(out) => Ok(out),
+            None => add_relu(&conv_bn(&self.conv2, &self.bn2, &ys, false, false)?, &shortcut),
         }
     }
 }

@@ -190,7 +190,7 @@ impl ResNet {
         ys = self.run_stage(0, &ys, false)?.detach();
         for stage in &self.stages {
             for block in stage.blocks() {
-                ys = block.forward_channels_last(&ys, false)?.detach();
+                ys = block.infer_channels_last(&ys)?.detach();
             }
         }
         Ok(self.head(&ys, false)?.detach())

@@ -16,7 +16,9 @@ pub(crate) mod plumbing;
 
 pub use conv::ConvAlgorithm;
 pub use cudnn::GpuOps;
-pub(crate) use layers::{conv_bn, conv_bn_pool, global_avg_pool, BatchNorm, Conv2d, Conv2dConfig, MaxPool2d};
+pub(crate) use layers::{
+    conv_bn, conv_bn_add_relu_inference, conv_bn_pool, global_avg_pool, BatchNorm, Conv2d, Conv2dConfig, MaxPool2d,
+};
 pub use plumbing::gradients::backward;
 pub use plumbing::matmul::replay_products;
 pub use plumbing::simd::{tier as simd_tier, SimdTier};

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::im2col::{self, im2col_rows, im2col_slice, Col2im, Im2col};
 use super::{direct, taps, winograd};
-use crate::ops::plumbing::elementwise::{column_sums_tensor, mask_by_positive, relu_in_place};
+use crate::ops::plumbing::elementwise::{add_relu_in_place, column_sums_tensor, mask_by_positive, relu_in_place};
 use crate::ops::plumbing::geometry::Window;
 use crate::ops::plumbing::matmul::{gemm_strided_uninit, MatMul};
 use crate::ops::plumbing::scratch;
@@ -84,36 +84,107 @@ impl Im2colConv {
         Self { relu: true, ..self }
     }
 
-    /// The forward on contiguous data: `x (batch, h, w, c)`, `w_oihw (out, c, kh, kw)`, `b (out,)`.
-    fn forward<T: WithDType>(&self, algo: Option<Algo>, x: &[T], w_oihw: &[T], b: &[T], win: &Window) -> Vec<T> {
+    /// The forward on contiguous data: `x (batch, h, w, c)`, `w_oihw (out, c, kh, kw)`, `b (out,)`,
+    /// plus `residual` (the output's shape) before the ReLU where given.
+    fn forward<T: WithDType>(
+        &self,
+        algo: Option<Algo>,
+        (x, w_oihw, b): (&[T], &[T], &[T]),
+        win: &Window,
+        residual: Option<&[T]>,
+    ) -> Vec<T> {
         let ohwi = || oihw_to_ohwi(w_oihw, b.len(), win.c, win.kh * win.kw);
-        let y = match algo {
+        // Where the algorithm cannot take the residual as it writes its output: the ReLU waits
+        // for it, in one pass after.
+        let relu = self.relu && residual.is_none();
+        let mut y = match algo {
             Some(Algo::Winograd(tile)) => {
                 let dims = (win.batch, win.h, win.w, win.c);
-                return winograd::conv3x3(
-                    x,
-                    winograd::Filters::Stored(w_oihw),
-                    Some(b),
-                    dims,
-                    b.len(),
-                    tile,
-                    self.relu,
-                );
+                let epi = winograd::Epilogue { bias: Some(b), residual, relu: self.relu };
+                return winograd::conv3x3(x, winograd::Filters::Stored(w_oihw), epi, dims, b.len(), tile);
             }
             // Reads the stored layout itself (often only a few of the taps).
             Some(Algo::Taps) => {
                 let mut y = taps::conv(x, w_oihw, b, win);
-                if self.relu {
+                if relu {
                     relu_in_place(&mut y);
                 }
                 y
             }
             // Patches of one channel are cheap to make and the product runs at the matrix
             // kernels' speed: faster than the direct loop for the forward.
-            Some(Algo::Direct) => conv_forward(x, &ohwi(), b, win, (false, self.relu)),
-            None => conv_forward(x, &ohwi(), b, win, (self.pointwise(), self.relu)),
+            Some(Algo::Direct) => conv_forward(x, &ohwi(), b, win, (false, relu)),
+            None => conv_forward(x, &ohwi(), b, win, (self.pointwise(), relu)),
         };
+        if let Some(r) = residual {
+            add_relu_in_place(&mut y, r, self.relu);
+        }
         y
+    }
+
+    /// [`CustomOp3::cpu_fwd`] on `[(x), (w), (b)]`, plus `residual` (a tensor of the output's
+    /// shape, in the storage of the input's type) added before the ReLU where given: a residual
+    /// block's add+ReLU in the convolution's own pass, for evaluation (no backward).
+    pub(crate) fn cpu_fwd_with(
+        &self,
+        [(s1, l1), (s2, l2), (s3, l3)]: [(&CpuStorage, &Layout); 3],
+        residual: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let win = self.window(l1)?;
+        let algo = self.forward_algo(&win);
+        // The profile names the algorithm that ran (the one-channel "direct" case runs im2col's
+        // product in the forward, see below).
+        let name = match algo {
+            Some(Algo::Winograd(_)) => "conv2d-winograd-nhwc",
+            Some(Algo::Taps) => "conv2d-taps-nhwc",
+            Some(Algo::Direct) | None => self.name(),
+        };
+        let _span = crate::profile::span(name, l1.dims());
+        let out = l3.shape().elem_count();
+        if let Some((_, l)) = residual {
+            if l.shape().dims() != [win.batch, win.oh(), win.ow(), out] {
+                candle_core::bail!(
+                    "conv2d: a residual of shape {:?} for an output of ({}, {}, {}, {out})",
+                    l.shape(),
+                    win.batch,
+                    win.oh(),
+                    win.ow()
+                )
+            }
+        }
+        if l2.shape().dims() != [out, win.c, win.kh, win.kw] {
+            candle_core::bail!(
+                "conv2d: weight {:?} does not fit ({out}, {}, {}, {})",
+                l2.shape(),
+                win.c,
+                win.kh,
+                win.kw
+            )
+        }
+        let y = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(self.forward(
+                algo,
+                (
+                    contiguous(x, l1, "conv2d input")?,
+                    contiguous(w, l2, "conv2d weight")?,
+                    contiguous(b, l3, "conv2d bias")?,
+                ),
+                &win,
+                residual.map(|(r, l)| contiguous(r.as_slice::<f32>()?, l, "residual")).transpose()?,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(self.forward(
+                algo,
+                (
+                    contiguous(x, l1, "conv2d input")?,
+                    contiguous(w, l2, "conv2d weight")?,
+                    contiguous(b, l3, "conv2d bias")?,
+                ),
+                &win,
+                residual.map(|(r, l)| contiguous(r.as_slice::<f64>()?, l, "residual")).transpose()?,
+            )),
+            _ => candle_core::bail!("conv2d supports matching f32 or f64 tensors, got {:?}", s1.dtype()),
+        };
+        Ok((y, Shape::from((win.batch, win.oh(), win.ow(), out))))
     }
 
     fn window(&self, x: &Layout) -> candle_core::Result<Window> {
@@ -298,44 +369,7 @@ impl CustomOp3 for Im2colConv {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let win = self.window(l1)?;
-        let algo = self.forward_algo(&win);
-        // The profile names the algorithm that ran (the one-channel "direct" case runs im2col's
-        // product in the forward, see below).
-        let name = match algo {
-            Some(Algo::Winograd(_)) => "conv2d-winograd-nhwc",
-            Some(Algo::Taps) => "conv2d-taps-nhwc",
-            Some(Algo::Direct) | None => self.name(),
-        };
-        let _span = crate::profile::span(name, l1.dims());
-        let out = l3.shape().elem_count();
-        if l2.shape().dims() != [out, win.c, win.kh, win.kw] {
-            candle_core::bail!(
-                "conv2d: weight {:?} does not fit ({out}, {}, {}, {})",
-                l2.shape(),
-                win.c,
-                win.kh,
-                win.kw
-            )
-        }
-        let y = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(self.forward(
-                algo,
-                contiguous(x, l1, "conv2d input")?,
-                contiguous(w, l2, "conv2d weight")?,
-                contiguous(b, l3, "conv2d bias")?,
-                &win,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(self.forward(
-                algo,
-                contiguous(x, l1, "conv2d input")?,
-                contiguous(w, l2, "conv2d weight")?,
-                contiguous(b, l3, "conv2d bias")?,
-                &win,
-            )),
-            _ => candle_core::bail!("conv2d supports matching f32 or f64 tensors, got {:?}", s1.dtype()),
-        };
-        Ok((y, Shape::from((win.batch, win.oh(), win.ow(), out))))
+        self.cpu_fwd_with([(s1, l1), (s2, l2), (s3, l3)], None)
     }
 
     fn bwd(
@@ -445,7 +479,14 @@ impl ConvGrad {
         match (self.algo, self.wrt) {
             (Some(Algo::Winograd(tile)), Wrt::Input) => {
                 let (n, h, w, _) = dims;
-                winograd::conv3x3(a, winograd::Filters::Adjoint(b), None, (n, h, w, cout), win.c, tile, false)
+                winograd::conv3x3(
+                    a,
+                    winograd::Filters::Adjoint(b),
+                    winograd::Epilogue::none(),
+                    (n, h, w, cout),
+                    win.c,
+                    tile,
+                )
             }
             (Some(Algo::Winograd(tile)), Wrt::Weight) => winograd::conv3x3_weight_grad(a, b, dims, cout, tile),
             (Some(Algo::Taps), Wrt::Input) => taps::input_grad(a, b, win, cout),

@@ -663,30 +663,50 @@ fn at_f4<T: WithDType>(p: [[T; LANES]; 6]) -> [[T; LANES]; 4] {
     o
 }
 
-/// An output pixel's channels: `src` plus the bias, then ReLU, as asked, written into `dst`
-/// (memory not read: the output is not cleared before the transforms write it).
+/// What the output transform does to each output value before writing it: add the bias, then
+/// the residual (the tensor of the output's shape that a residual block adds to its last
+/// convolution), then ReLU, each where asked. The same sums, in the same order, as writing the
+/// convolution's output plus bias and then adding the residual and clipping in a pass of its own.
+#[derive(Debug, Clone, Copy)]
+pub struct Epilogue<'a, T> {
+    pub bias: Option<&'a [T]>,
+    pub residual: Option<&'a [T]>,
+    pub relu: bool,
+}
+
+impl<T> Epilogue<'_, T> {
+    /// Nothing: the products as they are.
+    pub fn none() -> Self {
+        Epilogue { bias: None, residual: None, relu: false }
+    }
+}
+
+/// An output pixel's channels `src` through the epilogue into `dst` (memory not read: the output
+/// is not cleared before the transforms write it); the pixel's residual starts at `at`.
 #[inline(always)]
-fn epilogue<T: WithDType>(dst: &mut [MaybeUninit<T>], src: &[T], bias: Option<&[T]>, relu: bool) {
-    let relu_of = |t: T| if t < T::zero() { T::zero() } else { t };
-    match (bias, relu) {
-        (Some(b), false) => {
+fn epilogue<T: WithDType>(dst: &mut [MaybeUninit<T>], src: &[T], (epi, at): (&Epilogue<'_, T>, usize)) {
+    let relu = epi.relu;
+    let out = |t: T| if relu && t < T::zero() { T::zero() } else { t };
+    let n = dst.len();
+    match (epi.bias, epi.residual) {
+        (Some(b), Some(r)) => {
+            for ((d, &v), (&bv, &rv)) in dst.iter_mut().zip(src).zip(b.iter().zip(&r[at..at + n])) {
+                d.write(out(v + bv + rv));
+            }
+        }
+        (Some(b), None) => {
             for ((d, &v), &bv) in dst.iter_mut().zip(src).zip(b) {
-                d.write(v + bv);
+                d.write(out(v + bv));
             }
         }
-        (Some(b), true) => {
-            for ((d, &v), &bv) in dst.iter_mut().zip(src).zip(b) {
-                d.write(relu_of(v + bv));
+        (None, Some(r)) => {
+            for ((d, &v), &rv) in dst.iter_mut().zip(src).zip(&r[at..at + n]) {
+                d.write(out(v + rv));
             }
         }
-        (None, false) => {
+        (None, None) => {
             for (d, &v) in dst.iter_mut().zip(src) {
-                d.write(v);
-            }
-        }
-        (None, true) => {
-            for (d, &v) in dst.iter_mut().zip(src) {
-                d.write(relu_of(v));
+                d.write(out(v));
             }
         }
     }
@@ -702,7 +722,7 @@ fn output_tiles<T: WithDType>(
     tr: &Transforms,
     bands: &Bands,
     tiles: (usize, usize),
-    epi: (Option<&[T]>, bool),
+    epi: &Epilogue<'_, T>,
     dst: (&mut [MaybeUninit<T>], usize),
 ) {
     if cout % LANES == 0 {
@@ -724,11 +744,11 @@ fn output_tiles_by_passes<T: WithDType>(
     tr: &Transforms,
     bands: &Bands,
     tiles: (usize, usize),
-    epi: (Option<&[T]>, bool),
+    epi: &Epilogue<'_, T>,
     dst: (&mut [MaybeUninit<T>], usize),
 ) {
     let (m, a, h, w) = (tr.m, tr.alpha, bands.h, bands.w);
-    let ((first, count), (bias, relu), (out, base)) = (tiles, epi, dst);
+    let ((first, count), (out, base)) = (tiles, dst);
     let at: Vec<T> = matrix(tr.at, m, a, false);
     let (mut s, mut o) = (vec![T::zero(); m * a * cout], vec![T::zero(); m * m * cout]);
     for t in 0..count {
@@ -739,7 +759,7 @@ fn output_tiles_by_passes<T: WithDType>(
             let row = (n * h + m * ty + i) * w * cout - base;
             for j in 0..m.min(w - m * tx) {
                 let at = row + (m * tx + j) * cout;
-                epilogue(&mut out[at..at + cout], &o[(i * m + j) * cout..(i * m + j + 1) * cout], bias, relu);
+                epilogue(&mut out[at..at + cout], &o[(i * m + j) * cout..(i * m + j + 1) * cout], (epi, base + at));
             }
         }
     }
@@ -754,7 +774,7 @@ fn output_tiles_lanes<T: WithDType, const A: usize, const M: usize>(
     cout: usize,
     bands: &Bands,
     (first, count): (usize, usize),
-    (bias, relu): (Option<&[T]>, bool),
+    epi: &Epilogue<'_, T>,
     (out, base): (&mut [MaybeUninit<T>], usize),
     side: impl Fn([[T; LANES]; A]) -> [[T; LANES]; M],
 ) {
@@ -782,13 +802,13 @@ fn output_tiles_lanes<T: WithDType, const A: usize, const M: usize>(
                     s[i][j] = value;
                 }
             }
-            let b = bias.map(|b| &b[c0..c0 + LANES]);
+            let e = Epilogue { bias: epi.bias.map(|b| &b[c0..c0 + LANES]), ..*epi };
             for (i, row) in s.iter().enumerate().take(rows) {
                 let y = side(*row);
                 let line = (n * h + M * ty + i) * w * cout - base;
                 for (j, px) in y.iter().enumerate().take(cols) {
                     let at = line + (M * tx + j) * cout + c0;
-                    epilogue(&mut out[at..at + LANES], px, b, relu);
+                    epilogue(&mut out[at..at + LANES], px, (&e, base + at));
                 }
             }
         }
@@ -854,17 +874,19 @@ fn whole_input_tiles<T: WithDType>(x: &[T], cin: usize, tr: &Transforms, bands: 
 }
 
 /// The 3×3 convolution (stride 1, padding 1) of channels-last `x` `(batch, h, w, cin)` with
-/// `filters`, plus `bias` when given, then ReLU with `relu`; returns
+/// `filters`, through `epi` (bias, residual, ReLU; a residual has the output's shape); returns
 /// `(batch, h, w, cout)`.
 pub fn conv3x3<T: WithDType>(
     x: &[T],
     filters: Filters<'_, T>,
-    bias: Option<&[T]>,
+    epi: Epilogue<'_, T>,
     (batch, h, w, cin): (usize, usize, usize, usize),
     cout: usize,
     tile: Tile,
-    relu: bool,
 ) -> Vec<T> {
+    if let Some(r) = epi.residual {
+        assert_eq!(r.len(), batch * h * w * cout, "conv3x3: a residual of another shape than the output");
+    }
     let tr = tile.transforms();
     let a = tr.alpha;
     let u = transform_filters(filters, cin, cout, tr);
@@ -876,7 +898,7 @@ pub fn conv3x3<T: WithDType>(
         let (tiles, base) = (bands.tiles(task), bands.offset(task * bands.per_task, cout));
         with_fma(
             #[inline(always)]
-            || output_tiles(prod, cout, tr, &bands, tiles, (bias, relu), (out, base)),
+            || output_tiles(prod, cout, tr, &bands, tiles, &epi, (out, base)),
         );
     };
     let fill = |dst: &mut [MaybeUninit<T>]| {
@@ -1188,6 +1210,30 @@ mod tests {
     }
 
     /// Filters `(cout, 3, 3, cin)`, as the references read them, in the stored layout.
+    fn with_bias<T>(bias: &[T]) -> Epilogue<'_, T> {
+        Epilogue { bias: Some(bias), ..Epilogue::none() }
+    }
+
+    /// A residual added in the output transform gives the bits of the convolution plus bias
+    /// written out and then added to the residual and clipped (the residual block's add+ReLU).
+    #[test]
+    fn a_residual_in_the_epilogue_equals_the_add_and_relu_after() {
+        for tile in TILES {
+            let (b, h, w, cin, cout) = (2, 7, 6, 16, 32);
+            let x: Vec<f32> = data(b * h * w * cin, 1).iter().map(|&v| v as f32).collect();
+            let f: Vec<f32> = data(cout * cin * 9, 2).iter().map(|&v| v as f32 * 0.1).collect();
+            let bias: Vec<f32> = data(cout, 3).iter().map(|&v| v as f32).collect();
+            let residual: Vec<f32> = data(b * h * w * cout, 4).iter().map(|&v| v as f32 * 5.0).collect();
+            let plain = conv3x3(&x, Filters::Stored(&f), with_bias(&bias), (b, h, w, cin), cout, tile);
+            let want: Vec<f32> = plain.iter().zip(&residual).map(|(&y, &r)| (y + r).max(0.0)).collect();
+            let epi = Epilogue { bias: Some(&bias[..]), residual: Some(&residual[..]), relu: true };
+            let got = conv3x3(&x, Filters::Stored(&f), epi, (b, h, w, cin), cout, tile);
+            assert!(want.iter().any(|&v| v == 0.0) && want.iter().any(|&v| v > 0.0), "ReLU clips some, not all");
+            let same = got.iter().zip(&want).all(|(g, e)| g.to_bits() == e.to_bits());
+            assert!(same, "{tile:?}: the fused residual differs from the add+ReLU after");
+        }
+    }
+
     fn stored<T: WithDType>(f: &[T], cin: usize, cout: usize) -> Vec<T> {
         crate::ops::plumbing::weight_layout::ohwi_to_oihw(f, cout, cin, 9).into_owned()
     }
@@ -1291,8 +1337,19 @@ mod tests {
             for &(batch, h, w, cout) in &[(2, 7, 9, 16), (1, 8, 8, 32), (3, 9, 7, 48), (2, 3, 3, 32)] {
                 let bands = Bands::new(tr, (batch, h, w), cout);
                 let bias: Vec<f32> = data(cout, 3).iter().map(|&v| v as f32).collect();
-                for (with_bias, relu) in [(false, false), (true, false), (false, true), (true, true)] {
-                    let b = with_bias.then_some(&bias[..]);
+                let residual: Vec<f32> = data(batch * h * w * cout, 4).iter().map(|&v| v as f32).collect();
+                for (with_bias, relu, with_residual) in [
+                    (false, false, false),
+                    (true, false, false),
+                    (false, true, true),
+                    (true, true, false),
+                    (true, true, true),
+                ] {
+                    let epi = Epilogue {
+                        bias: with_bias.then_some(&bias[..]),
+                        residual: with_residual.then_some(&residual[..]),
+                        relu,
+                    };
                     let unwritten = MaybeUninit::new(f32::NAN);
                     let (mut fast, mut passes) =
                         (vec![unwritten; batch * h * w * cout], vec![unwritten; batch * h * w * cout]);
@@ -1309,9 +1366,9 @@ mod tests {
                         let m = (&prod[..], entry_stride(count, cout));
                         with_fma(
                             #[inline(always)]
-                            || output_tiles(m, cout, tr, &bands, (first, count), (b, relu), (of, base)),
+                            || output_tiles(m, cout, tr, &bands, (first, count), &epi, (of, base)),
                         );
-                        output_tiles_by_passes(m, cout, tr, &bands, (first, count), (b, relu), (op, base));
+                        output_tiles_by_passes(m, cout, tr, &bands, (first, count), &epi, (op, base));
                     }
                     drop((parts_fast, parts_passes));
                     // SAFETY: every element was initialised (to NaN) before the transforms ran.
@@ -1323,7 +1380,7 @@ mod tests {
                     let same = fast.iter().zip(&passes).all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(
                         same,
-                        "{tile:?} {batch}×{h}×{w}×{cout}, bias {with_bias}, relu {relu}: the transforms differ"
+                        "{tile:?} {batch}×{h}×{w}×{cout}, bias {with_bias}, relu {relu}, residual {with_residual}: the transforms differ"
                     );
                 }
             }
@@ -1340,22 +1397,15 @@ mod tests {
             let bias = data(cout, 3);
             let want = direct(&x, &f, &bias, (b, h, w, cin), cout);
             let got =
-                conv3x3(&x, Filters::Stored(&stored(&f, cin, cout)), Some(&bias), (b, h, w, cin), cout, tile, false);
+                conv3x3(&x, Filters::Stored(&stored(&f, cin, cout)), with_bias(&bias), (b, h, w, cin), cout, tile);
             for (g, e) in got.iter().zip(&want) {
                 assert!((g - e).abs() < 1e-12 * e.abs().max(1.0), "f64 {g} vs {e} at {:?}", (tile, b, h, w, cin, cout));
             }
             let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
             let f32s: Vec<f32> = f.iter().map(|&v| v as f32).collect();
             let b32: Vec<f32> = bias.iter().map(|&v| v as f32).collect();
-            let got = conv3x3(
-                &x32,
-                Filters::Stored(&stored(&f32s, cin, cout)),
-                Some(&b32),
-                (b, h, w, cin),
-                cout,
-                tile,
-                false,
-            );
+            let got =
+                conv3x3(&x32, Filters::Stored(&stored(&f32s, cin, cout)), with_bias(&b32), (b, h, w, cin), cout, tile);
             for (g, e) in got.iter().zip(&want) {
                 assert!(((*g as f64) - e).abs() < 1e-4 * e.abs().max(1.0), "f32 {g} vs {e} ({tile:?})");
             }
@@ -1414,8 +1464,9 @@ mod tests {
         let f = data(cout * 9 * cin, 5);
         let dy = data(b * h * w * cout, 6);
         for tile in TILES {
-            let y = conv3x3(&x, Filters::Stored(&stored(&f, cin, cout)), None, (b, h, w, cin), cout, tile, false);
-            let dx = conv3x3(&dy, Filters::Adjoint(&stored(&f, cin, cout)), None, (b, h, w, cout), cin, tile, false);
+            let y = conv3x3(&x, Filters::Stored(&stored(&f, cin, cout)), Epilogue::none(), (b, h, w, cin), cout, tile);
+            let dx =
+                conv3x3(&dy, Filters::Adjoint(&stored(&f, cin, cout)), Epilogue::none(), (b, h, w, cout), cin, tile);
             let lhs: f64 = y.iter().zip(&dy).map(|(a, b)| a * b).sum();
             let rhs: f64 = x.iter().zip(&dx).map(|(a, b)| a * b).sum();
             assert!((lhs - rhs).abs() < 1e-10 * lhs.abs().max(1.0), "{lhs} vs {rhs} ({tile:?})");
@@ -1478,7 +1529,7 @@ mod tests {
     fn an_empty_batch_has_no_tiles() {
         let f = data(4 * 9 * 3, 1);
         for tile in TILES {
-            assert!(conv3x3(&[], Filters::Stored(&f), None, (0, 5, 5, 3), 4, tile, false).is_empty());
+            assert!(conv3x3(&[], Filters::Stored(&f), Epilogue::none(), (0, 5, 5, 3), 4, tile).is_empty());
             let dw = conv3x3_weight_grad::<f64>(&[], &[], (0, 5, 5, 3), 4, tile);
             assert_eq!(dw.len(), 4 * 9 * 3);
             assert!(dw.iter().all(|&v| v == 0.0));

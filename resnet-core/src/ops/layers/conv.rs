@@ -315,15 +315,8 @@ pub(super) mod tests {
             let x = Tensor::randn(0f32, 1., (b, side, side, cin), &dev)?;
             let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
             let kernel = |tile| {
-                winograd::conv3x3(
-                    &xv,
-                    winograd::Filters::Stored(&wv),
-                    Some(&bv),
-                    (b, side, side, cin),
-                    cout,
-                    tile,
-                    false,
-                )
+                let epi = winograd::Epilogue { bias: Some(&bv[..]), ..winograd::Epilogue::none() };
+                winograd::conv3x3(&xv, winograd::Filters::Stored(&wv), epi, (b, side, side, cin), cout, tile)
             };
             let eval: Vec<f32> = conv.forward_t(&x, false)?.flatten_all()?.to_vec1()?;
             let train: Vec<f32> = conv.forward_t(&x, true)?.flatten_all()?.to_vec1()?;

@@ -15,7 +15,7 @@
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Storage, Tensor, WithDType};
 
 use super::batch_norm::{BatchNorm, FusedBatchNorm};
 use super::conv::Conv2d;
@@ -52,7 +52,7 @@ pub(crate) fn conv_bn(
                     &[conv.bias(), bn.weight(), bn.bias(), &bn.running_mean().detach(), &bn.running_var().detach()],
                     0,
                 )?;
-                let folded = FoldedConvBatchNorm { conv: op, channels, eps: bn.eps() };
+                let folded = FoldedConvBatchNorm { conv: op, channels, eps: bn.eps(), residual: None };
                 xs.contiguous()?.apply_op3(conv.weight(), &packed, folded)
             }
             _ => bn.forward_act(&conv.forward_t(xs, false)?, false, relu),
@@ -62,6 +62,34 @@ pub(crate) fn conv_bn(
         Some(ys) => Ok(ys),
         None => bn.forward_act(&conv.forward_t(xs, true)?, true, relu),
     }
+}
+
+/// `relu(bn(conv(xs)) + shortcut)` in evaluation mode, for inference only (no backward graph):
+/// a residual block's last convolution, its BatchNorm folded in, with the block's add+ReLU done
+/// as the convolution writes its output instead of in a pass of its own. `None` where the
+/// BatchNorm does not fold ([`folds`]); the caller then runs the layers one after the other.
+///
+/// # Shapes
+/// - `xs`: `(batch, height, width, in_channels)`
+/// - `shortcut`: the output's shape, `(batch, out_h, out_w, out_channels)`
+pub(crate) fn conv_bn_add_relu_inference(
+    conv: &Conv2d,
+    bn: &BatchNorm,
+    xs: &Tensor,
+    shortcut: &Tensor,
+) -> candle_core::Result<Option<Tensor>> {
+    let Some(op) = conv.cpu_op(xs) else { return Ok(None) };
+    if !folds(conv, bn, xs)? || shortcut.dtype() != xs.dtype() || !shortcut.device().is_cpu() {
+        return Ok(None);
+    }
+    let packed = Tensor::cat(&[conv.bias(), bn.weight(), bn.bias(), bn.running_mean(), bn.running_var()], 0)?;
+    let folded = FoldedConvBatchNorm {
+        conv: op.for_evaluation().with_relu(),
+        channels: conv.config().out_channels,
+        eps: bn.eps(),
+        residual: Some(shortcut.contiguous()?),
+    };
+    xs.contiguous()?.apply_op3_no_bwd(&conv.weight().detach(), &packed.detach(), &folded).map(Some)
 }
 
 /// `pool(relu(bn(conv(xs))))`, d2l's stem: in training on the CPU one node, as [`conv_bn`], with
@@ -270,6 +298,9 @@ struct FoldedConvBatchNorm {
     conv: Im2colConv,
     channels: usize,
     eps: f64,
+    /// Added to the output before the ReLU ([`conv_bn_add_relu_inference`]); an op with one is
+    /// applied without a backward.
+    residual: Option<Tensor>,
 }
 
 impl FoldedConvBatchNorm {
@@ -321,7 +352,14 @@ impl CustomOp3 for FoldedConvBatchNorm {
                 candle_core::bail!("folded conv-batch-norm supports matching f32 or f64 tensors, got {:?}", s2.dtype())
             }
         };
-        self.conv.cpu_fwd(s1, l1, &w, &Layout::contiguous(l2.shape()), &b, &Layout::contiguous(c))
+        let residual = self.residual.as_ref().map(|r| r.storage_and_layout());
+        let residual = match residual.as_ref().map(|(storage, layout)| (&**storage, *layout)) {
+            Some((Storage::Cpu(r), layout)) => Some((r, layout)),
+            Some(_) => candle_core::bail!("folded conv-batch-norm: the residual is not on the CPU"),
+            None => None,
+        };
+        let (w_layout, b_layout) = (Layout::contiguous(l2.shape()), Layout::contiguous(c));
+        self.conv.cpu_fwd_with([(s1, l1), (&w, &w_layout), (&b, &b_layout)], residual)
     }
 
     /// With `g` and `gb` the gradients of the folded weight and bias (the convolution op applies
@@ -335,6 +373,9 @@ impl CustomOp3 for FoldedConvBatchNorm {
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.residual.is_some() {
+            candle_core::bail!("folded conv-batch-norm with a residual is for inference: it has no backward")
+        }
         let c = self.channels;
         let (w, packed) = (w.detach(), packed.detach());
         let part = |i: usize| packed.narrow(0, i * c, c);
@@ -523,6 +564,48 @@ mod tests {
     /// in f64; for the gradients 5e-4 in f32 (two f32 computations that round differently, each
     /// held within 1e-4 of float64 by the convolution tests; 1.7e-4 seen over 30 runs) and 1e-10
     /// in f64.
+    /// The residual block's add+ReLU done by the folded convolution as it writes its output
+    /// gives the bits of the folded convolution followed by the add+ReLU op: on Winograd (F(4×4)
+    /// and F(2×2) forwards) and on the algorithms that add the residual in a pass after
+    /// (im2col, strided; in-bounds taps), in f32 and f64.
+    #[test]
+    fn a_folded_convolution_with_the_residual_equals_the_add_and_relu_after() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        // (batch, h, w, cin, cout, kernel, stride, pad)
+        let cases = [
+            (8, 12, 12, 16, 16, 3, 1, 1),
+            (8, 8, 8, 4, 32, 3, 1, 1),
+            (8, 7, 6, 3, 4, 3, 2, 1),
+            (8, 5, 5, 4, 3, 1, 1, 0),
+            (64, 2, 2, 8, 8, 3, 1, 1),
+        ];
+        for &(b, h, w, cin, cout, k, s, p) in &cases {
+            for dtype in [DType::F32, DType::F64] {
+                let case = (b, h, w, cin, cout, k, s, p, dtype);
+                let cfg = Conv2dConfig { in_channels: cin, out_channels: cout, kernel_size: k, stride: s, padding: p };
+                let map = VarMap::new();
+                let vb = VarBuilder::from_varmap(&map, dtype, &dev);
+                let conv = Conv2d::new(cfg, vb.pp("conv"))?;
+                let bn = BatchNorm::new(cout, vb.pp("bn"))?;
+                let x = Tensor::randn(0f32, 1., (b, h, w, cin), &dev)?.to_dtype(dtype)?;
+                let (oh, ow) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
+                let shortcut = Tensor::randn(0f32, 1., (b, oh, ow, cout), &dev)?.to_dtype(dtype)?;
+                let fused = conv_bn_add_relu_inference(&conv, &bn, &x, &shortcut)?
+                    .unwrap_or_else(|| panic!("{case:?}: the convolution does not fold"));
+                let after = crate::ops::add_relu(&conv_bn(&conv, &bn, &x, false, false)?, &shortcut)?;
+                let (a, e) = (fused.flatten_all()?.to_dtype(DType::F64)?, after.flatten_all()?.to_dtype(DType::F64)?);
+                let (a, e): (Vec<f64>, Vec<f64>) = (a.to_vec1()?, e.to_vec1()?);
+                assert!(
+                    e.iter().any(|&v| v == 0.0) && e.iter().any(|&v| v > 0.0),
+                    "{case:?}: ReLU clips some, not all"
+                );
+                assert_eq!(a, e, "{case:?}");
+                assert!(!fused.track_op(), "{case:?}: inference builds no graph");
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn folded_evaluation_matches_the_layers() -> candle_core::Result<()> {
         let dev = Device::Cpu;

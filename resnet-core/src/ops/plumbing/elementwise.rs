@@ -68,6 +68,22 @@ pub(crate) fn relu_in_place<T: WithDType>(ys: &mut [T]) {
     ys.par_chunks_mut(CHUNK).for_each(relu_rows);
 }
 
+/// `ys + rs` in place, then ReLU with `relu`, in parallel (`rs` of `ys`'s length).
+pub(crate) fn add_relu_in_place<T: WithDType>(ys: &mut [T], rs: &[T], relu: bool) {
+    assert_eq!(ys.len(), rs.len(), "add_relu_in_place: operands of different lengths");
+    ys.par_chunks_mut(CHUNK).zip(rs.par_chunks(CHUNK)).for_each(|(y, r)| {
+        with_fma(
+            #[inline(always)]
+            || {
+                for (v, &rv) in y.iter_mut().zip(r) {
+                    let t = *v + rv;
+                    *v = if relu && t < T::zero() { T::zero() } else { t };
+                }
+            },
+        )
+    });
+}
+
 /// [`relu_in_place`] on the calling thread: for a task's own rows, while they are in its cache.
 pub(crate) fn relu_rows<T: WithDType>(ys: &mut [T]) {
     with_fma(
