@@ -1209,7 +1209,7 @@ mod tests {
         y
     }
 
-    /// Filters `(cout, 3, 3, cin)`, as the references read them, in the stored layout.
+    /// The epilogue of a convolution with a bias and nothing else.
     fn with_bias<T>(bias: &[T]) -> Epilogue<'_, T> {
         Epilogue { bias: Some(bias), ..Epilogue::none() }
     }
@@ -1234,6 +1234,7 @@ mod tests {
         }
     }
 
+    /// Filters `(cout, 3, 3, cin)`, as the references read them, in the stored layout.
     fn stored<T: WithDType>(f: &[T], cin: usize, cout: usize) -> Vec<T> {
         crate::ops::plumbing::weight_layout::ohwi_to_oihw(f, cout, cin, 9).into_owned()
     }

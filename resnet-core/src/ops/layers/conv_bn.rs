@@ -555,15 +555,25 @@ mod tests {
         Ok(())
     }
 
-    /// Evaluation mode with the BatchNorm folded into the convolution against the two layers one
-    /// after the other (with running statistics away from 0 and 1, γ and β away from 1 and 0):
-    /// output and the gradients of the input, the convolution's weight and bias and γ and β,
-    /// none for the statistics; f32 and f64, with and without ReLU, on Winograd F(4×4) and
-    /// F(2×2), strided, 1×1 and stem-like shapes. Tolerance for the output 1e-4 relative in f32
-    /// (the scales γ/σ here reach 3.4; the convolution tests allow 1e-4 against float64) and 1e-12
-    /// in f64; for the gradients 5e-4 in f32 (two f32 computations that round differently, each
-    /// held within 1e-4 of float64 by the convolution tests; 1.7e-4 seen over 30 runs) and 1e-10
-    /// in f64.
+    /// A convolution and the BatchNorm after it, with running statistics away from 0 and 1 and
+    /// γ and β away from 1 and 0, so that folding changes every weight and bias.
+    fn folding_layers(cfg: Conv2dConfig, dtype: DType) -> candle_core::Result<(Conv2d, BatchNorm)> {
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, dtype, &Device::Cpu);
+        let conv = Conv2d::new(cfg, vb.pp("conv"))?;
+        let bn = BatchNorm::new(conv.config().out_channels, vb.pp("bn"))?;
+        for (name, var) in map.data().lock().expect("vars").iter() {
+            let value = match name.as_str() {
+                "bn.weight" => (var.as_tensor().rand_like(0.5, 1.5))?,
+                "bn.bias" | "bn.running_mean" => (var.as_tensor().rand_like(-0.5, 0.5))?,
+                "bn.running_var" => (var.as_tensor().rand_like(0.2, 3.0))?,
+                _ => continue,
+            };
+            var.set(&value)?;
+        }
+        Ok((conv, bn))
+    }
+
     /// The residual block's add+ReLU done by the folded convolution as it writes its output
     /// gives the bits of the folded convolution followed by the add+ReLU op: on Winograd (F(4×4)
     /// and F(2×2) forwards) and on the algorithms that add the residual in a pass after
@@ -583,10 +593,7 @@ mod tests {
             for dtype in [DType::F32, DType::F64] {
                 let case = (b, h, w, cin, cout, k, s, p, dtype);
                 let cfg = Conv2dConfig { in_channels: cin, out_channels: cout, kernel_size: k, stride: s, padding: p };
-                let map = VarMap::new();
-                let vb = VarBuilder::from_varmap(&map, dtype, &dev);
-                let conv = Conv2d::new(cfg, vb.pp("conv"))?;
-                let bn = BatchNorm::new(cout, vb.pp("bn"))?;
+                let (conv, bn) = folding_layers(cfg, dtype)?;
                 let x = Tensor::randn(0f32, 1., (b, h, w, cin), &dev)?.to_dtype(dtype)?;
                 let (oh, ow) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
                 let shortcut = Tensor::randn(0f32, 1., (b, oh, ow, cout), &dev)?.to_dtype(dtype)?;
@@ -603,6 +610,15 @@ mod tests {
         Ok(())
     }
 
+    /// Evaluation mode with the BatchNorm folded into the convolution against the two layers one
+    /// after the other (with running statistics away from 0 and 1, γ and β away from 1 and 0):
+    /// output and the gradients of the input, the convolution's weight and bias and γ and β,
+    /// none for the statistics; f32 and f64, with and without ReLU, on Winograd F(4×4) and
+    /// F(2×2), strided, 1×1 and stem-like shapes. Tolerance for the output 1e-4 relative in f32
+    /// (the scales γ/σ here reach 3.4; the convolution tests allow 1e-4 against float64) and 1e-12
+    /// in f64; for the gradients 5e-4 in f32 (two f32 computations that round differently, each
+    /// held within 1e-4 of float64 by the convolution tests; 1.7e-4 seen over 30 runs) and 1e-10
+    /// in f64.
     #[test]
     fn folded_evaluation_matches_the_layers() -> candle_core::Result<()> {
         let dev = Device::Cpu;
@@ -620,19 +636,7 @@ mod tests {
                     let case = (b, h, w, cin, cout, k, s, p, dtype, relu);
                     let cfg =
                         Conv2dConfig { in_channels: cin, out_channels: cout, kernel_size: k, stride: s, padding: p };
-                    let map = VarMap::new();
-                    let vb = VarBuilder::from_varmap(&map, dtype, &dev);
-                    let conv = Conv2d::new(cfg, vb.pp("conv"))?;
-                    let bn = BatchNorm::new(cout, vb.pp("bn"))?;
-                    for (name, var) in map.data().lock().expect("vars").iter() {
-                        let value = match name.as_str() {
-                            "bn.weight" => (var.as_tensor().rand_like(0.5, 1.5))?,
-                            "bn.bias" | "bn.running_mean" => (var.as_tensor().rand_like(-0.5, 0.5))?,
-                            "bn.running_var" => (var.as_tensor().rand_like(0.2, 3.0))?,
-                            _ => continue,
-                        };
-                        var.set(&value)?;
-                    }
+                    let (conv, bn) = folding_layers(cfg, dtype)?;
                     let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, h, w, cin), &dev)?.to_dtype(dtype)?)?;
                     assert!(folds(&conv, &bn, x.as_tensor())?, "{case:?} does not fold");
                     let folded = conv_bn(&conv, &bn, x.as_tensor(), false, relu)?;
