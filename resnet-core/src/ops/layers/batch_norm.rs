@@ -407,6 +407,7 @@ fn normalize_rows<T: WithDType>(x: &[T], center: &[T], scale: &[T], shift: &[T],
 /// [`normalize_rows`] with the ReLU choice a constant (a select, not a branch, per element).
 fn normalize_rows_with<T: WithDType, const RELU: bool>(x: &[T], center: &[T], scale: &[T], shift: &[T]) -> Vec<T> {
     let c = scale.len();
+    assert!(c > 0 && x.len() % c == 0, "normalize: {} values are not rows of {c} channels", x.len());
     let fill = |y: &mut [MaybeUninit<T>]| {
         y.par_chunks_mut(ROWS_PER_TASK * c).zip(x.par_chunks(ROWS_PER_TASK * c)).for_each(|(yb, xb)| {
             with_fma(
@@ -513,6 +514,12 @@ pub(super) fn input_grad_with<T: WithDType, const RELU: bool>(
     let c = gamma.len();
     let affine = stats.affine::<T>();
     let (coefficients, tail) = stats.input_grad(gamma, sums, x.len() / c, eps);
+    assert!(
+        c > 0 && x.len() % c == 0 && dy.len() == x.len(),
+        "batch-norm input gradient: {} values and {} gradients for {c} channels",
+        x.len(),
+        dy.len()
+    );
     let fill = |out: &mut [MaybeUninit<T>]| {
         let (dx, out_tail) = out.split_at_mut(x.len());
         dx.par_chunks_mut(ROWS_PER_TASK * c)
@@ -603,6 +610,10 @@ impl CustomOp3 for FusedBatchNorm {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let _span = crate::profile::span(self.name(), l1.dims());
+        let c = l2.shape().elem_count();
+        if l1.dims().last() != Some(&c) || l3.shape().elem_count() != c {
+            candle_core::bail!("fused batch-norm: input {:?} for γ {:?} and β {:?}", l1.shape(), l2.shape(), l3.shape())
+        }
         let (y, stats) = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(b)) => {
                 let (y, s) = fused_fwd(
@@ -667,6 +678,14 @@ impl CustomOp3 for FusedBatchNormBackward {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let _span = crate::profile::span(self.name(), l1.dims());
         let (st, eps, relu) = (&self.stats, self.eps, self.relu);
+        if l2.shape() != l1.shape() || l1.dims().last() != Some(&l3.shape().elem_count()) {
+            candle_core::bail!(
+                "fused batch-norm backward: input {:?}, gradient {:?} and γ {:?} do not match",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            )
+        }
 
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(dy), CpuStorage::F32(g)) => CpuStorage::F32(fused_bwd(
@@ -699,6 +718,26 @@ mod tests {
     use super::*;
     use candle_core::Device;
     use candle_nn::VarMap;
+
+    /// An input whose last axis is not γ's channels, and a gradient of another shape than the
+    /// input, are errors naming the shapes (the op writes its outputs row by row, unchecked).
+    #[test]
+    fn mismatched_shapes_are_refused() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let stats = Arc::new(Mutex::new(None));
+        let op = || FusedBatchNorm { eps: 1e-5, relu: true, stats: Arc::clone(&stats) };
+        let (gamma, beta) = (Tensor::ones(4, DType::F32, &dev)?, Tensor::zeros(4, DType::F32, &dev)?);
+        let wrong = Tensor::randn(0f32, 1., (6, 5), &dev)?;
+        let err = wrong.apply_op3_no_bwd(&gamma, &beta, &op()).expect_err("5 channels against γ of 4");
+        assert!(err.to_string().contains("[6, 5]"), "{err}");
+        let x = Tensor::randn(0f32, 1., (6, 4), &dev)?;
+        let fused = op();
+        x.apply_op3_no_bwd(&gamma, &beta, &fused)?;
+        let short = Tensor::randn(0f32, 1., (5, 4), &dev)?;
+        let err = fused.backward(&x, &gamma, &short).expect_err("a gradient of 5 rows for 6");
+        assert!(err.to_string().contains("[5, 4]"), "{err}");
+        Ok(())
+    }
 
     /// The fused CPU op against candle's elementwise graph (the path other devices take), in
     /// float64: output, all three gradients, running statistics. Tolerance 1e-10 relative.
