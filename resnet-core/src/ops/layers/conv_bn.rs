@@ -46,12 +46,7 @@ pub(crate) fn conv_bn(
         return match conv.cpu_op(xs) {
             Some(op) if folds(conv, bn, xs)? => {
                 let op = if relu { op.for_evaluation().with_relu() } else { op.for_evaluation() };
-                // Bias, γ, β and the running statistics in one tensor (custom ops take three
-                // inputs); the statistics are buffers, not parameters, so they get no gradient.
-                let packed = Tensor::cat(
-                    &[conv.bias(), bn.weight(), bn.bias(), &bn.running_mean().detach(), &bn.running_var().detach()],
-                    0,
-                )?;
+                let packed = folding_parameters(conv, bn)?;
                 let folded = FoldedConvBatchNorm { conv: op, channels, eps: bn.eps(), residual: None };
                 xs.contiguous()?.apply_op3(conv.weight(), &packed, folded)
             }
@@ -62,6 +57,13 @@ pub(crate) fn conv_bn(
         Some(ys) => Ok(ys),
         None => bn.forward_act(&conv.forward_t(xs, true)?, true, relu),
     }
+}
+
+/// `[bias | γ | β | μ | σ²]`, the operand of [`FoldedConvBatchNorm`]: bias, γ, β and the running
+/// statistics in one tensor (custom ops take three inputs); the statistics are buffers, not
+/// parameters, so they get no gradient.
+fn folding_parameters(conv: &Conv2d, bn: &BatchNorm) -> candle_core::Result<Tensor> {
+    Tensor::cat(&[conv.bias(), bn.weight(), bn.bias(), &bn.running_mean().detach(), &bn.running_var().detach()], 0)
 }
 
 /// `relu(bn(conv(xs)) + shortcut)` in evaluation mode, for inference only (no backward graph):
@@ -82,7 +84,7 @@ pub(crate) fn conv_bn_add_relu_inference(
     if !folds(conv, bn, xs)? || shortcut.dtype() != xs.dtype() || !shortcut.device().is_cpu() {
         return Ok(None);
     }
-    let packed = Tensor::cat(&[conv.bias(), bn.weight(), bn.bias(), bn.running_mean(), bn.running_var()], 0)?;
+    let packed = folding_parameters(conv, bn)?;
     let folded = FoldedConvBatchNorm {
         conv: op.for_evaluation().with_relu(),
         channels: conv.config().out_channels,
