@@ -218,7 +218,6 @@ impl<'w> Parts<'w> {
                     let end = ((n + 1) * pixels).min(rows.end);
                     let image = &x[n * pixels * c..(n + 1) * pixels * c];
                     normalize_block::<T, T, RELU>(&mut z, image, (&affine.0, &affine.1, &affine.2));
-                    dz.fill(T::zero());
                     let window = (&pooled[n * out_len..(n + 1) * out_len], &grad[n * out_len..(n + 1) * out_len]);
                     pool_image_backward(&z, window, win, &mut dz);
                     let part = (first - n * pixels) * c..(end - n * pixels) * c;

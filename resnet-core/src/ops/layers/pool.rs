@@ -1,11 +1,13 @@
 //! Pooling candle lacks: padded max-pooling with a backward for any kernel and stride, and
 //! global average pooling, both over channels-last `(batch, height, width, channels)` tensors.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use crate::ops::cudnn::{self, GpuOps};
-use crate::ops::plumbing::scratch;
+use crate::ops::plumbing::scratch::{self, Slot};
 use crate::ops::plumbing::simd::with_fma;
 use crate::ops::plumbing::storage::contiguous;
 use crate::ops::plumbing::tape;
@@ -163,56 +165,85 @@ fn window_range(o: usize, stride: usize, pad: usize, k: usize, n: usize) -> std:
 
 fn pool_bwd<T: WithDType>(x: &[T], y: &[T], grad: &[T], win: &Window) -> Vec<T> {
     let (img_len, out_len) = (win.h * win.w * win.c, win.oh() * win.ow() * win.c);
-    let mut dx = scratch::zeroed(win.batch * img_len);
-    dx.par_chunks_mut(img_len).enumerate().for_each(|(b, dst)| {
-        with_fma(
-            #[inline(always)]
-            || {
-                let (maxima, g) = (&y[b * out_len..(b + 1) * out_len], &grad[b * out_len..(b + 1) * out_len]);
-                pool_image_backward(&x[b * img_len..(b + 1) * img_len], (maxima, g), win, dst);
-            },
-        )
-    });
-    dx
+    let fill = |dx: &mut [MaybeUninit<T>]| {
+        dx.par_chunks_mut(img_len).enumerate().for_each(|(b, dst)| {
+            with_fma(
+                #[inline(always)]
+                || {
+                    let (maxima, g) = (&y[b * out_len..(b + 1) * out_len], &grad[b * out_len..(b + 1) * out_len]);
+                    pool_image_backward(&x[b * img_len..(b + 1) * img_len], (maxima, g), win, dst);
+                },
+            )
+        })
+    };
+    // SAFETY: `pool_image_backward` writes every element of each image's chunk.
+    unsafe { scratch::written(win.batch * img_len, fill) }
 }
 
-/// The input gradient of one image's max-pool, added into `dst` (zero on entry): each window's
-/// gradient goes to the cell the forward kept, the first cell (row-major) holding the window's
-/// maximum (`maxima`, the forward's output). One pass over the window's cells per channel, with
-/// selects that vectorise: a cell takes the gradient where it holds the maximum and no earlier
-/// cell did. A NaN maximum (the first cell NaN, which the forward keeps) matches no cell; the
-/// first cell takes it afterwards, as the forward kept that one. Windows add in row-major order.
+/// The input gradient of one image's max-pool into `dst` (`(h, w, c)`), writing every element
+/// once: each window's gradient goes to the cell the forward kept, the first cell (row-major)
+/// holding the window's maximum (`maxima`, the forward's output). A NaN maximum (the first cell
+/// NaN, which the forward keeps) matches no cell, and the first cell takes it, as the forward
+/// kept that one. Two passes, both selects that vectorise over the channels: each window's
+/// winning cell per channel (its position in the window, as `T`), then each cell's gradient
+/// gathered from the windows that cover it, added in row-major window order from +0, the order
+/// and values a scatter into a zeroed `dst` would add.
 #[inline(always)]
-pub(super) fn pool_image_backward<T: WithDType>(img: &[T], (maxima, g): (&[T], &[T]), win: &Window, dst: &mut [T]) {
-    let c = win.c;
-    // Per channel, 1 once a cell of the window has taken the gradient.
-    let mut taken = vec![T::zero(); c];
+pub(super) fn pool_image_backward<T: WithDType, S: Slot<T>>(
+    img: &[T],
+    (maxima, g): (&[T], &[T]),
+    win: &Window,
+    dst: &mut [S],
+) {
+    let (c, w, ow) = (win.c, win.w, win.ow());
+    let mut winner = scratch::take::<T>(win.oh() * ow * c);
     for oy in 0..win.oh() {
         let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
-        for ox in 0..win.ow() {
-            let xs = window_range(ox, win.stride, win.pad, win.kw, win.w);
-            let at = (oy * win.ow() + ox) * c;
-            let (best, go) = (&maxima[at..at + c], &g[at..at + c]);
-            taken.fill(T::zero());
-            // Adding zero changes nothing: `dst` starts at +0, and a sum is -0 only when both
-            // terms are, so no element is ever -0, the one value `+ 0` would change.
-            for iy in ys.clone() {
-                for ix in xs.clone() {
-                    let base = (iy * win.w + ix) * c;
-                    let cells = dst[base..base + c].iter_mut().zip(&img[base..base + c]);
-                    for (((d, &v), &m), (t, &gv)) in cells.zip(best).zip(taken.iter_mut().zip(go)) {
-                        let hit = v == m && *t == T::zero();
-                        *d += if hit { gv } else { T::zero() };
-                        *t = if hit { T::one() } else { *t };
-                    }
+        for ox in 0..ow {
+            let xs = window_range(ox, win.stride, win.pad, win.kw, w);
+            let at = (oy * ow + ox) * c;
+            let (best, won) = (&maxima[at..at + c], &mut winner[at..at + c]);
+            // Visiting the cells last to first, the last match is the first cell holding the
+            // maximum; with none (a NaN maximum), the first cell (position 0) keeps it.
+            won.fill(T::zero());
+            for (iy, ix) in ys.clone().rev().flat_map(|iy| xs.clone().rev().map(move |ix| (iy, ix))) {
+                let pos = T::from_f64(((iy - ys.start) * xs.len() + ix - xs.start) as f64);
+                let cell = &img[(iy * w + ix) * c..(iy * w + ix + 1) * c];
+                for ((k, &v), &m) in won.iter_mut().zip(cell).zip(best) {
+                    *k = if v == m { pos } else { *k };
                 }
-            }
-            let first = (ys.start * win.w + xs.start) * c;
-            for ((d, &t), &gv) in dst[first..first + c].iter_mut().zip(&taken).zip(go) {
-                *d += if t == T::zero() { gv } else { T::zero() };
             }
         }
     }
+    let mut sum = vec![T::zero(); c];
+    for iy in 0..win.h {
+        let oys = covering(iy, win.stride, win.pad, win.kh, win.oh());
+        for ix in 0..w {
+            let oxs = covering(ix, win.stride, win.pad, win.kw, ow);
+            sum.fill(T::zero());
+            for oy in oys.clone() {
+                let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
+                for ox in oxs.clone() {
+                    let xs = window_range(ox, win.stride, win.pad, win.kw, w);
+                    let pos = T::from_f64(((iy - ys.start) * xs.len() + ix - xs.start) as f64);
+                    let at = (oy * ow + ox) * c;
+                    for ((a, &k), &gv) in sum.iter_mut().zip(&winner[at..at + c]).zip(&g[at..at + c]) {
+                        *a += if k == pos { gv } else { T::zero() };
+                    }
+                }
+            }
+            for (d, &a) in dst[(iy * w + ix) * c..(iy * w + ix + 1) * c].iter_mut().zip(&sum) {
+                d.put(a);
+            }
+        }
+    }
+    scratch::give(winner);
+}
+
+/// The outputs whose windows hold input row (or column) `i`: `o·s − p ≤ i < o·s − p + k`.
+fn covering(i: usize, stride: usize, pad: usize, k: usize, out: usize) -> std::ops::Range<usize> {
+    let lo = if i + pad >= k { (i + pad - k) / stride + 1 } else { 0 };
+    lo.min(out)..((i + pad) / stride + 1).min(out)
 }
 
 impl CustomOp1 for MaxPool2d {
@@ -405,6 +436,63 @@ mod tests {
             let fm = loss(&Tensor::from_vec(minus, x.shape(), &dev)?)?;
             let numeric = (fp - fm) / (2.0 * eps);
             assert!((numeric - analytic[i]).abs() < 1e-6, "element {i}: {numeric} vs {}", analytic[i]);
+        }
+        Ok(())
+    }
+
+    /// The backward as a scatter, one scalar window at a time: each window's gradient added to
+    /// the first cell equal to its maximum (the first cell when none is, a NaN maximum).
+    fn scatter_backward(x: &[f32], maxima: &[f32], g: &[f32], win: &Window) -> Vec<f32> {
+        let (c, ow) = (win.c, win.ow());
+        let mut dx = vec![0f32; x.len()];
+        for n in 0..win.batch {
+            let (img, out) = (n * win.h * win.w * c, n * win.oh() * ow * c);
+            for oy in 0..win.oh() {
+                let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
+                for ox in 0..ow {
+                    let xs = window_range(ox, win.stride, win.pad, win.kw, win.w);
+                    for ch in 0..c {
+                        let at = out + (oy * ow + ox) * c + ch;
+                        let cells =
+                            ys.clone().flat_map(|iy| xs.clone().map(move |ix| img + (iy * win.w + ix) * c + ch));
+                        let cells: Vec<usize> = cells.collect();
+                        let to = cells.iter().copied().find(|&i| x[i] == maxima[at]).unwrap_or(cells[0]);
+                        dx[to] += g[at];
+                    }
+                }
+            }
+        }
+        dx
+    }
+
+    /// Ties (small integers), NaN cells, and cells no window covers (stride above the kernel):
+    /// the gathering backward gives a scatter's values bit for bit.
+    #[test]
+    fn backward_equals_a_scatter_with_ties_and_nan() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for &(h, w, c, k, s, p) in
+            &[(9, 9, 3, 3, 2, 1), (8, 7, 9, 3, 2, 1), (6, 6, 4, 2, 2, 0), (5, 8, 2, 3, 1, 1), (7, 7, 2, 2, 3, 0)]
+        {
+            let ints = Tensor::randn(0f32, 1.5, (2, h, w, c), &dev)?.round()?;
+            let mut values: Vec<f32> = ints.flatten_all()?.to_vec1()?;
+            for i in (0..values.len()).step_by(7) {
+                values[i] = f32::NAN;
+            }
+            let x = Tensor::from_vec(values.clone(), (2, h, w, c), &dev)?;
+            let pool = MaxPool2d { kernel: k, stride: s, pad: p };
+            let y = pool.forward(&x)?;
+            let g = Tensor::randn(0f32, 1., y.shape(), &dev)?;
+            let dx = pool_bwd(
+                &values,
+                &y.flatten_all()?.to_vec1()?,
+                &g.flatten_all()?.to_vec1()?,
+                &pool.window(x.layout())?,
+            );
+            let win = pool.window(x.layout())?;
+            let want = scatter_backward(&values, &y.flatten_all()?.to_vec1()?, &g.flatten_all()?.to_vec1()?, &win);
+            let (got, want): (Vec<u32>, Vec<u32>) =
+                (dx.iter().map(|v| v.to_bits()).collect(), want.iter().map(|v| v.to_bits()).collect());
+            assert_eq!(got, want, "{:?}", (h, w, c, k, s, p));
         }
         Ok(())
     }
