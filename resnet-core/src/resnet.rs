@@ -9,7 +9,8 @@ use crate::error::{CoreError, Result};
 use crate::layout::to_channels_last;
 use crate::ops::plumbing::geometry::Window;
 use crate::ops::{
-    conv_bn_pool, global_avg_pool, tape, BatchNorm, Conv2d, Conv2dConfig, ConvAlgorithm, GpuOps, MaxPool2d,
+    conv_bn_pool, conv_bn_pool_inference, global_avg_pool, tape, BatchNorm, Conv2d, Conv2dConfig, ConvAlgorithm,
+    GpuOps, MaxPool2d,
 };
 use crate::tensors::{CollectTensors, NamedTensor, TensorRole};
 
@@ -187,7 +188,10 @@ impl ResNet {
         if let Some(dtype) = self.compute_dtype {
             ys = ys.to_dtype(dtype)?;
         }
-        ys = self.run_stage(0, &ys, false)?.detach();
+        ys = match conv_bn_pool_inference(&self.stem_conv, &self.stem_bn, self.pool, &ys)? {
+            Some(pooled) => pooled,
+            None => self.run_stage(0, &ys, false)?.detach(),
+        };
         for stage in &self.stages {
             for block in stage.blocks() {
                 ys = block.infer_channels_last(&ys)?.detach();

@@ -17,7 +17,8 @@ pub(crate) mod plumbing;
 pub use conv::ConvAlgorithm;
 pub use cudnn::GpuOps;
 pub(crate) use layers::{
-    conv_bn, conv_bn_add_relu_inference, conv_bn_pool, global_avg_pool, BatchNorm, Conv2d, Conv2dConfig, MaxPool2d,
+    conv_bn, conv_bn_add_relu_inference, conv_bn_pool, conv_bn_pool_inference, global_avg_pool, BatchNorm, Conv2d,
+    Conv2dConfig, MaxPool2d,
 };
 pub use plumbing::gradients::backward;
 pub use plumbing::matmul::replay_products;

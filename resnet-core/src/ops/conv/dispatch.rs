@@ -11,7 +11,7 @@ use super::im2col::{self, im2col_rows, im2col_slice, Col2im, Im2col};
 use super::{direct, taps, winograd};
 use crate::ops::plumbing::elementwise::{add_relu_in_place, column_sums_tensor, mask_by_positive, relu_in_place};
 use crate::ops::plumbing::geometry::Window;
-use crate::ops::plumbing::matmul::{gemm_strided_uninit, MatMul};
+use crate::ops::plumbing::matmul::{gemm_strided, gemm_strided_uninit, MatMul};
 use crate::ops::plumbing::scratch;
 use crate::ops::plumbing::simd::with_fma;
 use crate::ops::plumbing::storage::contiguous;
@@ -187,6 +187,87 @@ impl Im2colConv {
         Ok((y, Shape::from((win.batch, win.oh(), win.ow(), out))))
     }
 
+    /// The forward of `[(x), (w), (b)]` where it runs im2col's product (the one-channel stem's
+    /// case among them), one image per task: each image's output is made in a buffer of the
+    /// task's own, a band of rows at a time, and handed to `epilogue`, which writes what the op
+    /// returns in its place, so the output is never written out whole (for evaluation: no
+    /// backward). `None` where another algorithm runs the forward.
+    /// The same products, bias and ReLU as [`Self::cpu_fwd_with`]'s, so the same bits.
+    pub(crate) fn cpu_fwd_per_image<E: ImageEpilogue>(
+        &self,
+        [(s1, l1), (s2, l2), (s3, l3)]: [(&CpuStorage, &Layout); 3],
+        epilogue: &E,
+    ) -> candle_core::Result<Option<(CpuStorage, Shape)>> {
+        let win = self.window(l1)?;
+        let out = l3.shape().elem_count();
+        if !matches!(self.forward_algo(&win), Some(Algo::Direct) | None) || self.pointwise() {
+            return Ok(None);
+        }
+        if l2.shape().dims() != [out, win.c, win.kh, win.kw] {
+            return Ok(None);
+        }
+        let _span = crate::profile::span("conv2d-im2col-per-image-nhwc", l1.dims());
+        fn run<T: WithDType + 'static, E: ImageEpilogue>(
+            (x, w_oihw, b): (&[T], &[T], &[T]),
+            win: &Window,
+            relu: bool,
+            epilogue: &E,
+        ) -> Vec<T> {
+            let (pixels, k, out) = (win.oh() * win.ow(), win.patch_len(), b.len());
+            let w = oihw_to_ohwi(w_oihw, out, win.c, win.kh * win.kw);
+            let image_len = epilogue.image_len();
+            let mut y = scratch::zeroed(win.batch * image_len);
+            // The image's rows a band at a time, as many as the batched forward's tasks hold, so
+            // that a band's patches and output stay in the core's cache through its product.
+            let band = (FORWARD_PIXELS_PER_TASK / win.ow()).clamp(1, win.oh());
+            y.par_chunks_mut(image_len).enumerate().for_each(|(n, dst)| {
+                let (mut cols, mut z) = (scratch::take(band * win.ow() * k), scratch::take(pixels * out));
+                for (i, rows) in z.chunks_mut(band * win.ow() * out).enumerate() {
+                    let (first, band_pixels) = (n * win.oh() + i * band, rows.len() / out);
+                    let cols = &mut cols[..band_pixels * k];
+                    im2col_rows(x, win, first..first + band_pixels / win.ow(), cols);
+                    gemm_strided((band_pixels, out, k), cols, (k, 1), &w, (1, k), rows, out, false, false);
+                    bias_relu_rows(rows, b, relu);
+                }
+                epilogue.apply(&z, dst);
+                scratch::give(cols);
+                scratch::give(z);
+            });
+            y
+        }
+        let y = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(run(
+                (
+                    contiguous(x, l1, "conv2d input")?,
+                    contiguous(w, l2, "conv2d weight")?,
+                    contiguous(b, l3, "conv2d bias")?,
+                ),
+                &win,
+                self.relu,
+                epilogue,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(run(
+                (
+                    contiguous(x, l1, "conv2d input")?,
+                    contiguous(w, l2, "conv2d weight")?,
+                    contiguous(b, l3, "conv2d bias")?,
+                ),
+                &win,
+                self.relu,
+                epilogue,
+            )),
+            _ => return Ok(None),
+        };
+        let (h, w, c) = epilogue.image_dims();
+        Ok(Some((y, Shape::from((win.batch, h, w, c)))))
+    }
+
+    /// The contiguous `(batch, out_h, out_w, out)` layout of the output for input `x`.
+    pub(crate) fn output_layout(&self, x: &Layout, out: usize) -> candle_core::Result<Layout> {
+        let win = self.window(x)?;
+        Ok(Layout::contiguous((win.batch, win.oh(), win.ow(), out)))
+    }
+
     fn window(&self, x: &Layout) -> candle_core::Result<Window> {
         let (batch, h, w, c) = x.shape().dims4()?;
         let win = Window { batch, h, w, c, kh: self.kernel, kw: self.kernel, stride: self.stride, pad: self.pad };
@@ -266,6 +347,21 @@ const FORWARD_MIN_TASKS: usize = 8;
 /// Patch matrices up to this many elements (4 MB of `f32`) are made whole and multiplied in one
 /// product split over the threads: they stay in cache anyway.
 const WHOLE_PATCHES: usize = 1 << 20;
+
+/// What [`Im2colConv::cpu_fwd_per_image`] does with each image's `(oh, ow, out)` output.
+pub(crate) trait ImageEpilogue: Sync {
+    /// The `(h, w, c)` it writes per image.
+    fn image_dims(&self) -> (usize, usize, usize);
+
+    /// Values it writes per image.
+    fn image_len(&self) -> usize {
+        let (h, w, c) = self.image_dims();
+        h * w * c
+    }
+
+    /// Writes every element of `dst` (`image_len` values, zero on entry) from one image's output.
+    fn apply<T: WithDType>(&self, image: &[T], dst: &mut [T]);
+}
 
 /// `y (rows, out) = cols (rows, k) · wᵀ + bias`, then ReLU with `relu`, with `w` as `(out, k)`
 /// row-major. A pointwise

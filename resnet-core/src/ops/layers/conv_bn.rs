@@ -15,13 +15,14 @@
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Storage, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Device, Layout, Shape, Storage, Tensor, WithDType};
 
 use super::batch_norm::{BatchNorm, FusedBatchNorm};
 use super::conv::Conv2d;
-use super::pool::MaxPool2d;
-use crate::ops::conv::dispatch::Im2colConv;
+use super::pool::{pool_image, MaxPool2d};
+use crate::ops::conv::dispatch::{Im2colConv, ImageEpilogue};
 use crate::ops::plumbing::geometry::Window;
+use crate::ops::plumbing::simd::with_fma;
 use crate::ops::plumbing::storage::contiguous;
 use crate::ops::plumbing::{gradients, tape};
 use crate::ops::GpuOps;
@@ -47,7 +48,7 @@ pub(crate) fn conv_bn(
             Some(op) if folds(conv, bn, xs)? => {
                 let op = if relu { op.for_evaluation().with_relu() } else { op.for_evaluation() };
                 let packed = folding_parameters(conv, bn)?;
-                let folded = FoldedConvBatchNorm { conv: op, channels, eps: bn.eps(), residual: None };
+                let folded = FoldedConvBatchNorm { conv: op, channels, eps: bn.eps(), residual: None, pool: None };
                 xs.contiguous()?.apply_op3(conv.weight(), &packed, folded)
             }
             _ => bn.forward_act(&conv.forward_t(xs, false)?, false, relu),
@@ -90,8 +91,50 @@ pub(crate) fn conv_bn_add_relu_inference(
         channels: conv.config().out_channels,
         eps: bn.eps(),
         residual: Some(shortcut.contiguous()?),
+        pool: None,
     };
     xs.contiguous()?.apply_op3_no_bwd(&conv.weight().detach(), &packed.detach(), &folded).map(Some)
+}
+
+/// `pool(relu(bn(conv(xs))))` in evaluation mode, for inference only (no backward graph): d2l's
+/// stem with its BatchNorm folded in, where the convolution runs im2col's product, each image's
+/// output pooled while it is in cache instead of written out and read back. `None` where the
+/// BatchNorm does not fold ([`folds`]); the caller then runs [`conv_bn_pool`].
+pub(crate) fn conv_bn_pool_inference(
+    conv: &Conv2d,
+    bn: &BatchNorm,
+    pool: MaxPool2d,
+    xs: &Tensor,
+) -> candle_core::Result<Option<Tensor>> {
+    let Some(op) = conv.cpu_op(xs) else { return Ok(None) };
+    if !folds(conv, bn, xs)? {
+        return Ok(None);
+    }
+    let packed = folding_parameters(conv, bn)?;
+    let folded = FoldedConvBatchNorm {
+        conv: op.for_evaluation().with_relu(),
+        channels: conv.config().out_channels,
+        eps: bn.eps(),
+        residual: None,
+        pool: Some(pool),
+    };
+    xs.contiguous()?.apply_op3_no_bwd(&conv.weight().detach(), &packed.detach(), &folded).map(Some)
+}
+
+/// Each image's convolution output max-pooled into the op's output.
+struct PoolEpilogue(Window);
+
+impl ImageEpilogue for PoolEpilogue {
+    fn image_dims(&self) -> (usize, usize, usize) {
+        (self.0.oh(), self.0.ow(), self.0.c)
+    }
+
+    fn apply<T: WithDType>(&self, image: &[T], dst: &mut [T]) {
+        with_fma(
+            #[inline(always)]
+            || pool_image(image, &self.0, dst),
+        )
+    }
 }
 
 /// `pool(relu(bn(conv(xs))))`, d2l's stem: in training on the CPU one node, as [`conv_bn`], with
@@ -303,6 +346,9 @@ struct FoldedConvBatchNorm {
     /// Added to the output before the ReLU ([`conv_bn_add_relu_inference`]); an op with one is
     /// applied without a backward.
     residual: Option<Tensor>,
+    /// The max-pool applied to each image's output while it is in cache
+    /// ([`conv_bn_pool_inference`]); an op with one is applied without a backward.
+    pool: Option<MaxPool2d>,
 }
 
 impl FoldedConvBatchNorm {
@@ -354,13 +400,23 @@ impl CustomOp3 for FoldedConvBatchNorm {
                 candle_core::bail!("folded conv-batch-norm supports matching f32 or f64 tensors, got {:?}", s2.dtype())
             }
         };
+        let (w_layout, b_layout) = (Layout::contiguous(l2.shape()), Layout::contiguous(c));
+        if let Some(pool) = self.pool {
+            let conv_out = self.conv.output_layout(l1, c)?;
+            let epilogue = PoolEpilogue(pool.window(&conv_out)?);
+            let inputs = [(s1, l1), (&w, &w_layout), (&b, &b_layout)];
+            if let Some(pooled) = self.conv.cpu_fwd_per_image(inputs, &epilogue)? {
+                return Ok(pooled);
+            }
+            let (y, shape) = self.conv.cpu_fwd_with(inputs, None)?;
+            return pool.cpu_fwd(&y, &Layout::contiguous(shape));
+        }
         let residual = self.residual.as_ref().map(|r| r.storage_and_layout());
         let residual = match residual.as_ref().map(|(storage, layout)| (&**storage, *layout)) {
             Some((Storage::Cpu(r), layout)) => Some((r, layout)),
             Some(_) => candle_core::bail!("folded conv-batch-norm: the residual is not on the CPU"),
             None => None,
         };
-        let (w_layout, b_layout) = (Layout::contiguous(l2.shape()), Layout::contiguous(c));
         self.conv.cpu_fwd_with([(s1, l1), (&w, &w_layout), (&b, &b_layout)], residual)
     }
 
@@ -375,8 +431,8 @@ impl CustomOp3 for FoldedConvBatchNorm {
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        if self.residual.is_some() {
-            candle_core::bail!("folded conv-batch-norm with a residual is for inference: it has no backward")
+        if self.residual.is_some() || self.pool.is_some() {
+            candle_core::bail!("folded conv-batch-norm with a residual or a pool is for inference: it has no backward")
         }
         let c = self.channels;
         let (w, packed) = (w.detach(), packed.detach());
@@ -605,6 +661,51 @@ mod tests {
                 let (a, e) = (fused.flatten_all()?.to_dtype(DType::F64)?, after.flatten_all()?.to_dtype(DType::F64)?);
                 let (a, e): (Vec<f64>, Vec<f64>) = (a.to_vec1()?, e.to_vec1()?);
                 assert!(e.contains(&0.0) && e.iter().any(|&v| v > 0.0), "{case:?}: ReLU clips some, not all");
+                assert_eq!(a, e, "{case:?}");
+                assert!(!fused.track_op(), "{case:?}: inference builds no graph");
+            }
+        }
+        Ok(())
+    }
+
+    /// The inference stem (each image's output max-pooled in cache) against the folded
+    /// convolution and then the pool, bit for bit: one-channel stems (the per-image im2col
+    /// path, which the convolution op is asked directly whether it takes), and a three-channel 7×7
+    /// and a 3×3 (Winograd) that other algorithms run, the op pooling their output after; in f32
+    /// and f64.
+    #[test]
+    fn the_inference_stem_equals_the_convolution_then_the_pool() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let pool = MaxPool2d::d2l_stem();
+        // (batch, h, cin, cout, kernel, stride, pad, per image)
+        let cases = [
+            (3, 28, 1, 8, 7, 2, 3, true),
+            (2, 40, 1, 16, 7, 2, 3, true),
+            (2, 17, 3, 4, 7, 2, 3, false),
+            (2, 12, 4, 8, 3, 1, 1, false),
+        ];
+        for &(b, h, cin, cout, k, s, p, per_image) in &cases {
+            for dtype in [DType::F32, DType::F64] {
+                let case = (b, h, cin, cout, k, s, p, dtype);
+                let cfg = Conv2dConfig { in_channels: cin, out_channels: cout, kernel_size: k, stride: s, padding: p };
+                let (conv, bn) = folding_layers(cfg, dtype)?;
+                let x = Tensor::randn(0f32, 1., (b, h, h, cin), &dev)?.to_dtype(dtype)?;
+                let fused = conv_bn_pool_inference(&conv, &bn, pool, &x)?
+                    .unwrap_or_else(|| panic!("{case:?}: the convolution does not fold"));
+                let op = conv.cpu_op(&x).expect("a CPU convolution").for_evaluation().with_relu();
+                let ((xs, xl), (ws, wl), (bs, bl)) =
+                    (x.storage_and_layout(), conv.weight().storage_and_layout(), conv.bias().storage_and_layout());
+                let (Storage::Cpu(xs), Storage::Cpu(ws), Storage::Cpu(bs)) = (&*xs, &*ws, &*bs) else {
+                    panic!("{case:?}: not on the CPU")
+                };
+                let epilogue = PoolEpilogue(pool.window(&op.output_layout(xl, cout)?)?);
+                let ran = op.cpu_fwd_per_image([(xs, xl), (ws, wl), (bs, bl)], &epilogue)?.is_some();
+                assert_eq!(ran, per_image, "{case:?}: the per-image path ran: {ran}");
+                let after = pool.forward(&conv_bn(&conv, &bn, &x, false, true)?)?;
+                assert_eq!(fused.dims(), after.dims(), "{case:?}");
+                let (a, e) = (fused.flatten_all()?.to_dtype(DType::F64)?, after.flatten_all()?.to_dtype(DType::F64)?);
+                let (a, e): (Vec<f64>, Vec<f64>) = (a.to_vec1()?, e.to_vec1()?);
+                assert!(e.iter().any(|&v| v > 0.0), "{case:?}: some output is positive");
                 assert_eq!(a, e, "{case:?}");
                 assert!(!fused.track_op(), "{case:?}: inference builds no graph");
             }

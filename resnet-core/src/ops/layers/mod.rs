@@ -9,5 +9,5 @@ mod pool;
 
 pub(crate) use batch_norm::BatchNorm;
 pub(crate) use conv::{Conv2d, Conv2dConfig};
-pub(crate) use conv_bn::{conv_bn, conv_bn_add_relu_inference, conv_bn_pool};
+pub(crate) use conv_bn::{conv_bn, conv_bn_add_relu_inference, conv_bn_pool, conv_bn_pool_inference};
 pub(crate) use pool::{global_avg_pool, MaxPool2d};
