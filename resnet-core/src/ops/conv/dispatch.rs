@@ -164,21 +164,13 @@ impl Im2colConv {
         let y = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(self.forward(
                 algo,
-                (
-                    contiguous(x, l1, "conv2d input")?,
-                    contiguous(w, l2, "conv2d weight")?,
-                    contiguous(b, l3, "conv2d bias")?,
-                ),
+                operands((x, w, b), [l1, l2, l3])?,
                 &win,
                 residual.map(|(r, l)| contiguous(r.as_slice::<f32>()?, l, "residual")).transpose()?,
             )),
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(self.forward(
                 algo,
-                (
-                    contiguous(x, l1, "conv2d input")?,
-                    contiguous(w, l2, "conv2d weight")?,
-                    contiguous(b, l3, "conv2d bias")?,
-                ),
+                operands((x, w, b), [l1, l2, l3])?,
                 &win,
                 residual.map(|(r, l)| contiguous(r.as_slice::<f64>()?, l, "residual")).transpose()?,
             )),
@@ -236,26 +228,12 @@ impl Im2colConv {
             y
         }
         let y = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(run(
-                (
-                    contiguous(x, l1, "conv2d input")?,
-                    contiguous(w, l2, "conv2d weight")?,
-                    contiguous(b, l3, "conv2d bias")?,
-                ),
-                &win,
-                self.relu,
-                epilogue,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(run(
-                (
-                    contiguous(x, l1, "conv2d input")?,
-                    contiguous(w, l2, "conv2d weight")?,
-                    contiguous(b, l3, "conv2d bias")?,
-                ),
-                &win,
-                self.relu,
-                epilogue,
-            )),
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                CpuStorage::F32(run(operands((x, w, b), [l1, l2, l3])?, &win, self.relu, epilogue))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                CpuStorage::F64(run(operands((x, w, b), [l1, l2, l3])?, &win, self.relu, epilogue))
+            }
             _ => return Ok(None),
         };
         let (h, w, c) = epilogue.image_dims();
@@ -347,6 +325,14 @@ const FORWARD_MIN_TASKS: usize = 8;
 /// Patch matrices up to this many elements (4 MB of `f32`) are made whole and multiplied in one
 /// product split over the threads: they stay in cache anyway.
 const WHOLE_PATCHES: usize = 1 << 20;
+
+/// A convolution's input, weight and bias as contiguous slices.
+fn operands<'a, T: WithDType>(
+    (x, w, b): (&'a [T], &'a [T], &'a [T]),
+    [l1, l2, l3]: [&Layout; 3],
+) -> candle_core::Result<(&'a [T], &'a [T], &'a [T])> {
+    Ok((contiguous(x, l1, "conv2d input")?, contiguous(w, l2, "conv2d weight")?, contiguous(b, l3, "conv2d bias")?))
+}
 
 /// What [`Im2colConv::cpu_fwd_per_image`] does with each image's `(oh, ow, out)` output.
 pub(crate) trait ImageEpilogue: Sync {

@@ -81,19 +81,10 @@ pub(crate) fn conv_bn_add_relu_inference(
     xs: &Tensor,
     shortcut: &Tensor,
 ) -> candle_core::Result<Option<Tensor>> {
-    let Some(op) = conv.cpu_op(xs) else { return Ok(None) };
-    if !folds(conv, bn, xs)? || shortcut.dtype() != xs.dtype() || !shortcut.device().is_cpu() {
+    if shortcut.dtype() != xs.dtype() || !shortcut.device().is_cpu() {
         return Ok(None);
     }
-    let packed = folding_parameters(conv, bn)?;
-    let folded = FoldedConvBatchNorm {
-        conv: op.for_evaluation().with_relu(),
-        channels: conv.config().out_channels,
-        eps: bn.eps(),
-        residual: Some(shortcut.contiguous()?),
-        pool: None,
-    };
-    xs.contiguous()?.apply_op3_no_bwd(&conv.weight().detach(), &packed.detach(), &folded).map(Some)
+    folded_inference(conv, bn, xs, Some(shortcut.contiguous()?), None)
 }
 
 /// `pool(relu(bn(conv(xs))))` in evaluation mode, for inference only (no backward graph): d2l's
@@ -106,18 +97,25 @@ pub(crate) fn conv_bn_pool_inference(
     pool: MaxPool2d,
     xs: &Tensor,
 ) -> candle_core::Result<Option<Tensor>> {
+    folded_inference(conv, bn, xs, None, Some(pool))
+}
+
+/// `relu(bn(conv(xs)) + residual)`, then `pool`, as one folded op without a backward, where the
+/// convolution runs on the CPU and the BatchNorm folds ([`folds`]); else `None`.
+fn folded_inference(
+    conv: &Conv2d,
+    bn: &BatchNorm,
+    xs: &Tensor,
+    residual: Option<Tensor>,
+    pool: Option<MaxPool2d>,
+) -> candle_core::Result<Option<Tensor>> {
     let Some(op) = conv.cpu_op(xs) else { return Ok(None) };
     if !folds(conv, bn, xs)? {
         return Ok(None);
     }
     let packed = folding_parameters(conv, bn)?;
-    let folded = FoldedConvBatchNorm {
-        conv: op.for_evaluation().with_relu(),
-        channels: conv.config().out_channels,
-        eps: bn.eps(),
-        residual: None,
-        pool: Some(pool),
-    };
+    let channels = conv.config().out_channels;
+    let folded = FoldedConvBatchNorm { conv: op.for_evaluation().with_relu(), channels, eps: bn.eps(), residual, pool };
     xs.contiguous()?.apply_op3_no_bwd(&conv.weight().detach(), &packed.detach(), &folded).map(Some)
 }
 
