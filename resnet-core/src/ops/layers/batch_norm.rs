@@ -501,7 +501,7 @@ impl Moments {
             }
             let inv = T::from_f64(1.0 / n as f64);
             for m in centre.iter_mut() {
-                *m *= inv;
+                *m = *m * inv;
             }
             dev.fill(T::zero());
             sq.fill(T::zero());
