@@ -5,10 +5,9 @@
 //! maximum and writes the pool's input gradient `dz` (cleared first), and the BatchNorm reads `x`
 //! and `dz` twice, for its sums and for its input gradient. Here each image is normalised into a
 //! buffer that stays in cache and pooled from there, so the normalised activation is never
-//! written out; the backward normalises each image again, routes the pool's gradient straight
-//! into `dz`, writing it once (through a second buffer only for an image that two tasks share),
-//! and sums the BatchNorm's terms from it while it is in cache; the input gradient then reads
-//! `x` and `dz` once. For d2l's stem, whose convolution has one input
+//! written out; the backward normalises each image again, routes the pool's gradient inside a
+//! second buffer, and sums the BatchNorm's terms from it as it writes `dz` out once; the input
+//! gradient then reads `x` and `dz` once. For d2l's stem, whose convolution has one input
 //! channel and images that need no gradient, that input gradient is not written out either:
 //! each run of rows is made in a buffer and the convolution's weight and bias gradients take
 //! their terms from it there.
@@ -147,15 +146,16 @@ fn pool_gradient<T: WithDType, const RELU: bool>(
         .par_chunks_mut(parts.per_task * ROWS_PER_TASK * c)
         .enumerate()
         .map(|(task, dz)| {
+            let start = parts.rows(task).start;
             let mut blocks: Vec<(Vec<T>, Vec<T>)> = Vec::new();
             parts.visit::<T, RELU>(
                 task,
                 x,
                 (pooled, grad),
                 &affine,
-                dz,
                 #[inline(always)]
                 |first, xs, gs| {
+                    dz[(first - start) * c..(first - start) * c + gs.len()].copy_from_slice(gs);
                     for (i, (xr, gr)) in xs.chunks_exact(c).zip(gs.chunks_exact(c)).enumerate() {
                         if (first + i) % ROWS_PER_TASK == 0 {
                             blocks.push((vec![T::zero(); c], vec![T::zero(); c]));
@@ -191,13 +191,11 @@ impl<'w> Parts<'w> {
         task * span..((task + 1) * span).min(self.rows)
     }
 
-    /// Writes the pool's input gradient (before the ReLU's mask) into `out`, task `task`'s rows,
-    /// and calls `f(first, x_rows, g_rows)` for the part of each image that they cover, in
-    /// order: `first` the part's first row in the batch, `g_rows` those rows of `out`. Each
-    /// image is normalised into a buffer and its windows' gradients routed by
-    /// [`pool_image_backward`], straight into `out` where the image lies whole in the task,
-    /// else into a second buffer whose covered part is copied. Runs on the calling thread, at
-    /// the detected vector width.
+    /// Calls `f(first, x_rows, g_rows)` for the part of each image that task `task`'s rows cover,
+    /// in order: `first` the part's first row in the batch, `g_rows` the pool's input gradient
+    /// there (before the ReLU's mask), made by normalising the whole image into a buffer and
+    /// routing its windows' gradients as [`pool_image_backward`] does. Runs on the calling
+    /// thread, at the detected vector width.
     #[inline(always)]
     fn visit<T: WithDType, const RELU: bool>(
         &self,
@@ -205,7 +203,6 @@ impl<'w> Parts<'w> {
         x: &[T],
         (pooled, grad): (&[T], &[T]),
         affine: &Affine<T>,
-        out: &mut [T],
         mut f: impl FnMut(usize, &[T], &[T]),
     ) {
         let win = self.win;
@@ -222,15 +219,9 @@ impl<'w> Parts<'w> {
                     let image = &x[n * pixels * c..(n + 1) * pixels * c];
                     normalize_block::<T, T, RELU>(&mut z, image, (&affine.0, &affine.1, &affine.2));
                     let window = (&pooled[n * out_len..(n + 1) * out_len], &grad[n * out_len..(n + 1) * out_len]);
-                    let mine = (first - rows.start) * c..(end - rows.start) * c;
+                    pool_image_backward(&z, window, win, &mut dz);
                     let part = (first - n * pixels) * c..(end - n * pixels) * c;
-                    if part.len() == pixels * c {
-                        pool_image_backward(&z, window, win, &mut out[mine.clone()]);
-                    } else {
-                        pool_image_backward(&z, window, win, &mut dz);
-                        out[mine.clone()].copy_from_slice(&dz[part.clone()]);
-                    }
-                    f(first, &image[part], &out[mine]);
+                    f(first, &image[part.clone()], &dz[part]);
                     first = end;
                 }
             },
