@@ -295,7 +295,10 @@ pub(super) mod tests {
     /// 6×6 and 3×3 ones ([`Tile::choose_for_evaluation`](crate::ops::conv::winograd::Tile::choose_for_evaluation)),
     /// a training forward F(2×2) from 4×4 up and the in-bounds taps below: each bit for bit the
     /// kernel it names; the evaluation's tile and the training forward differ (in f32) by
-    /// rounding only.
+    /// rounding only: at most 3e-5 of max(|y|, 1) per output. The inputs are unseeded, and
+    /// F(4×4)'s transforms (points ±2, ±½) scale the rounding of 16 channels' products by their
+    /// coefficients: the bound leaves room for that spread, while a wrong transform or tile gives
+    /// errors of the outputs' own size.
     #[test]
     fn evaluation_forward_takes_the_larger_tiles() -> candle_core::Result<()> {
         use crate::ops::conv::taps;
@@ -334,7 +337,7 @@ pub(super) mod tests {
                 "the two forwards rounded identically at {side} px: the test cannot tell them apart"
             );
             let gap = other.iter().zip(&train).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0f32, f32::max);
-            assert!(gap < 1e-5, "the two forwards differ by {gap} relative at {side} px");
+            assert!(gap < 3e-5, "the two forwards differ by {gap} relative at {side} px");
         }
         Ok(())
     }
