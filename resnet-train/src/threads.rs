@@ -62,9 +62,7 @@ pub(crate) fn enable_polling_workers() -> bool {
 /// thread outside the pool, for handing its work over and waking the caller when it is done:
 /// at 28 px about a tenth of the CPU time went to the kernel's scheduler. Here the step runs on
 /// a worker (its ops' work is shared through the workers' own queues) and the others look for
-/// work in a loop ([`rayon::yield_now`]), as an OpenMP team spins between parallel regions;
-/// finding none, a poller yields its core to any other runnable thread (`sched_yield`), so a
-/// data loader's threads still get the cores while the step runs serial work.
+/// work in a loop ([`rayon::yield_now`]), as an OpenMP team spins between parallel regions.
 ///
 /// Runs `f` where it is called, without polling, unless [`crate::tune_process`] enabled it (it
 /// also makes every thread allocate from glibc's main heap: a worker's own arena would hand the
@@ -84,8 +82,7 @@ pub fn on_polling_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
             }
             while !stop.load(Ordering::Acquire) {
                 if rayon::yield_now() != Some(rayon::Yield::Executed) {
-                    // Nothing to steal: let a runnable thread (the data loader's) have the core.
-                    std::thread::yield_now();
+                    std::hint::spin_loop();
                 }
             }
         });
