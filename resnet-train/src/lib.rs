@@ -30,7 +30,6 @@ pub mod metrics;
 pub mod optim;
 pub mod plot;
 mod process;
-mod products;
 pub mod report;
 pub mod run_dir;
 pub mod schedule;

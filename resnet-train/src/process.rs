@@ -1,8 +1,7 @@
-//! One call that sets a training or evaluation process up for CPU speed: the allocator, the
-//! thread pools and the matrix products (see `alloc.rs`, `threads.rs` and `products.rs` for why
-//! each setting matters).
+//! One call that sets a training or evaluation process up for CPU speed: the allocator and the
+//! thread pools (see `alloc.rs` and `threads.rs` for why each setting matters).
 
-use crate::{alloc, products, threads};
+use crate::{alloc, threads};
 
 /// What [`tune_process`] changed; a setting the user already made through the environment, or
 /// one the platform lacks, is left alone and reported as `false`.
@@ -15,16 +14,12 @@ pub struct ProcessTuning {
     pub candle_pool_off: bool,
     /// `RAYON_NUM_THREADS` was set to the available parallelism.
     pub rayon_threads_named: bool,
-    /// The `gemm` crate reads right factors in place instead of packing them (only where it
-    /// runs its AVX2 kernels; the same bits either way).
-    pub unpacked_right_factors: bool,
 }
 
 /// Tunes the whole process for training and evaluation: glibc keeps freed memory for reuse,
 /// `CANDLE_NUM_THREADS=1` and `RAYON_NUM_THREADS` set to the available parallelism unless the
-/// environment sets them, and the `gemm` crate's AVX2 kernels read right factors in place.
-/// Process-wide and partly read once, so binaries call it first thing in `main`, before any
-/// candle op and before spawning threads; libraries never call it.
+/// environment sets them. Process-wide and partly read once, so binaries call it first thing in
+/// `main`, before any candle op and before spawning threads; libraries never call it.
 ///
 /// ```
 /// let tuning = resnet_train::tune_process();
@@ -38,6 +33,5 @@ pub fn tune_process() -> ProcessTuning {
         retain_freed_memory: alloc::retain_freed_memory(),
         candle_pool_off: threads::keep_candle_pool_off_the_cores(),
         rayon_threads_named: threads::name_rayon_thread_count(),
-        unpacked_right_factors: products::unpacked_right_factors(),
     }
 }
