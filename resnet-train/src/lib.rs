@@ -46,6 +46,7 @@ pub use process::{tune_process, ProcessTuning};
 pub use report::{Prediction, Report, ReportRun};
 pub use run_dir::{write_atomic, RunDir};
 pub use schedule::LrSchedule;
+pub use threads::on_polling_workers;
 pub use trainer::{
     class_probabilities, cross_entropy, evaluate, loader_config, predictions, steps_per_epoch, Observer, Silent,
     StepInfo, TrainReport, Trainer,

@@ -14,11 +14,15 @@ pub struct ProcessTuning {
     pub candle_pool_off: bool,
     /// `RAYON_NUM_THREADS` was set to the available parallelism.
     pub rayon_threads_named: bool,
+    /// [`crate::on_polling_workers`] keeps rayon's idle workers polling while a CPU training
+    /// step runs (only where glibc's allocator was tuned, and with more than one worker).
+    pub polling_workers: bool,
 }
 
 /// Tunes the whole process for training and evaluation: glibc keeps freed memory for reuse,
 /// `CANDLE_NUM_THREADS=1` and `RAYON_NUM_THREADS` set to the available parallelism unless the
-/// environment sets them. Process-wide and partly read once, so binaries call it first thing in
+/// environment sets them, and CPU training steps run with rayon's workers polling
+/// ([`crate::on_polling_workers`]). Process-wide and partly read once, so binaries call it first thing in
 /// `main`, before any candle op and before spawning threads; libraries never call it.
 ///
 /// ```
@@ -29,9 +33,10 @@ pub struct ProcessTuning {
 /// # let _ = tuning;
 /// ```
 pub fn tune_process() -> ProcessTuning {
-    ProcessTuning {
-        retain_freed_memory: alloc::retain_freed_memory(),
-        candle_pool_off: threads::keep_candle_pool_off_the_cores(),
-        rayon_threads_named: threads::name_rayon_thread_count(),
-    }
+    let retain_freed_memory = alloc::retain_freed_memory();
+    let candle_pool_off = threads::keep_candle_pool_off_the_cores();
+    let rayon_threads_named = threads::name_rayon_thread_count();
+    // After the thread count is named: rayon's pool starts on first use and reads it then.
+    let polling_workers = retain_freed_memory && threads::enable_polling_workers();
+    ProcessTuning { retain_freed_memory, candle_pool_off, rayon_threads_named, polling_workers }
 }

@@ -7,6 +7,8 @@
 //! a spinning helper takes a core from them. With `CANDLE_NUM_THREADS=1` the element-wise ops
 //! run on the calling thread and rayon keeps every core.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 /// The variable candle reads for its element-wise pool's size.
 pub const CANDLE_NUM_THREADS: &str = "CANDLE_NUM_THREADS";
 
@@ -37,4 +39,90 @@ pub const RAYON_NUM_THREADS: &str = "RAYON_NUM_THREADS";
 pub(crate) fn name_rayon_thread_count() -> bool {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     set_unless_set(RAYON_NUM_THREADS, &n.to_string())
+}
+
+/// Whether [`on_polling_workers`] polls; set by [`crate::tune_process`] together with the
+/// allocator setting that makes it pay (see `alloc.rs`).
+static POLLING: AtomicBool = AtomicBool::new(false);
+
+/// Lets [`on_polling_workers`] keep rayon's workers polling (process-wide). Returns whether it
+/// will: only with more than one worker.
+pub(crate) fn enable_polling_workers() -> bool {
+    POLLING.store(true, Ordering::Relaxed);
+    rayon::current_num_threads() > 1
+}
+
+/// Runs `f` on one of rayon's workers while every other worker polls the pool for work instead
+/// of going to sleep, and returns its result; once `f` returns, the others stop polling before
+/// this returns.
+///
+/// A CPU training step starts hundreds of short parallel ops (over a thousand at 28 px), with
+/// serial work on the calling thread between them. Left alone, rayon's idle workers sleep a few
+/// tens of microseconds after an op ends, and every op then pays for waking them and, from a
+/// thread outside the pool, for handing its work over and waking the caller when it is done,
+/// which puts the kernel's scheduler high in a small step's profile (BENCHMARKS.md). Here the
+/// step runs on a worker (its ops' work is shared through the workers' own queues) and the
+/// others look for work in a loop ([`rayon::yield_now`]), as an OpenMP team spins between
+/// parallel regions; finding none, a poller yields its core to any other runnable thread
+/// (`sched_yield`), so a data loader's threads still get the cores while the step runs serial
+/// work.
+///
+/// Runs `f` where it is called, without polling, unless [`crate::tune_process`] enabled it (it
+/// also makes every thread allocate from glibc's main heap: a worker's own arena would hand the
+/// step's freed activations back to the kernel, and the step would fault its pages in again
+/// every time), when rayon has a single worker, or when called on a worker already.
+pub fn on_polling_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if !POLLING.load(Ordering::Relaxed) || rayon::current_num_threads() < 2 || rayon::current_thread_index().is_some() {
+        return f();
+    }
+    let stop = AtomicBool::new(false);
+    rayon::scope(|scope| {
+        let home = rayon::current_thread_index();
+        let stop = &stop;
+        scope.spawn_broadcast(move |_, worker| {
+            if Some(worker.index()) == home {
+                return;
+            }
+            while !stop.load(Ordering::Acquire) {
+                if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                    // Nothing to steal: let a runnable thread (the data loader's) have the core.
+                    std::thread::yield_now();
+                }
+            }
+        });
+        let result = f();
+        stop.store(true, Ordering::Release);
+        result
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rayon::prelude::*;
+
+    /// With polling on, `f` runs on a worker, its parallel work gives the serial result, a nested
+    /// call runs in place, and the call returns (the pollers stop).
+    #[test]
+    fn polling_workers_run_the_closure_on_a_worker_and_stop() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().expect("a pool");
+        POLLING.store(true, Ordering::Relaxed);
+        let values: Vec<u64> = (0..100_000).collect();
+        let serial: u64 = values.iter().map(|v| v * v % 7).sum();
+        pool.install(|| {
+            // `install` runs on the pool already: the call runs in place.
+            assert!(on_polling_workers(|| rayon::current_thread_index().is_some()));
+        });
+        for _ in 0..20 {
+            let (on_worker, sum, inner) = on_polling_workers(|| {
+                let sum: u64 = (0..50).into_par_iter().map(|_| values.par_iter().map(|v| v * v % 7).sum::<u64>()).sum();
+                (rayon::current_thread_index().is_some(), sum, on_polling_workers(|| 5))
+            });
+            if rayon::current_num_threads() > 1 {
+                assert!(on_worker, "the closure ran outside rayon's pool");
+            }
+            assert_eq!(sum, 50 * serial);
+            assert_eq!(inner, 5);
+        }
+    }
 }

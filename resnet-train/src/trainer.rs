@@ -551,11 +551,22 @@ impl Trainer {
 
     /// One optimiser step on a batch at learning rate `lr`, with gradient accumulation over
     /// micro-batches. Returns the batch's mean loss and correct count (training-mode forward).
+    /// On the CPU the step runs through [`crate::on_polling_workers`] (which polls only in a
+    /// process [`crate::tune_process`] tuned); the result is the same either way.
     ///
     /// # Shapes
     /// - `images`: `(batch, channels, height, width)`, any device
     /// - `labels`: `(batch,)` u32
     pub fn train_batch(&mut self, images: &Tensor, labels: &Tensor, lr: f64) -> Result<(f32, u64)> {
+        if self.device.is_cpu() {
+            crate::on_polling_workers(|| self.train_batch_here(images, labels, lr))
+        } else {
+            self.train_batch_here(images, labels, lr)
+        }
+    }
+
+    /// [`Trainer::train_batch`] on the calling thread.
+    fn train_batch_here(&mut self, images: &Tensor, labels: &Tensor, lr: f64) -> Result<(f32, u64)> {
         let n = images.dim(0)?;
         if n < 2 {
             return Err(TrainError::InvalidConfig(format!(
