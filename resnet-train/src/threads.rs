@@ -75,10 +75,19 @@ pub fn on_polling_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if !POLLING.load(Ordering::Relaxed) || rayon::current_num_threads() < 2 || rayon::current_thread_index().is_some() {
         return f();
     }
+    /// Tells the pollers to stop when dropped: when `f` returns, and also when it panics, since
+    /// the scope waits for the pollers before it passes the panic on.
+    struct Stop<'a>(&'a AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
     let stop = AtomicBool::new(false);
     rayon::scope(|scope| {
         let home = rayon::current_thread_index();
         let stop = &stop;
+        let _stop_on_exit = Stop(stop);
         scope.spawn_broadcast(move |_, worker| {
             if Some(worker.index()) == home {
                 return;
@@ -90,9 +99,7 @@ pub fn on_polling_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
                 }
             }
         });
-        let result = f();
-        stop.store(true, Ordering::Release);
-        result
+        f()
     })
 }
 
@@ -124,5 +131,21 @@ mod tests {
             assert_eq!(sum, 50 * serial);
             assert_eq!(inner, 5);
         }
+    }
+
+    /// A panic in `f` reaches the caller and the pollers stop, instead of the scope waiting for
+    /// them forever.
+    #[test]
+    fn a_panic_in_the_closure_stops_the_pollers_and_reaches_the_caller() {
+        POLLING.store(true, Ordering::Relaxed);
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let outcome = std::panic::catch_unwind(|| on_polling_workers(|| panic!("a failing step")));
+            let _ = done.send(outcome.is_err());
+        });
+        let panicked = finished
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("on_polling_workers did not return after its closure panicked");
+        assert!(panicked, "the closure's panic did not reach the caller");
     }
 }
