@@ -11,9 +11,9 @@
 //! every thread allocates from the main heap.
 
 /// Makes glibc's `malloc` serve every allocation from its heap and keep freed memory for reuse
-/// (`M_MMAP_MAX = 0`, trim threshold 2 GiB, 64 MiB top pad), from every thread (`M_ARENA_MAX =
-/// 1`). Returns whether it applied: only
-/// glibc on Linux; elsewhere it does nothing. Process-wide, so only binaries should call it.
+/// (`M_MMAP_MAX = 0`, trim threshold 2 GiB, 64 MiB top pad), from every thread
+/// (`M_ARENA_MAX = 1`). Returns whether it applied: only glibc on Linux; elsewhere it does
+/// nothing. Process-wide, so only binaries should call it.
 pub(crate) fn retain_freed_memory() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

@@ -22,8 +22,9 @@ pub struct ProcessTuning {
 /// Tunes the whole process for training and evaluation: glibc keeps freed memory for reuse,
 /// `CANDLE_NUM_THREADS=1` and `RAYON_NUM_THREADS` set to the available parallelism unless the
 /// environment sets them, and CPU training steps run with rayon's workers polling
-/// ([`crate::on_polling_workers`]). Process-wide and partly read once, so binaries call it first thing in
-/// `main`, before any candle op and before spawning threads; libraries never call it.
+/// ([`crate::on_polling_workers`]). Process-wide and partly read once, so binaries call it
+/// first thing in `main`, before any candle op and before spawning threads; libraries never
+/// call it.
 ///
 /// ```
 /// let tuning = resnet_train::tune_process();
