@@ -29,7 +29,7 @@ use super::batch_norm::{
     add_partials, batch_stats, gradient_sums_row, input_grad_row, input_grad_with, normalize_block, to_t, Affine,
     FusedBatchNorm, Stats, ROWS_PER_TASK,
 };
-use super::pool::{pool_image, pool_image_backward, MaxPool2d};
+use super::pool::{covering, gather_row, pool_row, window_range, winners_row, MaxPool2d};
 use crate::ops::conv::direct;
 use crate::ops::plumbing::elementwise::{column_block_sums, column_sums_total, COLUMN_ROWS};
 use crate::ops::plumbing::geometry::Window;
@@ -47,21 +47,28 @@ const IMAGES_PER_TASK: usize = 4;
 pub(super) fn normalize_pool<T: WithDType, const RELU: bool>(x: &[T], stats: &Stats, win: &Window) -> Vec<T> {
     let affine = stats.affine::<T>();
     let (img_len, out_len) = (win.h * win.w * win.c, win.oh() * win.ow() * win.c);
+    let row = win.w * win.c;
     let mut out = scratch::zeroed(win.batch * out_len);
     out.par_chunks_mut(out_len).enumerate().for_each(|(b, dst)| {
-        let mut z = scratch::take(img_len);
+        let image = &x[b * img_len..(b + 1) * img_len];
+        let mut z = RowRing::new(win.kh, row, 0);
         with_fma(
             #[inline(always)]
             || {
-                normalize_block::<T, T, RELU>(
-                    &mut z,
-                    &x[b * img_len..(b + 1) * img_len],
-                    (&affine.0, &affine.1, &affine.2),
-                );
-                pool_image(&z, win, dst);
+                for (oy, out) in dst.chunks_exact_mut(win.ow() * win.c).enumerate() {
+                    let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
+                    z.make_until(ys.end, |iy, z_row| {
+                        normalize_block::<T, T, RELU>(
+                            z_row,
+                            &image[iy * row..(iy + 1) * row],
+                            (&affine.0, &affine.1, &affine.2),
+                        )
+                    });
+                    pool_row(|iy| z.row(iy), win, oy, out);
+                }
             },
         );
-        scratch::give(z);
+        z.give();
     });
     out
 }
@@ -191,11 +198,13 @@ impl<'w> Parts<'w> {
         task * span..((task + 1) * span).min(self.rows)
     }
 
-    /// Calls `f(first, x_rows, g_rows)` for the part of each image that task `task`'s rows cover,
-    /// in order: `first` the part's first row in the batch, `g_rows` the pool's input gradient
-    /// there (before the ReLU's mask), made by normalising the whole image into a buffer and
-    /// routing its windows' gradients as [`pool_image_backward`] does. Runs on the calling
-    /// thread, at the detected vector width.
+    /// Calls `f(first, x_rows, g_rows)` for the part of each image row that task `task`'s rows
+    /// cover, in order: `first` the part's first row in the batch (a pixel), `g_rows` the pool's
+    /// input gradient there (before the ReLU's mask), routed as [`super::pool::pool_image_backward`] routes
+    /// it. An image is made a few rows at a time: the normalised rows under one row of windows,
+    /// then those windows' winning cells, then each input row's gradient gathered from the
+    /// windows over it, so that none of them leaves the cache. Runs on the calling thread, at the
+    /// detected vector width.
     #[inline(always)]
     fn visit<T: WithDType, const RELU: bool>(
         &self,
@@ -206,8 +215,9 @@ impl<'w> Parts<'w> {
         mut f: impl FnMut(usize, &[T], &[T]),
     ) {
         let win = self.win;
-        let (pixels, c, out_len) = (win.h * win.w, win.c, win.oh() * win.ow() * win.c);
-        let (mut z, mut dz) = (scratch::take(pixels * c), scratch::take(pixels * c));
+        let (pixels, c, w) = (win.h * win.w, win.c, win.w);
+        let (row, out_row, out_len) = (w * c, win.ow() * c, win.oh() * win.ow() * c);
+        let mut dz = scratch::take(row);
         let rows = self.rows(task);
         with_fma(
             #[inline(always)]
@@ -217,17 +227,80 @@ impl<'w> Parts<'w> {
                     let n = first / pixels;
                     let end = ((n + 1) * pixels).min(rows.end);
                     let image = &x[n * pixels * c..(n + 1) * pixels * c];
-                    normalize_block::<T, T, RELU>(&mut z, image, (&affine.0, &affine.1, &affine.2));
-                    let window = (&pooled[n * out_len..(n + 1) * out_len], &grad[n * out_len..(n + 1) * out_len]);
-                    pool_image_backward(&z, window, win, &mut dz);
-                    let part = (first - n * pixels) * c..(end - n * pixels) * c;
-                    f(first, &image[part.clone()], &dz[part]);
+                    let (maxima, g) = (&pooled[n * out_len..(n + 1) * out_len], &grad[n * out_len..(n + 1) * out_len]);
+                    let (from, to) = (first - n * pixels, end - n * pixels);
+                    let image_rows = from / w..(to - 1) / w + 1;
+                    let first_window = covering(image_rows.start, win.stride, win.pad, win.kh, win.oh()).start;
+                    let first_row = window_range(first_window, win.stride, win.pad, win.kh, win.h).start;
+                    let (mut z, mut won) =
+                        (RowRing::new(win.kh, row, first_row), RowRing::new(win.kh, out_row, first_window));
+                    for iy in image_rows {
+                        let windows = covering(iy, win.stride, win.pad, win.kh, win.oh());
+                        won.make_until(windows.end, |oy, won_row| {
+                            let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
+                            z.make_until(ys.end, |zy, z_row| {
+                                normalize_block::<T, T, RELU>(
+                                    z_row,
+                                    &image[zy * row..(zy + 1) * row],
+                                    (&affine.0, &affine.1, &affine.2),
+                                )
+                            });
+                            winners_row(|zy| z.row(zy), &maxima[oy * out_row..(oy + 1) * out_row], win, oy, won_row);
+                        });
+                        gather_row(|oy| won.row(oy), g, win, iy, &mut dz);
+                        let part = (iy * w).max(from)..((iy + 1) * w).min(to);
+                        let in_row = (part.start - iy * w) * c..(part.end - iy * w) * c;
+                        f(n * pixels + part.start, &image[part.start * c..part.end * c], &dz[in_row]);
+                    }
+                    z.give();
+                    won.give();
                     first = end;
                 }
             },
         );
-        scratch::give(z);
         scratch::give(dz);
+    }
+}
+
+/// The rows of an image made one at a time, in order, of which the last `k` are kept (a ring of
+/// `k` rows of `len` values in a scratch buffer): the rows under one row of a pool's windows,
+/// which stay in cache where the whole image would not.
+struct RowRing<T: WithDType> {
+    buf: Vec<T>,
+    len: usize,
+    /// Rows made so far: the next row to make.
+    made: usize,
+}
+
+impl<T: WithDType> RowRing<T> {
+    /// A ring of `k` rows of `len` values whose first row to make is `first`.
+    fn new(k: usize, len: usize, first: usize) -> Self {
+        RowRing { buf: scratch::take(k * len), len, made: first }
+    }
+
+    /// Makes the rows up to `end` (exclusive) in order, `make(i, row)` writing every value of
+    /// row `i`.
+    #[inline(always)]
+    fn make_until(&mut self, end: usize, mut make: impl FnMut(usize, &mut [T])) {
+        let k = self.buf.len() / self.len;
+        while self.made < end {
+            let slot = self.made % k;
+            make(self.made, &mut self.buf[slot * self.len..(slot + 1) * self.len]);
+            self.made += 1;
+        }
+    }
+
+    /// Row `i`, one of the last `k` made.
+    #[inline(always)]
+    fn row(&self, i: usize) -> &[T] {
+        let k = self.buf.len() / self.len;
+        debug_assert!(i < self.made && i + k >= self.made, "row {i} is not among the last {k} made");
+        let slot = i % k;
+        &self.buf[slot * self.len..(slot + 1) * self.len]
+    }
+
+    fn give(self) {
+        scratch::give(self.buf);
     }
 }
 

@@ -133,23 +133,32 @@ fn pool_fwd<T: WithDType>(x: &[T], win: &Window) -> Vec<T> {
 /// the loop scalar: the first cell, then strictly greater cells.
 #[inline(always)]
 pub(super) fn pool_image<T: WithDType>(img: &[T], win: &Window, dst: &mut [T]) {
+    let row = win.w * win.c;
+    for (oy, out) in dst.chunks_exact_mut(win.ow() * win.c).enumerate() {
+        pool_row(|iy| &img[iy * row..(iy + 1) * row], win, oy, out);
+    }
+}
+
+/// Output row `oy` of [`pool_image`] (`(ow, c)`), the image's rows `(w, c)` taken from
+/// `rows(iy)`: only the rows under the row's windows are read, so a caller can make the image a
+/// few rows at a time.
+#[inline(always)]
+pub(super) fn pool_row<'a, T: WithDType>(rows: impl Fn(usize) -> &'a [T], win: &Window, oy: usize, out: &mut [T]) {
     let c = win.c;
-    for oy in 0..win.oh() {
-        let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
-        for ox in 0..win.ow() {
-            let xs = window_range(ox, win.stride, win.pad, win.kw, win.w);
-            let best = &mut dst[(oy * win.ow() + ox) * c..(oy * win.ow() + ox + 1) * c];
-            let mut first = true;
-            for iy in ys.clone() {
-                for ix in xs.clone() {
-                    let cell = &img[(iy * win.w + ix) * c..(iy * win.w + ix + 1) * c];
-                    if first {
-                        best.copy_from_slice(cell);
-                        first = false;
-                    } else {
-                        for (m, &v) in best.iter_mut().zip(cell) {
-                            *m = if v > *m { v } else { *m };
-                        }
+    let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
+    for (ox, best) in out.chunks_exact_mut(c).enumerate() {
+        let xs = window_range(ox, win.stride, win.pad, win.kw, win.w);
+        let mut first = true;
+        for iy in ys.clone() {
+            let image_row = rows(iy);
+            for ix in xs.clone() {
+                let cell = &image_row[ix * c..(ix + 1) * c];
+                if first {
+                    best.copy_from_slice(cell);
+                    first = false;
+                } else {
+                    for (m, &v) in best.iter_mut().zip(cell) {
+                        *m = if v > *m { v } else { *m };
                     }
                 }
             }
@@ -158,7 +167,7 @@ pub(super) fn pool_image<T: WithDType>(img: &[T], win: &Window, dst: &mut [T]) {
 }
 
 /// The input rows (or columns) under output `o`'s window, clipped to the image.
-fn window_range(o: usize, stride: usize, pad: usize, k: usize, n: usize) -> std::ops::Range<usize> {
+pub(super) fn window_range(o: usize, stride: usize, pad: usize, k: usize, n: usize) -> std::ops::Range<usize> {
     let start = (o * stride) as isize - pad as isize;
     start.max(0) as usize..((start + k as isize).min(n as isize)).max(0) as usize
 }
@@ -195,53 +204,86 @@ pub(super) fn pool_image_backward<T: WithDType, S: Slot<T>>(
     win: &Window,
     dst: &mut [S],
 ) {
-    let (c, w, ow) = (win.c, win.w, win.ow());
-    let mut winner = scratch::take::<T>(win.oh() * ow * c);
-    for oy in 0..win.oh() {
-        let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
-        for ox in 0..ow {
-            let xs = window_range(ox, win.stride, win.pad, win.kw, w);
-            let at = (oy * ow + ox) * c;
-            let (best, won) = (&maxima[at..at + c], &mut winner[at..at + c]);
-            // Visiting the cells last to first, the last match is the first cell holding the
-            // maximum; with none (a NaN maximum), the first cell (position 0) keeps it.
-            won.fill(T::zero());
-            for (iy, ix) in ys.clone().rev().flat_map(|iy| xs.clone().rev().map(move |ix| (iy, ix))) {
+    let (row, out_row) = (win.w * win.c, win.ow() * win.c);
+    let mut winner = scratch::take::<T>(win.oh() * out_row);
+    for (oy, won) in winner.chunks_exact_mut(out_row).enumerate() {
+        winners_row(|iy| &img[iy * row..(iy + 1) * row], &maxima[oy * out_row..(oy + 1) * out_row], win, oy, won);
+    }
+    for (iy, out) in dst.chunks_exact_mut(row).enumerate() {
+        gather_row(|oy| &winner[oy * out_row..(oy + 1) * out_row], g, win, iy, out);
+    }
+    scratch::give(winner);
+}
+
+/// The first pass of [`pool_image_backward`] for output row `oy`: each window's winning cell per
+/// channel, its position in the window as `T`, into `won` (`(ow, c)`), from the row's maxima
+/// and the image's rows `rows(iy)` under its windows.
+#[inline(always)]
+pub(super) fn winners_row<'a, T: WithDType>(
+    rows: impl Fn(usize) -> &'a [T],
+    maxima: &[T],
+    win: &Window,
+    oy: usize,
+    won: &mut [T],
+) {
+    let c = win.c;
+    let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
+    for (ox, (won, best)) in won.chunks_exact_mut(c).zip(maxima.chunks_exact(c)).enumerate() {
+        let xs = window_range(ox, win.stride, win.pad, win.kw, win.w);
+        // Visiting the cells last to first, the last match is the first cell holding the
+        // maximum; with none (a NaN maximum), the first cell (position 0) keeps it.
+        won.fill(T::zero());
+        for iy in ys.clone().rev() {
+            let image_row = rows(iy);
+            for ix in xs.clone().rev() {
                 let pos = T::from_f64(((iy - ys.start) * xs.len() + ix - xs.start) as f64);
-                let cell = &img[(iy * w + ix) * c..(iy * w + ix + 1) * c];
+                let cell = &image_row[ix * c..(ix + 1) * c];
                 for ((k, &v), &m) in won.iter_mut().zip(cell).zip(best) {
                     *k = if v == m { pos } else { *k };
                 }
             }
         }
     }
+}
+
+/// The second pass of [`pool_image_backward`] for input row `iy`: each cell's gradient, the sum
+/// of the gradients `g` (the image's, `(oh, ow, c)`) of the windows that chose it, added in
+/// row-major window order from +0, into `out` (`(w, c)`), from the winners of the output rows
+/// whose windows cover the row, `winners(oy)` (as [`winners_row`] makes them).
+#[inline(always)]
+pub(super) fn gather_row<'a, T: WithDType, S: Slot<T>>(
+    winners: impl Fn(usize) -> &'a [T],
+    g: &[T],
+    win: &Window,
+    iy: usize,
+    out: &mut [S],
+) {
+    let (c, w, ow) = (win.c, win.w, win.ow());
+    let oys = covering(iy, win.stride, win.pad, win.kh, win.oh());
     let mut sum = vec![T::zero(); c];
-    for iy in 0..win.h {
-        let oys = covering(iy, win.stride, win.pad, win.kh, win.oh());
-        for ix in 0..w {
-            let oxs = covering(ix, win.stride, win.pad, win.kw, ow);
-            sum.fill(T::zero());
-            for oy in oys.clone() {
-                let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
-                for ox in oxs.clone() {
-                    let xs = window_range(ox, win.stride, win.pad, win.kw, w);
-                    let pos = T::from_f64(((iy - ys.start) * xs.len() + ix - xs.start) as f64);
-                    let at = (oy * ow + ox) * c;
-                    for ((a, &k), &gv) in sum.iter_mut().zip(&winner[at..at + c]).zip(&g[at..at + c]) {
-                        *a += if k == pos { gv } else { T::zero() };
-                    }
+    for (ix, dst) in out.chunks_exact_mut(c).enumerate() {
+        let oxs = covering(ix, win.stride, win.pad, win.kw, ow);
+        sum.fill(T::zero());
+        for oy in oys.clone() {
+            let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
+            let won_row = winners(oy);
+            for ox in oxs.clone() {
+                let xs = window_range(ox, win.stride, win.pad, win.kw, w);
+                let pos = T::from_f64(((iy - ys.start) * xs.len() + ix - xs.start) as f64);
+                let (won, gs) = (&won_row[ox * c..(ox + 1) * c], &g[(oy * ow + ox) * c..(oy * ow + ox + 1) * c]);
+                for ((a, &k), &gv) in sum.iter_mut().zip(won).zip(gs) {
+                    *a += if k == pos { gv } else { T::zero() };
                 }
             }
-            for (d, &a) in dst[(iy * w + ix) * c..(iy * w + ix + 1) * c].iter_mut().zip(&sum) {
-                d.put(a);
-            }
+        }
+        for (d, &a) in dst.iter_mut().zip(&sum) {
+            d.put(a);
         }
     }
-    scratch::give(winner);
 }
 
 /// The outputs whose windows hold input row (or column) `i`: `o·s − p ≤ i < o·s − p + k`.
-fn covering(i: usize, stride: usize, pad: usize, k: usize, out: usize) -> std::ops::Range<usize> {
+pub(super) fn covering(i: usize, stride: usize, pad: usize, k: usize, out: usize) -> std::ops::Range<usize> {
     let lo = if i + pad >= k { (i + pad - k) / stride + 1 } else { 0 };
     lo.min(out)..((i + pad) / stride + 1).min(out)
 }
