@@ -3,11 +3,13 @@
 //! As two ops, the forward writes the normalised activation (at 96 px, 128 × 48 × 48 × 64
 //! values, 75 MB) and the pool reads it back; the backward reads it again to find each window's
 //! maximum and writes the pool's input gradient `dz` (cleared first), and the BatchNorm reads `x`
-//! and `dz` twice, for its sums and for its input gradient. Here each image is normalised into a
-//! buffer that stays in cache and pooled from there, so the normalised activation is never
-//! written out; the backward normalises each image again, routes the pool's gradient inside a
-//! second buffer, and sums the BatchNorm's terms from it as it writes `dz` out once; the input
-//! gradient then reads `x` and `dz` once. For d2l's stem, whose convolution has one input
+//! and `dz` twice, for its sums and for its input gradient. Here each image is normalised a few
+//! rows at a time into a ring that stays in cache ([`RowRing`]: the rows under one row of
+//! windows) and pooled from there, so the normalised activation is never written out; the
+//! backward normalises the rows again the same way, finds each row of windows' winning cells
+//! into a second ring, gathers each input row's gradient from the windows over it, and sums the
+//! BatchNorm's terms from that row as it writes `dz` out once; the input gradient then reads `x`
+//! and `dz` once. For d2l's stem, whose convolution has one input
 //! channel and images that need no gradient, that input gradient is not written out either:
 //! each run of rows is made in a buffer and the convolution's weight and bias gradients take
 //! their terms from it there.
