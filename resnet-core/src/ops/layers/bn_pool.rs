@@ -58,14 +58,7 @@ pub(super) fn normalize_pool<T: WithDType, const RELU: bool>(x: &[T], stats: &St
             #[inline(always)]
             || {
                 for (oy, out) in dst.chunks_exact_mut(win.ow() * win.c).enumerate() {
-                    let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
-                    z.make_until(ys.end, |iy, z_row| {
-                        normalize_block::<T, T, RELU>(
-                            z_row,
-                            &image[iy * row..(iy + 1) * row],
-                            (&affine.0, &affine.1, &affine.2),
-                        )
-                    });
+                    z.normalize_window_rows::<RELU>(image, &affine, win, oy);
                     pool_row(|iy| z.row(iy), win, oy, out);
                 }
             },
@@ -239,14 +232,7 @@ impl<'w> Parts<'w> {
                     for iy in image_rows {
                         let windows = covering(iy, win.stride, win.pad, win.kh, win.oh());
                         won.make_until(windows.end, |oy, won_row| {
-                            let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
-                            z.make_until(ys.end, |zy, z_row| {
-                                normalize_block::<T, T, RELU>(
-                                    z_row,
-                                    &image[zy * row..(zy + 1) * row],
-                                    (&affine.0, &affine.1, &affine.2),
-                                )
-                            });
+                            z.normalize_window_rows::<RELU>(image, affine, win, oy);
                             winners_row(|zy| z.row(zy), &maxima[oy * out_row..(oy + 1) * out_row], win, oy, won_row);
                         });
                         gather_row(|oy| won.row(oy), g, win, iy, &mut dz);
@@ -290,6 +276,17 @@ impl<T: WithDType> RowRing<T> {
             make(self.made, &mut self.buf[slot * self.len..(slot + 1) * self.len]);
             self.made += 1;
         }
+    }
+
+    /// Makes the rows under output row `oy`'s windows (and any before them not yet made) of
+    /// `relu(bn(image))` with the BatchNorm's `affine`, one image row of `win` each.
+    #[inline(always)]
+    fn normalize_window_rows<const RELU: bool>(&mut self, image: &[T], affine: &Affine<T>, win: &Window, oy: usize) {
+        let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
+        let len = self.len;
+        self.make_until(ys.end, |iy, z_row| {
+            normalize_block::<T, T, RELU>(z_row, &image[iy * len..(iy + 1) * len], (&affine.0, &affine.1, &affine.2))
+        });
     }
 
     /// Row `i`, one of the last `k` made.
