@@ -261,6 +261,14 @@ fn entry_stride(count: usize, c: usize) -> usize {
     count * c + LANES
 }
 
+/// Elements from one input channel's row of transformed filters to the next's: the row's
+/// `α² · cout` values plus one [`LANES`] run. The products read a column block of the rows; at
+/// `α² · cout` apart (F(2×2): 16 · cout, a whole number of 4 KB pages) all of its lines would fall
+/// into one set of the L1 cache.
+fn filter_stride(alpha: usize, cout: usize) -> usize {
+    alpha * alpha * cout + LANES
+}
+
 /// `Bᵀ d` for F(2×2) on [`LANES`] channels of a column of four entries: the sums [`left`] makes
 /// with `Bᵀ`, in its order (a term with coefficient −1 subtracted, which rounds the same).
 #[inline(always)]
@@ -420,7 +428,7 @@ fn transform_filters<T: WithDType>(filters: Filters<'_, T>, cin: usize, cout: us
 }
 
 /// `U = G g Gᵀ` laid out `(cin, α², cout)` (entry `e`'s `cin × cout` matrix at `e · cout`, its
-/// rows `α² · cout` apart), `rows(c, g)` writing input channel `c`'s nine taps (row-major) into
+/// rows [`filter_stride`] apart), `rows(c, g)` writing input channel `c`'s nine taps (row-major) into
 /// `g` `(9, cout)`. Input channels in parallel: each one's nine rows (vectors over the output
 /// channels) give the α × 3 rows of `G g`, and those the α² rows of `(G g) Gᵀ`, per element the
 /// sums [`left`] and then [`right`] make on one filter, in their order.
@@ -433,8 +441,8 @@ fn transform_rows<T: WithDType>(
     let a = tr.alpha;
     let g: Vec<T> = matrix(tr.g, a, 3, false);
     // Every element is written: no clearing pass.
-    let mut u = scratch::take(cin * a * a * cout);
-    u.par_chunks_mut(a * a * cout).enumerate().for_each_init(
+    let mut u = scratch::take(cin * filter_stride(a, cout));
+    u.par_chunks_mut(filter_stride(a, cout)).enumerate().for_each_init(
         || (vec![T::zero(); 9 * cout], vec![T::zero(); 3 * a * cout]),
         |(f, t), (c, uc)| {
             rows(c, f);
@@ -446,7 +454,7 @@ fn transform_rows<T: WithDType>(
                         let (i, k) = (ik / 3, ik % 3);
                         sum_of_terms(tik, (0..3).map(|r| (g[i * 3 + r], &f[(r * 3 + k) * cout..][..cout])));
                     }
-                    for (e, out) in uc.chunks_exact_mut(cout).enumerate() {
+                    for (e, out) in uc[..a * a * cout].chunks_exact_mut(cout).enumerate() {
                         let (i, j) = (e / a, e % a);
                         sum_of_terms(out, (0..3).map(|k| (g[j * 3 + k], &t[(i * 3 + k) * cout..][..cout])));
                     }
@@ -909,7 +917,7 @@ pub fn conv3x3<T: WithDType>(
             let (vs, ps) = (entry_stride(total, cin), entry_stride(total, cout));
             let mut prod = scratch::take(a * a * ps);
             prod.par_chunks_mut(ps).enumerate().for_each(|(e, pe)| {
-                matmul_strided((total, cout, cin), &v[e * vs..], cin, &u[e * cout..], a * a * cout, pe, cout);
+                matmul_strided((total, cout, cin), &v[e * vs..], cin, &u[e * cout..], filter_stride(a, cout), pe, cout);
             });
             scratch::give(v);
             bands.split(dst, cout).into_par_iter().enumerate().for_each(|(task, out)| {
@@ -935,7 +943,7 @@ pub fn conv3x3<T: WithDType>(
                     ve,
                     cin,
                     ue,
-                    a * a * cout,
+                    filter_stride(a, cout),
                     &mut prod[e * entry_stride(count, cout)..],
                     cout,
                 );
