@@ -262,11 +262,16 @@ fn entry_stride(count: usize, c: usize) -> usize {
 }
 
 /// Elements from one input channel's row of transformed filters to the next's: the row's
-/// `α² · cout` values plus one [`LANES`] run. The products read a column block of the rows; at
-/// `α² · cout` apart (F(2×2): 16 · cout, a whole number of 4 KB pages) all of its lines would fall
-/// into one set of the L1 cache.
-fn filter_stride(alpha: usize, cout: usize) -> usize {
-    alpha * alpha * cout + LANES
+/// `α² · cout` values, plus one [`LANES`] run where the row is a whole number of 4 KB pages long
+/// (F(2×2) with 64 output channels and more, 16 · cout values). The products pack a column block
+/// of the rows; rows a whole number of pages apart would all fall into one set of the L1 cache.
+fn filter_stride<T>(alpha: usize, cout: usize) -> usize {
+    let row = alpha * alpha * cout;
+    if (row * std::mem::size_of::<T>()) % 4096 == 0 {
+        row + LANES
+    } else {
+        row
+    }
 }
 
 /// `Bᵀ d` for F(2×2) on [`LANES`] channels of a column of four entries: the sums [`left`] makes
@@ -441,8 +446,8 @@ fn transform_rows<T: WithDType>(
     let a = tr.alpha;
     let g: Vec<T> = matrix(tr.g, a, 3, false);
     // Every element is written: no clearing pass.
-    let mut u = scratch::take(cin * filter_stride(a, cout));
-    u.par_chunks_mut(filter_stride(a, cout)).enumerate().for_each_init(
+    let mut u = scratch::take(cin * filter_stride::<T>(a, cout));
+    u.par_chunks_mut(filter_stride::<T>(a, cout)).enumerate().for_each_init(
         || (vec![T::zero(); 9 * cout], vec![T::zero(); 3 * a * cout]),
         |(f, t), (c, uc)| {
             rows(c, f);
@@ -917,7 +922,15 @@ pub fn conv3x3<T: WithDType>(
             let (vs, ps) = (entry_stride(total, cin), entry_stride(total, cout));
             let mut prod = scratch::take(a * a * ps);
             prod.par_chunks_mut(ps).enumerate().for_each(|(e, pe)| {
-                matmul_strided((total, cout, cin), &v[e * vs..], cin, &u[e * cout..], filter_stride(a, cout), pe, cout);
+                matmul_strided(
+                    (total, cout, cin),
+                    &v[e * vs..],
+                    cin,
+                    &u[e * cout..],
+                    filter_stride::<T>(a, cout),
+                    pe,
+                    cout,
+                );
             });
             scratch::give(v);
             bands.split(dst, cout).into_par_iter().enumerate().for_each(|(task, out)| {
@@ -943,7 +956,7 @@ pub fn conv3x3<T: WithDType>(
                     ve,
                     cin,
                     ue,
-                    filter_stride(a, cout),
+                    filter_stride::<T>(a, cout),
                     &mut prod[e * entry_stride(count, cout)..],
                     cout,
                 );
