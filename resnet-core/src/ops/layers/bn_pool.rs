@@ -231,10 +231,10 @@ impl<'w> Parts<'w> {
                         (RowRing::new(win.kh, row, first_row), RowRing::new(win.kh, out_row, first_window));
                     for iy in image_rows {
                         let windows = covering(iy, win.stride, win.pad, win.kh, win.oh());
-                        won.make_until(windows.end, |oy, won_row| {
+                        while let Some((oy, won_row)) = won.next_before(windows.end) {
                             z.normalize_window_rows::<RELU>(image, affine, win, oy);
                             winners_row(|zy| z.row(zy), &maxima[oy * out_row..(oy + 1) * out_row], win, oy, won_row);
-                        });
+                        }
                         gather_row(|oy| won.row(oy), g, win, iy, &mut dz);
                         let part = (iy * w).max(from)..((iy + 1) * w).min(to);
                         let in_row = (part.start - iy * w) * c..(part.end - iy * w) * c;
@@ -266,16 +266,17 @@ impl<T: WithDType> RowRing<T> {
         RowRing { buf: scratch::take(k * len), len, made: first }
     }
 
-    /// Makes the rows up to `end` (exclusive) in order, `make(i, row)` writing every value of
-    /// row `i`.
+    /// The next row to make, if it is before `end`: its index and its slot, which the caller
+    /// writes whole; it counts as made. A loop over these rows rather than a closure per row, so
+    /// that the caller's vector width reaches the code that makes them.
     #[inline(always)]
-    fn make_until(&mut self, end: usize, mut make: impl FnMut(usize, &mut [T])) {
-        let k = self.buf.len() / self.len;
-        while self.made < end {
-            let slot = self.made % k;
-            make(self.made, &mut self.buf[slot * self.len..(slot + 1) * self.len]);
-            self.made += 1;
+    fn next_before(&mut self, end: usize) -> Option<(usize, &mut [T])> {
+        if self.made >= end {
+            return None;
         }
+        let (i, k) = (self.made, self.buf.len() / self.len);
+        self.made += 1;
+        Some((i, &mut self.buf[(i % k) * self.len..(i % k + 1) * self.len]))
     }
 
     /// Makes the rows under output row `oy`'s windows (and any before them not yet made) of
@@ -284,9 +285,9 @@ impl<T: WithDType> RowRing<T> {
     fn normalize_window_rows<const RELU: bool>(&mut self, image: &[T], affine: &Affine<T>, win: &Window, oy: usize) {
         let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
         let len = self.len;
-        self.make_until(ys.end, |iy, z_row| {
-            normalize_block::<T, T, RELU>(z_row, &image[iy * len..(iy + 1) * len], (&affine.0, &affine.1, &affine.2))
-        });
+        while let Some((iy, z_row)) = self.next_before(ys.end) {
+            normalize_block::<T, T, RELU>(z_row, &image[iy * len..(iy + 1) * len], (&affine.0, &affine.1, &affine.2));
+        }
     }
 
     /// Row `i`, one of the last `k` made.
