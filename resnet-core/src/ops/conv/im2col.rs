@@ -86,13 +86,11 @@ pub fn im2col_rows<T: WithDType>(x: &[T], win: &Window, rows: std::ops::Range<us
 
 /// The `kh · kw` patch of output pixel `(oy, ox)` of a one-channel image `img` (`h · w`) into
 /// `dst`: a kernel row's taps are a run of one image row, copied whole between the zeros of the
-/// padding. Seven-wide kernels (d2l's stem) take [`one_channel_patch_of`], whose rows are
-/// copied as arrays of a known length instead of by a `memcpy` call each.
+/// padding. A seven-wide row inside the image (d2l's stem, most of its rows) is copied as an
+/// array of known length rather than by a `memcpy` call.
 #[inline(always)]
 pub fn one_channel_patch<T: WithDType>(img: &[T], win: &Window, oy: usize, ox: usize, dst: &mut [T]) {
-    if win.kw == 7 {
-        return one_channel_patch_of::<T, 7>(img, win, oy, ox, dst);
-    }
+    const STEM: usize = 7;
     let x0 = (ox * win.stride) as isize - win.pad as isize;
     // The kernel columns inside the image.
     let lo = (-x0).clamp(0, win.kw as isize) as usize;
@@ -104,34 +102,13 @@ pub fn one_channel_patch<T: WithDType>(img: &[T], win: &Window, oy: usize, ox: u
             continue;
         }
         let start = iy as usize * win.w + (x0 + lo as isize) as usize;
+        if let (0, STEM, Ok(whole)) = (lo, hi, <&mut [T; STEM]>::try_from(&mut *dst)) {
+            *whole = *<&[T; STEM]>::try_from(&img[start..start + STEM]).expect("seven taps inside the image");
+            continue;
+        }
         dst[..lo].fill(T::zero());
         dst[lo..hi].copy_from_slice(&img[start..start + hi - lo]);
         dst[hi..].fill(T::zero());
-    }
-}
-
-/// [`one_channel_patch`] for kernels `K` wide (`win.kw == K`).
-#[inline(always)]
-fn one_channel_patch_of<T: WithDType, const K: usize>(img: &[T], win: &Window, oy: usize, ox: usize, dst: &mut [T]) {
-    let x0 = (ox * win.stride) as isize - win.pad as isize;
-    // The kernel columns inside the image.
-    let lo = (-x0).clamp(0, K as isize) as usize;
-    let hi = (win.w as isize - x0).clamp(lo as isize, K as isize) as usize;
-    for (ki, dst) in dst.chunks_exact_mut(K).enumerate() {
-        let dst: &mut [T; K] = dst.try_into().expect("a kernel row of K taps");
-        let iy = (oy * win.stride + ki) as isize - win.pad as isize;
-        if iy < 0 || iy >= win.h as isize || lo == hi {
-            *dst = [T::zero(); K];
-            continue;
-        }
-        let start = iy as usize * win.w + (x0 + lo as isize) as usize;
-        if lo == 0 && hi == K {
-            *dst = *<&[T; K]>::try_from(&img[start..start + K]).expect("K taps inside the image");
-        } else {
-            for (k, d) in dst.iter_mut().enumerate() {
-                *d = if (lo..hi).contains(&k) { img[start + k - lo] } else { T::zero() };
-            }
-        }
     }
 }
 
@@ -452,9 +429,9 @@ mod tests {
         }
     }
 
-    /// One-channel patches (the seven-wide kernels' own copy and the general one) against the
-    /// definition, every tap its image value or zero in the padding: odd and even sizes,
-    /// images narrower than the kernel, strides 1 and 2.
+    /// One-channel patches (seven-wide rows inside the image copied as arrays, the others run by
+    /// run) against the definition, every tap its image value or zero in the padding: odd and
+    /// even sizes, images narrower than the kernel, strides 1 and 2.
     #[test]
     fn one_channel_patches_are_the_image_under_the_kernel() {
         for &(h, w, k, stride, pad) in
