@@ -274,9 +274,16 @@ impl<T: WithDType> RowRing<T> {
         if self.made >= end {
             return None;
         }
-        let (i, k) = (self.made, self.buf.len() / self.len);
+        let (i, slot) = (self.made, self.slot(self.made));
         self.made += 1;
-        Some((i, &mut self.buf[(i % k) * self.len..(i % k + 1) * self.len]))
+        Some((i, &mut self.buf[slot]))
+    }
+
+    /// Where row `i` lives in the ring.
+    #[inline(always)]
+    fn slot(&self, i: usize) -> Range<usize> {
+        let at = i % (self.buf.len() / self.len) * self.len;
+        at..at + self.len
     }
 
     /// Makes the rows under output row `oy`'s windows (and any before them not yet made) of
@@ -295,8 +302,7 @@ impl<T: WithDType> RowRing<T> {
     fn row(&self, i: usize) -> &[T] {
         let k = self.buf.len() / self.len;
         debug_assert!(i < self.made && i + k >= self.made, "row {i} is not among the last {k} made");
-        let slot = i % k;
-        &self.buf[slot * self.len..(slot + 1) * self.len]
+        &self.buf[self.slot(i)]
     }
 
     fn give(self) {
