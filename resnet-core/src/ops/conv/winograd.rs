@@ -349,28 +349,28 @@ fn tiles_in_lanes<T: WithDType, const K: usize, const A: usize>(
     // once here, not for every tile and channel group (an array this size is cleared by a
     // `memset` call).
     let mut r = [[[T::zero(); LANES]; K]; A];
+    let zeros = vec![T::zero(); c];
     for t in 0..count {
         let (n, ty, tx) = bands.tile_at(first + t);
-        // Where each entry of the window starts in `data`; none outside the image.
-        let mut at = [[None; K]; K];
-        for (i, row) in at.iter_mut().enumerate() {
+        // Each entry of the window's `c` channels: a pixel of `data`, or zeros outside the image.
+        let mut px: [[&[T]; K]; K] = [[&zeros[..]; K]; K];
+        for (i, row) in px.iter_mut().enumerate() {
             for (j, entry) in row.iter_mut().enumerate() {
                 let (y, x) = ((step * ty + i).wrapping_sub(shift), (step * tx + j).wrapping_sub(shift));
-                *entry = (y < h && x < w).then(|| ((n * h + y) * w + x) * c);
+                if y < h && x < w {
+                    let at = ((n * h + y) * w + x) * c;
+                    *entry = &data[at..at + c];
+                }
             }
         }
         for c0 in (0..c).step_by(LANES) {
             // Plain loops and copies, not `array::from_fn` or `try_into`: the hot loop must not
             // call out of the function compiled at the detected vector width.
-            let load = |at: Option<usize>, v: &mut [T; LANES]| match at {
-                Some(a) => v.copy_from_slice(&data[a + c0..a + c0 + LANES]),
-                None => *v = [T::zero(); LANES],
-            };
             // r = S d a column at a time, then S d Sᵀ = r Sᵀ a row at a time, into the entries.
             for j in 0..K {
                 let mut col = [[T::zero(); LANES]; K];
                 for (i, v) in col.iter_mut().enumerate() {
-                    load(at[i][j], v);
+                    v.copy_from_slice(&px[i][j][c0..c0 + LANES]);
                 }
                 let col = side(col);
                 for (i, value) in col.into_iter().enumerate() {
@@ -725,6 +725,40 @@ fn epilogue<T: WithDType>(dst: &mut [MaybeUninit<T>], src: &[T], (epi, at): (&Ep
     }
 }
 
+/// [`epilogue`] on the [`LANES`] channels from `c0` of one pixel, held in an array: the same
+/// sums in the same order, each step a plain loop over the lanes so that it runs as vector
+/// instructions (the slice form ran one element at a time).
+#[inline(always)]
+fn epilogue_lanes<T: WithDType>(
+    dst: &mut [MaybeUninit<T>],
+    px: &[T; LANES],
+    (epi, c0, at): (&Epilogue<'_, T>, usize, usize),
+) {
+    let mut o = *px;
+    if let Some(b) = epi.bias {
+        let b = &b[c0..c0 + LANES];
+        for l in 0..LANES {
+            o[l] = o[l] + b[l];
+        }
+    }
+    if let Some(r) = epi.residual {
+        let r = &r[at..at + LANES];
+        for l in 0..LANES {
+            o[l] = o[l] + r[l];
+        }
+    }
+    if epi.relu {
+        for v in o.iter_mut() {
+            if *v < T::zero() {
+                *v = T::zero();
+            }
+        }
+    }
+    for (d, v) in dst[..LANES].iter_mut().zip(o) {
+        d.write(v);
+    }
+}
+
 /// `Y = Aᵀ M A` (+ bias, then ReLU) for tiles `first..first + count` from their products `prod`
 /// (entry-major as [`input_tiles`] lays tiles out, entry `e` of the first tile at `e·estride`),
 /// into `out`, the task's image rows, which start at element `base` of the batch's output.
@@ -815,13 +849,12 @@ fn output_tiles_lanes<T: WithDType, const A: usize, const M: usize>(
                     s[i][j] = value;
                 }
             }
-            let e = Epilogue { bias: epi.bias.map(|b| &b[c0..c0 + LANES]), ..*epi };
             for (i, row) in s.iter().enumerate().take(rows) {
                 let y = side(*row);
                 let line = (n * h + M * ty + i) * w * cout - base;
                 for (j, px) in y.iter().enumerate().take(cols) {
                     let at = line + (M * tx + j) * cout + c0;
-                    epilogue(&mut out[at..at + LANES], px, (&e, base + at));
+                    epilogue_lanes(&mut out[at..at + LANES], px, (epi, c0, base + at));
                 }
             }
         }
