@@ -356,8 +356,12 @@ impl FoldedConvBatchNorm {
         let [bias, gamma, beta, mean, var] = [0, 1, 2, 3, 4].map(|i| &packed[i * c..(i + 1) * c]);
         let scale: Vec<T> =
             (0..c).map(|o| T::from_f64(gamma[o].to_f64() / (var[o].to_f64() + self.eps).sqrt())).collect();
+        // Each output channel's weights are one run of `per_out`, scaled by that channel's factor.
         let per_out = w.len() / c;
-        let w_folded = w.iter().enumerate().map(|(i, &v)| v * scale[i / per_out]).collect();
+        let mut w_folded = Vec::with_capacity(w.len());
+        for (run, &s) in w.chunks_exact(per_out).zip(&scale) {
+            w_folded.extend(run.iter().map(|&v| v * s));
+        }
         let b_folded = (0..c).map(|o| (bias[o] - mean[o]) * scale[o] + beta[o]).collect();
         (w_folded, b_folded)
     }
