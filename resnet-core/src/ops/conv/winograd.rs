@@ -32,6 +32,13 @@ use crate::ops::plumbing::simd::with_fma;
 /// filters' instead of going out to memory and back (at 96 px the whole batch's would be 75 MB).
 const TASK_ELEMENTS: usize = 1 << 20;
 
+/// [`TASK_ELEMENTS`] for the weight gradient's tasks (inputs and output gradients transformed):
+/// half, so that more of a task's tiles are still in the core's own cache when its products
+/// read them, beside the group's sums that every task adds to. Faster in the 96 px and 224 px
+/// training steps on the AVX2 EPYC, the same at 28 px (BENCHMARKS.md); the forward and the
+/// input gradient keep the larger tasks.
+const WEIGHT_GRAD_TASK_ELEMENTS: usize = TASK_ELEMENTS / 2;
+
 /// Tasks per convolution at least, where the batch has that many tile rows: enough to keep
 /// both cores busy, a multiple of [`GROUPS`].
 const MIN_TASKS: usize = 8;
@@ -516,11 +523,16 @@ struct Bands {
 impl Bands {
     /// Bands for `(batch, h, w)` images whose tasks hold α² entries of `channels` (input plus
     /// output channels) per tile.
-    fn new(tr: &Transforms, (batch, h, w): (usize, usize, usize), channels: usize) -> Bands {
+    fn new(tr: &Transforms, dims: (usize, usize, usize), channels: usize) -> Bands {
+        Self::sized(tr, dims, channels, TASK_ELEMENTS)
+    }
+
+    /// [`Bands::new`] with tasks of about `elements` transformed values.
+    fn sized(tr: &Transforms, (batch, h, w): (usize, usize, usize), channels: usize, elements: usize) -> Bands {
         let (th, tw) = (h.div_ceil(tr.m), w.div_ceil(tr.m));
         let count = batch * th;
         let band = tr.alpha * tr.alpha * tw * channels;
-        let tasks = count.div_ceil((TASK_ELEMENTS / band).max(1)).max(MIN_TASKS).next_multiple_of(GROUPS).min(count);
+        let tasks = count.div_ceil((elements / band).max(1)).max(MIN_TASKS).next_multiple_of(GROUPS).min(count);
         Bands { m: tr.m, h, w, th, tw, count, per_task: count.div_ceil(tasks.max(1)).max(1) }
     }
 
@@ -1109,7 +1121,7 @@ pub fn conv3x3_weight_grad<T: WithDType>(
 ) -> Vec<T> {
     let tr = tile.transforms();
     let a = tr.alpha;
-    let bands = Bands::new(tr, (batch, h, w), cin + cout);
+    let bands = Bands::sized(tr, (batch, h, w), cin + cout, WEIGHT_GRAD_TASK_ELEMENTS);
     let total = bands.count * bands.tw;
     let q = if gathered(total, cin, cout, true) {
         // Q_e = dM_eᵀ · V_e (cout × cin) over every tile as one product per entry, entries in
@@ -1533,16 +1545,20 @@ mod tests {
     /// budget (the 96 px stage: 1536 tile rows, 42 per task).
     #[test]
     fn bands_split_the_batch_into_whole_tile_rows() {
-        for (tile, (batch, h, w, channels)) in [
+        for ((tile, (batch, h, w, channels)), elements) in [
             (Tile::F2, (3, 9, 9, 5)),
             (Tile::F3, (3, 9, 9, 5)),
             (Tile::F4, (3, 9, 9, 5)),
             (Tile::F3, (128, 6, 6, 512)),
             (Tile::F2, (128, 24, 24, 128)),
             (Tile::F4, (2, 4, 4, 8)),
-        ] {
+            (Tile::F4, (128, 24, 24, 128)),
+        ]
+        .into_iter()
+        .flat_map(|case| [(case, TASK_ELEMENTS), (case, WEIGHT_GRAD_TASK_ELEMENTS)])
+        {
             let tr = tile.transforms();
-            let bands = Bands::new(tr, (batch, h, w), channels);
+            let bands = Bands::sized(tr, (batch, h, w), channels, elements);
             let (th, tw) = (h.div_ceil(tr.m), w.div_ceil(tr.m));
             assert!(
                 bands.per_task <= (batch * th).div_ceil(MIN_TASKS),
@@ -1551,7 +1567,7 @@ mod tests {
             );
             assert!(
                 tr.alpha * tr.alpha * bands.per_task * tw * channels
-                    <= TASK_ELEMENTS.max(tr.alpha * tr.alpha * tw * channels)
+                    <= elements.max(tr.alpha * tr.alpha * tw * channels)
             );
             let mut next = 0;
             for task in 0..bands.tasks() {
