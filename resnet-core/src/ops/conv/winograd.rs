@@ -750,13 +750,13 @@ fn epilogue_lanes<T: WithDType>(
     if let Some(b) = epi.bias {
         let b = &b[c0..c0 + LANES];
         for l in 0..LANES {
-            o[l] = o[l] + b[l];
+            o[l] += b[l];
         }
     }
     if let Some(r) = epi.residual {
         let r = &r[at..at + LANES];
         for l in 0..LANES {
-            o[l] = o[l] + r[l];
+            o[l] += r[l];
         }
     }
     if epi.relu {
