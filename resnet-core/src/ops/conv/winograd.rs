@@ -35,8 +35,8 @@ const TASK_ELEMENTS: usize = 1 << 20;
 /// [`TASK_ELEMENTS`] for the weight gradient's tasks (inputs and output gradients transformed):
 /// half, so that more of a task's tiles are still in the core's own cache when its products
 /// read them, beside the group's sums that every task adds to. Faster in the 96 px and 224 px
-/// training steps on the AVX2 EPYC, the same at 28 px (BENCHMARKS.md); the forward and the
-/// input gradient keep the larger tasks.
+/// training steps on the EPYC family 23 model 49, the same at 28 px (BENCHMARKS.md, round 23);
+/// the forward and the input gradient keep the larger tasks.
 const WEIGHT_GRAD_TASK_ELEMENTS: usize = TASK_ELEMENTS / 2;
 
 /// Tasks per convolution at least, where the batch has that many tile rows: enough to keep
