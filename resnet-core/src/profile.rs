@@ -48,7 +48,8 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
-/// One call into the gemm crate, as [`crate::ops::plumbing::matmul::gemm_strided`] makes it:
+/// One matrix product, as [`crate::ops::plumbing::matmul::gemm_strided`] hands it to the gemm
+/// crate or the Winograd convolutions run it on packed filters:
 /// `c (m×n, rows ldc apart) = a (m×k) · b (k×n)` with the factors' element strides (row,
 /// column), adding to `c` or not, split over the threads or run on one (beside others).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -71,6 +72,20 @@ pub struct ProductCall {
     pub accumulate: bool,
     /// Whether the product is split over the threads (else the caller runs several side by side).
     pub parallel: bool,
+    /// What runs the product.
+    pub kernel: ProductKernel,
+}
+
+/// What runs a [`ProductCall`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProductKernel {
+    /// The gemm crate.
+    Gemm,
+    /// This crate's own kernel (the Winograd products at the AVX2 tier) on a right factor
+    /// packed ahead of the products (`b_strides` are the matrix's before packing).
+    Packed,
+    /// This crate's own kernel on a right factor read in place.
+    InPlace,
 }
 
 impl ProductCall {
@@ -179,7 +194,7 @@ pub fn replay_report(replayed: &[Replayed], step_ms: f64) -> String {
         flops += gflop;
         let c = &r.call;
         out.push_str(&format!(
-            "{:>10.2} {:>7.1} {gflop:>10.3} {:>8.0}  {}×{}×{}; a {:?}, b {:?}; ldc {}{}{}\n",
+            "{:>10.2} {:>7.1} {gflop:>10.3} {:>8.0}  {}×{}×{}; a {:?}, b {:?}{}; ldc {}{}{}\n",
             1e3 * r.seconds_per_step,
             r.calls_per_step,
             r.gflops(),
@@ -188,6 +203,11 @@ pub fn replay_report(replayed: &[Replayed], step_ms: f64) -> String {
             c.k,
             c.a_strides,
             c.b_strides,
+            match c.kernel {
+                ProductKernel::Gemm => "",
+                ProductKernel::Packed => ", own kernel on packed b",
+                ProductKernel::InPlace => ", own kernel",
+            },
             c.ldc,
             if c.accumulate { ", accumulate" } else { "" },
             if c.parallel { ", threaded" } else { ", side by side" },

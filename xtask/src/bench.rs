@@ -334,7 +334,7 @@ pub fn run_one(a: BenchOneArgs) -> Result<()> {
         eprintln!("{step_ms:.1} ms per step in all");
         eprint!("{}", resnet_core::profile::report(steps));
         resnet_core::profile::enable(false);
-        eprintln!("\nthe step's matrix products replayed alone through the gemm crate:");
+        eprintln!("\nthe step's matrix products replayed alone (through the gemm crate; packed: our own kernel, as the step runs them):");
         let replayed = resnet_core::replay_products(steps);
         eprint!("{}", resnet_core::profile::replay_report(&replayed, step_ms));
     }

@@ -7,7 +7,9 @@
 //! (`V`, α² matrices of tiles × in-channels), transform every filter (`U`, α² matrices of in ×
 //! out channels), α² matrix products `M_e = V_e · U_e`, and transform every product tile back;
 //! each parallel task does all three for its own run of tile rows ([`Bands`]), so its
-//! temporaries stay in cache.
+//! temporaries stay in cache. Where this crate's own kernel runs the products ([`panels`]: f32
+//! at the AVX2 tier), the filters are packed once per convolution and each task takes its tiles
+//! a block at a time ([`BLOCK_BYTES`]), so they stay in the core's own cache.
 //! Per output pixel and channel pair the products do α²/m² multiplies where direct convolution
 //! does 9: 4 for F(2×2) (2.25× fewer), 2.78 for F(3×3) (3.24× fewer), 2.25 for F(4×4) (4× fewer),
 //! which also blows the data up less (2.25× against 4×) at the price of larger transform
@@ -24,6 +26,7 @@ use candle_core::WithDType;
 use rayon::prelude::*;
 
 use crate::ops::plumbing::matmul::{gemm_strided, matmul_strided};
+use crate::ops::plumbing::panels;
 use crate::ops::plumbing::scratch;
 use crate::ops::plumbing::simd::with_fma;
 
@@ -38,6 +41,20 @@ const TASK_ELEMENTS: usize = 1 << 20;
 /// training steps on the EPYC family 23 model 49, the same at 28 px (BENCHMARKS.md, round 23);
 /// the forward and the input gradient keep the larger tasks.
 const WEIGHT_GRAD_TASK_ELEMENTS: usize = TASK_ELEMENTS / 2;
+
+/// Transformed tiles (inputs and products) a block of [`panels`]' products holds, in bytes:
+/// half a megabyte, the L2 cache of the EPYC family 23 and 25 CPUs, so that a block's tiles are
+/// still in the core's own cache when its products and the output transform read them
+/// (BENCHMARKS.md, round 24, compares it with a task's 4 MB at once and with blocks of 256 KB
+/// and 1 MB).
+const BLOCK_BYTES: usize = 1 << 19;
+
+/// Tiles per block of [`BLOCK_BYTES`], for tiles of α² entries of `channels` (input plus output
+/// channels): a whole number of the kernel's rows.
+fn block_tiles<T>(tr: &Transforms, channels: usize) -> usize {
+    let tile = tr.alpha * tr.alpha * channels * std::mem::size_of::<T>();
+    (BLOCK_BYTES / tile.max(1)).max(panels::ROWS) / panels::ROWS * panels::ROWS
+}
 
 /// Tasks per convolution at least, where the batch has that many tile rows: enough to keep
 /// both cores busy, a multiple of [`GROUPS`].
@@ -938,9 +955,22 @@ pub fn conv3x3<T: WithDType>(
     x: &[T],
     filters: Filters<'_, T>,
     epi: Epilogue<'_, T>,
-    (batch, h, w, cin): (usize, usize, usize, usize),
+    dims: (usize, usize, usize, usize),
     cout: usize,
     tile: Tile,
+) -> Vec<T> {
+    conv3x3_in_blocks(x, filters, epi, dims, cout, (tile, None))
+}
+
+/// [`conv3x3`], its tasks' tiles taken `block` at a time where [`panels`] run the products
+/// ([`block_tiles`]'s number without one).
+fn conv3x3_in_blocks<T: WithDType>(
+    x: &[T],
+    filters: Filters<'_, T>,
+    epi: Epilogue<'_, T>,
+    (batch, h, w, cin): (usize, usize, usize, usize),
+    cout: usize,
+    (tile, block): (Tile, Option<usize>),
 ) -> Vec<T> {
     if let Some(r) = epi.residual {
         assert_eq!(r.len(), batch * h * w * cout, "conv3x3: a residual of another shape than the output");
@@ -959,6 +989,10 @@ pub fn conv3x3<T: WithDType>(
             || output_tiles(prod, cout, tr, &bands, tiles, &epi, (out, base)),
         );
     };
+    // The filters packed once for all the tasks' products where this CPU runs our own kernel
+    // (`panels`), and the tasks' tiles then taken a block at a time.
+    let packed = (!gathered(total, cin, cout, false) && panels::usable::<T>(cout))
+        .then(|| panels::pack(&u, (filter_stride::<T>(a, cout), cout), a * a, (cin, cout)));
     let fill = |dst: &mut [MaybeUninit<T>]| {
         if gathered(total, cin, cout, false) {
             // V for every tile, M_e = V_e · U_e as one product per entry (entries in parallel), then
@@ -983,6 +1017,40 @@ pub fn conv3x3<T: WithDType>(
                 output(task, out, (&prod[first * cout..], ps));
             });
             scratch::give(prod);
+            return;
+        }
+        if let Some(p) = &packed {
+            // Each task's tiles a block at a time: V, the products and the output transform of
+            // a block while its tiles are in the core's own cache.
+            let block = block.unwrap_or_else(|| block_tiles::<T>(tr, cin + cout)).max(1);
+            bands.split(dst, cout).into_par_iter().enumerate().for_each(|(task, out)| {
+                let (first, count) = bands.tiles(task);
+                let base = bands.offset(task * bands.per_task, cout);
+                let mut v = scratch::take(a * a * entry_stride(block, cin));
+                let mut prod = scratch::take(a * a * entry_stride(block, cout));
+                for start in (0..count).step_by(block) {
+                    let tiles = (first + start, block.min(count - start));
+                    with_fma(
+                        #[inline(always)]
+                        || input_tiles(x, cin, tr, &bands, tiles, &mut v),
+                    );
+                    let (vs, ps) = (entry_stride(tiles.1, cin), entry_stride(tiles.1, cout));
+                    for e in 0..a * a {
+                        panels::product(
+                            (tiles.1, cout, cin),
+                            (&v[e * vs..], cin),
+                            &p[e * cin * cout..],
+                            (&mut prod[e * ps..], cout),
+                        );
+                    }
+                    with_fma(
+                        #[inline(always)]
+                        || output_tiles((&prod, ps), cout, tr, &bands, tiles, &epi, (&mut *out, base)),
+                    );
+                }
+                scratch::give(v);
+                scratch::give(prod);
+            });
             return;
         }
         bands.split(dst, cout).into_par_iter().enumerate().for_each(|(task, out)| {
@@ -1015,6 +1083,9 @@ pub fn conv3x3<T: WithDType>(
     // image, and each task writes its own rows.
     let y = unsafe { scratch::written(batch * h * w * cout, fill) };
     scratch::give(u);
+    if let Some(p) = packed {
+        scratch::give(p);
+    }
     y
 }
 
@@ -1137,6 +1208,8 @@ pub fn conv3x3_weight_grad<T: WithDType>(
         let (vs, ds) = (entry_stride(total, cin), entry_stride(total, cout));
         // Every element is written: no clearing pass.
         let mut q = scratch::take(a * a * cin * cout);
+        // The gemm crate's products: this crate's kernel reads `dm`'s columns in place, and
+        // over a whole batch of tiles they are too long to stay in cache.
         q.par_chunks_mut(cin * cout).enumerate().for_each(|(e, qe)| {
             gemm_strided((cout, cin, total), &dm[e * ds..], (1, cout), &v[e * vs..], (cin, 1), qe, cin, false, false);
         });
@@ -1149,6 +1222,16 @@ pub fn conv3x3_weight_grad<T: WithDType>(
     let dw = transform_weight_grad(&q, cin, cout, tr);
     scratch::give(q);
     dw
+}
+
+/// `q (cout × cin) += dmᵀ · v` over a task's `tiles` tiles of `dm` `(tiles × cout)` and `v`
+/// `(tiles × cin)`: this crate's kernel where [`panels::usable`], else the gemm crate's.
+fn add_products_over_tiles<T: WithDType>((cout, cin, tiles): (usize, usize, usize), dm: &[T], v: &[T], q: &mut [T]) {
+    if panels::usable::<T>(cin) {
+        panels::transposed_product((cout, cin, tiles), (dm, cout), (v, cin), (q, cin), true);
+    } else {
+        gemm_strided((cout, cin, tiles), dm, (1, cout), v, (cin, 1), q, cin, true, false);
+    }
 }
 
 /// `Q_e = Σ_tiles dM_eᵀ · V_e` `(cout × cin)` for every entry `e` by tasks: each group of tasks sums its tiles
@@ -1180,17 +1263,8 @@ fn grouped_sums<T: WithDType>(
                 );
                 // Q_e (cout × cin) += dM_eᵀ · V_e.
                 for e in 0..a * a {
-                    gemm_strided(
-                        (cout, cin, count),
-                        &dm[e * entry_stride(count, cout)..],
-                        (1, cout),
-                        &v[e * entry_stride(count, cin)..],
-                        (cin, 1),
-                        &mut q[e * cin * cout..],
-                        cin,
-                        true,
-                        false,
-                    );
+                    let (dme, ve) = (&dm[e * entry_stride(count, cout)..], &v[e * entry_stride(count, cin)..]);
+                    add_products_over_tiles((cout, cin, count), dme, ve, &mut q[e * cin * cout..]);
                 }
                 scratch::give(v);
                 scratch::give(dm);
@@ -1481,6 +1555,37 @@ mod tests {
 
     /// The weight gradient, every filter tap, against its direct float64 sum
     /// `dW[k, i, j, c] = Σ dy[n, y, x, k] · x[n, y + i − 1, x + j − 1, c]`; f32 within 1e-4.
+    /// Where this crate's kernel runs the products (`panels`; f32 at the AVX2 tier), a task's
+    /// tiles taken a few at a time (blocks of 6 and 4: whole blocks, a last partial one, a
+    /// block of fewer than the kernel's six rows) give the bits of one block per task, for
+    /// every tile, and stay within f32 rounding of the direct convolution.
+    #[test]
+    fn blocks_of_tiles_give_the_bits_of_whole_tasks() {
+        let (b, h, w, cin, cout) = (1, 12, 10, 5, 64);
+        let (x, f, bias) = (data(b * h * w * cin, 4), data(cout * 9 * cin, 5), data(cout, 6));
+        let want = direct(&x, &f, &bias, (b, h, w, cin), cout);
+        let (x, f, bias): (Vec<f32>, Vec<f32>, Vec<f32>) =
+            [x, f, bias].map(|v| v.iter().map(|&e| e as f32).collect::<Vec<f32>>()).into();
+        let tr = Tile::F2.transforms();
+        let bands = Bands::new(tr, (b, h, w), cin + cout);
+        assert!(!gathered(bands.count * bands.tw, cin, cout, false), "a gathered shape");
+        assert!(block_tiles::<f32>(tr, cin + cout) >= 30, "one block per task");
+        for tile in TILES {
+            let run = |block| {
+                let filters = Filters::Stored(&stored(&f, cin, cout));
+                conv3x3_in_blocks(&x, filters, with_bias(&bias), (b, h, w, cin), cout, (tile, block))
+            };
+            let whole = run(None);
+            for (g, e) in whole.iter().zip(&want) {
+                assert!(((*g as f64) - e).abs() < 1e-4 * e.abs().max(1.0), "{tile:?}: {g} vs {e}");
+            }
+            for block in [6, 4] {
+                let bits = |v: &[f32]| v.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&run(Some(block))), bits(&whole), "{tile:?}, blocks of {block}");
+            }
+        }
+    }
+
     #[test]
     fn weight_gradient_matches_direct_sums() {
         for (tile, &(b, h, w, cin, cout)) in TILES.iter().flat_map(|t| SHAPES.iter().map(move |s| (*t, s))) {

@@ -9,8 +9,9 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
+use super::panels;
 use super::storage::contiguous;
-use crate::profile::{ProductCall, Replayed};
+use crate::profile::{ProductCall, ProductKernel, Replayed};
 
 /// `c (m×n) = op(a) · op(b)`, plus the old `c` with `accumulate`, all row-major, where `op(a)`
 /// is `a (m×k)` or, with `trans_a`, the transpose of `a (k×m)`; likewise `b (k×n)` or `bᵀ` of
@@ -142,6 +143,7 @@ unsafe fn gemm_raw<T: WithDType>(
         ldc,
         accumulate,
         parallel,
+        kernel: crate::profile::ProductKernel::Gemm,
     });
     // rayon's own count (the pool the product runs on), not candle's `get_num_threads`, which
     // parses /proc/cpuinfo on every call when RAYON_NUM_THREADS is unset.
@@ -207,23 +209,21 @@ pub fn replay_products(steps: usize) -> Vec<Replayed> {
 fn replay<T: WithDType>(call: &ProductCall, per_step: usize) -> f64 {
     const MIN_REPEATS: usize = 5;
     const MIN_SECONDS: f64 = 0.05;
-    let ProductCall { m, n, k, a_strides, b_strides, ldc, accumulate, parallel, .. } = *call;
+    let ProductCall { m, n, k, a_strides, b_strides, ldc, accumulate, parallel, kernel, .. } = *call;
     let span = |(rs, cs): (usize, usize), rows: usize, cols: usize| (rows - 1) * rs + (cols - 1) * cs + 1;
     let a = vec![T::from_f64(0.5); span(a_strides, m, k)];
     let b = vec![T::from_f64(0.5); span(b_strides, k, n)];
+    // A packed product's right factor is packed once, ahead of the products, as its caller
+    // packs it.
+    let panels =
+        if kernel == ProductKernel::Packed { panels::pack(&b, (b_strides.0, 0), 1, (k, n)) } else { Vec::new() };
     let c_len = (m - 1) * ldc + n;
-    let run = |c: &mut Vec<T>| {
-        crate::ops::plumbing::matmul::gemm_strided(
-            (m, n, k),
-            &a,
-            a_strides,
-            &b,
-            b_strides,
-            c,
-            ldc,
-            accumulate,
-            parallel,
-        )
+    let run = |c: &mut Vec<T>| match kernel {
+        ProductKernel::Packed => panels::product((m, n, k), (&a, a_strides.0), &panels, (c, ldc)),
+        ProductKernel::InPlace => {
+            panels::transposed_product((m, n, k), (&a, a_strides.1), (&b, b_strides.0), (c, ldc), accumulate)
+        }
+        ProductKernel::Gemm => gemm_strided((m, n, k), &a, a_strides, &b, b_strides, c, ldc, accumulate, parallel),
     };
     let mut c = vec![T::zero(); c_len];
     let threads = rayon::current_num_threads();

@@ -7,6 +7,7 @@ pub(crate) mod elementwise;
 pub(crate) mod geometry;
 pub(crate) mod gradients;
 pub(crate) mod matmul;
+pub(crate) mod panels;
 pub(crate) mod scratch;
 pub(crate) mod simd;
 pub(crate) mod storage;
