@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Checks that a CPU without AVX-512 takes the AVX2 paths (gemm's products and the project's own
-# kernels) and that they compute the same weights as the AVX-512 paths.
+# kernels) and that they compute the same weights as the AVX-512 paths, and that the Winograd
+# products give the same weights on the project's own kernel as on the gemm crate's.
 #
-# Trains the same tiny run (width 8, 512 real Fashion-MNIST images, 8 steps) three times:
+# Trains the same tiny run (width 8, 512 real Fashion-MNIST images, 8 steps) four times:
 #   1. natively (AVX-512 where the CPU has it),
-#   2. natively with RESNET_SIMD=avx2 (the project's kernels capped at AVX2; gemm unchanged),
+#   2. natively with RESNET_SIMD=avx2 (the project's kernels capped at AVX2, where the Winograd
+#      products run on its own kernel; gemm unchanged),
 #   3. under Debian's qemu-user as a Haswell CPU (no AVX-512 anywhere: gemm and our kernels on AVX2),
-# then compares the tensor bytes of the three checkpoints (the safetensors data section; the
+#   4. natively with RESNET_PANELS=off (every product on the gemm crate's kernels),
+# then compares the tensor bytes of the four checkpoints (the safetensors data section; the
 # metadata holds wall-clock times and differs).
 #
 #   apt-get install qemu-user dataset-fashion-mnist
@@ -31,10 +34,11 @@ tensor_bytes() { # sha256 of a safetensors file's data section
 "$bin" "${args[@]}" --out "$out/native" > "$out/native.log" 2>&1
 RESNET_SIMD=avx2 "$bin" "${args[@]}" --out "$out/avx2" > "$out/avx2.log" 2>&1
 qemu-x86_64 -cpu Haswell "$bin" "${args[@]}" --out "$out/haswell" > "$out/haswell.log" 2>&1
+RESNET_PANELS=off "$bin" "${args[@]}" --out "$out/gemm" > "$out/gemm.log" 2>&1
 
 status=0
 ref=$(tensor_bytes "$out/native/checkpoint.safetensors")
-for run in native avx2 haswell; do
+for run in native avx2 haswell gemm; do
     h=$(tensor_bytes "$out/$run/checkpoint.safetensors")
     printf '%-8s %s  %s\n' "$run" "$h" "$(grep '^loss' "$out/$run.log")"
     [ "$h" = "$ref" ] || status=1

@@ -8,7 +8,7 @@
 //! out channels), α² matrix products `M_e = V_e · U_e`, and transform every product tile back;
 //! each parallel task does all three for its own run of tile rows ([`Bands`]), so its
 //! temporaries stay in cache. Where this crate's own kernel runs the products ([`panels`]: f32
-//! at the AVX2 tier), the filters are packed once per convolution and each task takes its tiles
+//! at the AVX2 tier by default), the filters are packed once per convolution and each task takes its tiles
 //! a block at a time ([`BLOCK_BYTES`]), so they stay in the core's own cache.
 //! Per output pixel and channel pair the products do α²/m² multiplies where direct convolution
 //! does 9: 4 for F(2×2) (2.25× fewer), 2.78 for F(3×3) (3.24× fewer), 2.25 for F(4×4) (4× fewer),
@@ -991,8 +991,8 @@ fn conv3x3_in_blocks<T: WithDType>(
     };
     // The filters packed once for all the tasks' products where this CPU runs our own kernel
     // (`panels`), and the tasks' tiles then taken a block at a time.
-    let packed = (!gathered(total, cin, cout, false) && panels::usable::<T>(cout))
-        .then(|| panels::pack(&u, (filter_stride::<T>(a, cout), cout), a * a, (cin, cout)));
+    let width = panels::width::<T>(cout).filter(|_| !gathered(total, cin, cout, false));
+    let packed = width.map(|width| panels::pack(&u, (filter_stride::<T>(a, cout), cout), a * a, (cin, cout), width));
     let fill = |dst: &mut [MaybeUninit<T>]| {
         if gathered(total, cin, cout, false) {
             // V for every tile, M_e = V_e · U_e as one product per entry (entries in parallel), then
@@ -1019,7 +1019,7 @@ fn conv3x3_in_blocks<T: WithDType>(
             scratch::give(prod);
             return;
         }
-        if let Some(p) = &packed {
+        if let (Some(p), Some(width)) = (&packed, width) {
             // Each task's tiles a block at a time: V, the products and the output transform of
             // a block while its tiles are in the core's own cache.
             let block = block.unwrap_or_else(|| block_tiles::<T>(tr, cin + cout)).max(1);
@@ -1036,12 +1036,8 @@ fn conv3x3_in_blocks<T: WithDType>(
                     );
                     let (vs, ps) = (entry_stride(tiles.1, cin), entry_stride(tiles.1, cout));
                     for e in 0..a * a {
-                        panels::product(
-                            (tiles.1, cout, cin),
-                            (&v[e * vs..], cin),
-                            &p[e * cin * cout..],
-                            (&mut prod[e * ps..], cout),
-                        );
+                        let (ve, pe) = (&v[e * vs..], &mut prod[e * ps..]);
+                        panels::product((tiles.1, cout, cin), (ve, cin), &p[e * cin * cout..], (pe, cout), width);
                     }
                     with_fma(
                         #[inline(always)]
@@ -1225,10 +1221,10 @@ pub fn conv3x3_weight_grad<T: WithDType>(
 }
 
 /// `q (cout × cin) += dmᵀ · v` over a task's `tiles` tiles of `dm` `(tiles × cout)` and `v`
-/// `(tiles × cin)`: this crate's kernel where [`panels::usable`], else the gemm crate's.
+/// `(tiles × cin)`: this crate's kernel where [`panels::width`] says so, else the gemm crate's.
 fn add_products_over_tiles<T: WithDType>((cout, cin, tiles): (usize, usize, usize), dm: &[T], v: &[T], q: &mut [T]) {
-    if panels::usable::<T>(cin) {
-        panels::transposed_product((cout, cin, tiles), (dm, cout), (v, cin), (q, cin), true);
+    if let Some(width) = panels::width::<T>(cin) {
+        panels::transposed_product((cout, cin, tiles), (dm, cout), (v, cin), (q, cin), (true, width));
     } else {
         gemm_strided((cout, cin, tiles), dm, (1, cout), v, (cin, 1), q, cin, true, false);
     }

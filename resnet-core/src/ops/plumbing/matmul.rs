@@ -215,13 +215,14 @@ fn replay<T: WithDType>(call: &ProductCall, per_step: usize) -> f64 {
     let b = vec![T::from_f64(0.5); span(b_strides, k, n)];
     // A packed product's right factor is packed once, ahead of the products, as its caller
     // packs it.
-    let panels =
-        if kernel == ProductKernel::Packed { panels::pack(&b, (b_strides.0, 0), 1, (k, n)) } else { Vec::new() };
+    let width = panels::width::<T>(n).unwrap_or(0);
+    let packed =
+        if kernel == ProductKernel::Packed { panels::pack(&b, (b_strides.0, 0), 1, (k, n), width) } else { Vec::new() };
     let c_len = (m - 1) * ldc + n;
     let run = |c: &mut Vec<T>| match kernel {
-        ProductKernel::Packed => panels::product((m, n, k), (&a, a_strides.0), &panels, (c, ldc)),
+        ProductKernel::Packed => panels::product((m, n, k), (&a, a_strides.0), &packed, (c, ldc), width),
         ProductKernel::InPlace => {
-            panels::transposed_product((m, n, k), (&a, a_strides.1), (&b, b_strides.0), (c, ldc), accumulate)
+            panels::transposed_product((m, n, k), (&a, a_strides.1), (&b, b_strides.0), (c, ldc), (accumulate, width))
         }
         ProductKernel::Gemm => gemm_strided((m, n, k), &a, a_strides, &b, b_strides, c, ldc, accumulate, parallel),
     };

@@ -1,20 +1,23 @@
-//! Matrix products `c = a · b` whose right factor is packed once, ahead of many products, into
-//! column panels of [`PANEL`] columns, for the Winograd convolutions' products: there every
-//! entry's filter matrix `U_e` meets the tiles of every task, and the gemm crate packed it anew
-//! for each of those products (and the tiles too, which [`product`] reads in place).
+//! Matrix products `c = a · b` for the Winograd convolutions, on a micro-kernel of this crate's
+//! own: their filter matrices `U_e` are packed once per convolution into column panels, where
+//! the gemm crate packed them anew for every task's product (and the tiles too, which
+//! [`product`] reads in place), and the weight gradient's sums read both factors in place.
 //!
-//! The micro-kernel holds [`ROWS`] rows × [`PANEL`] columns of `c` in registers and adds
-//! `a[i, p] · b[p, j]` with a fused multiply-add for `p` in order, so every element is one
-//! in-order sum of fused products: the same bits at every vector width, and the gemm crate's
-//! bits wherever it runs its shared dimension in one block (every shape of this project's
-//! Winograd forwards and input gradients; `the_product_gives_the_gemm_crates_bits`).
+//! The kernel holds [`ROWS`] rows × one panel of `c` in registers and adds `a[i, p] · b[p, j]`
+//! with a fused multiply-add for `p` in order, so every element is one in-order sum of fused
+//! products: the same bits at every vector width and panel width, and the gemm crate's bits
+//! wherever it runs its shared dimension in one block (the Winograd products of this project's
+//! networks: `scripts/check_avx2_path.sh` gives the checkpoint bytes it gave before).
 //!
-//! It runs in plain Rust compiled at the [`simd`] tier, and only at the AVX2 tier
-//! ([`usable`]): there its 6 × 16 block is twelve of the sixteen vector registers, and it is
-//! faster than the crate on this project's product shapes (BENCHMARKS.md, round 24). At the
-//! AVX-512 tier the same block would be six of thirty-two registers, too few to keep both FMA
-//! units busy, and no AVX-512 CPU was at hand to size one: the gemm crate's AVX-512 kernels run
-//! there, and below AVX2 its baseline ones.
+//! It is plain Rust compiled at the [`simd`] tier. At the AVX2 tier its 6 × 16 block is twelve
+//! of the sixteen vector registers, and it runs there by default: faster than the gemm crate on
+//! this project's product shapes, alone and in the step (BENCHMARKS.md, round 24). At the
+//! AVX-512 tier it runs only with `RESNET_PANELS=all`, on panels of 32 (6 × 32 is twelve of the
+//! thirty-two registers), because no AVX-512 CPU has measured it yet; there, and below AVX2,
+//! the gemm crate's kernels run. `RESNET_PANELS=off` runs the gemm crate's everywhere, for
+//! comparing the two in one binary. The variable is read once, at the first product.
+
+use std::sync::OnceLock;
 
 use candle_core::{DType, WithDType};
 use rayon::prelude::*;
@@ -22,33 +25,66 @@ use rayon::prelude::*;
 use super::simd::{self, with_fma, SimdTier};
 use crate::profile::ProductKernel;
 
-/// Columns per panel: two AVX2 vectors of `f32`.
-pub(crate) const PANEL: usize = 16;
-
 /// Rows of `c` the micro-kernel holds at a time.
 pub(crate) const ROWS: usize = 6;
 
-/// Whether [`product`] runs for element type `T` and `n` columns in this process: `f32`, whole
-/// panels, at the AVX2 tier.
-pub(crate) fn usable<T: WithDType>(n: usize) -> bool {
-    T::DTYPE == DType::F32 && n % PANEL == 0 && simd::tier() == SimdTier::Avx2
+/// Where this crate's kernel runs the products (`RESNET_PANELS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Setting {
+    /// Nowhere (`off`).
+    Off,
+    /// At the AVX2 tier (the default).
+    Avx2,
+    /// At the AVX2 and AVX-512 tiers (`all`).
+    All,
+}
+
+fn setting() -> Setting {
+    static SETTING: OnceLock<Setting> = OnceLock::new();
+    *SETTING.get_or_init(|| match std::env::var("RESNET_PANELS").as_deref() {
+        Ok("off") => Setting::Off,
+        Ok("all") => Setting::All,
+        _ => Setting::Avx2,
+    })
+}
+
+/// The panel width this crate's kernel runs with in this process for element type `T` and `n`
+/// columns, or `None` where the gemm crate runs the products: `f32`, whole panels, 16 columns
+/// (two vectors) at the AVX2 tier, 32 (two vectors) at the AVX-512 tier with
+/// `RESNET_PANELS=all`.
+pub(crate) fn width<T: WithDType>(n: usize) -> Option<usize> {
+    if T::DTYPE != DType::F32 {
+        return None;
+    }
+    let width = match (simd::tier(), setting()) {
+        (SimdTier::Avx2, Setting::Avx2 | Setting::All) => 16,
+        (SimdTier::Avx512, Setting::All) => 32,
+        _ => return None,
+    };
+    (n % width == 0).then_some(width)
 }
 
 /// `count` matrices `k × n` (row-major, rows `ldb` apart, matrix `e` from element `e · step` of
-/// `b`) packed for [`product`]: matrix `e`'s panel `j` at `(e · n / PANEL + j) · k · PANEL`, its
-/// row `p` at `p · PANEL` within. Matrices in parallel.
-pub(crate) fn pack<T: WithDType>(b: &[T], (ldb, step): (usize, usize), count: usize, (k, n): (usize, usize)) -> Vec<T> {
-    assert_eq!(n % PANEL, 0, "panels: {n} columns are not whole panels");
+/// `b`) packed in panels of `width` columns for [`product`]: matrix `e`'s panel `j` at `(e · n /
+/// width + j) · k · width`, its row `p` at `p · width` within. Matrices in parallel.
+pub(crate) fn pack<T: WithDType>(
+    b: &[T],
+    (ldb, step): (usize, usize),
+    count: usize,
+    (k, n): (usize, usize),
+    width: usize,
+) -> Vec<T> {
+    assert!(width > 0 && n % width == 0, "panels: {n} columns are not whole panels of {width}");
     let mut out = super::scratch::take(count * k * n);
-    if k * n == 0 {
+    if count * k * n == 0 {
         return out;
     }
     assert!(b.len() >= (count - 1) * step + (k - 1) * ldb + n, "panels: the matrices run past their buffer");
     out.par_chunks_mut(k * n).enumerate().for_each(|(e, dst)| {
-        for (j, panel) in dst.chunks_exact_mut(k * PANEL).enumerate() {
-            for (p, row) in panel.chunks_exact_mut(PANEL).enumerate() {
-                let at = e * step + p * ldb + j * PANEL;
-                row.copy_from_slice(&b[at..at + PANEL]);
+        for (j, panel) in dst.chunks_exact_mut(k * width).enumerate() {
+            for (p, row) in panel.chunks_exact_mut(width).enumerate() {
+                let at = e * step + p * ldb + j * width;
+                row.copy_from_slice(&b[at..at + width]);
             }
         }
     });
@@ -56,36 +92,39 @@ pub(crate) fn pack<T: WithDType>(b: &[T], (ldb, step): (usize, usize), count: us
 }
 
 /// `c (m × n, rows ldc apart) = a (m × k, rows lda apart) · b`, `b` one matrix as [`pack`] lays
-/// it out; single-threaded, for callers that run several side by side. Only where [`usable`]
-/// says so (it panics elsewhere).
+/// it out in panels of `width`, the width [`width`] gives; single-threaded, for callers that run
+/// several side by side.
 pub(crate) fn product<T: WithDType>(
     (m, n, k): (usize, usize, usize),
     (a, lda): (&[T], usize),
     panels: &[T],
     (c, ldc): (&mut [T], usize),
+    width: usize,
 ) {
-    let call = Call { mnk: (m, n, k), a: (lda, 1), b: Right { panel: k * PANEL, row: PANEL }, ldc, accumulate: false };
-    run(call, a, panels, c, ProductKernel::Packed);
+    let b = Right { width, panel: k * width, row: width };
+    run(Call { mnk: (m, n, k), a: (lda, 1), b, ldc, accumulate: false }, a, panels, c, ProductKernel::Packed);
 }
 
 /// `c (m × n, rows ldc apart) = aᵀ · b`, plus the old `c` with `accumulate`, for `a` `(k × m)`
 /// and `b` `(k × n)`, row-major with rows `lda` and `ldb` apart, `b` read in place (its panels
-/// are its runs of [`PANEL`] columns): the Winograd weight gradient's sums over tiles.
-/// Single-threaded; only where [`usable`] says so.
+/// are its runs of `width` columns, the width [`width`] gives): the Winograd weight gradient's
+/// sums over tiles. Single-threaded.
 pub(crate) fn transposed_product<T: WithDType>(
     (m, n, k): (usize, usize, usize),
     (a, lda): (&[T], usize),
     (b, ldb): (&[T], usize),
     (c, ldc): (&mut [T], usize),
-    accumulate: bool,
+    (accumulate, width): (bool, usize),
 ) {
-    let call = Call { mnk: (m, n, k), a: (1, lda), b: Right { panel: PANEL, row: ldb }, ldc, accumulate };
-    run(call, a, b, c, ProductKernel::InPlace);
+    let right = Right { width, panel: width, row: ldb };
+    run(Call { mnk: (m, n, k), a: (1, lda), b: right, ldc, accumulate }, a, b, c, ProductKernel::InPlace);
 }
 
-/// Where panel `j`'s row `p` of a right factor starts: `j · panel + p · row` elements in.
+/// A right factor's panels: `width` columns each, panel `j`'s row `p` at `j · panel + p · row`
+/// elements from its start.
 #[derive(Debug, Clone, Copy)]
 struct Right {
+    width: usize,
     panel: usize,
     row: usize,
 }
@@ -101,10 +140,17 @@ struct Call {
     accumulate: bool,
 }
 
-/// [`product`] and [`add_transposed_product`] for any `T`: checked, recorded, run on `f32`.
+/// [`product`] and [`transposed_product`] for any `T`: checked against [`width`], recorded, run
+/// on `f32`.
 fn run<T: WithDType>(call: Call, a: &[T], b: &[T], c: &mut [T], kernel: ProductKernel) {
     let (m, n, k) = call.mnk;
-    assert!(usable::<T>(n), "panels: the product does not run for {:?} with {n} columns here", T::DTYPE);
+    assert_eq!(
+        width::<T>(n),
+        Some(call.b.width),
+        "panels: the kernel does not run on panels of {} for {:?} with {n} columns here",
+        call.b.width,
+        T::DTYPE
+    );
     crate::profile::add_product(crate::profile::ProductCall {
         dtype: T::DTYPE,
         m,
@@ -117,7 +163,7 @@ fn run<T: WithDType>(call: Call, a: &[T], b: &[T], c: &mut [T], kernel: ProductK
         parallel: false,
         kernel,
     });
-    // SAFETY: `usable` checked that `T` is `f32`, the only `WithDType` of that dtype.
+    // SAFETY: `width` is only `Some` for `f32`, the only `WithDType` of that dtype.
     let (a, b, c) = unsafe {
         (
             std::slice::from_raw_parts(a.as_ptr().cast::<f32>(), a.len()),
@@ -128,26 +174,34 @@ fn run<T: WithDType>(call: Call, a: &[T], b: &[T], c: &mut [T], kernel: ProductK
     run_f32(call, a, b, c);
 }
 
-/// The products on `f32` buffers, at whatever tier the process runs (the same bits at each).
+/// The products on `f32` buffers, at whatever tier the process runs (the same bits at each),
+/// on panels of 16 or 32 columns.
 fn run_f32(call: Call, a: &[f32], b: &[f32], c: &mut [f32]) {
-    let ((m, n, k), (a_rs, a_cs), Right { panel, row }, ldc) = (call.mnk, call.a, call.b, call.ldc);
-    assert_eq!(n % PANEL, 0, "panels: {n} columns are not whole panels");
+    let ((m, n, k), (a_rs, a_cs), Right { width, panel, row }, ldc) = (call.mnk, call.a, call.b, call.ldc);
+    assert!(matches!(width, 16 | 32) && n % width == 0, "panels: {n} columns are not whole panels of {width}");
     if m == 0 || n == 0 {
         return;
     }
     assert!(k > 0, "panels: an empty shared dimension");
     assert!(a.len() > (m - 1) * a_rs + (k - 1) * a_cs, "panels: the left factor runs past its buffer");
     assert!(
-        b.len() >= (n / PANEL - 1) * panel + (k - 1) * row + PANEL,
+        b.len() >= (n / width - 1) * panel + (k - 1) * row + width,
         "panels: the right factor runs past its buffer"
     );
     assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "panels: the output runs past its buffer");
     let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
-    with_fma(
-        #[inline(always)]
-        // SAFETY: the asserts bound every element the loops address.
-        || unsafe { blocks(call, a, b, c) },
-    );
+    // SAFETY: the asserts bound every element the loops address.
+    if width == 16 {
+        with_fma(
+            #[inline(always)]
+            || unsafe { blocks::<16>(call, a, b, c) },
+        );
+    } else {
+        with_fma(
+            #[inline(always)]
+            || unsafe { blocks::<32>(call, a, b, c) },
+        );
+    }
 }
 
 /// The loops: panel by panel (it stays in the L1 cache), blocks of [`ROWS`] rows down the
@@ -156,40 +210,40 @@ fn run_f32(call: Call, a: &[f32], b: &[f32], c: &mut [f32]) {
 /// # Safety
 /// As [`run_f32`] asserts: `a`, `b` and `c` valid for the elements the call addresses.
 #[inline(always)]
-unsafe fn blocks(call: Call, a: *const f32, b: *const f32, c: *mut f32) {
+unsafe fn blocks<const P: usize>(call: Call, a: *const f32, b: *const f32, c: *mut f32) {
     let ((m, n, _), (a_rs, _), ldc) = (call.mnk, call.a, call.ldc);
     let whole = m - m % ROWS;
-    for j in 0..n / PANEL {
+    for j in 0..n / P {
         // SAFETY (all below): within the bounds the caller vouches for.
-        let (b, c) = unsafe { (b.add(j * call.b.panel), c.add(j * PANEL)) };
+        let (b, c) = unsafe { (b.add(j * call.b.panel), c.add(j * P)) };
         for i in (0..whole).step_by(ROWS) {
-            unsafe { kernel::<ROWS>(call, a.add(i * a_rs), b, c.add(i * ldc)) };
+            unsafe { kernel::<ROWS, P>(call, a.add(i * a_rs), b, c.add(i * ldc)) };
         }
         let (a, c) = unsafe { (a.add(whole * a_rs), c.add(whole * ldc)) };
         match m % ROWS {
-            1 => unsafe { kernel::<1>(call, a, b, c) },
-            2 => unsafe { kernel::<2>(call, a, b, c) },
-            3 => unsafe { kernel::<3>(call, a, b, c) },
-            4 => unsafe { kernel::<4>(call, a, b, c) },
-            5 => unsafe { kernel::<5>(call, a, b, c) },
+            1 => unsafe { kernel::<1, P>(call, a, b, c) },
+            2 => unsafe { kernel::<2, P>(call, a, b, c) },
+            3 => unsafe { kernel::<3, P>(call, a, b, c) },
+            4 => unsafe { kernel::<4, P>(call, a, b, c) },
+            5 => unsafe { kernel::<5, P>(call, a, b, c) },
             _ => {}
         }
     }
 }
 
-/// `R` rows × [`PANEL`] columns of `c` from `R` rows of `a` and one panel of `b`, summed in
-/// registers over `p` in order from zero, then stored or added to `c`.
+/// `R` rows × `P` columns of `c` from `R` rows of `a` and one panel of `b`, summed in registers
+/// over `p` in order from zero, then stored or added to `c`.
 ///
 /// # Safety
-/// `a` valid for `R` rows of `k` (the call's strides), `b` for the panel's `k` rows of
-/// [`PANEL`], `c` for `R` rows of `PANEL` (rows `ldc` apart).
+/// `a` valid for `R` rows of `k` (the call's strides), `b` for the panel's `k` rows of `P`, `c`
+/// for `R` rows of `P` (rows `ldc` apart).
 #[inline(always)]
-unsafe fn kernel<const R: usize>(call: Call, a: *const f32, b: *const f32, c: *mut f32) {
+unsafe fn kernel<const R: usize, const P: usize>(call: Call, a: *const f32, b: *const f32, c: *mut f32) {
     let ((_, _, k), (a_rs, a_cs), ldc) = (call.mnk, call.a, call.ldc);
-    let mut acc = [[0f32; PANEL]; R];
+    let mut acc = [[0f32; P]; R];
     for p in 0..k {
         // SAFETY: within the bounds the caller vouches for.
-        let row: [f32; PANEL] = unsafe { b.add(p * call.b.row).cast::<[f32; PANEL]>().read_unaligned() };
+        let row: [f32; P] = unsafe { b.add(p * call.b.row).cast::<[f32; P]>().read_unaligned() };
         let a = unsafe { a.add(p * a_cs) };
         for (r, sums) in acc.iter_mut().enumerate() {
             let x = unsafe { a.add(r * a_rs).read() };
@@ -199,7 +253,7 @@ unsafe fn kernel<const R: usize>(call: Call, a: *const f32, b: *const f32, c: *m
         }
     }
     for (r, sums) in acc.iter().enumerate() {
-        let c = unsafe { c.add(r * ldc).cast::<[f32; PANEL]>() };
+        let c = unsafe { c.add(r * ldc).cast::<[f32; P]>() };
         if call.accumulate {
             let mut old = unsafe { c.read_unaligned() };
             for (o, &s) in old.iter_mut().zip(sums) {
@@ -215,7 +269,7 @@ unsafe fn kernel<const R: usize>(call: Call, a: *const f32, b: *const f32, c: *m
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::plumbing::matmul::matmul_strided;
+    use crate::ops::plumbing::matmul::{gemm_strided, matmul_strided};
 
     fn data(len: usize, seed: usize) -> Vec<f32> {
         (0..len).map(|i| ((i * 7919 + seed * 104729) % 1013) as f32 / 1013.0 - 0.5).collect()
@@ -225,7 +279,7 @@ mod tests {
     /// remainder of six, 16 to 512 columns, shared dimensions of 1 to 512.
     const SHAPES: [(usize, usize, usize); 8] = [
         (1, 16, 1),
-        (5, 16, 3),
+        (5, 32, 3),
         (13, 32, 64),
         (96, 256, 256),
         (62, 64, 64),
@@ -234,45 +288,53 @@ mod tests {
         (64, 64, 108),
     ];
 
+    /// The panel widths a shape runs on: 16, and 32 where its columns are whole panels of 32.
+    fn widths(n: usize) -> impl Iterator<Item = usize> {
+        [16, 32].into_iter().filter(move |w| n % w == 0)
+    }
+
     /// `Σ_p x(p) · y(p)` in order from zero, each term a fused multiply-add: what every element
     /// of the kernel's output is.
     fn in_order(k: usize, x: impl Fn(usize) -> f32, y: impl Fn(usize) -> f32) -> f32 {
         (0..k).fold(0f32, |s, p| x(p).mul_add(y(p), s))
     }
 
+    #[test]
+    fn the_kernel_runs_on_f32_at_the_tiers_its_setting_names() {
+        assert_eq!(width::<f64>(64), None);
+        let expected = match (simd::tier(), setting()) {
+            (SimdTier::Avx2, Setting::Avx2 | Setting::All) => Some(16),
+            (SimdTier::Avx512, Setting::All) => Some(32),
+            _ => None,
+        };
+        assert_eq!(width::<f32>(64), expected);
+        assert_eq!(width::<f32>(8), None);
+    }
+
     /// Two matrices packed side by side with padded rows, then each times a left factor with
-    /// padded rows: each element is the in-order sum of fused products, bit for bit, whatever
-    /// the tier, within rounding of the gemm crate's product, and the padding is left alone.
+    /// padded rows, on panels of 16 and of 32: each element is the in-order sum of fused
+    /// products, bit for bit, whatever the tier, within rounding of the gemm crate's product,
+    /// and the padding is left alone.
     #[test]
     fn the_packed_product_is_the_in_order_sum_of_fused_products() {
-        assert!(!usable::<f64>(PANEL) && !usable::<f32>(PANEL + 8));
-        assert_eq!(usable::<f32>(PANEL), simd::tier() == SimdTier::Avx2);
-        for (m, n, k) in SHAPES {
+        for ((m, n, k), width) in SHAPES.into_iter().flat_map(|s| widths(s.1).map(move |w| (s, w))) {
             let (ldb, step, lda, ldc) = (2 * n + 16, n, k + 3, n + 16);
             let b = data(k * ldb, 1);
             let a = data(m * lda, 2);
-            let packed = pack(&b, (ldb, step), 2, (k, n));
+            let packed = pack(&b, (ldb, step), 2, (k, n), width);
             for e in 0..2 {
                 let (mut ours, mut theirs) = (vec![f32::NAN; m * ldc], vec![f32::NAN; m * ldc]);
-                let call = Call {
-                    mnk: (m, n, k),
-                    a: (lda, 1),
-                    b: Right { panel: k * PANEL, row: PANEL },
-                    ldc,
-                    accumulate: false,
-                };
+                let right = Right { width, panel: k * width, row: width };
+                let call = Call { mnk: (m, n, k), a: (lda, 1), b: right, ldc, accumulate: false };
                 run_f32(call, &a, &packed[e * k * n..], &mut ours);
                 matmul_strided((m, n, k), &a, lda, &b[e * step..], ldb, &mut theirs, ldc);
                 for i in 0..m {
                     for j in 0..n {
                         let exact = in_order(k, |p| a[i * lda + p], |p| b[e * step + p * ldb + j]);
                         let (x, y) = (ours[i * ldc + j], theirs[i * ldc + j]);
-                        assert_eq!(
-                            x.to_bits(),
-                            exact.to_bits(),
-                            "{m}×{n}×{k}, matrix {e}: c[{i}, {j}] {x} against {exact}"
-                        );
-                        assert!((x - y).abs() <= 1e-5 * k as f32, "{m}×{n}×{k}: c[{i}, {j}] {x}, the gemm crate's {y}");
+                        let at = format!("{m}×{n}×{k} on {width}, matrix {e}: c[{i}, {j}] {x}");
+                        assert_eq!(x.to_bits(), exact.to_bits(), "{at} against {exact}");
+                        assert!((x - y).abs() <= 1e-5 * k as f32, "{at}, the gemm crate's {y}");
                     }
                     assert!(ours[i * ldc + n..(i + 1) * ldc].iter().all(|v| v.is_nan()));
                 }
@@ -280,34 +342,28 @@ mod tests {
         }
     }
 
-    /// `c += aᵀ · b` with `b` in place: the old `c` plus the in-order sum, bit for bit, within
-    /// rounding of the gemm crate's, the padding left alone.
+    /// `c = aᵀ · b` and `c += aᵀ · b` with `b` in place, on panels of 16 and of 32: the in-order
+    /// sum (plus the old `c`), bit for bit, within rounding of the gemm crate's, the padding
+    /// left alone.
     #[test]
-    fn the_transposed_product_adds_the_in_order_sum_of_fused_products() {
-        for (m, n, k) in SHAPES {
+    fn the_transposed_product_is_the_in_order_sum_of_fused_products() {
+        let shapes = SHAPES.into_iter().flat_map(|s| widths(s.1).map(move |w| (s, w)));
+        for (((m, n, k), width), accumulate) in shapes.flat_map(|s| [(s, false), (s, true)]) {
             let (lda, ldb, ldc) = (m + 5, n + 16, n + 16);
             let (a, b) = (data(k * lda, 3), data(k * ldb, 4));
             let old = data(m * ldc, 5);
             let (mut ours, mut theirs) = (old.clone(), old.clone());
-            let call = Call { mnk: (m, n, k), a: (1, lda), b: Right { panel: PANEL, row: ldb }, ldc, accumulate: true };
-            run_f32(call, &a, &b, &mut ours);
-            crate::ops::plumbing::matmul::gemm_strided(
-                (m, n, k),
-                &a,
-                (1, lda),
-                &b,
-                (ldb, 1),
-                &mut theirs,
-                ldc,
-                true,
-                false,
-            );
+            let right = Right { width, panel: width, row: ldb };
+            run_f32(Call { mnk: (m, n, k), a: (1, lda), b: right, ldc, accumulate }, &a, &b, &mut ours);
+            gemm_strided((m, n, k), &a, (1, lda), &b, (ldb, 1), &mut theirs, ldc, accumulate, false);
             for i in 0..m {
                 for j in 0..n {
-                    let exact = old[i * ldc + j] + in_order(k, |p| a[p * lda + i], |p| b[p * ldb + j]);
+                    let sum = in_order(k, |p| a[p * lda + i], |p| b[p * ldb + j]);
+                    let exact = if accumulate { old[i * ldc + j] + sum } else { sum };
                     let (x, y) = (ours[i * ldc + j], theirs[i * ldc + j]);
-                    assert_eq!(x.to_bits(), exact.to_bits(), "{m}×{n}×{k}: c[{i}, {j}] {x} against {exact}");
-                    assert!((x - y).abs() <= 1e-5 * k as f32, "{m}×{n}×{k}: c[{i}, {j}] {x}, the gemm crate's {y}");
+                    let at = format!("{m}×{n}×{k} on {width}, accumulate {accumulate}: c[{i}, {j}] {x}");
+                    assert_eq!(x.to_bits(), exact.to_bits(), "{at} against {exact}");
+                    assert!((x - y).abs() <= 1e-5 * k as f32, "{at}, the gemm crate's {y}");
                 }
                 assert_eq!(ours[i * ldc + n..(i + 1) * ldc], old[i * ldc + n..(i + 1) * ldc]);
             }
@@ -316,15 +372,17 @@ mod tests {
 
     #[test]
     fn packing_puts_each_panel_row_together() {
-        let (k, n, ldb) = (3, 32, 40);
+        let (k, n, ldb) = (3, 64, 70);
         let b: Vec<f64> = (0..2 * k * ldb).map(|i| i as f64).collect();
-        let packed = pack(&b, (ldb, k * ldb), 2, (k, n));
-        for e in 0..2 {
-            for j in 0..n / PANEL {
-                for p in 0..k {
-                    for l in 0..PANEL {
-                        let got = packed[(e * n / PANEL + j) * k * PANEL + p * PANEL + l];
-                        assert_eq!(got, b[e * k * ldb + p * ldb + j * PANEL + l]);
+        for width in [16, 32] {
+            let packed = pack(&b, (ldb, k * ldb), 2, (k, n), width);
+            for e in 0..2 {
+                for j in 0..n / width {
+                    for p in 0..k {
+                        for l in 0..width {
+                            let got = packed[(e * n / width + j) * k * width + p * width + l];
+                            assert_eq!(got, b[e * k * ldb + p * ldb + j * width + l], "width {width}");
+                        }
                     }
                 }
             }
