@@ -991,7 +991,7 @@ fn conv3x3_in_blocks<T: WithDType>(
     };
     // The filters packed once for all the tasks' products where this CPU runs our own kernel
     // (`panels`), and the tasks' tiles then taken a block at a time.
-    let width = panels::width::<T>(cout).filter(|_| !gathered(total, cin, cout, false));
+    let width = panels::width::<T>(cout, cin).filter(|_| !gathered(total, cin, cout, false));
     let packed = width.map(|width| panels::pack(&u, (filter_stride::<T>(a, cout), cout), a * a, (cin, cout), width));
     let fill = |dst: &mut [MaybeUninit<T>]| {
         if gathered(total, cin, cout, false) {
@@ -1223,7 +1223,7 @@ pub fn conv3x3_weight_grad<T: WithDType>(
 /// `q (cout × cin) += dmᵀ · v` over a task's `tiles` tiles of `dm` `(tiles × cout)` and `v`
 /// `(tiles × cin)`: this crate's kernel where [`panels::width`] says so, else the gemm crate's.
 fn add_products_over_tiles<T: WithDType>((cout, cin, tiles): (usize, usize, usize), dm: &[T], v: &[T], q: &mut [T]) {
-    if let Some(width) = panels::width::<T>(cin) {
+    if let Some(width) = panels::width::<T>(cin, tiles) {
         panels::transposed_product((cout, cin, tiles), (dm, cout), (v, cin), (q, cin), (true, width));
     } else {
         gemm_strided((cout, cin, tiles), dm, (1, cout), v, (cin, 1), q, cin, true, false);

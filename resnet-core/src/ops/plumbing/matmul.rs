@@ -215,7 +215,7 @@ fn replay<T: WithDType>(call: &ProductCall, per_step: usize) -> f64 {
     let b = vec![T::from_f64(0.5); span(b_strides, k, n)];
     // A packed product's right factor is packed once, ahead of the products, as its caller
     // packs it.
-    let width = panels::width::<T>(n).unwrap_or(0);
+    let width = panels::width::<T>(n, k).unwrap_or(0);
     let packed =
         if kernel == ProductKernel::Packed { panels::pack(&b, (b_strides.0, 0), 1, (k, n), width) } else { Vec::new() };
     let c_len = (m - 1) * ldc + n;
