@@ -334,7 +334,9 @@ pub fn run_one(a: BenchOneArgs) -> Result<()> {
         eprintln!("{step_ms:.1} ms per step in all");
         eprint!("{}", resnet_core::profile::report(steps));
         resnet_core::profile::enable(false);
-        eprintln!("\nthe step's matrix products replayed alone (through the gemm crate; packed: our own kernel, as the step runs them):");
+        eprintln!(
+            "\nthe step's matrix products replayed alone, each on the kernel that ran it (the gemm crate, or our own):"
+        );
         let replayed = resnet_core::replay_products(steps);
         eprint!("{}", resnet_core::profile::replay_report(&replayed, step_ms));
     }

@@ -8,8 +8,8 @@
 //! out channels), α² matrix products `M_e = V_e · U_e`, and transform every product tile back;
 //! each parallel task does all three for its own run of tile rows ([`Bands`]), so its
 //! temporaries stay in cache. Where this crate's own kernel runs the products ([`panels`]: f32
-//! at the AVX2 tier by default), the filters are packed once per convolution and each task takes its tiles
-//! a block at a time ([`BLOCK_BYTES`]), so they stay in the core's own cache.
+//! at the AVX2 tier by default), the filters are packed once per convolution and each task
+//! takes its tiles a block at a time ([`BLOCK_BYTES`]), so they stay in the core's own cache.
 //! Per output pixel and channel pair the products do α²/m² multiplies where direct convolution
 //! does 9: 4 for F(2×2) (2.25× fewer), 2.78 for F(3×3) (3.24× fewer), 2.25 for F(4×4) (4× fewer),
 //! which also blows the data up less (2.25× against 4×) at the price of larger transform
@@ -1549,8 +1549,6 @@ mod tests {
         }
     }
 
-    /// The weight gradient, every filter tap, against its direct float64 sum
-    /// `dW[k, i, j, c] = Σ dy[n, y, x, k] · x[n, y + i − 1, x + j − 1, c]`; f32 within 1e-4.
     /// Where this crate's kernel runs the products (`panels`; f32 at the AVX2 tier), a task's
     /// tiles taken a few at a time (blocks of 6 and 4: whole blocks, a last partial one, a
     /// block of fewer than the kernel's six rows) give the bits of one block per task, for
@@ -1582,6 +1580,8 @@ mod tests {
         }
     }
 
+    /// The weight gradient, every filter tap, against its direct float64 sum
+    /// `dW[k, i, j, c] = Σ dy[n, y, x, k] · x[n, y + i − 1, x + j − 1, c]`; f32 within 1e-4.
     #[test]
     fn weight_gradient_matches_direct_sums() {
         for (tile, &(b, h, w, cin, cout)) in TILES.iter().flat_map(|t| SHAPES.iter().map(move |s| (*t, s))) {
