@@ -1019,59 +1019,49 @@ fn conv3x3_in_blocks<T: WithDType>(
             scratch::give(prod);
             return;
         }
-        if let (Some(p), Some(width)) = (&packed, width) {
-            // Each task's tiles a block at a time: V, the products and the output transform of
-            // a block while its tiles are in the core's own cache.
-            let block = block.unwrap_or_else(|| block_tiles::<T>(tr, cin + cout)).max(1);
-            bands.split(dst, cout).into_par_iter().enumerate().for_each(|(task, out)| {
-                let (first, count) = bands.tiles(task);
-                let base = bands.offset(task * bands.per_task, cout);
-                let mut v = scratch::take(a * a * entry_stride(block, cin));
-                let mut prod = scratch::take(a * a * entry_stride(block, cout));
-                for start in (0..count).step_by(block) {
-                    let tiles = (first + start, block.min(count - start));
-                    with_fma(
-                        #[inline(always)]
-                        || input_tiles(x, cin, tr, &bands, tiles, &mut v),
-                    );
-                    let (vs, ps) = (entry_stride(tiles.1, cin), entry_stride(tiles.1, cout));
-                    for e in 0..a * a {
-                        let (ve, pe) = (&v[e * vs..], &mut prod[e * ps..]);
-                        panels::product((tiles.1, cout, cin), (ve, cin), &p[e * cin * cout..], (pe, cout), width);
-                    }
-                    with_fma(
-                        #[inline(always)]
-                        || output_tiles((&prod, ps), cout, tr, &bands, tiles, &epi, (&mut *out, base)),
-                    );
-                }
-                scratch::give(v);
-                scratch::give(prod);
-            });
-            return;
+        // Each task's tiles a block at a time where this crate's kernel runs the products, else
+        // the whole task as one block: V (α² × tiles × cin), the products M_e = V_e · U_e (tiles
+        // × cout) for every entry e and the output transform, while the block is in cache.
+        let block = match packed {
+            Some(_) => block.unwrap_or_else(|| block_tiles::<T>(tr, cin + cout)),
+            None => bands.per_task * bands.tw,
         }
+        .max(1);
         bands.split(dst, cout).into_par_iter().enumerate().for_each(|(task, out)| {
             let (first, count) = bands.tiles(task);
-            // V (α² × count × cin), then M_e = V_e · U_e (count × cout) for every entry e.
-            let mut v = scratch::take(a * a * entry_stride(count, cin));
-            with_fma(
-                #[inline(always)]
-                || input_tiles(x, cin, tr, &bands, (first, count), &mut v),
-            );
-            let mut prod = scratch::take(a * a * entry_stride(count, cout));
-            for e in 0..a * a {
-                let (ve, ue) = (&v[e * entry_stride(count, cin)..], &u[e * cout..]);
-                matmul_strided(
-                    (count, cout, cin),
-                    ve,
-                    cin,
-                    ue,
-                    filter_stride::<T>(a, cout),
-                    &mut prod[e * entry_stride(count, cout)..],
-                    cout,
+            let base = bands.offset(task * bands.per_task, cout);
+            let mut v = scratch::take(a * a * entry_stride(block.min(count), cin));
+            let mut prod = scratch::take(a * a * entry_stride(block.min(count), cout));
+            for start in (0..count).step_by(block) {
+                let tiles = (first + start, block.min(count - start));
+                with_fma(
+                    #[inline(always)]
+                    || input_tiles(x, cin, tr, &bands, tiles, &mut v),
+                );
+                let (vs, ps) = (entry_stride(tiles.1, cin), entry_stride(tiles.1, cout));
+                for e in 0..a * a {
+                    let (ve, pe) = (&v[e * vs..], &mut prod[e * ps..]);
+                    match (&packed, width) {
+                        (Some(p), Some(width)) => {
+                            panels::product((tiles.1, cout, cin), (ve, cin), &p[e * cin * cout..], (pe, cout), width)
+                        }
+                        _ => matmul_strided(
+                            (tiles.1, cout, cin),
+                            ve,
+                            cin,
+                            &u[e * cout..],
+                            filter_stride::<T>(a, cout),
+                            pe,
+                            cout,
+                        ),
+                    }
+                }
+                with_fma(
+                    #[inline(always)]
+                    || output_tiles((&prod, ps), cout, tr, &bands, tiles, &epi, (&mut *out, base)),
                 );
             }
             scratch::give(v);
-            output(task, out, (&prod, entry_stride(count, cout)));
             scratch::give(prod);
         });
     };

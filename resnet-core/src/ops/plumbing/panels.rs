@@ -14,7 +14,8 @@
 //! AVX-512 tier it runs only with `RESNET_PANELS=all`, on panels of 32 (6 × 32 is twelve of the
 //! thirty-two registers), because no AVX-512 CPU has measured it yet; there, and below AVX2,
 //! the gemm crate's kernels run. `RESNET_PANELS=off` runs the gemm crate's everywhere, for
-//! comparing the two in one binary. The variable is read once, at the first product.
+//! comparing the two in one binary. The variable is read once, at the first product; other
+//! values leave the default, as `RESNET_SIMD`'s do.
 
 use std::sync::OnceLock;
 
