@@ -23,6 +23,7 @@ use rayon::prelude::*;
 use super::whole;
 use crate::ops::plumbing::geometry::Window;
 use crate::ops::plumbing::matmul::gemm_strided;
+use crate::ops::plumbing::panels;
 use crate::ops::plumbing::scratch;
 use crate::ops::plumbing::weight_layout;
 
@@ -444,6 +445,184 @@ fn covers_all(win: &Window, classes: &[TapClass]) -> bool {
     classes.len() == 1 && classes[0].pixels() == win.oh() * win.ow()
 }
 
+/// A one-pixel class's products: one per tap, in the class's tap order, and per
+/// [`panels::MAX_K`] input channels of it, as `(tap, channels, offset)`: the tap's index in the
+/// kernel's `kh · kw`, its run of input channels, and where that run starts in an image (the
+/// images are read in place, one row each).
+fn one_pixel_pieces(win: &Window, class: &TapClass) -> Vec<(usize, Range<usize>, usize)> {
+    let (c, oy, ox) = (win.c, class.oy.start, class.ox.start);
+    let mut pieces = Vec::new();
+    for ky in class.ky.clone() {
+        for kx in class.kx.clone() {
+            let (iy, ix) = (oy * win.stride + ky - win.pad, ox * win.stride + kx - win.pad);
+            for first in (0..c).step_by(panels::MAX_K) {
+                let channels = first..(first + panels::MAX_K).min(c);
+                pieces.push((ky * win.kw + kx, channels, (iy * win.w + ix) * c + first));
+            }
+        }
+    }
+    pieces
+}
+
+/// The `used` taps of the weight `(out, c, kh, kw)` packed for [`panels::product`] in panels of
+/// `width` output channels: tap `used[i]`'s `(c, out)` matrix as [`panels::pack`] lays out
+/// matrix `i`, made in one pass over the weight, a panel's rows (`width` output channels'
+/// weights, contiguous) at a time.
+fn pack_taps<T: WithDType>(oihw: &[T], (out, c, taps): (usize, usize, usize), used: &[usize], width: usize) -> Vec<T> {
+    let panels_per_tap = out / width;
+    let mut packed = scratch::take(used.len() * c * out);
+    // Panel `j` of every used tap: `used.len()` runs of `c · width`, `panels_per_tap` runs apart.
+    let runs: Vec<(usize, &mut [T])> = packed.chunks_mut(c * width).enumerate().collect();
+    let mut by_panel: Vec<Vec<&mut [T]>> = (0..panels_per_tap).map(|_| Vec::with_capacity(used.len())).collect();
+    for (i, run) in runs {
+        by_panel[i % panels_per_tap].push(run);
+    }
+    by_panel.into_par_iter().enumerate().for_each(|(j, mut dsts)| {
+        let rows = &oihw[j * width * c * taps..(j + 1) * width * c * taps];
+        for ch in 0..c {
+            for (dst, &t) in dsts.iter_mut().zip(used) {
+                let dst = &mut dst[ch * width..(ch + 1) * width];
+                for (l, d) in dst.iter_mut().enumerate() {
+                    *d = rows[(l * c + ch) * taps + t];
+                }
+            }
+        }
+    });
+    packed
+}
+
+/// A class's outputs from column `col` on, `(batch, columns)`, in [`one_pixel_conv`].
+struct ClassBlock<T> {
+    class: usize,
+    col: usize,
+    values: Vec<T>,
+}
+
+/// Output columns per task of [`one_pixel_conv`] on this crate's kernel.
+const GROUP_COLUMNS: usize = 128;
+
+/// [`conv`] where every class has one pixel per image (images of at most 3×3): every output
+/// row starts as the bias and each class adds its [`one_pixel_pieces`]' products in order, so
+/// each element is the bias plus one in-order sum per piece, whichever kernel runs them
+/// ([`panels`]' and the gemm crate's give the same bits on pieces of at most
+/// [`panels::MAX_K`]).
+///
+/// On this crate's kernel the weight's taps are packed once, in one pass ([`pack_taps`]), and
+/// the products run tap by tap: the classes that read a tap run together, each task one class
+/// and [`GROUP_COLUMNS`] output columns, so a tap's packed weights come from memory about once
+/// for all of them (the gemm crate packs a product's right factor again for every call: at
+/// 3×3×512 the whole 9.4 MB weight for each of the 9 classes' 128 rows). On the gemm crate's
+/// the classes run side by side, each product over the whole batch on one thread (128 rows
+/// against 512 columns, which the crate splits poorly over threads).
+fn one_pixel_conv<T: WithDType>(x: &[T], w: &Weight<'_, T>, bias: &[T], win: &Window, classes: &[TapClass]) -> Vec<T> {
+    let width = panels::width::<T>(w.out, win.c).filter(|_| win.c <= panels::MAX_K);
+    one_pixel_conv_on(x, w, bias, (win, classes), width)
+}
+
+/// [`one_pixel_conv`] on this crate's kernel with panels of `width`, or on the gemm crate's
+/// with `None`.
+fn one_pixel_conv_on<T: WithDType>(
+    x: &[T],
+    w: &Weight<'_, T>,
+    bias: &[T],
+    (win, classes): (&Window, &[TapClass]),
+    width: Option<usize>,
+) -> Vec<T> {
+    let (out, c, batch) = (w.out, win.c, win.batch);
+    let (pixels, image) = (win.oh() * win.ow(), win.h * win.w * c);
+    if batch == 0 {
+        return Vec::new();
+    }
+    let parts: Vec<ClassBlock<T>> = match width {
+        Some(width) => {
+            let used: Vec<usize> = (0..win.kh * win.kw)
+                .filter(|&t| classes.iter().any(|cl| class_taps(win, cl).any(|u| u == t)))
+                .collect();
+            let packed = pack_taps(w.oihw, (out, c, win.kh * win.kw), &used, width);
+            let group = GROUP_COLUMNS.max(width) / width * width;
+            let mut parts: Vec<ClassBlock<T>> = (0..classes.len())
+                .flat_map(|class| (0..out).step_by(group).map(move |col| (class, col)))
+                .map(|(class, col)| {
+                    let cols = group.min(out - col);
+                    let mut block = scratch::take(batch * cols);
+                    for row in block.chunks_exact_mut(cols) {
+                        row.copy_from_slice(&bias[col..col + cols]);
+                    }
+                    ClassBlock { class, col, values: block }
+                })
+                .collect();
+            // Tap by tap: the classes that read a tap's weights run together, one group of
+            // columns after another, so each part of the packed weight comes from memory about
+            // once. Each class still takes its taps in its own order.
+            let pieces: Vec<Vec<(usize, usize)>> = classes
+                .iter()
+                .map(|class| one_pixel_pieces(win, class).into_iter().map(|(tap, _, at)| (tap, at)).collect())
+                .collect();
+            for (t, &tap) in used.iter().enumerate() {
+                let mut units: Vec<(usize, &mut ClassBlock<T>)> = parts
+                    .iter_mut()
+                    .filter_map(|part| Some((pieces[part.class].iter().find(|&&(u, _)| u == tap)?.1, part)))
+                    .collect();
+                units.sort_by_key(|(_, part)| (part.col, part.class));
+                units.into_par_iter().for_each(|(at, part)| {
+                    let cols = part.values.len() / batch;
+                    let b = &packed[(t * out + part.col) * c..];
+                    panels::product((batch, cols, c), (&x[at..], image), b, (&mut part.values, cols), (true, width));
+                });
+            }
+            scratch::give(packed);
+            parts
+        }
+        None => classes
+            .par_iter()
+            .enumerate()
+            .map(|(i, class)| {
+                let cw = class_weights_t(w, win, class);
+                let mut block = scratch::take(batch * out);
+                for row in block.chunks_exact_mut(out) {
+                    row.copy_from_slice(bias);
+                }
+                for (n, (tap, channels, at)) in one_pixel_pieces(win, class).into_iter().enumerate() {
+                    // A compact copy holds the class's taps in order, the whole weight all of them.
+                    let index = if cw.compact { n / c.div_ceil(panels::MAX_K) } else { tap };
+                    let b = &cw.data[(index * c + channels.start) * out..];
+                    let mnk = (batch, out, channels.len());
+                    gemm_strided(mnk, &x[at..], (image, 1), b, (out, 1), &mut block, out, true, false);
+                }
+                release(cw.data);
+                ClassBlock { class: i, col: 0, values: block }
+            })
+            .collect(),
+    };
+    // Pixels no tap reaches (padding wider than the kernel) have no class and keep the bias.
+    let mut reached = vec![false; pixels];
+    for class in classes {
+        reached[class.oy.start * win.ow() + class.ox.start] = true;
+    }
+    // SAFETY: every row of every image is written: the bias where no class is, else the parts
+    // of its class, which cover its columns.
+    let fill = |y: &mut [std::mem::MaybeUninit<T>]| {
+        y.par_chunks_mut(pixels * out).enumerate().for_each(|(n, y_img)| {
+            for (row, _) in y_img.chunks_exact_mut(out).zip(&reached).filter(|(_, &r)| !r) {
+                for (dst, &b) in row.iter_mut().zip(bias) {
+                    dst.write(b);
+                }
+            }
+            for ClassBlock { class, col, values } in &parts {
+                let cols = values.len() / batch;
+                let cl = &classes[*class];
+                let at = (cl.oy.start * win.ow() + cl.ox.start) * out + col;
+                for (dst, &v) in y_img[at..at + cols].iter_mut().zip(&values[n * cols..(n + 1) * cols]) {
+                    dst.write(v);
+                }
+            }
+        });
+    };
+    let y = unsafe { scratch::written(batch * pixels * out, fill) };
+    parts.into_iter().for_each(|part| scratch::give(part.values));
+    y
+}
+
 /// `y (batch, oh, ow, out) = conv(x, w) + bias` with `x` `(batch, h, w, c)` and `w`
 /// `(out, c, kh, kw)`.
 pub fn conv<T: WithDType>(x: &[T], w: &[T], bias: &[T], win: &Window) -> Vec<T> {
@@ -453,44 +632,13 @@ pub fn conv<T: WithDType>(x: &[T], w: &[T], bias: &[T], win: &Window) -> Vec<T> 
     let out = bias.len();
     let classes = classes(win);
     let w = Weight::new(w, out, win, &classes);
+    if classes.iter().all(|class| class.pixels() == 1) {
+        return one_pixel_conv(x, &w, bias, win, &classes);
+    }
     // Every output row starts as the bias (the pixels no tap reaches keep it); each class adds
     // its products to its pixels' rows.
     let mut y = scratch::take(win.batch * win.oh() * win.ow() * out);
     y.par_chunks_mut(out).for_each(|row| row.copy_from_slice(bias));
-    if classes.iter().all(|class| class.pixels() == 1) {
-        // One pixel per class (images of at most 3×3): the classes run side by side, each into
-        // its own `(batch, out)` block, so every product runs on one thread over the whole
-        // batch instead of each being split over the threads (128 rows against 4,608 taps at
-        // 3×3×512, which the matrix kernels split poorly).
-        let blocks: Vec<Vec<T>> = classes
-            .par_iter()
-            .map(|class| {
-                let cw = class_weights_t(&w, win, class);
-                let cp = class_patches(x, win, class, cw.compact);
-                let mut yc = scratch::take(win.batch * out);
-                for row in yc.chunks_exact_mut(out) {
-                    row.copy_from_slice(bias);
-                }
-                for part in &cp.parts {
-                    let (a, b) = (&cp.data[part.at..], &cw.data[cw.at(&part.seg) * cw.stride..]);
-                    let mnk = (win.batch, out, part.seg.len);
-                    gemm_strided(mnk, a, (cp.stride, 1), b, (cw.stride, 1), &mut yc, out, true, false);
-                }
-                release(cp.data);
-                release(cw.data);
-                yc
-            })
-            .collect();
-        let pixels = win.oh() * win.ow();
-        y.par_chunks_mut(pixels * out).enumerate().for_each(|(n, y_img)| {
-            for (class, block) in classes.iter().zip(&blocks) {
-                let p = class.oy.start * win.ow() + class.ox.start;
-                y_img[p * out..(p + 1) * out].copy_from_slice(&block[n * out..(n + 1) * out]);
-            }
-        });
-        blocks.into_iter().for_each(scratch::give);
-        return y;
-    }
     for class in &classes {
         let rc = win.batch * class.pixels();
         let cw = class_weights_t(&w, win, class);
@@ -648,6 +796,81 @@ mod tests {
                 }
             }
             assert!(seen.iter().all(|&n| n == 1), "{:?}: pixels covered {seen:?}", (h, w, k, s, p));
+        }
+    }
+
+    /// `conv` in float64, directly from its definition.
+    fn direct(x: &[f64], w: &[f64], bias: &[f64], win: &Window, out: usize) -> Vec<f64> {
+        let (c, taps) = (win.c, win.kh * win.kw);
+        let mut y = Vec::new();
+        for n in 0..win.batch {
+            for oy in 0..win.oh() {
+                for ox in 0..win.ow() {
+                    for (o, &b) in bias.iter().enumerate().take(out) {
+                        let mut sum = b;
+                        for ky in 0..win.kh {
+                            for kx in 0..win.kw {
+                                let (iy, ix) = (
+                                    (oy * win.stride + ky) as isize - win.pad as isize,
+                                    (ox * win.stride + kx) as isize - win.pad as isize,
+                                );
+                                if iy < 0 || ix < 0 || iy >= win.h as isize || ix >= win.w as isize {
+                                    continue;
+                                }
+                                let at = ((n * win.h + iy as usize) * win.w + ix as usize) * c;
+                                for ch in 0..c {
+                                    sum += x[at + ch] * w[(o * c + ch) * taps + ky * win.kw + kx];
+                                }
+                            }
+                        }
+                        y.push(sum);
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    /// Convolutions whose classes all have one pixel per image (3×3 and 1×1 images, stride 1
+    /// and 2, more input channels than [`panels::MAX_K`], padding wider than the kernel so that
+    /// some pixels see no tap): `conv` within 1e-5 of max(|y|, 1) of a float64 direct
+    /// convolution, and this crate's kernel (where this process runs it) and the gemm crate's
+    /// bit for bit.
+    #[test]
+    fn one_pixel_classes_give_the_same_bits_on_both_kernels() {
+        let data = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len).map(|i| ((i * 7919 + seed * 104729) % 1013) as f32 / 1013.0 - 0.5).collect()
+        };
+        // (batch, h, w, c, out, stride, pad)
+        for (batch, h, w, c, out, stride, pad) in [
+            (13, 3, 3, 32, 48, 1, 1),
+            (7, 1, 1, 64, 32, 1, 1),
+            (6, 3, 3, 16, 32, 2, 1),
+            (3, 3, 3, 520, 16, 1, 1),
+            (4, 1, 2, 16, 32, 1, 3),
+        ] {
+            let win = Window { batch, h, w, c, kh: 3, kw: 3, stride, pad };
+            let classes = classes(&win);
+            assert!(classes.iter().all(|class| class.pixels() == 1), "{win:?}: a class of several pixels");
+            let (x, wt, bias) = (data(batch * h * w * c, 1), data(out * c * 9, 2), data(out, 3));
+            let weight = Weight::new(&wt, out, &win, &classes);
+            let on_gemm = one_pixel_conv_on(&x, &weight, &bias, (&win, &classes), None);
+            let width = panels::width::<f32>(out, c).filter(|_| c <= panels::MAX_K);
+            if let Some(width) = width {
+                let on_ours = one_pixel_conv_on(&x, &weight, &bias, (&win, &classes), Some(width));
+                let same = on_ours.iter().zip(&on_gemm).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{win:?}: the kernels differ");
+            }
+            let y = conv(&x, &wt, &bias, &win);
+            assert_eq!(y.len(), batch * win.oh() * win.ow() * out);
+            let f64s = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+            let want = direct(&f64s(&x), &f64s(&wt), &f64s(&bias), &win, out);
+            for (i, (&got, &want)) in y.iter().zip(&want).enumerate() {
+                assert!(
+                    (got as f64 - want).abs() <= 1e-5 * want.abs().max(1.0),
+                    "{win:?}: y[{i}] {got} against {want}"
+                );
+            }
         }
     }
 

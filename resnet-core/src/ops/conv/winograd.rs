@@ -1042,9 +1042,13 @@ fn conv3x3_in_blocks<T: WithDType>(
                 for e in 0..a * a {
                     let (ve, pe) = (&v[e * vs..], &mut prod[e * ps..]);
                     match (&packed, width) {
-                        (Some(p), Some(width)) => {
-                            panels::product((tiles.1, cout, cin), (ve, cin), &p[e * cin * cout..], (pe, cout), width)
-                        }
+                        (Some(p), Some(width)) => panels::product(
+                            (tiles.1, cout, cin),
+                            (ve, cin),
+                            &p[e * cin * cout..],
+                            (pe, cout),
+                            (false, width),
+                        ),
                         _ => matmul_strided(
                             (tiles.1, cout, cin),
                             ve,

@@ -220,7 +220,7 @@ fn replay<T: WithDType>(call: &ProductCall, per_step: usize) -> f64 {
         if kernel == ProductKernel::Packed { panels::pack(&b, (b_strides.0, 0), 1, (k, n), width) } else { Vec::new() };
     let c_len = (m - 1) * ldc + n;
     let run = |c: &mut Vec<T>| match kernel {
-        ProductKernel::Packed => panels::product((m, n, k), (&a, a_strides.0), &packed, (c, ldc), width),
+        ProductKernel::Packed => panels::product((m, n, k), (&a, a_strides.0), &packed, (c, ldc), (accumulate, width)),
         ProductKernel::InPlace => {
             panels::transposed_product((m, n, k), (&a, a_strides.1), (&b, b_strides.0), (c, ldc), (accumulate, width))
         }

@@ -96,18 +96,18 @@ pub(crate) fn pack<T: WithDType>(
     out
 }
 
-/// `c (m × n, rows ldc apart) = a (m × k, rows lda apart) · b`, `b` one matrix as [`pack`] lays
-/// it out in panels of `width`, the width [`width`] gives; single-threaded, for callers that run
-/// several side by side.
+/// `c (m × n, rows ldc apart) = a (m × k, rows lda apart) · b`, plus the old `c` with
+/// `accumulate`, `b` one matrix as [`pack`] lays it out in panels of `width`, the width
+/// [`width`] gives; single-threaded, for callers that run several side by side.
 pub(crate) fn product<T: WithDType>(
     (m, n, k): (usize, usize, usize),
     (a, lda): (&[T], usize),
     panels: &[T],
     (c, ldc): (&mut [T], usize),
-    width: usize,
+    (accumulate, width): (bool, usize),
 ) {
     let b = Right { width, panel: k * width, row: width };
-    run(Call { mnk: (m, n, k), a: (lda, 1), b, ldc, accumulate: false }, a, panels, c, ProductKernel::Packed);
+    run(Call { mnk: (m, n, k), a: (lda, 1), b, ldc, accumulate }, a, panels, c, ProductKernel::Packed);
 }
 
 /// `c (m × n, rows ldc apart) = aᵀ · b`, plus the old `c` with `accumulate`, for `a` `(k × m)`
@@ -274,7 +274,7 @@ unsafe fn kernel<const R: usize, const P: usize>(call: Call, a: *const f32, b: *
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::plumbing::matmul::{gemm_strided, matmul_strided};
+    use crate::ops::plumbing::matmul::gemm_strided;
 
     fn data(len: usize, seed: usize) -> Vec<f32> {
         (0..len).map(|i| ((i * 7919 + seed * 104729) % 1013) as f32 / 1013.0 - 0.5).collect()
@@ -318,31 +318,35 @@ mod tests {
     }
 
     /// Two matrices packed side by side with padded rows, then each times a left factor with
-    /// padded rows, on panels of 16 and of 32: each element is the in-order sum of fused
-    /// products and the gemm crate's element, bit for bit, whatever the tier, and the padding
-    /// is left alone.
+    /// padded rows, written and added to an old `c`, on panels of 16 and of 32: each element is
+    /// the in-order sum of fused products (plus the old `c`) and the gemm crate's element, bit
+    /// for bit, whatever the tier, and the padding is left alone.
     #[test]
     fn the_packed_product_is_the_in_order_sum_of_fused_products() {
-        for ((m, n, k), width) in SHAPES.into_iter().flat_map(|s| widths(s.1).map(move |w| (s, w))) {
+        let shapes = SHAPES.into_iter().flat_map(|s| widths(s.1).map(move |w| (s, w)));
+        for (((m, n, k), width), accumulate) in shapes.flat_map(|s| [(s, false), (s, true)]) {
             let (ldb, step, lda, ldc) = (2 * n + 16, n, k + 3, n + 16);
             let b = data(k * ldb, 1);
             let a = data(m * lda, 2);
+            let old = data(m * ldc, 6);
             let packed = pack(&b, (ldb, step), 2, (k, n), width);
             for e in 0..2 {
-                let (mut ours, mut theirs) = (vec![f32::NAN; m * ldc], vec![f32::NAN; m * ldc]);
+                let (mut ours, mut theirs) = (old.clone(), old.clone());
                 let right = Right { width, panel: k * width, row: width };
-                let call = Call { mnk: (m, n, k), a: (lda, 1), b: right, ldc, accumulate: false };
+                let call = Call { mnk: (m, n, k), a: (lda, 1), b: right, ldc, accumulate };
                 run_f32(call, &a, &packed[e * k * n..], &mut ours);
-                matmul_strided((m, n, k), &a, lda, &b[e * step..], ldb, &mut theirs, ldc);
+                gemm_strided((m, n, k), &a, (lda, 1), &b[e * step..], (ldb, 1), &mut theirs, ldc, accumulate, false);
                 for i in 0..m {
                     for j in 0..n {
-                        let exact = in_order(k, |p| a[i * lda + p], |p| b[e * step + p * ldb + j]);
+                        let sum = in_order(k, |p| a[i * lda + p], |p| b[e * step + p * ldb + j]);
+                        let exact = if accumulate { old[i * ldc + j] + sum } else { sum };
                         let (x, y) = (ours[i * ldc + j], theirs[i * ldc + j]);
-                        let at = format!("{m}×{n}×{k} on {width}, matrix {e}: c[{i}, {j}] {x}");
+                        let at =
+                            format!("{m}×{n}×{k} on {width}, matrix {e}, accumulate {accumulate}: c[{i}, {j}] {x}");
                         assert_eq!(x.to_bits(), exact.to_bits(), "{at} against {exact}");
                         assert_eq!(x.to_bits(), y.to_bits(), "{at}, the gemm crate's {y}");
                     }
-                    assert!(ours[i * ldc + n..(i + 1) * ldc].iter().all(|v| v.is_nan()));
+                    assert_eq!(ours[i * ldc + n..(i + 1) * ldc], old[i * ldc + n..(i + 1) * ldc]);
                 }
             }
         }
