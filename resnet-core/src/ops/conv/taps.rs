@@ -515,8 +515,45 @@ const GROUP_COLUMNS: usize = 128;
 /// the classes run side by side, each product over the whole batch on one thread (128 rows
 /// against 512 columns, which the crate splits poorly over threads).
 fn one_pixel_conv<T: WithDType>(x: &[T], w: &Weight<'_, T>, bias: &[T], win: &Window, classes: &[TapClass]) -> Vec<T> {
-    let width = panels::width::<T>(w.out, win.c).filter(|_| win.c <= panels::MAX_K);
-    one_pixel_conv_on(x, w, bias, (win, classes), width)
+    one_pixel_conv_on(x, w, bias, (win, classes), one_pixel_width::<T>(w.out, win.c))
+}
+
+/// The panel width [`one_pixel_conv`] runs this crate's kernel with for `out` output and `c`
+/// input channels, or `None` where it runs the gemm crate's: [`panels::width`] for one product
+/// per tap, where a tap's channels are one product.
+fn one_pixel_width<T: WithDType>(out: usize, c: usize) -> Option<usize> {
+    panels::width::<T>(out, c).filter(|_| c <= panels::MAX_K)
+}
+
+/// Output pixels per image up to which [`conv`] runs a convolution whose classes have several
+/// pixels pixel by pixel, as [`one_pixel_conv`] runs one-pixel classes, where that is on this
+/// crate's kernel: at 96 px the 6×6 → 3×3 strided convolution, whose classes (1, 2, 2 and 4
+/// pixels) would gather their patches for the gemm crate.
+const PIXELS_ONE_BY_ONE: usize = 16;
+
+/// Each pixel of `classes` as a class of its own.
+fn one_pixel_classes(classes: &[TapClass]) -> Vec<TapClass> {
+    classes
+        .iter()
+        .flat_map(|class| {
+            class.oy.clone().flat_map(move |oy| {
+                class.ox.clone().map(move |ox| TapClass {
+                    oy: oy..oy + 1,
+                    ox: ox..ox + 1,
+                    ky: class.ky.clone(),
+                    kx: class.kx.clone(),
+                })
+            })
+        })
+        .collect()
+}
+
+/// A class's run of `len` patch columns (whole taps of `c` channels) as the pieces
+/// [`one_pixel_pieces`] takes: a tap at a time, at most [`panels::MAX_K`] channels each.
+fn tap_pieces(len: usize, c: usize) -> impl Iterator<Item = Range<usize>> {
+    (0..len).step_by(c).flat_map(move |tap| {
+        (tap..tap + c).step_by(panels::MAX_K).map(move |first| first..(first + panels::MAX_K).min(tap + c))
+    })
 }
 
 /// [`one_pixel_conv`] on this crate's kernel with panels of `width`, or on the gemm crate's
@@ -635,22 +672,36 @@ pub fn conv<T: WithDType>(x: &[T], w: &[T], bias: &[T], win: &Window) -> Vec<T> 
     if classes.iter().all(|class| class.pixels() == 1) {
         return one_pixel_conv(x, &w, bias, win, &classes);
     }
-    // Every output row starts as the bias (the pixels no tap reaches keep it); each class adds
-    // its products to its pixels' rows.
+    if win.oh() * win.ow() <= PIXELS_ONE_BY_ONE && one_pixel_width::<T>(out, win.c).is_some() {
+        // Each pixel a class of its own, on this crate's kernel: the same pieces, so the same
+        // bits as the classes below.
+        return one_pixel_conv(x, &w, bias, win, &one_pixel_classes(&classes));
+    }
+    classes_conv(x, &w, bias, win, &classes)
+}
+
+/// [`conv`] class by class on the gemm crate: every output row starts as the bias (the pixels
+/// no tap reaches keep it); each class adds its products to its pixels' rows, one per tap (and
+/// per `MAX_K` channels), as [`one_pixel_conv`] adds them.
+fn classes_conv<T: WithDType>(x: &[T], w: &Weight<'_, T>, bias: &[T], win: &Window, classes: &[TapClass]) -> Vec<T> {
+    let out = w.out;
     let mut y = scratch::take(win.batch * win.oh() * win.ow() * out);
     y.par_chunks_mut(out).for_each(|row| row.copy_from_slice(bias));
-    for class in &classes {
+    for class in classes {
         let rc = win.batch * class.pixels();
-        let cw = class_weights_t(&w, win, class);
+        let cw = class_weights_t(w, win, class);
         let cp = class_patches(x, win, class, cw.compact);
         let product = |dst: &mut [T], ldc: usize| {
             for part in &cp.parts {
-                // dst += patches[:, part] · Wᵀ[part, :]
-                let (a, b) = (&cp.data[part.at..], &cw.data[cw.at(&part.seg) * cw.stride..]);
-                gemm_strided((rc, out, part.seg.len), a, (cp.stride, 1), b, (cw.stride, 1), dst, ldc, true, true);
+                for piece in tap_pieces(part.seg.len, win.c) {
+                    // dst += patches[:, piece] · Wᵀ[piece, :]
+                    let a = &cp.data[part.at + piece.start..];
+                    let b = &cw.data[(cw.at(&part.seg) + piece.start) * cw.stride..];
+                    gemm_strided((rc, out, piece.len()), a, (cp.stride, 1), b, (cw.stride, 1), dst, ldc, true, true);
+                }
             }
         };
-        match rows_in_place(win, &classes, class, out) {
+        match rows_in_place(win, classes, class, out) {
             Some((start, stride)) => product(&mut y[start..], stride),
             None => {
                 let mut yc = scratch::take(rc * out);
@@ -865,6 +916,43 @@ mod tests {
             assert_eq!(y.len(), batch * win.oh() * win.ow() * out);
             let f64s = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<f64>>();
             let want = direct(&f64s(&x), &f64s(&wt), &f64s(&bias), &win, out);
+            for (i, (&got, &want)) in y.iter().zip(&want).enumerate() {
+                assert!(
+                    (got as f64 - want).abs() <= 1e-5 * want.abs().max(1.0),
+                    "{win:?}: y[{i}] {got} against {want}"
+                );
+            }
+        }
+    }
+
+    /// Small outputs whose classes have several pixels (stride 2 and 1, 3×3 and 4×4 outputs):
+    /// pixel by pixel on this crate's kernel (where this process runs it) and class by class on
+    /// the gemm crate's, bit for bit, and `conv` within 1e-5 of max(|y|, 1) of a float64 direct
+    /// convolution.
+    #[test]
+    fn pixels_one_by_one_give_the_bits_of_their_classes() {
+        let data = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len).map(|i| ((i * 7919 + seed * 104729) % 1013) as f32 / 1013.0 - 0.5).collect()
+        };
+        // (batch, h, w, c, out, stride)
+        for (batch, h, w, c, out, stride) in [(9, 6, 6, 16, 32, 2), (5, 7, 7, 32, 16, 2), (4, 4, 4, 48, 32, 1)] {
+            let win = Window { batch, h, w, c, kh: 3, kw: 3, stride, pad: 1 };
+            let classes = classes(&win);
+            assert!(classes.iter().any(|class| class.pixels() > 1), "{win:?}: one-pixel classes only");
+            assert!(win.oh() * win.ow() <= PIXELS_ONE_BY_ONE, "{win:?}: too many pixels");
+            let (x, wt, bias) = (data(batch * h * w * c, 4), data(out * c * 9, 5), data(out, 6));
+            let weight = Weight::new(&wt, out, &win, &classes);
+            let by_classes = classes_conv(&x, &weight, &bias, &win, &classes);
+            if let Some(width) = one_pixel_width::<f32>(out, c) {
+                let pixels = one_pixel_classes(&classes);
+                let by_pixels = one_pixel_conv_on(&x, &weight, &bias, (&win, &pixels), Some(width));
+                let same = by_pixels.iter().zip(&by_classes).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{win:?}: pixel by pixel differs from class by class");
+            }
+            let f64s = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+            let want = direct(&f64s(&x), &f64s(&wt), &f64s(&bias), &win, out);
+            let y = conv(&x, &wt, &bias, &win);
+            assert_eq!(y.len(), want.len());
             for (i, (&got, &want)) in y.iter().zip(&want).enumerate() {
                 assert!(
                     (got as f64 - want).abs() <= 1e-5 * want.abs().max(1.0),
