@@ -12,6 +12,13 @@
 //! pixels are a few runs of each image ([`one_pixel_parts`]), one product per run; larger
 //! classes gather their patches. Where every window covers the whole image (2×2 and 1×1 images
 //! at 28 px) the classes' products are one dense product instead ([`whole`]).
+//!
+//! The forward of one-pixel classes of at least [`panels::MAX_K`] input channels (the 3×3×512
+//! convolutions of a 96 px network) adds one product per tap (and per `MAX_K` channels) to
+//! each output row, which starts as the bias ([`one_pixel_conv`]): on this crate's kernel
+//! ([`panels`], at the AVX2 tier) with the weight's taps packed once and the products run tap by
+//! tap, else on the gemm crate's, the same bits either way. Other convolutions take the classes'
+//! products above, whose longer sums round otherwise, so their bits are those of before.
 
 use std::ops::Range;
 
@@ -501,8 +508,8 @@ struct ClassBlock<T> {
 /// Output columns per task of [`one_pixel_conv`] on this crate's kernel.
 const GROUP_COLUMNS: usize = 128;
 
-/// [`conv`] where every class has one pixel per image (images of at most 3×3): every output
-/// row starts as the bias and each class adds its [`one_pixel_pieces`]' products in order, so
+/// [`conv`] where every class has one pixel per image (images of at most 3×3) and the input
+/// has at least [`panels::MAX_K`] channels: every output row starts as the bias and each class adds its [`one_pixel_pieces`]' products in order, so
 /// each element is the bias plus one in-order sum per piece, whichever kernel runs them
 /// ([`panels`]' and the gemm crate's give the same bits on pieces of at most
 /// [`panels::MAX_K`]).
@@ -523,37 +530,6 @@ fn one_pixel_conv<T: WithDType>(x: &[T], w: &Weight<'_, T>, bias: &[T], win: &Wi
 /// per tap, where a tap's channels are one product.
 fn one_pixel_width<T: WithDType>(out: usize, c: usize) -> Option<usize> {
     panels::width::<T>(out, c).filter(|_| c <= panels::MAX_K)
-}
-
-/// Output pixels per image up to which [`conv`] runs a convolution whose classes have several
-/// pixels pixel by pixel, as [`one_pixel_conv`] runs one-pixel classes, where that is on this
-/// crate's kernel: at 96 px the 6×6 → 3×3 strided convolution, whose classes (1, 2, 2 and 4
-/// pixels) would gather their patches for the gemm crate.
-const PIXELS_ONE_BY_ONE: usize = 16;
-
-/// Each pixel of `classes` as a class of its own.
-fn one_pixel_classes(classes: &[TapClass]) -> Vec<TapClass> {
-    classes
-        .iter()
-        .flat_map(|class| {
-            class.oy.clone().flat_map(move |oy| {
-                class.ox.clone().map(move |ox| TapClass {
-                    oy: oy..oy + 1,
-                    ox: ox..ox + 1,
-                    ky: class.ky.clone(),
-                    kx: class.kx.clone(),
-                })
-            })
-        })
-        .collect()
-}
-
-/// A class's run of `len` patch columns (whole taps of `c` channels) as the pieces
-/// [`one_pixel_pieces`] takes: a tap at a time, at most [`panels::MAX_K`] channels each.
-fn tap_pieces(len: usize, c: usize) -> impl Iterator<Item = Range<usize>> {
-    (0..len).step_by(c).flat_map(move |tap| {
-        (tap..tap + c).step_by(panels::MAX_K).map(move |first| first..(first + panels::MAX_K).min(tap + c))
-    })
 }
 
 /// [`one_pixel_conv`] on this crate's kernel with panels of `width`, or on the gemm crate's
@@ -669,39 +645,59 @@ pub fn conv<T: WithDType>(x: &[T], w: &[T], bias: &[T], win: &Window) -> Vec<T> 
     let out = bias.len();
     let classes = classes(win);
     let w = Weight::new(w, out, win, &classes);
-    if classes.iter().all(|class| class.pixels() == 1) {
+    if classes.iter().all(|class| class.pixels() == 1) && win.c >= panels::MAX_K {
         return one_pixel_conv(x, &w, bias, win, &classes);
     }
-    if win.oh() * win.ow() <= PIXELS_ONE_BY_ONE && one_pixel_width::<T>(out, win.c).is_some() {
-        // Each pixel a class of its own, on this crate's kernel: the same pieces, so the same
-        // bits as the classes below.
-        return one_pixel_conv(x, &w, bias, win, &one_pixel_classes(&classes));
-    }
-    classes_conv(x, &w, bias, win, &classes)
-}
-
-/// [`conv`] class by class on the gemm crate: every output row starts as the bias (the pixels
-/// no tap reaches keep it); each class adds its products to its pixels' rows, one per tap (and
-/// per `MAX_K` channels), as [`one_pixel_conv`] adds them.
-fn classes_conv<T: WithDType>(x: &[T], w: &Weight<'_, T>, bias: &[T], win: &Window, classes: &[TapClass]) -> Vec<T> {
-    let out = w.out;
+    // Every output row starts as the bias (the pixels no tap reaches keep it); each class adds
+    // its products to its pixels' rows.
     let mut y = scratch::take(win.batch * win.oh() * win.ow() * out);
     y.par_chunks_mut(out).for_each(|row| row.copy_from_slice(bias));
-    for class in classes {
+    if classes.iter().all(|class| class.pixels() == 1) {
+        // One pixel per class (images of at most 3×3): the classes run side by side, each into
+        // its own `(batch, out)` block, so every product runs on one thread over the whole
+        // batch instead of each being split over the threads (128 rows against 4,608 taps at
+        // 3×3×512, which the matrix kernels split poorly).
+        let blocks: Vec<Vec<T>> = classes
+            .par_iter()
+            .map(|class| {
+                let cw = class_weights_t(&w, win, class);
+                let cp = class_patches(x, win, class, cw.compact);
+                let mut yc = scratch::take(win.batch * out);
+                for row in yc.chunks_exact_mut(out) {
+                    row.copy_from_slice(bias);
+                }
+                for part in &cp.parts {
+                    let (a, b) = (&cp.data[part.at..], &cw.data[cw.at(&part.seg) * cw.stride..]);
+                    let mnk = (win.batch, out, part.seg.len);
+                    gemm_strided(mnk, a, (cp.stride, 1), b, (cw.stride, 1), &mut yc, out, true, false);
+                }
+                release(cp.data);
+                release(cw.data);
+                yc
+            })
+            .collect();
+        let pixels = win.oh() * win.ow();
+        y.par_chunks_mut(pixels * out).enumerate().for_each(|(n, y_img)| {
+            for (class, block) in classes.iter().zip(&blocks) {
+                let p = class.oy.start * win.ow() + class.ox.start;
+                y_img[p * out..(p + 1) * out].copy_from_slice(&block[n * out..(n + 1) * out]);
+            }
+        });
+        blocks.into_iter().for_each(scratch::give);
+        return y;
+    }
+    for class in &classes {
         let rc = win.batch * class.pixels();
-        let cw = class_weights_t(w, win, class);
+        let cw = class_weights_t(&w, win, class);
         let cp = class_patches(x, win, class, cw.compact);
         let product = |dst: &mut [T], ldc: usize| {
             for part in &cp.parts {
-                for piece in tap_pieces(part.seg.len, win.c) {
-                    // dst += patches[:, piece] · Wᵀ[piece, :]
-                    let a = &cp.data[part.at + piece.start..];
-                    let b = &cw.data[(cw.at(&part.seg) + piece.start) * cw.stride..];
-                    gemm_strided((rc, out, piece.len()), a, (cp.stride, 1), b, (cw.stride, 1), dst, ldc, true, true);
-                }
+                // dst += patches[:, part] · Wᵀ[part, :]
+                let (a, b) = (&cp.data[part.at..], &cw.data[cw.at(&part.seg) * cw.stride..]);
+                gemm_strided((rc, out, part.seg.len), a, (cp.stride, 1), b, (cw.stride, 1), dst, ldc, true, true);
             }
         };
-        match rows_in_place(win, classes, class, out) {
+        match rows_in_place(win, &classes, class, out) {
             Some((start, stride)) => product(&mut y[start..], stride),
             None => {
                 let mut yc = scratch::take(rc * out);
@@ -882,11 +878,12 @@ mod tests {
         y
     }
 
-    /// Convolutions whose classes all have one pixel per image (3×3 and 1×1 images, stride 1
-    /// and 2, more input channels than [`panels::MAX_K`], padding wider than the kernel so that
-    /// some pixels see no tap): `conv` within 1e-5 of max(|y|, 1) of a float64 direct
-    /// convolution, and this crate's kernel (where this process runs it) and the gemm crate's
-    /// bit for bit.
+    /// Convolutions whose classes all have one pixel per image (3×3, 2×2 and 1×1 images,
+    /// stride 1 and 2, padding wider than the kernel so that some pixels see no tap, and
+    /// [`panels::MAX_K`] input channels or more, where `conv` takes [`one_pixel_conv`]):
+    /// [`one_pixel_conv_on`] on this crate's kernel (where this process runs it) and the gemm
+    /// crate's bit for bit, and `conv` within 1e-5 of max(|y|, 1) of a float64 direct
+    /// convolution.
     #[test]
     fn one_pixel_classes_give_the_same_bits_on_both_kernels() {
         let data = |len: usize, seed: usize| -> Vec<f32> {
@@ -898,7 +895,10 @@ mod tests {
             (7, 1, 1, 64, 32, 1, 1),
             (6, 3, 3, 16, 32, 2, 1),
             (3, 3, 3, 520, 16, 1, 1),
+            (5, 3, 3, 512, 32, 1, 1),
             (4, 1, 2, 16, 32, 1, 3),
+            (256, 2, 2, 256, 256, 1, 1),
+            (16, 1, 1, 512, 512, 1, 1),
         ] {
             let win = Window { batch, h, w, c, kh: 3, kw: 3, stride, pad };
             let classes = classes(&win);
@@ -916,43 +916,6 @@ mod tests {
             assert_eq!(y.len(), batch * win.oh() * win.ow() * out);
             let f64s = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<f64>>();
             let want = direct(&f64s(&x), &f64s(&wt), &f64s(&bias), &win, out);
-            for (i, (&got, &want)) in y.iter().zip(&want).enumerate() {
-                assert!(
-                    (got as f64 - want).abs() <= 1e-5 * want.abs().max(1.0),
-                    "{win:?}: y[{i}] {got} against {want}"
-                );
-            }
-        }
-    }
-
-    /// Small outputs whose classes have several pixels (stride 2 and 1, 3×3 and 4×4 outputs):
-    /// pixel by pixel on this crate's kernel (where this process runs it) and class by class on
-    /// the gemm crate's, bit for bit, and `conv` within 1e-5 of max(|y|, 1) of a float64 direct
-    /// convolution.
-    #[test]
-    fn pixels_one_by_one_give_the_bits_of_their_classes() {
-        let data = |len: usize, seed: usize| -> Vec<f32> {
-            (0..len).map(|i| ((i * 7919 + seed * 104729) % 1013) as f32 / 1013.0 - 0.5).collect()
-        };
-        // (batch, h, w, c, out, stride)
-        for (batch, h, w, c, out, stride) in [(9, 6, 6, 16, 32, 2), (5, 7, 7, 32, 16, 2), (4, 4, 4, 48, 32, 1)] {
-            let win = Window { batch, h, w, c, kh: 3, kw: 3, stride, pad: 1 };
-            let classes = classes(&win);
-            assert!(classes.iter().any(|class| class.pixels() > 1), "{win:?}: one-pixel classes only");
-            assert!(win.oh() * win.ow() <= PIXELS_ONE_BY_ONE, "{win:?}: too many pixels");
-            let (x, wt, bias) = (data(batch * h * w * c, 4), data(out * c * 9, 5), data(out, 6));
-            let weight = Weight::new(&wt, out, &win, &classes);
-            let by_classes = classes_conv(&x, &weight, &bias, &win, &classes);
-            if let Some(width) = one_pixel_width::<f32>(out, c) {
-                let pixels = one_pixel_classes(&classes);
-                let by_pixels = one_pixel_conv_on(&x, &weight, &bias, (&win, &pixels), Some(width));
-                let same = by_pixels.iter().zip(&by_classes).all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "{win:?}: pixel by pixel differs from class by class");
-            }
-            let f64s = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<f64>>();
-            let want = direct(&f64s(&x), &f64s(&wt), &f64s(&bias), &win, out);
-            let y = conv(&x, &wt, &bias, &win);
-            assert_eq!(y.len(), want.len());
             for (i, (&got, &want)) in y.iter().zip(&want).enumerate() {
                 assert!(
                     (got as f64 - want).abs() <= 1e-5 * want.abs().max(1.0),

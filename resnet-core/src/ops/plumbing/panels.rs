@@ -1,7 +1,8 @@
-//! Matrix products `c = a · b` for the Winograd convolutions, on a micro-kernel of this crate's
-//! own: their filter matrices `U_e` are packed once per convolution into column panels, where
-//! the gemm crate packed them anew for every task's product (and the tiles too, which
-//! [`product`] reads in place), and the weight gradient's sums read both factors in place.
+//! Matrix products `c = a · b` for the Winograd convolutions and the in-bounds taps' forwards
+//! on small images, on a micro-kernel of this crate's own: the Winograd filter matrices `U_e`
+//! and the taps' weights are packed once per convolution into column panels, where the gemm
+//! crate packed them anew for every product (and the left factors too, which [`product`] reads
+//! in place), and the Winograd weight gradient's sums read both factors in place.
 //!
 //! The kernel holds [`ROWS`] rows × one panel of `c` in registers and adds `a[i, p] · b[p, j]`
 //! with a fused multiply-add for `p` in order, so every element is one in-order sum of fused
