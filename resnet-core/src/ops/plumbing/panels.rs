@@ -1,5 +1,5 @@
 //! Matrix products `c = a · b` for the Winograd convolutions and the in-bounds taps' forwards
-//! on small images, on a micro-kernel of this crate's own: the Winograd filter matrices `U_e`
+//! of 3×3 images of 512 channels, on a micro-kernel of this crate's own: the Winograd filter matrices `U_e`
 //! and the taps' weights are packed once per convolution into column panels, where the gemm
 //! crate packed them anew for every product (and the left factors too, which [`product`] reads
 //! in place), and the Winograd weight gradient's sums read both factors in place.
