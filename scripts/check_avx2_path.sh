@@ -10,7 +10,10 @@
 #   3. under Debian's qemu-user as a Haswell CPU (no AVX-512 anywhere: gemm and our kernels on AVX2),
 #   4. natively with RESNET_PANELS=off (every product on the gemm crate's kernels),
 # then compares the tensor bytes of the four checkpoints (the safetensors data section; the
-# metadata holds wall-clock times and differs).
+# metadata holds wall-clock times and differs). A second run at 96 px and full width (256 images,
+# 4 steps: the last stage's 3×3×512 convolutions, whose in-bounds taps forwards run on the
+# project's own kernel at the AVX2 tier) is compared the same way natively, with
+# RESNET_SIMD=avx2 and with RESNET_PANELS=off (not emulated: too slow under qemu).
 #
 #   apt-get install qemu-user dataset-fashion-mnist
 #   cargo build --release -p resnet-cli && scripts/check_avx2_path.sh
@@ -35,10 +38,21 @@ tensor_bytes() { # sha256 of a safetensors file's data section
 RESNET_SIMD=avx2 "$bin" "${args[@]}" --out "$out/avx2" > "$out/avx2.log" 2>&1
 qemu-x86_64 -cpu Haswell "$bin" "${args[@]}" --out "$out/haswell" > "$out/haswell.log" 2>&1
 RESNET_PANELS=off "$bin" "${args[@]}" --out "$out/gemm" > "$out/gemm.log" 2>&1
+wide=(train --preset quick --data-dir "$data" --resize 96 --limit-train 256 --limit-test 128 --epochs 1
+      --batch-size 64 --workers 1)
+"$bin" "${wide[@]}" --out "$out/native96" > "$out/native96.log" 2>&1
+RESNET_SIMD=avx2 "$bin" "${wide[@]}" --out "$out/avx2-96" > "$out/avx2-96.log" 2>&1
+RESNET_PANELS=off "$bin" "${wide[@]}" --out "$out/gemm96" > "$out/gemm96.log" 2>&1
 
 status=0
 ref=$(tensor_bytes "$out/native/checkpoint.safetensors")
 for run in native avx2 haswell gemm; do
+    h=$(tensor_bytes "$out/$run/checkpoint.safetensors")
+    printf '%-8s %s  %s\n' "$run" "$h" "$(grep '^loss' "$out/$run.log")"
+    [ "$h" = "$ref" ] || status=1
+done
+ref=$(tensor_bytes "$out/native96/checkpoint.safetensors")
+for run in native96 avx2-96 gemm96; do
     h=$(tensor_bytes "$out/$run/checkpoint.safetensors")
     printf '%-8s %s  %s\n' "$run" "$h" "$(grep '^loss' "$out/$run.log")"
     [ "$h" = "$ref" ] || status=1

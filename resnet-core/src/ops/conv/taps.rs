@@ -509,16 +509,16 @@ struct ClassBlock<T> {
 const GROUP_COLUMNS: usize = 128;
 
 /// [`conv`] where every class has one pixel per image (images of at most 3×3) and the input
-/// has at least [`panels::MAX_K`] channels: every output row starts as the bias and each class adds its [`one_pixel_pieces`]' products in order, so
-/// each element is the bias plus one in-order sum per piece, whichever kernel runs them
-/// ([`panels`]' and the gemm crate's give the same bits on pieces of at most
-/// [`panels::MAX_K`]).
+/// has at least [`panels::MAX_K`] channels: every output row starts as the bias and each class
+/// adds its [`one_pixel_pieces`]' products in order, so each element is the bias plus one
+/// in-order sum per piece, whichever kernel runs them ([`panels`]' and the gemm crate's give the
+/// same bits on pieces of at most [`panels::MAX_K`]).
 ///
 /// On this crate's kernel the weight's taps are packed once, in one pass ([`pack_taps`]), and
 /// the products run tap by tap: the classes that read a tap run together, each task one class
 /// and [`GROUP_COLUMNS`] output columns, so a tap's packed weights come from memory about once
 /// for all of them (the gemm crate packs a product's right factor again for every call: at
-/// 3×3×512 the whole 9.4 MB weight for each of the 9 classes' 128 rows). On the gemm crate's
+/// 3×3×512, 51 MB of packing for the classes' taps of a 9.4 MB weight). On the gemm crate's
 /// the classes run side by side, each product over the whole batch on one thread (128 rows
 /// against 512 columns, which the crate splits poorly over threads).
 fn one_pixel_conv<T: WithDType>(x: &[T], w: &Weight<'_, T>, bias: &[T], win: &Window, classes: &[TapClass]) -> Vec<T> {
@@ -612,8 +612,6 @@ fn one_pixel_conv_on<T: WithDType>(
     for class in classes {
         reached[class.oy.start * win.ow() + class.ox.start] = true;
     }
-    // SAFETY: every row of every image is written: the bias where no class is, else the parts
-    // of its class, which cover its columns.
     let fill = |y: &mut [std::mem::MaybeUninit<T>]| {
         y.par_chunks_mut(pixels * out).enumerate().for_each(|(n, y_img)| {
             for (row, _) in y_img.chunks_exact_mut(out).zip(&reached).filter(|(_, &r)| !r) {
@@ -631,6 +629,8 @@ fn one_pixel_conv_on<T: WithDType>(
             }
         });
     };
+    // SAFETY: every row of every image is written: the bias where no class is, else the parts
+    // of its class, which cover its columns.
     let y = unsafe { scratch::written(batch * pixels * out, fill) };
     parts.into_iter().for_each(|part| scratch::give(part.values));
     y
