@@ -1,8 +1,9 @@
 //! Matrix products `c = a · b` for the Winograd convolutions and the in-bounds taps' forwards
-//! of 3×3 images of 512 channels, on a micro-kernel of this crate's own: the Winograd filter matrices `U_e`
-//! and the taps' weights are packed once per convolution into column panels, where the gemm
-//! crate packed them anew for every product (and the left factors too, which [`product`] reads
-//! in place), and the Winograd weight gradient's sums read both factors in place.
+//! of 3×3 images of 512 channels, on a micro-kernel of this crate's own: the Winograd filter
+//! matrices `U_e` and the taps' weights are packed once per convolution into column panels,
+//! where the gemm crate packed them anew for every product (and the left factors too, which
+//! [`product`] reads in place), and the Winograd weight gradient's sums read both factors in
+//! place.
 //!
 //! The kernel holds [`ROWS`] rows × one panel of `c` in registers and adds `a[i, p] · b[p, j]`
 //! with a fused multiply-add for `p` in order, so every element is one in-order sum of fused
