@@ -17,8 +17,9 @@
 //! convolutions of a 96 px network) adds one product per tap (and per `MAX_K` channels) to
 //! each output row, which starts as the bias ([`one_pixel_conv`]): on this crate's kernel
 //! ([`panels`], at the AVX2 tier) with the weight's taps packed once and the products run tap by
-//! tap, else on the gemm crate's, the same bits either way. Other convolutions take the classes'
-//! products above, whose longer sums round otherwise, so their bits are those of before.
+//! tap, else on the gemm crate's, the same bits either way (and, where the gemm crate sums its
+//! products in blocks of 512, those of the classes' products above). Other convolutions take
+//! the classes' products above: splitting their longer sums per tap would round them otherwise.
 
 use std::ops::Range;
 
