@@ -86,6 +86,9 @@ pub enum ProductKernel {
     Packed,
     /// This crate's own kernel on a right factor read in place.
     InPlace,
+    /// This crate's own kernel on a packed right factor, the left factor's patches read in place
+    /// from a one-channel image (replayed on a left factor of `a_strides`).
+    Patches,
 }
 
 impl ProductCall {
@@ -207,6 +210,7 @@ pub fn replay_report(replayed: &[Replayed], step_ms: f64) -> String {
                 ProductKernel::Gemm => "",
                 ProductKernel::Packed => ", own kernel on packed b",
                 ProductKernel::InPlace => ", own kernel",
+                ProductKernel::Patches => ", own kernel on packed b, patches in place",
             },
             c.ldc,
             if c.accumulate { ", accumulate" } else { "" },

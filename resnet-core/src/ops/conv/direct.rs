@@ -1,8 +1,10 @@
 //! Convolution of single-channel images: the stem's 7×7 over grayscale Fashion-MNIST.
 //!
-//! With one input channel the patch matrix is `(pixels, 49)`. Its forward product is short and
-//! wide and runs well once the patches are made a kernel row at a time (see
-//! `one_channel_patch`), so the forward is im2col's. The weight gradient `dyᵀ · cols` is one long, thin product over every
+//! With one input channel the patch matrix is `(pixels, 49)`, and the forward is im2col's
+//! product. Where this crate's kernel runs the products ([`panels`]), it reads the patches in
+//! place from the rows under each output row, zero-padded ([`forward_rows`]), rather than
+//! copying each pixel's 49 values out first; elsewhere the patches are made a kernel row at a
+//! time (see `one_channel_patch`) for the gemm crate's product. The weight gradient `dyᵀ · cols` is one long, thin product over every
 //! pixel that the matrix kernels do not split across threads, so it would run on one core;
 //! here it runs as products over fixed runs of pixels side by side, summed in a fixed order so
 //! results repeat bit for bit. The input gradient (never needed for the images themselves)
@@ -14,7 +16,7 @@ use rayon::prelude::*;
 use super::im2col::one_channel_patch;
 use crate::ops::plumbing::geometry::Window;
 use crate::ops::plumbing::matmul::matmul_general;
-use crate::ops::plumbing::scratch;
+use crate::ops::plumbing::{panels, scratch};
 
 /// Output pixels per product in the weight gradient (a fixed split keeps the sum order).
 pub const PIXELS_PER_TASK: usize = 4096;
@@ -33,6 +35,55 @@ fn taps_by_channel<T: WithDType>(w: &[T], taps: usize, out: usize) -> Vec<T> {
         }
     }
     t
+}
+
+/// The forward's right factor for [`forward_rows`]: the weights `w` `(out, kh, kw, 1)` as the
+/// patch matrix's `(kh · kw) × out` right factor, packed in panels of `width` (as
+/// [`panels::width`] gives it for `out` columns).
+pub fn pack_weights<T: WithDType>(w: &[T], win: &Window, out: usize, width: usize) -> Vec<T> {
+    let taps = win.kh * win.kw;
+    panels::pack(&taps_by_channel(w, taps, out), (out, 0), 1, (taps, out), width)
+}
+
+/// Output rows `rows` (indices into `batch · oh`) of the convolution of the one-channel images
+/// `x`, without the bias, added to `dst` (their `rows.len() · ow · out` values), the weights
+/// packed by [`pack_weights`] in panels of `width`. Each output row is one product on this
+/// crate's kernel whose left factor is read in place from a zero-padded copy of the image rows
+/// under it: pixel `ox`'s patch starts `ox · stride` along the copy and its taps are at fixed
+/// offsets from there, in the patch matrix's `(kh, kw)` order, so each sum is the one im2col's
+/// product makes, the padding's taps included (each adds `0 · w`).
+pub fn forward_rows<T: WithDType>(
+    x: &[T],
+    win: &Window,
+    rows: std::ops::Range<usize>,
+    (packed, width): (&[T], usize),
+    (dst, out): (&mut [T], usize),
+) {
+    let (oh, ow, image) = (win.oh(), win.ow(), win.h * win.w);
+    // The padded copy's row: the image row between `pad` zeros on the left and zeros up to the
+    // last output pixel's last tap on the right.
+    let line = (win.w + 2 * win.pad).max((ow - 1) * win.stride + win.kw);
+    let offsets: Vec<usize> = (0..win.kh).flat_map(|ky| (0..win.kw).map(move |kx| ky * line + kx)).collect();
+    let mut under = scratch::take(win.kh * line);
+    for (r, dst) in rows.zip(dst.chunks_exact_mut(ow * out)) {
+        let (n, oy) = (r / oh, r % oh);
+        for (ky, padded) in under.chunks_exact_mut(line).enumerate() {
+            padded.fill(T::zero());
+            let iy = (oy * win.stride + ky).checked_sub(win.pad).filter(|&iy| iy < win.h);
+            if let Some(iy) = iy {
+                let at = n * image + iy * win.w;
+                padded[win.pad..win.pad + win.w].copy_from_slice(&x[at..at + win.w]);
+            }
+        }
+        panels::patch_product(
+            (ow, out, win.kh * win.kw),
+            (&under, win.stride, &offsets),
+            packed,
+            (dst, out),
+            (true, width),
+        );
+    }
+    scratch::give(under);
 }
 
 /// The input index of tap `(ky, kx)` for output `(oy, ox)`, or `None` in the padding.

@@ -12,11 +12,11 @@ use super::{direct, taps, winograd};
 use crate::ops::plumbing::elementwise::{add_relu_in_place, column_sums_tensor, mask_by_positive, relu_in_place};
 use crate::ops::plumbing::geometry::Window;
 use crate::ops::plumbing::matmul::{gemm_strided, gemm_strided_uninit, MatMul};
-use crate::ops::plumbing::scratch;
 use crate::ops::plumbing::simd::with_fma;
 use crate::ops::plumbing::storage::contiguous;
 use crate::ops::plumbing::weight_layout::{ohwi_to_oihw, oihw_to_ohwi};
 use crate::ops::plumbing::{gradients, tape};
+use crate::ops::plumbing::{panels, scratch};
 
 /// How the model computes its convolutions: a runtime setting, not part of the architecture
 /// (checkpoints do not record it). All three agree to float rounding; they differ in speed.
@@ -207,15 +207,27 @@ impl Im2colConv {
         ) -> Vec<T> {
             let (pixels, k, out) = (win.oh() * win.ow(), win.patch_len(), b.len());
             let w = oihw_to_ohwi(w_oihw, out, win.c, win.kh * win.kw);
+            // One channel on this crate's kernel: the patches read in place.
+            let packed = panels::width::<T>(out, k)
+                .filter(|_| direct::applies(win))
+                .map(|width| (direct::pack_weights(&w, win, out, width), width));
             let image_len = epilogue.image_len();
             let mut y = scratch::zeroed(win.batch * image_len);
             // The image's rows a band at a time, as many as the batched forward's tasks hold, so
             // that a band's patches and output stay in the core's cache through its product.
             let band = (FORWARD_PIXELS_PER_TASK / win.ow()).clamp(1, win.oh());
             y.par_chunks_mut(image_len).enumerate().for_each(|(n, dst)| {
-                let (mut cols, mut z) = (scratch::take(band * win.ow() * k), scratch::take(pixels * out));
+                // Patches for the gemm crate's products only.
+                let patches = if packed.is_some() { 0 } else { band * win.ow() * k };
+                let (mut cols, mut z) = (scratch::take(patches), scratch::take(pixels * out));
                 for (i, rows) in z.chunks_mut(band * win.ow() * out).enumerate() {
                     let (first, band_pixels) = (n * win.oh() + i * band, rows.len() / out);
+                    if let Some((packed, width)) = &packed {
+                        rows.chunks_exact_mut(out).for_each(|row| row.copy_from_slice(b));
+                        let band_rows = first..first + band_pixels / win.ow();
+                        one_channel_rows(x, win, band_rows, (packed, *width), (rows, out), relu);
+                        continue;
+                    }
                     let cols = &mut cols[..band_pixels * k];
                     im2col_rows(x, win, first..first + band_pixels / win.ow(), cols);
                     gemm_strided((band_pixels, out, k), cols, (k, 1), &w, (1, k), rows, out, false, false);
@@ -388,6 +400,10 @@ fn conv_forward_in<T: WithDType + 'static>(
     image_rows: Option<usize>,
 ) -> Vec<T> {
     let (rows, k, out, ow) = (win.batch * win.oh() * win.ow(), win.patch_len(), bias.len(), win.ow());
+    // One channel on this crate's kernel: the patches read in place.
+    let packed = image_rows
+        .and_then(|_| panels::width::<T>(out, k).filter(|_| direct::applies(win) && !pointwise))
+        .map(|width| (direct::pack_weights(w, win, out, width), width));
     let fill = |dst: &mut [MaybeUninit<T>]| match image_rows {
         None => {
             let owned = (!pointwise).then(|| {
@@ -407,6 +423,17 @@ fn conv_forward_in<T: WithDType + 'static>(
         Some(image_rows) => dst.par_chunks_mut(image_rows * ow * out).enumerate().for_each(|(task, part)| {
             let pixels = part.len() / out;
             let first = task * image_rows;
+            if let Some((packed, width)) = &packed {
+                for (row, d) in part.chunks_exact_mut(out).zip(std::iter::repeat(bias)) {
+                    for (v, &b) in row.iter_mut().zip(d) {
+                        v.write(b);
+                    }
+                }
+                // SAFETY: every element was just written.
+                let part = unsafe { scratch::assume_init(part) };
+                one_channel_rows(x, win, first..first + pixels / ow, (packed, *width), (part, out), relu);
+                return;
+            }
             let mut cols = scratch::take(pixels * k);
             im2col_rows(x, win, first..first + pixels / ow, &mut cols);
             gemm_strided_uninit((pixels, out, k), &cols, (k, 1), w, (1, k), part, out, false);
@@ -418,6 +445,25 @@ fn conv_forward_in<T: WithDType + 'static>(
     // SAFETY: the product writes every element (its `rows × out` block, rows `out` apart, is the
     // whole buffer) before the bias and the ReLU read it: no clearing pass.
     unsafe { scratch::written(rows * out, fill) }
+}
+
+/// [`direct::forward_rows`] of output rows `rows` added to `dst` (`(pixels, out)`, which holds
+/// the bias), then ReLU with `relu`: the bias plus the product's sum in one rounding, as
+/// [`bias_relu_rows`] adds them after im2col's product.
+fn one_channel_rows<T: WithDType>(
+    x: &[T],
+    win: &Window,
+    rows: std::ops::Range<usize>,
+    packed: (&[T], usize),
+    (dst, out): (&mut [T], usize),
+    relu: bool,
+) {
+    direct::forward_rows(x, win, rows, packed, (&mut *dst, out));
+    if relu {
+        for v in dst.iter_mut() {
+            *v = if *v < T::zero() { T::zero() } else { *v };
+        }
+    }
 }
 
 /// Each `bias.len()`-wide row of `ys` plus `bias` (the product's sum plus the bias, one rounding
@@ -630,6 +676,8 @@ mod tests {
     fn im2col_forward_per_task_equals_the_whole_product() {
         for &(batch, h, w, c, k, stride, pad, out) in &[
             (3usize, 40usize, 36usize, 1usize, 7usize, 2usize, 3usize, 32usize),
+            (2, 33, 35, 1, 7, 2, 3, 64),
+            (2, 34, 38, 1, 5, 1, 2, 48),
             (2, 36, 36, 16, 3, 2, 1, 24),
             (4, 18, 18, 8, 3, 1, 1, 20),
             (2, 40, 40, 32, 1, 2, 0, 48),

@@ -216,11 +216,18 @@ fn replay<T: WithDType>(call: &ProductCall, per_step: usize) -> f64 {
     // A packed product's right factor is packed once, ahead of the products, as its caller
     // packs it.
     let width = panels::width::<T>(n, k).unwrap_or(0);
-    let packed =
-        if kernel == ProductKernel::Packed { panels::pack(&b, (b_strides.0, 0), 1, (k, n), width) } else { Vec::new() };
+    let packed = if kernel == ProductKernel::InPlace || kernel == ProductKernel::Gemm {
+        Vec::new()
+    } else {
+        panels::pack(&b, (b_strides.0, 0), 1, (k, n), width)
+    };
+    let offsets: Vec<usize> = (0..k).map(|p| p * a_strides.1).collect();
     let c_len = (m - 1) * ldc + n;
     let run = |c: &mut Vec<T>| match kernel {
         ProductKernel::Packed => panels::product((m, n, k), (&a, a_strides.0), &packed, (c, ldc), (accumulate, width)),
+        ProductKernel::Patches => {
+            panels::patch_product((m, n, k), (&a, a_strides.0, &offsets), &packed, (c, ldc), (accumulate, width))
+        }
         ProductKernel::InPlace => {
             panels::transposed_product((m, n, k), (&a, a_strides.1), (&b, b_strides.0), (c, ldc), (accumulate, width))
         }

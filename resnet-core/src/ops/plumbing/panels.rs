@@ -1,9 +1,10 @@
-//! Matrix products `c = a · b` for the Winograd convolutions and the in-bounds taps' forwards
-//! of 3×3 images of 512 channels, on a micro-kernel of this crate's own: the Winograd filter
-//! matrices `U_e` and the taps' weights are packed once per convolution into column panels,
-//! where the gemm crate packed them anew for every product (and the left factors too, which
-//! [`product`] reads in place), and the Winograd weight gradient's sums read both factors in
-//! place.
+//! Matrix products `c = a · b` for the Winograd convolutions, the in-bounds taps' forwards of
+//! 3×3 images of 512 channels and the one-channel stem's forward, on a micro-kernel of this
+//! crate's own: the Winograd filter matrices `U_e` and the taps' and stem's weights are packed
+//! once per convolution into column panels, where the gemm crate packed them anew for every
+//! product (and the left factors too, which [`product`] reads in place); the Winograd weight
+//! gradient's sums read both factors in place, and the stem's patches are read in place from
+//! its image ([`patch_product`]).
 //!
 //! The kernel holds [`ROWS`] rows × one panel of `c` in registers and adds `a[i, p] · b[p, j]`
 //! with a fused multiply-add for `p` in order, so every element is one in-order sum of fused
@@ -109,7 +110,25 @@ pub(crate) fn product<T: WithDType>(
     (accumulate, width): (bool, usize),
 ) {
     let b = Right { width, panel: k * width, row: width };
-    run(Call { mnk: (m, n, k), a: (lda, 1), b, ldc, accumulate }, a, panels, c, ProductKernel::Packed);
+    let call = Call { mnk: (m, n, k), a: (lda, 1), taps: std::ptr::null(), b, ldc, accumulate };
+    run(call, a, panels, c, ProductKernel::Packed);
+}
+
+/// [`product`] with the left factor's columns at `offsets`: its element `(i, p)` at
+/// `i · lda + offsets[p]`. A one-channel convolution's patches read in place from its image
+/// (padded): `lda` the image step from one output pixel to the next, `offsets` the taps' places
+/// from a pixel's first, in the patch matrix's order, so the sums are im2col's.
+pub(crate) fn patch_product<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    (a, lda, offsets): (&[T], usize, &[usize]),
+    panels: &[T],
+    (c, ldc): (&mut [T], usize),
+    (accumulate, width): (bool, usize),
+) {
+    assert_eq!(offsets.len(), k, "panels: {} tap offsets for a shared dimension of {k}", offsets.len());
+    let b = Right { width, panel: k * width, row: width };
+    let call = Call { mnk: (m, n, k), a: (lda, 0), taps: offsets.as_ptr(), b, ldc, accumulate };
+    run(call, a, panels, c, ProductKernel::Patches);
 }
 
 /// `c (m × n, rows ldc apart) = aᵀ · b`, plus the old `c` with `accumulate`, for `a` `(k × m)`
@@ -124,7 +143,8 @@ pub(crate) fn transposed_product<T: WithDType>(
     (accumulate, width): (bool, usize),
 ) {
     let right = Right { width, panel: width, row: ldb };
-    run(Call { mnk: (m, n, k), a: (1, lda), b: right, ldc, accumulate }, a, b, c, ProductKernel::InPlace);
+    let call = Call { mnk: (m, n, k), a: (1, lda), taps: std::ptr::null(), b: right, ldc, accumulate };
+    run(call, a, b, c, ProductKernel::InPlace);
 }
 
 /// A right factor's panels: `width` columns each, panel `j`'s row `p` at `j · panel + p · row`
@@ -136,12 +156,14 @@ struct Right {
     row: usize,
 }
 
-/// A product's shape: `(m, n, k)`, the left factor's element strides (row, column) as `m × k`,
-/// the right factor's panels, the output's row stride, and whether the product is added to it.
+/// A product's shape: `(m, n, k)`, the left factor's element strides (row, column) as `m × k`
+/// or its row stride and column offsets (`taps`, `k` of them, where not null), the right
+/// factor's panels, the output's row stride, and whether the product is added to it.
 #[derive(Debug, Clone, Copy)]
 struct Call {
     mnk: (usize, usize, usize),
     a: (usize, usize),
+    taps: *const usize,
     b: Right,
     ldc: usize,
     accumulate: bool,
@@ -163,8 +185,8 @@ fn run<T: WithDType>(call: Call, a: &[T], b: &[T], c: &mut [T], kernel: ProductK
         m,
         n,
         k,
-        a_strides: call.a,
-        b_strides: if kernel == ProductKernel::Packed { (n, 1) } else { (call.b.row, 1) },
+        a_strides: if kernel == ProductKernel::Patches { (call.a.0, 1) } else { call.a },
+        b_strides: if kernel == ProductKernel::InPlace { (call.b.row, 1) } else { (n, 1) },
         ldc: call.ldc,
         accumulate: call.accumulate,
         parallel: false,
@@ -190,7 +212,14 @@ fn run_f32(call: Call, a: &[f32], b: &[f32], c: &mut [f32]) {
         return;
     }
     assert!(k > 0, "panels: an empty shared dimension");
-    assert!(a.len() > (m - 1) * a_rs + (k - 1) * a_cs, "panels: the left factor runs past its buffer");
+    // The left factor's last column: its offset, or `(k − 1)` column strides.
+    let last = if call.taps.is_null() {
+        (k - 1) * a_cs
+    } else {
+        // SAFETY: `patch_product` passes `k` offsets.
+        unsafe { std::slice::from_raw_parts(call.taps, k) }.iter().copied().max().unwrap_or(0)
+    };
+    assert!(a.len() > (m - 1) * a_rs + last, "panels: the left factor runs past its buffer");
     assert!(
         b.len() >= (n / width - 1) * panel + (k - 1) * row + width,
         "panels: the right factor runs past its buffer"
@@ -198,60 +227,74 @@ fn run_f32(call: Call, a: &[f32], b: &[f32], c: &mut [f32]) {
     assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "panels: the output runs past its buffer");
     let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
     // SAFETY: the asserts bound every element the loops address.
-    if width == 16 {
-        with_fma(
+    match (width, call.taps.is_null()) {
+        (16, true) => with_fma(
             #[inline(always)]
-            || unsafe { blocks::<16>(call, a, b, c) },
-        );
-    } else {
-        with_fma(
+            || unsafe { blocks::<16, false>(call, a, b, c) },
+        ),
+        (16, false) => with_fma(
             #[inline(always)]
-            || unsafe { blocks::<32>(call, a, b, c) },
-        );
+            || unsafe { blocks::<16, true>(call, a, b, c) },
+        ),
+        (_, true) => with_fma(
+            #[inline(always)]
+            || unsafe { blocks::<32, false>(call, a, b, c) },
+        ),
+        (_, false) => with_fma(
+            #[inline(always)]
+            || unsafe { blocks::<32, true>(call, a, b, c) },
+        ),
     }
 }
 
 /// The loops: panel by panel (it stays in the L1 cache), blocks of [`ROWS`] rows down the
-/// panel, the last block of fewer rows.
+/// panel, the last block of fewer rows; the left factor's columns at the call's `taps` with
+/// `TAPS`.
 ///
 /// # Safety
 /// As [`run_f32`] asserts: `a`, `b` and `c` valid for the elements the call addresses.
 #[inline(always)]
-unsafe fn blocks<const P: usize>(call: Call, a: *const f32, b: *const f32, c: *mut f32) {
+unsafe fn blocks<const P: usize, const TAPS: bool>(call: Call, a: *const f32, b: *const f32, c: *mut f32) {
     let ((m, n, _), (a_rs, _), ldc) = (call.mnk, call.a, call.ldc);
     let whole = m - m % ROWS;
     for j in 0..n / P {
         // SAFETY (all below): within the bounds the caller vouches for.
         let (b, c) = unsafe { (b.add(j * call.b.panel), c.add(j * P)) };
         for i in (0..whole).step_by(ROWS) {
-            unsafe { kernel::<ROWS, P>(call, a.add(i * a_rs), b, c.add(i * ldc)) };
+            unsafe { kernel::<ROWS, P, TAPS>(call, a.add(i * a_rs), b, c.add(i * ldc)) };
         }
         let (a, c) = unsafe { (a.add(whole * a_rs), c.add(whole * ldc)) };
         match m % ROWS {
-            1 => unsafe { kernel::<1, P>(call, a, b, c) },
-            2 => unsafe { kernel::<2, P>(call, a, b, c) },
-            3 => unsafe { kernel::<3, P>(call, a, b, c) },
-            4 => unsafe { kernel::<4, P>(call, a, b, c) },
-            5 => unsafe { kernel::<5, P>(call, a, b, c) },
+            1 => unsafe { kernel::<1, P, TAPS>(call, a, b, c) },
+            2 => unsafe { kernel::<2, P, TAPS>(call, a, b, c) },
+            3 => unsafe { kernel::<3, P, TAPS>(call, a, b, c) },
+            4 => unsafe { kernel::<4, P, TAPS>(call, a, b, c) },
+            5 => unsafe { kernel::<5, P, TAPS>(call, a, b, c) },
             _ => {}
         }
     }
 }
 
 /// `R` rows × `P` columns of `c` from `R` rows of `a` and one panel of `b`, summed in registers
-/// over `p` in order from zero, then stored or added to `c`.
+/// over `p` in order from zero, then stored or added to `c`; `a`'s column `p` at the call's
+/// `taps[p]` with `TAPS`, else `p` column strides.
 ///
 /// # Safety
-/// `a` valid for `R` rows of `k` (the call's strides), `b` for the panel's `k` rows of `P`, `c`
-/// for `R` rows of `P` (rows `ldc` apart).
+/// `a` valid for `R` rows of `k` (the call's strides or taps), `b` for the panel's `k` rows of
+/// `P`, `c` for `R` rows of `P` (rows `ldc` apart).
 #[inline(always)]
-unsafe fn kernel<const R: usize, const P: usize>(call: Call, a: *const f32, b: *const f32, c: *mut f32) {
+unsafe fn kernel<const R: usize, const P: usize, const TAPS: bool>(
+    call: Call,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+) {
     let ((_, _, k), (a_rs, a_cs), ldc) = (call.mnk, call.a, call.ldc);
     let mut acc = [[0f32; P]; R];
     for p in 0..k {
         // SAFETY: within the bounds the caller vouches for.
         let row: [f32; P] = unsafe { b.add(p * call.b.row).cast::<[f32; P]>().read_unaligned() };
-        let a = unsafe { a.add(p * a_cs) };
+        let a = unsafe { a.add(if TAPS { call.taps.add(p).read() } else { p * a_cs }) };
         for (r, sums) in acc.iter_mut().enumerate() {
             let x = unsafe { a.add(r * a_rs).read() };
             for (s, &y) in sums.iter_mut().zip(&row) {
@@ -319,6 +362,41 @@ mod tests {
         assert_eq!(width::<f32>(8, 64), None);
     }
 
+    /// The left factor read through column offsets (a one-channel image's patches in place:
+    /// rows `lda` apart, overlapping), written and added to an old `c`: each element is the
+    /// in-order sum of fused products over the offsets' elements, bit for bit.
+    #[test]
+    fn the_patch_product_reads_the_left_factor_at_its_offsets() {
+        for (m, n, k, lda) in [(13, 32, 49, 2), (6, 16, 25, 1), (5, 64, 7, 3)] {
+            for width in widths(n) {
+                let offsets: Vec<usize> = (0..k).map(|p| (p / 7) * 40 + p % 7 + (p * 3) % 5).collect();
+                let a = data((m - 1) * lda + offsets.iter().max().expect("offsets") + 1, 3);
+                let b = data(k * n, 4);
+                let old = data(m * n, 5);
+                let packed = pack(&b, (n, 0), 1, (k, n), width);
+                for accumulate in [false, true] {
+                    let mut ours = old.clone();
+                    let right = Right { width, panel: k * width, row: width };
+                    let call =
+                        Call { mnk: (m, n, k), a: (lda, 0), taps: offsets.as_ptr(), b: right, ldc: n, accumulate };
+                    run_f32(call, &a, &packed, &mut ours);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let sum = in_order(k, |p| a[i * lda + offsets[p]], |p| b[p * n + j]);
+                            let exact = if accumulate { old[i * n + j] + sum } else { sum };
+                            let x = ours[i * n + j];
+                            assert_eq!(
+                                x.to_bits(),
+                                exact.to_bits(),
+                                "{m}×{n}×{k} on {width}: c[{i}, {j}] {x} against {exact}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Two matrices packed side by side with padded rows, then each times a left factor with
     /// padded rows, written and added to an old `c`, on panels of 16 and of 32: each element is
     /// the in-order sum of fused products (plus the old `c`) and the gemm crate's element, bit
@@ -335,7 +413,7 @@ mod tests {
             for e in 0..2 {
                 let (mut ours, mut theirs) = (old.clone(), old.clone());
                 let right = Right { width, panel: k * width, row: width };
-                let call = Call { mnk: (m, n, k), a: (lda, 1), b: right, ldc, accumulate };
+                let call = Call { mnk: (m, n, k), a: (lda, 1), taps: std::ptr::null(), b: right, ldc, accumulate };
                 run_f32(call, &a, &packed[e * k * n..], &mut ours);
                 gemm_strided((m, n, k), &a, (lda, 1), &b[e * step..], (ldb, 1), &mut theirs, ldc, accumulate, false);
                 for i in 0..m {
@@ -365,7 +443,12 @@ mod tests {
             let old = data(m * ldc, 5);
             let (mut ours, mut theirs) = (old.clone(), old.clone());
             let right = Right { width, panel: width, row: ldb };
-            run_f32(Call { mnk: (m, n, k), a: (1, lda), b: right, ldc, accumulate }, &a, &b, &mut ours);
+            run_f32(
+                Call { mnk: (m, n, k), a: (1, lda), taps: std::ptr::null(), b: right, ldc, accumulate },
+                &a,
+                &b,
+                &mut ours,
+            );
             gemm_strided((m, n, k), &a, (1, lda), &b, (ldb, 1), &mut theirs, ldc, accumulate, false);
             for i in 0..m {
                 for j in 0..n {
