@@ -475,7 +475,7 @@ pub struct TrainArgs {
     /// Continue the run in this folder from its last checkpoint, with the settings it recorded (only --epochs may grow).
     #[arg(long, value_name = "RUN_DIR", conflicts_with_all = CONFIG_GROUPS)]
     pub resume: Option<PathBuf>,
-    /// Where to write the run: a new or empty folder (default: runs/<preset>-<UTC time>).
+    /// Where to write the run: a new or empty folder (default: `runs/<preset>-<UTC time>`).
     #[arg(long, value_name = "DIR", conflicts_with = "resume")]
     pub out: Option<PathBuf>,
     /// Directory holding the Fashion-MNIST files (default: search RESNET_DATA_DIR, the cache, Debian's package).

@@ -48,8 +48,8 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
-/// One matrix product, as [`crate::ops::plumbing::matmul::gemm_strided`] hands it to the gemm
-/// crate or the Winograd convolutions run it on packed filters:
+/// One matrix product of a step, as the convolutions hand it to the gemm crate or run it on this
+/// crate's own kernel ([`ProductKernel`]):
 /// `c (m×n, rows ldc apart) = a (m×k) · b (k×n)` with the factors' element strides (row,
 /// column), adding to `c` or not, split over the threads or run on one (beside others).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -8,7 +8,7 @@ use crate::error::{DataError, Result};
 
 /// Training-time augmentation of a square `u8` image, as torchvision's
 /// `RandomCrop(s, padding=crop_padding)`, then `RandomHorizontalFlip(0.5)`, then (if `erase`)
-/// `RandomErasing(p=0.5, scale=(0.02, 0.33), ratio=(0.3, 3.3))` filling with [`ERASE_VALUE`].
+/// `RandomErasing(p=0.5, scale=(0.02, 0.33), ratio=(0.3, 3.3))` filling with `ERASE_VALUE` (73).
 ///
 /// d2l's Fashion-MNIST ResNet uses none (`Augment::none()`); these are the usual additions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,7 +19,7 @@ pub struct Augment {
     /// Mirror left-right with probability 0.5.
     pub hflip: bool,
     /// Random erasing (Zhong et al. 2020): with probability 0.5, one rectangle of 2–33 % of the
-    /// image, aspect ratio 0.3–3.3, is set to [`ERASE_VALUE`].
+    /// image, aspect ratio 0.3–3.3, is set to `ERASE_VALUE` (73).
     #[serde(default)]
     pub erase: bool,
 }
@@ -76,7 +76,7 @@ impl Augment {
 
     /// Writes the augmented `src` into `dst`. Draws, in order: the crop's row offset and column
     /// offset (each uniform in `0..=2 * crop_padding`, only if cropping), then the flip (only if
-    /// `hflip`), then the erasing (only if `erase`; see [`erase`]).
+    /// `hflip`), then the erasing (only if `erase`; see the function `erase`).
     ///
     /// # Shapes
     /// `src`, `dst`: `(side, side)`.

@@ -102,7 +102,7 @@ pub struct Report {
     pub mistakes: Vec<Mistake>,
 }
 
-/// The files [`write`] produced.
+/// The files [`write()`] produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReportFiles {
     /// The HTML page.

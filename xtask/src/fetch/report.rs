@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 #[derive(Debug)]
 pub struct Reporter {
     mode: Mode,
-    /// Messages kept in [`Mode::Capture`]; always empty otherwise.
+    /// Messages kept in the tests' `Mode::Capture`; always empty otherwise.
     #[cfg_attr(not(test), allow(dead_code))]
     captured: RefCell<Vec<String>>,
 }

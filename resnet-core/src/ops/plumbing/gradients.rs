@@ -25,8 +25,8 @@ thread_local! {
 /// `loss.backward()` gives them (the same values; a gradient element that is `-0.0` stays so
 /// instead of becoming `0.0`), with less work for the convolution weights. Use it in place of
 /// `loss.backward()`, e.g. before `Optimizer::step`. A loss built on
-/// [`crate::ResNet::forward_train`]'s logits needs it: the network's own backward
-/// ([`super::tape`]) runs inside it, its variables' gradients delivered here.
+/// [`crate::ResNet::forward_train`]'s logits needs it: the network's own backward (from the tape
+/// of ops its forward recorded) runs inside it, its variables' gradients delivered here.
 pub fn backward(loss: &Tensor) -> candle_core::Result<GradStore> {
     /// Ends the routing however candle's pass returns.
     struct Routing;
