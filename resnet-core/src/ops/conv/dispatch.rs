@@ -424,8 +424,8 @@ fn conv_forward_in<T: WithDType + 'static>(
             let pixels = part.len() / out;
             let first = task * image_rows;
             if let Some((packed, width)) = &packed {
-                for (row, d) in part.chunks_exact_mut(out).zip(std::iter::repeat(bias)) {
-                    for (v, &b) in row.iter_mut().zip(d) {
+                for row in part.chunks_exact_mut(out) {
+                    for (v, &b) in row.iter_mut().zip(bias) {
                         v.write(b);
                     }
                 }
