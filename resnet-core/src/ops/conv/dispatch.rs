@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use super::im2col::{self, im2col_rows, im2col_slice, Col2im, Im2col};
 use super::{direct, taps, winograd};
-use crate::ops::plumbing::elementwise::{add_relu_in_place, column_sums_tensor, mask_by_positive, relu_in_place};
+use crate::ops::plumbing::elementwise::{
+    add_relu_in_place, column_sums_tensor, mask_by_positive, relu_in_place, relu_rows,
+};
 use crate::ops::plumbing::geometry::Window;
 use crate::ops::plumbing::matmul::{gemm_strided, gemm_strided_uninit, MatMul};
 use crate::ops::plumbing::simd::with_fma;
@@ -460,9 +462,7 @@ fn one_channel_rows<T: WithDType>(
 ) {
     direct::forward_rows(x, win, rows, packed, (&mut *dst, out));
     if relu {
-        for v in dst.iter_mut() {
-            *v = if *v < T::zero() { T::zero() } else { *v };
-        }
+        relu_rows(dst);
     }
 }
 
