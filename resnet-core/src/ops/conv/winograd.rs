@@ -285,6 +285,36 @@ fn entry_stride(count: usize, c: usize) -> usize {
     count * c + LANES
 }
 
+/// Where the tile transforms ([`tiles_in_lanes`], [`tiles_by_passes`]) write: the matrix of
+/// each of the α² entries, tile `t`'s `c` channels at element `t · c` of it.
+trait Entries<T> {
+    /// Entry `e`'s matrix, from its first tile.
+    fn entry(&mut self, e: usize) -> &mut [T];
+}
+
+/// One buffer holding the entries' matrices `stride` elements apart, as a task's own
+/// temporaries are laid out ([`entry_stride`]).
+struct Strided<'a, T> {
+    buf: &'a mut [T],
+    stride: usize,
+}
+
+impl<T> Entries<T> for Strided<'_, T> {
+    #[inline(always)]
+    fn entry(&mut self, e: usize) -> &mut [T] {
+        &mut self.buf[e * self.stride..]
+    }
+}
+
+/// A task's runs of tiles within the entries' matrices of the whole batch ([`whole_tiles`]),
+/// one slice per entry.
+impl<T> Entries<T> for [&mut [T]] {
+    #[inline(always)]
+    fn entry(&mut self, e: usize) -> &mut [T] {
+        self[e]
+    }
+}
+
 /// Elements from one input channel's row of transformed filters to the next's: the row's
 /// `α² · cout` values, plus one [`LANES`] run where the row is a whole number of 4 KB pages long
 /// (F(2×2) with 64 output channels and more, 16 · cout values). The products pack a column block
@@ -365,7 +395,7 @@ fn tiles_in_lanes<T: WithDType, const K: usize, const A: usize>(
     (step, shift): (usize, usize),
     bands: &Bands,
     (first, count): (usize, usize),
-    out: &mut [T],
+    out: &mut (impl Entries<T> + ?Sized),
     side: impl Fn([[T; LANES]; K]) -> [[T; LANES]; A],
 ) {
     let (h, w) = (bands.h, bands.w);
@@ -403,8 +433,8 @@ fn tiles_in_lanes<T: WithDType, const K: usize, const A: usize>(
             }
             for (i, row) in r.iter().enumerate() {
                 for (j, entry) in side(*row).iter().enumerate() {
-                    let dst = (i * A + j) * entry_stride(count, c) + t * c + c0;
-                    out[dst..dst + LANES].copy_from_slice(entry);
+                    let dst = t * c + c0;
+                    out.entry(i * A + j)[dst..dst + LANES].copy_from_slice(entry);
                 }
             }
         }
@@ -602,20 +632,35 @@ fn input_tiles<T: WithDType>(
     (first, count): (usize, usize),
     v: &mut [T],
 ) {
+    let mut out = Strided { buf: v, stride: entry_stride(count, cin) };
+    input_tiles_into(x, cin, tr, bands, (first, count), &mut out);
+}
+
+/// [`input_tiles`] into any layout of the entries' matrices.
+#[inline(always)]
+fn input_tiles_into<T: WithDType>(
+    x: &[T],
+    cin: usize,
+    tr: &Transforms,
+    bands: &Bands,
+    tiles: (usize, usize),
+    out: &mut (impl Entries<T> + ?Sized),
+) {
     if cin % LANES == 0 {
         match tr.alpha {
-            4 => return tiles_in_lanes(x, cin, (tr.m, 1), bands, (first, count), v, bt_f2),
-            5 => return tiles_in_lanes(x, cin, (tr.m, 1), bands, (first, count), v, bt_f3),
-            6 => return tiles_in_lanes(x, cin, (tr.m, 1), bands, (first, count), v, bt_f4),
+            4 => return tiles_in_lanes(x, cin, (tr.m, 1), bands, tiles, out, bt_f2),
+            5 => return tiles_in_lanes(x, cin, (tr.m, 1), bands, tiles, out, bt_f3),
+            6 => return tiles_in_lanes(x, cin, (tr.m, 1), bands, tiles, out, bt_f4),
             _ => {}
         }
     }
-    input_tiles_by_passes(x, cin, tr, bands, (first, count), v);
+    let bt: Vec<T> = matrix(tr.bt, tr.alpha, tr.alpha, false);
+    tiles_by_passes(x, cin, (tr.m, 1), (tr.alpha, &bt, tr.alpha), bands, tiles, out);
 }
 
-/// [`input_tiles`] for any channel count: each tile copied out, then two passes of [`left`] and
-/// [`right`] over it.
-#[inline(always)]
+/// [`input_tiles`] by two passes of [`left`] and [`right`] over each tile, as it runs for
+/// channel counts that are not whole [`LANES`]: the tests' reference for the path in registers.
+#[cfg(test)]
 fn input_tiles_by_passes<T: WithDType>(
     x: &[T],
     cin: usize,
@@ -625,7 +670,8 @@ fn input_tiles_by_passes<T: WithDType>(
     v: &mut [T],
 ) {
     let bt: Vec<T> = matrix(tr.bt, tr.alpha, tr.alpha, false);
-    tiles_by_passes(x, cin, (tr.m, 1), (tr.alpha, &bt, tr.alpha), bands, tiles, v);
+    let mut out = Strided { buf: v, stride: entry_stride(tiles.1, cin) };
+    tiles_by_passes(x, cin, (tr.m, 1), (tr.alpha, &bt, tr.alpha), bands, tiles, &mut out);
 }
 
 /// `out = S d Sᵀ` as [`tiles_in_lanes`] computes it, for any channel count: each `k×k` window
@@ -638,10 +684,11 @@ fn tiles_by_passes<T: WithDType>(
     (k, s, a): (usize, &[T], usize),
     bands: &Bands,
     (first, count): (usize, usize),
-    out: &mut [T],
+    out: &mut (impl Entries<T> + ?Sized),
 ) {
     let (h, w) = (bands.h, bands.w);
     let (mut d, mut r) = (vec![T::zero(); k * k * c], vec![T::zero(); a * k * c]);
+    let mut tile = vec![T::zero(); a * a * c];
     for t in 0..count {
         let (n, ty, tx) = bands.tile_at(first + t);
         for i in 0..k {
@@ -656,7 +703,10 @@ fn tiles_by_passes<T: WithDType>(
             }
         }
         left(s, (a, k, k), (&d, c), (&mut r, c), c);
-        right(s, (a, k, a), (&r, c), (&mut out[t * c..], entry_stride(count, c)), c);
+        right(s, (a, k, a), (&r, c), (&mut tile, c), c);
+        for (e, values) in tile.chunks_exact(c).enumerate() {
+            out.entry(e)[t * c..(t + 1) * c].copy_from_slice(values);
+        }
     }
 }
 
@@ -904,36 +954,35 @@ fn gathered(tiles: usize, cin: usize, cout: usize, weight_grad: bool) -> bool {
 }
 
 /// The transforms of every tile of the batch, entry-major over all of them (entry `e`'s
-/// `tiles × c` matrix at `e · entry_stride(tiles, c)`): each task transforms its own tiles into a
-/// buffer laid out as [`input_tiles`] lays a task's out (`transform(tiles, out)`), then each
-/// entry's blocks are copied into place.
+/// `tiles × c` matrix at `e · entry_stride(tiles, c)`): each task transforms its own tiles
+/// straight into their rows of every entry's matrix (`transform(tiles, entries)`, one slice per
+/// entry).
 fn whole_tiles<T: WithDType>(
     bands: &Bands,
     entries: usize,
     c: usize,
-    transform: impl Fn((usize, usize), &mut [T]) + Sync,
+    transform: impl Fn((usize, usize), &mut [&mut [T]]) + Sync,
 ) -> Vec<T> {
-    let parts: Vec<Vec<T>> = (0..bands.tasks())
-        .into_par_iter()
-        .map(|task| {
-            let tiles = bands.tiles(task);
-            let mut part = scratch::take(entries * entry_stride(tiles.1, c));
-            with_fma(
-                #[inline(always)]
-                || transform(tiles, &mut part),
-            );
-            part
-        })
-        .collect();
     let stride = entry_stride(bands.count * bands.tw, c);
+    // Every element a task's transform reaches is written: its tiles' rows of every entry. The
+    // [`LANES`] elements past each matrix are never read.
     let mut whole = scratch::take(entries * stride);
-    whole.par_chunks_mut(stride).enumerate().for_each(|(e, dst)| {
-        for (task, part) in parts.iter().enumerate() {
-            let (first, count) = bands.tiles(task);
-            dst[first * c..(first + count) * c].copy_from_slice(&part[e * entry_stride(count, c)..][..count * c]);
+    let mut parts: Vec<Vec<&mut [T]>> = (0..bands.tasks()).map(|_| Vec::with_capacity(entries)).collect();
+    for matrix in whole.chunks_exact_mut(stride) {
+        let mut rest = matrix;
+        for (task, part) in parts.iter_mut().enumerate() {
+            let (_, count) = bands.tiles(task);
+            let (rows, tail) = rest.split_at_mut(count * c);
+            part.push(rows);
+            rest = tail;
         }
+    }
+    parts.into_par_iter().enumerate().for_each(|(task, mut part)| {
+        with_fma(
+            #[inline(always)]
+            || transform(bands.tiles(task), &mut part),
+        );
     });
-    parts.into_iter().for_each(scratch::give);
     whole
 }
 
@@ -944,7 +993,7 @@ fn whole_input_tiles<T: WithDType>(x: &[T], cin: usize, tr: &Transforms, bands: 
         tr.alpha * tr.alpha,
         cin,
         #[inline(always)]
-        |tiles, out| input_tiles(x, cin, tr, bands, tiles, out),
+        |tiles, out| input_tiles_into(x, cin, tr, bands, tiles, out),
     )
 }
 
@@ -1142,6 +1191,20 @@ fn gradient_tiles<T: WithDType>(
     tiles: (usize, usize),
     dm: &mut [T],
 ) {
+    let mut out = Strided { buf: dm, stride: entry_stride(tiles.1, cout) };
+    gradient_tiles_into(dy, cout, tr, bands, tiles, &mut out);
+}
+
+/// [`gradient_tiles`] into any layout of the entries' matrices.
+#[inline(always)]
+fn gradient_tiles_into<T: WithDType>(
+    dy: &[T],
+    cout: usize,
+    tr: &Transforms,
+    bands: &Bands,
+    tiles: (usize, usize),
+    dm: &mut (impl Entries<T> + ?Sized),
+) {
     if cout % LANES == 0 {
         match tr.alpha {
             4 => return tiles_in_lanes::<T, 2, 4>(dy, cout, (2, 0), bands, tiles, dm, a_f2),
@@ -1150,12 +1213,13 @@ fn gradient_tiles<T: WithDType>(
             _ => {}
         }
     }
-    gradient_tiles_by_passes(dy, cout, tr, bands, tiles, dm);
+    let a_mat: Vec<T> = matrix(tr.at, tr.m, tr.alpha, true);
+    tiles_by_passes(dy, cout, (tr.m, 0), (tr.m, &a_mat, tr.alpha), bands, tiles, dm);
 }
 
-/// [`gradient_tiles`] for any channel count: each tile copied out, then two passes of [`left`]
-/// and [`right`].
-#[inline(always)]
+/// [`gradient_tiles`] by two passes of [`left`] and [`right`] over each tile, as it runs for
+/// channel counts that are not whole [`LANES`]: the tests' reference for the path in registers.
+#[cfg(test)]
 fn gradient_tiles_by_passes<T: WithDType>(
     dy: &[T],
     cout: usize,
@@ -1165,7 +1229,8 @@ fn gradient_tiles_by_passes<T: WithDType>(
     dm: &mut [T],
 ) {
     let a_mat: Vec<T> = matrix(tr.at, tr.m, tr.alpha, true);
-    tiles_by_passes(dy, cout, (tr.m, 0), (tr.m, &a_mat, tr.alpha), bands, tiles, dm);
+    let mut out = Strided { buf: dm, stride: entry_stride(tiles.1, cout) };
+    tiles_by_passes(dy, cout, (tr.m, 0), (tr.m, &a_mat, tr.alpha), bands, tiles, &mut out);
 }
 
 /// The weight gradient of [`conv3x3`]: `dW (cout, cin, 3, 3)` (the stored layout) from the input `x (batch, h, w,
@@ -1193,7 +1258,7 @@ pub fn conv3x3_weight_grad<T: WithDType>(
             a * a,
             cout,
             #[inline(always)]
-            |tiles, out| gradient_tiles(dy, cout, tr, &bands, tiles, out),
+            |tiles, out| gradient_tiles_into(dy, cout, tr, &bands, tiles, out),
         );
         let (vs, ds) = (entry_stride(total, cin), entry_stride(total, cout));
         // Every element is written: no clearing pass.
@@ -1457,6 +1522,53 @@ mod tests {
     #[test]
     fn gradient_transform_in_registers_equals_the_two_passes() {
         same_bits_as_the_passes("output gradient", gradient_tiles, gradient_tiles_by_passes);
+    }
+
+    /// The whole batch's transforms ([`whole_tiles`], each task writing its rows of every
+    /// entry's matrix in place) hold each task's own transforms ([`input_tiles`],
+    /// [`gradient_tiles`] into a buffer of the task's) at the task's rows, bit for bit, for
+    /// channel counts in registers and not, every tile size, and several tasks per batch.
+    #[test]
+    fn whole_batch_transforms_are_the_tasks_own() {
+        for tile in TILES {
+            let tr = tile.transforms();
+            let a = tr.alpha;
+            for &(batch, h, w, c) in &[(9, 7, 9, 16), (4, 8, 8, 32), (3, 9, 7, 48), (12, 3, 3, 20)] {
+                let x: Vec<f32> = data(batch * h * w * c, 11).iter().map(|&v| v as f32 * 1.3).collect();
+                let bands = Bands::new(tr, (batch, h, w), c);
+                assert!(bands.tasks() > 1, "{batch}×{h}×{w}×{c}: one task tests no splitting");
+                let total = bands.count * bands.tw;
+                type Own = fn(&[f32], usize, &Transforms, &Bands, (usize, usize), &mut [f32]);
+                let cases: [(&str, Vec<f32>, Own); 2] = [
+                    (
+                        "input",
+                        whole_tiles(&bands, a * a, c, |t, out| input_tiles_into(&x, c, tr, &bands, t, out)),
+                        input_tiles,
+                    ),
+                    (
+                        "gradient",
+                        whole_tiles(&bands, a * a, c, |t, out| gradient_tiles_into(&x, c, tr, &bands, t, out)),
+                        gradient_tiles,
+                    ),
+                ];
+                for (what, whole, own) in cases {
+                    for task in 0..bands.tasks() {
+                        let (first, count) = bands.tiles(task);
+                        let mut part = vec![f32::NAN; a * a * entry_stride(count, c)];
+                        with_fma(
+                            #[inline(always)]
+                            || own(&x, c, tr, &bands, (first, count), &mut part),
+                        );
+                        for e in 0..a * a {
+                            let mine = &part[e * entry_stride(count, c)..][..count * c];
+                            let theirs = &whole[e * entry_stride(total, c) + first * c..][..count * c];
+                            let same = mine.iter().zip(theirs).all(|(m, t)| m.to_bits() == t.to_bits());
+                            assert!(same, "{what}, {tile:?} {batch}×{h}×{w}×{c}, task {task}, entry {e}: differs");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// The same for the output transform, with and without bias and ReLU: every task's rows of
