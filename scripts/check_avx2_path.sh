@@ -13,7 +13,9 @@
 # metadata holds wall-clock times and differs). A second run at 96 px and full width (256 images,
 # 4 steps: the last stage's 3×3×512 convolutions, whose in-bounds taps forwards run on the
 # project's own kernel at the AVX2 tier) is compared the same way natively, with
-# RESNET_SIMD=avx2 and with RESNET_PANELS=off (not emulated: too slow under qemu).
+# RESNET_SIMD=avx2 and with RESNET_PANELS=off (not emulated: too slow under qemu). Both runs
+# set the peak learning rate 0.15 (the `quick` preset's is 0.1), the rate of every run
+# BENCHMARKS.md ("Vector paths") records, so that the bytes they print compare with its table.
 #
 #   apt-get install qemu-user dataset-fashion-mnist
 #   cargo build --release -p resnet-cli && scripts/check_avx2_path.sh
@@ -25,7 +27,7 @@ bin=target/release/resnet-cli
 data=${RESNET_DATA_DIR:-/usr/share/datasets/fashion-mnist}
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-args=(train --preset quick --data-dir "$data" --limit-train 512 --limit-test 256 --width 8 --epochs 1
+args=(train --preset quick --lr 0.15 --data-dir "$data" --limit-train 512 --limit-test 256 --width 8 --epochs 1
       --batch-size 64 --workers 1)
 
 tensor_bytes() { # sha256 of a safetensors file's data section
@@ -38,7 +40,7 @@ tensor_bytes() { # sha256 of a safetensors file's data section
 RESNET_SIMD=avx2 "$bin" "${args[@]}" --out "$out/avx2" > "$out/avx2.log" 2>&1
 qemu-x86_64 -cpu Haswell "$bin" "${args[@]}" --out "$out/haswell" > "$out/haswell.log" 2>&1
 RESNET_PANELS=off "$bin" "${args[@]}" --out "$out/gemm" > "$out/gemm.log" 2>&1
-wide=(train --preset quick --data-dir "$data" --resize 96 --limit-train 256 --limit-test 128 --epochs 1
+wide=(train --preset quick --lr 0.15 --data-dir "$data" --resize 96 --limit-train 256 --limit-test 128 --epochs 1
       --batch-size 64 --workers 1)
 "$bin" "${wide[@]}" --out "$out/native96" > "$out/native96.log" 2>&1
 RESNET_SIMD=avx2 "$bin" "${wide[@]}" --out "$out/avx2-96" > "$out/avx2-96.log" 2>&1
