@@ -59,7 +59,7 @@ const TRAIN_EXAMPLES: &str = "\
 Examples:
   resnet-cli train                                   # the quick recipe: 28 px, 3 epochs, ~0.90 test acc
   resnet-cli train --preset d2l --out runs/d2l       # d2l's chapter: 96 px, 10 epochs
-  resnet-cli train --epochs 5 --lr 0.1 --out runs/lr0.1
+  resnet-cli train --epochs 5 --lr 0.05 --out runs/lr0.05
   resnet-cli train --init-weights runs/d2l/best.safetensors --lr 0.01 --epochs 2
   resnet-cli train --resume runs/d2l                 # continue after Ctrl-C";
 
@@ -83,7 +83,7 @@ Examples:
 const REPORT_EXAMPLES: &str = "\
 Examples:
   resnet-cli report runs/d2l                          # writes runs/d2l/report/index.html
-  resnet-cli report runs/lr0.05 runs/lr0.1 --out cmp  # two runs' curves overlaid
+  resnet-cli report runs/lr0.05 runs/d2l --out cmp    # two runs' curves overlaid
   resnet-cli report runs/d2l --weights other.safetensors --data-dir ~/fashion-mnist";
 
 const COMPLETIONS_EXAMPLES: &str = "\
