@@ -654,24 +654,22 @@ fn input_tiles_into<T: WithDType>(
             _ => {}
         }
     }
-    let bt: Vec<T> = matrix(tr.bt, tr.alpha, tr.alpha, false);
-    tiles_by_passes(x, cin, (tr.m, 1), (tr.alpha, &bt, tr.alpha), bands, tiles, out);
+    input_tiles_by_passes(x, cin, tr, bands, tiles, out);
 }
 
-/// [`input_tiles`] by two passes of [`left`] and [`right`] over each tile, as it runs for
-/// channel counts that are not whole [`LANES`]: the tests' reference for the path in registers.
-#[cfg(test)]
+/// [`input_tiles_into`] for any channel count: each tile copied out, then two passes of [`left`]
+/// and [`right`] over it (the tests' reference for the path in registers).
+#[inline(always)]
 fn input_tiles_by_passes<T: WithDType>(
     x: &[T],
     cin: usize,
     tr: &Transforms,
     bands: &Bands,
     tiles: (usize, usize),
-    v: &mut [T],
+    out: &mut (impl Entries<T> + ?Sized),
 ) {
     let bt: Vec<T> = matrix(tr.bt, tr.alpha, tr.alpha, false);
-    let mut out = Strided { buf: v, stride: entry_stride(tiles.1, cin) };
-    tiles_by_passes(x, cin, (tr.m, 1), (tr.alpha, &bt, tr.alpha), bands, tiles, &mut out);
+    tiles_by_passes(x, cin, (tr.m, 1), (tr.alpha, &bt, tr.alpha), bands, tiles, out);
 }
 
 /// `out = S d Sᵀ` as [`tiles_in_lanes`] computes it, for any channel count: each `k×k` window
@@ -1213,24 +1211,22 @@ fn gradient_tiles_into<T: WithDType>(
             _ => {}
         }
     }
-    let a_mat: Vec<T> = matrix(tr.at, tr.m, tr.alpha, true);
-    tiles_by_passes(dy, cout, (tr.m, 0), (tr.m, &a_mat, tr.alpha), bands, tiles, dm);
+    gradient_tiles_by_passes(dy, cout, tr, bands, tiles, dm);
 }
 
-/// [`gradient_tiles`] by two passes of [`left`] and [`right`] over each tile, as it runs for
-/// channel counts that are not whole [`LANES`]: the tests' reference for the path in registers.
-#[cfg(test)]
+/// [`gradient_tiles_into`] for any channel count: each tile copied out, then two passes of
+/// [`left`] and [`right`] (the tests' reference for the path in registers).
+#[inline(always)]
 fn gradient_tiles_by_passes<T: WithDType>(
     dy: &[T],
     cout: usize,
     tr: &Transforms,
     bands: &Bands,
     tiles: (usize, usize),
-    dm: &mut [T],
+    dm: &mut (impl Entries<T> + ?Sized),
 ) {
     let a_mat: Vec<T> = matrix(tr.at, tr.m, tr.alpha, true);
-    let mut out = Strided { buf: dm, stride: entry_stride(tiles.1, cout) };
-    tiles_by_passes(dy, cout, (tr.m, 0), (tr.m, &a_mat, tr.alpha), bands, tiles, &mut out);
+    tiles_by_passes(dy, cout, (tr.m, 0), (tr.m, &a_mat, tr.alpha), bands, tiles, dm);
 }
 
 /// The weight gradient of [`conv3x3`]: `dW (cout, cin, 3, 3)` (the stored layout) from the input `x (batch, h, w,
@@ -1516,12 +1512,23 @@ mod tests {
 
     #[test]
     fn input_transform_in_registers_equals_the_two_passes() {
-        same_bits_as_the_passes("input", input_tiles, input_tiles_by_passes);
+        same_bits_as_the_passes("input", input_tiles, |x, c, tr, bands, tiles, v| {
+            input_tiles_by_passes(x, c, tr, bands, tiles, &mut Strided { buf: v, stride: entry_stride(tiles.1, c) })
+        });
     }
 
     #[test]
     fn gradient_transform_in_registers_equals_the_two_passes() {
-        same_bits_as_the_passes("output gradient", gradient_tiles, gradient_tiles_by_passes);
+        same_bits_as_the_passes("output gradient", gradient_tiles, |dy, c, tr, bands, tiles, dm| {
+            gradient_tiles_by_passes(
+                dy,
+                c,
+                tr,
+                bands,
+                tiles,
+                &mut Strided { buf: dm, stride: entry_stride(tiles.1, c) },
+            )
+        });
     }
 
     /// The whole batch's transforms ([`whole_tiles`], each task writing its rows of every
