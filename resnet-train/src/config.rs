@@ -226,9 +226,8 @@ impl TrainConfig {
 
     /// A CPU-sized run: native 28 px, momentum SGD with a warm-up and cosine decay (peak rate
     /// 0.1), a little weight decay and label smoothing, 3 epochs. Reaches ≥ 0.90 test accuracy
-    /// (0.908–0.914 over seeds 0–9) in about three minutes on 2 cores; at a peak of 0.15 one seed
-    /// in five diverged for a while after the warm-up and ended near 0.86 (BENCHMARKS.md,
-    /// "Training runs").
+    /// in about three minutes on 2 cores; BENCHMARKS.md ("Training runs") has its accuracy over
+    /// seeds and why the peak rate is 0.1.
     pub fn quick() -> Self {
         Self {
             epochs: 3,
