@@ -27,6 +27,7 @@ bin=${BIN:-target/release/xtask}
 n=${N:-3}
 out=${OUT:-target/bench/goal-$(date -u '+%Y%m%dT%H%M%S')}
 [ -x "$bin" ] || { echo "no $bin: build it with cargo build --release -p xtask" >&2; exit 1; }
+command -v "$python" > /dev/null || { echo "no Python interpreter at $python" >&2; exit 1; }
 "$python" -c 'import torch' 2>/dev/null || { echo "$python cannot import torch" >&2; exit 1; }
 mkdir -p "$out"
 echo "$(date -u '+%Y-%m-%d %H:%M UTC'); $(git rev-parse --short HEAD 2>/dev/null || echo '?'); reports in $out"
@@ -37,7 +38,7 @@ for i in $(seq 1 "$n"); do
         --rounds 1 --windows 3 --steps 2 --json "$out/bench-$i.json" > "$out/bench-$i.log" 2>&1 \
         || { echo "invocation $i failed: see $out/bench-$i.log" >&2; exit 1; }
 done
-python3 - "$out" "$n" <<'EOF'
+"$python" - "$out" "$n" <<'EOF'
 import json, statistics, sys
 from pathlib import Path
 
