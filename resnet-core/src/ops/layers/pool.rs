@@ -270,20 +270,27 @@ pub(super) fn winners_row<'a, T: WithDType>(
 ) {
     let c = win.c;
     let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
+    let image_rows: Vec<&[T]> = ys.clone().map(&rows).collect();
+    // A window's cells, last to first, each its `c` values and its position in the window as
+    // `T`. Made once per window, outside the channel loop.
+    let mut cells: Vec<(&[T], T)> = Vec::with_capacity(win.kh * win.kw);
     for (ox, (won, best)) in won.chunks_exact_mut(c).zip(maxima.chunks_exact(c)).enumerate() {
         let xs = window_range(ox, win.stride, win.pad, win.kw, win.w);
+        cells.clear();
+        for (dy, image_row) in image_rows.iter().enumerate().rev() {
+            for ix in xs.clone().rev() {
+                let pos = T::from_f64((dy * xs.len() + ix - xs.start) as f64);
+                cells.push((&image_row[ix * c..(ix + 1) * c], pos));
+            }
+        }
         channel_blocks!(c, |ch, N| {
             let best = block::<T, N>(best, ch);
             // Visiting the cells last to first, the last match is the first cell holding the
             // maximum; with none (a NaN maximum), the first cell (position 0) keeps it.
             let mut k = [T::zero(); N];
-            for iy in ys.clone().rev() {
-                let image_row = rows(iy);
-                for ix in xs.clone().rev() {
-                    let pos = T::from_f64(((iy - ys.start) * xs.len() + ix - xs.start) as f64);
-                    for ((k, &v), &m) in k.iter_mut().zip(block::<T, N>(image_row, ix * c + ch)).zip(best) {
-                        *k = if v == m { pos } else { *k };
-                    }
+            for &(cell, pos) in &cells {
+                for ((k, &v), &m) in k.iter_mut().zip(block::<T, N>(cell, ch)).zip(best) {
+                    *k = if v == m { pos } else { *k };
                 }
             }
             won[ch..ch + N].copy_from_slice(&k);
@@ -305,20 +312,33 @@ pub(super) fn gather_row<'a, T: WithDType, S: Slot<T>>(
 ) {
     let (c, w, ow) = (win.c, win.w, win.ow());
     let oys = covering(iy, win.stride, win.pad, win.kh, win.oh());
+    // The output rows whose windows cover row `iy`: their winners, their gradients and `iy`'s
+    // row within their windows.
+    let over: Vec<(&[T], &[T], usize)> = oys
+        .map(|oy| {
+            let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
+            (winners(oy), &g[oy * ow * c..(oy + 1) * ow * c], iy - ys.start)
+        })
+        .collect();
+    // The windows over a cell, in row-major window order: each window's winners, gradients and
+    // the cell's position in it as `T`. Made once per cell, outside the channel loop.
+    let mut windows: Vec<(&[T], &[T], T)> = Vec::with_capacity(over.len() * win.kw);
     for (ix, dst) in out.chunks_exact_mut(c).enumerate() {
         let oxs = covering(ix, win.stride, win.pad, win.kw, ow);
+        windows.clear();
+        for &(won_row, g_row, dy) in &over {
+            for ox in oxs.clone() {
+                let xs = window_range(ox, win.stride, win.pad, win.kw, w);
+                let pos = T::from_f64((dy * xs.len() + ix - xs.start) as f64);
+                windows.push((&won_row[ox * c..(ox + 1) * c], &g_row[ox * c..(ox + 1) * c], pos));
+            }
+        }
         channel_blocks!(c, |ch, N| {
             let mut sum = [T::zero(); N];
-            for oy in oys.clone() {
-                let ys = window_range(oy, win.stride, win.pad, win.kh, win.h);
-                let won_row = winners(oy);
-                for ox in oxs.clone() {
-                    let xs = window_range(ox, win.stride, win.pad, win.kw, w);
-                    let pos = T::from_f64(((iy - ys.start) * xs.len() + ix - xs.start) as f64);
-                    let (won, gs) = (block::<T, N>(won_row, ox * c + ch), block::<T, N>(g, (oy * ow + ox) * c + ch));
-                    for ((a, &k), &gv) in sum.iter_mut().zip(won).zip(gs) {
-                        *a += if k == pos { gv } else { T::zero() };
-                    }
+            for &(won, gs, pos) in &windows {
+                let (won, gs) = (block::<T, N>(won, ch), block::<T, N>(gs, ch));
+                for ((a, &k), &gv) in sum.iter_mut().zip(won).zip(gs) {
+                    *a += if k == pos { gv } else { T::zero() };
                 }
             }
             for (d, &a) in dst[ch..ch + N].iter_mut().zip(&sum) {
