@@ -118,18 +118,28 @@ pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) ->
     let (rows, cols) = (map.outputs * out, map.pixels * c);
     let mut g = scratch::take(rows * cols);
     gemm_strided((rows, cols, win.batch), dy, (1, rows), x, (cols, 1), &mut g, cols, false, true);
-    let mut dw = scratch::zeroed(out * c * taps);
-    dw.par_chunks_mut(c * taps).enumerate().for_each(|(o, dst)| {
-        for q in 0..map.outputs {
-            let row = &g[(q * out + o) * cols..(q * out + o + 1) * cols];
-            for (i, block) in row.chunks_exact(c).enumerate() {
-                let tap = map.tap(i, q);
-                for (ch, &v) in block.iter().enumerate() {
-                    dst[ch * taps + tap] += v;
+    // Each output channel's row cleared and summed while it is in cache: the weight-sized
+    // gradient (its unused taps zero) written in one pass, never cleared before.
+    let fill = |dw: &mut [std::mem::MaybeUninit<T>]| {
+        dw.par_chunks_mut(c * taps).enumerate().for_each(|(o, dst)| {
+            for d in dst.iter_mut() {
+                d.write(T::zero());
+            }
+            // SAFETY: every element was just written.
+            let dst = unsafe { scratch::assume_init(dst) };
+            for q in 0..map.outputs {
+                let row = &g[(q * out + o) * cols..(q * out + o + 1) * cols];
+                for (i, block) in row.chunks_exact(c).enumerate() {
+                    let tap = map.tap(i, q);
+                    for (ch, &v) in block.iter().enumerate() {
+                        dst[ch * taps + tap] += v;
+                    }
                 }
             }
-        }
-    });
+        })
+    };
+    // SAFETY: `fill` writes every row of `out · c · taps` elements.
+    let dw = unsafe { scratch::written(out * c * taps, fill) };
     scratch::give(g);
     dw
 }
