@@ -15,8 +15,9 @@
 //! of the sixteen vector registers, and it runs there by default: faster than the gemm crate on
 //! this project's product shapes, alone and in the step (BENCHMARKS.md, round 24). At the
 //! AVX-512 tier it runs only with `RESNET_PANELS=all`, on panels of 32 (6 × 32 is twelve of the
-//! thirty-two registers), because no AVX-512 CPU has measured it yet; there, and below AVX2,
-//! the gemm crate's kernels run. `RESNET_PANELS=off` runs the gemm crate's everywhere, for
+//! thirty-two registers): on the AVX-512 CPU that measured it (an Intel Xeon) the gemm crate's
+//! AVX-512 kernels were faster in the step, with this block and with 12 × 32 (BENCHMARKS.md,
+//! round 28). There, and below AVX2, the gemm crate's kernels run. `RESNET_PANELS=off` runs the gemm crate's everywhere, for
 //! comparing the two in one binary. The variable is read once, at the first product; other
 //! values leave the default, as `RESNET_SIMD`'s do.
 
