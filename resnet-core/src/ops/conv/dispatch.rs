@@ -508,6 +508,22 @@ impl CustomOp3 for Im2colConv {
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.gradients(x, w, bias.elem_count(), (res, grad), None)
+    }
+}
+
+impl Im2colConv {
+    /// [`CustomOp3::bwd`] for `out` output channels: `(dx, dW, db)`, `db` the given bias
+    /// gradient where the caller has it (the column sums of the output gradient, which a
+    /// BatchNorm's backward takes as it writes that gradient), else summed here.
+    pub(crate) fn gradients(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        out: usize,
+        (res, grad): (&Tensor, &Tensor),
+        db: Option<Tensor>,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let masked;
         let grad = if self.relu {
             masked = mask_by_positive(res, grad)?;
@@ -516,7 +532,7 @@ impl CustomOp3 for Im2colConv {
             grad
         };
         let win = self.window(x.layout())?;
-        let (out, k) = (bias.elem_count(), win.patch_len());
+        let k = win.patch_len();
         let rows = win.batch * win.oh() * win.ow();
         let dy = grad.contiguous()?.reshape((rows, out))?;
         let algo = self.algo(&win);
@@ -535,7 +551,10 @@ impl CustomOp3 for Im2colConv {
             let dw = dy.apply_op2_no_bwd(&cols, &MatMul { trans_a: true, trans_b: false })?;
             dw.reshape((out, win.kh, win.kw, win.c))?.permute((0, 3, 1, 2))?.contiguous()?
         };
-        let db = column_sums_tensor(&dy)?;
+        let db = match db {
+            Some(db) if !self.relu => db,
+            _ => column_sums_tensor(&dy)?,
+        };
         let dx = if tape::wants_grad(x) && (algo.is_some() || chunked) {
             Some(dy4.apply_op2_no_bwd(w, &ConvGrad { wrt: Wrt::Input, algo, win, cout: out })?)
         } else if tape::wants_grad(x) {

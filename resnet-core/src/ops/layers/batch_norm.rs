@@ -8,6 +8,7 @@ use candle_nn::{Init, ModuleT, VarBuilder};
 use rayon::prelude::*;
 
 use crate::ops::cudnn::{self, GpuOps};
+use crate::ops::plumbing::elementwise::{column_sums_total, COLUMN_ROWS};
 use crate::ops::plumbing::scratch::{self, Slot};
 use crate::ops::plumbing::simd::with_fma;
 use crate::ops::plumbing::storage::contiguous;
@@ -303,11 +304,25 @@ impl FusedBatchNorm {
     /// `(dx, dγ, dβ)` from the input `x`, γ and the output's gradient, with the statistics the
     /// forward recorded.
     pub(super) fn backward(&self, x: &Tensor, gamma: &Tensor, grad: &Tensor) -> candle_core::Result<[Tensor; 3]> {
+        let [dx, dgamma, dbeta, _] = self.backward_summed(x, gamma, grad, Sums::None)?;
+        Ok([dx, dgamma, dbeta])
+    }
+
+    /// [`FusedBatchNorm::backward`], then `Σ dx` per channel with [`Sums::Columns`] (else an
+    /// empty tensor): the bias gradient of the convolution whose output `x` is.
+    pub(super) fn backward_summed(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        grad: &Tensor,
+        sums: Sums,
+    ) -> candle_core::Result<[Tensor; 4]> {
         let (n, c) = (x.elem_count(), gamma.elem_count());
-        let op = FusedBatchNormBackward { eps: self.eps, relu: self.relu, stats: self.recorded()? };
+        let op = FusedBatchNormBackward { eps: self.eps, relu: self.relu, stats: self.recorded()?, sums };
         let packed = x.apply_op3_no_bwd(&grad.contiguous()?, &gamma.contiguous()?, &op)?;
         let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        Ok([dx, packed.narrow(0, n, c)?, packed.narrow(0, n + c, c)?])
+        let summed = if sums == Sums::Columns { c } else { 0 };
+        Ok([dx, packed.narrow(0, n, c)?, packed.narrow(0, n + c, c)?, packed.narrow(0, n + 2 * c, summed)?])
     }
 }
 
@@ -478,19 +493,27 @@ pub(super) fn batch_stats<T: WithDType>(x: &[T], gamma: &[T], beta: &[T], eps: f
     Stats { mean, var, scale, shift }
 }
 
-/// `[dx (rows·c) | dγ (c) | dβ (c)]` in one buffer. With `relu`, the gradient is first masked
-/// where the forward's output was clipped, recomputing that output exactly as the forward did.
-fn fused_bwd<T: WithDType>(x: &[T], dy: &[T], gamma: &[T], stats: &Stats, eps: f64, relu: bool) -> Vec<T> {
+/// `[dx (rows·c) | dγ (c) | dβ (c)]` in one buffer, then `Σ dx` (c) per channel with
+/// `column_sums` ([`Sums::Columns`]). With `relu`, the gradient is first masked where the
+/// forward's output was clipped, recomputing that output exactly as the forward did.
+fn fused_bwd<T: WithDType>(x: &[T], dy: &[T], gamma: &[T], stats: &Stats, eps: f64, relu: bool, sums: Sums) -> Vec<T> {
     if relu {
-        fused_bwd_with::<T, true>(x, dy, gamma, stats, eps)
+        fused_bwd_with::<T, true>(x, dy, gamma, stats, eps, sums)
     } else {
-        fused_bwd_with::<T, false>(x, dy, gamma, stats, eps)
+        fused_bwd_with::<T, false>(x, dy, gamma, stats, eps, sums)
     }
 }
 
 /// [`fused_bwd`] with the ReLU choice a constant, so the masking compiles to a branch-free
 /// select and the loops vectorise (a run-time flag read inside them kept them scalar).
-fn fused_bwd_with<T: WithDType, const RELU: bool>(x: &[T], dy: &[T], gamma: &[T], stats: &Stats, eps: f64) -> Vec<T> {
+fn fused_bwd_with<T: WithDType, const RELU: bool>(
+    x: &[T],
+    dy: &[T],
+    gamma: &[T],
+    stats: &Stats,
+    eps: f64,
+    column_sums: Sums,
+) -> Vec<T> {
     let c = gamma.len();
     let affine = stats.affine::<T>();
     let sums = channel_sums(
@@ -500,16 +523,39 @@ fn fused_bwd_with<T: WithDType, const RELU: bool>(x: &[T], dy: &[T], gamma: &[T]
         #[inline(always)]
         |a0, a1, xr, gr| gradient_sums_row::<T, RELU>((a0, a1), xr, gr, &affine),
     );
-    input_grad_with::<T, RELU>(x, dy, gamma, (stats, eps), &sums)
+    input_grad_with::<T, RELU>(x, dy, gamma, (stats, eps), &sums, column_sums)
 }
 
-/// `[dx | dγ | dβ]` from `x`, the output gradient `dy` and the sums `Σ g`, `Σ g·(x − mean)`.
+/// Whether the input gradient's pass also sums its output per channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sums {
+    /// `[dx | dγ | dβ]`.
+    None,
+    /// `[dx | dγ | dβ | Σ dx]`: the column sums of `dx` as
+    /// [`column_sums_tensor`](crate::ops::plumbing::elementwise::column_sums_tensor) adds them
+    /// (f64, in blocks of [`COLUMN_ROWS`] rows, the blocks in order), taken while each block's
+    /// rows are in cache, for the bias gradient of a convolution whose output the BatchNorm
+    /// normalises.
+    Columns,
+}
+
+impl Sums {
+    /// The fewest blocks of [`COLUMN_ROWS`] rows worth summing in the pass: its tasks are then
+    /// those blocks, fewer and larger than [`ROWS_PER_TASK`]'s, and with fewer blocks than this
+    /// the threads' shares of them are uneven enough to cost more than a separate pass of sums
+    /// (BENCHMARKS.md, round 29).
+    pub(crate) const MIN_BLOCKS: usize = 8;
+}
+
+/// `[dx | dγ | dβ]` from `x`, the output gradient `dy` and the sums `Σ g`, `Σ g·(x − mean)`,
+/// then `Σ dx` with [`Sums::Columns`].
 pub(super) fn input_grad_with<T: WithDType, const RELU: bool>(
     x: &[T],
     dy: &[T],
     gamma: &[T],
     (stats, eps): (&Stats, f64),
     sums: &[Vec<f64>; 2],
+    column_sums: Sums,
 ) -> Vec<T> {
     let c = gamma.len();
     let affine = stats.affine::<T>();
@@ -520,27 +566,44 @@ pub(super) fn input_grad_with<T: WithDType, const RELU: bool>(
         x.len(),
         dy.len()
     );
+    let summed = column_sums == Sums::Columns;
+    // A task is one block of the column sums' rows where it sums them.
+    let rows = if summed { COLUMN_ROWS } else { ROWS_PER_TASK };
     let fill = |out: &mut [MaybeUninit<T>]| {
         let (dx, out_tail) = out.split_at_mut(x.len());
-        dx.par_chunks_mut(ROWS_PER_TASK * c)
-            .zip(x.par_chunks(ROWS_PER_TASK * c).zip(dy.par_chunks(ROWS_PER_TASK * c)))
-            .for_each(|(ob, (xb, gb))| {
+        let blocks: Vec<Vec<f64>> = dx
+            .par_chunks_mut(rows * c)
+            .zip(x.par_chunks(rows * c).zip(dy.par_chunks(rows * c)))
+            .map(|(ob, (xb, gb))| {
                 with_fma(
                     #[inline(always)]
                     || {
-                        for ((or, xr), gr) in ob.chunks_exact_mut(c).zip(xb.chunks_exact(c)).zip(gb.chunks_exact(c)) {
-                            input_grad_row::<T, _, RELU>(or, xr, gr, &affine, &coefficients);
+                        let rows = ob.chunks_exact_mut(c).zip(xb.chunks_exact(c)).zip(gb.chunks_exact(c));
+                        if summed {
+                            let mut acc = vec![0f64; c];
+                            for ((or, xr), gr) in rows {
+                                input_grad_row_summed::<T, RELU>(or, xr, gr, &affine, &coefficients, &mut acc);
+                            }
+                            acc
+                        } else {
+                            for ((or, xr), gr) in rows {
+                                input_grad_row::<T, _, RELU>(or, xr, gr, &affine, &coefficients);
+                            }
+                            Vec::new()
                         }
                     },
                 )
-            });
-        for (o, &v) in out_tail.iter_mut().zip(&tail) {
+            })
+            .collect();
+        let column_tail = if summed { column_sums_total::<T>(blocks, c) } else { Vec::new() };
+        for (o, &v) in out_tail.iter_mut().zip(tail.iter().chain(&column_tail)) {
             o.write(v);
         }
     };
-    // SAFETY: `input_grad_row` writes every row of `dx` (`x`'s length) and the tail's `2c`
-    // values are written after it.
-    unsafe { scratch::written(x.len() + 2 * c, fill) }
+    let extra = if summed { 3 * c } else { 2 * c };
+    // SAFETY: `input_grad_row` writes every row of `dx` (`x`'s length) and the tail's `2c` (or
+    // `3c`, with the column sums) values are written after it.
+    unsafe { scratch::written(x.len() + extra, fill) }
 }
 
 /// Adds one row's `g` and `g·(x − mean)` per channel to `a0` and `a1`, `g` being the output
@@ -581,6 +644,30 @@ pub(super) fn input_grad_row<T: WithDType, S: Slot<T>, const RELU: bool>(
         let v = xr[ch];
         let g = masked::<T, RELU>(v, gr[ch], mt[ch], sc[ch], sh[ch]);
         or[ch].put(at[ch] * g + bt[ch] * v + kt[ch]);
+    }
+}
+
+/// [`input_grad_row`] into a `dx` row of `T`s, each value also added to the row's channel in
+/// `acc` in f64 (as [`column_block_sums`](crate::ops::plumbing::elementwise::column_block_sums)
+/// adds a row).
+#[inline(always)]
+fn input_grad_row_summed<T: WithDType, const RELU: bool>(
+    or: &mut [MaybeUninit<T>],
+    xr: &[T],
+    gr: &[T],
+    (mean, scale, shift): &Affine<T>,
+    (a, b, k): &InputGrad<T>,
+    acc: &mut [f64],
+) {
+    let c = mean.len();
+    let (or, xr, gr, acc) = (&mut or[..c], &xr[..c], &gr[..c], &mut acc[..c]);
+    let (mt, sc, sh, at, bt, kt) = (&mean[..c], &scale[..c], &shift[..c], &a[..c], &b[..c], &k[..c]);
+    for ch in 0..c {
+        let v = xr[ch];
+        let g = masked::<T, RELU>(v, gr[ch], mt[ch], sc[ch], sh[ch]);
+        let d = at[ch] * g + bt[ch] * v + kt[ch];
+        or[ch].write(d);
+        acc[ch] += d.to_f64();
     }
 }
 
@@ -654,12 +741,14 @@ impl CustomOp3 for FusedBatchNorm {
     }
 }
 
-/// `(x, dy, γ) -> [dx | dγ | dβ]`, with the forward's batch statistics.
+/// `(x, dy, γ) -> [dx | dγ | dβ]` (then `Σ dx` with [`Sums::Columns`]), with the forward's
+/// batch statistics.
 #[derive(Debug)]
 struct FusedBatchNormBackward {
     eps: f64,
     relu: bool,
     stats: Stats,
+    sums: Sums,
 }
 
 impl CustomOp3 for FusedBatchNormBackward {
@@ -677,7 +766,7 @@ impl CustomOp3 for FusedBatchNormBackward {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let _span = crate::profile::span(self.name(), l1.dims());
-        let (st, eps, relu) = (&self.stats, self.eps, self.relu);
+        let (st, eps, relu, sums) = (&self.stats, self.eps, self.relu, self.sums);
         if l2.shape() != l1.shape() || l1.dims().last() != Some(&l3.shape().elem_count()) {
             candle_core::bail!(
                 "fused batch-norm backward: input {:?}, gradient {:?} and γ {:?} do not match",
@@ -695,6 +784,7 @@ impl CustomOp3 for FusedBatchNormBackward {
                 st,
                 eps,
                 relu,
+                sums,
             )),
             (CpuStorage::F64(x), CpuStorage::F64(dy), CpuStorage::F64(g)) => CpuStorage::F64(fused_bwd(
                 contiguous(x, l1, "x")?,
@@ -703,12 +793,14 @@ impl CustomOp3 for FusedBatchNormBackward {
                 st,
                 eps,
                 relu,
+                sums,
             )),
             _ => {
                 candle_core::bail!("fused batch-norm backward supports matching f32 or f64 tensors")
             }
         };
-        let n = l1.shape().elem_count() + 2 * l3.shape().elem_count();
+        let c = l3.shape().elem_count();
+        let n = l1.shape().elem_count() + if sums == Sums::Columns { 3 * c } else { 2 * c };
         Ok((out, Shape::from(n)))
     }
 }
@@ -773,6 +865,41 @@ mod tests {
             for (a, b) in st.var.iter().zip(want) {
                 assert!((a - b).abs() < 1e-12);
             }
+        }
+        Ok(())
+    }
+
+    /// The backward with the column sums ([`Sums::Columns`]) gives the plain backward's bits and,
+    /// after them, the column sums of its input gradient bit for bit as the column-sums op adds
+    /// them; with ReLU and without, f32 and f64, for rows that end inside a block of
+    /// [`COLUMN_ROWS`] and a single partial block.
+    #[test]
+    fn summed_backward_equals_the_backward_then_its_column_sums() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for (rows, c, relu, dtype) in [
+            (3 * COLUMN_ROWS + 37, 5, true, DType::F32),
+            (2 * COLUMN_ROWS, 3, false, DType::F32),
+            (300, 4, true, DType::F64),
+        ] {
+            let x = Tensor::randn(0.2f32, 1.5, (rows, c), &dev)?.to_dtype(dtype)?;
+            let grad = Tensor::randn(0f32, 1., (rows, c), &dev)?.to_dtype(dtype)?;
+            let gamma = Tensor::randn(1f32, 0.5, c, &dev)?.to_dtype(dtype)?;
+            let beta = Tensor::randn(0f32, 0.5, c, &dev)?.to_dtype(dtype)?;
+            let op = FusedBatchNorm { eps: 1e-5, relu, stats: Arc::new(Mutex::new(None)) };
+            x.apply_op3_no_bwd(&gamma, &beta, &op)?;
+            let plain = op.backward(&x, &gamma, &grad)?;
+            let [dx, dgamma, dbeta, sums] = op.backward_summed(&x, &gamma, &grad, Sums::Columns)?;
+            let bits = |t: &Tensor| -> candle_core::Result<Vec<u64>> {
+                Ok(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?.iter().map(|v| v.to_bits()).collect())
+            };
+            for (a, b) in plain.iter().zip([&dx, &dgamma, &dbeta]) {
+                assert_eq!(bits(a)?, bits(b)?, "({rows}, {c}), relu {relu}, {dtype:?}");
+            }
+            let want = crate::ops::plumbing::elementwise::column_sums_tensor(&dx)?;
+            assert_eq!(bits(&sums)?, bits(&want)?, "column sums of ({rows}, {c}), relu {relu}, {dtype:?}");
+            let naive = dx.to_dtype(DType::F64)?.sum(0)?;
+            let gap = (sums.to_dtype(DType::F64)? - naive)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(gap < 1e-6, "column sums {gap} from candle's sum");
         }
         Ok(())
     }

@@ -29,7 +29,7 @@ use rayon::prelude::*;
 
 use super::batch_norm::{
     add_partials, batch_stats, gradient_sums_row, input_grad_row, input_grad_with, normalize_block, to_t, Affine,
-    FusedBatchNorm, Stats, ROWS_PER_TASK,
+    FusedBatchNorm, Stats, Sums, ROWS_PER_TASK,
 };
 use super::pool::{covering, gather_row, pool_row, window_range, winners_row, MaxPool2d};
 use crate::ops::conv::direct;
@@ -78,7 +78,7 @@ pub(super) fn normalize_pool_backward<T: WithDType, const RELU: bool>(
     win: &Window,
 ) -> Vec<T> {
     let (dz, sums) = pool_gradient::<T, RELU>(x, (pooled, grad), stats, win);
-    let out = input_grad_with::<T, RELU>(x, &dz, gamma, (stats, eps), &sums);
+    let out = input_grad_with::<T, RELU>(x, &dz, gamma, (stats, eps), &sums, Sums::None);
     scratch::give(dz);
     out
 }
