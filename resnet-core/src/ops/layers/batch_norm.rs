@@ -600,14 +600,37 @@ pub(super) fn input_grad_with<T: WithDType, const RELU: bool>(
                 with_fma(
                     #[inline(always)]
                     || {
-                        let rows = ob.chunks_exact_mut(c).zip(xb.chunks_exact(c)).zip(gb.chunks_exact(c));
                         if summed {
+                            // As `channel_sums`: a block of channels down the rows at a time,
+                            // its sums in registers.
                             let mut acc = vec![0f64; c];
-                            for ((or, xr), gr) in rows {
-                                input_grad_row_summed::<T, RELU>(or, xr, gr, &affine, &coefficients, &mut acc);
+                            let whole = c / SUM_BLOCK * SUM_BLOCK;
+                            let coefficients = (&affine, &coefficients);
+                            for ch in (0..whole).step_by(SUM_BLOCK) {
+                                let mut sums = [0f64; SUM_BLOCK];
+                                let rows = ob.chunks_exact_mut(c).zip(xb.chunks_exact(c)).zip(gb.chunks_exact(c));
+                                for ((or, xr), gr) in rows {
+                                    let block = ch..ch + SUM_BLOCK;
+                                    let operands = (&mut or[block.clone()], &xr[block.clone()], &gr[block.clone()]);
+                                    input_grad_block_summed::<T, RELU>(operands, coefficients, block, &mut sums);
+                                }
+                                acc[ch..ch + SUM_BLOCK].copy_from_slice(&sums);
+                            }
+                            if whole < c {
+                                let rows = ob.chunks_exact_mut(c).zip(xb.chunks_exact(c)).zip(gb.chunks_exact(c));
+                                for ((or, xr), gr) in rows {
+                                    let operands = (&mut or[whole..], &xr[whole..], &gr[whole..]);
+                                    input_grad_block_summed::<T, RELU>(
+                                        operands,
+                                        coefficients,
+                                        whole..c,
+                                        &mut acc[whole..],
+                                    );
+                                }
                             }
                             acc
                         } else {
+                            let rows = ob.chunks_exact_mut(c).zip(xb.chunks_exact(c)).zip(gb.chunks_exact(c));
                             for ((or, xr), gr) in rows {
                                 input_grad_row::<T, _, RELU>(or, xr, gr, &affine, &coefficients);
                             }
@@ -628,20 +651,43 @@ pub(super) fn input_grad_with<T: WithDType, const RELU: bool>(
     unsafe { scratch::written(x.len() + extra, fill) }
 }
 
-/// Adds one row's `g` and `g·(x − mean)` per channel to `a0` and `a1`, `g` being the output
-/// gradient `gr` masked where the forward's output was clipped (recomputed exactly as the
-/// forward computed it). Equal-length slices let the loop vectorise.
+/// Adds each row's `g` and `g·(x − mean)` per channel to `a0` and `a1`, the rows of `xs` and
+/// `gs` in order, `g` being the output gradient masked where the forward's output was clipped
+/// (recomputed exactly as the forward computed it): [`SUM_BLOCK`] channels at a time down the
+/// rows, their sums in registers (the same sums as row by row).
 #[inline(always)]
-pub(super) fn gradient_sums_row<T: WithDType, const RELU: bool>(
+pub(super) fn gradient_sums_rows<T: WithDType, const RELU: bool>(
     (a0, a1): (&mut [T], &mut [T]),
-    xr: &[T],
-    gr: &[T],
+    (xs, gs): (&[T], &[T]),
     affine: &Affine<T>,
 ) {
-    gradient_sums_block::<T, RELU>((a0, a1), xr, gr, affine, 0..affine.0.len());
+    let c = affine.0.len();
+    let whole = c / SUM_BLOCK * SUM_BLOCK;
+    for ch in (0..whole).step_by(SUM_BLOCK) {
+        let block = ch..ch + SUM_BLOCK;
+        let mut b0: [T; SUM_BLOCK] = a0[block.clone()].try_into().expect("a block");
+        let mut b1: [T; SUM_BLOCK] = a1[block.clone()].try_into().expect("a block");
+        for (xr, gr) in xs.chunks_exact(c).zip(gs.chunks_exact(c)) {
+            gradient_sums_block::<T, RELU>(
+                (&mut b0, &mut b1),
+                &xr[block.clone()],
+                &gr[block.clone()],
+                affine,
+                block.clone(),
+            );
+        }
+        a0[block.clone()].copy_from_slice(&b0);
+        a1[block].copy_from_slice(&b1);
+    }
+    if whole < c {
+        for (xr, gr) in xs.chunks_exact(c).zip(gs.chunks_exact(c)) {
+            let (t0, t1) = (&mut a0[whole..], &mut a1[whole..]);
+            gradient_sums_block::<T, RELU>((t0, t1), &xr[whole..], &gr[whole..], affine, whole..c);
+        }
+    }
 }
 
-/// [`gradient_sums_row`] for the `channels` of a row alone: `a0`, `a1`, `xr` and `gr` hold
+/// One row's terms of [`gradient_sums_rows`] for the `channels` of the row alone: `a0`, `a1`, `xr` and `gr` hold
 /// those channels.
 #[inline(always)]
 fn gradient_sums_block<T: WithDType, const RELU: bool>(
@@ -664,7 +710,7 @@ fn gradient_sums_block<T: WithDType, const RELU: bool>(
 }
 
 /// One row of the input gradient, `a·g + b·x + k` per channel (`g` masked as in
-/// [`gradient_sums_row`]).
+/// [`gradient_sums_rows`]).
 #[inline(always)]
 pub(super) fn input_grad_row<T: WithDType, S: Slot<T>, const RELU: bool>(
     or: &mut [S],
@@ -683,21 +729,21 @@ pub(super) fn input_grad_row<T: WithDType, S: Slot<T>, const RELU: bool>(
     }
 }
 
-/// [`input_grad_row`] into a `dx` row of `T`s, each value also added to the row's channel in
-/// `acc` in f64 (as [`column_block_sums`](crate::ops::plumbing::elementwise::column_block_sums)
-/// adds a row).
+/// [`input_grad_row`] for the `channels` of a row alone (`or`, `xr`, `gr` and `acc` hold those
+/// channels), into `dx` values, each also added to its channel in `acc` in f64 (as
+/// [`column_block_sums`](crate::ops::plumbing::elementwise::column_block_sums) adds a row).
 #[inline(always)]
-fn input_grad_row_summed<T: WithDType, const RELU: bool>(
-    or: &mut [MaybeUninit<T>],
-    xr: &[T],
-    gr: &[T],
-    (mean, scale, shift): &Affine<T>,
-    (a, b, k): &InputGrad<T>,
+fn input_grad_block_summed<T: WithDType, const RELU: bool>(
+    (or, xr, gr): (&mut [MaybeUninit<T>], &[T], &[T]),
+    ((mean, scale, shift), (a, b, k)): (&Affine<T>, &InputGrad<T>),
+    channels: Range<usize>,
     acc: &mut [f64],
 ) {
-    let c = mean.len();
+    let c = channels.len();
     let (or, xr, gr, acc) = (&mut or[..c], &xr[..c], &gr[..c], &mut acc[..c]);
-    let (mt, sc, sh, at, bt, kt) = (&mean[..c], &scale[..c], &shift[..c], &a[..c], &b[..c], &k[..c]);
+    let (mt, sc, sh) = (&mean[channels.clone()], &scale[channels.clone()], &shift[channels.clone()]);
+    let (at, bt, kt) = (&a[channels.clone()], &b[channels.clone()], &k[channels]);
+    let (mt, sc, sh, at, bt, kt) = (&mt[..c], &sc[..c], &sh[..c], &at[..c], &bt[..c], &kt[..c]);
     for ch in 0..c {
         let v = xr[ch];
         let g = masked::<T, RELU>(v, gr[ch], mt[ch], sc[ch], sh[ch]);
@@ -913,7 +959,7 @@ mod tests {
     fn summed_backward_equals_the_backward_then_its_column_sums() -> candle_core::Result<()> {
         let dev = Device::Cpu;
         for (rows, c, relu, dtype) in [
-            (3 * COLUMN_ROWS + 37, 5, true, DType::F32),
+            (3 * COLUMN_ROWS + 37, SUM_BLOCK + 5, true, DType::F32),
             (2 * COLUMN_ROWS, 3, false, DType::F32),
             (300, 4, true, DType::F64),
         ] {

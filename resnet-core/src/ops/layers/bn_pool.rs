@@ -28,7 +28,7 @@ use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout,
 use rayon::prelude::*;
 
 use super::batch_norm::{
-    add_partials, batch_stats, gradient_sums_row, input_grad_row, input_grad_with, normalize_block, to_t, Affine,
+    add_partials, batch_stats, gradient_sums_rows, input_grad_row, input_grad_with, normalize_block, to_t, Affine,
     FusedBatchNorm, Stats, Sums, ROWS_PER_TASK,
 };
 use super::pool::{covering, gather_row, pool_row, window_range, winners_row, MaxPool2d};
@@ -158,12 +158,18 @@ fn pool_gradient<T: WithDType, const RELU: bool>(
                 #[inline(always)]
                 |first, xs, gs| {
                     dz[(first - start) * c..(first - start) * c + gs.len()].copy_from_slice(gs);
-                    for (i, (xr, gr)) in xs.chunks_exact(c).zip(gs.chunks_exact(c)).enumerate() {
-                        if (first + i) % ROWS_PER_TASK == 0 {
+                    // The rows in runs that end where a block of sums does.
+                    let mut at = 0;
+                    while at < xs.len() / c {
+                        let row = first + at;
+                        if row % ROWS_PER_TASK == 0 {
                             blocks.push((vec![T::zero(); c], vec![T::zero(); c]));
                         }
+                        let end = (xs.len() / c).min(at + ROWS_PER_TASK - row % ROWS_PER_TASK);
                         let (a0, a1) = blocks.last_mut().expect("a task starts at a block");
-                        gradient_sums_row::<T, RELU>((a0, a1), xr, gr, &affine);
+                        let run = (&xs[at * c..end * c], &gs[at * c..end * c]);
+                        gradient_sums_rows::<T, RELU>((a0, a1), run, &affine);
+                        at = end;
                     }
                 },
             );

@@ -554,13 +554,14 @@ mod tests {
         let dev = Device::Cpu;
         // (batch, h, w, cin, cout, kernel, stride, pad)
         // The last case has enough output rows for the BatchNorm's backward to sum the bias
-        // gradient as it writes its input gradient (`Sums::Columns`), ending inside a block.
+        // gradient as it writes its input gradient (`Sums::Columns`), ending inside a block,
+        // and channels in a block of `SUM_BLOCK` and after it.
         let cases = [
             (2, 8, 8, 3, 4, 3, 1, 1),
             (3, 3, 3, 4, 5, 3, 1, 1),
             (2, 7, 6, 3, 4, 3, 2, 1),
             (2, 5, 5, 4, 3, 1, 2, 0),
-            (2, 64, 66, 3, 4, 3, 1, 1),
+            (2, 64, 66, 3, 67, 3, 1, 1),
         ];
         assert!(cases.iter().any(|&(b, h, w, ..)| b * h * w > Sums::MIN_BLOCKS * COLUMN_ROWS));
         let mut folded_cases = 0;
@@ -612,7 +613,14 @@ mod tests {
     fn stem_node_with_its_pool_equals_the_layers() -> candle_core::Result<()> {
         let dev = Device::Cpu;
         let pool = MaxPool2d::d2l_stem();
-        let cases = [(2, 16, 1, 4, 7, 2, 3), (3, 8, 3, 5, 3, 1, 1), (6, 28, 1, 4, 7, 2, 3), (22, 28, 1, 8, 7, 2, 3)];
+        // The last has channels in a block of the sums' `SUM_BLOCK` and after it.
+        let cases = [
+            (2, 16, 1, 4, 7, 2, 3),
+            (3, 8, 3, 5, 3, 1, 1),
+            (6, 28, 1, 4, 7, 2, 3),
+            (22, 28, 1, 8, 7, 2, 3),
+            (6, 28, 1, 67, 7, 2, 3),
+        ];
         for &(b, h, cin, cout, k, s, p) in &cases {
             for dtype in [DType::F32, DType::F64] {
                 for variable in [true, false] {
