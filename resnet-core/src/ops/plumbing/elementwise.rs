@@ -226,14 +226,37 @@ fn column_sums<T: WithDType>(g: &[T], c: usize) -> Vec<T> {
 /// run, and in the same order by a caller that makes the rows a multiple of it at a time.
 pub(crate) const COLUMN_ROWS: usize = 1024;
 
-/// One block's sums per column (`block`: at most [`COLUMN_ROWS`] rows of `c`), in f64.
+/// Columns whose sums [`column_block_sums`] keeps in registers while it runs down the rows.
+const COLUMN_BLOCK: usize = 64;
+
+/// One block's sums per column (`block`: at most [`COLUMN_ROWS`] rows of `c`), in f64, each
+/// column's rows added in order: [`COLUMN_BLOCK`] columns at a time down the rows, their sums
+/// in registers, then any columns left over.
 pub(crate) fn column_block_sums<T: WithDType>(block: &[T], c: usize) -> Vec<f64> {
     let mut acc = vec![0f64; c];
-    for row in block.chunks_exact(c) {
-        for (a, &v) in acc.iter_mut().zip(row) {
-            *a += v.to_f64();
-        }
-    }
+    let whole = c / COLUMN_BLOCK * COLUMN_BLOCK;
+    with_fma(
+        #[inline(always)]
+        || {
+            for col in (0..whole).step_by(COLUMN_BLOCK) {
+                let mut sums = [0f64; COLUMN_BLOCK];
+                for row in block.chunks_exact(c) {
+                    let row: &[T; COLUMN_BLOCK] = row[col..col + COLUMN_BLOCK].try_into().expect("a block");
+                    for (a, &v) in sums.iter_mut().zip(row) {
+                        *a += v.to_f64();
+                    }
+                }
+                acc[col..col + COLUMN_BLOCK].copy_from_slice(&sums);
+            }
+            if whole < c {
+                for row in block.chunks_exact(c) {
+                    for (a, &v) in acc[whole..].iter_mut().zip(&row[whole..]) {
+                        *a += v.to_f64();
+                    }
+                }
+            }
+        },
+    );
     acc
 }
 
