@@ -190,8 +190,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let python = if a.compare_pytorch { Some(find_python(a.python.as_deref())?) } else { None };
     let script = workspace_root().join("scripts/bench_pytorch.py");
     let peak = matmul_peak_gflops(a.threads, &device, a.precision)?;
+    let memory = memory_bandwidth(a.threads);
     let cpu = cpu_description();
     eprintln!("CPU: {cpu}");
+    eprintln!(
+        "memory ({} threads, {} MiB buffers): read {:.1} GB/s, copy {:.1} GB/s (read + written)",
+        a.threads,
+        MEMORY_PROBE_BYTES >> 20,
+        memory.read_gbps,
+        memory.copy_gbps
+    );
     eprintln!(
         "matmul peak (candle {} gemm on {}, {} threads): {peak:.1} GFLOP/s",
         a.precision.name(),
@@ -247,6 +255,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let steal_text =
         steal.map(|f| format!("{:.1} % of the time stolen", 100.0 * f)).unwrap_or("steal time unknown".into());
     println!("host: matmul peak {peak:.0} GFLOP/s before, {peak_end:.0} after; {steal_text}");
+    println!(
+        "host: memory read {:.1} GB/s, copy {:.1} GB/s ({} threads; the bound of the step's passes over activations)",
+        memory.read_gbps, memory.copy_gbps, a.threads
+    );
     if let Some(warning) = host_warning(peak, peak_end, steal) {
         println!("warning: {warning}");
     }
@@ -260,6 +272,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "tf32": a.tf32,
         "matmul_peak_gflops": peak,
         "matmul_peak_gflops_after": peak_end,
+        "memory_read_gbps": memory.read_gbps,
+        "memory_copy_gbps": memory.copy_gbps,
         "steal_fraction": steal,
         "rows": rows,
     });
@@ -450,6 +464,73 @@ fn matmul_peak_gflops(threads: usize, device: &Device, precision: PrecisionArg) 
         best = best.min(t.elapsed().as_secs_f64());
     }
     Ok(2.0 * (n as f64).powi(3) / best / 1e9)
+}
+
+/// Bytes of each buffer [`memory_bandwidth`] streams: larger than the last-level caches the
+/// project's machines report, so the figure is the memory's, as the step's passes over
+/// activations of tens of megabytes meet it.
+const MEMORY_PROBE_BYTES: usize = 512 << 20;
+
+/// The host's memory bandwidth on `threads` threads, in GB/s.
+#[derive(Debug, Clone, Copy)]
+struct MemoryBandwidth {
+    /// Summing a buffer (bytes read per second).
+    read_gbps: f64,
+    /// Copying a buffer into another, both already mapped (bytes read plus bytes written).
+    copy_gbps: f64,
+}
+
+/// The best of three passes of each kind over [`MEMORY_PROBE_BYTES`] buffers, each pass split
+/// evenly over `threads` threads: the bandwidth that the step's memory-bound passes (BatchNorm,
+/// ReLU, sums) can at best reach on this host.
+fn memory_bandwidth(threads: usize) -> MemoryBandwidth {
+    let threads = threads.max(1);
+    let len = MEMORY_PROBE_BYTES / std::mem::size_of::<f32>();
+    let src: Vec<f32> = (0..len).map(|i| (i % 251) as f32).collect();
+    let mut dst = vec![0f32; len];
+    let part = len.div_ceil(threads);
+    let best = |mut pass: Box<dyn FnMut() + '_>| {
+        (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                pass();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::MAX, f64::min)
+    };
+    let mut checksum = 0f32;
+    let read = best(Box::new(|| {
+        let sums: Vec<f32> = std::thread::scope(|scope| {
+            let handles: Vec<_> = src
+                .chunks(part)
+                .map(|chunk| {
+                    scope.spawn(move || {
+                        // Sixteen independent lanes, so the loop is bound by the loads.
+                        let mut lanes = [0f32; 16];
+                        for block in chunk.chunks_exact(16) {
+                            for (l, &v) in lanes.iter_mut().zip(block) {
+                                *l += v;
+                            }
+                        }
+                        lanes.iter().sum::<f32>()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(0.0)).collect()
+        });
+        checksum += sums.iter().sum::<f32>();
+    }));
+    let copy = best(Box::new(|| {
+        std::thread::scope(|scope| {
+            for (d, s) in dst.chunks_mut(part).zip(src.chunks(part)) {
+                scope.spawn(move || d.copy_from_slice(s));
+            }
+        });
+    }));
+    // Keeps the sums (and so the reads) from being optimised away.
+    std::hint::black_box((checksum, &dst));
+    let bytes = MEMORY_PROBE_BYTES as f64;
+    MemoryBandwidth { read_gbps: bytes / read / 1e9, copy_gbps: 2.0 * bytes / copy / 1e9 }
 }
 
 /// The share of the machine's time the hypervisor gave to others (`steal`) between two
