@@ -51,7 +51,7 @@ for i, r in enumerate(reports, 1):
     steal = r.get("steal_fraction") or 0.0
     ok = 0.8 <= after / before <= 1.25 and steal <= 0.02
     bandwidth = ""
-    if "memory_read_gbps" in r:
+    if r.get("memory_read_gbps") is not None:
         bandwidth = f", memory read {r['memory_read_gbps']:.1f} GB/s, copy {r['memory_copy_gbps']:.1f}"
     print(f"invocation {i}: {r['date']}, matmul peak {before:.0f} -> {after:.0f} GFLOP/s{bandwidth}, "
           f"{100 * steal:.1f} % stolen{'' if ok else ': unsteady, left out'}")

@@ -190,16 +190,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let python = if a.compare_pytorch { Some(find_python(a.python.as_deref())?) } else { None };
     let script = workspace_root().join("scripts/bench_pytorch.py");
     let peak = matmul_peak_gflops(a.threads, &device, a.precision)?;
-    let memory = memory_bandwidth(a.threads);
+    // The host memory's bandwidth bounds the CPU step's passes over activations; a GPU's own
+    // memory is another matter.
+    let memory = device.is_cpu().then(|| memory_bandwidth(a.threads));
     let cpu = cpu_description();
     eprintln!("CPU: {cpu}");
-    eprintln!(
-        "memory ({} threads, {} MiB buffers): read {:.1} GB/s, copy {:.1} GB/s (read + written)",
-        a.threads,
-        MEMORY_PROBE_BYTES >> 20,
-        memory.read_gbps,
-        memory.copy_gbps
-    );
+    if let Some(m) = memory {
+        eprintln!(
+            "memory ({} threads, {} MiB buffers): read {:.1} GB/s, copy {:.1} GB/s (read + written)",
+            a.threads,
+            MEMORY_PROBE_BYTES >> 20,
+            m.read_gbps,
+            m.copy_gbps
+        );
+    }
     eprintln!(
         "matmul peak (candle {} gemm on {}, {} threads): {peak:.1} GFLOP/s",
         a.precision.name(),
@@ -255,10 +259,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let steal_text =
         steal.map(|f| format!("{:.1} % of the time stolen", 100.0 * f)).unwrap_or("steal time unknown".into());
     println!("host: matmul peak {peak:.0} GFLOP/s before, {peak_end:.0} after; {steal_text}");
-    println!(
-        "host: memory read {:.1} GB/s, copy {:.1} GB/s ({} threads; the bound of the step's passes over activations)",
-        memory.read_gbps, memory.copy_gbps, a.threads
-    );
+    if let Some(m) = memory {
+        println!(
+            "host: memory read {:.1} GB/s, copy {:.1} GB/s ({} threads; the bound of the step's passes over activations)",
+            m.read_gbps, m.copy_gbps, a.threads
+        );
+    }
     if let Some(warning) = host_warning(peak, peak_end, steal) {
         println!("warning: {warning}");
     }
@@ -272,8 +278,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "tf32": a.tf32,
         "matmul_peak_gflops": peak,
         "matmul_peak_gflops_after": peak_end,
-        "memory_read_gbps": memory.read_gbps,
-        "memory_copy_gbps": memory.copy_gbps,
+        "memory_read_gbps": memory.map(|m| m.read_gbps),
+        "memory_copy_gbps": memory.map(|m| m.copy_gbps),
         "steal_fraction": steal,
         "rows": rows,
     });
