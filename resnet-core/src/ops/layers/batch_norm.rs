@@ -381,29 +381,45 @@ fn channel_sums<T: WithDType>(
                 #[inline(always)]
                 || {
                     let (mut a0, mut a1) = (vec![T::zero(); c], vec![T::zero(); c]);
-                    let whole = c / SUM_BLOCK * SUM_BLOCK;
-                    for ch in (0..whole).step_by(SUM_BLOCK) {
-                        let (mut b0, mut b1) = ([T::zero(); SUM_BLOCK], [T::zero(); SUM_BLOCK]);
-                        for (xr, yr) in xb.chunks_exact(c).zip(yb.chunks_exact(c)) {
-                            let xr: &[T; SUM_BLOCK] = xr[ch..ch + SUM_BLOCK].try_into().expect("a block");
-                            let yr: &[T; SUM_BLOCK] = yr[ch..ch + SUM_BLOCK].try_into().expect("a block");
-                            f(&mut b0, &mut b1, xr, yr, ch..ch + SUM_BLOCK);
-                        }
-                        a0[ch..ch + SUM_BLOCK].copy_from_slice(&b0);
-                        a1[ch..ch + SUM_BLOCK].copy_from_slice(&b1);
-                    }
-                    if whole < c {
-                        let (t0, t1) = (&mut a0[whole..], &mut a1[whole..]);
-                        for (xr, yr) in xb.chunks_exact(c).zip(yb.chunks_exact(c)) {
-                            f(t0, t1, &xr[whole..], &yr[whole..], whole..c);
-                        }
-                    }
+                    add_rows_in_blocks((&mut a0, &mut a1), (xb, yb), &f);
                     (a0, a1)
                 },
             )
         })
         .collect();
     add_partials(partials, c)
+}
+
+/// Adds the rows of `xs` and `ys` (of `a0`'s channels each) to the sums `a0` and `a1` with
+/// `f(acc0, acc1, x_row, y_row, channels)` as [`channel_sums`] describes: [`SUM_BLOCK`] channels
+/// at a time down the rows, their sums (starting from `a0`'s and `a1`'s) in local arrays the
+/// compiler keeps in registers, then any channels left over; each channel's rows in order.
+#[inline(always)]
+fn add_rows_in_blocks<T: WithDType>(
+    (a0, a1): (&mut [T], &mut [T]),
+    (xs, ys): (&[T], &[T]),
+    f: impl Fn(&mut [T], &mut [T], &[T], &[T], Range<usize>),
+) {
+    let c = a0.len();
+    let whole = c / SUM_BLOCK * SUM_BLOCK;
+    for ch in (0..whole).step_by(SUM_BLOCK) {
+        let block = ch..ch + SUM_BLOCK;
+        let mut b0: [T; SUM_BLOCK] = a0[block.clone()].try_into().expect("a block");
+        let mut b1: [T; SUM_BLOCK] = a1[block.clone()].try_into().expect("a block");
+        for (xr, yr) in xs.chunks_exact(c).zip(ys.chunks_exact(c)) {
+            let xr: &[T; SUM_BLOCK] = xr[block.clone()].try_into().expect("a block");
+            let yr: &[T; SUM_BLOCK] = yr[block.clone()].try_into().expect("a block");
+            f(&mut b0, &mut b1, xr, yr, block.clone());
+        }
+        a0[block.clone()].copy_from_slice(&b0);
+        a1[block].copy_from_slice(&b1);
+    }
+    if whole < c {
+        let (t0, t1) = (&mut a0[whole..], &mut a1[whole..]);
+        for (xr, yr) in xs.chunks_exact(c).zip(ys.chunks_exact(c)) {
+            f(t0, t1, &xr[whole..], &yr[whole..], whole..c);
+        }
+    }
 }
 
 /// The tasks' partial sums (each `(Σ₀, Σ₁)` over `c` channels in `T`) added in f64, in order.
@@ -653,38 +669,20 @@ pub(super) fn input_grad_with<T: WithDType, const RELU: bool>(
 
 /// Adds each row's `g` and `g·(x − mean)` per channel to `a0` and `a1`, the rows of `xs` and
 /// `gs` in order, `g` being the output gradient masked where the forward's output was clipped
-/// (recomputed exactly as the forward computed it): [`SUM_BLOCK`] channels at a time down the
-/// rows, their sums in registers (the same sums as row by row).
+/// (recomputed exactly as the forward computed it), by [`add_rows_in_blocks`] (the same sums as
+/// row by row).
 #[inline(always)]
 pub(super) fn gradient_sums_rows<T: WithDType, const RELU: bool>(
     (a0, a1): (&mut [T], &mut [T]),
     (xs, gs): (&[T], &[T]),
     affine: &Affine<T>,
 ) {
-    let c = affine.0.len();
-    let whole = c / SUM_BLOCK * SUM_BLOCK;
-    for ch in (0..whole).step_by(SUM_BLOCK) {
-        let block = ch..ch + SUM_BLOCK;
-        let mut b0: [T; SUM_BLOCK] = a0[block.clone()].try_into().expect("a block");
-        let mut b1: [T; SUM_BLOCK] = a1[block.clone()].try_into().expect("a block");
-        for (xr, gr) in xs.chunks_exact(c).zip(gs.chunks_exact(c)) {
-            gradient_sums_block::<T, RELU>(
-                (&mut b0, &mut b1),
-                &xr[block.clone()],
-                &gr[block.clone()],
-                affine,
-                block.clone(),
-            );
-        }
-        a0[block.clone()].copy_from_slice(&b0);
-        a1[block].copy_from_slice(&b1);
-    }
-    if whole < c {
-        for (xr, gr) in xs.chunks_exact(c).zip(gs.chunks_exact(c)) {
-            let (t0, t1) = (&mut a0[whole..], &mut a1[whole..]);
-            gradient_sums_block::<T, RELU>((t0, t1), &xr[whole..], &gr[whole..], affine, whole..c);
-        }
-    }
+    add_rows_in_blocks(
+        (a0, a1),
+        (xs, gs),
+        #[inline(always)]
+        |a0, a1, xr, gr, channels| gradient_sums_block::<T, RELU>((a0, a1), xr, gr, affine, channels),
+    );
 }
 
 /// One row's terms of [`gradient_sums_rows`] for the `channels` of the row alone: `a0`, `a1`, `xr` and `gr` hold
