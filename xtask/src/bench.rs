@@ -495,7 +495,8 @@ fn memory_bandwidth(threads: usize) -> MemoryBandwidth {
     let src: Vec<f32> = (0..len).map(|i| (i % 251) as f32).collect();
     let mut dst = vec![0f32; len];
     let part = len.div_ceil(threads);
-    let best = |mut pass: Box<dyn FnMut() + '_>| {
+    /// Seconds of the fastest of three runs of `pass`.
+    fn best(mut pass: impl FnMut()) -> f64 {
         (0..3)
             .map(|_| {
                 let t = Instant::now();
@@ -503,9 +504,9 @@ fn memory_bandwidth(threads: usize) -> MemoryBandwidth {
                 t.elapsed().as_secs_f64()
             })
             .fold(f64::MAX, f64::min)
-    };
+    }
     let mut checksum = 0f32;
-    let read = best(Box::new(|| {
+    let read = best(|| {
         let sums: Vec<f32> = std::thread::scope(|scope| {
             let handles: Vec<_> = src
                 .chunks(part)
@@ -525,14 +526,14 @@ fn memory_bandwidth(threads: usize) -> MemoryBandwidth {
             handles.into_iter().map(|h| h.join().unwrap_or(0.0)).collect()
         });
         checksum += sums.iter().sum::<f32>();
-    }));
-    let copy = best(Box::new(|| {
+    });
+    let copy = best(|| {
         std::thread::scope(|scope| {
             for (d, s) in dst.chunks_mut(part).zip(src.chunks(part)) {
                 scope.spawn(move || d.copy_from_slice(s));
             }
         });
-    }));
+    });
     // Keeps the sums (and so the reads) from being optimised away.
     std::hint::black_box((checksum, &dst));
     let bytes = MEMORY_PROBE_BYTES as f64;
