@@ -3,12 +3,16 @@
 //! With one input channel the patch matrix is `(pixels, 49)`, and the forward is im2col's
 //! product. Where this crate's kernel runs the products ([`panels`]), it reads the patches in
 //! place from the rows under each output row, zero-padded ([`forward_rows`]), rather than
-//! copying each pixel's 49 values out first; elsewhere the patches are made a kernel row at a
-//! time (see `one_channel_patch`) for the gemm crate's product. The weight gradient `dyᵀ · cols` is one long, thin product over every
+//! copying each pixel's 49 values out first; elsewhere the patches are copied a kernel row at a
+//! time out of the image rows under each output row, padded once ([`patches_of_rows`]), for the
+//! gemm crate's product. The weight gradient `dyᵀ · cols` is one long, thin product over every
 //! pixel that the matrix kernels do not split across threads, so it would run on one core;
 //! here it runs as products over fixed runs of pixels side by side, summed in a fixed order so
 //! results repeat bit for bit. The input gradient (never needed for the images themselves)
-//! accumulates each pixel's taps directly.
+//! accumulates each pixel's taps directly. For the stem's training op without its activation
+//! ([`crate::ops::layers`]' `stem`), the patches' moments ([`moments_part`]) and the patches
+//! shifted, with a one after them ([`shifted_patches`]), over runs of rows fixed by the geometry
+//! ([`row_runs`], [`run_groups`]).
 
 use candle_core::WithDType;
 use rayon::prelude::*;
@@ -123,7 +127,7 @@ pub fn weight_grad<T: WithDType>(x: &[T], dy: &[T], win: &Window, out: usize) ->
 
 /// Task `pixels`'s term of [`weight_grad`], `(kh · kw, out)`, from its rows of `dy` (`dy_rows`,
 /// `pixels.len() × out`), wherever they are.
-pub fn weight_grad_part<T: WithDType>(
+fn weight_grad_part<T: WithDType>(
     x: &[T],
     win: &Window,
     pixels: std::ops::Range<usize>,
@@ -144,7 +148,7 @@ pub fn weight_grad_part<T: WithDType>(
 
 /// The tasks' terms of [`weight_grad`] ([`weight_grad_part`], in task order) added in order and
 /// laid out as `(out, kh, kw, 1)`.
-pub fn weight_grad_total<T: WithDType>(partials: impl IntoIterator<Item = Vec<T>>, taps: usize, out: usize) -> Vec<T> {
+fn weight_grad_total<T: WithDType>(partials: impl IntoIterator<Item = Vec<T>>, taps: usize, out: usize) -> Vec<T> {
     let mut sum = vec![T::zero(); taps * out];
     for part in partials {
         for (s, p) in sum.iter_mut().zip(part) {
@@ -159,6 +163,132 @@ pub fn weight_grad_total<T: WithDType>(partials: impl IntoIterator<Item = Vec<T>
         }
     }
     dw
+}
+
+/// Output pixels per run of [`row_runs`], about.
+const RUN_PIXELS: usize = 2048;
+
+/// Each of `batch` images' `rows` rows (of `pixels_per_row` output pixels each) shared evenly
+/// between as few runs of at most about [`RUN_PIXELS`] pixels as hold them: `(image, rows)` in
+/// order. Tasks over the runs (as [`moments_part`]'s) are fixed by the geometry alone, so their
+/// sums add in the same order on every run and thread count.
+pub fn row_runs(batch: usize, rows: usize, pixels_per_row: usize) -> Vec<(usize, std::ops::Range<usize>)> {
+    let parts = (rows * pixels_per_row).div_ceil(RUN_PIXELS).clamp(1, rows.max(1));
+    let per_run = rows.div_ceil(parts).max(1);
+    (0..batch).flat_map(|n| (0..rows).step_by(per_run).map(move |r| (n, r..(r + per_run).min(rows)))).collect()
+}
+
+/// The patches of image `n`'s output rows `rows` of the one-channel images `x`, each value
+/// less `shift` (the padding's zeros too), then a one: `kh · kw + 1` values per pixel at the
+/// start of each row of `dst`, rows `stride` apart (the rest of each row zero).
+pub fn shifted_patches<T: WithDType>(
+    x: &[T],
+    win: &Window,
+    (n, rows): (usize, std::ops::Range<usize>),
+    shift: T,
+    (dst, stride): (&mut [T], usize),
+) {
+    let taps = win.kh * win.kw;
+    assert!(stride > taps, "a row of {stride} holds no {taps} taps and a one");
+    patch_rows(x, win, (n, rows), shift, (dst, stride), |row| {
+        row[taps] = T::one();
+        row[taps + 1..].fill(T::zero());
+    });
+}
+
+/// The patches of image `n`'s output rows `rows` of the one-channel images `x` (`kh · kw`
+/// values per pixel, zero in the padding) into `dst`, one after the other: im2col's patch
+/// matrix.
+pub fn patches_of_rows<T: WithDType>(x: &[T], win: &Window, (n, rows): (usize, std::ops::Range<usize>), dst: &mut [T]) {
+    patch_rows(x, win, (n, rows), T::zero(), (dst, win.kh * win.kw), |_| ());
+}
+
+/// The patches of image `n`'s output rows `rows`, each value less `shift`, at the start of the
+/// rows of `dst` (`stride` apart), `rest` then called on each row. Each output row's patches are
+/// copied a kernel row at a time out of the `kh` image rows under it, shifted and padded once.
+#[inline(always)]
+fn patch_rows<T: WithDType>(
+    x: &[T],
+    win: &Window,
+    (n, rows): (usize, std::ops::Range<usize>),
+    shift: T,
+    (dst, stride): (&mut [T], usize),
+    rest: impl Fn(&mut [T]),
+) {
+    let (ow, taps) = (win.ow(), win.kh * win.kw);
+    let image = &x[n * win.h * win.w..(n + 1) * win.h * win.w];
+    // A padded row: `pad` values before the image row, and enough after for the last pixel.
+    let line = (win.w + 2 * win.pad).max((ow - 1) * win.stride + win.kw);
+    let mut under = scratch::take(win.kh * line);
+    for (oy, dst) in rows.zip(dst.chunks_exact_mut(ow * stride)) {
+        for (ky, padded) in under.chunks_exact_mut(line).enumerate() {
+            padded.fill(T::zero() - shift);
+            let iy = (oy * win.stride + ky).checked_sub(win.pad).filter(|&iy| iy < win.h);
+            if let Some(iy) = iy {
+                for (d, &v) in padded[win.pad..win.pad + win.w].iter_mut().zip(&image[iy * win.w..(iy + 1) * win.w]) {
+                    *d = v - shift;
+                }
+            }
+        }
+        for (ox, row) in dst.chunks_exact_mut(stride).enumerate() {
+            for (ky, taps_row) in row[..taps].chunks_exact_mut(win.kw).enumerate() {
+                let from = ky * line + ox * win.stride;
+                copy_taps(taps_row, &under[from..from + win.kw]);
+            }
+            rest(row);
+        }
+    }
+    scratch::give(under);
+}
+
+/// `dst.copy_from_slice(src)`, as an array of known length for d2l's seven taps rather than a
+/// `memcpy` call.
+#[inline(always)]
+fn copy_taps<T: WithDType>(dst: &mut [T], src: &[T]) {
+    const STEM: usize = 7;
+    match (<&mut [T; STEM]>::try_from(&mut *dst), <&[T; STEM]>::try_from(src)) {
+        (Ok(d), Ok(s)) => *d = *s,
+        _ => dst.copy_from_slice(src),
+    }
+}
+
+/// The second moments of the shifted patches of the output rows of `runs` (a group of [`run_groups`]):
+/// `Σ q qᵀ` with `q = [patch − shift | 1]`, `(kh · kw + 1)²` values, so that the last row holds
+/// `Σ (patch − shift)` and the pixel count. With one input channel these give the mean and
+/// variance of every output channel of the convolution without making its output.
+pub fn moments_part<T: WithDType>(x: &[T], win: &Window, runs: &[(usize, std::ops::Range<usize>)], shift: T) -> Vec<T> {
+    let k = win.kh * win.kw + 1;
+    let pixels = runs.iter().map(|(_, rows)| rows.len() * win.ow()).sum();
+    let mut q = scratch::take(pixels * k);
+    let mut at = 0;
+    for (n, rows) in runs {
+        let len = rows.len() * win.ow() * k;
+        shifted_patches(x, win, (*n, rows.clone()), shift, (&mut q[at..at + len], k));
+        at += len;
+    }
+    let mut part = vec![T::zero(); k * k];
+    matmul_general((k, k, pixels), &q, (1, k), &q, (k, 1), &mut part, k);
+    scratch::give(q);
+    part
+}
+
+/// [`row_runs`] gathered into groups of consecutive runs of at most about [`RUN_PIXELS`] pixels
+/// together (small images several to a group), each group's runs in order.
+pub fn run_groups(batch: usize, rows: usize, pixels_per_row: usize) -> Vec<Vec<(usize, std::ops::Range<usize>)>> {
+    let mut groups: Vec<Vec<(usize, std::ops::Range<usize>)>> = Vec::new();
+    let mut pixels = 0;
+    for run in row_runs(batch, rows, pixels_per_row) {
+        let len = run.1.len() * pixels_per_row;
+        match groups.last_mut() {
+            Some(group) if pixels + len <= RUN_PIXELS => group.push(run),
+            _ => {
+                groups.push(vec![run]);
+                pixels = 0;
+            }
+        }
+        pixels += len;
+    }
+    groups
 }
 
 /// `dx (batch, h, w, 1)` of the convolution from `dy` `(batch · oh · ow, out)` and `w` `(out, kh, kw, 1)`.
@@ -185,4 +315,65 @@ pub fn input_grad<T: WithDType>(dy: &[T], w: &[T], win: &Window, out: usize) -> 
         }
     });
     dx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The row-at-a-time patches ([`patches_of_rows`], and [`shifted_patches`] with their shift
+    /// and one) against [`one_channel_patch`], itself tested against the definition: odd and even
+    /// sizes, images narrower than the kernel, strides 1 and 2, exactly.
+    #[test]
+    fn patches_of_rows_are_the_patches_one_by_one() {
+        for &(h, w, k, stride, pad) in
+            &[(9, 8, 7, 2, 3), (13, 13, 7, 2, 3), (5, 3, 7, 1, 3), (28, 28, 7, 2, 3), (6, 7, 3, 1, 1), (7, 9, 5, 2, 2)]
+        {
+            let win = Window { batch: 2, h, w, c: 1, kh: k, kw: k, stride, pad };
+            let x: Vec<f32> = (0..2 * h * w).map(|i| (i % 97) as f32 * 0.25 + 1.0).collect();
+            let (oh, ow, taps) = (win.oh(), win.ow(), k * k);
+            let shift = 0.75f32;
+            let stride_q = (taps + 1).next_multiple_of(16);
+            for n in 0..2 {
+                let rows = 1..oh;
+                let mut plain = vec![f32::NAN; rows.len() * ow * taps];
+                patches_of_rows(&x, &win, (n, rows.clone()), &mut plain);
+                let mut shifted = vec![f32::NAN; rows.len() * ow * stride_q];
+                shifted_patches(&x, &win, (n, rows.clone()), shift, (&mut shifted, stride_q));
+                let mut want = vec![0f32; taps];
+                for (i, oy) in rows.enumerate() {
+                    for ox in 0..ow {
+                        one_channel_patch(&x[n * h * w..(n + 1) * h * w], &win, oy, ox, &mut want);
+                        let p = i * ow + ox;
+                        assert_eq!(&plain[p * taps..(p + 1) * taps], &want[..], "{:?} {n} {oy} {ox}", (h, w, k));
+                        let q = &shifted[p * stride_q..(p + 1) * stride_q];
+                        let want_q: Vec<f32> = want.iter().map(|v| v - shift).chain([1.0]).collect();
+                        assert_eq!(&q[..=taps], &want_q[..], "{:?} {n} {oy} {ox}", (h, w, k));
+                        assert!(q[taps + 1..].iter().all(|&v| v == 0.0));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The runs cover each image's rows once, in order, at most about [`RUN_PIXELS`] each (one
+    /// row where a row is more), and the groups keep the runs' order.
+    #[test]
+    fn runs_cover_the_rows_in_order() {
+        for &(batch, rows, per_row) in &[(3, 48, 48), (4, 14, 14), (2, 112, 112), (1, 1, 5000), (5, 7, 300)] {
+            let runs = row_runs(batch, rows, per_row);
+            let mut next = (0, 0);
+            for (n, r) in &runs {
+                if next.1 == rows {
+                    next = (next.0 + 1, 0);
+                }
+                assert_eq!((*n, r.start), next, "{:?}", (batch, rows, per_row));
+                assert!(!r.is_empty() && (r.len() == 1 || r.len() * per_row <= RUN_PIXELS));
+                next = (*n, r.end);
+            }
+            assert_eq!(next, (batch - 1, rows));
+            let flat: Vec<_> = run_groups(batch, rows, per_row).into_iter().flatten().collect();
+            assert_eq!(flat, runs);
+        }
+    }
 }

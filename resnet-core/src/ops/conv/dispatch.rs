@@ -184,20 +184,27 @@ impl Im2colConv {
     /// The forward of `[(x), (w), (b)]` where it runs im2col's product (the one-channel stem's
     /// case among them), one image per task: each image's output is made in a buffer of the
     /// task's own, a band of rows at a time, and handed to `epilogue`, which writes what the op
-    /// returns in its place, so the output is never written out whole (for evaluation: no
-    /// backward). `None` where another algorithm runs the forward.
+    /// returns in its place, so the output is never written out whole. `None` where another
+    /// algorithm runs the forward.
     /// The same products, bias and ReLU as [`Self::cpu_fwd_with`]'s, so the same bits.
     pub(crate) fn cpu_fwd_per_image<E: ImageEpilogue>(
         &self,
-        [(s1, l1), (s2, l2), (s3, l3)]: [(&CpuStorage, &Layout); 3],
+        inputs: [(&CpuStorage, &Layout); 3],
         epilogue: &E,
     ) -> candle_core::Result<Option<(CpuStorage, Shape)>> {
+        Ok(self.cpu_fwd_per_image_with_side(inputs, epilogue)?.map(|(y, shape, _)| (y, shape)))
+    }
+
+    /// [`Self::cpu_fwd_per_image`], also returning what the epilogue writes beside each image's
+    /// output ([`ImageEpilogue::side_len`] values per image, in image order).
+    pub(crate) fn cpu_fwd_per_image_with_side<E: ImageEpilogue>(
+        &self,
+        [(s1, l1), (s2, l2), (s3, l3)]: [(&CpuStorage, &Layout); 3],
+        epilogue: &E,
+    ) -> candle_core::Result<Option<(CpuStorage, Shape, CpuStorage)>> {
         let win = self.window(l1)?;
         let out = l3.shape().elem_count();
-        if !matches!(self.forward_algo(&win), Some(Algo::Direct) | None) || self.pointwise() {
-            return Ok(None);
-        }
-        if l2.shape().dims() != [out, win.c, win.kh, win.kw] {
+        if !self.runs_per_image(l1) || l2.shape().dims() != [out, win.c, win.kh, win.kw] {
             return Ok(None);
         }
         let _span = crate::profile::span("conv2d-im2col-per-image-nhwc", l1.dims());
@@ -206,58 +213,81 @@ impl Im2colConv {
             win: &Window,
             relu: bool,
             epilogue: &E,
-        ) -> Vec<T> {
+        ) -> (Vec<T>, Vec<T>) {
             let (pixels, k, out) = (win.oh() * win.ow(), win.patch_len(), b.len());
             let w = oihw_to_ohwi(w_oihw, out, win.c, win.kh * win.kw);
             // One channel on this crate's kernel: the patches read in place.
             let packed = panels::width::<T>(out, k)
                 .filter(|_| direct::applies(win))
                 .map(|width| (direct::pack_weights(&w, win, out, width), width));
-            let image_len = epilogue.image_len();
+            let (image_len, side_len) = (epilogue.image_len(), epilogue.side_len());
             let mut y = scratch::zeroed(win.batch * image_len);
+            // One value per image where the epilogue writes nothing beside: chunks are not empty.
+            let side_stride = side_len.max(1);
+            let mut side = scratch::zeroed(win.batch * side_stride);
             // The image's rows a band at a time, as many as the batched forward's tasks hold, so
             // that a band's patches and output stay in the core's cache through its product.
             let band = (FORWARD_PIXELS_PER_TASK / win.ow()).clamp(1, win.oh());
-            y.par_chunks_mut(image_len).enumerate().for_each(|(n, dst)| {
-                // Patches for the gemm crate's products only.
-                let patches = if packed.is_some() { 0 } else { band * win.ow() * k };
-                let (mut cols, mut z) = (scratch::take(patches), scratch::take(pixels * out));
-                for (i, rows) in z.chunks_mut(band * win.ow() * out).enumerate() {
-                    let (first, band_pixels) = (n * win.oh() + i * band, rows.len() / out);
-                    if let Some((packed, width)) = &packed {
-                        rows.chunks_exact_mut(out).for_each(|row| row.copy_from_slice(b));
-                        let band_rows = first..first + band_pixels / win.ow();
-                        one_channel_rows(x, win, band_rows, (packed, *width), (rows, out), relu);
-                        continue;
+            y.par_chunks_mut(image_len).zip(side.par_chunks_mut(side_stride)).enumerate().for_each(
+                |(n, (dst, side))| {
+                    // Patches for the gemm crate's products only.
+                    let patches = if packed.is_some() { 0 } else { band * win.ow() * k };
+                    let (mut cols, mut z) = (scratch::take(patches), scratch::take(pixels * out));
+                    for (i, rows) in z.chunks_mut(band * win.ow() * out).enumerate() {
+                        let (first, band_pixels) = (n * win.oh() + i * band, rows.len() / out);
+                        if let Some((packed, width)) = &packed {
+                            rows.chunks_exact_mut(out).for_each(|row| row.copy_from_slice(b));
+                            let band_rows = first..first + band_pixels / win.ow();
+                            one_channel_rows(x, win, band_rows, (packed, *width), (rows, out), relu);
+                            continue;
+                        }
+                        let cols = &mut cols[..band_pixels * k];
+                        im2col_rows(x, win, first..first + band_pixels / win.ow(), cols);
+                        gemm_strided((band_pixels, out, k), cols, (k, 1), &w, (1, k), rows, out, false, false);
+                        bias_relu_rows(rows, b, relu);
                     }
-                    let cols = &mut cols[..band_pixels * k];
-                    im2col_rows(x, win, first..first + band_pixels / win.ow(), cols);
-                    gemm_strided((band_pixels, out, k), cols, (k, 1), &w, (1, k), rows, out, false, false);
-                    bias_relu_rows(rows, b, relu);
-                }
-                epilogue.apply(&z, dst);
-                scratch::give(cols);
-                scratch::give(z);
-            });
-            y
+                    epilogue.apply(&z, dst, &mut side[..side_len]);
+                    scratch::give(cols);
+                    scratch::give(z);
+                },
+            );
+            if side_len == 0 {
+                scratch::give(side);
+                return (y, Vec::new());
+            }
+            (y, side)
         }
-        let y = match (s1, s2, s3) {
+        let (y, side) = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(run(operands((x, w, b), [l1, l2, l3])?, &win, self.relu, epilogue))
+                let (y, side) = run(operands((x, w, b), [l1, l2, l3])?, &win, self.relu, epilogue);
+                (CpuStorage::F32(y), CpuStorage::F32(side))
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                CpuStorage::F64(run(operands((x, w, b), [l1, l2, l3])?, &win, self.relu, epilogue))
+                let (y, side) = run(operands((x, w, b), [l1, l2, l3])?, &win, self.relu, epilogue);
+                (CpuStorage::F64(y), CpuStorage::F64(side))
             }
             _ => return Ok(None),
         };
         let (h, w, c) = epilogue.image_dims();
-        Ok(Some((y, Shape::from((win.batch, h, w, c)))))
+        Ok(Some((y, Shape::from((win.batch, h, w, c)), side)))
+    }
+
+    /// Whether [`Self::cpu_fwd_per_image`] takes input `x`: a valid geometry whose forward runs
+    /// im2col's product.
+    pub(crate) fn runs_per_image(&self, x: &Layout) -> bool {
+        self.window(x)
+            .is_ok_and(|win| matches!(self.forward_algo(&win), Some(Algo::Direct) | None) && !self.pointwise())
     }
 
     /// The contiguous `(batch, out_h, out_w, out)` layout of the output for input `x`.
     pub(crate) fn output_layout(&self, x: &Layout, out: usize) -> candle_core::Result<Layout> {
         let win = self.window(x)?;
         Ok(Layout::contiguous((win.batch, win.oh(), win.ow(), out)))
+    }
+
+    /// The geometry of the convolution of input `x`.
+    pub(crate) fn window_of(&self, x: &Layout) -> candle_core::Result<Window> {
+        self.window(x)
     }
 
     fn window(&self, x: &Layout) -> candle_core::Result<Window> {
@@ -288,14 +318,6 @@ impl Im2colConv {
             Some(Algo::Winograd(_)) => Some(Algo::Winograd(winograd::Tile::F2)),
             other => other,
         }
-    }
-
-    /// The forward's geometry for input `x` where the gradients take the one-channel direct
-    /// path with no ReLU of the op's own to mask by ([`direct::weight_grad`]; the stem), so that
-    /// a caller holding the output gradient may compute them itself.
-    pub(crate) fn direct_window(&self, x: &Layout) -> Option<Window> {
-        let win = self.window(x).ok()?;
-        (!self.relu && self.algo(&win) == Some(Algo::Direct)).then_some(win)
     }
 
     /// The fast algorithm for this shape's gradients, if any: direct accumulation for one input
@@ -359,8 +381,14 @@ pub(crate) trait ImageEpilogue: Sync {
         h * w * c
     }
 
-    /// Writes every element of `dst` (`image_len` values, zero on entry) from one image's output.
-    fn apply<T: WithDType>(&self, image: &[T], dst: &mut [T]);
+    /// Values it writes beside each image's output (none by default).
+    fn side_len(&self) -> usize {
+        0
+    }
+
+    /// Writes every element of `dst` (`image_len` values, zero on entry) and of `side`
+    /// (`side_len` values, zero on entry) from one image's output.
+    fn apply<T: WithDType>(&self, image: &[T], dst: &mut [T], side: &mut [T]);
 }
 
 /// `y (rows, out) = cols (rows, k) · wᵀ + bias`, then ReLU with `relu`, with `w` as `(out, k)`

@@ -60,9 +60,7 @@ pub fn im2col_rows<T: WithDType>(x: &[T], win: &Window, rows: std::ops::Range<us
         let (b, oy) = (r / oh, r % oh);
         let img = &x[b * win.h * win.w * c..(b + 1) * win.h * win.w * c];
         if c == 1 {
-            for (ox, dst) in dst_row.chunks_exact_mut(patch).enumerate() {
-                one_channel_patch(img, win, oy, ox, dst);
-            }
+            super::direct::patches_of_rows(x, win, (b, oy..oy + 1), dst_row);
             continue;
         }
         for ox in 0..ow {

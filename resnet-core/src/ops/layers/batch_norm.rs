@@ -264,6 +264,18 @@ pub(super) type Affine<T> = (Vec<T>, Vec<T>, Vec<T>);
 pub(super) type InputGrad<T> = (Vec<T>, Vec<T>, Vec<T>);
 
 impl Stats {
+    /// From the batch's mean and biased variance per channel, with γ, β and ε.
+    pub(super) fn new<T: WithDType>(mean: Vec<f64>, var: Vec<f64>, gamma: &[T], beta: &[T], eps: f64) -> Self {
+        let scale: Vec<f64> = var.iter().zip(gamma).map(|(v, g)| g.to_f64() / (v + eps).sqrt()).collect();
+        let shift: Vec<f64> = beta.iter().map(|b| b.to_f64()).collect();
+        Stats { mean, var, scale, shift }
+    }
+
+    /// The biased variance per channel.
+    pub(super) fn var(&self) -> &[f64] {
+        &self.var
+    }
+
     /// `(mean, scale, shift)` in `T`.
     pub(super) fn affine<T: WithDType>(&self) -> Affine<T> {
         (to_t(&self.mean), to_t(&self.scale), to_t(&self.shift))
@@ -526,9 +538,7 @@ pub(super) fn batch_stats<T: WithDType>(x: &[T], gamma: &[T], beta: &[T], eps: f
         },
     );
     let var: Vec<f64> = sq.iter().map(|s| s / rows).collect();
-    let scale: Vec<f64> = var.iter().zip(gamma).map(|(v, g)| g.to_f64() / (v + eps).sqrt()).collect();
-    let shift: Vec<f64> = beta.iter().map(|b| b.to_f64()).collect();
-    Stats { mean, var, scale, shift }
+    Stats::new(mean, var, gamma, beta, eps)
 }
 
 /// `[dx (rows·c) | dγ (c) | dβ (c)]` in one buffer, then `Σ dx` (c) per channel with
@@ -710,7 +720,7 @@ fn gradient_sums_block<T: WithDType, const RELU: bool>(
 /// One row of the input gradient, `a·g + b·x + k` per channel (`g` masked as in
 /// [`gradient_sums_rows`]).
 #[inline(always)]
-pub(super) fn input_grad_row<T: WithDType, S: Slot<T>, const RELU: bool>(
+fn input_grad_row<T: WithDType, S: Slot<T>, const RELU: bool>(
     or: &mut [S],
     xr: &[T],
     gr: &[T],

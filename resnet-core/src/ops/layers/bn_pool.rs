@@ -1,4 +1,5 @@
-//! Training-mode BatchNorm (then ReLU) followed by a max-pool, one pass each way: d2l's stem.
+//! Training-mode BatchNorm (then ReLU) followed by a max-pool, one pass each way: d2l's stem
+//! where its images need a gradient (otherwise [`super::stem`] runs it without its activation).
 //!
 //! As two ops, the forward writes the normalised activation (at 96 px, 128 × 48 × 48 × 64
 //! values, 75 MB) and the pool reads it back; the backward reads it again to find each window's
@@ -9,14 +10,11 @@
 //! backward normalises the rows again the same way, finds each row of windows' winning cells
 //! into a second ring, gathers each input row's gradient from the windows over it, and sums the
 //! BatchNorm's terms from that row as it writes `dz` out once; the input gradient then reads `x`
-//! and `dz` once. For d2l's stem, whose convolution has one input
-//! channel and images that need no gradient, that input gradient is not written out either:
-//! each run of rows is made in a buffer and the convolution's weight and bias gradients take
-//! their terms from it there.
+//! and `dz` once.
 //!
-//! [`FusedBatchNorm::cpu_fwd_pooled`] is the forward, [`FusedBatchNorm::backward_pooled`] and
-//! [`FusedBatchNorm::backward_pooled_direct`] the backward (a no-grad op on the CPU); the
-//! BatchNorm's own statistics and row arithmetic come from [`super::batch_norm`].
+//! [`FusedBatchNorm::cpu_fwd_pooled`] is the forward, [`FusedBatchNorm::backward_pooled`] the
+//! backward (a no-grad op on the CPU); the BatchNorm's own statistics and row arithmetic come
+//! from [`super::batch_norm`].
 //!
 //! The arithmetic is the layers', in the same order (the BatchNorm's sums in the same blocks of
 //! rows, each window's gradient routed to the same cell), so the results are bit-identical to
@@ -24,16 +22,14 @@
 
 use std::ops::Range;
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType};
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::batch_norm::{
-    add_partials, batch_stats, gradient_sums_rows, input_grad_row, input_grad_with, normalize_block, to_t, Affine,
-    FusedBatchNorm, Stats, Sums, ROWS_PER_TASK,
+    add_partials, batch_stats, gradient_sums_rows, input_grad_with, normalize_block, to_t, Affine, FusedBatchNorm,
+    Stats, Sums, ROWS_PER_TASK,
 };
 use super::pool::{covering, gather_row, pool_row, window_range, winners_row, MaxPool2d};
-use crate::ops::conv::direct;
-use crate::ops::plumbing::elementwise::{column_block_sums, column_sums_total, COLUMN_ROWS};
 use crate::ops::plumbing::geometry::Window;
 use crate::ops::plumbing::scratch;
 use crate::ops::plumbing::simd::with_fma;
@@ -80,54 +76,6 @@ pub(super) fn normalize_pool_backward<T: WithDType, const RELU: bool>(
     let (dz, sums) = pool_gradient::<T, RELU>(x, (pooled, grad), stats, win);
     let out = input_grad_with::<T, RELU>(x, &dz, gamma, (stats, eps), &sums, Sums::None);
     scratch::give(dz);
-    out
-}
-
-/// [`normalize_pool_backward`] where `x` is the output of the one-channel convolution of
-/// `images` ([`direct`], d2l's stem, geometry `conv`, no gradient wanted for the images):
-/// `[dW (c, kh, kw, 1) | db (c) | dγ (c) | dβ (c)]`. The BatchNorm's input gradient, the
-/// convolution's output gradient, is made a run of [`direct::PIXELS_PER_TASK`] rows at a time
-/// in a buffer, and the convolution's weight and bias gradients take their terms from it there
-/// (as [`direct::weight_grad`] and the bias's column sums split their rows), so it is never
-/// written out.
-pub(super) fn normalize_pool_backward_direct<T: WithDType, const RELU: bool>(
-    x: &[T],
-    (pooled, grad): (&[T], &[T]),
-    gamma: &[T],
-    (stats, eps): (&Stats, f64),
-    (win, images, conv): (&Window, &[T], &Window),
-) -> Vec<T> {
-    const _: () = assert!(direct::PIXELS_PER_TASK % COLUMN_ROWS == 0, "a task's rows are whole blocks of sums");
-    let c = win.c;
-    let pixels = x.len() / c;
-    let (dz, sums) = pool_gradient::<T, RELU>(x, (pooled, grad), stats, win);
-    let affine = stats.affine::<T>();
-    let (coefficients, tail) = stats.input_grad(gamma, &sums, pixels, eps);
-    let terms: Vec<(Vec<T>, Vec<Vec<f64>>)> = (0..pixels.div_ceil(direct::PIXELS_PER_TASK))
-        .into_par_iter()
-        .map(|task| {
-            let run = task * direct::PIXELS_PER_TASK..((task + 1) * direct::PIXELS_PER_TASK).min(pixels);
-            let mut dy = scratch::take(run.len() * c);
-            let (xs, gs) = (&x[run.start * c..run.end * c], &dz[run.start * c..run.end * c]);
-            with_fma(
-                #[inline(always)]
-                || {
-                    for ((or, xr), gr) in dy.chunks_exact_mut(c).zip(xs.chunks_exact(c)).zip(gs.chunks_exact(c)) {
-                        input_grad_row::<T, T, RELU>(or, xr, gr, &affine, &coefficients);
-                    }
-                },
-            );
-            let dw = direct::weight_grad_part(images, conv, run, &dy, c);
-            let db = dy.chunks(COLUMN_ROWS * c).map(|block| column_block_sums(block, c)).collect();
-            scratch::give(dy);
-            (dw, db)
-        })
-        .collect();
-    scratch::give(dz);
-    let (dw, db): (Vec<Vec<T>>, Vec<Vec<Vec<f64>>>) = terms.into_iter().unzip();
-    let mut out = direct::weight_grad_total(dw, conv.kh * conv.kw, c);
-    out.extend(column_sums_total::<T>(db.into_iter().flatten(), c));
-    out.extend(tail);
     out
 }
 
@@ -370,28 +318,9 @@ impl FusedBatchNorm {
         pool: MaxPool2d,
     ) -> candle_core::Result<[Tensor; 3]> {
         let (n, c) = (x.elem_count(), gamma.elem_count());
-        let packed = self.pooled_backward_op(x, (pooled, grad), gamma, pool, None)?;
+        let packed = self.pooled_backward_op(x, (pooled, grad), gamma, pool)?;
         let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
         Ok([dx, packed.narrow(0, n, c)?, packed.narrow(0, n + c, c)?])
-    }
-
-    /// [`FusedBatchNorm::backward_pooled`] where `x` is the output of the one-channel convolution
-    /// of `images` (geometry `conv`, the stem; the images need no gradient):
-    /// `(dW (c, 1, kh, kw), db, dγ, dβ)`, the BatchNorm's input gradient used as it is made
-    /// ([`normalize_pool_backward_direct`]).
-    pub(super) fn backward_pooled_direct(
-        &self,
-        x: &Tensor,
-        (pooled, grad): (&Tensor, &Tensor),
-        gamma: &Tensor,
-        pool: MaxPool2d,
-        (images, conv): (&Tensor, Window),
-    ) -> candle_core::Result<[Tensor; 4]> {
-        let (c, taps) = (gamma.elem_count(), conv.kh * conv.kw);
-        let packed = self.pooled_backward_op(x, (pooled, grad), gamma, pool, Some((images.contiguous()?, conv)))?;
-        let dw = packed.narrow(0, 0, c * taps)?.reshape((c, 1, conv.kh, conv.kw))?;
-        let part = |i: usize| packed.narrow(0, c * taps + i * c, c);
-        Ok([dw, part(0)?, part(1)?, part(2)?])
     }
 
     fn pooled_backward_op(
@@ -400,7 +329,6 @@ impl FusedBatchNorm {
         (pooled, grad): (&Tensor, &Tensor),
         gamma: &Tensor,
         pool: MaxPool2d,
-        conv: Option<(Tensor, Window)>,
     ) -> candle_core::Result<Tensor> {
         let op = BatchNormPoolBackward {
             eps: self.eps(),
@@ -408,15 +336,13 @@ impl FusedBatchNorm {
             stats: self.recorded()?,
             gamma: gamma.to_dtype(DType::F64)?.to_vec1()?,
             pool,
-            conv,
         };
         x.apply_op3_no_bwd(&pooled.contiguous()?, &grad.contiguous()?, &op)
     }
 }
 
 /// `(x, pooled, pooled gradient) -> [dx | dγ | dβ]` for [`FusedBatchNorm::cpu_fwd_pooled`], with
-/// the forward's batch statistics; with `conv`, `[dW | db | dγ | dβ]` of the one-channel
-/// convolution whose output `x` is.
+/// the forward's batch statistics.
 #[derive(Debug)]
 struct BatchNormPoolBackward {
     eps: f64,
@@ -425,8 +351,6 @@ struct BatchNormPoolBackward {
     /// γ, exactly (f32 and f64 values are f64 values).
     gamma: Vec<f64>,
     pool: MaxPool2d,
-    /// The convolution's (contiguous) input images and geometry.
-    conv: Option<(Tensor, Window)>,
 }
 
 impl CustomOp3 for BatchNormPoolBackward {
@@ -453,77 +377,32 @@ impl CustomOp3 for BatchNormPoolBackward {
                 l3.shape()
             )
         }
-        let images = self.conv.as_ref().map(|(images, _)| images.storage_and_layout());
-        let images = images.as_ref().map(|(storage, layout)| (&**storage, *layout));
-        if let (Some((_, conv)), Some((_, layout))) = (&self.conv, images) {
-            let want = [conv.batch, conv.h, conv.w, 1];
-            if layout.shape().dims() != want || [conv.batch, conv.oh(), conv.ow(), win.c] != l1.shape().dims() {
-                candle_core::bail!(
-                    "batch-norm max-pool backward: images {:?} and convolution output {:?} do not fit {conv:?}",
-                    layout.shape(),
-                    l1.shape()
-                )
-            }
-        }
-        /// The backward on contiguous data, with the convolution's images where it has them.
-        fn run<T: WithDType>(
-            x: &[T],
-            ys: (&[T], &[T]),
-            g: &[T],
-            st: (&Stats, f64),
-            relu: bool,
-            (win, conv): (&Window, Option<(&[T], &Window)>),
-        ) -> Vec<T> {
-            match (relu, conv) {
-                (true, None) => normalize_pool_backward::<T, true>(x, ys, g, st, win),
-                (false, None) => normalize_pool_backward::<T, false>(x, ys, g, st, win),
-                (true, Some((images, conv))) => {
-                    normalize_pool_backward_direct::<T, true>(x, ys, g, st, (win, images, conv))
-                }
-                (false, Some((images, conv))) => {
-                    normalize_pool_backward_direct::<T, false>(x, ys, g, st, (win, images, conv))
-                }
-            }
-        }
-        let conv = self.conv.as_ref().map(|(_, conv)| conv);
-        // The backward in `T` (every operand's slice checked to be of that type).
-        let typed = |dtype: DType| -> candle_core::Result<CpuStorage> {
-            fn go<T: WithDType>(
-                op: &BatchNormPoolBackward,
-                [(s1, l1), (s2, l2), (s3, l3)]: [(&CpuStorage, &Layout); 3],
-                images: Option<(&Storage, &Layout)>,
-                (win, conv): (&Window, Option<&Window>),
-            ) -> candle_core::Result<Vec<T>> {
-                let images = match images {
-                    Some((Storage::Cpu(v), layout)) => Some(contiguous(v.as_slice::<T>()?, layout, "images")?),
-                    Some(_) => candle_core::bail!("batch-norm max-pool backward: the images are not on the CPU"),
-                    None => None,
-                };
-                Ok(run(
-                    contiguous(s1.as_slice::<T>()?, l1, "x")?,
-                    (
-                        contiguous(s2.as_slice::<T>()?, l2, "max-pool output")?,
-                        contiguous(s3.as_slice::<T>()?, l3, "max-pool gradient")?,
-                    ),
-                    &to_t(&op.gamma),
-                    (&op.stats, op.eps),
-                    op.relu,
-                    (win, images.zip(conv)),
-                ))
-            }
-            let operands = [(s1, l1), (s2, l2), (s3, l3)];
-            Ok(match dtype {
-                DType::F32 => CpuStorage::F32(go::<f32>(self, operands, images, (&win, conv))?),
-                DType::F64 => CpuStorage::F64(go::<f64>(self, operands, images, (&win, conv))?),
-                other => candle_core::bail!("batch-norm max-pool backward supports f32 or f64, got {other:?}"),
+        /// The backward on contiguous data.
+        fn go<T: WithDType>(
+            op: &BatchNormPoolBackward,
+            [(s1, l1), (s2, l2), (s3, l3)]: [(&CpuStorage, &Layout); 3],
+            win: &Window,
+        ) -> candle_core::Result<Vec<T>> {
+            let x = contiguous(s1.as_slice::<T>()?, l1, "x")?;
+            let ys = (
+                contiguous(s2.as_slice::<T>()?, l2, "max-pool output")?,
+                contiguous(s3.as_slice::<T>()?, l3, "max-pool gradient")?,
+            );
+            let (g, st) = (&to_t(&op.gamma), (&op.stats, op.eps));
+            Ok(if op.relu {
+                normalize_pool_backward::<T, true>(x, ys, g, st, win)
+            } else {
+                normalize_pool_backward::<T, false>(x, ys, g, st, win)
             })
+        }
+        let operands = [(s1, l1), (s2, l2), (s3, l3)];
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(go::<f32>(self, operands, &win)?),
+            DType::F64 => CpuStorage::F64(go::<f64>(self, operands, &win)?),
+            other => candle_core::bail!("batch-norm max-pool backward supports f32 or f64, got {other:?}"),
         };
-        let out = typed(s1.dtype())?;
-        // `[dx | dγ | dβ]`, or `[dW | db | dγ | dβ]` with the convolution.
-        let len = match conv {
-            None => l1.shape().elem_count() + 2 * win.c,
-            Some(conv) => win.c * conv.kh * conv.kw + 3 * win.c,
-        };
+        // `[dx | dγ | dβ]`.
+        let len = l1.shape().elem_count() + 2 * win.c;
         Ok((out, Shape::from(len)))
     }
 }

@@ -25,7 +25,7 @@ use crate::ops::plumbing::elementwise::COLUMN_ROWS;
 use crate::ops::plumbing::geometry::Window;
 use crate::ops::plumbing::simd::with_fma;
 use crate::ops::plumbing::storage::contiguous;
-use crate::ops::plumbing::{gradients, tape};
+use crate::ops::plumbing::tape;
 use crate::ops::GpuOps;
 
 /// `bn(conv(xs))`, then ReLU with `relu`: one node on the CPU (f32 or f64, with the im2col or
@@ -128,7 +128,7 @@ impl ImageEpilogue for PoolEpilogue {
         (self.0.oh(), self.0.ow(), self.0.c)
     }
 
-    fn apply<T: WithDType>(&self, image: &[T], dst: &mut [T]) {
+    fn apply<T: WithDType>(&self, image: &[T], dst: &mut [T], _side: &mut [T]) {
         with_fma(
             #[inline(always)]
             || pool_image(image, &self.0, dst),
@@ -153,6 +153,9 @@ pub(crate) fn conv_bn_pool(
     gpu_ops: GpuOps,
 ) -> candle_core::Result<Tensor> {
     if train {
+        if let Some(ys) = super::stem::train_node(conv, bn, pool, xs)? {
+            return Ok(ys);
+        }
         if let Some(ys) = train_node(conv, bn, xs, true, Some(pool))? {
             return Ok(ys);
         }
@@ -187,7 +190,7 @@ fn train_node(
 /// The BatchNorm's values per channel (`batch · out_h · out_w`) where the shapes and dtypes let
 /// the fused op run; `None` elsewhere, where the layers one after the other give the error that
 /// names what is wrong.
-fn fused_rows(conv: &Conv2d, bn: &BatchNorm, xs: &Tensor) -> candle_core::Result<Option<usize>> {
+pub(super) fn fused_rows(conv: &Conv2d, bn: &BatchNorm, xs: &Tensor) -> candle_core::Result<Option<usize>> {
     let cfg = conv.config();
     if xs.rank() != 4 || xs.dim(3)? != cfg.in_channels || bn.weight().dim(0)? != cfg.out_channels {
         return Ok(None);
@@ -314,13 +317,6 @@ impl CustomOp3 for ConvBatchNorm {
         let c = self.channels;
         let y = self.conv_output()?;
         let gamma = packed.narrow(0, c, c)?;
-        // The stem: the convolution's gradients are taken from the BatchNorm's input gradient as
-        // it is made, which is then never written out.
-        if let (Some(pool), Some(conv), false) = (self.pool, self.conv.direct_window(x.layout()), tape::wants_grad(x)) {
-            let [dw, dbias, dgamma, dbeta] =
-                self.bn.backward_pooled_direct(&y, (res, grad), &gamma, pool, (x, conv))?;
-            return Ok((None, gradients::route(w, Some(dw)), Some(Tensor::cat(&[&dbias, &dgamma, &dbeta], 0)?)));
-        }
         // Without the pool, the BatchNorm's input gradient pass also sums it for the bias, where
         // its blocks of rows are enough tasks to keep the threads even.
         let summed = y.elem_count() / c >= Sums::MIN_BLOCKS * COLUMN_ROWS;
@@ -601,14 +597,12 @@ mod tests {
     }
 
     /// The stem's node with its max-pool against the layers one after the other (convolution,
-    /// BatchNorm with ReLU, pool) on twin layers: output, the gradients of the input and of the
-    /// four trained parameters, and the running statistics, bit for bit, in f32 and f64, for
+    /// BatchNorm with ReLU, pool) on twin layers, for images that need a gradient (those that
+    /// need none take [`super::super::stem`]'s op): output, the gradients of the input and of
+    /// the four trained parameters, and the running statistics, bit for bit, in f32 and f64, for
     /// d2l's 7×7/2 stem and a 3×3 Winograd shape; in evaluation the pool after [`conv_bn`]. The
     /// node's backward sums the BatchNorm's blocks of 256 rows from images it recomputes in
     /// parts: the 28 px cases have 196 rows per image, so blocks and tasks end inside images.
-    /// With images that need no gradient (as in training), the stem's convolution takes its
-    /// weight and bias gradients from the BatchNorm's input gradient as it is made, in runs of
-    /// 4,096 rows: the 22-image case has two.
     #[test]
     fn stem_node_with_its_pool_equals_the_layers() -> candle_core::Result<()> {
         let dev = Device::Cpu;
@@ -623,22 +617,18 @@ mod tests {
         ];
         for &(b, h, cin, cout, k, s, p) in &cases {
             for dtype in [DType::F32, DType::F64] {
-                for variable in [true, false] {
-                    let case = format!("{:?}", (b, h, cin, cout, k, s, p, dtype, variable));
-                    let cfg =
-                        Conv2dConfig { in_channels: cin, out_channels: cout, kernel_size: k, stride: s, padding: p };
-                    let twins = twin_layers(cfg, dtype, ConvAlgorithm::Winograd)?;
-                    let [(conv, bn), (twin_conv, twin_bn)] = &twins;
-                    let images = Tensor::randn(0f32, 1., (b, h, h, cin), &dev)?.to_dtype(dtype)?;
-                    let var = if variable { Some(Var::from_tensor(&images)?) } else { None };
-                    let x = var.as_ref().map(|v| v.as_tensor()).unwrap_or(&images);
-                    let fused = conv_bn_pool(conv, bn, pool, x, true, GpuOps::default())?;
-                    let apart = pool.forward(&twin_bn.forward_act(&twin_conv.forward(x)?, true, true)?)?;
-                    assert_twins_agree(fused, apart, var.as_ref(), &twins, &case)?;
-                    let eval = conv_bn_pool(conv, bn, pool, x, false, GpuOps::default())?;
-                    let want = pool.forward(&conv_bn(conv, bn, x, false, true)?)?;
-                    assert_eq!(max_diff(&eval, &want)?, 0.0, "evaluation differs for {case}");
-                }
+                let case = format!("{:?}", (b, h, cin, cout, k, s, p, dtype));
+                let cfg = Conv2dConfig { in_channels: cin, out_channels: cout, kernel_size: k, stride: s, padding: p };
+                let twins = twin_layers(cfg, dtype, ConvAlgorithm::Winograd)?;
+                let [(conv, bn), (twin_conv, twin_bn)] = &twins;
+                let var = Var::from_tensor(&Tensor::randn(0f32, 1., (b, h, h, cin), &dev)?.to_dtype(dtype)?)?;
+                let x = var.as_tensor();
+                let fused = conv_bn_pool(conv, bn, pool, x, true, GpuOps::default())?;
+                let apart = pool.forward(&twin_bn.forward_act(&twin_conv.forward(x)?, true, true)?)?;
+                assert_twins_agree(fused, apart, Some(&var), &twins, &case)?;
+                let eval = conv_bn_pool(conv, bn, pool, x, false, GpuOps::default())?;
+                let want = pool.forward(&conv_bn(conv, bn, x, false, true)?)?;
+                assert_eq!(max_diff(&eval, &want)?, 0.0, "evaluation differs for {case}");
             }
         }
         Ok(())

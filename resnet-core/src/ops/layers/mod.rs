@@ -6,6 +6,7 @@ mod bn_pool;
 mod conv;
 mod conv_bn;
 mod pool;
+mod stem;
 
 pub(crate) use batch_norm::BatchNorm;
 pub(crate) use conv::{Conv2d, Conv2dConfig};

@@ -66,6 +66,12 @@ pub(crate) fn wants_grad(x: &Tensor) -> bool {
     x.track_op() || MADE.with(|m| m.borrow().as_ref().is_some_and(|m| m.contains(&x.id())))
 }
 
+/// Whether a backward could want the gradient of `x`, asked as an op runs forward: `x` carries
+/// candle's graph, or a recorded op on the tape being recorded made it.
+pub(crate) fn may_want_grad(x: &Tensor) -> bool {
+    x.track_op() || TAPE.with(|t| t.borrow().as_ref().is_some_and(|t| t.made.contains(&x.id())))
+}
+
 fn recording() -> bool {
     TAPE.with(|t| t.borrow().is_some())
 }
