@@ -221,10 +221,15 @@ impl Im2colConv {
                 .filter(|_| direct::applies(win))
                 .map(|width| (direct::pack_weights(&w, win, out, width), width));
             let (image_len, side_len) = (epilogue.image_len(), epilogue.side_len());
-            let mut y = scratch::zeroed(win.batch * image_len);
+            // The epilogue writes every value of both: they are not cleared first.
+            let mut y = scratch::take(win.batch * image_len);
             // One value per image where the epilogue writes nothing beside: chunks are not empty.
             let side_stride = side_len.max(1);
-            let mut side = scratch::zeroed(win.batch * side_stride);
+            let mut side = scratch::take(win.batch * side_stride);
+            // The sums alone where the epilogue adds the bias (and applies the ReLU) itself.
+            let raw = epilogue.takes_bias();
+            let zeros = vec![T::zero(); if raw { out } else { 0 }];
+            let (b, relu) = if raw { (&zeros[..], false) } else { (b, relu) };
             // The image's rows a band at a time, as many as the batched forward's tasks hold, so
             // that a band's patches and output stay in the core's cache through its product.
             let band = (FORWARD_PIXELS_PER_TASK / win.ow()).clamp(1, win.oh());
@@ -244,7 +249,9 @@ impl Im2colConv {
                         let cols = &mut cols[..band_pixels * k];
                         im2col_rows(x, win, first..first + band_pixels / win.ow(), cols);
                         gemm_strided((band_pixels, out, k), cols, (k, 1), &w, (1, k), rows, out, false, false);
-                        bias_relu_rows(rows, b, relu);
+                        if !raw {
+                            bias_relu_rows(rows, b, relu);
+                        }
                     }
                     epilogue.apply(&z, dst, &mut side[..side_len]);
                     scratch::give(cols);
@@ -386,8 +393,14 @@ pub(crate) trait ImageEpilogue: Sync {
         0
     }
 
-    /// Writes every element of `dst` (`image_len` values, zero on entry) and of `side`
-    /// (`side_len` values, zero on entry) from one image's output.
+    /// Whether it adds the convolution's bias (and applies its ReLU) itself: the image's output
+    /// then comes as the products' sums alone, without a pass over it for them.
+    fn takes_bias(&self) -> bool {
+        false
+    }
+
+    /// Writes every element of `dst` (`image_len` values) and of `side` (`side_len` values),
+    /// whatever they hold on entry, from one image's output.
     fn apply<T: WithDType>(&self, image: &[T], dst: &mut [T], side: &mut [T]);
 }
 
