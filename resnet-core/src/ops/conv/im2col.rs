@@ -82,34 +82,6 @@ pub fn im2col_rows<T: WithDType>(x: &[T], win: &Window, rows: std::ops::Range<us
     }
 }
 
-/// The `kh · kw` patch of output pixel `(oy, ox)` of a one-channel image `img` (`h · w`) into
-/// `dst`: a kernel row's taps are a run of one image row, copied whole between the zeros of the
-/// padding. A seven-wide row inside the image (d2l's stem, most of its rows) is copied as an
-/// array of known length rather than by a `memcpy` call.
-#[inline(always)]
-pub fn one_channel_patch<T: WithDType>(img: &[T], win: &Window, oy: usize, ox: usize, dst: &mut [T]) {
-    const STEM: usize = 7;
-    let x0 = (ox * win.stride) as isize - win.pad as isize;
-    // The kernel columns inside the image.
-    let lo = (-x0).clamp(0, win.kw as isize) as usize;
-    let hi = (win.w as isize - x0).clamp(lo as isize, win.kw as isize) as usize;
-    for (ki, dst) in dst.chunks_exact_mut(win.kw).enumerate() {
-        let iy = (oy * win.stride + ki) as isize - win.pad as isize;
-        if iy < 0 || iy >= win.h as isize || lo == hi {
-            dst.fill(T::zero());
-            continue;
-        }
-        let start = iy as usize * win.w + (x0 + lo as isize) as usize;
-        if let (0, STEM, Ok(whole)) = (lo, hi, <&mut [T; STEM]>::try_from(&mut *dst)) {
-            *whole = *<&[T; STEM]>::try_from(&img[start..start + STEM]).expect("seven taps inside the image");
-            continue;
-        }
-        dst[..lo].fill(T::zero());
-        dst[lo..hi].copy_from_slice(&img[start..start + hi - lo]);
-        dst[hi..].fill(T::zero());
-    }
-}
-
 /// Output pixels per chunk of [`weight_grad`]'s patches and [`input_grad`]'s patch gradients
 /// (whole output image rows, at least one).
 const GRAD_PIXELS_PER_CHUNK: usize = 256;
@@ -422,32 +394,6 @@ mod tests {
                         "{:?}: ({o}, {j}) {g} vs {want}",
                         (batch, h, w, k, stride)
                     );
-                }
-            }
-        }
-    }
-
-    /// One-channel patches (seven-wide rows inside the image copied as arrays, the others run by
-    /// run) against the definition, every tap its image value or zero in the padding: odd and
-    /// even sizes, images narrower than the kernel, strides 1 and 2.
-    #[test]
-    fn one_channel_patches_are_the_image_under_the_kernel() {
-        for &(h, w, k, stride, pad) in
-            &[(9, 8, 7, 2, 3), (13, 13, 7, 2, 3), (5, 3, 7, 1, 3), (96, 96, 7, 2, 3), (6, 7, 3, 1, 1)]
-        {
-            let win = Window { batch: 1, h, w, c: 1, kh: k, kw: k, stride, pad };
-            let img: Vec<f32> = (0..h * w).map(|i| i as f32 + 1.0).collect();
-            let mut patch = vec![f32::NAN; k * k];
-            for oy in 0..win.oh() {
-                for ox in 0..win.ow() {
-                    one_channel_patch(&img, &win, oy, ox, &mut patch);
-                    for (tap, &got) in patch.iter().enumerate() {
-                        let iy = (oy * stride + tap / k) as isize - pad as isize;
-                        let ix = (ox * stride + tap % k) as isize - pad as isize;
-                        let inside = (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix);
-                        let want = if inside { img[iy as usize * w + ix as usize] } else { 0.0 };
-                        assert_eq!(got, want, "{:?} pixel {:?} tap {tap}", (h, w, k, stride, pad), (oy, ox));
-                    }
                 }
             }
         }

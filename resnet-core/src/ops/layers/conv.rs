@@ -83,6 +83,30 @@ impl Conv2d {
         self.cfg
     }
 
+    /// The values per output channel (`batch · out_h · out_w`) where the shapes and dtypes let a
+    /// fused op with the BatchNorm of parameters `(γ, β)` after this convolution run; `None`
+    /// elsewhere, where the layers one after the other give the error that names what is wrong.
+    pub(super) fn fused_rows(
+        &self,
+        xs: &Tensor,
+        (gamma, beta): (&Tensor, &Tensor),
+    ) -> candle_core::Result<Option<usize>> {
+        let cfg = self.config();
+        if xs.rank() != 4 || xs.dim(3)? != cfg.in_channels || gamma.dim(0)? != cfg.out_channels {
+            return Ok(None);
+        }
+        let same = |t: &Tensor| t.dtype() == xs.dtype();
+        if !(same(self.weight()) && same(self.bias()) && same(gamma) && same(beta)) {
+            return Ok(None);
+        }
+        let (batch, h, w, _) = xs.dims4()?;
+        let out_len = |len| Window::out_len(len, cfg.kernel_size, cfg.stride, cfg.padding);
+        Ok(match (out_len(h), out_len(w)) {
+            (Some(oh), Some(ow)) if batch * oh * ow >= 2 => Some(batch * oh * ow),
+            _ => None,
+        })
+    }
+
     /// The CPU custom op [`Module::forward`] runs on `xs`, where it runs one (f32 or f64 on the
     /// CPU, with the im2col or Winograd algorithm), so that a caller can fuse it with what follows.
     pub(super) fn cpu_op(&self, xs: &Tensor) -> Option<Im2colConv> {

@@ -26,7 +26,6 @@ use crate::ops::plumbing::geometry::Window;
 use crate::ops::plumbing::simd::with_fma;
 use crate::ops::plumbing::storage::contiguous;
 use crate::ops::plumbing::tape;
-use crate::ops::GpuOps;
 
 /// `bn(conv(xs))`, then ReLU with `relu`: one node on the CPU (f32 or f64, with the im2col or
 /// Winograd algorithm) in training, and in evaluation where the activation outweighs the weight
@@ -91,7 +90,8 @@ pub(crate) fn conv_bn_add_relu_inference(
 /// `pool(relu(bn(conv(xs))))` in evaluation mode, for inference only (no backward graph): d2l's
 /// stem with its BatchNorm folded in, where the convolution runs im2col's product, each image's
 /// output pooled while it is in cache instead of written out and read back. `None` where the
-/// BatchNorm does not fold ([`folds`]); the caller then runs [`conv_bn_pool`].
+/// BatchNorm does not fold ([`folds`]); the caller then runs the stem's training-or-evaluation
+/// `conv_bn_pool`.
 pub(crate) fn conv_bn_pool_inference(
     conv: &Conv2d,
     bn: &BatchNorm,
@@ -136,36 +136,9 @@ impl ImageEpilogue for PoolEpilogue {
     }
 }
 
-/// `pool(relu(bn(conv(xs))))`, d2l's stem: in training on the CPU one node, as [`conv_bn`], with
-/// the max-pool in it too, so candle's backward starts no gradient for the stem's largest
-/// activation (at 96 px, 128 × 48 × 48 × 64 values) from a zero tensor plus an add; the layers'
-/// own arithmetic in the same order, so the same bits. Elsewhere [`conv_bn`], then the pool.
-///
-/// # Shapes
-/// - `xs`: `(batch, height, width, in_channels)`
-/// - returns `(batch, pooled_h, pooled_w, out_channels)`
-pub(crate) fn conv_bn_pool(
-    conv: &Conv2d,
-    bn: &BatchNorm,
-    pool: MaxPool2d,
-    xs: &Tensor,
-    train: bool,
-    gpu_ops: GpuOps,
-) -> candle_core::Result<Tensor> {
-    if train {
-        if let Some(ys) = super::stem::train_node(conv, bn, pool, xs)? {
-            return Ok(ys);
-        }
-        if let Some(ys) = train_node(conv, bn, xs, true, Some(pool))? {
-            return Ok(ys);
-        }
-    }
-    pool.forward_on(&conv_bn(conv, bn, xs, train, true)?, gpu_ops)
-}
-
-/// The training node of [`conv_bn`] (with the pool of [`conv_bn_pool`]), or `None` where the
+/// The training node of [`conv_bn`] (with the stem's max-pool where `pool` is given), or `None` where the
 /// shapes, dtypes or device do not let it run.
-fn train_node(
+pub(super) fn train_node(
     conv: &Conv2d,
     bn: &BatchNorm,
     xs: &Tensor,
@@ -187,24 +160,9 @@ fn train_node(
     .map(Some)
 }
 
-/// The BatchNorm's values per channel (`batch · out_h · out_w`) where the shapes and dtypes let
-/// the fused op run; `None` elsewhere, where the layers one after the other give the error that
-/// names what is wrong.
-pub(super) fn fused_rows(conv: &Conv2d, bn: &BatchNorm, xs: &Tensor) -> candle_core::Result<Option<usize>> {
-    let cfg = conv.config();
-    if xs.rank() != 4 || xs.dim(3)? != cfg.in_channels || bn.weight().dim(0)? != cfg.out_channels {
-        return Ok(None);
-    }
-    let same = |t: &Tensor| t.dtype() == xs.dtype();
-    if !(same(conv.weight()) && same(conv.bias()) && same(bn.weight()) && same(bn.bias())) {
-        return Ok(None);
-    }
-    let (batch, h, w, _) = xs.dims4()?;
-    let out_len = |len| Window::out_len(len, cfg.kernel_size, cfg.stride, cfg.padding);
-    Ok(match (out_len(h), out_len(w)) {
-        (Some(oh), Some(ow)) if batch * oh * ow >= 2 => Some(batch * oh * ow),
-        _ => None,
-    })
+/// The BatchNorm's values per channel where the fused op can run ([`Conv2d::fused_rows`]).
+fn fused_rows(conv: &Conv2d, bn: &BatchNorm, xs: &Tensor) -> candle_core::Result<Option<usize>> {
+    conv.fused_rows(xs, (bn.weight(), bn.bias()))
 }
 
 /// Whether an evaluation-mode `bn(conv(xs))` runs folded: shapes and dtypes that the CPU op
@@ -468,7 +426,7 @@ impl CustomOp3 for FoldedConvBatchNorm {
 }
 
 #[cfg(test)]
-mod tests {
+pub(in crate::ops::layers) mod tests {
     use super::*;
     use crate::ops::conv::ConvAlgorithm;
     use crate::ops::layers::conv::tests::rel_err;
@@ -479,7 +437,7 @@ mod tests {
     /// Two convolution-BatchNorm pairs holding the same values in separate variables (γ and β
     /// moved off their 1 and 0 starts), so each side has its own gradients and running
     /// statistics.
-    fn twin_layers(
+    pub(in crate::ops::layers) fn twin_layers(
         cfg: Conv2dConfig,
         dtype: DType,
         algorithm: ConvAlgorithm,
@@ -503,14 +461,14 @@ mod tests {
     }
 
     /// The largest absolute difference of two tensors.
-    fn max_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
+    pub(in crate::ops::layers) fn max_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
         (a - b)?.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()
     }
 
     /// `fused` (from the first twin) and `apart` (from the second) agree bit for bit: the
     /// outputs, the gradients of `x` (when it is a variable) and of the four trained parameters
     /// under one random probe, and the running statistics.
-    fn assert_twins_agree(
+    pub(in crate::ops::layers) fn assert_twins_agree(
         fused: Tensor,
         apart: Tensor,
         x: Option<&Var>,
@@ -593,44 +551,6 @@ mod tests {
             }
         }
         assert!(folded_cases > 0, "no case ran folded in evaluation");
-        Ok(())
-    }
-
-    /// The stem's node with its max-pool against the layers one after the other (convolution,
-    /// BatchNorm with ReLU, pool) on twin layers, for images that need a gradient (those that
-    /// need none take [`super::super::stem`]'s op): output, the gradients of the input and of
-    /// the four trained parameters, and the running statistics, bit for bit, in f32 and f64, for
-    /// d2l's 7×7/2 stem and a 3×3 Winograd shape; in evaluation the pool after [`conv_bn`]. The
-    /// node's backward sums the BatchNorm's blocks of 256 rows from images it recomputes in
-    /// parts: the 28 px cases have 196 rows per image, so blocks and tasks end inside images.
-    #[test]
-    fn stem_node_with_its_pool_equals_the_layers() -> candle_core::Result<()> {
-        let dev = Device::Cpu;
-        let pool = MaxPool2d::d2l_stem();
-        // The last has channels in a block of the sums' `SUM_BLOCK` and after it.
-        let cases = [
-            (2, 16, 1, 4, 7, 2, 3),
-            (3, 8, 3, 5, 3, 1, 1),
-            (6, 28, 1, 4, 7, 2, 3),
-            (22, 28, 1, 8, 7, 2, 3),
-            (6, 28, 1, 67, 7, 2, 3),
-        ];
-        for &(b, h, cin, cout, k, s, p) in &cases {
-            for dtype in [DType::F32, DType::F64] {
-                let case = format!("{:?}", (b, h, cin, cout, k, s, p, dtype));
-                let cfg = Conv2dConfig { in_channels: cin, out_channels: cout, kernel_size: k, stride: s, padding: p };
-                let twins = twin_layers(cfg, dtype, ConvAlgorithm::Winograd)?;
-                let [(conv, bn), (twin_conv, twin_bn)] = &twins;
-                let var = Var::from_tensor(&Tensor::randn(0f32, 1., (b, h, h, cin), &dev)?.to_dtype(dtype)?)?;
-                let x = var.as_tensor();
-                let fused = conv_bn_pool(conv, bn, pool, x, true, GpuOps::default())?;
-                let apart = pool.forward(&twin_bn.forward_act(&twin_conv.forward(x)?, true, true)?)?;
-                assert_twins_agree(fused, apart, Some(&var), &twins, &case)?;
-                let eval = conv_bn_pool(conv, bn, pool, x, false, GpuOps::default())?;
-                let want = pool.forward(&conv_bn(conv, bn, x, false, true)?)?;
-                assert_eq!(max_diff(&eval, &want)?, 0.0, "evaluation differs for {case}");
-            }
-        }
         Ok(())
     }
 

@@ -25,7 +25,7 @@
 //! once more: against the layers in f64, the output, the running statistics and the gradients
 //! agree within 1e-12 relative in f64 and within 5e-6 (output) and 2e-5 (gradients) in f32 (see
 //! the test). Images that may need a gradient take the node of [`super::conv_bn`] instead,
-//! which keeps the convolution's output.
+//! which keeps the convolution's output ([`conv_bn_pool`] chooses).
 
 use std::sync::Mutex;
 
@@ -34,7 +34,7 @@ use rayon::prelude::*;
 
 use super::batch_norm::{BatchNorm, FusedBatchNorm, Stats};
 use super::conv::Conv2d;
-use super::conv_bn::fused_rows;
+use super::conv_bn::{self, conv_bn};
 use super::pool::{window_range, MaxPool2d};
 use crate::ops::conv::direct;
 use crate::ops::conv::dispatch::{Im2colConv, ImageEpilogue};
@@ -42,6 +42,36 @@ use crate::ops::plumbing::geometry::Window;
 use crate::ops::plumbing::simd::with_fma;
 use crate::ops::plumbing::storage::contiguous;
 use crate::ops::plumbing::{gradients, scratch, tape};
+use crate::ops::GpuOps;
+
+/// `pool(relu(bn(conv(xs))))`, d2l's stem. In training on the CPU one node: for one-channel
+/// images that need no gradient this module's op, which never writes the convolution's output
+/// ([`train_node`]); otherwise the convolution–BatchNorm node of [`super::conv_bn`] with the
+/// max-pool in it too, so candle's backward starts no gradient for the stem's largest activation
+/// (at 96 px, 128 × 48 × 48 × 64 values) from a zero tensor plus an add, bit for bit the layers'
+/// arithmetic. Elsewhere [`conv_bn`], then the pool.
+///
+/// # Shapes
+/// - `xs`: `(batch, height, width, in_channels)`
+/// - returns `(batch, pooled_h, pooled_w, out_channels)`
+pub(crate) fn conv_bn_pool(
+    conv: &Conv2d,
+    bn: &BatchNorm,
+    pool: MaxPool2d,
+    xs: &Tensor,
+    train: bool,
+    gpu_ops: GpuOps,
+) -> candle_core::Result<Tensor> {
+    if train {
+        if let Some(ys) = train_node(conv, bn, pool, xs)? {
+            return Ok(ys);
+        }
+        if let Some(ys) = conv_bn::train_node(conv, bn, xs, true, Some(pool))? {
+            return Ok(ys);
+        }
+    }
+    pool.forward_on(&conv_bn(conv, bn, xs, train, true)?, gpu_ops)
+}
 
 /// The stem's training node, `pool(relu(bn(conv(xs))))`, where it applies: one-channel images
 /// (f32 or f64 on the CPU) that need no gradient, a convolution that runs one image at a time.
@@ -56,9 +86,14 @@ pub(super) fn train_node(
     if cfg.in_channels != 1 || !matches!(xs.dtype(), DType::F32 | DType::F64) || tape::may_want_grad(xs) {
         return Ok(None);
     }
-    let (Some(op), Some(rows)) = (conv.cpu_op(xs), fused_rows(conv, bn, xs)?) else { return Ok(None) };
+    let (Some(op), Some(rows)) = (conv.cpu_op(xs), conv.fused_rows(xs, (bn.weight(), bn.bias()))?) else {
+        return Ok(None);
+    };
     let layout = xs.layout();
-    if !op.runs_per_image(layout) || pool.window(&op.output_layout(layout, cfg.out_channels)?).is_err() {
+    let conv_out = op.output_layout(layout, cfg.out_channels)?;
+    // The winners are cell indices held in the element type: whole numbers up to 2^24 in f32.
+    let (_, oh, ow, _) = conv_out.shape().dims4()?;
+    if !op.runs_per_image(layout) || pool.window(&conv_out).is_err() || oh * ow > 1 << 24 {
         return Ok(None);
     }
     // γ and β travel with the convolution's bias in one tensor: custom ops take three inputs.
@@ -288,23 +323,16 @@ impl CustomOp3 for StemTrain {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let _span = crate::profile::span(self.name(), l1.dims());
         let c = self.channels;
-        let (batch, h, w, cin) = l1.shape().dims4()?;
-        let conv_layout = self.conv.output_layout(l1, c)?;
-        let (_, oh, ow, _) = conv_layout.shape().dims4()?;
-        let (kh, kw) = match l2.shape().dims() {
-            &[out, 1, kh, kw] if out == c && cin == 1 => (kh, kw),
-            _ => candle_core::bail!("stem: weight {:?} for images {:?} and {c} channels", l2.shape(), l1.shape()),
-        };
-        if l3.shape().dims() != [3 * c] {
-            candle_core::bail!("stem: packed parameters {:?}, want ({})", l3.shape(), 3 * c)
-        }
-        // The convolution's geometry, with its stride and padding from its output's size.
-        let pool = self.pool.window(&conv_layout)?;
         let conv = self.conv.window_of(l1)?;
-        debug_assert_eq!(
-            (conv.oh(), conv.ow(), conv.kh, conv.kw, conv.h, conv.w, conv.batch),
-            (oh, ow, kh, kw, h, w, batch)
-        );
+        if conv.c != 1 || l2.shape().dims() != [c, 1, conv.kh, conv.kw] || l3.shape().dims() != [3 * c] {
+            candle_core::bail!(
+                "stem: weight {:?} and packed parameters {:?} for images {:?} and {c} channels",
+                l2.shape(),
+                l3.shape(),
+                l1.shape()
+            )
+        }
+        let pool = self.pool.window(&self.conv.output_layout(l1, c)?)?;
         let (stats, moments, bias) = match (s1, s2, s3) {
             (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
                 let packed = slice::<f32>(s3, l3, "stem parameters")?;
@@ -515,10 +543,10 @@ fn add_winners_blocks<T: WithDType>((acc, q, (g, won), c, base): Winners<T>, str
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::layers::conv_bn::conv_bn_pool;
+    use crate::ops::conv::ConvAlgorithm;
+    use crate::ops::layers::conv_bn::tests::{assert_twins_agree, max_diff, twin_layers};
     use crate::ops::layers::Conv2dConfig;
-    use crate::ops::GpuOps;
-    use candle_core::{Device, Var};
+    use candle_core::{Device, Module, Var};
     use candle_nn::{VarBuilder, VarMap};
 
     /// Variables' values by name, in f64.
@@ -633,6 +661,44 @@ mod tests {
                 let scale = want_grads.get(conv.weight()).expect("grad").abs()?.max_all()?.to_scalar::<f64>()?;
                 let through_layers = want_grads.get(conv.bias()).expect("grad").abs()?.max_all()?.to_scalar::<f64>()?;
                 assert!(through_layers < 1e-9 * scale, "{case}: the layers' bias gradient {through_layers}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The stem's node with its max-pool against the layers one after the other (convolution,
+    /// BatchNorm with ReLU, pool) on twin layers, for images that need a gradient (those that
+    /// need none take this module's op): output, the gradients of the input and of
+    /// the four trained parameters, and the running statistics, bit for bit, in f32 and f64, for
+    /// d2l's 7×7/2 stem and a 3×3 Winograd shape; in evaluation the pool after [`conv_bn`]. The
+    /// node's backward sums the BatchNorm's blocks of 256 rows from images it recomputes in
+    /// parts: the 28 px cases have 196 rows per image, so blocks and tasks end inside images.
+    #[test]
+    fn stem_node_with_its_pool_equals_the_layers() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let pool = MaxPool2d::d2l_stem();
+        // The last has channels in a block of the sums' `SUM_BLOCK` and after it.
+        let cases = [
+            (2, 16, 1, 4, 7, 2, 3),
+            (3, 8, 3, 5, 3, 1, 1),
+            (6, 28, 1, 4, 7, 2, 3),
+            (22, 28, 1, 8, 7, 2, 3),
+            (6, 28, 1, 67, 7, 2, 3),
+        ];
+        for &(b, h, cin, cout, k, s, p) in &cases {
+            for dtype in [DType::F32, DType::F64] {
+                let case = format!("{:?}", (b, h, cin, cout, k, s, p, dtype));
+                let cfg = Conv2dConfig { in_channels: cin, out_channels: cout, kernel_size: k, stride: s, padding: p };
+                let twins = twin_layers(cfg, dtype, ConvAlgorithm::Winograd)?;
+                let [(conv, bn), (twin_conv, twin_bn)] = &twins;
+                let var = Var::from_tensor(&Tensor::randn(0f32, 1., (b, h, h, cin), &dev)?.to_dtype(dtype)?)?;
+                let x = var.as_tensor();
+                let fused = conv_bn_pool(conv, bn, pool, x, true, GpuOps::default())?;
+                let apart = pool.forward(&twin_bn.forward_act(&twin_conv.forward(x)?, true, true)?)?;
+                assert_twins_agree(fused, apart, Some(&var), &twins, &case)?;
+                let eval = conv_bn_pool(conv, bn, pool, x, false, GpuOps::default())?;
+                let want = pool.forward(&conv_bn(conv, bn, x, false, true)?)?;
+                assert_eq!(max_diff(&eval, &want)?, 0.0, "evaluation differs for {case}");
             }
         }
         Ok(())
