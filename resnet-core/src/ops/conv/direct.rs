@@ -280,10 +280,15 @@ fn copy_taps<T: WithDType>(dst: &mut [T], src: &[T]) {
 }
 
 /// The second moments of the shifted patches of the output rows of `runs` (a group of [`run_groups`]):
-/// `Σ q qᵀ` with `q = [patch − shift | 1]`, `(kh · kw + 1)²` values, so that the last row holds
-/// `Σ (patch − shift)` and the pixel count. With one input channel these give the mean and
+/// `Σ q qᵀ` with `q = [patch − shift | 1]`, `(kh · kw + 1)²` values in f64, so that the last row
+/// holds `Σ (patch − shift)` and the pixel count. With one input channel these give the mean and
 /// variance of every output channel of the convolution without making its output.
-pub fn moments_part<T: WithDType>(x: &[T], win: &Window, runs: &[(usize, std::ops::Range<usize>)], shift: T) -> Vec<T> {
+pub fn moments_part<T: WithDType>(
+    x: &[T],
+    win: &Window,
+    runs: &[(usize, std::ops::Range<usize>)],
+    shift: T,
+) -> Vec<f64> {
     let k = win.kh * win.kw + 1;
     let pixels = runs.iter().map(|(_, rows)| rows.len() * win.ow()).sum();
     let mut q = scratch::take(pixels * k);
@@ -293,9 +298,15 @@ pub fn moments_part<T: WithDType>(x: &[T], win: &Window, runs: &[(usize, std::op
         shifted_patches(x, win, (*n, rows.clone()), shift, (&mut q[at..at + len], k));
         at += len;
     }
-    let mut part = vec![T::zero(); k * k];
-    matmul_general((k, k, pixels), &q, (1, k), &q, (k, 1), &mut part, k);
+    // The products in f64: sums over thousands of pixels, whose differences make the variance.
+    let mut wide = scratch::take::<f64>(pixels * k);
+    for (w, v) in wide.iter_mut().zip(&q) {
+        *w = v.to_f64();
+    }
     scratch::give(q);
+    let mut part = vec![0f64; k * k];
+    matmul_general((k, k, pixels), &wide, (1, k), &wide, (k, 1), &mut part, k);
+    scratch::give(wide);
     part
 }
 

@@ -6,8 +6,9 @@
 //! alone: over the batch's `N` output pixels, with `q = p − s` (`s` the images' mean value, so
 //! that the moments hold little cancellation), `q̄ = Σ q / N` and `C = Σ q qᵀ / N − q̄ q̄ᵀ`, each
 //! channel's mean is `W·(q̄ + s) + b` and its variance `W C Wᵀ` (in f64). The forward takes the
-//! moments first ([`direct::moments_part`]: products over fixed runs of rows, about four fifths
-//! of the convolution's multiply-adds), then runs the convolution with the BatchNorm folded into
+//! moments first ([`direct::moments_part`]: products in f64 over fixed runs of rows, about four
+//! fifths of the convolution's multiply-adds, so that a batch and the same images in
+//! micro-batches get the same statistics), then runs the convolution with the BatchNorm folded into
 //! its weights (`W·γ/σ`) one image at a time, and pools each image's sums in cache, adding the
 //! folded bias (`(b − μ)·γ/σ + β`) and clipping after the maximum, with which both commute, and
 //! keeping each window's winning cell ([`pool_winners_row`]): what leaves the cache is the
@@ -289,14 +290,14 @@ impl StemTrain {
         let chunks: Vec<f64> = x.par_chunks(1 << 16).map(|part| part.iter().map(|v| v.to_f64()).sum()).collect();
         let shift = T::from_f64(chunks.iter().sum::<f64>() / x.len() as f64);
         let (oh, ow) = (conv.oh(), conv.ow());
-        let parts: Vec<Vec<T>> = direct::run_groups(conv.batch, oh, ow)
+        let parts: Vec<Vec<f64>> = direct::run_groups(conv.batch, oh, ow)
             .into_par_iter()
             .map(|group| direct::moments_part(x, conv, &group, shift))
             .collect();
         let mut sums = vec![0f64; (taps + 1) * (taps + 1)];
         for part in parts {
             for (s, v) in sums.iter_mut().zip(part) {
-                *s += v.to_f64();
+                *s += v;
             }
         }
         let moments = Moments::new(&sums, taps, conv.batch * conv.oh() * conv.ow(), shift.to_f64());
@@ -497,24 +498,24 @@ fn patch_gradient_sums<T: WithDType>(x: &[T], (grad, won): (&[T], &[T]), saved: 
 /// `S`), the run's pooled gradient and winners, the channels and the run's first cell.
 type Winners<'a, T> = (&'a mut [T], &'a [T], (&'a [T], &'a [T]), usize, usize);
 
-/// Each window's gradient times its winner's patch added to its channel's row of `acc`, windows
-/// in order, for patch rows of `S` values (a constant: each row's sums stay in registers).
+/// Each window's gradient times its winner's patch added to its channel's row of `acc`, a
+/// channel at a time and windows in order, for patch rows of `S` values (a constant: the
+/// channel's sums stay in registers over the windows).
 #[inline(always)]
 fn add_winners<T: WithDType, const S: usize>((acc, q, (g, won), c, base): Winners<T>) {
-    for (gs, ats) in g.chunks_exact(c).zip(won.chunks_exact(c)) {
-        for ((acc, &gv), &at) in acc.chunks_exact_mut(S).zip(gs).zip(ats) {
+    for (o, acc) in acc.chunks_exact_mut(S).enumerate() {
+        let mut sum: [T; S] = (*acc).try_into().expect("a row of sums");
+        for (&gv, &at) in g[o..].iter().step_by(c).zip(won[o..].iter().step_by(c)) {
             if at < T::zero() {
                 continue;
             }
             let cell = at.to_f64() as usize - base;
             let patch: &[T; S] = q[cell * S..(cell + 1) * S].try_into().expect("a patch");
-            // Through a local array: the compiler cannot tell `acc` and `q` apart.
-            let mut sum: [T; S] = (*acc).try_into().expect("a row of sums");
             for (s, &p) in sum.iter_mut().zip(patch) {
                 *s += gv * p;
             }
-            acc.copy_from_slice(&sum);
         }
+        acc.copy_from_slice(&sum);
     }
 }
 
