@@ -280,8 +280,8 @@ fn copy_taps<T: WithDType>(dst: &mut [T], src: &[T]) {
 }
 
 /// The second moments of the shifted patches of the output rows of `runs` (a group of [`run_groups`]):
-/// `Σ q qᵀ` with `q = [patch − shift | 1]`, `(kh · kw + 1)²` values in f64, so that the last row
-/// holds `Σ (patch − shift)` and the pixel count. With one input channel these give the mean and
+/// `Σ q qᵀ` with `q = [patch − shift | 1]`, `(kh · kw + 1)²` values (summed in `T`, returned in
+/// f64), so that the last row holds `Σ (patch − shift)` and the pixel count. With one input channel these give the mean and
 /// variance of every output channel of the convolution without making its output.
 pub fn moments_part<T: WithDType>(
     x: &[T],
@@ -298,35 +298,29 @@ pub fn moments_part<T: WithDType>(
         shifted_patches(x, win, (*n, rows.clone()), shift, (&mut q[at..at + len], k));
         at += len;
     }
-    // The products in f64: sums over thousands of pixels, whose differences make the variance.
-    let mut wide = scratch::take::<f64>(pixels * k);
-    for (w, v) in wide.iter_mut().zip(&q) {
-        *w = v.to_f64();
-    }
+    let mut part = vec![T::zero(); k * k];
+    matmul_general((k, k, pixels), &q, (1, k), &q, (k, 1), &mut part, k);
     scratch::give(q);
-    let mut part = vec![0f64; k * k];
-    matmul_general((k, k, pixels), &wide, (1, k), &wide, (k, 1), &mut part, k);
-    scratch::give(wide);
-    part
+    part.iter().map(|v| v.to_f64()).collect()
 }
 
-/// [`row_runs`] gathered into groups of consecutive runs of at most about [`RUN_PIXELS`] pixels
-/// together (small images several to a group), each group's runs in order.
+/// [`row_runs`] gathered into groups: where an image is one run, `2^j` whole images to a group
+/// (the most that fit in about [`RUN_PIXELS`] pixels), so that a batch and the same images in
+/// micro-batches of a multiple of `2^j` make the same groups and the same sums; otherwise each
+/// run alone.
 pub fn run_groups(batch: usize, rows: usize, pixels_per_row: usize) -> Vec<Vec<(usize, std::ops::Range<usize>)>> {
-    let mut groups: Vec<Vec<(usize, std::ops::Range<usize>)>> = Vec::new();
-    let mut pixels = 0;
-    for run in row_runs(batch, rows, pixels_per_row) {
-        let len = run.1.len() * pixels_per_row;
-        match groups.last_mut() {
-            Some(group) if pixels + len <= RUN_PIXELS => group.push(run),
-            _ => {
-                groups.push(vec![run]);
-                pixels = 0;
-            }
+    let runs = row_runs(batch, rows, pixels_per_row);
+    let image = rows * pixels_per_row;
+    let per_group = if runs.len() == batch && image > 0 {
+        let mut n = 1;
+        while 2 * n * image <= RUN_PIXELS {
+            n *= 2;
         }
-        pixels += len;
-    }
-    groups
+        n
+    } else {
+        1
+    };
+    runs.chunks(per_group).map(|group| group.to_vec()).collect()
 }
 
 /// `dx (batch, h, w, 1)` of the convolution from `dy` `(batch · oh · ow, out)` and `w` `(out, kh, kw, 1)`.
@@ -439,5 +433,12 @@ mod tests {
             let flat: Vec<_> = run_groups(batch, rows, per_row).into_iter().flatten().collect();
             assert_eq!(flat, runs);
         }
+        // Small images go eight (196-pixel images) to a group: a batch of 32 makes the groups of
+        // its two halves, and so the same sums as two micro-batches of 16.
+        let whole = run_groups(32, 14, 14);
+        assert!(whole.iter().all(|g| g.len() == 8), "{whole:?}");
+        let half = run_groups(16, 14, 14);
+        let second: Vec<Vec<_>> = half.iter().map(|g| g.iter().map(|(n, r)| (n + 16, r.clone())).collect()).collect();
+        assert_eq!(whole, [half, second].concat());
     }
 }

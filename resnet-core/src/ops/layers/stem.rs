@@ -6,9 +6,9 @@
 //! alone: over the batch's `N` output pixels, with `q = p − s` (`s` the images' mean value, so
 //! that the moments hold little cancellation), `q̄ = Σ q / N` and `C = Σ q qᵀ / N − q̄ q̄ᵀ`, each
 //! channel's mean is `W·(q̄ + s) + b` and its variance `W C Wᵀ` (in f64). The forward takes the
-//! moments first ([`direct::moments_part`]: products in f64 over fixed runs of rows, about four
-//! fifths of the convolution's multiply-adds, so that a batch and the same images in
-//! micro-batches get the same statistics), then runs the convolution with the BatchNorm folded into
+//! moments first ([`direct::moments_part`]: products over runs of rows fixed by the geometry,
+//! small images a power of two to a run, so that a batch and the same images in micro-batches
+//! get the same sums; about four fifths of the convolution's multiply-adds), then runs the convolution with the BatchNorm folded into
 //! its weights (`W·γ/σ`) one image at a time, and pools each image's sums in cache, adding the
 //! folded bias (`(b − μ)·γ/σ + β`) and clipping after the maximum, with which both commute, and
 //! keeping each window's winning cell ([`pool_winners_row`]): what leaves the cache is the
