@@ -186,7 +186,8 @@ impl Im2colConv {
     /// task's own, a band of rows at a time, and handed to `epilogue`, which writes what the op
     /// returns in its place, so the output is never written out whole. `None` where another
     /// algorithm runs the forward.
-    /// The same products, bias and ReLU as [`Self::cpu_fwd_with`]'s, so the same bits.
+    /// The same products, bias and ReLU as [`Self::cpu_fwd_with`]'s, so the same bits (the bias
+    /// and ReLU left to an epilogue that takes them, [`ImageEpilogue::takes_bias`]).
     pub(crate) fn cpu_fwd_per_image<E: ImageEpilogue>(
         &self,
         inputs: [(&CpuStorage, &Layout); 3],
